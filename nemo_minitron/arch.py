@@ -1,0 +1,119 @@
+"""The architecture of a Llama-family decoder: the one description every stage agrees on.
+
+An :class:`Arch` is what a checkpoint directory records in ``arch.json``, what the runtime builds a
+megatron-core ``GPTModel`` from, what pruning changes and what export turns back into a Hugging Face
+config. ``head_dim`` is explicit because pruned models keep their head size while hidden shrinks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# Hugging Face model types we read and write, with the attribute that carries the QKV bias.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class Arch:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    model_type: str = "llama"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "head_dim", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"arch.{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"arch.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"arch.num_query_groups={self.num_query_groups}: every query group needs the same "
+                "number of heads; choose num_query_groups that divides num_attention_heads")
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"arch.model_type={self.model_type!r} is not supported; "
+                             f"use one of {SUPPORTED_MODEL_TYPES}")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ("llama3",):
+            raise ValueError(f"rope_scaling {self.rope_scaling} is not supported; only rope_type "
+                             "'llama3' (Llama 3.1) scaling is implemented")
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """Raise if this architecture cannot be laid out over ``tp`` x ``pp`` ranks."""
+        if self.num_attention_heads % tp:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                             f"parallel.tp={tp}; pick a tp that divides it")
+        if self.num_query_groups % tp:
+            raise ValueError(f"num_query_groups={self.num_query_groups} is not divisible by "
+                             f"parallel.tp={tp}; pick a tp that divides it")
+        if self.ffn_hidden_size % tp:
+            raise ValueError(f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by "
+                             f"parallel.tp={tp}; pick a tp that divides it")
+        if self.num_layers % pp:
+            raise ValueError(f"num_layers={self.num_layers} is not divisible by parallel.pp={pp}; "
+                             "pick a pp that divides it")
+
+    # ------------------------------------------------------------------ counts
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    def padded_vocab_size(self, tp: int, multiple: int = 128) -> int:
+        """Vocabulary rows actually allocated: a multiple of ``multiple * tp`` unless already divisible."""
+        if self.vocab_size % tp == 0:
+            return self.vocab_size
+        step = multiple * tp
+        return ((self.vocab_size + step - 1) // step) * step
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Analytic parameter count (biases included, rotary buffers excluded)."""
+        h, d = self.hidden_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.num_query_groups * d
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0)
+        mlp = 3 * h * self.ffn_hidden_size
+        per_layer = attn + mlp + 2 * h
+        total = self.num_layers * per_layer + h  # final norm
+        if embeddings:
+            total += self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return total
+
+    # ------------------------------------------------------------------ (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Arch":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown architecture fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_json(cls, path) -> "Arch":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def replace(self, **changes) -> "Arch":
+        return dataclasses.replace(self, **changes)

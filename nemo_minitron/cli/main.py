@@ -1,0 +1,92 @@
+"""`minitron` entry point: dispatch `minitron <stage> ...` to that stage's Hydra app.
+
+Each stage module has a pure ``run(job) -> dict`` (testable without Hydra) and is composed from
+``conf/<stage>.yaml``. Everything after the stage name is handed to Hydra unchanged: overrides,
+``--help``, ``--cfg job``, ``-m`` multirun. Works the same under ``torchrun ... -m nemo_minitron``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+STAGES = {
+    "import": ("nemo_minitron.cli.import_", "Hugging Face model (dir, hub name, GGUF) -> checkpoint"),
+    "export": ("nemo_minitron.cli.export", "checkpoint -> Hugging Face directory"),
+    "data": ("nemo_minitron.cli.data", "text/JSONL/Wikipedia -> indexed dataset (.bin/.idx)"),
+    "evaluate": ("nemo_minitron.cli.evaluate", "validation loss and perplexity of a checkpoint"),
+}
+
+USAGE = """usage: minitron <stage> [key=value ...] [--help] [--cfg job] [-m]
+
+Minitron compression toolkit: prune and distill LLMs on megatron-core.
+
+stages:
+{stages}
+
+Each stage is a Hydra app configured from conf/<stage>.yaml; `minitron <stage> --help` shows its
+config and groups, `minitron <stage> --cfg job` prints the resolved config without running.
+Distributed: torchrun --nproc-per-node=N -m nemo_minitron <stage> parallel.tp=2 ...
+"""
+
+
+def conf_dir() -> Path:
+    here = Path(__file__).resolve().parents[2] / "conf"
+    if not (here / "evaluate.yaml").is_file():
+        raise FileNotFoundError(f"config directory {here} not found: install the package from a "
+                                "source checkout with `pip install -e .`")
+    return here
+
+
+def usage() -> str:
+    return USAGE.format(stages="\n".join(f"  {k:<10} {v[1]}" for k, v in STAGES.items()))
+
+
+def hydra_app(stage: str, run_fn):
+    """Compose conf/<stage>.yaml with Hydra (argv overrides), validate, call ``run_fn(job)``."""
+    import hydra
+
+    from ..config import schema
+
+    schema.register()
+    config_name = schema.SCHEMAS[stage][0]
+
+    @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
+    def _main(cfg):
+        try:
+            job = schema.to_job(cfg)
+        except Exception as e:  # validation: one clear line, no traceback
+            _fail(stage, e)
+        return run_fn(job)
+
+    return _main()
+
+
+def _fail(stage: str, err: Exception):
+    cause = err
+    while getattr(cause, "__cause__", None) is not None and not isinstance(cause, ValueError):
+        cause = cause.__cause__
+    msg = str(cause).split("\n    full_key")[0]
+    print(f"minitron {stage}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    stage = argv[0]
+    if stage not in STAGES:
+        print(f"minitron: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    sys.argv = [f"minitron {stage}"] + argv[1:]
+    module = importlib.import_module(STAGES[stage][0])
+    module.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Dataclass schemas of the stage configs, validated before any heavy work starts.
+
+Each stage's YAML in ``conf/`` starts from one of these schemas (``defaults: [<stage>_schema, ...]``),
+so Hydra rejects a mistyped override at merge time, and ``OmegaConf.to_object`` runs the
+``__post_init__`` checks below, whose messages name the field and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2_135m"
+    """Short name used in output directory names and reports."""
+    checkpoint: Optional[str] = None
+    """Our checkpoint directory (written by `minitron import`, prune, distill...)."""
+    source: Optional[str] = None
+    """Hugging Face source for `minitron import`: local dir, hub name or .gguf file."""
+    gguf_file: Optional[str] = None
+    """GGUF file name inside `source`, when source is a directory or hub repo."""
+    dtype: str = "fp32"
+    """Compute/parameter dtype: fp32 or bf16."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r} is not supported; use one of {DTYPES}")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (must divide heads, query groups and FFN size)."""
+    pp: int = 1
+    """Pipeline-parallel size (must divide the number of layers)."""
+    seed: int = 1234
+    """Seed of megatron's RNG trackers and data shuffling."""
+    timeout_s: int = 600
+    """Collective timeout: a hung or dead rank fails the job after this many seconds."""
+
+    def __post_init__(self):
+        for k in ("tp", "pp"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"parallel.{k}={getattr(self, k)} must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    prefix: Optional[str] = None
+    """Indexed dataset prefix (<prefix>.bin/.idx), as written by `minitron data`."""
+    seq_length: int = 256
+    """Tokens per packed sample."""
+    valid_fraction: float = 0.05
+    """Fraction of documents held out for validation (whole documents)."""
+
+    def __post_init__(self):
+        if self.seq_length < 2:
+            raise ValueError(f"data.seq_length={self.seq_length} must be at least 2")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ValueError(f"data.valid_fraction={self.valid_fraction} must be in (0, 1)")
+
+
+@dataclass
+class ImportJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    output: Optional[str] = None
+    """Checkpoint directory to create (default: model.checkpoint)."""
+    dtype: str = "auto"
+    """Storage dtype: auto (keep the source's), fp32, bf16."""
+    overwrite: bool = False
+    """Replace an existing output directory."""
+
+    def __post_init__(self):
+        if not self.model.source:
+            raise ValueError("model.source is required: a Hugging Face directory, hub name or .gguf "
+                             "file, e.g. `minitron import model.source=meta-llama/Llama-3.1-8B "
+                             "output=ckpt/llama8b`")
+        if not (self.output or self.model.checkpoint):
+            raise ValueError("set output=<dir> (or model.checkpoint) for the imported checkpoint")
+        if self.dtype not in ("auto",) + DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: use auto, fp32 or bf16")
+
+
+@dataclass
+class ExportJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    output: Optional[str] = None
+    """Hugging Face directory to create."""
+    dtype: Optional[str] = None
+    """Cast weights on export (fp32/bf16); default keeps the checkpoint's dtype."""
+    overwrite: bool = False
+
+    def __post_init__(self):
+        _need_checkpoint(self.model)
+        if not self.output:
+            raise ValueError("output=<dir> is required: where to write the Hugging Face model")
+        if self.dtype not in (None,) + DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: use fp32 or bf16 (or leave unset)")
+
+
+@dataclass
+class DataJob:
+    inputs: list[str] = field(default_factory=list)
+    """Text (.txt), JSONL (.jsonl, field `json_key`) or Wikipedia dump (.xml/.bz2) files."""
+    json_key: str = "text"
+    tokenizer: Optional[str] = None
+    """Checkpoint directory (its tokenizer/) or Hugging Face tokenizer name/dir."""
+    output: Optional[str] = None
+    """Output prefix: writes <output>.bin, <output>.idx, <output>.json."""
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if not self.inputs:
+            raise ValueError("inputs=[...] is required: text, JSONL or Wikipedia dump files")
+        missing = [p for p in self.inputs if not Path(p).exists()]
+        if missing:
+            raise ValueError(f"inputs not found: {missing}; check the paths (or run "
+                             "`python -m nemo_minitron.assets install` for the embedded data)")
+        if not self.tokenizer:
+            raise ValueError("tokenizer=<checkpoint dir or HF tokenizer> is required")
+        if not self.output:
+            raise ValueError("output=<prefix> is required")
+
+
+@dataclass
+class EvalConfig:
+    micro_batch_size: int = 4
+    """Samples per micro-batch on each data-parallel rank."""
+    num_batches: Optional[int] = 8
+    """Global batches of held-out data to evaluate (None = the whole split)."""
+
+
+@dataclass
+class EvaluateJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: Optional[str] = None
+    """Where to write results JSON (default: the Hydra run directory)."""
+
+    def __post_init__(self):
+        _need_checkpoint(self.model)
+        if not self.data.prefix:
+            raise ValueError("data.prefix is required: an indexed dataset written by `minitron data`")
+
+
+def _need_checkpoint(model: ModelConfig) -> None:
+    if not model.checkpoint:
+        raise ValueError("model.checkpoint is required: a checkpoint directory written by "
+                         "`minitron import` (or a later stage)")
+
+
+# stage -> (primary config name in conf/, schema)
+SCHEMAS = {"import": ("import", ImportJob), "export": ("export", ExportJob),
+           "data": ("data_prep", DataJob), "evaluate": ("evaluate", EvaluateJob)}
+
+
+def _cache(rel: str = "") -> str:
+    from ..assets import cache_dir
+
+    return str(cache_dir() / rel)
+
+
+def register() -> None:
+    """Register schemas in Hydra's ConfigStore and the ${cache:...} resolver. Idempotent."""
+    from hydra.core.config_store import ConfigStore
+
+    if not OmegaConf.has_resolver("cache"):
+        OmegaConf.register_new_resolver("cache", _cache)
+    cs = ConfigStore.instance()
+    for config_name, schema in SCHEMAS.values():
+        cs.store(name=f"{config_name}_job", node=schema)
+
+
+def to_job(cfg):
+    """Typed, validated job object from a composed config (runs every __post_init__ check)."""
+    return OmegaConf.to_object(cfg)

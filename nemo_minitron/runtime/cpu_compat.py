@@ -1,0 +1,134 @@
+"""Redirect megatron-core's hard-coded CUDA calls to the CPU.
+
+megatron-core 0.16 assumes a GPU in a handful of places even when every tensor lives on the CPU:
+``torch.cuda.current_device()`` (rotary embedding, global memory buffer, p2p shape exchange),
+``torch.cuda.synchronize()`` (pipeline p2p), ``torch.zeros(..., device="cuda")`` (token counters in
+``pipeline_parallel/schedules.py``), the default causal mask built with ``device="cuda"`` (unfused
+softmax) and the CUDA RNG tracker (``get_cuda_rng_tracker().fork()`` in
+attention, ``model_parallel_cuda_manual_seed``). This module patches exactly those, and only when
+:func:`apply` is called on a process without CUDA. Nothing else in the package touches ``torch.cuda``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+
+import torch
+
+_APPLIED = False
+
+
+class CpuRNGStatesTracker:
+    """Named CPU generator states with the interface of megatron's ``CudaRNGStatesTracker``."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.states_ = {}
+        self.seeds_ = set()
+        self._is_initialized = False
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise ValueError(f"rng seed {seed} already in use")
+        if name in self.states_:
+            raise ValueError(f"rng state {name!r} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise ValueError(f"rng state {name!r} was never added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _cpu_seed(seed: int, *args, **kwargs):
+    """CPU stand-in for ``model_parallel_cuda_manual_seed``: same stream layout, CPU generators."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = mrandom._CUDA_RNG_STATE_TRACKER
+    tracker.reset()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    ep_rank = ps.get_expert_model_parallel_rank()
+    etp_rank = ps.get_expert_tensor_parallel_rank()
+    torch.manual_seed(seed)
+    tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)
+
+
+class _TorchWithCpuDefaults(types.ModuleType):
+    """A view of ``torch`` whose tensor factories map ``device="cuda"`` to the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _fix(kwargs):
+        dev = kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "cuda":
+            kwargs["device"] = "cpu"
+        return kwargs
+
+    def zeros(self, *args, **kwargs):
+        return torch.zeros(*args, **self._fix(kwargs))
+
+    def tensor(self, *args, **kwargs):
+        return torch.tensor(*args, **self._fix(kwargs))
+
+
+def apply() -> None:
+    """Install the redirections. Idempotent; refuses to run where CUDA is available."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_compat.apply() is for CPU-only processes; CUDA is available here")
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
+
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as mrandom
+
+    schedules.torch = _TorchWithCpuDefaults()
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as tutils
+
+    causal = functools.lru_cache(maxsize=8)(
+        lambda sq: torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1))
+    tutils.get_default_causal_mask = causal
+    fused_softmax.get_default_causal_mask = causal
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mrandom.initialize_rng_tracker = lambda *a, **k: None
+    mrandom.model_parallel_cuda_manual_seed = _cpu_seed
+    import megatron.core.tensor_parallel as tp_pkg
+
+    tp_pkg.model_parallel_cuda_manual_seed = _cpu_seed
+    _APPLIED = True

@@ -1,0 +1,97 @@
+"""Process groups: read the launcher's environment, start torch.distributed and megatron's groups.
+
+Works the same for ``python -m nemo_minitron`` (one process), ``torchrun`` (RANK/WORLD_SIZE/
+LOCAL_RANK/MASTER_ADDR) and ``srun`` (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, master from the
+node list). NCCL on GPUs, gloo on CPU, where :mod:`.cpu_compat` is applied first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def read_env(environ=None) -> DistEnv:
+    """Rank layout from torchrun's or Slurm's variables; a single process when neither is set."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        master = env.get("MASTER_ADDR") or _slurm_master(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                       int(env.get("SLURM_LOCALID", 0)), master, port)
+    return DistEnv(0, 1, 0, "127.0.0.1", _free_port())
+
+
+def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> DistEnv:
+    """Start torch.distributed (if not yet) and megatron-core's model-parallel groups."""
+    from megatron.core import parallel_state as ps
+
+    env = read_env()
+    on_cuda = torch.cuda.is_available()
+    if not on_cuda:
+        from . import cpu_compat
+
+        cpu_compat.apply()
+    if env.world_size % (tp * pp):
+        raise ValueError(f"world size {env.world_size} is not divisible by parallel.tp*parallel.pp="
+                         f"{tp * pp}; launch a multiple of tp*pp processes")
+    if not torch.distributed.is_initialized():
+        if on_cuda:
+            torch.cuda.set_device(env.local_rank)
+        torch.distributed.init_process_group(
+            backend="nccl" if on_cuda else "gloo",
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank, world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s))
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return env
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -1,0 +1,73 @@
+"""Forward passes through megatron-core's pipeline schedules (forward only), and the token loss.
+
+Every rank calls :func:`run_forward` with the same micro-batches; the last pipeline stage sees the
+logits (vocab-sharded under TP) and hands them to ``on_logits``. Loss is computed vocab-parallel,
+never gathering the full vocabulary, with padded vocabulary columns masked out.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterable
+
+import torch
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set logits of padding vocabulary rows (global id >= vocab_size) of this TP shard to -inf."""
+    from megatron.core import parallel_state as ps
+
+    local = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * local
+    if start + local <= vocab_size:
+        return logits
+    ids = torch.arange(start, start + local, device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, float("-inf"))
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-token cross entropy [b, s] from vocab-parallel logits [b, s, V/tp]."""
+    from megatron.core import tensor_parallel
+
+    logits = mask_padded_vocab(logits.float(), vocab_size)
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+
+
+def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Full-vocabulary logits (for tests and small models): all-gather over TP, drop padding."""
+    from megatron.core import tensor_parallel
+
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    return full[..., :vocab_size]
+
+
+def run_forward(stage, batches: Iterable[dict], on_logits: Callable[[torch.Tensor, dict], dict]) -> list[dict]:
+    """Forward every micro-batch through the pipeline; returns ``on_logits``' dicts (last stage)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batches = list(batches)
+    if not batches:
+        return []
+    b, s = batches[0]["tokens"].shape
+
+    def loss_func(batch, output):
+        extra = on_logits(output, batch)
+        return torch.zeros((), device=output.device), extra
+
+    def step(data_iterator, model):
+        batch = next(data_iterator)
+        out = model(batch["tokens"], batch["position_ids"], None)
+        return out, partial(loss_func, batch)
+
+    stage.model.eval()
+    with torch.no_grad():
+        return get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter(batches), model=[stage.model],
+            num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=True)
+
+
+def on_device(batch: dict) -> dict:
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    if dev is None:
+        return batch
+    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

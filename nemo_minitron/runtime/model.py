@@ -1,0 +1,134 @@
+"""Build a megatron-core ``GPTModel`` for this rank from an :class:`~nemo_minitron.arch.Arch`.
+
+What the model is (``Arch`` -> ``TransformerConfig``), which modules build it (local or Transformer
+Engine layer spec) and how ranks are grouped (``parallel_state``, set up in :mod:`.dist`) stay apart,
+as in megatron-core itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..arch import Arch
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def te_available() -> bool:
+    """True when Transformer Engine imports and a GPU is present (its spec is then the default)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: str | None = None):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dt = torch_dtype(dtype)
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=dt,
+        params_dtype=dt,
+        bf16=dt == torch.bfloat16,
+        fp16=dt == torch.float16,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=True,
+        fp8=fp8,
+    )
+
+
+def layer_spec(use_te: bool | None = None):
+    """The Transformer Engine spec on CUDA when TE imports (or when forced), else the local spec."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_te is None:
+        use_te = te_available()
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def rope_inv_freq(arch: Arch) -> torch.Tensor:
+    """Rotary inverse frequencies exactly as Hugging Face computes them (incl. Llama-3 scaling).
+
+    megatron-core hard-codes the Llama-3.1 scaling constants; computing them here lets any
+    ``low_freq_factor``/``high_freq_factor``/``original_max_position_embeddings`` round-trip.
+    """
+    d = arch.head_dim
+    inv = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = arch.rope_scaling
+    if rs:
+        factor = rs["factor"]
+        low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old = rs.get("original_max_position_embeddings", 8192)
+        low_wl, high_wl = old / low, old / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def build_gpt(arch: Arch, config, pre_process: bool, post_process: bool, use_te: bool | None = None):
+    """One pipeline stage of the model, parameters initialised (weights are loaded afterwards)."""
+    from megatron.core.models.gpt import GPTModel
+
+    tp = config.tensor_model_parallel_size
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=arch.padded_vocab_size(tp),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=arch.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
+        parallel_output=True,
+    )
+    model.rotary_pos_emb.inv_freq = rope_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
+    if not torch.cuda.is_available():
+        model.to(torch.device("cpu"))
+    else:
+        model.cuda(torch.cuda.current_device())
+    return model

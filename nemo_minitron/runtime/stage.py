@@ -1,0 +1,148 @@
+"""This rank's pipeline stage of a model: build it, fill it from a checkpoint, save it back.
+
+A :class:`Stage` is the narrow interface the rest of the package uses: the megatron-core module,
+the :class:`Arch` it was built from and which global layers it holds. Loading reads only this
+stage's tensors from the checkpoint and slices this rank's tensor-parallel shard; saving gathers
+TP shards, and every pipeline stage writes its own safetensors file (data-parallel rank 0 only).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from ..arch import Arch
+from ..convert import checkpoint as ckpt
+from ..convert.weights import from_megatron, to_megatron
+from . import model as rmodel
+
+
+@dataclass
+class Stage:
+    model: torch.nn.Module
+    arch: Arch
+    config: object
+    layers: range
+    pre_process: bool
+    post_process: bool
+    te: bool
+
+    @property
+    def tp_size(self) -> int:
+        return self.config.tensor_model_parallel_size
+
+
+def build_stage(arch: Arch, dtype: str = "fp32", use_te: bool | None = None) -> Stage:
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    arch.check_parallel(tp, pp)
+    te = rmodel.te_available() if use_te is None else use_te
+    config = rmodel.transformer_config(arch, tp, pp, dtype)
+    pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    model = rmodel.build_gpt(arch, config, pre, post, use_te=te)
+    offset = get_transformer_layer_offset(config)
+    layers = range(offset, offset + arch.num_layers // pp)
+    return Stage(model, arch, config, layers, pre, post, te)
+
+
+def load_state(stage: Stage, get) -> None:
+    """Fill ``stage`` from canonical tensors fetched by ``get(name)``."""
+    from megatron.core import parallel_state as ps
+
+    sd = to_megatron(get, stage.arch, tp_rank=ps.get_tensor_model_parallel_rank(),
+                     tp_size=stage.tp_size, layers=stage.layers, pre_process=stage.pre_process,
+                     post_process=stage.post_process, te=stage.te)
+    own = stage.model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("_extra_state")]
+    if missing:
+        raise RuntimeError(f"weight map left model tensors unset: {missing[:5]}")
+    for k, v in sd.items():
+        if own[k].shape != v.shape:
+            raise RuntimeError(f"shape mismatch for {k}: model {tuple(own[k].shape)}, "
+                               f"checkpoint {tuple(v.shape)}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)
+
+
+def load_checkpoint(path, dtype: str = "fp32", use_te: bool | None = None) -> tuple[Stage, ckpt.Checkpoint]:
+    c = ckpt.Checkpoint(path)
+    stage = build_stage(c.arch, dtype, use_te)
+    load_state(stage, c.get)
+    return stage, c
+
+
+def gather_canonical(stage: Stage) -> dict[str, torch.Tensor] | None:
+    """Canonical tensors of this stage on TP rank 0 (None elsewhere); all TP ranks must call."""
+    from megatron.core import parallel_state as ps
+
+    sd = {k: v.detach() for k, v in stage.model.state_dict().items()
+          if not k.endswith("_extra_state") and v is not None}
+    tp = stage.tp_size
+    if tp == 1:
+        shards = [sd]
+    else:
+        group = ps.get_tensor_model_parallel_group()
+        shards = [dict() for _ in range(tp)]
+        for k in sorted(sd):
+            parts = [torch.empty_like(sd[k]) for _ in range(tp)]
+            tdist.all_gather(parts, sd[k].contiguous(), group=group)
+            for r in range(tp):
+                shards[r][k] = parts[r]
+    if ps.get_tensor_model_parallel_rank() != 0:
+        return None
+    return from_megatron(shards, stage.arch, layers=stage.layers, pre_process=stage.pre_process,
+                         post_process=stage.post_process, te=stage.te)
+
+
+def _bcast(obj):
+    if not tdist.is_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | None = None,
+                    overwrite: bool = False, arch: Arch | None = None) -> Path:
+    """Collective save: every rank calls; each pipeline stage writes one shard file."""
+    from megatron.core import parallel_state as ps
+
+    rank0 = not tdist.is_initialized() or tdist.get_rank() == 0
+    err = None
+    if rank0:
+        try:
+            final, tmp = ckpt.prepare_output(path, overwrite)
+            tmp.mkdir(parents=True)
+        except (FileExistsError, OSError) as e:
+            err, final, tmp = str(e), None, None
+    final, tmp, err = _bcast((final, tmp, err) if rank0 else None)
+    if err:
+        raise FileExistsError(err)
+    try:
+        canonical = gather_canonical(stage)
+        pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+        wmap = {}
+        if canonical is not None and ps.get_data_parallel_rank() == 0:
+            wmap = ckpt.write_shard(tmp, ckpt.shard_name(pp_rank, pp), canonical)
+        maps = [wmap]
+        if tdist.is_initialized():
+            maps = [None] * tdist.get_world_size()
+            tdist.all_gather_object(maps, wmap)
+        if rank0:
+            merged = {k: v for m in maps for k, v in m.items()}
+            ckpt.save_tokenizer(tmp, tokenizer)
+            ckpt.write_meta(tmp, arch or stage.arch, merged, provenance or {})
+            ckpt.commit_output(tmp, final)
+    finally:
+        if tdist.is_initialized():
+            tdist.barrier()
+        if rank0 and tmp.exists():
+            shutil.rmtree(tmp)
+    return final

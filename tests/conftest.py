@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random Hugging Face models and a torchrun launcher for multi-rank tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).parent / "workers"
+
+
+def tiny_hf(kind: str = "gqa", seed: int = 0):
+    """A random tiny Llama-family model in float32; kinds cover the architecture variants we map."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    base = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if kind == "gqa":
+        model = LlamaForCausalLM(LlamaConfig(**base))
+    elif kind == "tied":
+        model = LlamaForCausalLM(LlamaConfig(**dict(base, tie_word_embeddings=True, num_key_value_heads=4)))
+    elif kind == "head_dim":  # head_dim != hidden/heads, as after width pruning
+        model = MistralForCausalLM(MistralConfig(**dict(base, head_dim=48, sliding_window=None)))
+    elif kind == "llama3_rope":
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+        model = LlamaForCausalLM(LlamaConfig(**dict(base, rope_parameters=rope)))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**dict(base, use_sliding_window=False)))
+        with torch.no_grad():  # random init leaves biases at zero: make them matter
+            for layer in model.model.layers:
+                for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    p.bias.normal_(0, 0.5)
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over 1000 ids, enough to save/load alongside tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<unk>": 1}
+    vocab.update({f"w{i}": i for i in range(2, 1000)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """Save a tiny HF model (+tokenizer) and return (dir, model)."""
+    def make(kind="gqa"):
+        m = tiny_hf(kind)
+        d = tmp_path / f"hf_{kind}"
+        m.save_pretrained(d)
+        tiny_tokenizer().save_pretrained(d)
+        return d, m
+    return make
+
+
+def torchrun(worker: str, nproc: int, *args, timeout: int = 600) -> list[dict]:
+    """Run tests/workers/<worker> under torchrun; returns the JSON rows every rank emitted."""
+    import tempfile
+
+    rdir = tempfile.mkdtemp(prefix="results-")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", RESULT_DIR=rdir,
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(WORKERS)]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={_free_port()}",
+           str(WORKERS / worker), *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if p.returncode != 0:
+        raise AssertionError(f"torchrun {worker} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+    rows = []
+    for f in sorted(Path(rdir).glob("rank*.jsonl")):
+        rows += [json.loads(line) for line in f.read_text().splitlines()]
+    return rows
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """Megatron groups for a one-process gloo world (TP=PP=DP=1), shared by the session."""
+    from nemo_minitron.runtime import dist
+
+    dist.init(1, 1)
+    yield

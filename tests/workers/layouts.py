@@ -1,0 +1,39 @@
+"""Run under torchrun with 2 ranks: load one checkpoint at TP=2, PP=2 and DP=2 in turn.
+
+For each layout: logits against the reference, validation loss over data-parallel-split batches,
+and a save at that layout. Emits one row per rank and layout.
+"""
+
+import sys
+
+import torch
+from _emit import emit
+
+from nemo_minitron.evaluate.loss import validation_loss
+from nemo_minitron.runtime import dist
+from nemo_minitron.runtime.forward import gather_logits, run_forward
+from nemo_minitron.runtime.stage import load_checkpoint, save_checkpoint
+
+
+def main(ckpt_dir, ref_path, out_root):
+    ref = torch.load(ref_path)
+    for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)):
+        dist.init(tp, pp)
+        from megatron.core import parallel_state as ps
+
+        stage, c = load_checkpoint(ckpt_dir)
+        batches = ref["batches"]
+        outs = run_forward(stage, batches[:1],
+                           lambda lg, _: {"logits": gather_logits(lg, c.arch.vocab_size)})
+        delta = (outs[0]["logits"] - ref["logits"]).abs().max().item() if outs else None
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        mine = batches[dp_rank::dp]
+        val = validation_loss(stage, mine)
+        save_checkpoint(stage, f"{out_root}/{name}", provenance={"stage": "test"})
+        emit({"layout": name, "rank": torch.distributed.get_rank(), "max_dlogit": delta,
+              "val": val})
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
