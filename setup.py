@@ -13,6 +13,7 @@ install_requires = [
     "safetensors>=0.4",
     "tokenizers>=0.20",
     "gguf>=0.10",
+    "accelerate>=1.0",  # transformers needs it to load GGUF files
     "sentencepiece",
     "pyarrow>=14",
     "numpy",

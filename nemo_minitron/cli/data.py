@@ -27,7 +27,14 @@ def run(job) -> dict:
     from ..data.sources import iter_documents
 
     tok = load_tokenizer(job.tokenizer)
-    stats = build_indexed(iter_documents(job.inputs, job.json_key), tok, job.output,
+    eod = None
+    if job.eod_token is not None:
+        eod = tok.convert_tokens_to_ids(job.eod_token)
+        if eod is None or eod == tok.unk_token_id:
+            raise ValueError(f"eod_token={job.eod_token!r} is not in the tokenizer's vocabulary; "
+                             "use one of its special tokens, e.g. "
+                             f"{tok.all_special_tokens[:4]}")
+    stats = build_indexed(iter_documents(job.inputs, job.json_key), tok, job.output, eod_id=eod,
                           sources=job.inputs, overwrite=job.overwrite)
     log.info("wrote %s.{bin,idx}: %s", job.output, stats)
     return stats

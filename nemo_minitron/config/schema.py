@@ -114,6 +114,8 @@ class DataJob:
     """Checkpoint directory (its tokenizer/) or Hugging Face tokenizer name/dir."""
     output: Optional[str] = None
     """Output prefix: writes <output>.bin, <output>.idx, <output>.json."""
+    eod_token: Optional[str] = None
+    """Token appended after every document (default: the tokenizer's eos token)."""
     overwrite: bool = False
 
     def __post_init__(self):

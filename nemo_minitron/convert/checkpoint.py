@@ -47,7 +47,9 @@ def check_dir(path) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"checkpoint directory {p} does not exist; create one with "
-                              "`minitron import model.source=...` or point model.checkpoint at it")
+                              "`minitron import model.source=...` or point model.checkpoint at it "
+                              "(the embedded SmolLM2 default is made by `python -m "
+                              "nemo_minitron.assets install`)")
     missing = [n for n in (META, ARCH, INDEX) if not (p / n).is_file()]
     if not missing:
         index = json.loads((p / INDEX).read_text())

@@ -36,7 +36,10 @@ def te_available() -> bool:
     return True
 
 
-def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: str | None = None):
+def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: str | None = None,
+                       init_weights: bool = True):
+    """megatron-core config for ``arch``; ``init_weights=False`` skips random init (weights are
+    about to be loaded, and initialising a large embedding on CPU costs seconds)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dt = torch_dtype(dtype)
@@ -70,7 +73,7 @@ def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: s
         bf16=dt == torch.bfloat16,
         fp16=dt == torch.float16,
         use_cpu_initialization=on_cpu,
-        perform_initialization=True,
+        perform_initialization=init_weights,
         fp8=fp8,
     )
 

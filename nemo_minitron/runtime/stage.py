@@ -36,14 +36,15 @@ class Stage:
         return self.config.tensor_model_parallel_size
 
 
-def build_stage(arch: Arch, dtype: str = "fp32", use_te: bool | None = None) -> Stage:
+def build_stage(arch: Arch, dtype: str = "fp32", use_te: bool | None = None,
+                init_weights: bool = True) -> Stage:
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     arch.check_parallel(tp, pp)
     te = rmodel.te_available() if use_te is None else use_te
-    config = rmodel.transformer_config(arch, tp, pp, dtype)
+    config = rmodel.transformer_config(arch, tp, pp, dtype, init_weights=init_weights)
     pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     model = rmodel.build_gpt(arch, config, pre, post, use_te=te)
     offset = get_transformer_layer_offset(config)
@@ -73,7 +74,7 @@ def load_state(stage: Stage, get) -> None:
 
 def load_checkpoint(path, dtype: str = "fp32", use_te: bool | None = None) -> tuple[Stage, ckpt.Checkpoint]:
     c = ckpt.Checkpoint(path)
-    stage = build_stage(c.arch, dtype, use_te)
+    stage = build_stage(c.arch, dtype, use_te, init_weights=False)
     load_state(stage, c.get)
     return stage, c
 

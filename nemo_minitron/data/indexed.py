@@ -1,0 +1,193 @@
+"""Tokenise documents into megatron-core's indexed dataset (``<prefix>.bin`` / ``<prefix>.idx``).
+
+:func:`build_indexed` writes one sequence per document (tokens + EOD) with megatron-core's
+``IndexedDatasetBuilder``, in the smallest integer dtype that holds the vocabulary, plus a
+``<prefix>.json`` describing it (tokenizer, EOD id, counts, sources). Everything is written under
+temporary names and renamed at the end, so an interrupted build never leaves a dataset that looks
+complete. :func:`open_indexed` reads it back as megatron-core's ``IndexedDataset``, so the files
+also work with Megatron-LM's own ``GPTDataset`` (``--data-path <prefix>``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+
+BATCH_DOCS = 64  # documents tokenised per tokenizer call (the fast tokenizers batch in Rust)
+
+
+def smallest_dtype(vocab_size: int) -> type:
+    """The smallest integer dtype megatron-core's indexed dataset stores that holds ids < vocab_size."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    for dtype in (np.uint8, np.uint16, np.int32, np.int64):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return dtype
+    raise ValueError(f"vocab_size {vocab_size} does not fit in int64")
+
+
+def _indexed_module():
+    import warnings
+
+    with warnings.catch_warnings():  # megatron-core warns about missing TE/apex on import
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
+def _paths(prefix: Union[str, Path]) -> dict:
+    p = str(prefix)
+    return {"bin": Path(p + ".bin"), "idx": Path(p + ".idx"), "json": Path(p + ".json")}
+
+
+def _batched(documents: Iterable[str], n: int) -> Iterable[List[str]]:
+    batch: List[str] = []
+    for doc in documents:
+        if not isinstance(doc, str):
+            raise TypeError(f"documents must be strings, got {type(doc).__name__}")
+        batch.append(doc)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def build_indexed(
+    documents: Iterable[str],
+    tokenizer: Any,
+    out_prefix: Union[str, Path],
+    *,
+    append_eod: bool = True,
+    eod_id: Optional[int] = None,
+    sources: Optional[Sequence[Union[str, Path]]] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenise ``documents`` with a Hugging Face ``tokenizer`` into ``<out_prefix>.bin/.idx/.json``.
+
+    Each document becomes one sequence: ``tokenizer(doc, add_special_tokens=False)["input_ids"]``
+    followed by ``eod_id`` (default ``tokenizer.eos_token_id``) when ``append_eod``. Documents that
+    tokenise to nothing are skipped. ``sources`` is only recorded in the metadata. Refuses to
+    replace an existing dataset unless ``overwrite``. Returns the statistics (documents, tokens,
+    skipped, dtype, eod_id, paths).
+    """
+    from tqdm.auto import tqdm
+
+    paths = _paths(out_prefix)
+    if not overwrite and (paths["bin"].exists() or paths["idx"].exists()):
+        raise FileExistsError(
+            f"an indexed dataset already exists at {out_prefix} (.bin/.idx); pass overwrite=True "
+            "or choose another out_prefix"
+        )
+    if eod_id is None and append_eod:
+        eod_id = getattr(tokenizer, "eos_token_id", None)
+        if eod_id is None:
+            raise ValueError(
+                "the tokenizer has no eos_token_id to end documents with; pass eod_id=<token id> "
+                "or append_eod=False"
+            )
+    vocab_size = len(tokenizer)
+    cardinality = max(vocab_size, (eod_id + 1) if eod_id is not None else 0)
+    dtype = smallest_dtype(cardinality)
+    dtype_max = np.iinfo(dtype).max
+
+    mod = _indexed_module()
+    paths["bin"].parent.mkdir(parents=True, exist_ok=True)
+    suffix = f".tmp-{os.getpid()}"
+    tmp = {k: Path(str(v) + suffix) for k, v in paths.items()}
+    n_docs = n_tokens = n_skipped = 0
+    builder = None
+    try:
+        builder = mod.IndexedDatasetBuilder(str(tmp["bin"]), dtype=dtype)
+        try:
+            total = len(documents)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        bar = tqdm(total=total, unit="doc", desc=f"tokenising -> {Path(out_prefix).name}",
+                   disable=not progress)
+        with bar:
+            for batch in _batched(documents, BATCH_DOCS):
+                ids_batch = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+                for ids in ids_batch:
+                    if not ids:
+                        n_skipped += 1
+                        continue
+                    if append_eod:
+                        ids = list(ids) + [eod_id]
+                    arr = np.asarray(ids, dtype=np.int64)
+                    if arr.min() < 0 or arr.max() > dtype_max:
+                        raise ValueError(
+                            f"token id {int(arr.max())} does not fit the dataset dtype "
+                            f"{np.dtype(dtype).name} chosen from len(tokenizer)={vocab_size}"
+                        )
+                    builder.add_document(arr.astype(dtype), [arr.size])
+                    n_docs += 1
+                    n_tokens += int(arr.size)
+                bar.update(len(batch))
+        if n_docs == 0:
+            raise ValueError(
+                f"no non-empty documents to write to {out_prefix} ({n_skipped} empty); check the "
+                "data sources"
+            )
+        builder.finalize(str(tmp["idx"]))
+        builder = None
+        meta = {
+            "format": "megatron-core IndexedDataset (one sequence per document)",
+            "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
+            "tokenizer_class": type(tokenizer).__name__,
+            "vocab_size": vocab_size,
+            "eod_id": eod_id,
+            "append_eod": append_eod,
+            "dtype": np.dtype(dtype).name,
+            "documents": n_docs,
+            "tokens": n_tokens,
+            "skipped_empty": n_skipped,
+            "sources": [str(s) for s in (sources or [])],
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        tmp["json"].write_text(json.dumps(meta, indent=2) + "\n")
+        # Install: an old .idx goes first so a crash midway never pairs an old .idx with a new .bin
+        # (IndexedDataset.exists needs both); the metadata comes last.
+        if paths["idx"].exists():
+            paths["idx"].unlink()
+        os.replace(tmp["bin"], paths["bin"])
+        os.replace(tmp["idx"], paths["idx"])
+        os.replace(tmp["json"], paths["json"])
+    finally:
+        if builder is not None:
+            builder.data_file.close()
+        for p in tmp.values():
+            if p.exists():
+                p.unlink()
+    return {
+        "documents": n_docs,
+        "tokens": n_tokens,
+        "skipped_empty": n_skipped,
+        "dtype": np.dtype(dtype).name,
+        "eod_id": eod_id,
+        "prefix": str(out_prefix),
+    }
+
+
+def open_indexed(prefix: Union[str, Path]):
+    """megatron-core ``IndexedDataset`` at ``prefix`` (a clear error when it is not there)."""
+    paths = _paths(prefix)
+    missing = [str(p) for k, p in paths.items() if k != "json" and not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"no indexed dataset at {prefix}: missing {', '.join(missing)}; build one with "
+            "nemo_minitron.data.indexed.build_indexed"
+        )
+    return _indexed_module().IndexedDataset(str(prefix), mmap=True)
+
+
+def load_metadata(prefix: Union[str, Path]) -> dict:
+    """The ``<prefix>.json`` written by :func:`build_indexed` (``{}`` for a foreign dataset)."""
+    p = _paths(prefix)["json"]
+    return json.loads(p.read_text()) if p.exists() else {}

@@ -1,0 +1,132 @@
+"""Text sources for tokenisation: plain text, JSON lines and Wikipedia dumps, as a stream of documents.
+
+:func:`iter_documents` takes files (or directories, read in sorted order) and yields one string per
+document, by suffix:
+
+- ``.txt`` (``.txt.gz``): **one document per file**, because a text file is usually one coherent
+  text (a book, an article) and the packed loader holds out whole documents for validation. A file
+  larger than ``txt_max_chars`` (a whole corpus in one file) is cut, at blank lines only, into
+  consecutive documents of about that size, so that it streams in bounded memory and can still be
+  split into train/valid by document. A single paragraph longer than that is never cut.
+- ``.jsonl`` (``.jsonl.gz``): one document per non-blank line, the string field ``json_key``.
+- ``.xml`` / ``.bz2`` (``.xml.gz``): a MediaWiki dump; each article becomes ``"Title\\n\\ntext"``
+  (see :mod:`nemo_minitron.data.wiki`).
+
+Documents that are empty or whitespace-only are skipped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Iterable, Iterator, List, Union
+
+from nemo_minitron.data.wiki import iter_articles
+
+PathLike = Union[str, Path]
+SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".xml", ".xml.gz", ".bz2")
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    for suffix, kind in (
+        (".txt", "txt"), (".txt.gz", "txt"), (".jsonl", "jsonl"), (".jsonl.gz", "jsonl"),
+        (".xml", "wiki"), (".xml.gz", "wiki"), (".bz2", "wiki"),
+    ):
+        if name.endswith(suffix):
+            return kind
+    raise ValueError(
+        f"don't know how to read {path}: supported suffixes are {', '.join(SUFFIXES)} "
+        "(rename the file or convert it to .jsonl with one {\"text\": ...} object per line)"
+    )
+
+
+def _open_text(path: Path):
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, "r", encoding="utf-8")
+
+
+def expand_paths(paths: Union[PathLike, Iterable[PathLike]]) -> List[Path]:
+    """Files named by ``paths``; a directory stands for its supported files, sorted, recursively."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    out: List[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(
+                f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SUFFIXES)
+            )
+            if not found:
+                raise ValueError(f"directory {p} holds no file ending in {', '.join(SUFFIXES)}")
+            out.extend(found)
+        elif p.exists():
+            _kind(p)  # fail early on an unsupported suffix
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"data source {p} does not exist")
+    if not out:
+        raise ValueError("no data sources given")
+    return out
+
+
+def _iter_txt(path: Path, max_chars: int) -> Iterator[str]:
+    buf: List[str] = []
+    size = 0
+    with _open_text(path) as f:
+        for line in f:
+            if not line.strip() and size >= max_chars:
+                yield "".join(buf).strip("\n")
+                buf, size = [], 0
+                continue
+            buf.append(line)
+            size += len(line)
+    if buf:
+        yield "".join(buf).strip("\n")
+
+
+def _iter_jsonl(path: Path, json_key: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or json_key not in obj:
+                keys = ", ".join(map(repr, obj)) if isinstance(obj, dict) else type(obj).__name__
+                raise ValueError(
+                    f"{path}, line {lineno}: no field {json_key!r} (found: {keys}); "
+                    f"pass json_key=<the field holding the text>"
+                )
+            text = obj[json_key]
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"{path}, line {lineno}: field {json_key!r} is a {type(text).__name__}, "
+                    "expected a string"
+                )
+            yield text
+
+
+def iter_documents(
+    paths: Union[PathLike, Iterable[PathLike]],
+    json_key: str = "text",
+    *,
+    txt_max_chars: int = 1_000_000,
+) -> Iterator[str]:
+    """Yield the documents of ``paths`` (files or directories) in order; see the module docstring."""
+    if txt_max_chars < 1:
+        raise ValueError(f"txt_max_chars must be positive, got {txt_max_chars}")
+    for path in expand_paths(paths):
+        kind = _kind(path)
+        if kind == "txt":
+            docs: Iterable[str] = _iter_txt(path, txt_max_chars)
+        elif kind == "jsonl":
+            docs = _iter_jsonl(path, json_key)
+        else:
+            docs = (f"{title}\n\n{text}" for title, text in iter_articles(path))
+        for doc in docs:
+            if doc.strip():
+                yield doc
