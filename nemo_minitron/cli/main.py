@@ -59,7 +59,10 @@ def hydra_app(stage: str, run_fn):
             job = schema.to_job(cfg)
         except Exception as e:  # validation: one clear line, no traceback
             _fail(stage, e)
-        return run_fn(job)
+        try:
+            return run_fn(job)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors, not bugs
+            _fail(stage, e)
 
     return _main()
 
