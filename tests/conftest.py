@@ -33,6 +33,8 @@ def tiny_hf(kind: str = "gqa", seed: int = 0):
         rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 64, "rope_theta": 500000.0}
         model = LlamaForCausalLM(LlamaConfig(**dict(base, rope_parameters=rope)))
+    elif kind == "odd_vocab":  # not divisible by TP: rows are padded, padding masked in the loss
+        model = LlamaForCausalLM(LlamaConfig(**dict(base, vocab_size=1001, tie_word_embeddings=True)))
     elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**dict(base, use_sliding_window=False)))
         with torch.no_grad():  # random init leaves biases at zero: make them matter

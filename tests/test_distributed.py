@@ -14,13 +14,9 @@ from nemo_minitron.convert.hf_config import arch_from_hf_config
 from conftest import tiny_hf, torchrun
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("layouts")
-    hf = tiny_hf("head_dim")  # GQA + head_dim != hidden/heads + untied: the hardest mapping
-    arch = arch_from_hf_config(hf.config)
-    sd = {k: v for k, v in hf.state_dict().items()}
-    ckpt.save(tmp / "ckpt", arch, sd, provenance={"stage": "test"})
+def reference(hf, arch, tmp, name):
+    """Save a checkpoint of ``hf`` and its logits/loss on 4 random batches; returns the mean loss."""
+    ckpt.save(tmp / name, arch, hf.state_dict(), provenance={"stage": "test"})
     g = torch.Generator().manual_seed(3)
     batches = []
     for _ in range(4):
@@ -32,10 +28,28 @@ def results(tmp_path_factory):
         logits = hf(batches[0]["tokens"]).logits
         losses = [torch.nn.functional.cross_entropy(hf(b["tokens"]).logits.flatten(0, 1),
                                                     b["labels"].flatten()) for b in batches]
-    torch.save({"batches": batches, "logits": logits}, tmp / "ref.pt")
-    rows = torch.tensor([x.item() for x in losses]).mean().item()
-    out = torchrun("layouts.py", 2, tmp / "ckpt", tmp / "ref.pt", tmp / "saved")
-    return {"rows": out, "ref_loss": rows, "sd": sd, "tmp": tmp}
+    torch.save({"batches": batches, "logits": logits}, tmp / f"{name}.pt")
+    return torch.tensor([x.item() for x in losses]).mean().item()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("layouts")
+    hf = tiny_hf("head_dim")  # GQA + head_dim != hidden/heads + untied: the hardest mapping
+    ref_loss = reference(hf, arch_from_hf_config(hf.config), tmp, "ckpt")
+    odd = tiny_hf("odd_vocab")
+    odd_loss = reference(odd, arch_from_hf_config(odd.config), tmp, "odd")
+    out = torchrun("layouts.py", 2, tmp / "ckpt", tmp / "ckpt.pt", tmp / "saved", tmp / "odd",
+                   tmp / "odd.pt")
+    return {"rows": out, "ref_loss": ref_loss, "odd_loss": odd_loss, "sd": hf.state_dict(),
+            "tmp": tmp}
+
+
+def test_padded_vocab_under_tp(results):
+    rows = [r for r in results["rows"] if r["layout"] == "tp2_odd_vocab"]
+    assert len(rows) == 2 and rows[0]["padded_rows"] == 1024  # 1001 -> next multiple of 128*tp
+    assert max(r["max_dlogit"] for r in rows) <= 1e-4
+    assert abs(rows[0]["val"]["loss"] - results["odd_loss"]) < 1e-4
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])

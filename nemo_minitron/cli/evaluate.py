@@ -36,11 +36,7 @@ def run(job) -> dict:
                              "data.seq_length")
         batches = data.batches(job.eval.micro_batch_size, num_batches=n, dp_rank=dp_rank,
                                dp_size=dp)
-        if dist.is_rank0():
-            from tqdm import tqdm
-
-            batches = tqdm(batches, total=n, desc="evaluate", unit="batch")
-        result = validation_loss(stage, batches)
+        result = validation_loss(stage, batches, progress="evaluate")
         result.update(checkpoint=str(job.model.checkpoint), data=job.data.prefix,
                       seq_length=job.data.seq_length, layout={"tp": job.parallel.tp,
                       "pp": job.parallel.pp, "dp": dp}, seconds=round(time.time() - t0, 2))

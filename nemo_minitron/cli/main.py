@@ -76,6 +76,16 @@ def _fail(stage: str, err: Exception):
     sys.exit(2)
 
 
+def _quiet_dependencies() -> None:
+    """megatron-core warns about every optional GPU library it does not find; say it once here."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     if stage not in STAGES:
         print(f"minitron: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    _quiet_dependencies()
     sys.argv = [f"minitron {stage}"] + argv[1:]
     module = importlib.import_module(STAGES[stage][0])
     module.main()

@@ -107,9 +107,14 @@ def save(path, arch: Arch, tensors: dict[str, torch.Tensor], *, tokenizer=None,
     """Single-process save of a whole model's canonical tensors."""
     from .weights import canonical_keys
 
-    missing = set(canonical_keys(arch)) - set(tensors)
+    keys = canonical_keys(arch)
+    missing = set(keys) - set(tensors)
     if missing:
         raise CheckpointError(f"cannot save: tensors missing for {sorted(missing)[:5]}...")
+    extra = set(tensors) - set(keys) - ({"lm_head.weight"} if arch.tie_embeddings else set())
+    if extra:
+        raise CheckpointError(f"cannot save: tensors {sorted(extra)[:5]} are not part of {arch}")
+    tensors = {k: tensors[k] for k in keys}  # a tied lm_head is the embedding: stored once
     final, tmp = prepare_output(path, overwrite)
     tmp.mkdir(parents=True)
     try:

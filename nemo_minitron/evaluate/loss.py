@@ -11,7 +11,7 @@ import torch.distributed as tdist
 from ..runtime.forward import on_device, run_forward, token_losses
 
 
-def validation_loss(stage, batches: Iterable[dict]) -> dict:
+def validation_loss(stage, batches: Iterable[dict], progress: str | None = None) -> dict:
     """Token-weighted mean cross entropy over ``batches``; every rank gets the same numbers.
 
     Each data-parallel rank passes its own batches; results are summed over DP replicas.
@@ -25,7 +25,7 @@ def validation_loss(stage, batches: Iterable[dict]) -> dict:
         losses = token_losses(logits, batch["labels"], vocab)
         return {"loss_sum": (losses * mask).sum().double(), "tokens": mask.sum().double()}
 
-    outs = run_forward(stage, (on_device(b) for b in batches), on_logits)
+    outs = run_forward(stage, (on_device(b) for b in batches), on_logits, progress=progress)
     total = torch.zeros(2, dtype=torch.float64)
     contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     if contributes:

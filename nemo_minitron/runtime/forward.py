@@ -41,14 +41,23 @@ def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return full[..., :vocab_size]
 
 
-def run_forward(stage, batches: Iterable[dict], on_logits: Callable[[torch.Tensor, dict], dict]) -> list[dict]:
-    """Forward every micro-batch through the pipeline; returns ``on_logits``' dicts (last stage)."""
+def run_forward(stage, batches: Iterable[dict], on_logits: Callable[[torch.Tensor, dict], dict],
+                progress: str | None = None) -> list[dict]:
+    """Forward every micro-batch through the pipeline; returns ``on_logits``' dicts (last stage).
+
+    ``progress``: a label for a progress bar over micro-batches (shown on global rank 0 only).
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batches = list(batches)
     if not batches:
         return []
     b, s = batches[0]["tokens"].shape
+    data = iter(batches)
+    if progress and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        from tqdm import tqdm
+
+        data = iter(tqdm(batches, desc=progress, unit="batch"))
 
     def loss_func(batch, output):
         extra = on_logits(output, batch)
@@ -62,7 +71,7 @@ def run_forward(stage, batches: Iterable[dict], on_logits: Callable[[torch.Tenso
     stage.model.eval()
     with torch.no_grad():
         return get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iter(batches), model=[stage.model],
+            forward_step_func=step, data_iterator=data, model=[stage.model],
             num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=True)
 
 

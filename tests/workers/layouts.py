@@ -15,7 +15,21 @@ from nemo_minitron.runtime.forward import gather_logits, run_forward
 from nemo_minitron.runtime.stage import load_checkpoint, save_checkpoint
 
 
-def main(ckpt_dir, ref_path, out_root):
+def odd_vocab(ckpt_dir, ref_path):
+    """Vocabulary 1001 at TP=2: padded rows must not leak into logits or loss."""
+    dist.init(2, 1)
+    ref = torch.load(ref_path)
+    stage, c = load_checkpoint(ckpt_dir)
+    outs = run_forward(stage, ref["batches"][:1],
+                       lambda lg, _: {"logits": gather_logits(lg, c.arch.vocab_size)})
+    val = validation_loss(stage, ref["batches"])
+    emit({"layout": "tp2_odd_vocab", "rank": torch.distributed.get_rank(),
+          "max_dlogit": (outs[0]["logits"] - ref["logits"]).abs().max().item(), "val": val,
+          "padded_rows": stage.model.embedding.word_embeddings.weight.shape[0] * 2})
+
+
+def main(ckpt_dir, ref_path, out_root, odd_ckpt, odd_ref):
+    odd_vocab(odd_ckpt, odd_ref)
     ref = torch.load(ref_path)
     for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)):
         dist.init(tp, pp)
