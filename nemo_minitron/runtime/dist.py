@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -31,13 +32,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: 'gpu[017-018,020],cpu1' -> 'gpu017'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse Slurm node list {nodelist!r}")
+    prefix, ranges = m.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
 def _slurm_master(nodelist: str) -> str:
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, check=True).stdout.split()
+                             text=True, check=True, timeout=30).stdout.split()
         return out[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return first_host(nodelist)
 
 
 def read_env(environ=None) -> DistEnv:
