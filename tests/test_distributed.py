@@ -52,6 +52,13 @@ def test_padded_vocab_under_tp(results):
     assert abs(rows[0]["val"]["loss"] - results["odd_loss"]) < 1e-4
 
 
+def test_tied_embeddings_under_pp(results):
+    rows = [r for r in results["rows"] if r["layout"] == "pp2_tied"]
+    assert len(rows) == 2
+    assert max(r["max_dlogit"] for r in rows if r["max_dlogit"] is not None) <= 1e-4
+    assert all(abs(r["val"]["loss"] - results["odd_loss"]) < 1e-4 for r in rows)
+
+
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_logit_parity(results, layout):
     deltas = [r["max_dlogit"] for r in results["rows"] if r["layout"] == layout

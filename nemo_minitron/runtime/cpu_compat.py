@@ -4,7 +4,7 @@ megatron-core 0.16 assumes a GPU in a handful of places even when every tensor l
 ``torch.cuda.current_device()`` (rotary embedding, global memory buffer, p2p shape exchange),
 ``torch.cuda.synchronize()`` (pipeline p2p), ``torch.zeros(..., device="cuda")`` (token counters in
 ``pipeline_parallel/schedules.py``), the default causal mask built with ``device="cuda"`` (unfused
-softmax) and the CUDA RNG tracker (``get_cuda_rng_tracker().fork()`` in
+softmax), ``weight.data.cuda()`` when tied embeddings are synchronised across pipeline stages, and the CUDA RNG tracker (``get_cuda_rng_tracker().fork()`` in
 attention, ``model_parallel_cuda_manual_seed``). This module patches exactly those, and only when
 :func:`apply` is called on a process without CUDA. Nothing else in the package touches ``torch.cuda``.
 """
@@ -102,6 +102,29 @@ class _TorchWithCpuDefaults(types.ModuleType):
         return torch.tensor(*args, **self._fix(kwargs))
 
 
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    orig = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = orig
+
+
+def _patch_tied_embedding_setup() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    orig = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(orig)
+    def setup_on_cpu(self, *args, **kwargs):
+        with _tensor_cuda_is_identity():
+            return orig(self, *args, **kwargs)
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+
+
 def apply() -> None:
     """Install the redirections. Idempotent; refuses to run where CUDA is available."""
     global _APPLIED
@@ -117,6 +140,7 @@ def apply() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     schedules.torch = _TorchWithCpuDefaults()
+    _patch_tied_embedding_setup()
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils as tutils
 

@@ -16,16 +16,20 @@ from nemo_minitron.runtime.stage import load_checkpoint, save_checkpoint
 
 
 def odd_vocab(ckpt_dir, ref_path):
-    """Vocabulary 1001 at TP=2: padded rows must not leak into logits or loss."""
-    dist.init(2, 1)
+    """Tied embeddings, vocabulary 1001: padded rows at TP=2 must not leak into logits or loss;
+    at PP=2 the last stage's copy of the embedding must equal the first stage's."""
     ref = torch.load(ref_path)
-    stage, c = load_checkpoint(ckpt_dir)
-    outs = run_forward(stage, ref["batches"][:1],
-                       lambda lg, _: {"logits": gather_logits(lg, c.arch.vocab_size)})
-    val = validation_loss(stage, ref["batches"])
-    emit({"layout": "tp2_odd_vocab", "rank": torch.distributed.get_rank(),
-          "max_dlogit": (outs[0]["logits"] - ref["logits"]).abs().max().item(), "val": val,
-          "padded_rows": stage.model.embedding.word_embeddings.weight.shape[0] * 2})
+    for name, tp, pp in (("tp2_odd_vocab", 2, 1), ("pp2_tied", 1, 2)):
+        dist.init(tp, pp)
+        stage, c = load_checkpoint(ckpt_dir)
+        outs = run_forward(stage, ref["batches"][:1],
+                           lambda lg, _: {"logits": gather_logits(lg, c.arch.vocab_size)})
+        val = validation_loss(stage, ref["batches"])
+        emb = stage.model.embedding.word_embeddings.weight if stage.pre_process else \
+            stage.model.output_layer.weight
+        emit({"layout": name, "rank": torch.distributed.get_rank(), "val": val,
+              "max_dlogit": (outs[0]["logits"] - ref["logits"]).abs().max().item() if outs else None,
+              "padded_rows": emb.shape[0] * tp})
 
 
 def main(ckpt_dir, ref_path, out_root, odd_ckpt, odd_ref):
