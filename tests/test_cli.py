@@ -107,3 +107,17 @@ def test_import_export_cli_round_trip(hf_dir, tmp_path):
     ids = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_multirun_sweeps_an_override(hf_dir, tmp_path):
+    src, _ = hf_dir("gqa")
+    p = minitron("import", f"model.source={src}", f"output={tmp_path}/ours",
+                 f"hydra.run.dir={tmp_path}/h")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = minitron("export", "-m", f"model.checkpoint={tmp_path}/ours", "dtype=fp32,bf16",
+                 f"output={tmp_path}/hf_" + "${dtype}", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert p.returncode == 0, p.stderr[-2000:]
+    from transformers import AutoConfig
+
+    assert str(AutoConfig.from_pretrained(tmp_path / "hf_bf16").dtype).endswith("bfloat16")
+    assert str(AutoConfig.from_pretrained(tmp_path / "hf_fp32").dtype).endswith("float32")
