@@ -1,0 +1,33 @@
+"""The calibration pass: forward-only over calibration batches with every statistics hook on.
+
+The pruner only sees a ``forward_loop(model)`` callable, so any data source works;
+:func:`batches_forward_loop` builds one from packed micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from ..runtime.forward import on_device, run_forward
+from .hooks import collecting
+from .reduce import Importance, reduce_stats
+
+
+def batches_forward_loop(stage, batches: Iterable[dict], progress: str | None = "calibrate"):
+    batches = list(batches)
+
+    def loop(_model) -> None:
+        run_forward(stage, (on_device(b) for b in batches), lambda _logits, _b: {},
+                    progress=progress)
+
+    return loop
+
+
+def calibrate(stage, forward_loop: Callable[[torch.nn.Module], None], *, seq_agg: str = "mean_abs",
+              batch_agg: str = "l2") -> Importance:
+    """Run ``forward_loop`` with hooks on; return global importance (same on every rank)."""
+    with torch.no_grad(), collecting(stage, seq_agg) as stats:
+        forward_loop(stage.model)
+    return reduce_stats(stats, stage, batch_agg)

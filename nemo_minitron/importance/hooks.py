@@ -1,0 +1,86 @@
+"""Forward hooks on megatron-core modules that record activation statistics for every axis at once.
+
+One calibration pass fills, for each layer this pipeline stage holds:
+  ffn     input of ``mlp.linear_fc2`` (this TP rank's neurons)
+  heads   input of ``self_attention.linear_proj``, per head (this TP rank's heads)
+  hidden  outputs of ``input_layernorm`` and ``pre_mlp_layernorm`` (and ``final_layernorm``)
+  block   1 - cos(layer input, layer output) (Block Importance)
+as additive :class:`~.scores.Moments`, so micro-batches and ranks combine by summing.
+megatron-core activations are [seq, batch, ...]; they are transposed to [batch, seq, ...] here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+from .scores import Moments, block_importance, head_norms, sequence_aggregate
+
+
+class ActivationStats:
+    """Moments per (axis, local layer index); ``final`` norm under layer index -1."""
+
+    def __init__(self, seq_agg: str = "mean_abs"):
+        self.seq_agg = seq_agg
+        self.moments: dict[tuple[str, int], Moments] = {}
+        self.samples = 0
+
+    def add(self, axis: str, layer: int, per_sample: torch.Tensor) -> None:
+        key = (axis, layer)
+        if key not in self.moments:
+            self.moments[key] = Moments.zeros(per_sample.shape[-1])
+        self.moments[key].add(per_sample)
+
+    def layers(self, axis: str) -> list[int]:
+        return sorted(layer for a, layer in self.moments if a == axis)
+
+
+def _bsk(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(0, 1)
+
+
+@contextmanager
+def collecting(stage, seq_agg: str = "mean_abs"):
+    """Register the hooks on ``stage.model`` for the duration of the block; yields the stats."""
+    stats = ActivationStats(seq_agg)
+    handles = []
+    d = stage.arch.head_dim
+    decoder = stage.model.decoder
+
+    def pre_hook(axis, i, fn=None):
+        def hook(_module, args):
+            x = _bsk(args[0])
+            stats.add(axis, i, sequence_aggregate(fn(x) if fn else x, seq_agg))
+        return hook
+
+    def out_hook(axis, i):
+        def hook(_module, _args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            stats.add(axis, i, sequence_aggregate(_bsk(out), seq_agg))
+        return hook
+
+    def block_hook(i):
+        def hook(_module, args, kwargs, out):
+            x_in = kwargs.get("hidden_states", args[0] if args else None)
+            x_out = out[0] if isinstance(out, tuple) else out
+            stats.add("block", i, block_importance(_bsk(x_in), _bsk(x_out)))
+            if i == 0:
+                stats.samples += x_in.shape[1]
+        return hook
+
+    for i, layer in enumerate(decoder.layers):
+        handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(pre_hook("ffn", i)))
+        handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(
+            pre_hook("heads", i, lambda x: head_norms(x, d))))
+        handles.append(layer.input_layernorm.register_forward_hook(out_hook("hidden_attn", i)))
+        handles.append(layer.pre_mlp_layernorm.register_forward_hook(out_hook("hidden_mlp", i)))
+        handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
+    if stage.post_process and getattr(decoder, "final_layernorm", None) is not None:
+        handles.append(decoder.final_layernorm.register_forward_hook(out_hook("hidden_final", -1)))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,93 @@
+"""Combine per-rank activation statistics into one global importance ranking on every rank.
+
+* data parallel: raw moments are summed (all-reduce over the DP group) before any score is taken;
+* tensor parallel: neuron and head scores are sharded, so they are all-gathered and concatenated
+  in global index order; hidden-channel and block statistics are replicated and taken as they are;
+* pipeline parallel: each stage fills its own layers of global [layers, ...] tensors and the
+  stages' tensors are summed, as are the per-stage sums of hidden-channel scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as tdist
+
+from .hooks import ActivationStats
+from .scores import Moments, batch_aggregate
+
+HIDDEN_AXES = ("hidden_attn", "hidden_mlp", "hidden_final")
+
+
+@dataclass
+class Importance:
+    ffn: torch.Tensor  # [layers, ffn_hidden_size]
+    heads: torch.Tensor  # [layers, num_attention_heads]
+    hidden: torch.Tensor  # [hidden_size], summed over every norm output
+    block: torch.Tensor  # [layers], Block Importance 1 - cos
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path) -> None:
+        torch.save({"ffn": self.ffn, "heads": self.heads, "hidden": self.hidden,
+                    "block": self.block, "meta": self.meta}, path)
+
+    @classmethod
+    def load(cls, path) -> "Importance":
+        d = torch.load(path, weights_only=True)
+        return cls(d["ffn"], d["heads"], d["hidden"], d["block"], d.get("meta", {}))
+
+
+def _groups():
+    from megatron.core import parallel_state as ps
+
+    if not tdist.is_initialized():
+        return None, None, None
+    return (ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group(),
+            ps.get_pipeline_model_parallel_group())
+
+
+def _sum_over(group, t: torch.Tensor) -> torch.Tensor:
+    if group is not None and tdist.get_world_size(group) > 1:
+        t = t.clone()
+        tdist.all_reduce(t, group=group)
+    return t
+
+
+def _gather_cat(group, t: torch.Tensor) -> torch.Tensor:
+    if group is None or tdist.get_world_size(group) == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(tdist.get_world_size(group))]
+    tdist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def reduce_stats(stats: ActivationStats, stage, batch_agg: str = "l2") -> Importance:
+    """Global :class:`Importance` from this rank's stats; a collective over all ranks."""
+    dp_group, tp_group, pp_group = _groups()
+    keys = sorted(stats.moments)
+    flat = torch.cat([stats.moments[k].flat() for k in keys]) if keys else torch.zeros(0)
+    flat = _sum_over(dp_group, flat)
+    moments, o = {}, 0
+    for k in keys:
+        n = stats.moments[k].flat().numel()
+        moments[k] = Moments.from_flat(flat[o:o + n])
+        o += n
+
+    arch = stage.arch
+    L = arch.num_layers
+    ffn = torch.zeros(L, arch.ffn_hidden_size, dtype=torch.float64)
+    heads = torch.zeros(L, arch.num_attention_heads, dtype=torch.float64)
+    block = torch.zeros(L, dtype=torch.float64)
+    hidden = torch.zeros(arch.hidden_size, dtype=torch.float64)
+    for local, g in enumerate(stage.layers):
+        ffn[g] = _gather_cat(tp_group, batch_aggregate(moments[("ffn", local)], batch_agg))
+        heads[g] = _gather_cat(tp_group, batch_aggregate(moments[("heads", local)], batch_agg))
+        block[g] = batch_aggregate(moments[("block", local)], "mean")[0]
+    for (axis, _), m in moments.items():
+        if axis in HIDDEN_AXES:
+            hidden += batch_aggregate(m, batch_agg)
+    ffn, heads, block, hidden = (_sum_over(pp_group, t) for t in (ffn, heads, block, hidden))
+    samples = int(_sum_over(dp_group, torch.tensor([float(stats.samples)]))[0])
+    meta = {"seq_agg": stats.seq_agg, "batch_agg": batch_agg, "samples": samples}
+    return Importance(ffn.float(), heads.float(), hidden.float(), block.float(), meta)

@@ -1,0 +1,91 @@
+"""Importance scores as pure functions of activation statistics (Minitron, arXiv 2407.14679 §2.2).
+
+An activation ``x`` of shape [batch, seq, K] is reduced over the sequence per sample
+(:func:`sequence_aggregate`), and those per-sample values are accumulated as additive moments
+(:class:`Moments`: count, sum, sum of squares), so micro-batches and data-parallel ranks combine by
+addition. :func:`batch_aggregate` turns the moments into one score per index. Default: sequence =
+mean of |x|, batch = L2 norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SEQUENCE_AGGS = ("mean_abs", "mean", "l2", "var")
+BATCH_AGGS = ("l2", "mean", "var")
+
+
+def sequence_aggregate(x: torch.Tensor, how: str = "mean_abs") -> torch.Tensor:
+    """[batch, seq, K] -> [batch, K]."""
+    x = x.float()
+    if how == "mean_abs":
+        return x.abs().mean(dim=1)
+    if how == "mean":
+        return x.mean(dim=1)
+    if how == "l2":
+        return x.pow(2).sum(dim=1).sqrt()
+    if how == "var":
+        return x.var(dim=1, unbiased=False)
+    raise ValueError(f"sequence aggregation {how!r} unknown; use one of {SEQUENCE_AGGS}")
+
+
+@dataclass
+class Moments:
+    """Additive per-index moments of per-sample values: combine by summing fields."""
+
+    count: torch.Tensor  # scalar, float64
+    sum: torch.Tensor  # [K], float64
+    sumsq: torch.Tensor  # [K], float64
+
+    @classmethod
+    def zeros(cls, k: int) -> "Moments":
+        return cls(torch.zeros((), dtype=torch.float64), torch.zeros(k, dtype=torch.float64),
+                   torch.zeros(k, dtype=torch.float64))
+
+    def add(self, per_sample: torch.Tensor) -> None:
+        """Accumulate a [batch, K] tensor of per-sample values."""
+        v = per_sample.detach().to(torch.float64).cpu()
+        self.count += v.shape[0]
+        self.sum += v.sum(dim=0)
+        self.sumsq += v.pow(2).sum(dim=0)
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([self.count.reshape(1), self.sum, self.sumsq])
+
+    @classmethod
+    def from_flat(cls, t: torch.Tensor) -> "Moments":
+        k = (t.numel() - 1) // 2
+        return cls(t[0].clone(), t[1:1 + k].clone(), t[1 + k:].clone())
+
+
+def batch_aggregate(m: Moments, how: str = "l2") -> torch.Tensor:
+    """Moments of per-sample values -> one score per index."""
+    if how == "l2":
+        return m.sumsq.sqrt()
+    n = m.count.clamp(min=1)
+    mean = m.sum / n
+    if how == "mean":
+        return mean
+    if how == "var":
+        return (m.sumsq / n - mean.pow(2)).clamp(min=0)
+    raise ValueError(f"batch aggregation {how!r} unknown; use one of {BATCH_AGGS}")
+
+
+def head_norms(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Attention output before the output projection [b, s, heads*d] -> per-head L2 norms [b, s, heads]."""
+    b, s, hd = x.shape
+    return x.float().reshape(b, s, hd // head_dim, head_dim).norm(dim=-1)
+
+
+def block_importance(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+    """Per-sample Block Importance 1 - cos(x_in, x_out) averaged over tokens: [b, s, h] -> [b, 1]."""
+    cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
+    return (1 - cos).mean(dim=1, keepdim=True)
+
+
+def group_scores(head_scores: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Query-group importance = sum of the importance of its heads: [..., heads] -> [..., groups]."""
+    *lead, h = head_scores.shape
+    return head_scores.reshape(*lead, num_groups, h // num_groups).sum(dim=-1)
