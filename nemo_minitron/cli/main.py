@@ -17,6 +17,7 @@ STAGES = {
     "export": ("nemo_minitron.cli.export", "checkpoint -> Hugging Face directory"),
     "data": ("nemo_minitron.cli.data", "text/JSONL/Wikipedia -> indexed dataset (.bin/.idx)"),
     "evaluate": ("nemo_minitron.cli.evaluate", "validation loss and perplexity of a checkpoint"),
+    "prune": ("nemo_minitron.cli.prune", "activation-importance width/depth pruning to targets"),
 }
 
 USAGE = """usage: minitron <stage> [key=value ...] [--help] [--cfg job] [-m]

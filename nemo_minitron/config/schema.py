@@ -154,6 +154,73 @@ class EvaluateJob:
             raise ValueError("data.prefix is required: an indexed dataset written by `minitron data`")
 
 
+@dataclass
+class PruneTargetConfig:
+    hidden_size: Optional[int] = None
+    """Embedding channels to keep (None: keep all)."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP neurons per layer to keep."""
+    num_attention_heads: Optional[int] = None
+    """Attention heads to keep (pruned uniformly within query groups)."""
+    num_query_groups: Optional[int] = None
+    """Query groups (KV heads) to keep."""
+    num_layers: Optional[int] = None
+    """Layers to keep (depth pruning); see prune.depth."""
+
+
+@dataclass
+class PruneConfig:
+    target: PruneTargetConfig = field(default_factory=PruneTargetConfig)
+    keep_layers: Optional[list[int]] = None
+    """Explicit layers to keep (overrides target.num_layers and the depth criterion)."""
+    contiguous: bool = True
+    """Depth: drop one contiguous block (True) or the individually least important layers."""
+    importance: str = "activation"
+    """activation (Minitron) or random (ablation baseline)."""
+    seq_agg: str = "mean_abs"
+    """Aggregation over the sequence: mean_abs, mean, l2, var."""
+    batch_agg: str = "l2"
+    """Aggregation over samples: l2, mean, var."""
+    calib_samples: int = 1024
+    """Calibration samples (of data.seq_length tokens) from the training split."""
+    micro_batch_size: int = 4
+    """Calibration micro-batch size per data-parallel rank."""
+    scores: Optional[str] = None
+    """Reuse importance scores saved by an earlier prune (importance.pt): no calibration."""
+    seed: int = 1234
+    """Seed of the random-importance mode."""
+
+    def __post_init__(self):
+        from ..importance.scores import BATCH_AGGS, SEQUENCE_AGGS
+
+        if self.importance not in ("activation", "random"):
+            raise ValueError(f"prune.importance={self.importance!r}: use activation or random")
+        if self.seq_agg not in SEQUENCE_AGGS:
+            raise ValueError(f"prune.seq_agg={self.seq_agg!r}: use one of {SEQUENCE_AGGS}")
+        if self.batch_agg not in BATCH_AGGS:
+            raise ValueError(f"prune.batch_agg={self.batch_agg!r}: use one of {BATCH_AGGS}")
+        if self.calib_samples < 1 or self.micro_batch_size < 1:
+            raise ValueError("prune.calib_samples and prune.micro_batch_size must be >= 1")
+
+
+@dataclass
+class PruneJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    output: Optional[str] = None
+    """Directory of the pruned checkpoint (also holds plan.json, importance.pt, report)."""
+    overwrite: bool = False
+
+    def __post_init__(self):
+        _need_checkpoint(self.model)
+        if not self.output:
+            raise ValueError("output=<dir> is required: where to write the pruned checkpoint")
+        if self.prune.scores is None and self.prune.importance == "activation" and not self.data.prefix:
+            raise ValueError("data.prefix is required for calibration (or pass prune.scores=...)")
+
+
 def _need_checkpoint(model: ModelConfig) -> None:
     if not model.checkpoint:
         raise ValueError("model.checkpoint is required: a checkpoint directory written by "
@@ -162,7 +229,8 @@ def _need_checkpoint(model: ModelConfig) -> None:
 
 # stage -> (primary config name in conf/, schema)
 SCHEMAS = {"import": ("import", ImportJob), "export": ("export", ExportJob),
-           "data": ("data_prep", DataJob), "evaluate": ("evaluate", EvaluateJob)}
+           "data": ("data_prep", DataJob), "evaluate": ("evaluate", EvaluateJob),
+           "prune": ("prune", PruneJob)}
 
 
 def _cache(rel: str = "") -> str:

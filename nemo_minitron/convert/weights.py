@@ -142,4 +142,6 @@ def from_megatron(shards: list[dict[str, torch.Tensor]], arch: Arch, *, layers: 
         out[FINAL_NORM] = shards[0]["decoder.final_layernorm.weight"].clone()
         if not arch.tie_embeddings:
             out[LM_HEAD] = cat("output_layer.weight", 0)[: arch.vocab_size].clone()
+        elif not pre_process:  # the last stage's copy of the tied embedding
+            out[EMBED] = cat("output_layer.weight", 0)[: arch.vocab_size].clone()
     return out

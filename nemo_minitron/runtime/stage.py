@@ -11,13 +11,14 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as tdist
 
 from ..arch import Arch
 from ..convert import checkpoint as ckpt
-from ..convert.weights import from_megatron, to_megatron
+from ..convert.weights import EMBED, from_megatron, to_megatron
 from . import model as rmodel
 
 
@@ -111,8 +112,15 @@ def _bcast(obj):
 
 
 def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | None = None,
-                    overwrite: bool = False, arch: Arch | None = None) -> Path:
-    """Collective save: every rank calls; each pipeline stage writes one shard file."""
+                    overwrite: bool = False, arch: Arch | None = None,
+                    transform: Callable[[dict], dict] | None = None,
+                    extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    """Collective save: every rank calls; each pipeline stage writes one shard file.
+
+    ``transform`` maps this stage's canonical tensors to what is written (pruning passes the
+    plan's slicing here, with ``arch`` the resulting architecture). ``extra_files``: name ->
+    writer(path), called on rank 0 inside the temporary directory before it is committed.
+    """
     from megatron.core import parallel_state as ps
 
     rank0 = not tdist.is_initialized() or tdist.get_rank() == 0
@@ -128,6 +136,10 @@ def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | No
         raise FileExistsError(err)
     try:
         canonical = gather_canonical(stage)
+        if canonical is not None and transform is not None:
+            canonical = transform(canonical)
+        if canonical is not None and not stage.pre_process:
+            canonical.pop(EMBED, None)  # a tied embedding is stored once, by the first stage
         pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
         wmap = {}
         if canonical is not None and ps.get_data_parallel_rank() == 0:
@@ -140,6 +152,8 @@ def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | No
             merged = {k: v for m in maps for k, v in m.items()}
             ckpt.save_tokenizer(tmp, tokenizer)
             ckpt.write_meta(tmp, arch or stage.arch, merged, provenance or {})
+            for name, writer in (extra_files or {}).items():
+                writer(tmp / name)
             ckpt.commit_output(tmp, final)
     finally:
         if tdist.is_initialized():

@@ -1,0 +1,91 @@
+"""The prune stage: calibrate (or load/randomise scores), plan, slice, save — at any layout.
+
+Every rank runs :func:`prune`; each pipeline stage slices its own layers and writes its own
+shard, so the full model never has to fit on one rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+
+from ..convert import checkpoint as ckpt
+from ..importance.reduce import Importance
+from .select import Targets, make_plan, random_importance
+
+log = logging.getLogger(__name__)
+
+
+def prune(job) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from ..data.packed import PackedSequences
+    from ..importance.calibrate import batches_forward_loop, calibrate
+    from ..report.plots import plot_importance
+    from ..runtime import dist
+    from ..runtime.stage import load_checkpoint, save_checkpoint
+    from .apply import apply_plan
+
+    p = job.prune
+    # Everything that can be wrong with the request is checked before any model is loaded.
+    src = ckpt.Checkpoint(job.model.checkpoint)
+    src.arch.check_parallel(job.parallel.tp, job.parallel.pp)
+    targets = Targets(**dataclasses.asdict(p.target))
+    targets.resolve(src.arch)
+    ckpt.prepare_output(job.output, job.overwrite)
+    calibrating = p.scores is None and p.importance == "activation"
+    data = PackedSequences(job.data.prefix, job.data.seq_length, split="train",
+                           valid_fraction=job.data.valid_fraction) if calibrating else None
+
+    dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s)
+    try:
+        t0 = time.time()
+        stage, _ = load_checkpoint(job.model.checkpoint, job.model.dtype)
+        if p.scores:
+            imp = Importance.load(p.scores)
+        elif p.importance == "random":
+            imp = random_importance(src.arch, p.seed)
+        else:
+            dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+            gb = p.micro_batch_size * dp
+            n = min(math.ceil(p.calib_samples / gb), len(data) // gb)
+            if n * gb < p.calib_samples:
+                log.warning("calibration: the training split holds %d samples of %d tokens; "
+                            "using %d instead of %d", len(data), job.data.seq_length, n * gb,
+                            p.calib_samples)
+            batches = data.batches(p.micro_batch_size, num_batches=n, dp_rank=dp_rank, dp_size=dp)
+            imp = calibrate(stage, batches_forward_loop(stage, batches), seq_agg=p.seq_agg,
+                            batch_agg=p.batch_agg)
+        t_cal = time.time() - t0
+        plan = make_plan(src.arch, imp, targets, keep_layers=p.keep_layers, contiguous=p.contiguous)
+        plan.meta.update(parent=str(src.path), importance_mode="scores" if p.scores else p.importance)
+        kept = [i for i in stage.layers if i in plan.layers]
+
+        def transform(canonical):
+            return apply_plan(plan, canonical, layers=kept, include_embedding=stage.pre_process,
+                              include_head=stage.post_process)
+
+        tgt = plan.target
+        summary = {"source_params": src.arch.num_params(), "target_params": tgt.num_params(),
+                   "source_non_embedding": src.arch.num_params(embeddings=False),
+                   "target_non_embedding": tgt.num_params(embeddings=False),
+                   "dropped_layers": plan.meta["dropped_layers"], "calibration_s": round(t_cal, 1)}
+        out = save_checkpoint(
+            stage, job.output, tokenizer=src.tokenizer() if dist.is_rank0() else None,
+            overwrite=job.overwrite, arch=tgt, transform=transform,
+            provenance={"stage": "prune", "parent": str(src.path), "importance": imp.meta,
+                        "summary": summary},
+            extra_files={"plan.json": plan.save, "importance.pt": imp.save,
+                         "importance.png": lambda f: plot_importance(
+                             imp, f, dropped_layers=plan.meta["dropped_layers"],
+                             title=f"{job.model.name}: {src.arch.num_params() / 1e6:.1f}M -> "
+                                   f"{tgt.num_params() / 1e6:.1f}M")})
+        if dist.is_rank0():
+            log.info("pruned %s -> %s: %.1fM -> %.1fM parameters (non-embedding %.1fM -> %.1fM)",
+                     src.path, out, summary["source_params"] / 1e6, summary["target_params"] / 1e6,
+                     summary["source_non_embedding"] / 1e6, summary["target_non_embedding"] / 1e6)
+        return {"checkpoint": str(out), **summary}
+    finally:
+        dist.shutdown()

@@ -1,0 +1,1 @@
+"""Human-readable outputs: PNG plots (matplotlib, headless) and Markdown summaries."""

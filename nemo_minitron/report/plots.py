@@ -1,0 +1,41 @@
+"""PNG plots of importance scores. matplotlib is imported here only, with the headless backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_importance(imp, path, *, dropped_layers=(), title: str = "") -> Path:
+    """Per-layer Block Importance (dropped layers highlighted), mean neuron and head scores per
+    layer, and the sorted hidden-channel scores."""
+    plt = _plt()
+    L = imp.block.numel()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    colors = ["tab:red" if i in set(dropped_layers) else "tab:blue" for i in range(L)]
+    axes[0, 0].bar(range(L), imp.block.tolist(), color=colors)
+    axes[0, 0].set(title="Block Importance (1 - cos) per layer; red = dropped", xlabel="layer")
+    axes[0, 1].plot(imp.ffn.mean(1).tolist(), marker="o", label="MLP neurons (mean)")
+    axes[0, 1].plot(imp.heads.mean(1).tolist(), marker="s", label="attention heads (mean)")
+    axes[0, 1].set(title="Width importance per layer", xlabel="layer")
+    axes[0, 1].legend()
+    h = imp.hidden.sort(descending=True).values
+    axes[1, 0].plot(h.tolist())
+    axes[1, 0].set(title="Hidden channels, sorted", xlabel="rank", yscale="log")
+    im = axes[1, 1].imshow(imp.heads.T.tolist(), aspect="auto", cmap="viridis")
+    axes[1, 1].set(title="Head importance", xlabel="layer", ylabel="head")
+    fig.colorbar(im, ax=axes[1, 1])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
