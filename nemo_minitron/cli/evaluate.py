@@ -49,7 +49,7 @@ def run(job) -> dict:
             log.info("results: %s", out)
         return result
     finally:
-        dist.shutdown()
+        dist.release()
 
 
 def _run_dir() -> Path:

@@ -64,6 +64,10 @@ def hydra_app(stage: str, run_fn):
             return run_fn(job)
         except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors, not bugs
             _fail(stage, e)
+        finally:
+            from ..runtime import dist
+
+            dist.shutdown()
 
     return _main()
 

@@ -88,4 +88,4 @@ def prune(job) -> dict:
                      summary["source_non_embedding"] / 1e6, summary["target_non_embedding"] / 1e6)
         return {"checkpoint": str(out), **summary}
     finally:
-        dist.shutdown()
+        dist.release()

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -94,11 +95,20 @@ def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> Di
     return env
 
 
-def shutdown() -> None:
-    from megatron.core import parallel_state as ps
+def release() -> None:
+    """Drop megatron's model-parallel groups; the process group stays for the caller's next stage.
 
-    if ps.model_parallel_is_initialized():
+    Library stages call this when done; only the process entry point (:func:`shutdown`) tears
+    down torch.distributed, since re-creating a process group in the same job is not reliable.
+    """
+    ps = sys.modules.get("megatron.core.parallel_state")  # never imported: nothing to release
+    if ps is not None and ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+
+
+def shutdown() -> None:
+    """End of the process: model-parallel groups and the process group."""
+    release()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
