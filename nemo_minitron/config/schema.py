@@ -173,8 +173,13 @@ class PruneConfig:
     target: PruneTargetConfig = field(default_factory=PruneTargetConfig)
     keep_layers: Optional[list[int]] = None
     """Explicit layers to keep (overrides target.num_layers and the depth criterion)."""
+    depth: str = "block_importance"
+    """Depth criterion: block_importance (1 - cos, one calibration pass) or lm_loss (validation
+    loss with each contiguous block removed; also writes the loss-vs-block curve)."""
+    depth_batches: int = 4
+    """Held-out micro-batches per candidate block for depth=lm_loss."""
     contiguous: bool = True
-    """Depth: drop one contiguous block (True) or the individually least important layers."""
+    """Depth by block_importance: drop one contiguous block (True) or scattered layers."""
     importance: str = "activation"
     """activation (Minitron) or random (ablation baseline)."""
     seq_agg: str = "mean_abs"
@@ -193,6 +198,8 @@ class PruneConfig:
     def __post_init__(self):
         from ..importance.scores import BATCH_AGGS, SEQUENCE_AGGS
 
+        if self.depth not in ("block_importance", "lm_loss"):
+            raise ValueError(f"prune.depth={self.depth!r}: use block_importance or lm_loss")
         if self.importance not in ("activation", "random"):
             raise ValueError(f"prune.importance={self.importance!r}: use activation or random")
         if self.seq_agg not in SEQUENCE_AGGS:

@@ -23,7 +23,8 @@ def prune(job) -> dict:
 
     from ..data.packed import PackedSequences
     from ..importance.calibrate import batches_forward_loop, calibrate
-    from ..report.plots import plot_importance
+    from ..report.plots import plot_depth_curve, plot_importance
+    from .depth import best_block, block_removal_losses
     from ..runtime import dist
     from ..runtime.stage import load_checkpoint, save_checkpoint
     from .apply import apply_plan
@@ -59,7 +60,19 @@ def prune(job) -> dict:
             imp = calibrate(stage, batches_forward_loop(stage, batches), seq_agg=p.seq_agg,
                             batch_agg=p.batch_agg)
         t_cal = time.time() - t0
-        plan = make_plan(src.arch, imp, targets, keep_layers=p.keep_layers, contiguous=p.contiguous)
+        keep_layers, curve = p.keep_layers, None
+        n_drop = src.arch.num_layers - (p.target.num_layers or src.arch.num_layers)
+        if keep_layers is None and p.depth == "lm_loss" and n_drop > 0:
+            valid = PackedSequences(job.data.prefix, job.data.seq_length, split="valid",
+                                    valid_fraction=job.data.valid_fraction)
+            dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+            vb = list(valid.batches(p.micro_batch_size, num_batches=p.depth_batches,
+                                    dp_rank=dp_rank, dp_size=dp))
+            curve = block_removal_losses(stage, vb, n_drop)
+            keep_layers = best_block(curve, n_drop, src.arch.num_layers)
+        plan = make_plan(src.arch, imp, targets, keep_layers=keep_layers, contiguous=p.contiguous)
+        if curve is not None:
+            plan.meta["depth_lm_loss"] = {"block": n_drop, "loss_by_start": curve}
         plan.meta.update(parent=str(src.path), importance_mode="scores" if p.scores else p.importance)
         kept = [i for i in stage.layers if i in plan.layers]
 
@@ -78,6 +91,8 @@ def prune(job) -> dict:
             provenance={"stage": "prune", "parent": str(src.path), "importance": imp.meta,
                         "summary": summary},
             extra_files={"plan.json": plan.save, "importance.pt": imp.save,
+                         **({"depth_loss.png": lambda f: plot_depth_curve(curve, n_drop, f)}
+                            if curve is not None else {}),
                          "importance.png": lambda f: plot_importance(
                              imp, f, dropped_layers=plan.meta["dropped_layers"],
                              title=f"{job.model.name}: {src.arch.num_params() / 1e6:.1f}M -> "

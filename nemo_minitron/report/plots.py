@@ -39,3 +39,19 @@ def plot_importance(imp, path, *, dropped_layers=(), title: str = "") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_depth_curve(losses, n: int, path) -> Path:
+    """Validation loss after removing layers [s, s+n) against the start s."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(range(len(losses)), losses, marker="o")
+    best = min(range(len(losses)), key=lambda s: losses[s])
+    ax.scatter([best], [losses[best]], color="tab:red", zorder=3, label=f"removed: {best}..{best + n - 1}")
+    ax.set(title=f"LM loss with {n} contiguous layers removed", xlabel="first removed layer",
+           ylabel="validation loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
