@@ -13,6 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).parent / "workers"
+sys.path.insert(0, str(WORKERS))  # tests reuse job factories of the multi-rank workers
 
 
 def tiny_hf(kind: str = "gqa", seed: int = 0):

@@ -18,6 +18,8 @@ STAGES = {
     "data": ("nemo_minitron.cli.data", "text/JSONL/Wikipedia -> indexed dataset (.bin/.idx)"),
     "evaluate": ("nemo_minitron.cli.evaluate", "validation loss and perplexity of a checkpoint"),
     "prune": ("nemo_minitron.cli.prune", "activation-importance width/depth pruning to targets"),
+    "distill": ("nemo_minitron.cli.distill", "train a student from a co-located frozen teacher"),
+    "finetune": ("nemo_minitron.cli.finetune", "teacher correction: LM-loss training on the corpus"),
 }
 
 USAGE = """usage: minitron <stage> [key=value ...] [--help] [--cfg job] [-m]

@@ -228,6 +228,102 @@ class PruneJob:
             raise ValueError("data.prefix is required for calibration (or pass prune.scores=...)")
 
 
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps."""
+    global_batch_size: int = 8
+    """Samples per step, over all data-parallel ranks (micro-batches are accumulated)."""
+    micro_batch_size: int = 2
+    """Samples per forward/backward on one data-parallel rank."""
+    lr: float = 1e-4
+    """Peak learning rate (after linear warm-up), cosine-decayed to min_lr."""
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    adam_beta2: float = 0.95
+    log_interval: int = 10
+    """Steps between progress lines."""
+    eval_interval: int = 50
+    """Steps between validation-loss evaluations (0 disables; always run at the end)."""
+    eval_batches: int = 4
+    """Held-out micro-batches per evaluation, over all data-parallel ranks together."""
+    save_interval: int = 0
+    """Steps between resumable checkpoints (0: only the final one)."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    seed: int = 1234
+    """Seed of the data order."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under <output>/tb when tensorboard is installed."""
+    wandb: Optional[str] = None
+    """Weights & Biases project to log to (needs wandb installed)."""
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"train.steps={self.steps} must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple "
+                             f"of train.micro_batch_size={self.micro_batch_size}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
+
+
+@dataclass
+class KDConfig:
+    teacher: Optional[str] = None
+    """Teacher checkpoint directory (same tokenizer as the student)."""
+    temperature: float = 1.0
+    """Softmax temperature of the logit loss (1 is the paper's best)."""
+    kind: str = "forward"
+    """forward KL(teacher||student), reverse KL, or jsd."""
+    top_k: Optional[int] = None
+    """Use only the teacher's top-k logits per token."""
+    chunk_tokens: Optional[int] = 128
+    """Tokens per chunk of the logit loss: bounds the fp32 intermediates (at vocab 49152, 64-128
+    keeps them near 0.2x of the full-logit loss); None: all tokens at once."""
+    logit_weight: float = 1.0
+    lm_weight: float = 0.0
+    """Weight of an added LM (next-token cross-entropy) loss on the student."""
+
+    def __post_init__(self):
+        if self.kind not in ("forward", "reverse", "jsd"):
+            raise ValueError(f"kd.kind={self.kind!r}: use forward, reverse or jsd")
+        if self.temperature <= 0:
+            raise ValueError(f"kd.temperature={self.temperature} must be > 0")
+
+
+@dataclass
+class FinetuneJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: Optional[str] = None
+    """Run directory: checkpoints/, the final model in final/, metrics.jsonl, tb/."""
+    resume: bool = True
+    """Continue from the latest checkpoint in output when there is one."""
+
+    def __post_init__(self):
+        _need_checkpoint(self.model)
+        if not self.output:
+            raise ValueError("output=<dir> is required: the training run directory")
+        if not self.data.prefix:
+            raise ValueError("data.prefix is required: an indexed dataset written by `minitron data`")
+
+
+@dataclass
+class DistillJob(FinetuneJob):
+    kd: KDConfig = field(default_factory=KDConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.kd.teacher:
+            raise ValueError("kd.teacher=<checkpoint dir> is required: the model to distill from")
+
+
 def _need_checkpoint(model: ModelConfig) -> None:
     if not model.checkpoint:
         raise ValueError("model.checkpoint is required: a checkpoint directory written by "
@@ -237,7 +333,8 @@ def _need_checkpoint(model: ModelConfig) -> None:
 # stage -> (primary config name in conf/, schema)
 SCHEMAS = {"import": ("import", ImportJob), "export": ("export", ExportJob),
            "data": ("data_prep", DataJob), "evaluate": ("evaluate", EvaluateJob),
-           "prune": ("prune", PruneJob)}
+           "prune": ("prune", PruneJob), "finetune": ("finetune", FinetuneJob),
+           "distill": ("distill", DistillJob)}
 
 
 def _cache(rel: str = "") -> str:

@@ -2,8 +2,10 @@
 
 megatron-core 0.16 assumes a GPU in a handful of places even when every tensor lives on the CPU:
 ``torch.cuda.current_device()`` (rotary embedding, global memory buffer, p2p shape exchange),
-``torch.cuda.synchronize()`` (pipeline p2p), ``torch.zeros(..., device="cuda")`` (token counters in
-``pipeline_parallel/schedules.py``), the default causal mask built with ``device="cuda"`` (unfused
+``torch.cuda.synchronize()`` (pipeline p2p), ``torch.zeros/tensor(..., device="cuda")`` (token
+counters in ``pipeline_parallel/schedules.py``; found-inf flags, loss scales and norms in the
+optimizer, ``clip_grads``, the grad buffers and the local multi-tensor L2 norm), the CUDA-type
+assertion in gradient clipping, the default causal mask built with ``device="cuda"`` (unfused
 softmax), ``weight.data.cuda()`` when tied embeddings are synchronised across pipeline stages, and the CUDA RNG tracker (``get_cuda_rng_tracker().fork()`` in
 attention, ``model_parallel_cuda_manual_seed``). This module patches exactly those, and only when
 :func:`apply` is called on a process without CUDA. Nothing else in the package touches ``torch.cuda``.
@@ -102,6 +104,19 @@ class _TorchWithCpuDefaults(types.ModuleType):
         return torch.tensor(*args, **self._fix(kwargs))
 
 
+def _clip_grads_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """``clip_grad_by_total_norm_fp32`` without its assertion that grads are CUDA tensors."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff >= 1.0:
+        return
+    for p in parameters:
+        g = getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad
+        if g is not None:
+            g.detach().mul_(coeff)
+
+
 @contextlib.contextmanager
 def _tensor_cuda_is_identity():
     orig = torch.Tensor.cuda
@@ -136,11 +151,19 @@ def apply() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
 
+    from megatron.core import utils as mutils
+    from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.optimizer import clip_grads, grad_scaler
+    from megatron.core.optimizer import optimizer as moptimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
 
-    schedules.torch = _TorchWithCpuDefaults()
+    # modules that create small bookkeeping tensors with a literal device="cuda"
+    for mod in (schedules, moptimizer, clip_grads, grad_scaler, param_and_grad_buffer, mutils):
+        mod.torch = _TorchWithCpuDefaults()
     _patch_tied_embedding_setup()
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grads_cpu
+    moptimizer.clip_grad_by_total_norm_fp32 = _clip_grads_cpu
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils as tutils
 

@@ -112,6 +112,27 @@ def rope_inv_freq(arch: Arch) -> torch.Tensor:
     return inv
 
 
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Tag sharded weights as megatron's initialisers do (``tensor_model_parallel``, dim, stride).
+
+    megatron-core sets these attributes only inside its weight initialisers, which are skipped
+    when weights are about to be loaded; without them the gradient norm (and so clipping) counts
+    only TP rank 0's shards, and optimizers treat shards as duplicates.
+    """
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                      VocabParallelEmbedding,
+                                                      set_tensor_model_parallel_attributes)
+
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if w is None or getattr(w, "tensor_model_parallel", False):
+            continue
+        if isinstance(m, (ColumnParallelLinear, VocabParallelEmbedding)):
+            set_tensor_model_parallel_attributes(w, True, 0, 1)
+        elif isinstance(m, RowParallelLinear):
+            set_tensor_model_parallel_attributes(w, True, 1, 1)
+
+
 def build_gpt(arch: Arch, config, pre_process: bool, post_process: bool, use_te: bool | None = None):
     """One pipeline stage of the model, parameters initialised (weights are loaded afterwards)."""
     from megatron.core.models.gpt import GPTModel
@@ -130,6 +151,8 @@ def build_gpt(arch: Arch, config, pre_process: bool, post_process: bool, use_te:
         parallel_output=True,
     )
     model.rotary_pos_emb.inv_freq = rope_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
+    if not config.perform_initialization:
+        mark_tensor_parallel_weights(model)
     if not torch.cuda.is_available():
         model.to(torch.device("cpu"))
     else:

@@ -114,12 +114,14 @@ def _bcast(obj):
 def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | None = None,
                     overwrite: bool = False, arch: Arch | None = None,
                     transform: Callable[[dict], dict] | None = None,
-                    extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+                    extra_files: dict[str, Callable[[Path], None]] | None = None,
+                    per_rank: Callable[[Path], None] | None = None) -> Path:
     """Collective save: every rank calls; each pipeline stage writes one shard file.
 
     ``transform`` maps this stage's canonical tensors to what is written (pruning passes the
     plan's slicing here, with ``arch`` the resulting architecture). ``extra_files``: name ->
     writer(path), called on rank 0 inside the temporary directory before it is committed.
+    ``per_rank(tmp_dir)``: called on every rank before the commit (training state files).
     """
     from megatron.core import parallel_state as ps
 
@@ -144,6 +146,8 @@ def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | No
         wmap = {}
         if canonical is not None and ps.get_data_parallel_rank() == 0:
             wmap = ckpt.write_shard(tmp, ckpt.shard_name(pp_rank, pp), canonical)
+        if per_rank is not None:
+            per_rank(tmp)
         maps = [wmap]
         if tdist.is_initialized():
             maps = [None] * tdist.get_world_size()

@@ -1,0 +1,16 @@
+"""`minitron distill`: train a (pruned) student from a co-located, frozen teacher."""
+
+from .main import hydra_app
+
+
+def run(job) -> dict:
+    from ..distill.loop import train
+
+    kd = job.kd
+    return train(job, kd.teacher, dict(logit_weight=kd.logit_weight, lm_weight=kd.lm_weight,
+                                       temperature=kd.temperature, kind=kd.kind, top_k=kd.top_k,
+                                       chunk_tokens=kd.chunk_tokens), "distill")
+
+
+def main():
+    return hydra_app("distill", run)

@@ -1,0 +1,284 @@
+"""The training loop shared by distillation and teacher correction, on megatron-core machinery.
+
+megatron-core supplies the pieces: DDP gradient buffers, its optimizer (Adam, clipping), the
+cosine-with-warm-up scheduler and the pipeline schedules (micro-batch accumulation, p2p). A step
+consumes ``global_batch_size`` samples: each data-parallel rank runs ``global_batch_size /
+(micro_batch_size * dp)`` micro-batches through ``DistillPair`` (student alone when there is no
+teacher). The loss is averaged per token within a micro-batch and over micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LossSpec:
+    """What the last pipeline stage computes from (student, teacher) logits."""
+
+    vocab_size: int
+    logit_weight: float = 0.0
+    lm_weight: float = 1.0
+    temperature: float = 1.0
+    kind: str = "forward"
+    top_k: int | None = None
+    chunk_tokens: int | None = None
+
+
+def make_loss_func(spec: LossSpec):
+    from megatron.core import parallel_state as ps
+
+    from . import losses as L
+
+    def loss_func(batch, output):
+        tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        student, teacher = output if isinstance(output, tuple) else (output, None)
+        mask = batch["loss_mask"].float()
+        total = student.new_zeros((), dtype=torch.float32)
+        report = {}
+        ntok = mask.sum()
+        if spec.logit_weight and teacher is not None:
+            kd_sum, _ = L.logits_kl(student, teacher, temperature=spec.temperature, mask=mask,
+                                    tp_group=tp_group, vocab_size=spec.vocab_size,
+                                    top_k=spec.top_k, kind=spec.kind, chunk_tokens=spec.chunk_tokens)
+            total = total + spec.logit_weight * kd_sum
+            report["kd"] = torch.stack([kd_sum.detach().float(), ntok])
+        if spec.lm_weight or teacher is None:
+            lm_sum, _ = L.lm_loss(student, batch["labels"], mask=mask, tp_group=tp_group,
+                                  vocab_size=spec.vocab_size)
+            total = total + (spec.lm_weight if teacher is not None else 1.0) * lm_sum
+            report["lm"] = torch.stack([lm_sum.detach().float(), ntok])
+        report["loss"] = torch.stack([total.detach().float(), ntok])
+        return total, ntok.int(), report
+
+    return loss_func
+
+
+def reduce_reports(reports: list[dict]) -> dict[str, float]:
+    """Token-weighted means of the last stage's reports, the same on every rank."""
+    from megatron.core import parallel_state as ps
+
+    names = ["loss", "kd", "lm"]
+    t = torch.zeros(len(names), 2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        for r in reports:
+            for i, n in enumerate(names):
+                if n in r:
+                    t[i] += r[n].detach().double().cpu()
+    if tdist.is_initialized():
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        tt = t.to(dev) if dev else t
+        tdist.all_reduce(tt)
+        t = tt.cpu()
+    return {n: (t[i, 0] / t[i, 1]).item() for i, n in enumerate(names) if t[i, 1] > 0}
+
+
+class Logger:
+    """One line per interval on rank 0, metrics.jsonl, and TensorBoard / W&B when available."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, wandb_project: str | None, config: dict):
+        from ..runtime.dist import is_rank0
+
+        self.on = is_rank0()
+        self.file = open(run_dir / "metrics.jsonl", "a") if self.on else None
+        self.tb = self.wb = None
+        if self.on and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                log.info("tensorboard not installed: scalars go to metrics.jsonl only")
+        if self.on and wandb_project:
+            import wandb
+
+            self.wb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.on:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                if self.tb:
+                    self.tb.add_scalar(k, v, step)
+        if self.wb:
+            self.wb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+        if self.wb:
+            self.wb.finish()
+
+
+def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) -> dict:
+    """Run (or resume) training; writes checkpoints and the final student under job.output."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from ..convert.checkpoint import Checkpoint
+    from ..data.packed import PackedSequences
+    from ..evaluate.loss import validation_loss
+    from ..runtime import dist
+    from ..runtime.forward import on_device
+    from ..runtime.stage import load_checkpoint, load_state, save_checkpoint
+    from . import train_state
+    from .losses import check_vocab
+    from .pair import DistillPair
+
+    tr, par = job.train, job.parallel
+    run_dir = Path(job.output)
+    # --- checks before any model is loaded
+    student_ck = Checkpoint(job.model.checkpoint)
+    student_ck.arch.check_parallel(par.tp, par.pp)
+    teacher_ck = None
+    if teacher_path:
+        teacher_ck = Checkpoint(teacher_path)
+        teacher_ck.arch.check_parallel(par.tp, par.pp)
+        check_vocab(student_ck.arch.vocab_size, teacher_ck.arch.vocab_size,
+                    student_ck.arch.padded_vocab_size(par.tp), teacher_ck.arch.padded_vocab_size(par.tp))
+    resume_from = train_state.latest(run_dir) if job.resume else None
+    if resume_from is None and (run_dir / "final").exists():
+        raise FileExistsError(f"{run_dir} already holds a finished run (final/); choose another "
+                              "output or delete it")
+    train_data = PackedSequences(job.data.prefix, job.data.seq_length, split="train",
+                                 valid_fraction=job.data.valid_fraction, seed=tr.seed)
+    valid_data = PackedSequences(job.data.prefix, job.data.seq_length, split="valid",
+                                 valid_fraction=job.data.valid_fraction)
+
+    dist.init(par.tp, par.pp, par.seed, par.timeout_s)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if tr.global_batch_size % (tr.micro_batch_size * dp):
+        raise ValueError(f"train.global_batch_size={tr.global_batch_size} is not divisible by "
+                         f"micro_batch_size*dp={tr.micro_batch_size}*{dp}")
+    n_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
+    if len(train_data) < tr.global_batch_size:
+        raise ValueError(f"training split has {len(train_data)} samples, fewer than one global "
+                         f"batch of {tr.global_batch_size}")
+    if dist.is_rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    student, _ = load_checkpoint(resume_from or job.model.checkpoint, job.model.dtype)
+    teacher = load_checkpoint(teacher_path, job.model.dtype)[0] if teacher_path else None
+    ddp = DistributedDataParallel(
+        student.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                      overlap_grad_reduce=False), student.model)
+    opt = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
+        adam_beta1=0.9, adam_beta2=tr.adam_beta2, clip_grad=tr.clip_grad,
+        bf16=job.model.dtype == "bf16", params_dtype=student.config.params_dtype), [ddp])
+    sched = OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=tr.lr, min_lr=tr.min_lr, lr_warmup_steps=tr.warmup_steps,
+        lr_decay_steps=tr.steps, lr_decay_style="cosine", start_wd=tr.weight_decay,
+        end_wd=tr.weight_decay, wd_incr_steps=tr.steps, wd_incr_style="constant")
+    step = 0
+    if resume_from is not None:
+        st = train_state.load(resume_from, opt, sched)
+        step = st["step"]
+        if dist.is_rank0():
+            log.info("resumed from %s at step %d", resume_from, step)
+
+    pair = DistillPair(ddp, teacher.model if teacher else None, student.arch.hidden_size,
+                       teacher.arch.hidden_size if teacher else 0, student.config)
+    cfg = pair.config
+    cfg.no_sync_func = ddp.no_sync
+    cfg.finalize_model_grads_func = lambda _chunks, *a, **k: finalize_model_grads([ddp], *a, **k)
+    cfg.grad_scale_func = opt.scale_loss
+    spec = LossSpec(vocab_size=student.arch.vocab_size, **spec_overrides)
+    loss_func = make_loss_func(spec)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        return model(batch["tokens"], batch["position_ids"], None), partial(loss_func, batch)
+
+    def batches_for(step_idx: int):
+        """The micro-batches of global batch ``step_idx`` for this DP rank (deterministic order)."""
+        per_epoch = len(train_data) // tr.global_batch_size
+        epoch, k = divmod(step_idx, per_epoch)
+        it = train_data.batches(tr.micro_batch_size, num_batches=(k + 1) * n_micro, shuffle=True,
+                                seed=tr.seed + epoch, dp_rank=dp_rank, dp_size=dp)
+        out = [b for i, b in enumerate(it) if i >= k * n_micro]
+        return [on_device(b) for b in out]
+
+    logger = Logger(run_dir, tr.tensorboard, tr.wandb, {"train": vars(tr)})
+    tokens_per_step = tr.global_batch_size * job.data.seq_length
+    fwd_bwd = get_forward_backward_func()
+    history, t_last, steps_last = [], time.time(), 0
+
+    def save(at_step: int, final: bool = False) -> Path:
+        target = run_dir / ("final" if final else f"checkpoints/step_{at_step:07d}")
+        return save_checkpoint(
+            student, target, tokenizer=student_ck.tokenizer() if dist.is_rank0() else None,
+            overwrite=final, provenance={"stage": stage_name, "parent": str(student_ck.path),
+                                         "teacher": teacher_path, "step": at_step},
+            per_rank=None if final else train_state.writer(
+                opt, sched, at_step, at_step * tr.global_batch_size,
+                {"tp": par.tp, "pp": par.pp, "dp": dp}))
+
+    def evaluate() -> float:
+        vb = valid_data.batches(tr.micro_batch_size, num_batches=max(1, tr.eval_batches // dp),
+                                dp_rank=dp_rank, dp_size=dp)
+        return validation_loss(student, vb)["loss"]
+
+    try:
+        while step < tr.steps:
+            student.model.train()
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            reports = fwd_bwd(forward_step_func=forward_step, data_iterator=iter(batches_for(step)),
+                              model=[pair], num_microbatches=n_micro, seq_length=job.data.seq_length,
+                              micro_batch_size=tr.micro_batch_size, forward_only=False)
+            ok, grad_norm, _ = opt.step()
+            sched.step(increment=1)
+            step += 1
+            metrics = reduce_reports(reports)
+            metrics.update(lr=opt.param_groups[0]["lr"], grad_norm=float(grad_norm or 0.0),
+                           skipped=not ok)
+            if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.steps:
+                metrics["val_loss"] = evaluate()
+            history.append({"step": step, **metrics})
+            if step % tr.log_interval == 0 or step == tr.steps or "val_loss" in metrics:
+                dt = time.time() - t_last
+                tps = (step - steps_last) * tokens_per_step / max(dt, 1e-9)
+                eta = (tr.steps - step) * dt / max(step - steps_last, 1)
+                metrics["tokens_per_s"] = tps
+                if dist.is_rank0():
+                    parts = [f"step {step}/{tr.steps}", f"loss {metrics['loss']:.4f}"]
+                    parts += [f"{k} {metrics[k]:.4f}" for k in ("kd", "lm", "val_loss") if k in metrics]
+                    parts += [f"lr {metrics['lr']:.2e}", f"{tps:.0f} tok/s", f"eta {eta:.0f}s"]
+                    log.info(" | ".join(parts))
+                t_last, steps_last = time.time(), step
+            logger.write(step, metrics)
+            if tr.save_interval and step % tr.save_interval == 0 and step < tr.steps:
+                save(step)
+                if dist.is_rank0():
+                    train_state.prune_old(run_dir, tr.keep_checkpoints)
+        final_val = evaluate()
+        logger.write(step, {"val_loss": final_val})
+        out = save(step, final=True)
+        if dist.is_rank0():
+            log.info("final validation loss %.4f; student saved to %s", final_val, out)
+        return {"final": str(out), "steps": step, "val_loss": final_val,
+                "train_loss": history[-1]["loss"] if history else None}
+    finally:
+        logger.close()
+        dist.release()

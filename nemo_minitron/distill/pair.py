@@ -1,0 +1,56 @@
+"""Teacher and student in one pipeline: one module that megatron's schedules drive as a whole.
+
+Both models have the same TP/PP layout, so pipeline stage k of the pair holds stage k of each.
+Between stages the pair passes one tensor, ``cat([student_hidden, teacher_hidden], dim=-1)``
+(the schedule sizes its p2p buffers from ``config.hidden_size``, which is set to the sum); the
+last stage returns both models' logits. The teacher runs under ``no_grad`` in eval mode, so
+backward only reaches the student and the teacher's slice of every received gradient is zero.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class DistillPair(torch.nn.Module):
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None,
+                 student_hidden: int, teacher_hidden: int, student_config):
+        super().__init__()
+        self.module = student  # DDP-wrapped student: what get_attr_wrapped_model unwraps to
+        self.teacher = teacher
+        self.hs, self.ht = student_hidden, teacher_hidden if teacher is not None else 0
+        self.config = copy.copy(student_config)
+        self.config.hidden_size = self.hs + self.ht
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+
+    def _unwrapped_student(self):
+        m = self.module
+        while hasattr(m, "module"):
+            m = m.module
+        return m
+
+    def set_input_tensor(self, input_tensor) -> None:
+        t = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+        student = self._unwrapped_student()
+        if t is None or self.teacher is None:
+            student.set_input_tensor(t)
+            if self.teacher is not None:
+                self.teacher.set_input_tensor(None)
+            return
+        student.set_input_tensor(t[..., : self.hs])
+        self.teacher.set_input_tensor(t[..., self.hs:].detach())
+
+    def forward(self, tokens, position_ids, attention_mask=None):
+        student_out = self.module(tokens, position_ids, attention_mask)
+        if self.teacher is None:
+            return student_out
+        with torch.no_grad():
+            teacher_out = self.teacher(tokens, position_ids, attention_mask)
+        if self._unwrapped_student().post_process:
+            return student_out, teacher_out
+        return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)

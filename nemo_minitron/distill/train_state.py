@@ -1,0 +1,88 @@
+"""Resumable training state saved inside each training checkpoint, next to the student weights.
+
+``train_state/`` holds ``state.json`` (step, samples consumed, scheduler state, layout),
+``optim-tp{t}-pp{p}.pt`` (the optimizer state of each model-parallel shard, written by data-
+parallel rank 0: without the distributed optimizer it is replicated across DP, which is what lets
+a run resume at another DP size) and ``rng-rank{r}.pt``. Files are written in the checkpoint's
+temporary directory and become visible only when the whole checkpoint is committed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+STATE = "train_state"
+
+
+def _mp_name() -> str:
+    from megatron.core import parallel_state as ps
+
+    return f"optim-tp{ps.get_tensor_model_parallel_rank()}-pp{ps.get_pipeline_model_parallel_rank()}.pt"
+
+
+def _rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else 0
+
+
+def writer(optimizer, scheduler, step: int, samples: int, layout: dict):
+    """A ``per_rank(tmp_dir)`` callback for :func:`~nemo_minitron.runtime.stage.save_checkpoint`."""
+    from megatron.core import parallel_state as ps
+
+    def write(tmp: Path) -> None:
+        d = tmp / STATE
+        d.mkdir(exist_ok=True)
+        if ps.get_data_parallel_rank() == 0:
+            torch.save(optimizer.state_dict(), d / _mp_name())
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                   d / f"rng-rank{_rank()}.pt")
+        if _rank() == 0:
+            (d / "state.json").write_text(json.dumps(
+                {"step": step, "samples": samples, "scheduler": scheduler.state_dict(),
+                 "layout": layout}, indent=2))
+
+    return write
+
+
+def load(path: Path, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG from checkpoint ``path``; returns state.json."""
+    from megatron.core import parallel_state as ps
+
+    d = Path(path) / STATE
+    state = json.loads((d / "state.json").read_text())
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    if (state["layout"]["tp"], state["layout"]["pp"]) != (tp, pp):
+        raise ValueError(f"{path} was written at tp={state['layout']['tp']}, pp="
+                         f"{state['layout']['pp']}; optimizer state resumes only at the same tp/pp "
+                         f"(now tp={tp}, pp={pp}); the weights alone load at any layout")
+    optimizer.load_state_dict(torch.load(d / _mp_name(), weights_only=False))
+    scheduler.load_state_dict(state["scheduler"])
+    rng = d / f"rng-rank{_rank()}.pt"
+    if rng.exists():  # absent when resuming with more data-parallel ranks than were saved
+        r = torch.load(rng, weights_only=False)
+        torch.set_rng_state(r["cpu"])
+        if r["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(r["cuda"])
+    return state
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint under ``run_dir/checkpoints`` (None if there is none)."""
+    ckdir = Path(run_dir) / "checkpoints"
+    done = sorted(p for p in ckdir.glob("step_*") if (p / STATE / "state.json").is_file()) \
+        if ckdir.is_dir() else []
+    return done[-1] if done else None
+
+
+def prune_old(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (the newest is never deleted)."""
+    import shutil
+
+    ckdir = Path(run_dir) / "checkpoints"
+    done = sorted(p for p in ckdir.glob("step_*") if (p / STATE / "state.json").is_file())
+    for p in done[: max(len(done) - max(keep, 1), 0)]:
+        shutil.rmtree(p, ignore_errors=True)

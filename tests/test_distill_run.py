@@ -1,0 +1,121 @@
+"""Distillation and teacher correction end to end on tiny models: the loss falls, TP=2/PP=2/DP=2
+follow the single-process trajectory, and a run killed mid-way resumes to the same weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_minitron.convert import checkpoint as ckpt
+from nemo_minitron.convert.hf_config import arch_from_hf_config
+from nemo_minitron.pruning.apply import apply_plan
+from nemo_minitron.pruning.select import Targets, make_plan, random_importance
+
+from conftest import ROOT, tiny_hf, tiny_tokenizer, torchrun
+from test_prune_run import tiny_corpus
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny teacher, a width+depth-pruned student of it, and a corpus."""
+    tmp = tmp_path_factory.mktemp("kd")
+    hf = tiny_hf("gqa")
+    arch = arch_from_hf_config(hf.config)
+    ckpt.save(tmp / "teacher", arch, hf.state_dict(), tokenizer=tiny_tokenizer())
+    plan = make_plan(arch, random_importance(arch, 0),
+                     Targets(hidden_size=96, ffn_hidden_size=128, num_layers=2))
+    ckpt.save(tmp / "student", plan.target, apply_plan(plan, hf.state_dict()),
+              tokenizer=tiny_tokenizer())
+    tiny_corpus(tmp / "corpus", n_docs=60)
+    return tmp
+
+
+def metrics(run):
+    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_layouts_follow_single_process(models, single_rank):
+    from distill_layouts import job
+    from nemo_minitron.distill.loop import train
+
+    t = models
+    ref = train(job(t / "student", t / "teacher", t / "corpus", t / "ref", 1, 1), str(t / "teacher"),
+                dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16), "distill")
+    ref_loss = [r["loss"] for r in metrics(t / "ref") if "loss" in r]
+    ref_norm = [r["grad_norm"] for r in metrics(t / "ref") if "grad_norm" in r]
+    assert len(ref_loss) == 3 and ref_loss[-1] < ref_loss[0]
+    rows = torchrun("distill_layouts.py", 2, t / "student", t / "teacher", t / "corpus", t)
+    assert {r["layout"] for r in rows} == {"tp2", "pp2", "dp2"}
+    for r in rows:
+        assert r["loss"] == pytest.approx(ref_loss, rel=1e-4, abs=1e-5), r["layout"]
+        # Adam hides a mis-scaled gradient in the loss; the norm (used for clipping) does not
+        assert r["grad_norm"] == pytest.approx(ref_norm, rel=1e-4), r["layout"]
+        assert r["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)
+
+
+def minitron(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
+    return subprocess.Popen([sys.executable, "-m", "nemo_minitron", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def distill_args(t, out):
+    return ["distill", f"model.checkpoint={t / 'student'}", f"kd.teacher={t / 'teacher'}",
+            f"data.prefix={t / 'corpus'}", "data.seq_length=32", "data.valid_fraction=0.1",
+            "train.steps=30", "train.global_batch_size=4", "train.micro_batch_size=2",
+            "train.lr=1e-3", "train.warmup_steps=1", "train.save_interval=2",
+            "train.log_interval=1", "train.eval_interval=0", f"output={out}",
+            f"hydra.run.dir={out}_hydra"]
+
+
+def test_killed_run_resumes_to_identical_weights(models):
+    t = models
+    p = minitron(*distill_args(t, t / "full"))
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    assert "final validation loss" in out + err
+
+    p = minitron(*distill_args(t, t / "killed"), start_new_session=True)
+    deadline = time.time() + 600
+    while not (t / "killed" / "checkpoints" / "step_0000004").exists():
+        assert p.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (t / "killed" / "final").exists()
+    p = minitron(*distill_args(t, t / "killed"))
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    assert "resumed from" in out + err
+    a, b = ckpt.Checkpoint(t / "full" / "final"), ckpt.Checkpoint(t / "killed" / "final")
+    for k in a.keys():
+        assert torch.equal(a.get(k), b.get(k)), k
+    full, resumed = metrics(t / "full"), metrics(t / "killed")
+    assert [r["loss"] for r in full if "loss" in r][-1] == [r["loss"] for r in resumed if "loss" in r][-1]
+
+
+def test_finetune_lowers_loss(models, single_rank):
+    from nemo_minitron.config.schema import DataConfig, FinetuneJob, ModelConfig, TrainConfig
+    from nemo_minitron.distill.loop import train
+
+    t = models
+    job = FinetuneJob(model=ModelConfig(checkpoint=str(t / "student")),
+                      data=DataConfig(prefix=str(t / "corpus"), seq_length=32, valid_fraction=0.1),
+                      train=TrainConfig(steps=6, global_batch_size=4, micro_batch_size=2, lr=3e-3,
+                                        warmup_steps=1, eval_interval=3, eval_batches=2,
+                                        log_interval=1, tensorboard=False),
+                      output=str(t / "ft"))
+    res = train(job, None, dict(logit_weight=0.0, lm_weight=1.0), "finetune")
+    rows = metrics(t / "ft")
+    losses = [r["lm"] for r in rows if "lm" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(vals) == 2 and vals[-1] < vals[0] + 0.5
+    c = ckpt.Checkpoint(res["final"])
+    assert c.meta["stage"] == "finetune" and c.arch.hidden_size == 96
