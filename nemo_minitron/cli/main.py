@@ -20,6 +20,7 @@ STAGES = {
     "prune": ("nemo_minitron.cli.prune", "activation-importance width/depth pruning to targets"),
     "distill": ("nemo_minitron.cli.distill", "train a student from a co-located frozen teacher"),
     "finetune": ("nemo_minitron.cli.finetune", "teacher correction: LM-loss training on the corpus"),
+    "pipeline": ("nemo_minitron.cli.pipeline", "correct -> prune -> distill -> evaluate -> export, in rounds"),
 }
 
 USAGE = """usage: minitron <stage> [key=value ...] [--help] [--cfg job] [-m]

@@ -324,6 +324,44 @@ class DistillJob(FinetuneJob):
             raise ValueError("kd.teacher=<checkpoint dir> is required: the model to distill from")
 
 
+@dataclass
+class RoundConfig:
+    target: PruneTargetConfig = field(default_factory=PruneTargetConfig)
+    """Pruning targets of this round (its teacher is the previous round's distilled student)."""
+    name: Optional[str] = None
+
+
+@dataclass
+class PipelineConfig:
+    rounds: list[RoundConfig] = field(default_factory=list)
+    """Compression rounds; empty: one round with the targets of `prune`."""
+    teacher_correction_steps: int = 0
+    """LM-loss steps on the corpus for the first teacher before pruning (0: skip)."""
+    export: bool = True
+    """Write each round's distilled student as a Hugging Face directory."""
+
+
+@dataclass
+class PipelineJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    output: Optional[str] = None
+    """Run directory; stages whose outputs are complete there are skipped (resume)."""
+
+    def __post_init__(self):
+        _need_checkpoint(self.model)
+        if not self.output:
+            raise ValueError("output=<dir> is required: the pipeline's run directory")
+        if not self.data.prefix:
+            raise ValueError("data.prefix is required: an indexed dataset written by `minitron data`")
+
+
 def _need_checkpoint(model: ModelConfig) -> None:
     if not model.checkpoint:
         raise ValueError("model.checkpoint is required: a checkpoint directory written by "
@@ -334,7 +372,7 @@ def _need_checkpoint(model: ModelConfig) -> None:
 SCHEMAS = {"import": ("import", ImportJob), "export": ("export", ExportJob),
            "data": ("data_prep", DataJob), "evaluate": ("evaluate", EvaluateJob),
            "prune": ("prune", PruneJob), "finetune": ("finetune", FinetuneJob),
-           "distill": ("distill", DistillJob)}
+           "distill": ("distill", DistillJob), "pipeline": ("pipeline", PipelineJob)}
 
 
 def _cache(rel: str = "") -> str:

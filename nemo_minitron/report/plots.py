@@ -55,3 +55,25 @@ def plot_depth_curve(losses, n: int, path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_training(metrics_jsonl, path, title: str = "") -> Path:
+    """Training loss terms per step and validation loss from a run's metrics.jsonl."""
+    import json
+
+    rows = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for key, style in (("loss", "-"), ("kd", "--"), ("lm", ":")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"train {key}")
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", color="black", label="validation loss")
+    ax.set(xlabel="step", ylabel="loss", title=title or "training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

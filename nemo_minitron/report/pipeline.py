@@ -1,0 +1,37 @@
+"""report.md for a pipeline run: teacher vs pruned vs distilled per round, with plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .plots import plot_training
+
+
+def write_report(out: Path, summary: dict) -> Path:
+    lines = ["# Compression report", "",
+             f"Teacher: `{summary['teacher']}`  ", f"Wall time: {summary['seconds']:.0f} s", ""]
+    for r in summary["rounds"]:
+        rd = out / r["name"]
+        a = r["arch"]
+        lines += [f"## {r['name']}", "",
+                  f"Student: {a['num_layers']} layers, hidden {a['hidden_size']}, FFN "
+                  f"{a['ffn_hidden_size']}, {a['num_attention_heads']} heads / "
+                  f"{a['num_query_groups']} query groups, head_dim {a['head_dim']}", "",
+                  "| model | parameters | validation loss |", "|---|---|---|",
+                  f"| teacher | {r['params']['teacher'] / 1e6:.1f}M | {r['val_loss']['teacher']:.3f} |",
+                  f"| pruned (before retraining) | {r['params']['student'] / 1e6:.1f}M | "
+                  f"{r['val_loss']['pruned']:.3f} |",
+                  f"| distilled | {r['params']['student'] / 1e6:.1f}M | "
+                  f"{r['val_loss']['distilled']:.3f} |", ""]
+        metrics = rd / "distill" / "metrics.jsonl"
+        if metrics.is_file():
+            plot_training(metrics, rd / "training.png", title=f"{r['name']}: distillation")
+            lines += [f"![training]({r['name']}/training.png)", ""]
+        if (rd / "pruned" / "importance.png").is_file():
+            lines += [f"![importance]({r['name']}/pruned/importance.png)", ""]
+    if summary.get("stage_seconds"):
+        lines += ["## Stage times (this invocation)", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in summary["stage_seconds"].items()]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

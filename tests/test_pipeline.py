@@ -1,0 +1,84 @@
+"""`minitron pipeline` on tiny models: two chained rounds, report, and resume after an
+interruption between stages (completed stages are skipped, results unchanged)."""
+
+import json
+
+import pytest
+import torch
+
+from nemo_minitron.config.schema import (DataConfig, EvalConfig, KDConfig, ModelConfig,
+                                         PipelineConfig, PipelineJob, PruneConfig,
+                                         PruneTargetConfig, RoundConfig, TrainConfig)
+from nemo_minitron.convert import checkpoint as ckpt
+from nemo_minitron.convert.hf_config import arch_from_hf_config
+
+from conftest import tiny_hf, tiny_tokenizer
+from test_prune_run import tiny_corpus
+
+
+def make_job(tmp):
+    return PipelineJob(
+        model=ModelConfig(name="tiny", checkpoint=str(tmp / "teacher")),
+        data=DataConfig(prefix=str(tmp / "corpus"), seq_length=32, valid_fraction=0.1),
+        prune=PruneConfig(calib_samples=8, micro_batch_size=2),
+        train=TrainConfig(steps=4, global_batch_size=4, micro_batch_size=2, lr=1e-3,
+                          warmup_steps=1, eval_interval=0, eval_batches=2, log_interval=2,
+                          save_interval=2, tensorboard=False),
+        kd=KDConfig(chunk_tokens=16), eval=EvalConfig(micro_batch_size=2, num_batches=2),
+        pipeline=PipelineConfig(rounds=[
+            RoundConfig(target=PruneTargetConfig(hidden_size=96, ffn_hidden_size=192)),
+            RoundConfig(target=PruneTargetConfig(ffn_hidden_size=128, num_layers=3))]),
+        output=str(tmp / "run"))
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    hf = tiny_hf("gqa")
+    ckpt.save(tmp_path / "teacher", arch_from_hf_config(hf.config), hf.state_dict(),
+              tokenizer=tiny_tokenizer())
+    tiny_corpus(tmp_path / "corpus", n_docs=50)
+    return tmp_path
+
+
+def test_two_rounds_resume_after_interruption(setup, single_rank, monkeypatch):
+    from nemo_minitron import pipeline
+    from nemo_minitron.distill import loop
+
+    job = make_job(setup)
+    real_train, calls = loop.train, []
+
+    def failing_train(j, *a, **k):  # the second round's distillation dies mid-pipeline
+        calls.append(j.output)
+        if "round2" in j.output:
+            raise RuntimeError("node lost")
+        return real_train(j, *a, **k)
+
+    monkeypatch.setattr(loop, "train", failing_train)
+    with pytest.raises(RuntimeError, match="node lost"):
+        pipeline.run_pipeline(job)
+    run = setup / "run"
+    assert (run / "round1" / "hf" / "config.json").is_file()
+    assert (run / "round2" / "pruned" / "plan.json").is_file()
+    r1 = {k: ckpt.Checkpoint(run / "round1" / "distill" / "final").get(k)
+          for k in ckpt.Checkpoint(run / "round1" / "distill" / "final").keys()}
+
+    monkeypatch.setattr(loop, "train", real_train)
+    summary = pipeline.run_pipeline(job)
+    assert [k for k in summary["stage_seconds"] if k.startswith("round 1")] == []  # all skipped
+    assert "round 2: distill" in summary["stage_seconds"]
+    final1 = ckpt.Checkpoint(run / "round1" / "distill" / "final")
+    assert all(torch.equal(final1.get(k), v) for k, v in r1.items())
+
+    r1s, r2s = summary["rounds"]
+    assert r2s["teacher"] == r1s["student"]  # chained: round 1's student teaches round 2
+    assert r1s["arch"]["hidden_size"] == 96 and r2s["arch"]["num_layers"] == 3
+    assert r2s["params"]["student"] < r1s["params"]["student"] < r1s["params"]["teacher"]
+    for r in summary["rounds"]:  # (loss falling under KD is tested in test_distill_run)
+        rows = [json.loads(x) for x in (run / r["name"] / "distill" / "metrics.jsonl").read_text().splitlines()]
+        assert len([x["kd"] for x in rows if "kd" in x]) == 4
+        assert set(r["val_loss"]) == {"teacher", "pruned", "distilled"}
+        p, d = ckpt.Checkpoint(run / r["name"] / "pruned"), ckpt.Checkpoint(r["student"])
+        assert any(not torch.equal(p.get(k), d.get(k)) for k in p.keys())
+    report = (run / "report.md").read_text()
+    assert "round2" in report and "distilled" in report and (run / "round1" / "training.png").is_file()
+    assert json.loads((run / "summary.json").read_text())["rounds"][1]["name"] == "round2"
