@@ -14,6 +14,6 @@ fi
 echo "== installing into $(python -c 'import sys; print(sys.prefix)')"
 # torch first, pinned: the CPU wheel. A bare `torch` requirement would resolve a CUDA build.
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,slurm]"
 echo "== embedded assets"
 python -m nemo_minitron.assets install

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -63,14 +64,20 @@ def hydra_app(stage: str, run_fn):
             job = schema.to_job(cfg)
         except Exception as e:  # validation: one clear line, no traceback
             _fail(stage, e)
+        ok = False
         try:
-            return run_fn(job)
+            result = run_fn(job)
+            ok = True
+            return result
         except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors, not bugs
             _fail(stage, e)
         finally:
             from ..runtime import dist
 
-            dist.shutdown()
+            # After a failure in a multi-rank job the process group is left alone: destroying it
+            # can block on peers still waiting in a collective; main() ends the rank instead.
+            if ok or dist.launched_world_size() == 1:
+                dist.shutdown()
 
     return _main()
 
@@ -106,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_dependencies()
     sys.argv = [f"minitron {stage}"] + argv[1:]
     module = importlib.import_module(STAGES[stage][0])
+    if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # under torchrun / srun
+        from ..runtime import dist
+
+        if dist.launched_world_size() > 1:  # a failing rank exits at once, for the launcher to
+            return dist.exit_on_failure(module.main)  # stop the others (no hang in teardown)
     module.main()
 
 

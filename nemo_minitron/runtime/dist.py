@@ -8,11 +8,13 @@ node list). NCCL on GPUs, gloo on CPU, where :mod:`.cpu_compat` is applied first
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import socket
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +65,46 @@ def read_env(environ=None) -> DistEnv:
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                        int(env.get("SLURM_LOCALID", 0)), master, port)
     return DistEnv(0, 1, 0, "127.0.0.1", _free_port())
+
+
+def launched_world_size(environ=None) -> int:
+    """Number of ranks the launcher (torchrun, srun) started; 1 for a plain process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_NTASKS"])
+    return 1
+
+
+def exit_on_failure(main_fn):
+    """Run one rank's ``main_fn``; if it fails, end the process at once with ``os._exit``.
+
+    For multi-rank jobs. A rank that fails while its peers wait in a collective has to exit for the
+    launcher to stop the others (torchrun's agent, ``srun --kill-on-bad-exit=1``), but a normal
+    interpreter exit can block first: destroying an NCCL process group flushes pending collectives
+    (ncclCommFinalize, torch >= 2.6) and so waits for peers that never arrive, and so can a process
+    group destructor, atexit handlers or non-daemon threads. So the error (already reported by
+    Hydra, or printed here) is flushed and the process ends with the failure's exit code.
+    """
+    try:
+        return main_fn()
+    except SystemExit as e:
+        if e.code is None or e.code == 0:
+            raise
+        code = e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # report it, then end this rank without the interpreter's teardown
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()  # flush log handlers (Hydra's <run dir>/<job>.log)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> DistEnv:
