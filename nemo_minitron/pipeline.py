@@ -100,7 +100,9 @@ def run_pipeline(job) -> dict:
             "params": {"teacher": ckpt.Checkpoint(teacher).arch.num_params(),
                        "student": ckpt.Checkpoint(student).arch.num_params()},
             "arch": ckpt.Checkpoint(student).arch.to_dict(),
-            "val_loss": {k: v["loss"] for k, v in evals.items()}})
+            "val_loss": {k: v["loss"] for k, v in evals.items()},
+            "tasks": {k: {t: r["acc_norm"] for t, r in v["tasks"]["results"].items()}
+                      for k, v in evals.items() if "tasks" in v}})
         teacher = student
     summary.update(seconds=round(time.time() - t0, 1), stage_seconds=timings)
     if dist.is_rank0():

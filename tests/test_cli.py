@@ -121,3 +121,18 @@ def test_multirun_sweeps_an_override(hf_dir, tmp_path):
 
     assert str(AutoConfig.from_pretrained(tmp_path / "hf_bf16").dtype).endswith("bfloat16")
     assert str(AutoConfig.from_pretrained(tmp_path / "hf_fp32").dtype).endswith("float32")
+
+
+def test_evaluate_with_tasks(tmp_path):
+    import json
+
+    out = tmp_path / "res.json"
+    p = minitron("evaluate", "eval.num_batches=1", "data.seq_length=128", "eval.tasks=[winogrande]",
+                 "eval.limit=8", f"output={out}", f"hydra.run.dir={tmp_path}/run")
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    r = res["tasks"]["results"]["winogrande"]
+    assert r["n"] == 8 and 0.0 <= r["acc"] <= 1.0
+    assert res["tasks"]["settings"]["num_fewshot"] == 0
+    p = minitron("evaluate", "eval.tasks=[arcc]")
+    assert p.returncode == 2 and "eval.tasks: unknown ['arcc']" in p.stderr

@@ -137,6 +137,23 @@ class EvalConfig:
     """Samples per micro-batch on each data-parallel rank."""
     num_batches: Optional[int] = 8
     """Global batches of held-out data to evaluate (None = the whole split)."""
+    tasks: list[str] = field(default_factory=list)
+    """Downstream multiple-choice tasks: arc_easy, arc_challenge, hellaswag, piqa, winogrande,
+    boolq, mmlu, mmlu_<subject>, openbookqa, sciq, jsonl:<path>."""
+    limit: Optional[int] = None
+    """Items per task (None: all)."""
+    num_fewshot: int = 0
+    fewshot_seed: int = 1234
+    task_batch_size: int = 8
+    """Requests per micro-batch when scoring tasks."""
+
+    def __post_init__(self):
+        from ..evaluate.tasks import TASKS
+
+        bad = [t for t in self.tasks if t not in TASKS and not t.startswith(("jsonl:", "mmlu_"))]
+        if bad:  # MMLU subjects are checked against the data when the task loads
+            raise ValueError(f"eval.tasks: unknown {bad}; known: {sorted(TASKS)}, "
+                             "mmlu_<subject> or jsonl:<path>")
 
 
 @dataclass

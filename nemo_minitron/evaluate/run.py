@@ -34,6 +34,17 @@ def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32"
                              "lower eval.micro_batch_size or data.seq_length")
         batches = valid.batches(ev.micro_batch_size, num_batches=n, dp_rank=dp_rank, dp_size=dp)
         result = validation_loss(stage, batches, progress="evaluate")
+        if ev.tasks:
+            from ..convert.checkpoint import Checkpoint as _C
+            from .multiple_choice import evaluate_tasks
+
+            result["tasks"] = evaluate_tasks(
+                stage, _C(checkpoint).tokenizer(), list(ev.tasks), limit=ev.limit,
+                num_fewshot=ev.num_fewshot, seed=ev.fewshot_seed,
+                micro_batch_size=ev.task_batch_size)
+            if dist.is_rank0():
+                for task, r in result["tasks"]["results"].items():
+                    log.info("%-14s acc %.3f | acc_norm %.3f | n %d", task, r["acc"], r["acc_norm"], r["n"])
         result.update(checkpoint=str(checkpoint), data=data.prefix, seq_length=data.seq_length,
                       layout={"tp": parallel.tp, "pp": parallel.pp, "dp": dp},
                       seconds=round(time.time() - t0, 2))

@@ -23,6 +23,13 @@ def write_report(out: Path, summary: dict) -> Path:
                   f"{r['val_loss']['pruned']:.3f} |",
                   f"| distilled | {r['params']['student'] / 1e6:.1f}M | "
                   f"{r['val_loss']['distilled']:.3f} |", ""]
+        if r.get("tasks"):
+            names = sorted(next(iter(r["tasks"].values())))
+            lines += ["| model | " + " | ".join(f"{t} (acc_norm)" for t in names) + " |",
+                      "|---|" + "---|" * len(names)]
+            for who, accs in r["tasks"].items():
+                lines.append(f"| {who} | " + " | ".join(f"{accs[t]:.3f}" for t in names) + " |")
+            lines.append("")
         metrics = rd / "distill" / "metrics.jsonl"
         if metrics.is_file():
             plot_training(metrics, rd / "training.png", title=f"{r['name']}: distillation")

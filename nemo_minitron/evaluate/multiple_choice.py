@@ -1,0 +1,300 @@
+"""Multiple-choice log-likelihood scoring (lm-evaluation-harness style) at any TP/PP/DP layout.
+
+Each ``(context, continuation)`` request is tokenised as the harness does: trailing whitespace of
+the context moves to the continuation, the continuation's tokens are those of
+``context + continuation`` after the context's own tokens, an empty context becomes the BOS (else
+EOS) token, and the model reads ``(context + continuation)[:-1]`` left-truncated to ``max_length``.
+The score of a continuation is the sum of its tokens' log-probabilities, computed vocab-parallel
+from the last stage's logits (only the continuation positions, never the full vocabulary gathered).
+
+Requests that feed the model the very same tokens (``" A"``..``" D"`` after one MMLU prompt) share
+one row. Rows are sorted longest first, each data-parallel rank forwards a strided slice of them
+in micro-batches padded on the right (causal attention: padding never reaches a scored position),
+and the per-request sums are all-reduced so every rank returns every score.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import torch
+import torch.distributed as tdist
+
+from ..runtime.forward import on_device, run_forward, token_losses
+from .tasks import Item
+
+PP_SEQ_BUCKET = 64  # under pipeline parallelism a run needs one micro-batch shape: round lengths
+
+
+def _encode(tokenizer, texts: list[str]) -> dict[str, list[int]]:
+    uniq = list(dict.fromkeys(texts))
+    if not uniq:
+        return {}
+    ids = tokenizer(uniq, add_special_tokens=False)["input_ids"]
+    return dict(zip(uniq, ids))
+
+
+def _prefix_token(tokenizer) -> int:
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise ValueError("tokenizer has neither a BOS nor an EOS token for empty contexts")
+
+
+def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]
+                    ) -> list[tuple[list[int], list[int]]]:
+    """``(context_tokens, continuation_tokens)`` of each request, the harness' way."""
+    pairs = []
+    for ctx, cont in requests:
+        n_spaces = len(ctx) - len(ctx.rstrip())
+        if n_spaces > 0:
+            cont = ctx[-n_spaces:] + cont
+            ctx = ctx[:-n_spaces]
+        pairs.append((ctx, cont))
+    enc = _encode(tokenizer, [c for c, _ in pairs if c] + [c + k for c, k in pairs])
+    prefix = _prefix_token(tokenizer)
+    out = []
+    for ctx, cont in pairs:
+        whole = enc[ctx + cont]
+        if ctx:
+            ctx_ids = enc[ctx]
+            cont_ids = whole[len(ctx_ids):]
+        else:
+            ctx_ids, cont_ids = [prefix], whole
+        if not cont_ids:
+            raise ValueError(f"continuation {cont!r} after {ctx[-60:]!r} tokenises to nothing")
+        out.append((list(ctx_ids), list(cont_ids)))
+    return out
+
+
+def _rows(encoded, max_length: int):
+    """Deduplicate model inputs: returns (rows: list[list[int]], per request (row, cont_ids))."""
+    index: dict[tuple, int] = {}
+    rows, owners = [], []
+    for ctx_ids, cont_ids in encoded:
+        if len(cont_ids) > max_length:
+            raise ValueError(f"a continuation of {len(cont_ids)} tokens exceeds max_length="
+                             f"{max_length}")
+        inp = (ctx_ids + cont_ids)[-(max_length + 1):][:-1]
+        key = tuple(inp)
+        if key not in index:
+            index[key] = len(rows)
+            rows.append(inp)
+        owners.append((index[key], cont_ids))
+    return rows, owners
+
+
+def _parallel():
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_pipeline_model_parallel_world_size(), ps.is_pipeline_last_stage(),
+            ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(),
+            ps.get_data_parallel_world_size())
+
+
+def _make_batch(rows, owners_of, row_ids, seq_len: int, pad_id: int) -> dict:
+    b = len(row_ids)
+    tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    sel_row, sel_pos, sel_tgt, owner, reqs = [], [], [], [], []
+    for r, rid in enumerate(row_ids):
+        inp = rows[rid]
+        tokens[r, :len(inp)] = torch.tensor(inp, dtype=torch.long)
+        for req, cont in owners_of[rid]:
+            start = len(inp) - len(cont)
+            k = len(reqs)
+            reqs.append(req)
+            sel_row += [r] * len(cont)
+            sel_pos += range(start, len(inp))
+            sel_tgt += cont
+            owner += [k] * len(cont)
+    t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return {"tokens": tokens, "position_ids": torch.arange(seq_len).expand(b, seq_len).contiguous(),
+            "sel_row": t(sel_row), "sel_pos": t(sel_pos), "sel_tgt": t(sel_tgt),
+            "owner": t(owner), "reqs": t(reqs)}
+
+
+def score_requests(stage, tokenizer, requests: Sequence[tuple[str, str]], *,
+                   micro_batch_size: int = 8, max_length: int | None = None,
+                   dp_rank: int | None = None, dp_size: int | None = None,
+                   progress: bool | str = True) -> list[float]:
+    """Sum log-probability of each ``(context, continuation)``; collective over all ranks.
+
+    ``dp_rank``/``dp_size`` default to megatron's data-parallel rank and size. Every rank must call
+    with the same requests and gets all scores back.
+    """
+    pp, last, tp_rank, mdp_rank, mdp_size = _parallel()
+    dp_rank = mdp_rank if dp_rank is None else dp_rank
+    dp_size = mdp_size if dp_size is None else dp_size
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} not in [0, {dp_size})")
+    max_length = max_length or stage.arch.max_position_embeddings
+    vocab = stage.arch.vocab_size
+    if not requests:
+        return []
+
+    rows, owners = _rows(encode_requests(tokenizer, requests), max_length)
+    owners_of: list[list] = [[] for _ in rows]
+    for req, (rid, cont) in enumerate(owners):
+        owners_of[rid].append((req, cont))
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), rows[i]))
+    mine = order[dp_rank::dp_size]
+    pad_id = 0
+
+    def seq_len_of(ids):
+        s = max(len(rows[i]) for i in ids)
+        if pp > 1:
+            s = min(-(-s // PP_SEQ_BUCKET) * PP_SEQ_BUCKET, max_length)
+        return s
+
+    batches = []
+    for k in range(0, len(mine), micro_batch_size):
+        ids = mine[k:k + micro_batch_size]
+        batches.append(_make_batch(rows, owners_of, ids, seq_len_of(ids), pad_id))
+
+    # one pipeline run needs one micro-batch shape under PP; without PP, one run for all
+    groups: list[list[dict]] = []
+    for b in batches:
+        if pp > 1 and groups and groups[-1][0]["tokens"].shape == b["tokens"].shape:
+            groups[-1].append(b)
+        elif pp == 1 and groups:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+
+    def on_logits(logits, batch):
+        sel = logits[batch["sel_row"], batch["sel_pos"]]  # [n_tok, V/tp]
+        lp = -token_losses(sel.unsqueeze(0), batch["sel_tgt"].unsqueeze(0), vocab)[0]
+        sums = torch.zeros(batch["reqs"].numel(), dtype=torch.float64, device=lp.device)
+        sums.index_add_(0, batch["owner"], lp.double())
+        return {"reqs": batch["reqs"], "logprob": sums}
+
+    label = (progress if isinstance(progress, str) else "multiple choice") if progress else None
+    outs, bar = [], None
+    if len(groups) == 1:  # run_forward shows the bar (global rank 0)
+        outs = run_forward(stage, [on_device(b) for b in groups[0]], on_logits, progress=label)
+    else:
+        if label and (not tdist.is_initialized() or tdist.get_rank() == 0):
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(batches), desc=label, unit="batch")
+        for g in groups:
+            outs += run_forward(stage, [on_device(b) for b in g], on_logits)
+            if bar is not None:
+                bar.update(len(g))
+        if bar is not None:
+            bar.close()
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    total = torch.zeros(2, len(requests), dtype=torch.float64, device=dev)
+    if last and tp_rank == 0:
+        for o in outs:
+            total[0].index_add_(0, o["reqs"].to(total.device), o["logprob"].to(total.device))
+            total[1].index_add_(0, o["reqs"].to(total.device),
+                                torch.ones_like(o["logprob"], device=total.device))
+    if tdist.is_initialized():
+        tdist.all_reduce(total)
+    total = total.cpu()
+    if (total[1] == 0).any():
+        raise RuntimeError(f"{int((total[1] == 0).sum())} requests were scored by no rank")
+    return (total[0] / total[1]).tolist()
+
+
+def score_items(stage, tokenizer, items: Sequence[Item], *, micro_batch_size: int = 8,
+                max_length: int | None = None, dp_rank: int | None = None,
+                dp_size: int | None = None, progress: bool | str = True) -> list[list[float]]:
+    """Sum log-probability of every choice of every item (``scores[i][j]`` for item i, choice j).
+
+    Collective: every rank (all TP/PP/DP ranks) calls with the same items and gets all scores.
+    Each data-parallel rank forwards a disjoint slice; ``dp_rank``/``dp_size`` default to
+    megatron's data-parallel group (pass ``0``/``1`` to have every replica score everything).
+    ``max_length`` (default ``arch.max_position_embeddings``) left-truncates long inputs.
+    """
+    reqs, sizes = [], []
+    for it in items:
+        r = it.requests()
+        reqs += r
+        sizes.append(len(r))
+    flat = score_requests(stage, tokenizer, reqs, micro_batch_size=micro_batch_size,
+                          max_length=max_length, dp_rank=dp_rank, dp_size=dp_size,
+                          progress=progress)
+    out, k = [], 0
+    for n in sizes:
+        out.append(flat[k:k + n])
+        k += n
+    return out
+
+
+def predictions(items: Sequence[Item], scores: Sequence[Sequence[float]]) -> list[tuple[int, int]]:
+    """``(pred, pred_norm)`` per item: argmax of the sum log-probability, and of it divided by
+    the choice's length in characters (first index on ties, as ``numpy.argmax``)."""
+    out = []
+    for it, sc in zip(items, scores, strict=True):
+        lens = it.norm_lengths()
+        pred = max(range(len(sc)), key=lambda j: (sc[j], -j))
+        pred_norm = max(range(len(sc)), key=lambda j: (sc[j] / lens[j], -j))
+        out.append((pred, pred_norm))
+    return out
+
+
+def _stderr(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
+
+
+def accuracy(items: Sequence[Item], scores: Sequence[Sequence[float]]) -> dict:
+    """``acc`` (argmax of sum log-probability), ``acc_norm`` (of log-probability per character of
+    the choice), their standard errors (as the harness reports them) and ``n``."""
+    preds = predictions(items, scores)
+    n = len(items)
+    if n == 0:
+        return {"acc": float("nan"), "acc_norm": float("nan"), "n": 0}
+    acc = sum(p == it.label for (p, _), it in zip(preds, items)) / n
+    acc_norm = sum(q == it.label for (_, q), it in zip(preds, items)) / n
+    return {"acc": acc, "acc_norm": acc_norm, "acc_stderr": _stderr(acc, n),
+            "acc_norm_stderr": _stderr(acc_norm, n), "n": n}
+
+
+def evaluate_tasks(stage, tokenizer, tasks: Sequence[str], limit: int | None = None,
+                   num_fewshot: int = 0, *, seed: int = 1234, micro_batch_size: int = 8,
+                   max_length: int | None = None, split: str | dict | None = None, data_dir=None,
+                   dp_rank: int | None = None, dp_size: int | None = None,
+                   progress: bool = True) -> dict:
+    """Accuracy of the model on each task; collective (every rank calls and gets the result).
+
+    Returns ``{"results": {task: {acc, acc_norm, acc_stderr, acc_norm_stderr, n, split,
+    seconds}}, "settings": {...}}`` where the settings are everything needed to reproduce it.
+    ``split``: one split for every task, or ``{task: split}`` (e.g. ``{"mmlu": "test"}``); tasks
+    not named use their default (validation).
+    """
+    from megatron.core import parallel_state as ps
+
+    from .tasks import load_task, resolved_split
+
+    max_length = max_length or stage.arch.max_position_embeddings
+    results = {}
+    t_all = time.time()
+    for name in tasks:
+        t0 = time.time()
+        sp = split.get(name) if isinstance(split, dict) else split
+        items = load_task(name, limit=limit, num_fewshot=num_fewshot, seed=seed, split=sp,
+                          data_dir=data_dir)
+        scores = score_items(stage, tokenizer, items, micro_batch_size=micro_batch_size,
+                             max_length=max_length, dp_rank=dp_rank, dp_size=dp_size,
+                             progress=name if progress else False)
+        res = accuracy(items, scores)
+        res.update(split=resolved_split(name, sp), seconds=round(time.time() - t0, 2))
+        results[name] = res
+    dtype = str(getattr(stage.config, "params_dtype", "")).replace("torch.", "")
+    settings = {
+        "tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot, "fewshot_seed": seed,
+        "split": split, "micro_batch_size": micro_batch_size, "max_length": max_length,
+        "dtype": dtype, "tokenizer": getattr(tokenizer, "name_or_path", None),
+        "layout": {"tp": ps.get_tensor_model_parallel_world_size(),
+                   "pp": ps.get_pipeline_model_parallel_world_size(),
+                   "dp": ps.get_data_parallel_world_size() if dp_size is None else dp_size},
+        "scoring": "sum of continuation token log-probs (harness tokenisation); acc_norm divides "
+                   "by the choice's length in characters",
+        "seconds": round(time.time() - t_all, 2),
+    }
+    return {"results": results, "settings": settings}
