@@ -44,3 +44,33 @@ def test_block_removal_matches_rebuilt_models(single_rank):
 
 def test_best_block():
     assert best_block([3.0, 1.0, 2.0], 2, 4) == [0, 3]
+
+
+def test_block_removal_accuracy_matches_rebuilt_models(single_rank, tmp_path):
+    import json
+
+    from conftest import tiny_tokenizer
+    from nemo_minitron.evaluate.multiple_choice import accuracy, score_items
+    from nemo_minitron.evaluate.tasks import load_task
+    from nemo_minitron.pruning.depth import block_removal_accuracy
+
+    rows = [{"context": f"w{i} w{i + 1}", "choices": [f" w{i + 2}", f" w{i + 7} w9"], "label": i % 2}
+            for i in range(2, 14)]
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    items = load_task(f"jsonl:{path}")
+    hf = tiny_hf("gqa")
+    arch = arch_from_hf_config(hf.config)
+    sd = hf.state_dict()
+    stage = build_stage(arch)
+    load_state(stage, sd.__getitem__)
+    tok = tiny_tokenizer()
+    accs = block_removal_accuracy(stage, tok, items, 3, progress=False)
+    assert len(accs) == 2
+    full = identity_plan(arch)
+    for start, acc in enumerate(accs):
+        keep = [i for i in range(4) if not start <= i < start + 3]
+        plan = Plan(arch, full.hidden, full.ffn[0], full.groups[0], full.heads[0], keep)
+        small = build_stage(plan.target)
+        load_state(small, apply_plan(plan, sd).__getitem__)
+        assert accuracy(items, score_items(small, tok, items, progress=False))["acc_norm"] == acc

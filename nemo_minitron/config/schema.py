@@ -191,8 +191,13 @@ class PruneConfig:
     keep_layers: Optional[list[int]] = None
     """Explicit layers to keep (overrides target.num_layers and the depth criterion)."""
     depth: str = "block_importance"
-    """Depth criterion: block_importance (1 - cos, one calibration pass) or lm_loss (validation
-    loss with each contiguous block removed; also writes the loss-vs-block curve)."""
+    """Depth criterion: block_importance (1 - cos, one calibration pass), lm_loss (validation
+    loss with each contiguous block removed) or accuracy (downstream accuracy of depth_task with
+    each block removed); the last two also write the curve."""
+    depth_task: str = "winogrande"
+    """Multiple-choice task of depth=accuracy."""
+    depth_task_limit: Optional[int] = 200
+    """Items of depth_task per candidate block."""
     depth_batches: int = 4
     """Held-out micro-batches per candidate block for depth=lm_loss."""
     contiguous: bool = True
@@ -215,8 +220,8 @@ class PruneConfig:
     def __post_init__(self):
         from ..importance.scores import BATCH_AGGS, SEQUENCE_AGGS
 
-        if self.depth not in ("block_importance", "lm_loss"):
-            raise ValueError(f"prune.depth={self.depth!r}: use block_importance or lm_loss")
+        if self.depth not in ("block_importance", "lm_loss", "accuracy"):
+            raise ValueError(f"prune.depth={self.depth!r}: use block_importance, lm_loss or accuracy")
         if self.importance not in ("activation", "random"):
             raise ValueError(f"prune.importance={self.importance!r}: use activation or random")
         if self.seq_agg not in SEQUENCE_AGGS:

@@ -1,5 +1,6 @@
-"""Depth importance by LM loss: the validation loss with each contiguous block of ``n`` layers
-removed, for every start position (Minitron, arXiv 2407.14679 Fig. 5).
+"""Depth importance by LM loss or downstream accuracy: the validation loss (Minitron, arXiv
+2407.14679 Fig. 5) or a multiple-choice accuracy (Fig. 6; 2408.11796 picks the block by
+Winogrande) with each contiguous block of ``n`` layers removed, for every start position.
 
 Layers are skipped at forward time (megatron's ``decoder.layers`` is swapped for the kept
 subset on each pipeline stage, then restored), so no model is rebuilt per candidate.
@@ -45,6 +46,28 @@ def block_removal_losses(stage, batches: Sequence[dict], n: int, progress: bool 
         with skipping(stage, range(s, s + n)):
             losses.append(validation_loss(stage, batches)["loss"])
     return losses
+
+
+def block_removal_accuracy(stage, tokenizer, items, n: int, *, micro_batch_size: int = 8,
+                           progress: bool = True) -> list[float]:
+    """Multiple-choice accuracy (acc_norm) with layers [s, s+n) removed, for s = 0 .. L-n."""
+    from ..evaluate.multiple_choice import accuracy, score_items
+
+    L = stage.arch.num_layers
+    if not 0 < n < L:
+        raise ValueError(f"block size {n} must be in [1, {L - 1}]")
+    starts = range(L - n + 1)
+    if progress and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=f"depth: remove {n} layers (accuracy)", unit="block")
+    accs = []
+    for s in starts:
+        with skipping(stage, range(s, s + n)):
+            scores = score_items(stage, tokenizer, items, micro_batch_size=micro_batch_size,
+                                 progress=False)
+        accs.append(accuracy(items, scores)["acc_norm"])
+    return accs
 
 
 def best_block(losses: Sequence[float], n: int, num_layers: int) -> list[int]:

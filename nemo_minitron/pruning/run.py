@@ -24,7 +24,7 @@ def prune(job) -> dict:
     from ..data.packed import PackedSequences
     from ..importance.calibrate import batches_forward_loop, calibrate
     from ..report.plots import plot_depth_curve, plot_importance
-    from .depth import best_block, block_removal_losses
+    from .depth import best_block, block_removal_accuracy, block_removal_losses
     from ..runtime import dist
     from ..runtime.stage import load_checkpoint, save_checkpoint
     from .apply import apply_plan
@@ -70,9 +70,19 @@ def prune(job) -> dict:
                                     dp_rank=dp_rank, dp_size=dp))
             curve = block_removal_losses(stage, vb, n_drop)
             keep_layers = best_block(curve, n_drop, src.arch.num_layers)
+        elif keep_layers is None and p.depth == "accuracy" and n_drop > 0:
+            from ..evaluate.tasks import load_task
+
+            items = load_task(p.depth_task, limit=p.depth_task_limit)
+            accs = block_removal_accuracy(stage, src.tokenizer(), items, n_drop)
+            curve = [-a for a in accs]  # best block = the smallest accuracy drop
+            keep_layers = best_block(curve, n_drop, src.arch.num_layers)
         plan = make_plan(src.arch, imp, targets, keep_layers=keep_layers, contiguous=p.contiguous)
-        if curve is not None:
+        if curve is not None and p.depth == "lm_loss":
             plan.meta["depth_lm_loss"] = {"block": n_drop, "loss_by_start": curve}
+        elif curve is not None:
+            plan.meta["depth_accuracy"] = {"block": n_drop, "task": p.depth_task,
+                                           "acc_norm_by_start": [-c for c in curve]}
         plan.meta.update(parent=str(src.path), importance_mode="scores" if p.scores else p.importance)
         kept = [i for i in stage.layers if i in plan.layers]
 
@@ -91,8 +101,10 @@ def prune(job) -> dict:
             provenance={"stage": "prune", "parent": str(src.path), "importance": imp.meta,
                         "summary": summary},
             extra_files={"plan.json": plan.save, "importance.pt": imp.save,
-                         **({"depth_loss.png": lambda f: plot_depth_curve(curve, n_drop, f)}
-                            if curve is not None else {}),
+                         **({"depth_curve.png": lambda f: plot_depth_curve(
+                             curve if p.depth == "lm_loss" else [-c for c in curve], n_drop, f,
+                             ylabel="validation loss" if p.depth == "lm_loss"
+                             else f"{p.depth_task} acc_norm")} if curve is not None else {}),
                          "importance.png": lambda f: plot_importance(
                              imp, f, dropped_layers=plan.meta["dropped_layers"],
                              title=f"{job.model.name}: {src.arch.num_params() / 1e6:.1f}M -> "

@@ -41,15 +41,17 @@ def plot_importance(imp, path, *, dropped_layers=(), title: str = "") -> Path:
     return Path(path)
 
 
-def plot_depth_curve(losses, n: int, path) -> Path:
-    """Validation loss after removing layers [s, s+n) against the start s."""
+def plot_depth_curve(values, n: int, path, ylabel: str = "validation loss") -> Path:
+    """Validation loss (lower is better) or accuracy (higher) after removing layers [s, s+n)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(range(len(losses)), losses, marker="o")
-    best = min(range(len(losses)), key=lambda s: losses[s])
+    ax.plot(range(len(values)), values, marker="o")
+    better = min if "loss" in ylabel else max
+    best = better(range(len(values)), key=lambda s: values[s])
+    losses = values
     ax.scatter([best], [losses[best]], color="tab:red", zorder=3, label=f"removed: {best}..{best + n - 1}")
-    ax.set(title=f"LM loss with {n} contiguous layers removed", xlabel="first removed layer",
-           ylabel="validation loss")
+    ax.set(title=f"{ylabel} with {n} contiguous layers removed", xlabel="first removed layer",
+           ylabel=ylabel)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
