@@ -119,3 +119,26 @@ def test_finetune_lowers_loss(models, single_rank):
     assert len(vals) == 2 and vals[-1] < vals[0] + 0.5
     c = ckpt.Checkpoint(res["final"])
     assert c.meta["stage"] == "finetune" and c.arch.hidden_size == 96
+
+
+def test_resume_at_a_different_dp_size(models, single_rank):
+    """Saved at DP=1 after 2 of 4 steps, finished at DP=2: same weights as an all-DP=1 run."""
+    import shutil
+
+    from distill_layouts import job
+    from nemo_minitron.config.schema import TrainConfig
+    from nemo_minitron.distill.loop import train
+
+    t = models
+    j = job(t / "student", t / "teacher", t / "corpus", t / "dp1", 1, 1, steps=4)
+    j.train = TrainConfig(**{**vars(j.train), "save_interval": 2})
+    train(j, str(t / "teacher"), dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16), "distill")
+    (t / "dp2run").mkdir()
+    shutil.copytree(t / "dp1" / "checkpoints", t / "dp2run" / "checkpoints")
+    torchrun("distill_resume.py", 2, t / "student", t / "teacher", t / "corpus", t / "dp2run")
+    a, b = ckpt.Checkpoint(t / "dp1" / "final"), ckpt.Checkpoint(t / "dp2run" / "final")
+    assert b.meta["step"] == 4
+    for k in a.keys():
+        assert torch.allclose(a.get(k), b.get(k), atol=1e-5), k
+    rows = metrics(t / "dp2run")
+    assert [r["step"] for r in rows if "loss" in r] == [3, 4]  # only the remaining steps ran
