@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--gbs", type=int, default=4)
     ap.add_argument("--eval-batches", type=int, default=16)
+    ap.add_argument("--calib", type=int, default=256, help="calibration samples for pruning")
     args = ap.parse_args()
     from nemo_minitron import defaults
 
@@ -64,7 +65,7 @@ def main() -> None:
     h = lambda name: f"hydra.run.dir={out}/hydra/{name}"  # noqa: E731
     t0 = time.time()
     if not (out / "width").exists():
-        minitron("prune", "prune=half_width", "prune.calib_samples=256", *seq,
+        minitron("prune", "prune=half_width", f"prune.calib_samples={args.calib}", *seq,
                  f"output={out}/width", h("width"))
     if not (out / "depth").exists():  # similar size by layers: ~14 of 30 keep ~half non-embedding
         minitron("prune", "prune=none", "prune.target.num_layers=14", "prune.calib_samples=64",
