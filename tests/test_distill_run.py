@@ -68,7 +68,7 @@ def minitron(*args, **kw):
 def distill_args(t, out):
     return ["distill", f"model.checkpoint={t / 'student'}", f"kd.teacher={t / 'teacher'}",
             f"data.prefix={t / 'corpus'}", "data.seq_length=32", "data.valid_fraction=0.1",
-            "train.steps=30", "train.global_batch_size=4", "train.micro_batch_size=2",
+            "train.steps=60", "train.global_batch_size=4", "train.micro_batch_size=2",
             "train.lr=1e-3", "train.warmup_steps=1", "train.save_interval=2",
             "train.log_interval=1", "train.eval_interval=0", f"output={out}",
             f"hydra.run.dir={out}_hydra"]
@@ -83,7 +83,11 @@ def test_killed_run_resumes_to_identical_weights(models):
 
     p = minitron(*distill_args(t, t / "killed"), start_new_session=True)
     deadline = time.time() + 600
-    while not (t / "killed" / "checkpoints" / "step_0000004").exists():
+    def saved_past_step_4():  # older checkpoints are deleted (keep 2): look for any >= 4
+        return any(int(p.name[5:]) >= 4 for p in (t / "killed" / "checkpoints").glob("step_*")
+                   if (p / "train_state" / "state.json").is_file())
+
+    while not ((t / "killed" / "checkpoints").is_dir() and saved_past_step_4()):
         assert p.poll() is None and time.time() < deadline, "run ended before it could be killed"
         time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL)

@@ -67,6 +67,9 @@ def read_env(environ=None) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", _free_port())
 
 
+_NESTED = 0  # inits that reused a layout set up by an enclosing caller
+
+
 def launched_world_size(environ=None) -> int:
     """Number of ranks the launcher (torchrun, srun) started; 1 for a plain process."""
     env = os.environ if environ is None else environ
@@ -128,9 +131,15 @@ def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> Di
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank, world_size=env.world_size,
             timeout=datetime.timedelta(seconds=timeout_s))
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    global _NESTED
+    if (ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() == tp
+            and ps.get_pipeline_model_parallel_world_size() == pp):
+        _NESTED += 1  # a caller already set up this layout: use it, and leave it to them
+    else:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        _NESTED = 0
     from megatron.core import tensor_parallel
 
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -138,11 +147,16 @@ def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> Di
 
 
 def release() -> None:
-    """Drop megatron's model-parallel groups; the process group stays for the caller's next stage.
+    """Undo the matching :func:`init`: drop megatron's model-parallel groups if that init made
+    them (an init that found the same layout already set up leaves it to its owner).
 
     Library stages call this when done; only the process entry point (:func:`shutdown`) tears
     down torch.distributed, since re-creating a process group in the same job is not reliable.
     """
+    global _NESTED
+    if _NESTED > 0:
+        _NESTED -= 1
+        return
     ps = sys.modules.get("megatron.core.parallel_state")  # never imported: nothing to release
     if ps is not None and ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -150,6 +164,8 @@ def release() -> None:
 
 def shutdown() -> None:
     """End of the process: model-parallel groups and the process group."""
+    global _NESTED
+    _NESTED = 0
     release()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
