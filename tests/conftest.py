@@ -105,3 +105,25 @@ def single_rank():
 
     dist.init(1, 1)
     yield
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    """The embedded SmolLM2-135M teacher checkpoint (installed by scripts/setup.sh)."""
+    from nemo_minitron import defaults
+
+    path = defaults.checkpoint_dir()
+    assert (path / "minitron.json").is_file(), (
+        f"default teacher missing at {path}: run `python -m nemo_minitron.assets install`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_teacher(teacher, tmp_path_factory):
+    """The teacher exported to Hugging Face and loaded with stock transformers (fp32, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    from nemo_minitron.convert.hf import export_hf
+
+    out = export_hf(str(teacher), tmp_path_factory.mktemp("smol") / "hf")
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -14,7 +14,6 @@ import random
 import pytest
 import torch
 
-from nemo_minitron import defaults
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.evaluate.multiple_choice import accuracy, predictions, score_items
@@ -149,21 +148,8 @@ REAL_LIMIT = 20
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    path = defaults.checkpoint_dir()
-    assert (path / "minitron.json").is_file(), (
-        f"default teacher missing at {path}: run `python -m nemo_minitron.assets install`")
-    return path
-
-
-@pytest.fixture(scope="module")
-def real_scores(teacher, tmp_path_factory, single_rank):
-    from transformers import AutoModelForCausalLM
-
-    from nemo_minitron.convert.hf import export_hf
-
-    out = export_hf(str(teacher), tmp_path_factory.mktemp("smol_mc") / "hf")
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+def real_scores(teacher, hf_teacher, single_rank):
+    hf = hf_teacher
     stage, c = load_checkpoint(teacher)
     tok = c.tokenizer()
     res = {}

@@ -14,7 +14,6 @@ import torch
 
 from nemo_minitron import defaults
 from nemo_minitron.convert.checkpoint import Checkpoint
-from nemo_minitron.convert.hf import export_hf
 from nemo_minitron.data.packed import PackedSequences
 from nemo_minitron.evaluate.loss import validation_loss
 from nemo_minitron.runtime.forward import gather_logits, run_forward
@@ -23,22 +22,6 @@ from nemo_minitron.runtime.stage import load_checkpoint
 from conftest import ROOT
 
 SEQ = 128
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    path = defaults.checkpoint_dir()
-    assert (path / "minitron.json").is_file(), (
-        f"default teacher missing at {path}: run `python -m nemo_minitron.assets install`")
-    return path
-
-
-@pytest.fixture(scope="module")
-def hf_teacher(teacher, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    out = export_hf(str(teacher), tmp_path_factory.mktemp("smol") / "hf")
-    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

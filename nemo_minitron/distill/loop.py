@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -140,7 +139,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
     from ..evaluate.loss import validation_loss
     from ..runtime import dist
     from ..runtime.forward import on_device
-    from ..runtime.stage import load_checkpoint, load_state, save_checkpoint
+    from ..runtime.stage import load_checkpoint, save_checkpoint
     from . import train_state
     from .losses import check_vocab
     from .pair import DistillPair

@@ -11,7 +11,6 @@ megatron-core activations are [seq, batch, ...]; they are transposed to [batch, 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
