@@ -135,3 +135,8 @@ def test_evaluate_with_tasks(tmp_path):
     assert res["tasks"]["settings"]["num_fewshot"] == 0
     p = minitron("evaluate", "eval.tasks=[arcc]")
     assert p.returncode == 2 and "eval.tasks: unknown ['arcc']" in p.stderr
+
+
+def test_distill_refuses_the_teacher_as_student(tmp_path):
+    p = minitron("distill", f"output={tmp_path}/kd")
+    assert p.returncode == 2 and "model.checkpoint is the teacher itself" in p.stderr

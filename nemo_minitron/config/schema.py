@@ -344,6 +344,9 @@ class DistillJob(FinetuneJob):
         super().__post_init__()
         if not self.kd.teacher:
             raise ValueError("kd.teacher=<checkpoint dir> is required: the model to distill from")
+        if Path(self.kd.teacher).expanduser().resolve() == Path(self.model.checkpoint).expanduser().resolve():
+            raise ValueError("model.checkpoint is the teacher itself; set model.checkpoint to the "
+                             "student, e.g. the output directory of `minitron prune`")
 
 
 @dataclass
