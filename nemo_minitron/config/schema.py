@@ -167,8 +167,7 @@ class EvaluateJob:
 
     def __post_init__(self):
         _need_checkpoint(self.model)
-        if not self.data.prefix:
-            raise ValueError("data.prefix is required: an indexed dataset written by `minitron data`")
+        _need_data(self.data)
 
 
 @dataclass
@@ -332,8 +331,7 @@ class FinetuneJob:
         _need_checkpoint(self.model)
         if not self.output:
             raise ValueError("output=<dir> is required: the training run directory")
-        if not self.data.prefix:
-            raise ValueError("data.prefix is required: an indexed dataset written by `minitron data`")
+        _need_data(self.data)
 
 
 @dataclass
@@ -383,8 +381,12 @@ class PipelineJob:
         _need_checkpoint(self.model)
         if not self.output:
             raise ValueError("output=<dir> is required: the pipeline's run directory")
-        if not self.data.prefix:
-            raise ValueError("data.prefix is required: an indexed dataset written by `minitron data`")
+        _need_data(self.data)
+
+
+def _need_data(data: DataConfig) -> None:
+    if not data.prefix:
+        raise ValueError("data.prefix is required: an indexed dataset written by `minitron data`")
 
 
 def _need_checkpoint(model: ModelConfig) -> None:
