@@ -22,6 +22,16 @@ def batches(vocab, n=2, seed=2):
     return out
 
 
+def rebuilt_without(arch, sd, start, n):
+    """A stage built from scratch without layers [start, start+n), via plan + apply."""
+    full = identity_plan(arch)
+    keep = [i for i in range(arch.num_layers) if not start <= i < start + n]
+    plan = Plan(arch, full.hidden, full.ffn[0], full.groups[0], full.heads[0], keep)
+    small = build_stage(plan.target)
+    load_state(small, apply_plan(plan, sd).__getitem__)
+    return small
+
+
 def test_block_removal_matches_rebuilt_models(single_rank):
     hf = tiny_hf("gqa")
     arch = arch_from_hf_config(hf.config)
@@ -31,13 +41,8 @@ def test_block_removal_matches_rebuilt_models(single_rank):
     b = batches(arch.vocab_size)
     curve = block_removal_losses(stage, b, 2, progress=False)
     assert len(curve) == 3
-    full = identity_plan(arch)
     for start, loss in enumerate(curve):
-        keep = [i for i in range(4) if not start <= i < start + 2]
-        plan = Plan(arch, full.hidden, full.ffn[0], full.groups[0], full.heads[0], keep)
-        small = build_stage(plan.target)
-        load_state(small, apply_plan(plan, sd).__getitem__)
-        assert abs(validation_loss(small, b)["loss"] - loss) < 1e-5
+        assert abs(validation_loss(rebuilt_without(arch, sd, start, 2), b)["loss"] - loss) < 1e-5
     # the model is intact afterwards
     assert len(stage.model.decoder.layers) == 4
 
@@ -67,10 +72,6 @@ def test_block_removal_accuracy_matches_rebuilt_models(single_rank, tmp_path):
     tok = tiny_tokenizer()
     accs = block_removal_accuracy(stage, tok, items, 3, progress=False)
     assert len(accs) == 2
-    full = identity_plan(arch)
     for start, acc in enumerate(accs):
-        keep = [i for i in range(4) if not start <= i < start + 3]
-        plan = Plan(arch, full.hidden, full.ffn[0], full.groups[0], full.heads[0], keep)
-        small = build_stage(plan.target)
-        load_state(small, apply_plan(plan, sd).__getitem__)
+        small = rebuilt_without(arch, sd, start, 3)
         assert accuracy(items, score_items(small, tok, items, progress=False))["acc_norm"] == acc

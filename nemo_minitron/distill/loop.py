@@ -17,7 +17,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +65,17 @@ def make_loss_func(spec: LossSpec):
 
 def reduce_reports(reports: list[dict]) -> dict[str, float]:
     """Token-weighted means of the last stage's reports, the same on every rank."""
-    from megatron.core import parallel_state as ps
+    from ..runtime.forward import sum_from_last_stage
 
     names = ["loss", "kd", "lm"]
-    t = torch.zeros(len(names), 2, dtype=torch.float64)
-    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+
+    def fill(t):
         for r in reports:
             for i, n in enumerate(names):
                 if n in r:
                     t[i] += r[n].detach().double().cpu()
-    if tdist.is_initialized():
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        tt = t.to(dev) if dev else t
-        tdist.all_reduce(tt)
-        t = tt.cpu()
+
+    t = sum_from_last_stage(fill, (len(names), 2))
     return {n: (t[i, 0] / t[i, 1]).item() for i, n in enumerate(names) if t[i, 1] > 0}
 
 

@@ -6,9 +6,8 @@ import math
 from typing import Iterable
 
 import torch
-import torch.distributed as tdist
 
-from ..runtime.forward import on_device, run_forward, token_losses
+from ..runtime.forward import on_device, run_forward, sum_from_last_stage, token_losses
 
 
 def validation_loss(stage, batches: Iterable[dict], progress: str | None = None) -> dict:
@@ -16,8 +15,6 @@ def validation_loss(stage, batches: Iterable[dict], progress: str | None = None)
 
     Each data-parallel rank passes its own batches; results are summed over DP replicas.
     """
-    from megatron.core import parallel_state as ps
-
     vocab = stage.arch.vocab_size
 
     def on_logits(logits, batch):
@@ -26,17 +23,11 @@ def validation_loss(stage, batches: Iterable[dict], progress: str | None = None)
         return {"loss_sum": (losses * mask).sum().double(), "tokens": mask.sum().double()}
 
     outs = run_forward(stage, (on_device(b) for b in batches), on_logits, progress=progress)
-    total = torch.zeros(2, dtype=torch.float64)
-    contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-    if contributes:
+    def fill(total):
         for o in outs:
             total += torch.stack([o["loss_sum"].cpu(), o["tokens"].cpu()])
-    if tdist.is_initialized():
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        t = total.to(dev) if dev else total
-        tdist.all_reduce(t)
-        total = t.cpu()
-    loss_sum, tokens = total.tolist()
+
+    loss_sum, tokens = sum_from_last_stage(fill, 2).tolist()
     if tokens == 0:
         raise ValueError("validation saw no tokens; give more data or fewer batches")
     loss = loss_sum / tokens

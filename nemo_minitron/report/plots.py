@@ -48,8 +48,7 @@ def plot_depth_curve(values, n: int, path, ylabel: str = "validation loss") -> P
     ax.plot(range(len(values)), values, marker="o")
     better = min if "loss" in ylabel else max
     best = better(range(len(values)), key=lambda s: values[s])
-    losses = values
-    ax.scatter([best], [losses[best]], color="tab:red", zorder=3, label=f"removed: {best}..{best + n - 1}")
+    ax.scatter([best], [values[best]], color="tab:red", zorder=3, label=f"removed: {best}..{best + n - 1}")
     ax.set(title=f"{ylabel} with {n} contiguous layers removed", xlabel="first removed layer",
            ylabel=ylabel)
     ax.legend()

@@ -75,6 +75,22 @@ def run_forward(stage, batches: Iterable[dict], on_logits: Callable[[torch.Tenso
             num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=True)
 
 
+def sum_from_last_stage(fill: Callable[[torch.Tensor], None], shape) -> torch.Tensor:
+    """Sum of float64 tensors filled by ``fill`` on each last-stage, TP-rank-0 rank (one per DP
+    replica; the others contribute zeros), all-reduced so every rank gets the same total."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros(shape, dtype=torch.float64)
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        fill(total)
+    if torch.distributed.is_initialized():
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        t = total.to(dev) if dev else total
+        torch.distributed.all_reduce(t)
+        total = t.cpu()
+    return total
+
+
 def on_device(batch: dict) -> dict:
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     if dev is None:
