@@ -19,12 +19,20 @@ STAGES = {
     "data": ("nemo_minitron.cli.data", "text/JSONL/Wikipedia -> indexed dataset (.bin/.idx)"),
     "evaluate": ("nemo_minitron.cli.evaluate", "validation loss and perplexity of a checkpoint"),
     "prune": ("nemo_minitron.cli.prune", "activation-importance width/depth pruning to targets"),
+    "search": ("nemo_minitron.cli.search", "rank architectures at a parameter budget by short distillation"),
     "distill": ("nemo_minitron.cli.distill", "train a student from a co-located frozen teacher"),
     "finetune": ("nemo_minitron.cli.finetune", "teacher correction: LM-loss training on the corpus"),
     "pipeline": ("nemo_minitron.cli.pipeline", "correct -> prune -> distill -> evaluate -> export, in rounds"),
+    "report": ("nemo_minitron.cli.report", "compare runs side by side: Markdown table + loss curves"),
+    "lm_eval": ("nemo_minitron.evaluate.lm_eval_adapter", "lm-evaluation-harness tasks on a checkpoint"),
 }
+# Stages that parse their own arguments instead of being Hydra apps (positional paths, or another
+# tool's command line); `minitron <stage> --help` prints their usage.
+PLAIN_STAGES = frozenset({"report", "lm_eval"})
 
 USAGE = """usage: minitron <stage> [key=value ...] [--help] [--cfg job] [-m]
+       minitron report RUN_DIR [RUN_DIR ...] [output=FILE.md]
+       minitron lm_eval --model_args checkpoint=DIR --tasks TASK[,TASK] [lm_eval options]
 
 Minitron compression toolkit: prune and distill LLMs on megatron-core.
 
@@ -33,6 +41,8 @@ stages:
 
 Each stage is a Hydra app configured from conf/<stage>.yaml; `minitron <stage> --help` shows its
 config and groups, `minitron <stage> --cfg job` prints the resolved config without running.
+`report` and `lm_eval` are not Hydra apps: they take plain arguments (run directories; the
+lm-evaluation-harness command line) and `--help` prints their own usage.
 Distributed: torchrun --nproc-per-node=N -m nemo_minitron <stage> parallel.tp=2 ...
 """
 

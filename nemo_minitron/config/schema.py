@@ -348,10 +348,102 @@ class DistillJob(FinetuneJob):
 
 
 @dataclass
+class SearchConfig:
+    budget: Optional[float] = None
+    """Target parameter count: a fraction of the source (<= 1, e.g. 0.6) or absolute (e.g. 4.5e9)."""
+    tolerance: float = 0.05
+    """Candidates lie within budget * (1 +- tolerance)."""
+    count_embeddings: bool = True
+    """The budget counts embedding and output-layer parameters (False: non-embedding only)."""
+    axes: list[str] = field(default_factory=lambda: ["num_layers", "hidden_size",
+                                                     "ffn_hidden_size", "attention"])
+    """Axes the search may shrink (attention = heads and query groups together)."""
+    num_layers: Optional[list[int]] = None
+    hidden_size: Optional[list[int]] = None
+    ffn_hidden_size: Optional[list[int]] = None
+    num_attention_heads: Optional[list[int]] = None
+    num_query_groups: Optional[list[int]] = None
+    """Explicit allowed values of an axis (default: generated from the steps and limits)."""
+    layer_step: int = 2
+    hidden_multiple: int = 64
+    """Hidden sizes tried are multiples of this (hardware-friendly; 128 or 256 on GPUs)."""
+    ffn_multiple: int = 128
+    min_fraction: dict[str, float] = field(default_factory=lambda: {
+        "num_layers": 0.5, "hidden_size": 0.5, "ffn_hidden_size": 0.25,
+        "num_attention_heads": 0.5})
+    """How far each axis may shrink, as a fraction of the source."""
+    max_candidates: int = 6
+    """Candidates to prune and distill (nearest the budget, spread over depths)."""
+    steps: int = 20
+    """Short distillation steps per candidate (the paper's rankings settle after ~300)."""
+    rank_by: str = "val_loss"
+    """val_loss, or a task of eval.tasks (ranked by its acc_norm)."""
+    confirm_top: int = 0
+    """Also distill the best N for confirm_steps, to check the short ranking (0: skip)."""
+    confirm_steps: int = 100
+    only: Optional[list[int]] = None
+    """Run only these candidate indices (for a Hydra multirun over a cluster); rank later."""
+    plan_only: bool = False
+    """Write candidates.json (the enumeration) and stop: no calibration, no training."""
+
+    def __post_init__(self):
+        if self.budget is not None and self.budget <= 0:
+            raise ValueError(f"search.budget={self.budget} must be > 0: a fraction of the "
+                             "source's parameters (e.g. 0.6) or an absolute count (e.g. 4.5e9)")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"search.tolerance={self.tolerance} must be in (0, 1)")
+        for k in ("steps", "max_candidates", "layer_step", "hidden_multiple", "ffn_multiple"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"search.{k}={getattr(self, k)} must be >= 1")
+        if self.confirm_top < 0 or self.confirm_steps < 1:
+            raise ValueError("search.confirm_top must be >= 0 and search.confirm_steps >= 1")
+
+
+@dataclass
+class SearchJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """Calibration and depth settings (targets come from the search)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Distillation settings of every candidate (steps come from search.steps)."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    output: Optional[str] = None
+    """Search directory; complete candidates there are skipped (resume)."""
+
+    def __post_init__(self):
+        _need_checkpoint(self.model)
+        if not self.output:
+            raise ValueError("output=<dir> is required: the search's run directory")
+        _need_data(self.data)
+        if self.search.budget is None:
+            raise ValueError("search.budget is required: e.g. search.budget=0.6 (60% of the "
+                             "source's parameters) or search.budget=4.5e9")
+        _check_rank_by(self.search, self.eval)
+
+
+def _check_rank_by(search: SearchConfig, ev: EvalConfig) -> None:
+    if search.rank_by != "val_loss" and search.rank_by not in ev.tasks:
+        raise ValueError(f"search.rank_by={search.rank_by!r} must be val_loss or one of "
+                         f"eval.tasks={list(ev.tasks)}; add it to eval.tasks")
+
+
+@dataclass
 class RoundConfig:
     target: PruneTargetConfig = field(default_factory=PruneTargetConfig)
     """Pruning targets of this round (its teacher is the previous round's distilled student)."""
+    budget: Optional[float] = None
+    """Instead of targets: search architectures at this parameter budget (fraction of this
+    round's teacher, or absolute), with the settings of `search`."""
     name: Optional[str] = None
+
+    def __post_init__(self):
+        if self.budget is not None and any(v is not None for v in vars(self.target).values()):
+            raise ValueError("a round sets either target (explicit architecture) or budget "
+                             "(architecture search), not both")
 
 
 @dataclass
@@ -373,6 +465,8 @@ class PipelineJob:
     train: TrainConfig = field(default_factory=TrainConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """Search settings of rounds that give a budget instead of targets."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     output: Optional[str] = None
     """Run directory; stages whose outputs are complete there are skipped (resume)."""
@@ -382,6 +476,8 @@ class PipelineJob:
         if not self.output:
             raise ValueError("output=<dir> is required: the pipeline's run directory")
         _need_data(self.data)
+        if any(r.budget is not None for r in self.pipeline.rounds):
+            _check_rank_by(self.search, self.eval)
 
 
 def _need_data(data: DataConfig) -> None:
@@ -399,7 +495,8 @@ def _need_checkpoint(model: ModelConfig) -> None:
 SCHEMAS = {"import": ("import", ImportJob), "export": ("export", ExportJob),
            "data": ("data_prep", DataJob), "evaluate": ("evaluate", EvaluateJob),
            "prune": ("prune", PruneJob), "finetune": ("finetune", FinetuneJob),
-           "distill": ("distill", DistillJob), "pipeline": ("pipeline", PipelineJob)}
+           "distill": ("distill", DistillJob), "search": ("search", SearchJob),
+           "pipeline": ("pipeline", PipelineJob)}
 
 
 def _cache(rel: str = "") -> str:

@@ -22,7 +22,6 @@ def prune(job) -> dict:
     from megatron.core import parallel_state as ps
 
     from ..data.packed import PackedSequences
-    from ..importance.calibrate import batches_forward_loop, calibrate
     from ..report.plots import plot_depth_curve, plot_importance
     from .depth import best_block, block_removal_accuracy, block_removal_losses
     from ..runtime import dist
@@ -44,21 +43,7 @@ def prune(job) -> dict:
     try:
         t0 = time.time()
         stage, _ = load_checkpoint(job.model.checkpoint, job.model.dtype)
-        if p.scores:
-            imp = Importance.load(p.scores)
-        elif p.importance == "random":
-            imp = random_importance(src.arch, p.seed)
-        else:
-            dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-            gb = p.micro_batch_size * dp
-            n = min(math.ceil(p.calib_samples / gb), len(data) // gb)
-            if n * gb < p.calib_samples:
-                log.warning("calibration: the training split holds %d samples of %d tokens; "
-                            "using %d instead of %d", len(data), job.data.seq_length, n * gb,
-                            p.calib_samples)
-            batches = data.batches(p.micro_batch_size, num_batches=n, dp_rank=dp_rank, dp_size=dp)
-            imp = calibrate(stage, batches_forward_loop(stage, batches), seq_agg=p.seq_agg,
-                            batch_agg=p.batch_agg)
+        imp = importance_for(job, stage, src.arch, data)
         t_cal = time.time() - t0
         keep_layers, curve = p.keep_layers, None
         n_drop = src.arch.num_layers - (p.target.num_layers or src.arch.num_layers)
@@ -114,5 +99,57 @@ def prune(job) -> dict:
                      src.path, out, summary["source_params"] / 1e6, summary["target_params"] / 1e6,
                      summary["source_non_embedding"] / 1e6, summary["target_non_embedding"] / 1e6)
         return {"checkpoint": str(out), **summary}
+    finally:
+        dist.release()
+
+
+def importance_for(job, stage, arch, data):
+    """The job's importance scores: loaded (prune.scores), random, or calibrated on ``data``."""
+    from megatron.core import parallel_state as ps
+
+    from ..importance.calibrate import batches_forward_loop, calibrate
+
+    p = job.prune
+    if p.scores:
+        return Importance.load(p.scores)
+    if p.importance == "random":
+        return random_importance(arch, p.seed)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    gb = p.micro_batch_size * dp
+    n = min(math.ceil(p.calib_samples / gb), len(data) // gb)
+    if n * gb < p.calib_samples:
+        log.warning("calibration: the training split holds %d samples of %d tokens; "
+                    "using %d instead of %d", len(data), job.data.seq_length, n * gb,
+                    p.calib_samples)
+    batches = data.batches(p.micro_batch_size, num_batches=n, dp_rank=dp_rank, dp_size=dp)
+    return calibrate(stage, batches_forward_loop(stage, batches), seq_agg=p.seq_agg,
+                     batch_agg=p.batch_agg)
+
+
+def calibrate_to(job, path) -> Importance:
+    """Calibrate the job's model once and save the scores to ``path`` (atomically, on rank 0):
+    the architecture search prunes every candidate from these."""
+    from pathlib import Path
+
+    from ..data.packed import PackedSequences
+    from ..runtime import dist
+    from ..runtime.stage import load_checkpoint
+
+    src = ckpt.Checkpoint(job.model.checkpoint)
+    src.arch.check_parallel(job.parallel.tp, job.parallel.pp)
+    data = PackedSequences(job.data.prefix, job.data.seq_length, split="train",
+                           valid_fraction=job.data.valid_fraction) \
+        if job.prune.importance == "activation" and not job.prune.scores else None
+    dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s)
+    try:
+        stage, _ = load_checkpoint(job.model.checkpoint, job.model.dtype)
+        imp = importance_for(job, stage, src.arch, data)
+        if dist.is_rank0():
+            path = Path(path)
+            tmp = path.with_name(path.name + ".tmp")
+            imp.save(tmp)
+            tmp.replace(path)
+        dist.barrier()
+        return imp
     finally:
         dist.release()

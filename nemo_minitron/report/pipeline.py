@@ -34,8 +34,14 @@ def write_report(out: Path, summary: dict) -> Path:
         if metrics.is_file():
             plot_training(metrics, rd / "training.png", title=f"{r['name']}: distillation")
             lines += [f"![training]({r['name']}/training.png)", ""]
-        if (rd / "pruned" / "importance.png").is_file():
-            lines += [f"![importance]({r['name']}/pruned/importance.png)", ""]
+        pruned = Path(r.get("pruned_dir") or rd / "pruned")
+        if (pruned / "importance.png").is_file():
+            rel = pruned.relative_to(out) if pruned.is_relative_to(out) else pruned
+            lines += [f"![importance]({rel}/importance.png)", ""]
+        if r.get("search"):
+            s = r["search"]
+            lines += [f"Architecture chosen by search: candidate {s['index']} `{s['name']}` "
+                      f"(table: [{r['name']}/search/search.md]({r['name']}/search/search.md))", ""]
     if summary.get("stage_seconds"):
         lines += ["## Stage times (this invocation)", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in summary["stage_seconds"].items()]

@@ -173,3 +173,9 @@ def shutdown() -> None:
 
 def is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process): e.g. after rank 0 wrote a shared file."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()

@@ -1,0 +1,77 @@
+"""Stage bookkeeping shared by the jobs that chain stages (pipeline, search).
+
+A stage's output is complete when its checkpoint's ``minitron.json`` (written last, atomically) or
+its results file exists; complete stages are skipped, so an interrupted job resumes where it
+stopped. Results files are written by rank 0 only, then every rank waits and reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+from .convert import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+
+def complete(path: Path) -> bool:
+    return (Path(path) / ckpt.META).is_file()
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON write on rank 0; all ranks return once the file is there."""
+    from .runtime import dist
+
+    path = Path(path)
+    if dist.is_rank0():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        tmp.replace(path)
+    dist.barrier()
+
+
+class Stages:
+    """Runs named stages unless done; records how long each one took in this invocation."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, done: bool, fn) -> None:
+        from .runtime import dist
+
+        if done:
+            if dist.is_rank0():
+                log.info("[%s] complete, skipped", name)
+            return
+        t = time.time()
+        if dist.is_rank0():
+            log.info("[%s] running", name)
+        fn()
+        self.seconds[name] = round(time.time() - t, 1)
+
+    def evaluate(self, name: str, checkpoint, path: Path, job, ev=None) -> dict:
+        """Validation loss (and tasks) of ``checkpoint`` into ``path``; returns the results."""
+        from .evaluate.run import evaluate_checkpoint
+
+        path = Path(path)
+        self.run(f"evaluate {name}", path.is_file(), lambda: write_json(path, evaluate_checkpoint(
+            str(checkpoint), job.parallel, job.data, ev or job.eval, job.model.dtype)))
+        return json.loads(path.read_text())
+
+
+def with_checkpoint(model, checkpoint):
+    return dataclasses.replace(model, checkpoint=str(checkpoint))
+
+
+def kd_spec(kd) -> dict:
+    """The loss settings `distill.loop.train` takes from a KDConfig."""
+    return dict(logit_weight=kd.logit_weight, lm_weight=kd.lm_weight, temperature=kd.temperature,
+                kind=kd.kind, top_k=kd.top_k, chunk_tokens=kd.chunk_tokens)
+
+
+def task_scores(result: dict, metric: str = "acc_norm") -> dict:
+    return {t: r[metric] for t, r in result.get("tasks", {}).get("results", {}).items()}

@@ -1,0 +1,189 @@
+"""`minitron search`: rank candidate architectures by a short distillation of each.
+
+One calibration gives the importance scores every candidate is pruned from. Each selected
+candidate is pruned, evaluated (loss before retraining), distilled for ``search.steps`` and
+evaluated again; candidates are ranked by that validation loss (or a task's accuracy). With
+``search.confirm_top`` the best few are also distilled for ``search.confirm_steps``, and the table
+shows whether the short ranking held. Everything lands under ``output/``::
+
+    importance.pt  candidates.json  search.md  search.png  chosen.json
+    cand_<i>/pruned  cand_<i>/distill  cand_<i>/eval_pruned.json  cand_<i>/eval.json
+    cand_<i>/confirm  cand_<i>/eval_confirm.json
+
+Stages already complete are skipped, so a search resumes, and ``search.only=[i, ...]`` runs a
+subset: a Hydra multirun (``-m search.only=0,1,2``) spreads candidates over cluster jobs, and a
+last plain run ranks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from ..config.schema import DistillJob, PruneJob, PruneTargetConfig
+from ..convert import checkpoint as ckpt
+from ..runs import Stages, complete, kd_spec, task_scores, with_checkpoint, write_json
+from .rank import kendall_tau, rank_results
+from .space import Space, describe_empty, enumerate_candidates, select
+
+log = logging.getLogger(__name__)
+
+
+def space_of(cfg) -> Space:
+    return Space(budget=cfg.budget, tolerance=cfg.tolerance, count_embeddings=cfg.count_embeddings,
+                 axes=tuple(cfg.axes), num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                 ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads,
+                 num_query_groups=cfg.num_query_groups, layer_step=cfg.layer_step,
+                 hidden_multiple=cfg.hidden_multiple, ffn_multiple=cfg.ffn_multiple,
+                 min_fraction=dict(cfg.min_fraction))
+
+
+def plan_candidates(job):
+    """(all candidates in the band, the ones to train); raises before any heavy work."""
+    s = job.search
+    src = ckpt.Checkpoint(job.model.checkpoint)
+    src.arch.check_parallel(job.parallel.tp, job.parallel.pp)
+    space = space_of(s)
+    found = enumerate_candidates(src.arch, space, job.parallel.tp, job.parallel.pp)
+    if not found:
+        raise ValueError(describe_empty(src.arch, space, job.parallel.tp, job.parallel.pp))
+    chosen = select(found, s.max_candidates)
+    if s.only is not None:
+        known = {c.index for c in chosen}
+        bad = sorted(set(s.only) - known)
+        if bad:
+            raise ValueError(f"search.only={list(s.only)}: {bad} are not selected candidates; the "
+                             f"selected ones are {sorted(known)} (see candidates.json, or run with "
+                             "search.plan_only=true)")
+    return src, found, chosen
+
+
+def run_search(job) -> dict:
+    from ..distill.loop import train
+    from ..pruning.run import calibrate_to, prune
+    from ..runtime import dist
+
+    s = job.search
+    src, found, chosen = plan_candidates(job)
+    out = Path(job.output)
+    if dist.is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    budget = {"budget": s.budget, "count_embeddings": s.count_embeddings,
+              "source_params": src.arch.num_params(embeddings=s.count_embeddings),
+              "tolerance": s.tolerance}
+    selected = {c.index for c in chosen}
+    write_json(out / "candidates.json", {
+        "source": str(src.path), **budget,
+        "candidates": [{**c.to_dict(), "selected": c.index in selected} for c in found]})
+    if dist.is_rank0():
+        log.info("search: %d architectures within %.0f%% of the budget; training %d: %s",
+                 len(found), 100 * s.tolerance, len(chosen), ", ".join(c.name() for c in chosen))
+    if s.plan_only:
+        return {"candidates": [c.to_dict() for c in found], "selected": sorted(selected)}
+
+    stages = Stages()
+    scores = Path(job.prune.scores) if job.prune.scores else out / "importance.pt"
+    calib = PruneJob(model=job.model, parallel=job.parallel, data=job.data, prune=job.prune,
+                     output=str(out / "unused"))
+    stages.run("calibrate", scores.is_file(), lambda: calibrate_to(calib, scores))
+    teacher = job.model.checkpoint
+    todo = [c for c in chosen if s.only is None or c.index in s.only]
+
+    def distill(pruned: Path, run_dir: Path, steps: int, label: str):
+        dj = DistillJob(model=with_checkpoint(job.model, pruned), parallel=job.parallel,
+                        data=job.data, train=dataclasses.replace(job.train, steps=steps),
+                        kd=dataclasses.replace(job.kd, teacher=str(teacher)), output=str(run_dir))
+        stages.run(label, complete(run_dir / "final"),
+                   lambda: train(dj, str(teacher), kd_spec(job.kd), "search"))
+
+    for c in todo:
+        cd = out / f"cand_{c.index}"
+        pj = PruneJob(model=job.model, parallel=job.parallel, data=job.data,
+                      prune=dataclasses.replace(job.prune, target=PruneTargetConfig(**c.target),
+                                                scores=str(scores)),
+                      output=str(cd / "pruned"))
+        stages.run(f"candidate {c.index} {c.name()}: prune", complete(cd / "pruned"),
+                   lambda: prune(pj))
+        stages.evaluate(f"candidate {c.index} pruned", cd / "pruned", cd / "eval_pruned.json", job,
+                        dataclasses.replace(job.eval, tasks=[]))
+        distill(cd / "pruned", cd / "distill", s.steps, f"candidate {c.index}: distill {s.steps} steps")
+        stages.evaluate(f"candidate {c.index} distilled", cd / "distill" / "final",
+                        cd / "eval.json", job)
+
+    results = collect(out, chosen, s.rank_by)
+    pending = [r["index"] for r in results if r.get("val_loss") is None]
+    if pending:
+        summary = {**budget, "results": results, "pending": pending}
+        if dist.is_rank0():
+            write_table(out, summary)
+            log.info("search: candidates %s not done yet; run again (without search.only) to rank "
+                     "them all", pending)
+        return summary
+
+    if s.confirm_top:
+        for r in results[: s.confirm_top]:
+            cd = out / f"cand_{r['index']}"
+            distill(cd / "pruned", cd / "confirm", s.confirm_steps,
+                    f"candidate {r['index']}: confirm {s.confirm_steps} steps")
+            stages.evaluate(f"candidate {r['index']} confirmed", cd / "confirm" / "final",
+                            cd / "eval_confirm.json", job)
+        results = collect(out, chosen, s.rank_by)
+    summary = {**budget, "results": results, "pending": [], "stage_seconds": stages.seconds,
+               **agreement(results)}
+    best = results[0]
+    if any("confirm_rank" in r for r in results):
+        best = min((r for r in results if "confirm_rank" in r), key=lambda r: r["confirm_rank"])
+    cd = out / f"cand_{best['index']}"
+    chosen_info = {"index": best["index"], "name": best["name"], "target": best["target"],
+                   "params": best["params"], "pruned": str(cd / "pruned"),
+                   "distilled": str(cd / ("confirm" if "confirm_rank" in best else "distill") / "final"),
+                   "plan": str(cd / "pruned" / "plan.json"), "rank_by": s.rank_by}
+    summary["chosen"] = chosen_info
+    write_json(out / "chosen.json", chosen_info)
+    if dist.is_rank0():
+        write_table(out, summary)
+        log.info("search: chosen candidate %d %s (%.1fM parameters); table: %s", best["index"],
+                 best["name"], best["params"] / 1e6, out / "search.md")
+    return summary
+
+
+def collect(out: Path, chosen, rank_by: str) -> list[dict]:
+    """Per candidate: its results so far, ranked (best first; pending ones last)."""
+    rows = []
+    for c in chosen:
+        cd = out / f"cand_{c.index}"
+        row = c.to_dict()
+        for key, name in (("pruned_loss", "eval_pruned.json"), ("val_loss", "eval.json"),
+                          ("confirm_loss", "eval_confirm.json")):
+            if (cd / name).is_file():
+                res = json.loads((cd / name).read_text())
+                row[key] = res["loss"]
+                tasks = task_scores(res)
+                if tasks:
+                    row[key.replace("loss", "tasks")] = tasks
+        rows.append(row)
+    return rank_results(rows, rank_by)
+
+
+def agreement(results: list[dict]) -> dict:
+    """Kendall's tau between rankings: before vs after the short distillation, and short vs
+    confirmation (on the confirmed candidates)."""
+    out = {}
+    done = [r for r in results if r.get("pruned_loss") is not None and r.get("val_loss") is not None]
+    if len(done) >= 2:
+        out["tau_pruned_vs_short"] = kendall_tau([r["pruned_loss"] for r in done],
+                                                 [r["val_loss"] for r in done])
+    conf = [r for r in results if r.get("confirm_loss") is not None]
+    if len(conf) >= 2:
+        out["tau_short_vs_confirm"] = kendall_tau([r["val_loss"] for r in conf],
+                                                  [r["confirm_loss"] for r in conf])
+    return out
+
+
+def write_table(out: Path, summary: dict) -> Path:
+    from .report import write_search_report
+
+    return write_search_report(out, summary)

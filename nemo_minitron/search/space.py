@@ -1,0 +1,185 @@
+"""Candidate architectures around a parameter budget (Minitron §3.3).
+
+Every axis the search may change gets a list of allowed values: explicit, or the multiples of a
+step between a shrink limit and the source size. The attention axis is searched as (heads, query
+groups) pairs that keep GQA valid (the same number of heads in every kept group, at most the
+source's heads per group). The product of the axes is filtered by the layout (TP must divide heads,
+groups and FFN; PP the layers) and by a band around the budget, measured with the analytic count
+:meth:`~nemo_minitron.arch.Arch.num_params`. When more candidates survive than may be trained, the
+ones nearest the budget are taken round-robin over depths, so deep-narrow and shallow-wide shapes
+are both tried rather than ten neighbours of one shape.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..arch import Arch
+
+AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "attention")
+
+
+@dataclass
+class Space:
+    budget: float
+    """Target parameters: a fraction of the source (<= 1) or an absolute count (> 1)."""
+    tolerance: float = 0.05
+    """Candidates lie within budget * (1 +- tolerance)."""
+    count_embeddings: bool = True
+    """Budget counts embedding (and untied output) parameters too."""
+    axes: tuple = AXES
+    """Axes the search may shrink; the others keep the source size."""
+    num_layers: Optional[list] = None
+    hidden_size: Optional[list] = None
+    ffn_hidden_size: Optional[list] = None
+    num_attention_heads: Optional[list] = None
+    num_query_groups: Optional[list] = None
+    """Explicit allowed values per axis (default: generated from the steps and limits below)."""
+    layer_step: int = 2
+    hidden_multiple: int = 64
+    ffn_multiple: int = 128
+    min_fraction: dict = field(default_factory=lambda: {
+        "num_layers": 0.5, "hidden_size": 0.5, "ffn_hidden_size": 0.25, "num_attention_heads": 0.5})
+    """How far each axis may shrink, as a fraction of the source size."""
+
+
+@dataclass
+class Candidate:
+    index: int
+    target: dict
+    params: int
+    non_embedding: int
+
+    def name(self) -> str:
+        t = self.target
+        return (f"L{t['num_layers']}-H{t['hidden_size']}-F{t['ffn_hidden_size']}-"
+                f"A{t['num_attention_heads']}g{t['num_query_groups']}")
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "name": self.name(), "target": self.target,
+                "params": self.params, "non_embedding": self.non_embedding}
+
+
+def budget_params(src: Arch, space: Space) -> int:
+    total = src.num_params(embeddings=space.count_embeddings)
+    if space.budget <= 0:
+        raise ValueError(f"search.budget={space.budget} must be > 0: a fraction of the source "
+                         "parameters (e.g. 0.6) or an absolute count (e.g. 4.5e9)")
+    target = space.budget * total if space.budget <= 1 else space.budget
+    if target > total:
+        raise ValueError(f"search.budget={space.budget:g} asks for {target:.4g} parameters but the "
+                         f"source has {total:.4g}{'' if space.count_embeddings else ' non-embedding'}")
+    return int(round(target))
+
+
+def _multiples(src: int, step: int, low_fraction: float) -> list[int]:
+    lo = max(1, math.ceil(src * low_fraction))
+    vals = {v for v in range(step, src + 1, step) if v >= lo}
+    vals.add(src)
+    return sorted(vals)
+
+
+def _explicit(name: str, values, src: int) -> list[int]:
+    bad = [v for v in values if not 0 < int(v) <= src]
+    if bad:
+        raise ValueError(f"search.{name}={list(values)}: {bad} outside [1, {src}] (the source has "
+                         f"{src}); pruning cannot grow a model")
+    return sorted({int(v) for v in values})
+
+
+def axis_values(src: Arch, space: Space) -> dict[str, list]:
+    """Allowed values of every axis; attention as (heads, groups) pairs."""
+    unknown = set(space.axes) - set(AXES)
+    if unknown:
+        raise ValueError(f"search.axes: unknown {sorted(unknown)}; choose from {list(AXES)}")
+    mf = space.min_fraction
+    out = {}
+    for name, step in (("num_layers", space.layer_step), ("hidden_size", space.hidden_multiple),
+                       ("ffn_hidden_size", space.ffn_multiple)):
+        s = getattr(src, name)
+        if name not in space.axes:
+            out[name] = [s]
+        elif getattr(space, name) is not None:
+            out[name] = _explicit(name, getattr(space, name), s)
+        else:
+            if step < 1:
+                raise ValueError(f"search step of {name} must be >= 1, got {step}")
+            out[name] = _multiples(s, step, mf.get(name, 0.0))
+    H, G, hpg = src.num_attention_heads, src.num_query_groups, src.heads_per_group
+    if "attention" not in space.axes:
+        out["attention"] = [(H, G)]
+        return out
+    heads = (_explicit("num_attention_heads", space.num_attention_heads, H)
+             if space.num_attention_heads is not None
+             else [h for h in range(1, H + 1) if h >= math.ceil(H * mf.get("num_attention_heads", 0.0))])
+    groups = (_explicit("num_query_groups", space.num_query_groups, G)
+              if space.num_query_groups is not None else list(range(1, G + 1)))
+    out["attention"] = [(h, g) for h in heads for g in groups if h % g == 0 and h // g <= hpg]
+    if not out["attention"]:
+        raise ValueError(f"no (heads, query groups) pair in heads={heads} x groups={groups} keeps "
+                         f"GQA valid (at most {hpg} heads per group)")
+    return out
+
+
+def enumerate_candidates(src: Arch, space: Space, tp: int = 1, pp: int = 1) -> list[Candidate]:
+    """Every feasible architecture within the band, nearest the budget first."""
+    if not 0 < space.tolerance < 1:
+        raise ValueError(f"search.tolerance={space.tolerance} must be in (0, 1)")
+    budget = budget_params(src, space)
+    lo, hi = budget * (1 - space.tolerance), budget * (1 + space.tolerance)
+    vals = axis_values(src, space)
+    found = []
+    for L, h, f, (heads, groups) in itertools.product(
+            vals["num_layers"], vals["hidden_size"], vals["ffn_hidden_size"], vals["attention"]):
+        arch = src.replace(num_layers=L, hidden_size=h, ffn_hidden_size=f,
+                           num_attention_heads=heads, num_query_groups=groups)
+        try:
+            arch.check_parallel(tp, pp)
+        except ValueError:
+            continue
+        n = arch.num_params(embeddings=space.count_embeddings)
+        if lo <= n <= hi:
+            found.append((abs(n - budget), arch))
+    found.sort(key=lambda x: (x[0], -x[1].num_layers, -x[1].hidden_size))
+    return [Candidate(i, {"num_layers": a.num_layers, "hidden_size": a.hidden_size,
+                          "ffn_hidden_size": a.ffn_hidden_size,
+                          "num_attention_heads": a.num_attention_heads,
+                          "num_query_groups": a.num_query_groups},
+                      a.num_params(), a.num_params(embeddings=False))
+            for i, (_, a) in enumerate(found)]
+
+
+def select(candidates: list[Candidate], k: int) -> list[Candidate]:
+    """At most ``k`` candidates: nearest the budget, taken round-robin over depths (the depth
+    with the nearest candidate first), so every depth in the band is represented before any
+    depth gets a second shape."""
+    if k < 1:
+        raise ValueError(f"search.max_candidates={k} must be >= 1")
+    by_depth: dict[int, list[Candidate]] = {}
+    for c in candidates:  # already nearest-first
+        by_depth.setdefault(c.target["num_layers"], []).append(c)
+    queues = sorted(by_depth.values(), key=lambda q: q[0].index)
+    out: list[Candidate] = []
+    while len(out) < k and any(queues):
+        for q in queues:
+            if q and len(out) < k:
+                out.append(q.pop(0))
+    return sorted(out, key=lambda c: c.index)
+
+
+def describe_empty(src: Arch, space: Space, tp: int, pp: int) -> str:
+    """Why no candidate fits: the smallest and largest counts the axes can reach."""
+    vals = axis_values(src, space)
+    small = src.replace(num_layers=vals["num_layers"][0], hidden_size=vals["hidden_size"][0],
+                        ffn_hidden_size=vals["ffn_hidden_size"][0],
+                        num_attention_heads=min(vals["attention"])[0],
+                        num_query_groups=min(vals["attention"])[1])
+    n_small = small.num_params(embeddings=space.count_embeddings)
+    budget = budget_params(src, space)
+    return (f"no candidate architecture within {space.tolerance:.0%} of {budget / 1e6:.2f}M "
+            f"parameters at tp={tp}, pp={pp}: the axes reach down to {n_small / 1e6:.2f}M and up to "
+            f"{src.num_params(embeddings=space.count_embeddings) / 1e6:.2f}M; widen "
+            "search.tolerance, lower the shrink limits (search.min_fraction) or use finer steps")

@@ -1,0 +1,144 @@
+"""`minitron search` end to end on a tiny model: one calibration, every candidate pruned to its
+target and briefly distilled, ranked, confirmed; resume and candidate subsets; a pipeline round
+given a budget instead of targets."""
+
+import json
+
+import pytest
+import torch
+
+from nemo_minitron.config.schema import (DataConfig, EvalConfig, KDConfig, ModelConfig,
+                                         PipelineConfig, PipelineJob, PruneConfig, PruneTargetConfig, RoundConfig,
+                                         SearchConfig, SearchJob, TrainConfig)
+from nemo_minitron.convert import checkpoint as ckpt
+from nemo_minitron.convert.hf_config import arch_from_hf_config
+
+from conftest import tiny_hf, tiny_tokenizer
+from test_prune_run import tiny_corpus
+
+SPACE = dict(budget=0.6, tolerance=0.08, layer_step=1, hidden_multiple=32, ffn_multiple=64,
+             max_candidates=3, steps=2)
+
+
+def common(tmp):
+    return dict(
+        model=ModelConfig(name="tiny", checkpoint=str(tmp / "teacher")),
+        data=DataConfig(prefix=str(tmp / "corpus"), seq_length=32, valid_fraction=0.1),
+        prune=PruneConfig(calib_samples=8, micro_batch_size=2),
+        train=TrainConfig(steps=99, global_batch_size=4, micro_batch_size=2, lr=1e-3,
+                          warmup_steps=1, eval_interval=0, eval_batches=2, log_interval=1,
+                          save_interval=0, tensorboard=False),
+        kd=KDConfig(chunk_tokens=16), eval=EvalConfig(micro_batch_size=2, num_batches=2))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("search")
+    hf = tiny_hf("gqa")
+    ckpt.save(tmp / "teacher", arch_from_hf_config(hf.config), hf.state_dict(),
+              tokenizer=tiny_tokenizer())
+    tiny_corpus(tmp / "corpus", n_docs=50)
+    return tmp
+
+
+def test_search_ranks_confirms_and_resumes(tiny, single_rank, monkeypatch):
+    from nemo_minitron.distill import loop
+    from nemo_minitron.pruning import run as prune_run
+    from nemo_minitron.search.run import run_search
+
+    calls = {"calibrate": 0, "train": []}
+    real_cal, real_train = prune_run.calibrate_to, loop.train
+
+    def count_cal(*a, **k):
+        calls["calibrate"] += 1
+        return real_cal(*a, **k)
+
+    def count_train(job, *a, **k):
+        calls["train"].append((job.output, job.train.steps))
+        return real_train(job, *a, **k)
+
+    monkeypatch.setattr(prune_run, "calibrate_to", count_cal)
+    monkeypatch.setattr(loop, "train", count_train)
+    out = tiny / "s1"
+    job = SearchJob(**common(tiny), search=SearchConfig(**SPACE, confirm_top=2, confirm_steps=3),
+                    output=str(out))
+    summary = run_search(job)
+
+    assert calls["calibrate"] == 1  # one set of scores for all candidates
+    results = summary["results"]
+    assert len(results) == 3 and [r["rank"] for r in results] == [1, 2, 3]
+    losses = [r["val_loss"] for r in results]
+    assert losses == sorted(losses)
+    budget = 0.6 * ckpt.Checkpoint(tiny / "teacher").arch.num_params()
+    for r in results:
+        pruned = ckpt.Checkpoint(out / f"cand_{r['index']}" / "pruned")
+        assert {k: getattr(pruned.arch, k) for k in r["target"]} == r["target"]
+        assert pruned.arch.num_params() == r["params"]
+        assert abs(r["params"] - budget) <= 0.08 * budget
+        # distilled (a random tiny teacher: loss need not fall in 2 steps, weights must change)
+        distilled = ckpt.Checkpoint(out / f"cand_{r['index']}" / "distill" / "final")
+        assert any(not torch.equal(pruned.get(k), distilled.get(k)) for k in pruned.keys())
+        assert r["pruned_loss"] > 0 and r["val_loss"] != r["pruned_loss"]
+        # every candidate was pruned from the same saved scores
+        assert json.loads((out / f"cand_{r['index']}" / "pruned" / "plan.json").read_text())
+    # short distillations of 2 steps, then the best 2 confirmed with 3
+    assert sorted(s for _, s in calls["train"]) == [2, 2, 2, 3, 3]
+    confirmed = [r for r in results if "confirm_rank" in r]
+    assert [r["rank"] for r in confirmed] == [1, 2]
+    assert "tau_short_vs_confirm" in summary and "tau_pruned_vs_short" in summary
+    chosen = json.loads((out / "chosen.json").read_text())
+    best = min(confirmed, key=lambda r: r["confirm_rank"])
+    assert chosen["index"] == best["index"] and chosen["distilled"].endswith("confirm/final")
+    table = (out / "search.md").read_text()
+    assert all(f"`{r['name']}`" in table for r in results) and "Chosen" in table
+    assert (out / "search.png").stat().st_size > 1000
+    listed = json.loads((out / "candidates.json").read_text())["candidates"]
+    assert sum(c["selected"] for c in listed) == 3 and len(listed) >= 3
+
+    # a second run finds everything complete: nothing is calibrated, pruned or trained again
+    calls["train"].clear()
+    again = run_search(job)
+    assert calls["calibrate"] == 1 and calls["train"] == [] and again["stage_seconds"] == {}
+    assert [r["index"] for r in again["results"]] == [r["index"] for r in results]
+
+
+def test_subset_then_rank(tiny, single_rank):
+    from nemo_minitron.search.run import run_search
+
+    out = tiny / "s2"
+    base = common(tiny)
+    first = run_search(SearchJob(**base, search=SearchConfig(**SPACE, only=[0]), output=str(out)))
+    assert first["pending"] and 0 not in first["pending"]
+    assert not (out / "chosen.json").exists() and "Pending" in (out / "search.md").read_text()
+    with pytest.raises(ValueError, match="not selected candidates"):
+        run_search(SearchJob(**base, search=SearchConfig(**SPACE, only=[999]), output=str(out)))
+    final = run_search(SearchJob(**base, search=SearchConfig(**SPACE), output=str(out)))
+    assert final["pending"] == [] and (out / "chosen.json").is_file()
+    assert "candidate 0: distill 2 steps" not in final["stage_seconds"]  # done by the first run
+
+
+def test_pipeline_round_with_a_budget(tiny, single_rank):
+    from nemo_minitron.pipeline import run_pipeline
+
+    base = common(tiny)
+    base["train"] = TrainConfig(**{**vars(base["train"]), "steps": 3})
+    job = PipelineJob(**base, search=SearchConfig(**{**SPACE, "max_candidates": 2}),
+                      pipeline=PipelineConfig(rounds=[RoundConfig(budget=0.6)], export=False),
+                      output=str(tiny / "pipe"))
+    summary = run_pipeline(job)
+    r = summary["rounds"][0]
+    chosen = json.loads((tiny / "pipe" / "round1" / "search" / "chosen.json").read_text())
+    assert r["search"]["index"] == chosen["index"]
+    assert {k: r["arch"][k] for k in chosen["target"]} == chosen["target"]
+    assert r["pruned_dir"] == chosen["pruned"]
+    assert "search.md" in (tiny / "pipe" / "report.md").read_text()
+
+
+def test_search_config_errors(tiny):
+    base = common(tiny)
+    with pytest.raises(ValueError, match="search.budget is required"):
+        SearchJob(**base, output="x")
+    with pytest.raises(ValueError, match="rank_by"):
+        SearchJob(**base, search=SearchConfig(budget=0.5, rank_by="piqa"), output="x")
+    with pytest.raises(ValueError, match="either target"):
+        RoundConfig(budget=0.5, target=PruneTargetConfig(hidden_size=64))
