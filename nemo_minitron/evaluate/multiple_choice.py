@@ -11,6 +11,10 @@ Requests that feed the model the very same tokens (``" A"``..``" D"`` after one 
 one row. Rows are sorted longest first, each data-parallel rank forwards a strided slice of them
 in micro-batches padded on the right (causal attention: padding never reaches a scored position),
 and the per-request sums are all-reduced so every rank returns every score.
+
+:func:`score_continuations` is the token-level core (also used by the lm-evaluation-harness
+adapter, :mod:`.lm_eval_adapter`): it takes ``(context_ids, continuation_ids)`` pairs and returns
+each continuation's log-probability and whether greedy decoding would have produced it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Sequence
 import torch
 import torch.distributed as tdist
 
-from ..runtime.forward import on_device, run_forward, token_losses
+from ..runtime.forward import mask_padded_vocab, on_device, run_forward, token_losses
 from .tasks import Item
 
 PP_SEQ_BUCKET = 64  # under pipeline parallelism a run needs one micro-batch shape: round lengths
@@ -36,7 +40,8 @@ def _encode(tokenizer, texts: list[str]) -> dict[str, list[int]]:
     return dict(zip(uniq, ids))
 
 
-def _prefix_token(tokenizer) -> int:
+def prefix_token(tokenizer) -> int:
+    """The token an empty context becomes (BOS, else EOS), as in the harness."""
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)
@@ -54,7 +59,7 @@ def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]
             ctx = ctx[:-n_spaces]
         pairs.append((ctx, cont))
     enc = _encode(tokenizer, [c for c, _ in pairs if c] + [c + k for c, k in pairs])
-    prefix = _prefix_token(tokenizer)
+    prefix = prefix_token(tokenizer)
     out = []
     for ctx, cont in pairs:
         whole = enc[ctx + cont]
@@ -115,6 +120,25 @@ def _make_batch(rows, owners_of, row_ids, seq_len: int, pad_id: int) -> dict:
             "owner": t(owner), "reqs": t(reqs)}
 
 
+def _not_argmax(sel: torch.Tensor, tgt: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per selected position: is the target token *not* the argmax of the (vocab-parallel)
+    logits ``sel`` [n, V/tp]? Reads ``sel`` only (the cross entropy later works in place)."""
+    from megatron.core import parallel_state as ps
+
+    logits = mask_padded_vocab(sel.float(), vocab_size)
+    local = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * local
+    best = logits.max(-1).values
+    own = (tgt >= start) & (tgt < start + local)
+    mine = logits.gather(1, (tgt - start).clamp(0, local - 1)[:, None])[:, 0]
+    mine = torch.where(own, mine, torch.full_like(mine, float("-inf")))
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        group = ps.get_tensor_model_parallel_group()
+        tdist.all_reduce(best, op=tdist.ReduceOp.MAX, group=group)
+        tdist.all_reduce(mine, op=tdist.ReduceOp.MAX, group=group)
+    return mine < best
+
+
 def score_requests(stage, tokenizer, requests: Sequence[tuple[str, str]], *,
                    micro_batch_size: int = 8, max_length: int | None = None,
                    dp_rank: int | None = None, dp_size: int | None = None,
@@ -124,6 +148,25 @@ def score_requests(stage, tokenizer, requests: Sequence[tuple[str, str]], *,
     ``dp_rank``/``dp_size`` default to megatron's data-parallel rank and size. Every rank must call
     with the same requests and gets all scores back.
     """
+    if not requests:
+        return []
+    scored = score_continuations(stage, encode_requests(tokenizer, requests),
+                                 micro_batch_size=micro_batch_size, max_length=max_length,
+                                 dp_rank=dp_rank, dp_size=dp_size, progress=progress)
+    return [lp for lp, _ in scored]
+
+
+def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *,
+                        micro_batch_size: int = 8, max_length: int | None = None,
+                        dp_rank: int | None = None, dp_size: int | None = None,
+                        progress: bool | str = True) -> list[tuple[float, bool]]:
+    """``(sum log-probability, greedy)`` of each ``(context_ids, continuation_ids)``: the
+    continuation's tokens scored after the context, the input left-truncated to ``max_length``
+    tokens; ``greedy`` is whether every continuation token is the argmax at its position.
+
+    Collective over all ranks: every rank calls with the same requests and gets every result.
+    ``dp_rank``/``dp_size`` default to megatron's data-parallel rank and size.
+    """
     pp, last, tp_rank, mdp_rank, mdp_size = _parallel()
     dp_rank = mdp_rank if dp_rank is None else dp_rank
     dp_size = mdp_size if dp_size is None else dp_size
@@ -131,10 +174,10 @@ def score_requests(stage, tokenizer, requests: Sequence[tuple[str, str]], *,
         raise ValueError(f"dp_rank={dp_rank} not in [0, {dp_size})")
     max_length = max_length or stage.arch.max_position_embeddings
     vocab = stage.arch.vocab_size
-    if not requests:
+    if not encoded:
         return []
 
-    rows, owners = _rows(encode_requests(tokenizer, requests), max_length)
+    rows, owners = _rows(encoded, max_length)
     owners_of: list[list] = [[] for _ in rows]
     for req, (rid, cont) in enumerate(owners):
         owners_of[rid].append((req, cont))
@@ -165,10 +208,12 @@ def score_requests(stage, tokenizer, requests: Sequence[tuple[str, str]], *,
 
     def on_logits(logits, batch):
         sel = logits[batch["sel_row"], batch["sel_pos"]]  # [n_tok, V/tp]
+        miss = _not_argmax(sel, batch["sel_tgt"], vocab)
         lp = -token_losses(sel.unsqueeze(0), batch["sel_tgt"].unsqueeze(0), vocab)[0]
-        sums = torch.zeros(batch["reqs"].numel(), dtype=torch.float64, device=lp.device)
-        sums.index_add_(0, batch["owner"], lp.double())
-        return {"reqs": batch["reqs"], "logprob": sums}
+        sums = torch.zeros(2, batch["reqs"].numel(), dtype=torch.float64, device=lp.device)
+        sums[0].index_add_(0, batch["owner"], lp.double())
+        sums[1].index_add_(0, batch["owner"], miss.double())
+        return {"reqs": batch["reqs"], "logprob": sums[0], "misses": sums[1]}
 
     label = (progress if isinstance(progress, str) else "multiple choice") if progress else None
     outs, bar = [], None
@@ -187,18 +232,19 @@ def score_requests(stage, tokenizer, requests: Sequence[tuple[str, str]], *,
             bar.close()
 
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    total = torch.zeros(2, len(requests), dtype=torch.float64, device=dev)
+    total = torch.zeros(3, len(encoded), dtype=torch.float64, device=dev)  # logprob, n, misses
     if last and tp_rank == 0:
         for o in outs:
-            total[0].index_add_(0, o["reqs"].to(total.device), o["logprob"].to(total.device))
-            total[1].index_add_(0, o["reqs"].to(total.device),
-                                torch.ones_like(o["logprob"], device=total.device))
+            reqs = o["reqs"].to(total.device)
+            total[0].index_add_(0, reqs, o["logprob"].to(total.device))
+            total[1].index_add_(0, reqs, torch.ones_like(o["logprob"], device=total.device))
+            total[2].index_add_(0, reqs, o["misses"].to(total.device))
     if tdist.is_initialized():
         tdist.all_reduce(total)
     total = total.cpu()
     if (total[1] == 0).any():
         raise RuntimeError(f"{int((total[1] == 0).sum())} requests were scored by no rank")
-    return (total[0] / total[1]).tolist()
+    return list(zip((total[0] / total[1]).tolist(), (total[2] == 0).tolist()))
 
 
 def score_items(stage, tokenizer, items: Sequence[Item], *, micro_batch_size: int = 8,
