@@ -142,3 +142,21 @@ def test_search_config_errors(tiny):
         SearchJob(**base, search=SearchConfig(budget=0.5, rank_by="piqa"), output="x")
     with pytest.raises(ValueError, match="either target"):
         RoundConfig(budget=0.5, target=PruneTargetConfig(hidden_size=64))
+
+
+def test_cli_plan_only_multirun(tmp_path):
+    """`minitron search -m 'search.only=[0],[1]' search.plan_only=true` on the embedded SmolLM2:
+    the same numbered candidates for every sweep job, nothing trained."""
+    from test_cli import minitron
+
+    p = minitron("search", "-m", "search.only=[0],[1]", "search.plan_only=true",
+                 f"output={tmp_path}/s", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert p.returncode == 0, p.stderr[-2000:]
+    listed = json.loads((tmp_path / "s" / "candidates.json").read_text())["candidates"]
+    assert [c["index"] for c in listed] == list(range(len(listed)))
+    assert [c["selected"] for c in listed[:6]] == [True] * 6 and not listed[6]["selected"]
+    assert not (tmp_path / "s" / "importance.pt").exists()
+    p = minitron("search", "search.budget=0.05", f"output={tmp_path}/s2",
+                 f"hydra.run.dir={tmp_path}/h")
+    assert p.returncode == 2 and "no candidate architecture within 5%" in p.stderr
+    assert not (tmp_path / "s2").exists()  # refused before anything was written

@@ -308,12 +308,44 @@ class KDConfig:
     logit_weight: float = 1.0
     lm_weight: float = 0.0
     """Weight of an added LM (next-token cross-entropy) loss on the student."""
+    hidden_pairs: list[list[int]] = field(default_factory=list)
+    """Intermediate-state losses between [student_layer, teacher_layer] pairs: 0-based layer
+    numbers of each model, the output of that transformer layer. Under pipeline parallelism both
+    layers of a pair must be on the same stage. Empty: no hidden-state loss."""
+    hidden_kind: str = "cosine"
+    """Per-token loss of hidden_pairs and of the embedding loss: cosine (1 - cos) or mse. A
+    learned linear projection maps the student's states when the hidden sizes differ."""
+    hidden_weight: float = 1.0
+    """Weight of the sum over hidden_pairs of their token-mean losses (times alpha when dynamic)."""
+    embedding_weight: float = 0.0
+    """Weight of the loss between the embedding outputs (the input of layer 0); 0 disables."""
+    hidden_dynamic: bool = True
+    """Multiply the intermediate terms by alpha = L_logits / (hidden_weight * L_hidden +
+    embedding_weight * L_emb), Minitron's dynamic weighting, from the previous step's means (the
+    first step only measures them); false: fixed weights."""
 
     def __post_init__(self):
         if self.kind not in ("forward", "reverse", "jsd"):
             raise ValueError(f"kd.kind={self.kind!r}: use forward, reverse or jsd")
         if self.temperature <= 0:
             raise ValueError(f"kd.temperature={self.temperature} must be > 0")
+        for i, pair in enumerate(self.hidden_pairs):
+            if len(pair) != 2 or any(int(x) != x or x < 0 for x in pair):
+                raise ValueError(f"kd.hidden_pairs[{i}]={list(pair)}: each pair is [student_layer, "
+                                 "teacher_layer], two 0-based layer numbers, e.g. "
+                                 "kd.hidden_pairs=[[3,7],[5,11]]")
+        seen = [tuple(p) for p in self.hidden_pairs]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"kd.hidden_pairs={[list(p) for p in seen]} lists a pair twice")
+        if self.hidden_kind not in ("cosine", "mse"):
+            raise ValueError(f"kd.hidden_kind={self.hidden_kind!r}: use cosine or mse")
+        for k in ("hidden_weight", "embedding_weight", "logit_weight", "lm_weight"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"kd.{k}={getattr(self, k)} must be >= 0")
+        if self.hidden_dynamic and self.logit_weight == 0 and (self.hidden_pairs or self.embedding_weight):
+            raise ValueError("kd.hidden_dynamic=true sets alpha = L_logits / L_intermediate, but "
+                             "the logit loss is off (kd.logit_weight=0): set kd.hidden_dynamic=false "
+                             "for fixed weights, or a positive kd.logit_weight")
 
 
 @dataclass
@@ -382,7 +414,8 @@ class SearchConfig:
     """Also distill the best N for confirm_steps, to check the short ranking (0: skip)."""
     confirm_steps: int = 100
     only: Optional[list[int]] = None
-    """Run only these candidate indices (for a Hydra multirun over a cluster); rank later."""
+    """Run only these candidates (0..max_candidates-1), e.g. one per job of a Hydra multirun
+    `-m 'search.only=[0],[1],[2]'`; a later plain run ranks them all."""
     plan_only: bool = False
     """Write candidates.json (the enumeration) and stop: no calibration, no training."""
 

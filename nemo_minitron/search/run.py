@@ -11,7 +11,7 @@ shows whether the short ranking held. Everything lands under ``output/``::
     cand_<i>/confirm  cand_<i>/eval_confirm.json
 
 Stages already complete are skipped, so a search resumes, and ``search.only=[i, ...]`` runs a
-subset: a Hydra multirun (``-m search.only=0,1,2``) spreads candidates over cluster jobs, and a
+subset: a Hydra multirun (``-m 'search.only=[0],[1],[2]'``) spreads candidates over cluster jobs, and a
 last plain run ranks them.
 """
 
@@ -50,6 +50,11 @@ def plan_candidates(job):
     if not found:
         raise ValueError(describe_empty(src.arch, space, job.parallel.tp, job.parallel.pp))
     chosen = select(found, s.max_candidates)
+    # number the selected candidates 0..k-1 (their directories, search.only), the rest after
+    picked = {c.index for c in chosen}
+    order = chosen + [c for c in found if c.index not in picked]
+    found = [dataclasses.replace(c, index=i) for i, c in enumerate(order)]
+    chosen = found[:len(chosen)]
     if s.only is not None:
         known = {c.index for c in chosen}
         bad = sorted(set(s.only) - known)
