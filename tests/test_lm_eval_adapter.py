@@ -280,6 +280,14 @@ def test_cli_entry_registers_the_model(tiny, tmp_path):
     assert results[0]["config"]["model"] == "nemo_minitron"
 
 
+def test_minitron_lm_eval_help():
+    p = subprocess.run([sys.executable, "-m", "nemo_minitron", "lm_eval", "--help"],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "minitron lm_eval --model_args checkpoint=DIR" in p.stdout and "--tasks" in p.stdout
+
+
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(ValueError, match="checkpoint=DIR"):
         MinitronLM()

@@ -78,3 +78,26 @@ def plot_training(metrics_jsonl, path, title: str = "") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_loss_curves(curves, path, title: str = "loss curves") -> Path:
+    """Training loss (lines) and validation loss (markers) of several runs on one set of axes,
+    one colour per run. ``curves``: ``(label, rows)`` pairs, rows as in a metrics.jsonl."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, rows) in enumerate(curves):
+        c = colors[i % len(colors)]
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        if train:
+            ax.plot(*zip(*train), "-", color=c, alpha=0.8, label=f"{label}: train")
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if val:
+            ax.plot(*zip(*val), "o--", color=c, label=f"{label}: validation")
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    if curves:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

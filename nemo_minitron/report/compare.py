@@ -1,0 +1,258 @@
+"""Runs side by side (``minitron report``): one Markdown table and one PNG of their loss curves.
+
+Reads only what the stages wrote (JSON, metrics.jsonl, ``arch.json``); no weights are loaded. A
+run is one of:
+
+- a **pipeline** run directory: ``summary.json`` and/or round directories with
+  ``eval_{teacher,pruned,distilled}.json`` and ``distill/metrics.jsonl`` (one row per round;
+  an interrupted pipeline without ``summary.json`` still reports the rounds it finished), or
+  one round directory;
+- a **distill / finetune** run directory: ``metrics.jsonl`` and ``final/`` (a run still in
+  progress reports its latest validation loss);
+- an **evaluate** results file (the JSON ``minitron evaluate`` writes: ``loss``, optionally
+  ``tasks``), or a directory holding ``eval_results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .plots import plot_loss_curves
+
+WHO = ("teacher", "pruned", "final")  # validation-loss columns
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    run: str
+    kind: str
+    params: int | None = None
+    val_loss: dict[str, float] = field(default_factory=dict)  # keys among WHO
+    tasks: dict[str, float] = field(default_factory=dict)  # acc_norm of the final model
+    seconds: float | None = None
+    curves: list[tuple[str, list[dict]]] = field(default_factory=list)  # (label, metrics rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading runs
+
+
+def read_metrics(path) -> list[dict]:
+    """Rows of a metrics.jsonl (a half-written last line of a running job is skipped)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _by_step(rows: list[dict]) -> list[dict]:
+    """One row per step, later lines winning: a resumed run re-logs the steps after its
+    checkpoint, and the final validation loss is logged at the last step."""
+    merged: dict[int, dict] = {}
+    for r in rows:
+        if "step" in r:
+            merged.setdefault(int(r["step"]), {}).update(r)
+    return [merged[s] for s in sorted(merged)]
+
+
+def _last_val_loss(rows: list[dict]) -> float | None:
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    return float(vals[-1]) if vals else None
+
+
+def _params_of(checkpoint) -> int | None:
+    from ..arch import Arch
+    from ..convert.checkpoint import ARCH
+
+    if checkpoint is None:
+        return None
+    f = Path(checkpoint) / ARCH
+    return Arch.from_json(f).num_params() if f.is_file() else None
+
+
+def _acc_norm(result: dict) -> dict[str, float]:
+    return {t: float(r["acc_norm"]) for t, r in result.get("tasks", {}).get("results", {}).items()
+            if "acc_norm" in r}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _natural(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _is_round(d: Path) -> bool:
+    return any(d.glob("eval_*.json")) or (d / "distill" / "metrics.jsonl").is_file()
+
+
+def _round_dirs(d: Path) -> list[Path]:
+    return sorted((c for c in d.iterdir() if c.is_dir() and _is_round(c)),
+                  key=lambda c: _natural(c.name))
+
+
+def _round_row(rd: Path, name: str, rec: dict) -> Row:
+    """One pipeline round: its evaluations (files first, else what summary.json recorded)."""
+    evals = {who: _read_json(rd / f"eval_{who}.json")
+             for who in ("teacher", "pruned", "distilled") if (rd / f"eval_{who}.json").is_file()}
+    loss = dict(rec.get("val_loss", {}))
+    loss.update({k: v["loss"] for k, v in evals.items() if "loss" in v})
+    val = {"teacher": loss.get("teacher"), "pruned": loss.get("pruned"),
+           "final": loss.get("distilled")}
+    tasks = dict(rec.get("tasks", {}).get("distilled", {}))
+    tasks.update(_acc_norm(evals.get("distilled", {})))
+    params = rec.get("params", {}).get("student")
+    if params is None:
+        params = _params_of(rd / "distill" / "final") or _params_of(rd / "pruned")
+    row = Row(name, "pipeline", params, {k: float(v) for k, v in val.items() if v is not None},
+              tasks)
+    metrics = rd / "distill" / "metrics.jsonl"
+    if metrics.is_file():
+        row.curves.append((name, _by_step(read_metrics(metrics))))
+    return row
+
+
+def _pipeline_rows(d: Path, label: str) -> list[Row]:
+    summary = _read_json(d / "summary.json") if (d / "summary.json").is_file() else {}
+    recorded = {r["name"]: r for r in summary.get("rounds", []) if "name" in r}
+    rounds = [d / n for n in recorded] or _round_dirs(d)
+    if not rounds:
+        raise ValueError(f"{d}: pipeline summary.json lists no rounds and no round directory "
+                         "has eval_*.json or distill/metrics.jsonl")
+    rows = [_round_row(rd, label if len(rounds) == 1 else f"{label} [{rd.name}]",
+                       recorded.get(rd.name, {})) for rd in rounds]
+    correction = d / "teacher_correction" / "metrics.jsonl"
+    if correction.is_file():
+        rows[0].curves.insert(0, (f"{label} [teacher correction]",
+                                  _by_step(read_metrics(correction))))
+    if summary.get("seconds") is not None:
+        rows[-1].seconds = float(summary["seconds"])  # the whole pipeline, on its last row
+    return rows
+
+
+def _training_row(d: Path, label: str) -> Row:
+    rows = read_metrics(d / "metrics.jsonl")
+    final = d / "final"
+    if final.is_dir():
+        meta = final / "minitron.json"
+        stage = (json.loads(meta.read_text()).get("provenance", {}).get("stage")
+                 if meta.is_file() else None)
+        kind = stage or "training"
+        params = _params_of(final)
+    else:
+        steps = sorted((d / "checkpoints").glob("step_*")) if (d / "checkpoints").is_dir() else []
+        kind = "training (no final/ yet)"
+        params = _params_of(steps[-1]) if steps else None
+    val = _last_val_loss(rows)
+    row = Row(label, kind, params, {"final": val} if val is not None else {})
+    row.curves.append((label, _by_step(rows)))
+    return row
+
+
+def _evaluate_row(f: Path, label: str) -> Row:
+    data = _read_json(f)
+    if "loss" not in data and "tasks" not in data:
+        raise ValueError(f"{f}: not a `minitron evaluate` results file (no 'loss' or 'tasks')")
+    ck = data.get("checkpoint")
+    row = Row(label, "evaluate", _params_of(ck) if ck else None,
+              {"final": float(data["loss"])} if "loss" in data else {}, _acc_norm(data))
+    row.seconds = float(data["seconds"]) if data.get("seconds") is not None else None
+    return row
+
+
+def load_run(path, label: str | None = None) -> list[Row]:
+    """The table rows of one run (several for a multi-round pipeline)."""
+    p = Path(path)
+    label = label or str(path)
+    if p.is_file():
+        return [_evaluate_row(p, label)]
+    if p.is_dir():
+        if (p / "summary.json").is_file() or _round_dirs(p):
+            return _pipeline_rows(p, label)
+        if _is_round(p):  # one round directory of a pipeline
+            return [_round_row(p, label, {})]
+        if (p / "metrics.jsonl").is_file():
+            return [_training_row(p, label)]
+        if (p / "eval_results.json").is_file():
+            return [_evaluate_row(p / "eval_results.json", label)]
+    what = "does not exist" if not p.exists() else "is neither kind of run"
+    raise ValueError(f"{path} {what}: expected a pipeline run directory (summary.json or "
+                     "round*/eval_*.json), a distill/finetune run directory (metrics.jsonl), or a "
+                     "`minitron evaluate` results JSON (or a directory with eval_results.json)")
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+
+
+def _params(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "—"
+    return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
+
+
+def _num(v: float | None, digits: int) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """The comparison table; loss columns nobody has are left out, tasks are the union."""
+    who = [w for w in WHO if any(w in r.val_loss for r in rows)]
+    tasks = sorted({t for r in rows for t in r.tasks})
+    head = (["run", "kind", "parameters"] + [f"val loss ({w})" for w in who]
+            + [f"{t} (acc_norm)" for t in tasks] + ["wall time"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = ([r.run.replace("|", "\\|"), r.kind, _params(r.params)]
+                 + [_num(r.val_loss.get(w), 4) for w in who]
+                 + [_num(r.tasks.get(t), 3) for t in tasks] + [_seconds(r.seconds)])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_comparison(paths, output="report_compare.md") -> tuple[Path, Path | None]:
+    """Write the Markdown report (and ``<output stem>.png`` with the loss curves, when any run
+    has a metrics.jsonl). Returns both paths (the PNG's is None without curves)."""
+    if not paths:
+        raise ValueError("give at least one run directory or results file")
+    rows = [row for p in paths for row in load_run(p)]
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    curves = [c for r in rows for c in r.curves if c[1]]
+    png = None
+    lines = ["# Run comparison", "", markdown_table(rows), "",
+             "val loss: held-out LM loss; teacher = the round's teacher, pruned = before "
+             "retraining, final = the distilled/trained model (or the evaluated checkpoint). "
+             "Task columns: acc_norm of that final model. Wall time: the whole pipeline (on "
+             "its last round), or the evaluation. — = not recorded.", ""]
+    if curves:
+        png = plot_loss_curves(curves, out.with_suffix(".png"),
+                               title="training (lines) and validation (markers) loss")
+        lines += [f"![loss curves]({png.name})", ""]
+    else:
+        lines += ["No loss curves: none of the runs has a metrics.jsonl.", ""]
+    lines += ["Runs:", ""] + [f"- `{p}`" for p in paths] + [""]
+    out.write_text("\n".join(lines))
+    return out, png
