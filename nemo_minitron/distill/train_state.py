@@ -3,7 +3,9 @@
 ``train_state/`` holds ``state.json`` (step, samples consumed, scheduler state, layout),
 ``optim-tp{t}-pp{p}.pt`` (the optimizer state of each model-parallel shard, written by data-
 parallel rank 0: without the distributed optimizer it is replicated across DP, which is what lets
-a run resume at another DP size) and ``rng-rank{r}.pt``. Files are written in the checkpoint's
+a run resume at another DP size), ``rng-rank{r}.pt`` and, for trainable modules that are not part
+of the student checkpoint (the projections of intermediate distillation losses),
+``<name>-tp{t}-pp{p}.pt``. Files are written in the checkpoint's
 temporary directory and become visible only when the whole checkpoint is committed.
 """
 
@@ -18,18 +20,22 @@ import torch.distributed as tdist
 STATE = "train_state"
 
 
-def _mp_name() -> str:
+def _mp_name(prefix: str = "optim") -> str:
     from megatron.core import parallel_state as ps
 
-    return f"optim-tp{ps.get_tensor_model_parallel_rank()}-pp{ps.get_pipeline_model_parallel_rank()}.pt"
+    return f"{prefix}-tp{ps.get_tensor_model_parallel_rank()}-pp{ps.get_pipeline_model_parallel_rank()}.pt"
 
 
 def _rank() -> int:
     return tdist.get_rank() if tdist.is_initialized() else 0
 
 
-def writer(optimizer, scheduler, step: int, samples: int, layout: dict):
-    """A ``per_rank(tmp_dir)`` callback for :func:`~nemo_minitron.runtime.stage.save_checkpoint`."""
+def writer(optimizer, scheduler, step: int, samples: int, layout: dict, extra: dict | None = None,
+           modules: dict | None = None):
+    """A ``per_rank(tmp_dir)`` callback for :func:`~nemo_minitron.runtime.stage.save_checkpoint`.
+
+    ``extra``: JSON-able loop state kept in state.json (the same on every rank); ``modules``:
+    name -> module whose state_dict is saved per model-parallel shard."""
     from megatron.core import parallel_state as ps
 
     def write(tmp: Path) -> None:
@@ -37,28 +43,36 @@ def writer(optimizer, scheduler, step: int, samples: int, layout: dict):
         d.mkdir(exist_ok=True)
         if ps.get_data_parallel_rank() == 0:
             torch.save(optimizer.state_dict(), d / _mp_name())
+            for name, module in (modules or {}).items():
+                torch.save(module.state_dict(), d / _mp_name(name))
         torch.save({"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                    d / f"rng-rank{_rank()}.pt")
         if _rank() == 0:
             (d / "state.json").write_text(json.dumps(
                 {"step": step, "samples": samples, "scheduler": scheduler.state_dict(),
-                 "layout": layout}, indent=2))
+                 "layout": layout, "extra": extra or {}}, indent=2))
 
     return write
 
 
-def load(path: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG from checkpoint ``path``; returns state.json."""
+def _state(path: Path) -> dict:
+    """state.json of checkpoint ``path``, checked to match the current tp/pp layout."""
     from megatron.core import parallel_state as ps
 
-    d = Path(path) / STATE
-    state = json.loads((d / "state.json").read_text())
+    state = json.loads((Path(path) / STATE / "state.json").read_text())
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     if (state["layout"]["tp"], state["layout"]["pp"]) != (tp, pp):
         raise ValueError(f"{path} was written at tp={state['layout']['tp']}, pp="
                          f"{state['layout']['pp']}; optimizer state resumes only at the same tp/pp "
                          f"(now tp={tp}, pp={pp}); the weights alone load at any layout")
+    return state
+
+
+def load(path: Path, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG from checkpoint ``path``; returns state.json."""
+    d = Path(path) / STATE
+    state = _state(path)
     optimizer.load_state_dict(torch.load(d / _mp_name(), weights_only=False))
     scheduler.load_state_dict(state["scheduler"])
     rng = d / f"rng-rank{_rank()}.pt"
@@ -68,6 +82,20 @@ def load(path: Path, optimizer, scheduler) -> dict:
         if r["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(r["cuda"])
     return state
+
+
+def load_modules(path: Path, modules: dict) -> None:
+    """Restore modules saved by :func:`writer` (``modules=``) for this model-parallel shard."""
+    _state(path)
+    for name, module in modules.items():
+        if not len(list(module.parameters())):
+            continue
+        f = Path(path) / STATE / _mp_name(name)
+        if not f.is_file():
+            raise ValueError(f"{path} holds no {f.name}: it was written without these {name} "
+                             "(were kd.hidden_pairs / kd.embedding_weight changed?); resume with "
+                             "the run's original kd settings or start a new output directory")
+        module.load_state_dict(torch.load(f, weights_only=True))
 
 
 def latest(run_dir: Path) -> Path | None:
