@@ -40,23 +40,57 @@ def metrics(run):
     return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_layouts_follow_single_process(models, single_rank):
+@pytest.fixture(scope="module")
+def layout_rows(models):
+    """One torchrun launch for every 2-rank layout (tests/workers/distill_layouts.py)."""
+    t = models
+    rows = torchrun("distill_layouts.py", 2, t / "student", t / "teacher", t / "corpus", t)
+    return {r["layout"]: r for r in rows}
+
+
+def reference(t, name, **kd):
+    """The single-process run a layout must follow: (metrics rows, final validation loss)."""
     from distill_layouts import job
     from nemo_minitron.distill.loop import train
 
-    t = models
-    ref = train(job(t / "student", t / "teacher", t / "corpus", t / "ref", 1, 1), str(t / "teacher"),
-                dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16), "distill")
-    ref_loss = [r["loss"] for r in metrics(t / "ref") if "loss" in r]
-    ref_norm = [r["grad_norm"] for r in metrics(t / "ref") if "grad_norm" in r]
-    assert len(ref_loss) == 3 and ref_loss[-1] < ref_loss[0]
-    rows = torchrun("distill_layouts.py", 2, t / "student", t / "teacher", t / "corpus", t)
-    assert {r["layout"] for r in rows} == {"tp2", "pp2", "dp2"}
-    for r in rows:
-        assert r["loss"] == pytest.approx(ref_loss, rel=1e-4, abs=1e-5), r["layout"]
+    res = train(job(t / "student", t / "teacher", t / "corpus", t / name, 1, 1, **kd),
+                str(t / "teacher"), dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16),
+                "distill")
+    return metrics(t / name), res["val_loss"]
+
+
+def assert_follows(row, ref_rows, ref_val, keys=("loss", "grad_norm")):
+    for k in keys:
+        want = [r[k] for r in ref_rows if k in r]
+        assert len(row[k]) == len(want) == 3, (row["layout"], k)
         # Adam hides a mis-scaled gradient in the loss; the norm (used for clipping) does not
-        assert r["grad_norm"] == pytest.approx(ref_norm, rel=1e-4), r["layout"]
-        assert r["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)
+        assert row[k] == pytest.approx(want, rel=1e-4, abs=1e-5), (row["layout"], k)
+    assert row["val_loss"] == pytest.approx(ref_val, rel=1e-4)
+
+
+def test_layouts_follow_single_process(models, layout_rows, single_rank):
+    ref, ref_val = reference(models, "ref")
+    loss = [r["loss"] for r in ref if "loss" in r]
+    assert len(loss) == 3 and loss[-1] < loss[0]
+    for name in ("tp2", "pp2", "dp2"):
+        assert_follows(layout_rows[name], ref, ref_val)
+
+
+def test_intermediate_losses_follow_single_process_at_tp2_and_pp2(models, layout_rows, single_rank):
+    """Hidden-state pairs on both pipeline stages plus the embedding loss (stage 0), with learned
+    projections (hidden 96 -> 128): TP=2 and PP=2 follow TP=PP=1 in the losses, the gradient norm
+    and alpha; the non-last stage's terms reach the gradient through the injected backward."""
+    from distill_layouts import DYNAMIC_KD, HIDDEN_KD
+
+    keys = ("loss", "grad_norm", "hidden", "emb", "alpha")
+    ref, ref_val = reference(models, "ref_hidden", **HIDDEN_KD)
+    assert all(r["hidden"] > 0.1 and r["emb"] > 0.01 for r in ref if "hidden" in r)
+    for name in ("tp2_hidden", "pp2_hidden"):
+        assert_follows(layout_rows[name], ref, ref_val, keys)
+    ref, ref_val = reference(models, "ref_dynamic", **DYNAMIC_KD)
+    alpha = [r["alpha"] for r in ref if "alpha" in r]
+    assert alpha[0] == 0.0 and min(alpha[1:]) > 0
+    assert_follows(layout_rows["pp2_dynamic"], ref, ref_val, keys)
 
 
 def minitron(*args, **kw):

@@ -5,6 +5,8 @@ cosine-with-warm-up scheduler and the pipeline schedules (micro-batch accumulati
 consumes ``global_batch_size`` samples: each data-parallel rank runs ``global_batch_size /
 (micro_batch_size * dp)`` micro-batches through ``DistillPair`` (student alone when there is no
 teacher). The loss is averaged per token within a micro-batch and over micro-batches and ranks.
+Intermediate hidden-state / embedding losses (``job.kd.hidden_pairs``, ``embedding_weight``) are
+computed on the pipeline stage that holds each pair (:mod:`.intermediate`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def make_loss_func(spec: LossSpec):
 
     def loss_func(batch, output):
         tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-        student, teacher = output if isinstance(output, tuple) else (output, None)
+        student, teacher, extra = (output + (None,) * 3)[:3] if isinstance(output, tuple) \
+            else (output, None, None)
         mask = batch["loss_mask"].float()
         total = student.new_zeros((), dtype=torch.float32)
         report = {}
@@ -58,13 +61,23 @@ def make_loss_func(spec: LossSpec):
             total = total + (spec.lm_weight if teacher is not None else 1.0) * lm_sum
             report["lm"] = torch.stack([lm_sum.detach().float(), ntok])
         report["loss"] = torch.stack([total.detach().float(), ntok])
+        if extra is not None:  # this stage's weighted intermediate losses (reported separately)
+            total = total + extra
         return total, ntok.int(), report
 
     return loss_func
 
 
-def reduce_reports(reports: list[dict]) -> dict[str, float]:
-    """Token-weighted means of the last stage's reports, the same on every rank."""
+def reduce_reports(reports: list[dict], stage_sums: dict[str, float] | None = None) -> dict[str, float]:
+    """Token-weighted means of the last stage's reports, the same on every rank.
+
+    ``stage_sums``: name -> this rank's token sum of a loss computed on any pipeline stage (the
+    intermediate losses); summed over all stages and data-parallel replicas (TP rank 0 counts,
+    the others hold copies) and divided by the last stage's token count. Every rank passes the
+    same names.
+    """
+    from megatron.core import parallel_state as ps
+
     from ..runtime.forward import sum_from_last_stage
 
     names = ["loss", "kd", "lm"]
@@ -76,7 +89,17 @@ def reduce_reports(reports: list[dict]) -> dict[str, float]:
                     t[i] += r[n].detach().double().cpu()
 
     t = sum_from_last_stage(fill, (len(names), 2))
-    return {n: (t[i, 0] / t[i, 1]).item() for i, n in enumerate(names) if t[i, 1] > 0}
+    out = {n: (t[i, 0] / t[i, 1]).item() for i, n in enumerate(names) if t[i, 1] > 0}
+    if stage_sums:
+        keys = sorted(stage_sums)
+        s = torch.tensor([stage_sums[k] if ps.get_tensor_model_parallel_rank() == 0 else 0.0
+                          for k in keys], dtype=torch.float64)
+        if torch.distributed.is_initialized():
+            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+            s = s.to(dev) if dev else s
+            torch.distributed.all_reduce(s)
+        out.update({k: (v / t[0, 1]).item() for k, v in zip(keys, s.cpu()) if t[0, 1] > 0})
+    return out
 
 
 class Logger:
@@ -136,6 +159,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
     from ..runtime import dist
     from ..runtime.forward import on_device
     from ..runtime.stage import load_checkpoint, save_checkpoint
+    from . import intermediate as inter_mod
     from . import train_state
     from .losses import check_vocab
     from .pair import DistillPair
@@ -151,6 +175,17 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
         teacher_ck.arch.check_parallel(par.tp, par.pp)
         check_vocab(student_ck.arch.vocab_size, teacher_ck.arch.vocab_size,
                     student_ck.arch.padded_vocab_size(par.tp), teacher_ck.arch.padded_vocab_size(par.tp))
+    spec = LossSpec(vocab_size=student_ck.arch.vocab_size, **spec_overrides)
+    ispec = inter_mod.IntermediateSpec.from_kd(job.kd) if teacher_ck and hasattr(job, "kd") else None
+    if ispec is not None and ispec.enabled:
+        inter_mod.check_pairs(ispec.pairs, student_ck.arch.num_layers, teacher_ck.arch.num_layers,
+                              par.pp)
+        if ispec.dynamic and not spec.logit_weight:
+            raise ValueError("kd.hidden_dynamic=true weights the intermediate losses by "
+                             "L_logits / L_intermediate, but the logit loss is off "
+                             "(kd.logit_weight=0); set kd.hidden_dynamic=false for fixed weights")
+    else:
+        ispec = None
     resume_from = train_state.latest(run_dir) if job.resume else None
     if resume_from is None and (run_dir / "final").exists():
         raise FileExistsError(f"{run_dir} already holds a finished run (final/); choose another "
@@ -174,9 +209,22 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
 
     student, _ = load_checkpoint(resume_from or job.model.checkpoint, job.model.dtype)
     teacher = load_checkpoint(teacher_path, job.model.dtype)[0] if teacher_path else None
+    projections = torch.nn.ModuleDict()
+    if ispec is not None:
+        if student.config.sequence_parallel:
+            raise ValueError("kd.hidden_pairs / kd.embedding_weight do not support sequence "
+                             "parallelism yet")
+        hs, ht = student.arch.hidden_size, teacher.arch.hidden_size
+        projections = inter_mod.make_projections(
+            ispec, student, hs, ht, seed=par.seed,
+            keep_index=inter_mod.pruned_keep_index(job.model.checkpoint, teacher_path, hs, ht))
+        if resume_from is not None:
+            train_state.load_modules(resume_from, {"projections": projections})
+    trained = inter_mod.StudentWithProjections(student.model, projections) if len(projections) \
+        else student.model
     ddp = DistributedDataParallel(
         student.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                      overlap_grad_reduce=False), student.model)
+                                                      overlap_grad_reduce=False), trained)
     opt = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
         adam_beta1=0.9, adam_beta2=tr.adam_beta2, clip_grad=tr.clip_grad,
@@ -186,24 +234,31 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
         lr_decay_steps=tr.steps, lr_decay_style="cosine", start_wd=tr.weight_decay,
         end_wd=tr.weight_decay, wd_incr_steps=tr.steps, wd_incr_style="constant")
     step = 0
+    # multiplier of the intermediate terms: dynamic alpha comes from the previous step's global
+    # means, so a fresh run's first step only measures them (alpha 0); fixed weights: 1
+    alpha = 0.0 if ispec is not None and ispec.dynamic else 1.0
     if resume_from is not None:
         st = train_state.load(resume_from, opt, sched)
         step = st["step"]
+        alpha = st.get("extra", {}).get("alpha", alpha)
         if dist.is_rank0():
             log.info("resumed from %s at step %d", resume_from, step)
 
+    inter = inter_mod.IntermediateLosses(ispec, student, teacher, projections) if ispec else None
+    inter_names = ([] if ispec is None else
+                   (["hidden"] if ispec.pairs else []) + (["emb"] if ispec.embedding_weight > 0 else []))
     pair = DistillPair(ddp, teacher.model if teacher else None, student.arch.hidden_size,
-                       teacher.arch.hidden_size if teacher else 0, student.config)
+                       teacher.arch.hidden_size if teacher else 0, student.config, inter)
     cfg = pair.config
     cfg.no_sync_func = ddp.no_sync
     cfg.finalize_model_grads_func = lambda _chunks, *a, **k: finalize_model_grads([ddp], *a, **k)
     cfg.grad_scale_func = opt.scale_loss
-    spec = LossSpec(vocab_size=student.arch.vocab_size, **spec_overrides)
     loss_func = make_loss_func(spec)
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        return model(batch["tokens"], batch["position_ids"], None), partial(loss_func, batch)
+        return (model(batch["tokens"], batch["position_ids"], None, batch["loss_mask"]),
+                partial(loss_func, batch))
 
     def batches_for(step_idx: int):
         """The micro-batches of global batch ``step_idx`` for this DP rank (deterministic order)."""
@@ -227,7 +282,8 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
                                          "teacher": teacher_path, "step": at_step},
             per_rank=None if final else train_state.writer(
                 opt, sched, at_step, at_step * tr.global_batch_size,
-                {"tp": par.tp, "pp": par.pp, "dp": dp}))
+                {"tp": par.tp, "pp": par.pp, "dp": dp}, extra={"alpha": alpha},
+                modules={"projections": projections} if len(projections) else None))
 
     def evaluate() -> float:
         vb = valid_data.batches(tr.micro_batch_size, num_batches=max(1, tr.eval_batches // dp),
@@ -239,13 +295,26 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
             student.model.train()
             ddp.zero_grad_buffer()
             opt.zero_grad()
+            if inter is not None:
+                inter.set_step(alpha, n_micro)
             reports = fwd_bwd(forward_step_func=forward_step, data_iterator=iter(batches_for(step)),
                               model=[pair], num_microbatches=n_micro, seq_length=job.data.seq_length,
                               micro_batch_size=tr.micro_batch_size, forward_only=False)
             ok, grad_norm, _ = opt.step()
             sched.step(increment=1)
             step += 1
-            metrics = reduce_reports(reports)
+            if inter is not None:
+                sums = inter.take_sums()
+                metrics = reduce_reports(reports, {k: sums.get(k, 0.0) for k in inter_names})
+                # the schedule's loss covers the logit/LM terms; add this step's weighted
+                # intermediate terms (same token normalisation) for the total
+                metrics["loss"] += alpha * (ispec.hidden_weight * metrics.get("hidden", 0.0)
+                                            + ispec.embedding_weight * metrics.get("emb", 0.0))
+                metrics["alpha"] = alpha
+                if ispec.dynamic:  # next step's alpha: the same on every rank (reduced means)
+                    alpha = ispec.alpha(metrics["kd"], metrics.get("hidden"), metrics.get("emb"))
+            else:
+                metrics = reduce_reports(reports)
             metrics.update(lr=opt.param_groups[0]["lr"], grad_norm=float(grad_norm or 0.0),
                            skipped=not ok)
             if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.steps:
@@ -258,7 +327,8 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
                 metrics["tokens_per_s"] = tps
                 if dist.is_rank0():
                     parts = [f"step {step}/{tr.steps}", f"loss {metrics['loss']:.4f}"]
-                    parts += [f"{k} {metrics[k]:.4f}" for k in ("kd", "lm", "val_loss") if k in metrics]
+                    parts += [f"{k} {metrics[k]:.4f}" for k in ("kd", "lm", "hidden", "emb", "val_loss")
+                              if k in metrics]
                     parts += [f"lr {metrics['lr']:.2e}", f"{tps:.0f} tok/s", f"eta {eta:.0f}s"]
                     log.info(" | ".join(parts))
                 t_last, steps_last = time.time(), step
@@ -275,5 +345,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
         return {"final": str(out), "steps": step, "val_loss": final_val,
                 "train_loss": history[-1]["loss"] if history else None}
     finally:
+        if inter is not None:
+            inter.close()
         logger.close()
         dist.release()

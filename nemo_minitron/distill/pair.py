@@ -5,10 +5,15 @@ Between stages the pair passes one tensor, ``cat([student_hidden, teacher_hidden
 (the schedule sizes its p2p buffers from ``config.hidden_size``, which is set to the sum); the
 last stage returns both models' logits. The teacher runs under ``no_grad`` in eval mode, so
 backward only reaches the student and the teacher's slice of every received gradient is zero.
+
+With intermediate losses (:mod:`.intermediate`) each stage also computes the hidden-state losses
+of the layer pairs it holds: the last stage returns them as a third output for the loss function,
+the others attach their gradient to the tensor they send on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -16,8 +21,9 @@ import torch
 
 class DistillPair(torch.nn.Module):
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None,
-                 student_hidden: int, teacher_hidden: int, student_config):
+                 student_hidden: int, teacher_hidden: int, student_config, intermediate=None):
         super().__init__()
+        self.intermediate = intermediate  # IntermediateLosses of this stage, or None
         self.module = student  # DDP-wrapped student: what get_attr_wrapped_model unwraps to
         self.teacher = teacher
         self.hs, self.ht = student_hidden, teacher_hidden if teacher is not None else 0
@@ -45,12 +51,17 @@ class DistillPair(torch.nn.Module):
         student.set_input_tensor(t[..., : self.hs])
         self.teacher.set_input_tensor(t[..., self.hs:].detach())
 
-    def forward(self, tokens, position_ids, attention_mask=None):
-        student_out = self.module(tokens, position_ids, attention_mask)
-        if self.teacher is None:
-            return student_out
-        with torch.no_grad():
-            teacher_out = self.teacher(tokens, position_ids, attention_mask)
+    def forward(self, tokens, position_ids, attention_mask=None, loss_mask=None):
+        inter = self.intermediate if self.teacher is not None else None
+        with inter.capturing() if inter is not None else contextlib.nullcontext():
+            student_out = self.module(tokens, position_ids, attention_mask)
+            if self.teacher is None:
+                return student_out
+            with torch.no_grad():
+                teacher_out = self.teacher(tokens, position_ids, attention_mask)
+        extra = inter.local_loss(loss_mask) if inter is not None else None
         if self._unwrapped_student().post_process:
-            return student_out, teacher_out
+            return student_out, teacher_out, extra
+        if extra is not None:  # no loss function on this stage: the gradient rides on the output
+            student_out = inter.attach(student_out, extra, self.config, loss_mask)
         return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)

@@ -1,6 +1,8 @@
-"""Run under torchrun with 2 ranks: a few distillation steps at TP=2, PP=2 and DP=2.
+"""Run under torchrun with 2 ranks: a few distillation steps at TP=2, PP=2 and DP=2, then TP=2 and
+PP=2 again with intermediate hidden-state and embedding losses at fixed weights (``HIDDEN_KD``),
+and PP=2 with dynamic weights (``DYNAMIC_KD``).
 
-Emits each layout's per-step training loss (read back from metrics.jsonl) and final val loss.
+Emits each layout's per-step metrics (read back from metrics.jsonl) and final val loss.
 """
 
 import json
@@ -15,26 +17,34 @@ from nemo_minitron.config.schema import (DataConfig, DistillJob, KDConfig, Model
 from nemo_minitron.distill.loop import train
 
 
-def job(student, teacher, data, out, tp, pp, steps=3):
+# student layers 0, 1 (2 layers) against teacher layers 1, 3 (of 4): under PP=2 each pair sits on
+# one stage (stage 0: student 0, teacher 0-1; stage 1: student 1, teacher 2-3)
+HIDDEN_KD = dict(hidden_pairs=[[0, 1], [1, 3]], embedding_weight=0.5, hidden_dynamic=False)
+DYNAMIC_KD = dict(HIDDEN_KD, hidden_dynamic=True)
+
+
+def job(student, teacher, data, out, tp, pp, steps=3, **kd):
     return DistillJob(model=ModelConfig(name="tiny", checkpoint=student),
                       parallel=ParallelConfig(tp=tp, pp=pp),
                       data=DataConfig(prefix=data, seq_length=32, valid_fraction=0.1),
                       train=TrainConfig(steps=steps, global_batch_size=4, micro_batch_size=1,
                                         lr=1e-3, min_lr=1e-4, warmup_steps=1, log_interval=1,
                                         eval_interval=0, eval_batches=2, tensorboard=False),
-                      kd=KDConfig(teacher=teacher, lm_weight=0.5, chunk_tokens=16),
+                      kd=KDConfig(teacher=teacher, lm_weight=0.5, chunk_tokens=16, **kd),
                       output=out)
 
 
 def main(student, teacher, data, out):
-    for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)):
-        res = train(job(student, teacher, data, f"{out}/{name}", tp, pp), teacher,
+    for name, tp, pp, kd in (("tp2", 2, 1, {}), ("pp2", 1, 2, {}), ("dp2", 1, 1, {}),
+                             ("tp2_hidden", 2, 1, HIDDEN_KD), ("pp2_hidden", 1, 2, HIDDEN_KD),
+                             ("pp2_dynamic", 1, 2, DYNAMIC_KD)):
+        res = train(job(student, teacher, data, f"{out}/{name}", tp, pp, **kd), teacher,
                     dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16), "distill")
         if torch.distributed.get_rank() == 0:
             rows = [json.loads(x) for x in Path(f"{out}/{name}/metrics.jsonl").read_text().splitlines()]
-            emit({"layout": name, "loss": [r["loss"] for r in rows if "loss" in r],
-                  "grad_norm": [r["grad_norm"] for r in rows if "grad_norm" in r],
-                  "val_loss": res["val_loss"]})
+            keys = ("loss", "grad_norm", "hidden", "emb", "alpha")
+            emit({"layout": name, "val_loss": res["val_loss"],
+                  **{k: [r[k] for r in rows if k in r] for k in keys}})
 
 
 if __name__ == "__main__":

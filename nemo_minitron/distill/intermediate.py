@@ -1,0 +1,264 @@
+"""Intermediate hidden-state and embedding losses during distillation, under any TP/PP/DP layout.
+
+Minitron (arXiv 2407.14679 §3-4, 2408.11796): when depth shrinks a lot, logit KD is helped by
+losses between the student's and the teacher's hidden states at chosen layer pairs (and between
+the embedding outputs), weighted dynamically by ``alpha = L_logits / L_intermediate``.
+
+How the pieces fit
+------------------
+* **Capture.** Forward hooks on the megatron ``TransformerLayer`` modules of the pairs (their
+  output, ``[seq, batch, hidden]``, before the final norm for the last layer) and on the
+  embedding (the input of layer 0) of both models. They record only while :class:`DistillPair`
+  runs its forward (not during validation or activation recomputation).
+* **Loss on the stage that holds the pair.** Both layers of a pair must live on the same
+  pipeline stage (:func:`check_pairs` says which stage each layer is on otherwise); the
+  embedding is on the first stage of both. Right after the forward of a micro-batch, each stage
+  computes ``sum_pairs w * hidden_state_loss(...)`` of its own pairs (a token *sum*, like every
+  loss here), with a learned projection per pair when the hidden sizes differ.
+* **Gradient.** The last stage adds that sum to the schedule's loss (``make_loss_func``), so it
+  gets megatron's normalisation for free. Other stages have no loss function: their sum is
+  attached to the tensor the stage sends on with :class:`_AddLossGrad`, an identity whose
+  backward also backpropagates the sum with the factor megatron applies to the last stage's loss
+  (``grad_scale / max(tokens, 1) / num_microbatches``; ``grad_scale`` alone under
+  ``calculate_per_token_loss``), the same trick as megatron's ``MoEAuxLossAutoScaler``. So every
+  stage's intermediate terms end in the gradient exactly as if the last stage had computed them.
+* **Projections** are student-side parameters: they live next to the student inside the module
+  that DDP wraps (:class:`StudentWithProjections`), so they are in the optimizer and in DDP's
+  gradient reduction; they are replicated over TP ranks (the hidden states are, without sequence
+  parallelism), seeded identically everywhere, saved in the training state for an exact resume
+  and never exported with the student.
+* **Reports.** Each rank keeps the unweighted token sums of its stage (``hidden``: all pairs
+  together, ``emb``); the training loop sums them over every stage and data-parallel replica
+  (TP rank 0 only) and divides by the last stage's token count, so ``hidden`` is the sum over
+  pairs of their token-mean losses, identical on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .losses import hidden_state_loss, make_projection
+
+
+@dataclass
+class IntermediateSpec:
+    """The intermediate-loss part of ``kd`` (see KDConfig)."""
+
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    kind: str = "cosine"
+    hidden_weight: float = 1.0
+    embedding_weight: float = 0.0
+    dynamic: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.pairs) or self.embedding_weight > 0
+
+    @classmethod
+    def from_kd(cls, kd) -> "IntermediateSpec":
+        return cls(pairs=[(int(s), int(t)) for s, t in kd.hidden_pairs], kind=kd.hidden_kind,
+                   hidden_weight=float(kd.hidden_weight),
+                   embedding_weight=float(kd.embedding_weight), dynamic=bool(kd.hidden_dynamic))
+
+    def alpha(self, kd_mean: float, hidden_mean: float | None, emb_mean: float | None) -> float:
+        """Dynamic ``alpha = L_logits / L_intermediate`` from globally reduced token means, with
+        ``L_intermediate = hidden_weight * hidden + embedding_weight * emb`` (the weighted
+        intermediate terms alpha multiplies)."""
+        from .losses import dynamic_weight
+
+        inter = self.hidden_weight * (hidden_mean or 0.0) + self.embedding_weight * (emb_mean or 0.0)
+        return float(dynamic_weight(kd_mean, inter))
+
+
+def stage_of(layer: int, num_layers: int, pp: int) -> int:
+    """Pipeline stage holding ``layer`` when ``num_layers`` are split evenly over ``pp`` stages."""
+    return layer // (num_layers // pp)
+
+
+def check_pairs(pairs, student_layers: int, teacher_layers: int, pp: int) -> None:
+    """Layer numbers in range for each model, and both layers of a pair on the same stage."""
+    for i, (s, t) in enumerate(pairs):
+        where = f"kd.hidden_pairs[{i}]=[{s}, {t}]"
+        for name, layer, n in (("student", s, student_layers), ("teacher", t, teacher_layers)):
+            if not 0 <= layer < n:
+                raise ValueError(f"{where}: the {name} has {n} layers (0..{n - 1}), there is no "
+                                 f"{name} layer {layer}; pairs are [student_layer, teacher_layer]")
+        if pp > 1:
+            ss, ts = stage_of(s, student_layers, pp), stage_of(t, teacher_layers, pp)
+            if ss != ts:
+                ps_, pt_ = student_layers // pp, teacher_layers // pp
+                raise ValueError(
+                    f"{where}: at parallel.pp={pp} student layer {s} is on pipeline stage {ss} "
+                    f"(student layers {ss * ps_}..{ss * ps_ + ps_ - 1}) but teacher layer {t} is on "
+                    f"stage {ts} (teacher layers {ts * pt_}..{ts * pt_ + pt_ - 1}); intermediate "
+                    "losses are computed on the stage holding both layers, so pair layers of the "
+                    f"same stage (e.g. student layer {s} with a teacher layer in "
+                    f"{ss * pt_}..{ss * pt_ + pt_ - 1}) or use a smaller parallel.pp")
+
+
+def pruned_keep_index(student_dir, teacher_dir, h_s: int, h_t: int):
+    """The teacher channels a pruned student kept (plan.json of `minitron prune`), when the
+    student was pruned from this very teacher; None otherwise. Initialises the projections so the
+    student's channels start in their teacher positions."""
+    plan = Path(student_dir) / "plan.json"
+    if not plan.is_file() or teacher_dir is None:
+        return None
+    d = json.loads(plan.read_text())
+    parent = d.get("meta", {}).get("parent")
+    keep = d.get("keep", {}).get("hidden")
+    if (parent is None or keep is None or len(keep) != h_s
+            or d.get("source", {}).get("hidden_size") != h_t
+            or Path(parent).resolve() != Path(teacher_dir).resolve()):
+        return None
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def projection_key(student_layer: int | None, teacher_layer: int | None = None) -> str:
+    return "embedding" if student_layer is None else f"layer{student_layer}_to_{teacher_layer}"
+
+
+def make_projections(spec: IntermediateSpec, student_stage, h_s: int, h_t: int, *, seed: int,
+                     keep_index=None) -> torch.nn.ModuleDict:
+    """This stage's projections (one per pair here, one for the embedding on the first stage),
+    only when the hidden sizes differ; identical on every rank that builds the same key."""
+    proj = torch.nn.ModuleDict()
+    if h_s == h_t:
+        return proj
+    keys = [projection_key(s, t) for s, t in spec.pairs if s in student_stage.layers]
+    if spec.embedding_weight > 0 and student_stage.pre_process:
+        keys.append(projection_key(None))
+    p = next(student_stage.model.parameters())
+    for key in keys:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + sum(map(ord, key)))
+            proj[key] = make_projection(h_s, h_t, keep_index=keep_index, dtype=p.dtype,
+                                        device=p.device)
+    return proj
+
+
+class StudentWithProjections(torch.nn.Module):
+    """What DDP wraps: the student stage plus the learned projections of the intermediate losses.
+
+    ``module`` is the student itself, so megatron's ``get_attr_wrapped_model`` and checkpoint
+    saving (which use the student stage, not this wrapper) see the model unchanged."""
+
+    def __init__(self, module: torch.nn.Module, projections: torch.nn.ModuleDict):
+        super().__init__()
+        self.module = module
+        self.projections = projections
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+class _AddLossGrad(torch.autograd.Function):
+    """Identity on ``x``; its backward also starts the backward of ``loss`` with gradient ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, loss, scale):
+        ctx.save_for_backward(scale)
+        ctx.loss_shape = loss.shape
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad, scale.reshape(()).expand(ctx.loss_shape), None
+
+
+def loss_scale(config, num_tokens: torch.Tensor, num_microbatches: int) -> torch.Tensor:
+    """The factor megatron's schedule applies to the last stage's loss sum of one micro-batch."""
+    one = torch.ones(1, dtype=torch.float32, device=num_tokens.device)
+    scale = config.grad_scale_func(one) if config.grad_scale_func is not None else one
+    if not config.calculate_per_token_loss:
+        scale = scale / torch.clamp(num_tokens.float(), min=1) / num_microbatches
+    return scale.detach()
+
+
+class IntermediateLosses:
+    """Hooks and losses of one pipeline stage of a (student, teacher) pair."""
+
+    def __init__(self, spec: IntermediateSpec, student_stage, teacher_stage,
+                 projections: torch.nn.ModuleDict):
+        self.spec = spec
+        self.proj = projections
+        self.terms: list[tuple[str, tuple, tuple, str]] = []  # (report, student key, teacher key, proj)
+        self._got: dict[tuple, torch.Tensor] = {}
+        self._active = False
+        self._handles = []
+        self.weights = {"hidden": 0.0, "emb": 0.0}
+        self.num_microbatches = 1
+        self.sums: dict[str, torch.Tensor] = {}
+        s_layers, t_layers = list(student_stage.layers), list(teacher_stage.layers)
+        for s, t in spec.pairs:
+            if s not in s_layers:
+                continue
+            assert t in t_layers, f"pair {s}->{t}: teacher layer not on this stage (check_pairs)"
+            self._hook(student_stage.model.decoder.layers[s_layers.index(s)], ("s", s))
+            self._hook(teacher_stage.model.decoder.layers[t_layers.index(t)], ("t", t))
+            self.terms.append(("hidden", ("s", s), ("t", t), projection_key(s, t)))
+        if spec.embedding_weight > 0 and student_stage.pre_process:
+            self._hook(student_stage.model.embedding, ("s", "emb"))
+            self._hook(teacher_stage.model.embedding, ("t", "emb"))
+            self.terms.append(("emb", ("s", "emb"), ("t", "emb"), projection_key(None)))
+
+    def _hook(self, module, key) -> None:
+        def hook(_module, _inputs, out):
+            if self._active:
+                self._got[key] = out[0] if isinstance(out, (tuple, list)) else out
+
+        self._handles.append(module.register_forward_hook(hook))
+
+    def set_step(self, alpha: float, num_microbatches: int) -> None:
+        """Weights of this step's terms (``alpha`` times the configured ones) and micro-batches."""
+        self.weights = {"hidden": alpha * self.spec.hidden_weight,
+                        "emb": alpha * self.spec.embedding_weight}
+        self.num_microbatches = num_microbatches
+
+    def take_sums(self) -> dict[str, float]:
+        """Unweighted token sums since the last call (this stage, all micro-batches)."""
+        out, self.sums = self.sums, {}
+        return {k: v.item() for k, v in out.items()}
+
+    @contextlib.contextmanager
+    def capturing(self):
+        self._got, self._active = {}, True
+        try:
+            yield
+        finally:
+            self._active = False
+
+    def local_loss(self, loss_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Weighted sum of this stage's terms for the micro-batch just captured (None when no term
+        lives here or every weight is 0); records the unweighted sums for the reports."""
+        got, self._got = self._got, {}
+        mask = loss_mask.t() if loss_mask is not None else None  # hidden states are [s, b, h]
+        total = None
+        for report, s_key, t_key, pkey in self.terms:
+            w = self.weights[report]
+            with contextlib.nullcontext() if w else torch.no_grad():
+                val, _ = hidden_state_loss(got[s_key], got[t_key], kind=self.spec.kind,
+                                           projection=self.proj[pkey] if pkey in self.proj else None,
+                                           mask=mask)
+            acc = self.sums.get(report)
+            v = val.detach().double()
+            self.sums[report] = v if acc is None else acc + v
+            if w:
+                total = val * w if total is None else total + val * w
+        return total
+
+    def attach(self, output: torch.Tensor, loss: torch.Tensor, config,
+               loss_mask: torch.Tensor) -> torch.Tensor:
+        """``output`` (the student's output of this non-last stage), carrying ``loss``'s gradient."""
+        scale = loss_scale(config, loss_mask.sum(), self.num_microbatches)
+        return _AddLossGrad.apply(output, loss, scale)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
