@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def make_projections(spec: IntermediateSpec, student_stage, h_s: int, h_t: int, 
     p = next(student_stage.model.parameters())
     for key in keys:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + sum(map(ord, key)))
+            torch.manual_seed(seed + zlib.crc32(key.encode()))
             proj[key] = make_projection(h_s, h_t, keep_index=keep_index, dtype=p.dtype,
                                         device=p.device)
     return proj
