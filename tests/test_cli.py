@@ -133,6 +133,9 @@ def test_evaluate_with_tasks(tmp_path):
     r = res["tasks"]["results"]["winogrande"]
     assert r["n"] == 8 and 0.0 <= r["acc"] <= 1.0
     assert res["tasks"]["settings"]["num_fewshot"] == 0
+    md = (tmp_path / "res.md").read_text()  # the same results, readable
+    assert f"| winogrande | {r['acc']:.4f} | {r['acc_norm']:.4f} | 8 |" in md
+    assert f"| {res['loss']:.4f} |" in md
     p = minitron("evaluate", "eval.tasks=[arcc]")
     assert p.returncode == 2 and "eval.tasks: unknown ['arcc']" in p.stderr
 

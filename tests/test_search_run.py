@@ -79,6 +79,12 @@ def test_search_ranks_confirms_and_resumes(tiny, single_rank, monkeypatch):
         distilled = ckpt.Checkpoint(out / f"cand_{r['index']}" / "distill" / "final")
         assert any(not torch.equal(pruned.get(k), distilled.get(k)) for k in pruned.keys())
         assert r["pruned_loss"] > 0 and r["val_loss"] != r["pruned_loss"]
+        # each stage's own short report
+        pr = (out / f"cand_{r['index']}" / "pruned" / "report.md").read_text()
+        assert f"{r['params'] / 1e6:.2f}M" in pr and "![importance](importance.png)" in pr
+        dr = (out / f"cand_{r['index']}" / "distill" / "report.md").read_text()
+        assert "Steps: 2, 256 training tokens" in dr and "![training](training.png)" in dr
+        assert (out / f"cand_{r['index']}" / "distill" / "training.png").stat().st_size > 1000
         # every candidate was pruned from the same saved scores
         assert json.loads((out / f"cand_{r['index']}" / "pruned" / "plan.json").read_text())
     # short distillations of 2 steps, then the best 2 confirmed with 3

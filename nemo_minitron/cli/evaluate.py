@@ -19,7 +19,10 @@ def run(job) -> dict:
         out = Path(job.output) if job.output else run_dir() / "eval_results.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
-        log.info("results: %s", out)
+        from ..report.stages import evaluate_report
+
+        md = evaluate_report(out.with_suffix(".md"), result)
+        log.info("results: %s (and %s)", out, md.name)
     return result
 
 

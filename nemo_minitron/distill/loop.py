@@ -340,10 +340,17 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
         final_val = evaluate()
         logger.write(step, {"val_loss": final_val})
         out = save(step, final=True)
+        result = {"final": str(out), "steps": step, "val_loss": final_val,
+                  "train_loss": history[-1]["loss"] if history else None}
         if dist.is_rank0():
+            from ..report.stages import training_report
+
+            training_report(run_dir, stage=stage_name, result=result, student=str(student_ck.path),
+                            teacher=teacher_path, student_params=student_ck.arch.num_params(),
+                            teacher_params=teacher_ck.arch.num_params() if teacher_ck else None,
+                            tokens=step * tokens_per_step)
             log.info("final validation loss %.4f; student saved to %s", final_val, out)
-        return {"final": str(out), "steps": step, "val_loss": final_val,
-                "train_loss": history[-1]["loss"] if history else None}
+        return result
     finally:
         if inter is not None:
             inter.close()

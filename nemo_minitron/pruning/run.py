@@ -80,6 +80,9 @@ def prune(job) -> dict:
                    "source_non_embedding": src.arch.num_params(embeddings=False),
                    "target_non_embedding": tgt.num_params(embeddings=False),
                    "dropped_layers": plan.meta["dropped_layers"], "calibration_s": round(t_cal, 1)}
+        from ..report.stages import prune_report
+
+        plots = ["importance.png"] + (["depth_curve.png"] if curve is not None else [])
         out = save_checkpoint(
             stage, job.output, tokenizer=src.tokenizer() if dist.is_rank0() else None,
             overwrite=job.overwrite, arch=tgt, transform=transform,
@@ -90,6 +93,9 @@ def prune(job) -> dict:
                              curve if p.depth == "lm_loss" else [-c for c in curve], n_drop, f,
                              ylabel="validation loss" if p.depth == "lm_loss"
                              else f"{p.depth_task} acc_norm")} if curve is not None else {}),
+                         "report.md": lambda f: prune_report(
+                             f, source_path=src.path, source=src.arch, target=tgt, summary=summary,
+                             plots=plots, importance_mode=plan.meta["importance_mode"]),
                          "importance.png": lambda f: plot_importance(
                              imp, f, dropped_layers=plan.meta["dropped_layers"],
                              title=f"{job.model.name}: {src.arch.num_params() / 1e6:.1f}M -> "
