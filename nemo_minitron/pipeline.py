@@ -75,7 +75,7 @@ def run_pipeline(job) -> dict:
         stages.run(f"round {i}: distill", complete(distilled / "final"),
                    lambda: train(dj, str(teacher), kd_spec(job.kd), "distill"))
         student = distilled / "final"
-        evals = {name: stages.evaluate(name, ck, rd / f"eval_{name}.json", job)
+        evals = {name: stages.evaluate(f"round {i}: evaluate {name}", ck, rd / f"eval_{name}.json", job)
                  for name, ck in (("teacher", teacher), ("pruned", pruned), ("distilled", student))}
         if job.pipeline.export:
             from .convert.hf import export_hf

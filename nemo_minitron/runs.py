@@ -58,7 +58,7 @@ class Stages:
         from .evaluate.run import evaluate_checkpoint
 
         path = Path(path)
-        self.run(f"evaluate {name}", path.is_file(), lambda: write_json(path, evaluate_checkpoint(
+        self.run(name, path.is_file(), lambda: write_json(path, evaluate_checkpoint(
             str(checkpoint), job.parallel, job.data, ev or job.eval, job.model.dtype)))
         return json.loads(path.read_text())
 

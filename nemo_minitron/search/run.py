@@ -112,10 +112,10 @@ def run_search(job) -> dict:
                       output=str(cd / "pruned"))
         stages.run(f"candidate {c.index} {c.name()}: prune", complete(cd / "pruned"),
                    lambda: prune(pj))
-        stages.evaluate(f"candidate {c.index} pruned", cd / "pruned", cd / "eval_pruned.json", job,
+        stages.evaluate(f"candidate {c.index}: evaluate pruned", cd / "pruned", cd / "eval_pruned.json", job,
                         dataclasses.replace(job.eval, tasks=[]))
         distill(cd / "pruned", cd / "distill", s.steps, f"candidate {c.index}: distill {s.steps} steps")
-        stages.evaluate(f"candidate {c.index} distilled", cd / "distill" / "final",
+        stages.evaluate(f"candidate {c.index}: evaluate distilled", cd / "distill" / "final",
                         cd / "eval.json", job)
 
     results = collect(out, chosen, s.rank_by)
@@ -133,7 +133,7 @@ def run_search(job) -> dict:
             cd = out / f"cand_{r['index']}"
             distill(cd / "pruned", cd / "confirm", s.confirm_steps,
                     f"candidate {r['index']}: confirm {s.confirm_steps} steps")
-            stages.evaluate(f"candidate {r['index']} confirmed", cd / "confirm" / "final",
+            stages.evaluate(f"candidate {r['index']}: evaluate confirmed", cd / "confirm" / "final",
                             cd / "eval_confirm.json", job)
         results = collect(out, chosen, s.rank_by)
     summary = {**budget, "results": results, "pending": [], "stage_seconds": stages.seconds,
