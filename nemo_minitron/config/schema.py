@@ -433,25 +433,33 @@ class SearchConfig:
 
 
 @dataclass
-class SearchJob:
+class RecipeJob:
+    """What the jobs that chain stages (search, pipeline) configure: every stage's settings."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
-    """Calibration and depth settings (targets come from the search)."""
+    """Calibration and depth settings (the search or the rounds give the targets)."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Distillation settings of every candidate (steps come from search.steps)."""
     kd: KDConfig = field(default_factory=KDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     output: Optional[str] = None
-    """Search directory; complete candidates there are skipped (resume)."""
+    """Run directory; stages whose outputs are complete there are skipped (resume)."""
 
     def __post_init__(self):
         _need_checkpoint(self.model)
         if not self.output:
-            raise ValueError("output=<dir> is required: the search's run directory")
+            raise ValueError(f"output=<dir> is required: the {type(self).__name__[:-3].lower()}'s "
+                             "run directory")
         _need_data(self.data)
+
+
+@dataclass
+class SearchJob(RecipeJob):
+    def __post_init__(self):
+        super().__post_init__()
         if self.search.budget is None:
             raise ValueError("search.budget is required: e.g. search.budget=0.6 (60% of the "
                              "source's parameters) or search.budget=4.5e9")
@@ -490,25 +498,11 @@ class PipelineConfig:
 
 
 @dataclass
-class PipelineJob:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    kd: KDConfig = field(default_factory=KDConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    """Search settings of rounds that give a budget instead of targets."""
+class PipelineJob(RecipeJob):
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    output: Optional[str] = None
-    """Run directory; stages whose outputs are complete there are skipped (resume)."""
 
     def __post_init__(self):
-        _need_checkpoint(self.model)
-        if not self.output:
-            raise ValueError("output=<dir> is required: the pipeline's run directory")
-        _need_data(self.data)
+        super().__post_init__()
         if any(r.budget is not None for r in self.pipeline.rounds):
             _check_rank_by(self.search, self.eval)
 
