@@ -84,11 +84,12 @@ def run_pipeline(job) -> dict:
             stages.run(f"round {i}: export", (hf / "config.json").is_file(),
                        lambda: export_hf(str(student), hf) if dist.is_rank0() else None)
             dist.barrier()
+        student_arch = ckpt.Checkpoint(student).arch
         summary["rounds"].append({
             "name": rd.name, "teacher": str(teacher), "student": str(student),
             "params": {"teacher": ckpt.Checkpoint(teacher).arch.num_params(),
-                       "student": ckpt.Checkpoint(student).arch.num_params()},
-            "arch": ckpt.Checkpoint(student).arch.to_dict(),
+                       "student": student_arch.num_params()},
+            "arch": student_arch.to_dict(),
             "search": searched,
             "pruned_dir": str(pruned),
             "val_loss": {k: v["loss"] for k, v in evals.items()},

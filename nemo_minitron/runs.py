@@ -22,15 +22,26 @@ def complete(path: Path) -> bool:
     return (Path(path) / ckpt.META).is_file()
 
 
+def write_atomic(path, write) -> Path:
+    """``write(tmp_path)`` next to ``path``, then rename: readers see the old file or the whole
+    new one, never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+    return path
+
+
+def write_text_atomic(path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
 def write_json(path: Path, obj) -> None:
     """Atomic JSON write on rank 0; all ranks return once the file is there."""
     from .runtime import dist
 
-    path = Path(path)
     if dist.is_rank0():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(obj, indent=2, default=str))
     dist.barrier()
 
 
@@ -73,5 +84,7 @@ def kd_spec(kd) -> dict:
                 kind=kd.kind, top_k=kd.top_k, chunk_tokens=kd.chunk_tokens)
 
 
-def task_scores(result: dict, metric: str = "acc_norm") -> dict:
-    return {t: r[metric] for t, r in result.get("tasks", {}).get("results", {}).items()}
+def task_scores(result: dict, metric: str = "acc_norm") -> dict[str, float]:
+    """Per-task ``metric`` of an evaluation result ({} without tasks)."""
+    return {t: float(r[metric]) for t, r in result.get("tasks", {}).get("results", {}).items()
+            if metric in r}

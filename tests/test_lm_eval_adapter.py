@@ -25,6 +25,7 @@ from nemo_minitron.evaluate.multiple_choice import evaluate_tasks, score_continu
 from nemo_minitron.runtime.stage import load_checkpoint
 
 from conftest import ROOT, tiny_hf, tiny_tokenizer, torchrun
+from test_multiple_choice import hf_request_ids
 
 TASK = "minitron_mini_mc"
 
@@ -99,17 +100,8 @@ def ll_request(ctx, cont):
 
 
 def hf_logprob(model, tok, ctx, cont, max_length):
-    """(sum log-prob, greedy) of one request, the harness' recipe written out again."""
-    stripped = ctx.rstrip()
-    if len(stripped) < len(ctx):
-        ctx, cont = stripped, ctx[len(stripped):] + cont
-    whole = tok(ctx + cont, add_special_tokens=False)["input_ids"]
-    if ctx:
-        ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"]
-        cont_ids = whole[len(ctx_ids):]
-    else:
-        ctx_ids, cont_ids = [tok.eos_token_id if tok.bos_token_id is None else tok.bos_token_id], whole
-    inp = (ctx_ids + cont_ids)[-(max_length + 1):][:-1]
+    """(sum log-prob, greedy) of one request with a transformers model."""
+    inp, cont_ids = hf_request_ids(tok, ctx, cont, max_length)
     with torch.no_grad():
         logits = model(torch.tensor([inp])).logits[0, -len(cont_ids):].float()
     lp = logits.log_softmax(-1).gather(1, torch.tensor(cont_ids)[:, None]).sum().item()

@@ -23,6 +23,24 @@ from nemo_minitron.runtime.stage import load_checkpoint
 from conftest import tiny_hf, tiny_tokenizer, torchrun
 
 
+def hf_request_ids(tok, ctx, cont, max_length):
+    """(model input ids, continuation ids) of one request, the harness' recipe written out again:
+    trailing context whitespace moves to the continuation, the continuation's tokens are those
+    of the whole text after the context's, an empty context reads BOS (else EOS), and inputs
+    longer than ``max_length`` keep their rightmost tokens."""
+    stripped = ctx.rstrip()
+    if len(stripped) < len(ctx):
+        ctx, cont = stripped, ctx[len(stripped):] + cont
+    whole = tok(ctx + cont, add_special_tokens=False)["input_ids"]
+    if ctx:
+        ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"]
+        cont_ids = whole[len(ctx_ids):]
+    else:
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        ctx_ids, cont_ids = [bos], whole
+    return (ctx_ids + cont_ids)[-(max_length + 1):][:-1], cont_ids
+
+
 def hf_reference_scores(model, tok, items, max_length=None):
     """Sum log-probability of each choice with a transformers causal LM, item by item (the item's
     choices in one forward, padded on the right, which a causal model never attends to)."""
@@ -32,17 +50,7 @@ def hf_reference_scores(model, tok, items, max_length=None):
         ctxs = it.contexts or [it.context] * len(it.choices)
         reqs = []
         for ctx, cont in zip(ctxs, it.choices):
-            stripped = ctx.rstrip()
-            if len(stripped) < len(ctx):
-                ctx, cont = stripped, ctx[len(stripped):] + cont
-            whole = tok(ctx + cont, add_special_tokens=False)["input_ids"]
-            if ctx:
-                ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"]
-                cont_ids = whole[len(ctx_ids):]
-            else:
-                bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-                ctx_ids, cont_ids = [bos], whole
-            reqs.append(((ctx_ids + cont_ids)[-(max_length + 1):][:-1], cont_ids))
+            reqs.append(hf_request_ids(tok, ctx, cont, max_length))
         width = max(len(inp) for inp, _ in reqs)
         first = min(len(inp) - len(cont) for inp, cont in reqs)  # first scored position
         batch = torch.tensor([inp + [0] * (width - len(inp)) for inp, _ in reqs])

@@ -78,7 +78,7 @@ def reduce_reports(reports: list[dict], stage_sums: dict[str, float] | None = No
     """
     from megatron.core import parallel_state as ps
 
-    from ..runtime.forward import sum_from_last_stage
+    from ..runtime.forward import all_reduce_sum, sum_from_last_stage
 
     names = ["loss", "kd", "lm"]
 
@@ -92,13 +92,10 @@ def reduce_reports(reports: list[dict], stage_sums: dict[str, float] | None = No
     out = {n: (t[i, 0] / t[i, 1]).item() for i, n in enumerate(names) if t[i, 1] > 0}
     if stage_sums:
         keys = sorted(stage_sums)
-        s = torch.tensor([stage_sums[k] if ps.get_tensor_model_parallel_rank() == 0 else 0.0
-                          for k in keys], dtype=torch.float64)
-        if torch.distributed.is_initialized():
-            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-            s = s.to(dev) if dev else s
-            torch.distributed.all_reduce(s)
-        out.update({k: (v / t[0, 1]).item() for k, v in zip(keys, s.cpu()) if t[0, 1] > 0})
+        s = all_reduce_sum(torch.tensor(
+            [stage_sums[k] if ps.get_tensor_model_parallel_rank() == 0 else 0.0 for k in keys],
+            dtype=torch.float64))
+        out.update({k: (v / t[0, 1]).item() for k, v in zip(keys, s) if t[0, 1] > 0})
     return out
 
 

@@ -26,7 +26,8 @@ from typing import Sequence
 import torch
 import torch.distributed as tdist
 
-from ..runtime.forward import mask_padded_vocab, on_device, run_forward, token_losses
+from ..runtime.forward import (all_reduce_sum, mask_padded_vocab, on_device, run_forward,
+                               token_losses)
 from .tasks import Item
 
 PP_SEQ_BUCKET = 64  # under pipeline parallelism a run needs one micro-batch shape: round lengths
@@ -231,17 +232,14 @@ def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *
         if bar is not None:
             bar.close()
 
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    total = torch.zeros(3, len(encoded), dtype=torch.float64, device=dev)  # logprob, n, misses
+    total = torch.zeros(3, len(encoded), dtype=torch.float64)  # logprob, n, misses
     if last and tp_rank == 0:
         for o in outs:
             reqs = o["reqs"].to(total.device)
             total[0].index_add_(0, reqs, o["logprob"].to(total.device))
             total[1].index_add_(0, reqs, torch.ones_like(o["logprob"], device=total.device))
             total[2].index_add_(0, reqs, o["misses"].to(total.device))
-    if tdist.is_initialized():
-        tdist.all_reduce(total)
-    total = total.cpu()
+    total = all_reduce_sum(total)
     if (total[1] == 0).any():
         raise RuntimeError(f"{int((total[1] == 0).sum())} requests were scored by no rank")
     return list(zip((total[0] / total[1]).tolist(), (total[2] == 0).tolist()))

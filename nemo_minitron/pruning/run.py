@@ -35,9 +35,7 @@ def prune(job) -> dict:
     targets = Targets(**dataclasses.asdict(p.target))
     targets.resolve(src.arch)
     ckpt.prepare_output(job.output, job.overwrite)
-    calibrating = p.scores is None and p.importance == "activation"
-    data = PackedSequences(job.data.prefix, job.data.seq_length, split="train",
-                           valid_fraction=job.data.valid_fraction) if calibrating else None
+    data = calibration_data(job)
 
     dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s)
     try:
@@ -109,6 +107,16 @@ def prune(job) -> dict:
         dist.release()
 
 
+def calibration_data(job):
+    """The training split calibration reads, or None when the scores come from elsewhere."""
+    from ..data.packed import PackedSequences
+
+    if job.prune.scores or job.prune.importance != "activation":
+        return None
+    return PackedSequences(job.data.prefix, job.data.seq_length, split="train",
+                           valid_fraction=job.data.valid_fraction)
+
+
 def importance_for(job, stage, arch, data):
     """The job's importance scores: loaded (prune.scores), random, or calibrated on ``data``."""
     from megatron.core import parallel_state as ps
@@ -135,26 +143,19 @@ def importance_for(job, stage, arch, data):
 def calibrate_to(job, path) -> Importance:
     """Calibrate the job's model once and save the scores to ``path`` (atomically, on rank 0):
     the architecture search prunes every candidate from these."""
-    from pathlib import Path
-
-    from ..data.packed import PackedSequences
+    from ..runs import write_atomic
     from ..runtime import dist
     from ..runtime.stage import load_checkpoint
 
     src = ckpt.Checkpoint(job.model.checkpoint)
     src.arch.check_parallel(job.parallel.tp, job.parallel.pp)
-    data = PackedSequences(job.data.prefix, job.data.seq_length, split="train",
-                           valid_fraction=job.data.valid_fraction) \
-        if job.prune.importance == "activation" and not job.prune.scores else None
+    data = calibration_data(job)
     dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s)
     try:
         stage, _ = load_checkpoint(job.model.checkpoint, job.model.dtype)
         imp = importance_for(job, stage, src.arch, data)
         if dist.is_rank0():
-            path = Path(path)
-            tmp = path.with_name(path.name + ".tmp")
-            imp.save(tmp)
-            tmp.replace(path)
+            write_atomic(path, imp.save)
         dist.barrier()
         return imp
     finally:

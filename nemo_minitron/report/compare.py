@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runs import task_scores
 from .plots import plot_loss_curves
 
 WHO = ("teacher", "pruned", "final")  # validation-loss columns
@@ -79,11 +80,6 @@ def _params_of(checkpoint) -> int | None:
     return Arch.from_json(f).num_params() if f.is_file() else None
 
 
-def _acc_norm(result: dict) -> dict[str, float]:
-    return {t: float(r["acc_norm"]) for t, r in result.get("tasks", {}).get("results", {}).items()
-            if "acc_norm" in r}
-
-
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -116,7 +112,7 @@ def _round_row(rd: Path, name: str, rec: dict) -> Row:
     val = {"teacher": loss.get("teacher"), "pruned": loss.get("pruned"),
            "final": loss.get("distilled")}
     tasks = dict(rec.get("tasks", {}).get("distilled", {}))
-    tasks.update(_acc_norm(evals.get("distilled", {})))
+    tasks.update(task_scores(evals.get("distilled", {})))
     params = rec.get("params", {}).get("student")
     if params is None:
         params = _params_of(rd / "distill" / "final") or _params_of(rd / "pruned")
@@ -171,7 +167,7 @@ def _evaluate_row(f: Path, label: str) -> Row:
         raise ValueError(f"{f}: not a `minitron evaluate` results file (no 'loss' or 'tasks')")
     ck = data.get("checkpoint")
     row = Row(label, "evaluate", _params_of(ck) if ck else None,
-              {"final": float(data["loss"])} if "loss" in data else {}, _acc_norm(data))
+              {"final": float(data["loss"])} if "loss" in data else {}, task_scores(data))
     row.seconds = float(data["seconds"]) if data.get("seconds") is not None else None
     return row
 

@@ -9,11 +9,9 @@ AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "
 
 
 def _write(path: Path, lines: list[str]) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    from ..runs import write_text_atomic
+
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def prune_report(path, *, source_path, source, target, summary: dict, plots: list[str],

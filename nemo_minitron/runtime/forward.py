@@ -83,16 +83,26 @@ def sum_from_last_stage(fill: Callable[[torch.Tensor], None], shape) -> torch.Te
     total = torch.zeros(shape, dtype=torch.float64)
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
         fill(total)
-    if torch.distributed.is_initialized():
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        t = total.to(dev) if dev else total
-        torch.distributed.all_reduce(t)
-        total = t.cpu()
-    return total
+    return all_reduce_sum(total)
+
+
+def device() -> torch.device | None:
+    """This rank's GPU, or None on CPU (tensors stay where they are)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over all ranks (on the rank's device for NCCL), returned on the CPU."""
+    if not torch.distributed.is_initialized():
+        return t
+    dev = device()
+    t = t.to(dev) if dev else t
+    torch.distributed.all_reduce(t)
+    return t.cpu()
 
 
 def on_device(batch: dict) -> dict:
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    dev = device()
     if dev is None:
         return batch
     return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

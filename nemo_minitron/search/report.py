@@ -83,8 +83,6 @@ def write_search_report(out: Path, summary: dict) -> Path:
     if any(r.get("val_loss") is not None for r in results):
         plot_search(results, out / "search.png")
         lines += ["![search](search.png)", ""]
-    path = out / "search.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    from ..runs import write_text_atomic
+
+    return write_text_atomic(out / "search.md", "\n".join(lines) + "\n")

@@ -26,6 +26,7 @@ from ..config.schema import DistillJob, PruneJob, PruneTargetConfig
 from ..convert import checkpoint as ckpt
 from ..runs import Stages, complete, kd_spec, task_scores, with_checkpoint, write_json
 from .rank import kendall_tau, rank_results
+from .report import write_search_report
 from .space import Space, describe_empty, enumerate_candidates, select
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def run_search(job) -> dict:
     if pending:
         summary = {**budget, "results": results, "pending": pending}
         if dist.is_rank0():
-            write_table(out, summary)
+            write_search_report(out, summary)
             log.info("search: candidates %s not done yet; run again (without search.only) to rank "
                      "them all", pending)
         return summary
@@ -149,7 +150,7 @@ def run_search(job) -> dict:
     summary["chosen"] = chosen_info
     write_json(out / "chosen.json", chosen_info)
     if dist.is_rank0():
-        write_table(out, summary)
+        write_search_report(out, summary)
         log.info("search: chosen candidate %d %s (%.1fM parameters); table: %s", best["index"],
                  best["name"], best["params"] / 1e6, out / "search.md")
     return summary
@@ -186,9 +187,3 @@ def agreement(results: list[dict]) -> dict:
         out["tau_short_vs_confirm"] = kendall_tau([r["val_loss"] for r in conf],
                                                   [r["confirm_loss"] for r in conf])
     return out
-
-
-def write_table(out: Path, summary: dict) -> Path:
-    from .report import write_search_report
-
-    return write_search_report(out, summary)
