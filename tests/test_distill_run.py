@@ -159,24 +159,68 @@ def test_finetune_lowers_loss(models, single_rank):
     assert c.meta["stage"] == "finetune" and c.arch.hidden_size == 96
 
 
-def test_resume_at_a_different_dp_size(models, single_rank):
-    """Saved at DP=1 after 2 of 4 steps, finished at DP=2: same weights as an all-DP=1 run."""
-    import shutil
-
+def four_steps(t, out, **train_overrides):
+    """4 single-process distillation steps saving at step 2 (resumes from checkpoints under out)."""
     from distill_layouts import job
     from nemo_minitron.config.schema import TrainConfig
     from nemo_minitron.distill.loop import train
 
+    j = job(t / "student", t / "teacher", t / "corpus", out, 1, 1, steps=4)
+    j.train = TrainConfig(**{**vars(j.train), "save_interval": 2, **train_overrides})
+    return train(j, str(t / "teacher"), dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16),
+                 "distill")
+
+
+def assert_same_weights(a, b, atol=1e-5):
+    a, b = ckpt.Checkpoint(a), ckpt.Checkpoint(b)
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in a.keys():
+        assert torch.allclose(a.get(k), b.get(k), atol=atol), k
+
+
+def test_resume_at_a_different_dp_size(models, single_rank):
+    """Saved at DP=1 after 2 of 4 steps, finished at DP=2: same weights as an all-DP=1 run."""
+    import shutil
+
     t = models
-    j = job(t / "student", t / "teacher", t / "corpus", t / "dp1", 1, 1, steps=4)
-    j.train = TrainConfig(**{**vars(j.train), "save_interval": 2})
-    train(j, str(t / "teacher"), dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16), "distill")
+    four_steps(t, t / "dp1")
     (t / "dp2run").mkdir()
     shutil.copytree(t / "dp1" / "checkpoints", t / "dp2run" / "checkpoints")
     torchrun("distill_resume.py", 2, t / "student", t / "teacher", t / "corpus", t / "dp2run")
-    a, b = ckpt.Checkpoint(t / "dp1" / "final"), ckpt.Checkpoint(t / "dp2run" / "final")
-    assert b.meta["step"] == 4
-    for k in a.keys():
-        assert torch.allclose(a.get(k), b.get(k), atol=1e-5), k
+    assert ckpt.Checkpoint(t / "dp2run" / "final").meta["step"] == 4
+    assert_same_weights(t / "dp1" / "final", t / "dp2run" / "final")
     rows = metrics(t / "dp2run")
     assert [r["step"] for r in rows if "loss" in r] == [3, 4]  # only the remaining steps ran
+
+
+def test_distributed_optimizer_shards_resume_at_another_dp_size(models, single_rank):
+    """The distributed optimizer at DP=2 follows the plain DP=1 run; its step-2 checkpoint (the
+    DP shards gathered by parameter name) finishes at DP=1 to the same weights; resuming it
+    without the distributed optimizer is refused with the fix."""
+    import shutil
+
+    t = models
+    four_steps(t, t / "plain1")
+    torchrun("distill_resume.py", 2, t / "student", t / "teacher", t / "corpus", t / "zero2",
+             "distributed")
+    ref, zero2 = metrics(t / "plain1"), metrics(t / "zero2")
+    for k in ("loss", "grad_norm"):
+        assert [r[k] for r in zero2 if k in r] == pytest.approx([r[k] for r in ref if k in r],
+                                                                rel=1e-4, abs=1e-6), k
+    assert_same_weights(t / "plain1" / "final", t / "zero2" / "final")
+    saved = t / "zero2" / "checkpoints" / "step_0000002"
+    blob = torch.load(saved / "train_state" / "optim-tp0-pp0.pt", weights_only=False)
+    plain = torch.load(t / "plain1" / "checkpoints" / "step_0000002" / "train_state" /
+                       "optim-tp0-pp0.pt", weights_only=False)
+    assert blob["format"] == "model_space/1" and len(blob["params"]) == len(plain["state"])
+    assert all(v["exp_avg"].abs().sum() > 0 for v in blob["params"].values())
+
+    for name in ("zero_to1", "zero_to_plain"):
+        (t / name / "checkpoints").mkdir(parents=True)
+        shutil.copytree(saved, t / name / "checkpoints" / saved.name)
+    four_steps(t, t / "zero_to1", distributed_optimizer=True)
+    assert_same_weights(t / "zero2" / "final", t / "zero_to1" / "final")
+    assert [r["step"] for r in metrics(t / "zero_to1") if "loss" in r] == [3, 4]
+    with pytest.raises(ValueError, match="train.distributed_optimizer=true"):
+        four_steps(t, t / "zero_to_plain")
+    assert not (t / "zero_to_plain" / "final").exists()

@@ -264,6 +264,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip_grad: float = 1.0
     """Gradient-norm clipping (0 disables)."""
+    distributed_optimizer: bool = False
+    """Shard the optimizer state (fp32 main params, Adam moments) over data-parallel ranks with
+    megatron-core's distributed optimizer: less memory per GPU at DP > 1. Checkpoints hold the
+    state by parameter name, so a run resumes at any DP size (but not with this switched)."""
     adam_beta2: float = 0.95
     log_interval: int = 10
     """Steps between progress lines."""

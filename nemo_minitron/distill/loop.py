@@ -220,12 +220,15 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
     trained = inter_mod.StudentWithProjections(student.model, projections) if len(projections) \
         else student.model
     ddp = DistributedDataParallel(
-        student.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                      overlap_grad_reduce=False), trained)
+        student.config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=tr.distributed_optimizer), trained)
     opt = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
         adam_beta1=0.9, adam_beta2=tr.adam_beta2, clip_grad=tr.clip_grad,
-        bf16=job.model.dtype == "bf16", params_dtype=student.config.params_dtype), [ddp])
+        bf16=job.model.dtype == "bf16", params_dtype=student.config.params_dtype,
+        use_distributed_optimizer=tr.distributed_optimizer), [ddp])
+    named_params = dict(ddp.module.named_parameters())
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=tr.lr, min_lr=tr.min_lr, lr_warmup_steps=tr.warmup_steps,
         lr_decay_steps=tr.steps, lr_decay_style="cosine", start_wd=tr.weight_decay,
@@ -235,7 +238,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
     # means, so a fresh run's first step only measures them (alpha 0); fixed weights: 1
     alpha = 0.0 if ispec is not None and ispec.dynamic else 1.0
     if resume_from is not None:
-        st = train_state.load(resume_from, opt, sched)
+        st = train_state.load(resume_from, opt, sched, named_params)
         step = st["step"]
         alpha = st.get("extra", {}).get("alpha", alpha)
         if dist.is_rank0():
@@ -280,7 +283,8 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
             per_rank=None if final else train_state.writer(
                 opt, sched, at_step, at_step * tr.global_batch_size,
                 {"tp": par.tp, "pp": par.pp, "dp": dp}, extra={"alpha": alpha},
-                modules={"projections": projections} if len(projections) else None))
+                modules={"projections": projections} if len(projections) else None,
+                named_params=named_params))
 
     def evaluate() -> float:
         vb = valid_data.batches(tr.micro_batch_size, num_batches=max(1, tr.eval_batches // dp),

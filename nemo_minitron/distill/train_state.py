@@ -2,8 +2,9 @@
 
 ``train_state/`` holds ``state.json`` (step, samples consumed, scheduler state, layout),
 ``optim-tp{t}-pp{p}.pt`` (the optimizer state of each model-parallel shard, written by data-
-parallel rank 0: without the distributed optimizer it is replicated across DP, which is what lets
-a run resume at another DP size), ``rng-rank{r}.pt`` and, for trainable modules that are not part
+parallel rank 0: without the distributed optimizer it is replicated across DP; with it, the DP
+shards are first gathered per parameter name by :mod:`.optim_state`, so either way a run resumes
+at another DP size), ``rng-rank{r}.pt`` and, for trainable modules that are not part
 of the student checkpoint (the projections of intermediate distillation losses),
 ``<name>-tp{t}-pp{p}.pt``. Files are written in the checkpoint's
 temporary directory and become visible only when the whole checkpoint is committed.
@@ -31,18 +32,26 @@ def _rank() -> int:
 
 
 def writer(optimizer, scheduler, step: int, samples: int, layout: dict, extra: dict | None = None,
-           modules: dict | None = None):
+           modules: dict | None = None, named_params: dict | None = None):
     """A ``per_rank(tmp_dir)`` callback for :func:`~nemo_minitron.runtime.stage.save_checkpoint`.
 
     ``extra``: JSON-able loop state kept in state.json (the same on every rank); ``modules``:
-    name -> module whose state_dict is saved per model-parallel shard."""
+    name -> module whose state_dict is saved per model-parallel shard; ``named_params``: the
+    trained parameters by name (needed by the distributed optimizer's DP-independent form)."""
     from megatron.core import parallel_state as ps
+
+    from . import optim_state
 
     def write(tmp: Path) -> None:
         d = tmp / STATE
         d.mkdir(exist_ok=True)
-        if ps.get_data_parallel_rank() == 0:
-            torch.save(optimizer.state_dict(), d / _mp_name())
+        dp0 = ps.get_data_parallel_rank() == 0
+        if optim_state.is_distributed(optimizer):
+            blob = optim_state.gather(optimizer, named_params)  # collective over DP
+        else:
+            blob = optimizer.state_dict() if dp0 else None
+        if dp0:
+            torch.save(blob, d / _mp_name())
             for name, module in (modules or {}).items():
                 torch.save(module.state_dict(), d / _mp_name(name))
         torch.save({"cpu": torch.get_rng_state(),
@@ -69,11 +78,23 @@ def _state(path: Path) -> dict:
     return state
 
 
-def load(path: Path, optimizer, scheduler) -> dict:
+def load(path: Path, optimizer, scheduler, named_params: dict | None = None) -> dict:
     """Restore optimizer, scheduler and RNG from checkpoint ``path``; returns state.json."""
+    from . import optim_state
+
     d = Path(path) / STATE
     state = _state(path)
-    optimizer.load_state_dict(torch.load(d / _mp_name(), weights_only=False))
+    saved = torch.load(d / _mp_name(), weights_only=False)
+    sharded = isinstance(saved, dict) and saved.get("format") == optim_state.FORMAT
+    if sharded != optim_state.is_distributed(optimizer):
+        was, now = ("with", "without") if sharded else ("without", "with")
+        raise ValueError(f"{path} was saved {was} the distributed optimizer and this run is "
+                         f"{now} it; resume with train.distributed_optimizer="
+                         f"{str(sharded).lower()} (the weights alone load either way)")
+    if sharded:
+        optim_state.scatter(optimizer, saved, named_params)
+    else:
+        optimizer.load_state_dict(saved)
     scheduler.load_state_dict(state["scheduler"])
     rng = d / f"rng-rank{_rank()}.pt"
     if rng.exists():  # absent when resuming with more data-parallel ranks than were saved
