@@ -316,6 +316,11 @@ class KDConfig:
     """Intermediate-state losses between [student_layer, teacher_layer] pairs: 0-based layer
     numbers of each model, the output of that transformer layer. Under pipeline parallelism both
     layers of a pair must be on the same stage. Empty: no hidden-state loss."""
+    auto_hidden_pairs: bool = False
+    """Build hidden_pairs from the student's plan.json (a student pruned from this teacher, e.g.
+    each search candidate): student layer i against the teacher layer whose output the next kept
+    layer reads, so a layer before a removed block learns what the teacher has after it. Replaces
+    an explicit hidden_pairs list."""
     hidden_kind: str = "cosine"
     """Per-token loss of hidden_pairs and of the embedding loss: cosine (1 - cos) or mse. A
     learned linear projection maps the student's states when the hidden sizes differ."""
@@ -338,6 +343,10 @@ class KDConfig:
                 raise ValueError(f"kd.hidden_pairs[{i}]={list(pair)}: each pair is [student_layer, "
                                  "teacher_layer], two 0-based layer numbers, e.g. "
                                  "kd.hidden_pairs=[[3,7],[5,11]]")
+        if self.auto_hidden_pairs and self.hidden_pairs:
+            raise ValueError("kd.auto_hidden_pairs=true builds the pairs from the student's plan; "
+                             f"drop kd.hidden_pairs={[list(p) for p in self.hidden_pairs]} or set "
+                             "kd.auto_hidden_pairs=false")
         seen = [tuple(p) for p in self.hidden_pairs]
         if len(set(seen)) != len(seen):
             raise ValueError(f"kd.hidden_pairs={[list(p) for p in seen]} lists a pair twice")
@@ -346,7 +355,8 @@ class KDConfig:
         for k in ("hidden_weight", "embedding_weight", "logit_weight", "lm_weight"):
             if getattr(self, k) < 0:
                 raise ValueError(f"kd.{k}={getattr(self, k)} must be >= 0")
-        if self.hidden_dynamic and self.logit_weight == 0 and (self.hidden_pairs or self.embedding_weight):
+        intermediate = self.hidden_pairs or self.auto_hidden_pairs or self.embedding_weight
+        if self.hidden_dynamic and self.logit_weight == 0 and intermediate:
             raise ValueError("kd.hidden_dynamic=true sets alpha = L_logits / L_intermediate, but "
                              "the logit loss is off (kd.logit_weight=0): set kd.hidden_dynamic=false "
                              "for fixed weights, or a positive kd.logit_weight")

@@ -158,6 +158,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
     from ..runtime.stage import load_checkpoint, save_checkpoint
     from . import intermediate as inter_mod
     from . import train_state
+    from .layer_map import auto_pairs
     from .losses import check_vocab
     from .pair import DistillPair
 
@@ -174,6 +175,11 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
                     student_ck.arch.padded_vocab_size(par.tp), teacher_ck.arch.padded_vocab_size(par.tp))
     spec = LossSpec(vocab_size=student_ck.arch.vocab_size, **spec_overrides)
     ispec = inter_mod.IntermediateSpec.from_kd(job.kd) if teacher_ck and hasattr(job, "kd") else None
+    if ispec is not None and job.kd.auto_hidden_pairs:
+        ispec.pairs = auto_pairs(job.model.checkpoint, teacher_path, student_ck.arch.num_layers,
+                                 teacher_ck.arch.num_layers)
+        log.info("kd.auto_hidden_pairs: [student, teacher] layers %s",
+                 [list(p) for p in ispec.pairs])
     if ispec is not None and ispec.enabled:
         inter_mod.check_pairs(ispec.pairs, student_ck.arch.num_layers, teacher_ck.arch.num_layers,
                               par.pp)
