@@ -17,6 +17,7 @@ from nemo_minitron.config.schema import (DataConfig, DistillJob, KDConfig, Model
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.distill import losses as L
+from nemo_minitron.distill.carry import plan_slots
 from nemo_minitron.distill.intermediate import check_pairs, pruned_keep_index
 from nemo_minitron.pruning.apply import apply_plan
 from nemo_minitron.pruning.select import Targets, make_plan, random_importance
@@ -165,12 +166,9 @@ def test_config_errors_are_clear(kd_models, tmp_path):
         check_pairs([(0, 1), (2, 3)], 2, 4, 1)
     with pytest.raises(ValueError, match=r"the teacher has 4 layers.*no teacher layer 4"):
         check_pairs([(0, 4)], 2, 4, 1)
-    check_pairs([(0, 1), (1, 3)], 2, 4, 2)  # stage 0: s0 t0-1, stage 1: s1 t2-3
-    with pytest.raises(ValueError) as e:
-        check_pairs([(0, 2)], 2, 4, 2)
-    msg = str(e.value)
-    assert "student layer 0 is on pipeline stage 0" in msg and "teacher layer 2 is on stage 1" in msg
-    assert "same stage" in msg and "teacher layer in 0..1" in msg
+    check_pairs([(0, 1), (1, 3), (0, 2), (1, 0)], 2, 4, 2)  # cross-stage pairs are carried
+    with pytest.raises(ValueError, match=r"the teacher has 4 layers.*no teacher layer 5"):
+        check_pairs([(0, 2), (1, 5)], 2, 4, 2)
     # the README's override composes into the typed job (and a mistyped pair does not)
     from hydra import compose, initialize_config_dir
 
@@ -192,6 +190,18 @@ def test_config_errors_are_clear(kd_models, tmp_path):
     with pytest.raises(ValueError, match="no student layer 2"):
         train(kd_job(t, "pruned", tmp_path / "never", 1, kd), kd.teacher, spec_of(kd), "distill")
     assert not (tmp_path / "never").exists()
+
+
+def test_carry_slots_of_cross_stage_pairs():
+    """Which stage sends, passes on and uses each carried state (PP=4: 8 student layers, 16
+    teacher layers, 2 and 4 per stage); same-stage pairs get no slot."""
+    slots = plan_slots([(0, 1), (1, 14), (7, 2), (3, 5)], 8, 16, 4)
+    assert [(s.pair, s.side, s.src, s.dst) for s in slots] == [
+        ((1, 14), "s", 0, 3), ((7, 2), "t", 0, 3)]  # (0, 1) and (3, 5) stay on stages 0 and 1
+    assert [slots[0].role(k) for k in range(4)] == ["send", "pass", "pass", "use"]
+    assert [s.pair for s in plan_slots([(1, 14), (7, 2)], 8, 16, 1)] == []
+    near = plan_slots([(2, 11)], 8, 16, 4)[0]  # student stage 1, teacher stage 2
+    assert [near.role(k) for k in range(4)] == ["idle", "send", "use", "idle"]
 
 
 def test_depth_pruned_student_learns_hidden_states_and_resumes_exactly(kd_models, single_rank):

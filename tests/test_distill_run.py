@@ -48,12 +48,12 @@ def layout_rows(models):
     return {r["layout"]: r for r in rows}
 
 
-def reference(t, name, **kd):
+def reference(t, name, student="student", **kd):
     """The single-process run a layout must follow: (metrics rows, final validation loss)."""
     from distill_layouts import job
     from nemo_minitron.distill.loop import train
 
-    res = train(job(t / "student", t / "teacher", t / "corpus", t / name, 1, 1, **kd),
+    res = train(job(t / student, t / "teacher", t / "corpus", t / name, 1, 1, **kd),
                 str(t / "teacher"), dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16),
                 "distill")
     return metrics(t / name), res["val_loss"]
@@ -91,6 +91,45 @@ def test_intermediate_losses_follow_single_process_at_tp2_and_pp2(models, layout
     alpha = [r["alpha"] for r in ref if "alpha" in r]
     assert alpha[0] == 0.0 and min(alpha[1:]) > 0
     assert_follows(layout_rows["pp2_dynamic"], ref, ref_val, keys)
+
+
+def test_cross_stage_pairs_follow_single_process_at_pp2(models, layout_rows, single_rank):
+    """Pairs split over the two PP=2 stages in both directions (a projected student state and a
+    teacher state carried from stage 0 to stage 1) next to a stage-0 pair and the embedding loss:
+    the losses, the gradient norm (student layer 0 and its projection get the stage-1 loss's
+    gradient only through the p2p backward) and alpha follow TP=PP=1, fixed and dynamic."""
+    from distill_layouts import CROSS_DYNAMIC_KD, CROSS_KD
+    from nemo_minitron.distill.carry import plan_slots
+
+    slots = plan_slots(CROSS_KD["hidden_pairs"], 2, 4, 2)
+    assert [(s.pair, s.side, s.src, s.dst) for s in slots] == [((0, 3), "s", 0, 1),
+                                                               ((1, 0), "t", 0, 1)]
+    keys = ("loss", "grad_norm", "hidden", "emb", "alpha")
+    for kd, name in ((CROSS_KD, "pp2_cross"), (CROSS_DYNAMIC_KD, "pp2_cross_dynamic")):
+        ref, ref_val = reference(models, f"ref_{name}", **kd)
+        assert all(r["hidden"] > 0.1 for r in ref if "hidden" in r)
+        assert_follows(layout_rows[name], ref, ref_val, keys)
+
+
+def test_cross_stage_pairs_follow_single_process_at_pp4(models, single_rank):
+    """One layer per stage (a width-pruned 4-layer student): states carried through stages that
+    only pass them on, and a carried pair's loss on a non-last stage, follow TP=PP=1."""
+    from distill_pp4 import PP4_KD
+    from nemo_minitron.distill.carry import plan_slots
+
+    t = models
+    hf = tiny_hf("gqa")
+    arch = arch_from_hf_config(hf.config)
+    plan = make_plan(arch, random_importance(arch, 0), Targets(hidden_size=96, ffn_hidden_size=128))
+    ckpt.save(t / "wide", plan.target, apply_plan(plan, hf.state_dict()),
+              tokenizer=tiny_tokenizer())
+    slots = plan_slots(PP4_KD["hidden_pairs"], 4, 4, 4)
+    assert {s.pair: [s.role(k) for k in range(4)] for s in slots} == {
+        (0, 3): ["send", "pass", "pass", "use"], (3, 1): ["idle", "send", "pass", "use"],
+        (1, 2): ["idle", "send", "use", "idle"]}
+    (row,) = torchrun("distill_pp4.py", 4, t / "wide", t / "teacher", t / "corpus", t / "pp4_cross")
+    ref, ref_val = reference(t, "ref_pp4_cross", student="wide", **PP4_KD)
+    assert_follows(row, ref, ref_val, ("loss", "grad_norm", "hidden", "emb", "alpha"))
 
 
 def minitron(*args, **kw):

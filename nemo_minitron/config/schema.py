@@ -314,8 +314,9 @@ class KDConfig:
     """Weight of an added LM (next-token cross-entropy) loss on the student."""
     hidden_pairs: list[list[int]] = field(default_factory=list)
     """Intermediate-state losses between [student_layer, teacher_layer] pairs: 0-based layer
-    numbers of each model, the output of that transformer layer. Under pipeline parallelism both
-    layers of a pair must be on the same stage. Empty: no hidden-state loss."""
+    numbers of each model, the output of that transformer layer. Any pipeline layout works: a
+    pair split over two stages is computed on the later one, the earlier state carried there
+    with the activations. Empty: no hidden-state loss."""
     auto_hidden_pairs: bool = False
     """Build hidden_pairs from the student's plan.json (a student pruned from this teacher, e.g.
     each search candidate): student layer i against the teacher layer whose output the next kept

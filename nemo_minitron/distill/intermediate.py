@@ -10,11 +10,16 @@ How the pieces fit
   output, ``[seq, batch, hidden]``, before the final norm for the last layer) and on the
   embedding (the input of layer 0) of both models. They record only while :class:`DistillPair`
   runs its forward (not during validation or activation recomputation).
-* **Loss on the stage that holds the pair.** Both layers of a pair must live on the same
-  pipeline stage (:func:`check_pairs` says which stage each layer is on otherwise); the
-  embedding is on the first stage of both. Right after the forward of a micro-batch, each stage
-  computes ``sum_pairs w * hidden_state_loss(...)`` of its own pairs (a token *sum*, like every
-  loss here), with a learned projection per pair when the hidden sizes differ.
+* **Loss on the stage of the pair's later layer.** Right after the forward of a micro-batch,
+  each stage computes ``sum_pairs w * hidden_state_loss(...)`` of the pairs whose loss lives
+  there (a token *sum*, like every loss here), with a learned projection per pair when the
+  hidden sizes differ; the embedding is on the first stage of both models. A pair with both
+  layers on one stage is computed there. A pair whose layers sit on different stages (any PP
+  size, either direction) is computed on the later stage: the earlier stage's state reaches it
+  as extra channels of the tensor the pair sends between stages (:mod:`.carry`: one slot per
+  such pair; a carried student state is already projected and keeps its autograd graph through
+  the p2p backward, a carried teacher state is detached), so the values and gradients are those
+  of a single-stage run.
 * **Gradient.** The last stage adds that sum to the schedule's loss (``make_loss_func``), so it
   gets megatron's normalisation for free. Other stages have no loss function: their sum is
   attached to the tensor the stage sends on with :class:`_AddLossGrad`, an identity whose
@@ -22,11 +27,12 @@ How the pieces fit
   (``grad_scale / max(tokens, 1) / num_microbatches``; ``grad_scale`` alone under
   ``calculate_per_token_loss``), the same trick as megatron's ``MoEAuxLossAutoScaler``. So every
   stage's intermediate terms end in the gradient exactly as if the last stage had computed them.
-* **Projections** are student-side parameters: they live next to the student inside the module
-  that DDP wraps (:class:`StudentWithProjections`), so they are in the optimizer and in DDP's
-  gradient reduction; they are replicated over TP ranks (the hidden states are, without sequence
-  parallelism), seeded identically everywhere, saved in the training state for an exact resume
-  and never exported with the student.
+* **Projections** are student-side parameters of the stage holding the pair's student layer
+  (a carried student state is projected before it leaves): they live next to the student inside
+  the module that DDP wraps (:class:`StudentWithProjections`), so they are in the optimizer and
+  in DDP's gradient reduction; they are replicated over TP ranks (the hidden states are, without
+  sequence parallelism), seeded identically everywhere, saved in the training state for an exact
+  resume and never exported with the student.
 * **Reports.** Each rank keeps the unweighted token sums of its stage (``hidden``: all pairs
   together, ``emb``); the training loop sums them over every stage and data-parallel replica
   (TP rank 0 only) and divides by the last stage's token count, so ``hidden`` is the sum over
@@ -43,7 +49,8 @@ from pathlib import Path
 
 import torch
 
-from .losses import hidden_state_loss, make_projection
+from .carry import plan_slots
+from .losses import hidden_state_loss, make_projection, project
 
 
 @dataclass
@@ -76,30 +83,15 @@ class IntermediateSpec:
         return float(dynamic_weight(kd_mean, inter))
 
 
-def stage_of(layer: int, num_layers: int, pp: int) -> int:
-    """Pipeline stage holding ``layer`` when ``num_layers`` are split evenly over ``pp`` stages."""
-    return layer // (num_layers // pp)
-
-
-def check_pairs(pairs, student_layers: int, teacher_layers: int, pp: int) -> None:
-    """Layer numbers in range for each model, and both layers of a pair on the same stage."""
+def check_pairs(pairs, student_layers: int, teacher_layers: int, pp: int = 1) -> None:
+    """Layer numbers in range for each model. Any pipeline layout works (``pp`` is accepted for
+    callers' convenience): a pair split over two stages is carried (:mod:`.carry`)."""
     for i, (s, t) in enumerate(pairs):
         where = f"kd.hidden_pairs[{i}]=[{s}, {t}]"
         for name, layer, n in (("student", s, student_layers), ("teacher", t, teacher_layers)):
             if not 0 <= layer < n:
                 raise ValueError(f"{where}: the {name} has {n} layers (0..{n - 1}), there is no "
                                  f"{name} layer {layer}; pairs are [student_layer, teacher_layer]")
-        if pp > 1:
-            ss, ts = stage_of(s, student_layers, pp), stage_of(t, teacher_layers, pp)
-            if ss != ts:
-                ps_, pt_ = student_layers // pp, teacher_layers // pp
-                raise ValueError(
-                    f"{where}: at parallel.pp={pp} student layer {s} is on pipeline stage {ss} "
-                    f"(student layers {ss * ps_}..{ss * ps_ + ps_ - 1}) but teacher layer {t} is on "
-                    f"stage {ts} (teacher layers {ts * pt_}..{ts * pt_ + pt_ - 1}); intermediate "
-                    "losses are computed on the stage holding both layers, so pair layers of the "
-                    f"same stage (e.g. student layer {s} with a teacher layer in "
-                    f"{ss * pt_}..{ss * pt_ + pt_ - 1}) or use a smaller parallel.pp")
 
 
 def pruned_keep_index(student_dir, teacher_dir, h_s: int, h_t: int):
@@ -125,8 +117,9 @@ def projection_key(student_layer: int | None, teacher_layer: int | None = None) 
 
 def make_projections(spec: IntermediateSpec, student_stage, h_s: int, h_t: int, *, seed: int,
                      keep_index=None) -> torch.nn.ModuleDict:
-    """This stage's projections (one per pair here, one for the embedding on the first stage),
-    only when the hidden sizes differ; identical on every rank that builds the same key."""
+    """This stage's projections (one per pair whose student layer is here, one for the embedding
+    on the first stage), only when the hidden sizes differ; identical on every rank that builds
+    the same key, whatever the pipeline layout."""
     proj = torch.nn.ModuleDict()
     if h_s == h_t:
         return proj
@@ -182,33 +175,68 @@ def loss_scale(config, num_tokens: torch.Tensor, num_microbatches: int) -> torch
 
 
 class IntermediateLosses:
-    """Hooks and losses of one pipeline stage of a (student, teacher) pair."""
+    """Hooks, losses and carried states (:mod:`.carry`) of one pipeline stage of a (student,
+    teacher) pair."""
 
     def __init__(self, spec: IntermediateSpec, student_stage, teacher_stage,
                  projections: torch.nn.ModuleDict):
         self.spec = spec
         self.proj = projections
-        self.terms: list[tuple[str, tuple, tuple, str]] = []  # (report, student key, teacher key, proj)
+        # (report, student source, teacher source, projection key or None); a source is a hooked
+        # output ("s"/"t", layer) or a received slot ("in", slot index)
+        self.terms: list[tuple[str, tuple, tuple, str | None]] = []
         self._got: dict[tuple, torch.Tensor] = {}
+        self._received: dict[int, torch.Tensor] = {}
         self._active = False
         self._handles = []
+        self._hooked: set[tuple] = set()
         self.weights = {"hidden": 0.0, "emb": 0.0}
         self.num_microbatches = 1
         self.sums: dict[str, torch.Tensor] = {}
         s_layers, t_layers = list(student_stage.layers), list(teacher_stage.layers)
-        for s, t in spec.pairs:
-            if s not in s_layers:
-                continue
-            assert t in t_layers, f"pair {s}->{t}: teacher layer not on this stage (check_pairs)"
+        pp = student_stage.arch.num_layers // len(s_layers)
+        self.stage, self.last = s_layers[0] // len(s_layers), student_stage.post_process
+        self.ht = teacher_stage.arch.hidden_size
+        self.slots = plan_slots(spec.pairs, student_stage.arch.num_layers,
+                                teacher_stage.arch.num_layers, pp)
+        self.carry_width = self.ht * len(self.slots)  # extra channels of the p2p tensor
+
+        def hook_s(s):
             self._hook(student_stage.model.decoder.layers[s_layers.index(s)], ("s", s))
+
+        def hook_t(t):
             self._hook(teacher_stage.model.decoder.layers[t_layers.index(t)], ("t", t))
-            self.terms.append(("hidden", ("s", s), ("t", t), projection_key(s, t)))
+
+        slot_of = {slot.pair: i for i, slot in enumerate(self.slots)}
+        for s, t in spec.pairs:
+            i = slot_of.get((s, t))
+            if i is None:  # both layers on one stage
+                if s in s_layers:
+                    hook_s(s)
+                    hook_t(t)
+                    self.terms.append(("hidden", ("s", s), ("t", t), projection_key(s, t)))
+                continue
+            role, side = self.slots[i].role(self.stage), self.slots[i].side
+            if role == "send" and side == "s":
+                hook_s(s)
+            elif role == "send":
+                hook_t(t)
+            elif role == "use" and side == "s":  # projected student state arrives
+                hook_t(t)
+                self.terms.append(("hidden", ("in", i), ("t", t), None))
+            elif role == "use":  # teacher state arrives
+                hook_s(s)
+                self.terms.append(("hidden", ("s", s), ("in", i), projection_key(s, t)))
         if spec.embedding_weight > 0 and student_stage.pre_process:
             self._hook(student_stage.model.embedding, ("s", "emb"))
             self._hook(teacher_stage.model.embedding, ("t", "emb"))
             self.terms.append(("emb", ("s", "emb"), ("t", "emb"), projection_key(None)))
 
     def _hook(self, module, key) -> None:
+        if key in self._hooked:  # a layer in several pairs
+            return
+        self._hooked.add(key)
+
         def hook(_module, _inputs, out):
             if self._active:
                 self._got[key] = out[0] if isinstance(out, (tuple, list)) else out
@@ -237,21 +265,54 @@ class IntermediateLosses:
     def local_loss(self, loss_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Weighted sum of this stage's terms for the micro-batch just captured (None when no term
         lives here or every weight is 0); records the unweighted sums for the reports."""
-        got, self._got = self._got, {}
+        got = {**self._got, **{("in", i): v for i, v in self._received.items()}}
         mask = loss_mask.t() if loss_mask is not None else None  # hidden states are [s, b, h]
         total = None
         for report, s_key, t_key, pkey in self.terms:
             w = self.weights[report]
             with contextlib.nullcontext() if w else torch.no_grad():
                 val, _ = hidden_state_loss(got[s_key], got[t_key], kind=self.spec.kind,
-                                           projection=self.proj[pkey] if pkey in self.proj else None,
-                                           mask=mask)
+                                           projection=self._projection(pkey), mask=mask)
             acc = self.sums.get(report)
             v = val.detach().double()
             self.sums[report] = v if acc is None else acc + v
             if w:
                 total = val * w if total is None else total + val * w
         return total
+
+    def _projection(self, key: str | None):
+        return self.proj[key] if key is not None and key in self.proj else None
+
+    def receive(self, carry: torch.Tensor | None) -> None:
+        """The slot channels of the tensor this stage received (None on the first stage)."""
+        if carry is None:
+            self._received = {}
+            return
+        parts = carry.split(self.ht, dim=-1)
+        self._received = {i: p.detach() if slot.side == "t" else p
+                          for i, (slot, p) in enumerate(zip(self.slots, parts))}
+
+    def carry_out(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The slot channels this stage sends on (None on the last stage or without slots), in
+        ``like``'s dtype; forgets the micro-batch's captured and received states."""
+        got, received = self._got, self._received
+        self._got, self._received = {}, {}
+        if not self.slots or self.last:
+            return None
+        parts = []
+        for i, slot in enumerate(self.slots):
+            role = slot.role(self.stage)
+            s, t = slot.pair
+            if role == "send" and slot.side == "t":
+                parts.append(got[("t", t)].detach())
+            elif role == "send":  # projected here, so the loss stage needs no projection
+                with contextlib.nullcontext() if self.weights["hidden"] else torch.no_grad():
+                    parts.append(project(got[("s", s)], self._projection(projection_key(s, t))))
+            elif role == "pass":
+                parts.append(received[i])
+            else:
+                parts.append(like.new_zeros(like.shape[:-1] + (self.ht,)))
+        return torch.cat([p.to(like.dtype) for p in parts], dim=-1)
 
     def attach(self, output: torch.Tensor, loss: torch.Tensor, config,
                loss_mask: torch.Tensor) -> torch.Tensor:

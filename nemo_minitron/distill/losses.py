@@ -507,6 +507,16 @@ def make_projection(h_s: int, h_t: int, *, keep_index: Optional[torch.Tensor] = 
     return proj
 
 
+def project(student_h: torch.Tensor, projection: Optional[torch.nn.Module]) -> torch.Tensor:
+    """``projection(student_h)`` in the projection's dtype (``student_h`` itself without one): the
+    student side of :func:`hidden_state_loss`, also used alone when the projected state is
+    carried to another pipeline stage (:mod:`.carry`)."""
+    if projection is None:
+        return student_h
+    p = next(projection.parameters(), None)
+    return projection(student_h.to(p.dtype) if p is not None else student_h)
+
+
 def hidden_state_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, *, kind: str = "cosine",
                       projection: Optional[torch.nn.Module] = None,
                       mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -520,10 +530,7 @@ def hidden_state_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, *, kind:
     """
     if kind not in ("cosine", "mse"):
         raise ValueError(f"kind={kind!r}: use cosine or mse")
-    s = student_h
-    if projection is not None:
-        p = next(projection.parameters(), None)
-        s = projection(s.to(p.dtype) if p is not None else s)
+    s = project(student_h, projection)
     t = teacher_h.detach()
     if s.shape != t.shape:
         raise ValueError(f"student hidden {tuple(s.shape)} vs teacher hidden {tuple(t.shape)}: pass "

@@ -7,8 +7,10 @@ last stage returns both models' logits. The teacher runs under ``no_grad`` in ev
 backward only reaches the student and the teacher's slice of every received gradient is zero.
 
 With intermediate losses (:mod:`.intermediate`) each stage also computes the hidden-state losses
-of the layer pairs it holds: the last stage returns them as a third output for the loss function,
-the others attach their gradient to the tensor they send on.
+whose later layer it holds: the last stage returns them as a third output for the loss function,
+the others attach their gradient to the tensor they send on. A pair split over two stages carries
+its earlier state down the pipeline as extra channels after the two hidden states (:mod:`.carry`),
+so the p2p tensor is ``cat([student_hidden, teacher_hidden, slots...], dim=-1)`` on every stage.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ class DistillPair(torch.nn.Module):
         self.teacher = teacher
         self.hs, self.ht = student_hidden, teacher_hidden if teacher is not None else 0
         self.config = copy.copy(student_config)
-        self.config.hidden_size = self.hs + self.ht
+        with_carry = intermediate is not None and teacher is not None
+        self.carry = intermediate.carry_width if with_carry else 0  # channels of carried states
+        self.config.hidden_size = self.hs + self.ht + self.carry
         if teacher is not None:
             teacher.eval()
             for p in teacher.parameters():
@@ -47,9 +51,13 @@ class DistillPair(torch.nn.Module):
             student.set_input_tensor(t)
             if self.teacher is not None:
                 self.teacher.set_input_tensor(None)
+            if self.intermediate is not None:
+                self.intermediate.receive(None)
             return
         student.set_input_tensor(t[..., : self.hs])
-        self.teacher.set_input_tensor(t[..., self.hs:].detach())
+        self.teacher.set_input_tensor(t[..., self.hs: self.hs + self.ht].detach())
+        if self.intermediate is not None:  # the carried slots (a student slot keeps its graph)
+            self.intermediate.receive(t[..., self.hs + self.ht:] if self.carry else None)
 
     def forward(self, tokens, position_ids, attention_mask=None, loss_mask=None):
         inter = self.intermediate if self.teacher is not None else None
@@ -60,8 +68,10 @@ class DistillPair(torch.nn.Module):
             with torch.no_grad():
                 teacher_out = self.teacher(tokens, position_ids, attention_mask)
         extra = inter.local_loss(loss_mask) if inter is not None else None
+        carry = inter.carry_out(student_out) if inter is not None else None
         if self._unwrapped_student().post_process:
             return student_out, teacher_out, extra
         if extra is not None:  # no loss function on this stage: the gradient rides on the output
             student_out = inter.attach(student_out, extra, self.config, loss_mask)
-        return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
+        parts = [student_out, teacher_out.to(student_out.dtype)]
+        return torch.cat(parts + ([carry] if carry is not None else []), dim=-1)

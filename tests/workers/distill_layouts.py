@@ -1,6 +1,7 @@
 """Run under torchrun with 2 ranks: a few distillation steps at TP=2, PP=2 and DP=2, then TP=2 and
 PP=2 again with intermediate hidden-state and embedding losses at fixed weights (``HIDDEN_KD``),
-and PP=2 with dynamic weights (``DYNAMIC_KD``).
+and PP=2 with dynamic weights (``DYNAMIC_KD``); then PP=2 with pairs split over the two stages
+(``CROSS_KD``, fixed and dynamic weights).
 
 Emits each layout's per-step metrics (read back from metrics.jsonl) and final val loss.
 """
@@ -21,6 +22,11 @@ from nemo_minitron.distill.loop import train
 # one stage (stage 0: student 0, teacher 0-1; stage 1: student 1, teacher 2-3)
 HIDDEN_KD = dict(hidden_pairs=[[0, 1], [1, 3]], embedding_weight=0.5, hidden_dynamic=False)
 DYNAMIC_KD = dict(HIDDEN_KD, hidden_dynamic=True)
+# under PP=2: student 0 (stage 0) with teacher 3 (stage 1) carries the projected student state
+# forward, student 1 (stage 1) with teacher 0 (stage 0) carries the teacher state, and student 0
+# with teacher 1 stays on stage 0 (its loss rides on the stage-0 output next to the carry)
+CROSS_KD = dict(hidden_pairs=[[0, 3], [1, 0], [0, 1]], embedding_weight=0.5, hidden_dynamic=False)
+CROSS_DYNAMIC_KD = dict(CROSS_KD, hidden_dynamic=True)
 
 
 def job(student, teacher, data, out, tp, pp, steps=3, **kd):
@@ -37,14 +43,19 @@ def job(student, teacher, data, out, tp, pp, steps=3, **kd):
 def main(student, teacher, data, out):
     for name, tp, pp, kd in (("tp2", 2, 1, {}), ("pp2", 1, 2, {}), ("dp2", 1, 1, {}),
                              ("tp2_hidden", 2, 1, HIDDEN_KD), ("pp2_hidden", 1, 2, HIDDEN_KD),
-                             ("pp2_dynamic", 1, 2, DYNAMIC_KD)):
-        res = train(job(student, teacher, data, f"{out}/{name}", tp, pp, **kd), teacher,
-                    dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16), "distill")
-        if torch.distributed.get_rank() == 0:
-            rows = [json.loads(x) for x in Path(f"{out}/{name}/metrics.jsonl").read_text().splitlines()]
-            keys = ("loss", "grad_norm", "hidden", "emb", "alpha")
-            emit({"layout": name, "val_loss": res["val_loss"],
-                  **{k: [r[k] for r in rows if k in r] for k in keys}})
+                             ("pp2_dynamic", 1, 2, DYNAMIC_KD), ("pp2_cross", 1, 2, CROSS_KD),
+                             ("pp2_cross_dynamic", 1, 2, CROSS_DYNAMIC_KD)):
+        run(name, job(student, teacher, data, f"{out}/{name}", tp, pp, **kd), teacher)
+
+
+def run(name, j, teacher):
+    """Train ``j`` and emit its per-step metrics (rank 0) as the row of layout ``name``."""
+    res = train(j, teacher, dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16), "distill")
+    if torch.distributed.get_rank() == 0:
+        rows = [json.loads(x) for x in (Path(j.output) / "metrics.jsonl").read_text().splitlines()]
+        keys = ("loss", "grad_norm", "hidden", "emb", "alpha")
+        emit({"layout": name, "val_loss": res["val_loss"],
+              **{k: [r[k] for r in rows if k in r] for k in keys}})
 
 
 if __name__ == "__main__":
