@@ -163,12 +163,12 @@ def test_config_errors_are_clear(kd_models, tmp_path):
             KDConfig(**bad)
     KDConfig(hidden_pairs=[[0, 1]], logit_weight=0.0, hidden_dynamic=False)  # fine
     with pytest.raises(ValueError, match=r"the student has 2 layers \(0\.\.1\).*no student layer 2"):
-        check_pairs([(0, 1), (2, 3)], 2, 4, 1)
+        check_pairs([(0, 1), (2, 3)], 2, 4)
     with pytest.raises(ValueError, match=r"the teacher has 4 layers.*no teacher layer 4"):
-        check_pairs([(0, 4)], 2, 4, 1)
-    check_pairs([(0, 1), (1, 3), (0, 2), (1, 0)], 2, 4, 2)  # cross-stage pairs are carried
+        check_pairs([(0, 4)], 2, 4)
+    check_pairs([(0, 1), (1, 3), (0, 2), (1, 0)], 2, 4)  # cross-stage pairs are carried
     with pytest.raises(ValueError, match=r"the teacher has 4 layers.*no teacher layer 5"):
-        check_pairs([(0, 2), (1, 5)], 2, 4, 2)
+        check_pairs([(0, 2), (1, 5)], 2, 4)
     # the README's override composes into the typed job (and a mistyped pair does not)
     from hydra import compose, initialize_config_dir
 

@@ -42,10 +42,8 @@ How the pieces fit
 from __future__ import annotations
 
 import contextlib
-import json
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -83,9 +81,9 @@ class IntermediateSpec:
         return float(dynamic_weight(kd_mean, inter))
 
 
-def check_pairs(pairs, student_layers: int, teacher_layers: int, pp: int = 1) -> None:
-    """Layer numbers in range for each model. Any pipeline layout works (``pp`` is accepted for
-    callers' convenience): a pair split over two stages is carried (:mod:`.carry`)."""
+def check_pairs(pairs, student_layers: int, teacher_layers: int) -> None:
+    """Layer numbers in range for each model. Any pipeline layout works: a pair split over two
+    stages is carried (:mod:`.carry`)."""
     for i, (s, t) in enumerate(pairs):
         where = f"kd.hidden_pairs[{i}]=[{s}, {t}]"
         for name, layer, n in (("student", s, student_layers), ("teacher", t, teacher_layers)):
@@ -98,15 +96,11 @@ def pruned_keep_index(student_dir, teacher_dir, h_s: int, h_t: int):
     """The teacher channels a pruned student kept (plan.json of `minitron prune`), when the
     student was pruned from this very teacher; None otherwise. Initialises the projections so the
     student's channels start in their teacher positions."""
-    plan = Path(student_dir) / "plan.json"
-    if not plan.is_file() or teacher_dir is None:
-        return None
-    d = json.loads(plan.read_text())
-    parent = d.get("meta", {}).get("parent")
-    keep = d.get("keep", {}).get("hidden")
-    if (parent is None or keep is None or len(keep) != h_s
-            or d.get("source", {}).get("hidden_size") != h_t
-            or Path(parent).resolve() != Path(teacher_dir).resolve()):
+    from .layer_map import plan_of
+
+    d = plan_of(student_dir, teacher_dir)
+    keep = (d or {}).get("keep", {}).get("hidden")
+    if keep is None or len(keep) != h_s or d.get("source", {}).get("hidden_size") != h_t:
         return None
     return torch.tensor(keep, dtype=torch.long)
 

@@ -5,8 +5,10 @@ cosine-with-warm-up scheduler and the pipeline schedules (micro-batch accumulati
 consumes ``global_batch_size`` samples: each data-parallel rank runs ``global_batch_size /
 (micro_batch_size * dp)`` micro-batches through ``DistillPair`` (student alone when there is no
 teacher). The loss is averaged per token within a micro-batch and over micro-batches and ranks.
-Intermediate hidden-state / embedding losses (``job.kd.hidden_pairs``, ``embedding_weight``) are
-computed on the pipeline stage that holds each pair (:mod:`.intermediate`).
+Intermediate hidden-state / embedding losses (``job.kd.hidden_pairs`` or ``auto_hidden_pairs``,
+``embedding_weight``) are computed on the pipeline stage that holds a pair's later layer
+(:mod:`.intermediate`); the optimizer may be megatron-core's distributed one (``train.
+distributed_optimizer``), its checkpoints independent of the DP size (:mod:`.optim_state`).
 """
 
 from __future__ import annotations
@@ -181,8 +183,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
         log.info("kd.auto_hidden_pairs: [student, teacher] layers %s",
                  [list(p) for p in ispec.pairs])
     if ispec is not None and ispec.enabled:
-        inter_mod.check_pairs(ispec.pairs, student_ck.arch.num_layers, teacher_ck.arch.num_layers,
-                              par.pp)
+        inter_mod.check_pairs(ispec.pairs, student_ck.arch.num_layers, teacher_ck.arch.num_layers)
         if ispec.dynamic and not spec.logit_weight:
             raise ValueError("kd.hidden_dynamic=true weights the intermediate losses by "
                              "L_logits / L_intermediate, but the logit loss is off "
