@@ -140,6 +140,32 @@ def test_pipeline_round_with_a_budget(tiny, single_rank):
     assert "search.md" in (tiny / "pipe" / "report.md").read_text()
 
 
+def test_candidates_get_hidden_pairs_of_their_own_depth(tiny, single_rank, caplog):
+    """kd.auto_hidden_pairs=true in a search: each candidate is distilled with the pairs of its
+    own plan (candidates of different depths, different pairs), and the hidden loss is trained."""
+    import logging
+
+    from nemo_minitron.distill.layer_map import pairs_from_kept
+    from nemo_minitron.search.run import run_search
+
+    out = tiny / "s_auto"
+    base = common(tiny)
+    base["kd"] = KDConfig(chunk_tokens=16, auto_hidden_pairs=True)
+    with caplog.at_level(logging.INFO, logger="nemo_minitron.distill.loop"):
+        summary = run_search(SearchJob(**base, search=SearchConfig(**SPACE), output=str(out)))
+    logged = [r.getMessage() for r in caplog.records if "auto_hidden_pairs" in r.getMessage()]
+    want, depths = [], set()
+    for r in sorted(summary["results"], key=lambda r: r["index"]):
+        cd = out / f"cand_{r['index']}"
+        plan = json.loads((cd / "pruned" / "plan.json").read_text())
+        depths.add(len(plan["keep"]["layers"]))
+        want.append(str([list(p) for p in pairs_from_kept(plan["keep"]["layers"], 4)]))
+        rows = [json.loads(x) for x in (cd / "distill" / "metrics.jsonl").read_text().splitlines()]
+        assert all(x["hidden"] > 0 for x in rows if "loss" in x)
+    assert len(depths) >= 2  # the search spreads candidates over depths
+    assert sorted(m.split("layers ")[1] for m in logged) == sorted(want)
+
+
 def test_search_config_errors(tiny):
     base = common(tiny)
     with pytest.raises(ValueError, match="search.budget is required"):
