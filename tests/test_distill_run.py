@@ -263,3 +263,42 @@ def test_distributed_optimizer_shards_resume_at_another_dp_size(models, single_r
     with pytest.raises(ValueError, match="train.distributed_optimizer=true"):
         four_steps(t, t / "zero_to_plain")
     assert not (t / "zero_to_plain" / "final").exists()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_bf16_training_resumes_exactly(models, single_rank, sharded):
+    """bf16 weights with fp32 main copies in the optimizer (plain, or sharded by the distributed
+    optimizer): the losses follow the fp32 run's within bf16 precision, and a run resumed from its step-2 checkpoint ends bit-identical
+    (the fp32 main weights come back from the training state, not from the bf16 checkpoint)."""
+    import dataclasses
+    import shutil
+
+    from distill_layouts import job
+    from nemo_minitron.config.schema import TrainConfig
+    from nemo_minitron.distill.loop import train
+
+    t = models
+    name = f"bf16_{'sharded' if sharded else 'plain'}"
+
+    def run(out):
+        j = job(t / "student", t / "teacher", t / "corpus", out, 1, 1, steps=4)
+        j.model = dataclasses.replace(j.model, dtype="bf16")
+        j.train = TrainConfig(**{**vars(j.train), "save_interval": 2,
+                                 "distributed_optimizer": sharded})
+        return train(j, str(t / "teacher"), dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16),
+                     "distill")
+
+    run(t / name)
+    if not (t / "fp32_ref" / "final").exists():
+        four_steps(t, t / "fp32_ref")
+    want = [r["loss"] for r in metrics(t / "fp32_ref") if "loss" in r]
+    got = [r["loss"] for r in metrics(t / name) if "loss" in r]
+    assert got == pytest.approx(want, rel=2e-2) and got != want
+    final = ckpt.Checkpoint(t / name / "final")
+    (t / f"{name}_resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(t / name / "checkpoints" / "step_0000002",
+                    t / f"{name}_resumed" / "checkpoints" / "step_0000002")
+    run(t / f"{name}_resumed")
+    resumed = ckpt.Checkpoint(t / f"{name}_resumed" / "final")
+    for k in final.keys():
+        assert torch.equal(final.get(k), resumed.get(k)), k

@@ -7,7 +7,7 @@ counters in ``pipeline_parallel/schedules.py``; found-inf flags, loss scales and
 optimizer, ``clip_grads``, the grad buffers and the local multi-tensor L2 norm), the CUDA-type
 assertion in gradient clipping, the default causal mask built with ``device="cuda"`` (unfused
 softmax), ``weight.data.cuda()`` when tied embeddings are synchronised across pipeline stages, the
-distributed optimizer's check that parameters are ``torch.cuda.*Tensor``, and the CUDA RNG tracker (``get_cuda_rng_tracker().fork()`` in
+bf16 and distributed optimizers' checks that parameters are ``torch.cuda.*Tensor``, and the CUDA RNG tracker (``get_cuda_rng_tracker().fork()`` in
 attention, ``model_parallel_cuda_manual_seed``). This module patches exactly those, and only when
 :func:`apply` is called on a process without CUDA. Nothing else in the package touches ``torch.cuda``.
 """
@@ -148,25 +148,28 @@ def _cuda_type_name(t, *args, **kwargs):
     return torch.Tensor.type(t).replace("torch.", "torch.cuda.", 1)
 
 
-def _patch_distributed_optimizer() -> None:
-    """The distributed optimizer sorts parameters into fp32 / fp16 / bf16 groups by their CUDA type
-    name and refuses anything else; while it is built, its parameters answer with that name."""
+def _patch_mixed_precision_optimizers() -> None:
+    """The bf16/fp16 optimizer and the distributed optimizer sort parameters into fp32 / fp16 /
+    bf16 groups by their CUDA type name and refuse anything else; while one is built, its
+    parameters answer with that name."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    orig = DistributedOptimizer.__init__
+    for cls in (DistributedOptimizer, Float16OptimizerWithFloat16Params):
+        orig = cls.__init__
 
-    @functools.wraps(orig)
-    def init_on_cpu(self, optimizer, *args, **kwargs):
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        for p in params:
-            p.type = functools.partial(_cuda_type_name, p)
-        try:
-            orig(self, optimizer, *args, **kwargs)
-        finally:
+        @functools.wraps(orig)
+        def init_on_cpu(self, optimizer, *args, _orig=orig, **kwargs):
+            params = [p for g in optimizer.param_groups for p in g["params"]]
             for p in params:
-                del p.type
+                p.type = functools.partial(_cuda_type_name, p)
+            try:
+                _orig(self, optimizer, *args, **kwargs)
+            finally:
+                for p in params:
+                    del p.type
 
-    DistributedOptimizer.__init__ = init_on_cpu
+        cls.__init__ = init_on_cpu
 
 
 def apply() -> None:
@@ -191,7 +194,7 @@ def apply() -> None:
     for mod in (schedules, moptimizer, clip_grads, grad_scaler, param_and_grad_buffer, mutils):
         mod.torch = _TorchWithCpuDefaults()
     _patch_tied_embedding_setup()
-    _patch_distributed_optimizer()
+    _patch_mixed_precision_optimizers()
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grads_cpu
     moptimizer.clip_grad_by_total_norm_fp32 = _clip_grads_cpu
     from megatron.core.fusions import fused_softmax
