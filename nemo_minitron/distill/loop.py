@@ -191,6 +191,8 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
     else:
         ispec = None
     resume_from = train_state.latest(run_dir) if job.resume else None
+    resume_state = None if resume_from is None else train_state.check_resume(
+        resume_from, par.tp, par.pp, tr.distributed_optimizer)
     if resume_from is None and (run_dir / "final").exists():
         raise FileExistsError(f"{run_dir} already holds a finished run (final/); choose another "
                               "output or delete it")
@@ -245,9 +247,9 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
     # means, so a fresh run's first step only measures them (alpha 0); fixed weights: 1
     alpha = 0.0 if ispec is not None and ispec.dynamic else 1.0
     if resume_from is not None:
-        st = train_state.load(resume_from, opt, sched, named_params)
-        step = st["step"]
-        alpha = st.get("extra", {}).get("alpha", alpha)
+        train_state.load(resume_from, resume_state, opt, sched, named_params)
+        step = resume_state["step"]
+        alpha = resume_state.get("extra", {}).get("alpha", alpha)
         if dist.is_rank0():
             log.info("resumed from %s at step %d", resume_from, step)
 
@@ -289,7 +291,8 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
                                          "teacher": teacher_path, "step": at_step},
             per_rank=None if final else train_state.writer(
                 opt, sched, at_step, at_step * tr.global_batch_size,
-                {"tp": par.tp, "pp": par.pp, "dp": dp}, extra={"alpha": alpha},
+                {"tp": par.tp, "pp": par.pp, "dp": dp,
+                 "distributed_optimizer": tr.distributed_optimizer}, extra={"alpha": alpha},
                 modules={"projections": projections} if len(projections) else None,
                 named_params=named_params))
 

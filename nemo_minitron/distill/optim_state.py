@@ -64,33 +64,32 @@ def gather(optimizer, named_params: dict[str, torch.nn.Parameter]) -> dict | Non
     Returns ``{"format", "common": [state_dict per part], "params": {name: {key: tensor}}}`` on DP
     rank 0 (tensors on the CPU, fp32, shaped like the parameter) and None elsewhere.
     """
-    names = {p: n for n, p in named_params.items()}
     out = {"format": FORMAT, "common": [], "params": {}}
+    roots = []
     for o in parts(optimizer):
         _check(o)
         group = o.data_parallel_group
-        dst = tdist.get_global_rank(group, 0) if tdist.is_initialized() else 0
-        root = group.rank() == 0 if tdist.is_initialized() else True
+        roots.append(group.rank() == 0)
         owned = _owned(o)
         out["common"].append(o.state_dict())
         # every rank walks the same parameters in the same order (by name; a rank's own maps
         # hold only the parameters its range touches)
         mine = {p for b in o.buffers for p in b.param_index_map}
-        for p in (p for p in named_params.values() if p in mine):
+        for name, p in named_params.items():
+            if p not in mine:
+                continue
             full = torch.zeros(len(KEYS), p.numel(), dtype=torch.float32, device=p.device)
             if p in owned:
                 start, end = owned[p]
                 shard = _main_and_moments(o, p)
                 for i, k in enumerate(KEYS):
                     full[i, start:end] = shard[k].detach().float()
-            if tdist.is_initialized() and group.size() > 1:
-                tdist.reduce(full, dst=dst, group=group)  # ranges are disjoint: the sum assembles
-            if root:
-                out["params"][names[p]] = {k: full[i].cpu().view(p.shape).clone()
-                                           for i, k in enumerate(KEYS)}
-    is_root = all(o.data_parallel_group.rank() == 0 for o in parts(optimizer)) \
-        if tdist.is_initialized() else True
-    return out if is_root else None
+            if group.size() > 1:  # ranges are disjoint: the sum assembles the parameter
+                tdist.reduce(full, dst=tdist.get_global_rank(group, 0), group=group)
+            if roots[-1]:
+                out["params"][name] = {k: full[i].cpu().view(p.shape).clone()
+                                       for i, k in enumerate(KEYS)}
+    return out if all(roots) else None
 
 
 def scatter(optimizer, state: dict, named_params: dict[str, torch.nn.Parameter]) -> None:

@@ -1,6 +1,7 @@
 """Resumable training state saved inside each training checkpoint, next to the student weights.
 
-``train_state/`` holds ``state.json`` (step, samples consumed, scheduler state, layout),
+``train_state/`` holds ``state.json`` (step, samples consumed, scheduler state, layout and
+optimizer kind),
 ``optim-tp{t}-pp{p}.pt`` (the optimizer state of each model-parallel shard, written by data-
 parallel rank 0: without the distributed optimizer it is replicated across DP; with it, the DP
 shards are first gathered per parameter name by :mod:`.optim_state`, so either way a run resumes
@@ -65,33 +66,32 @@ def writer(optimizer, scheduler, step: int, samples: int, layout: dict, extra: d
     return write
 
 
-def _state(path: Path) -> dict:
-    """state.json of checkpoint ``path``, checked to match the current tp/pp layout."""
-    from megatron.core import parallel_state as ps
-
+def check_resume(path: Path, tp: int, pp: int, distributed_optimizer: bool) -> dict:
+    """state.json of checkpoint ``path``, checked against this run's layout and optimizer before
+    any model is loaded (the weights alone load at any layout; the training state does not)."""
     state = json.loads((Path(path) / STATE / "state.json").read_text())
-    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    if (state["layout"]["tp"], state["layout"]["pp"]) != (tp, pp):
-        raise ValueError(f"{path} was written at tp={state['layout']['tp']}, pp="
-                         f"{state['layout']['pp']}; optimizer state resumes only at the same tp/pp "
-                         f"(now tp={tp}, pp={pp}); the weights alone load at any layout")
+    layout = state["layout"]
+    if (layout["tp"], layout["pp"]) != (tp, pp):
+        raise ValueError(f"{path} was written at tp={layout['tp']}, pp={layout['pp']}; optimizer "
+                         f"state resumes only at the same tp/pp (now tp={tp}, pp={pp}); the "
+                         "weights alone load at any layout")
+    saved = bool(layout.get("distributed_optimizer", False))
+    if saved != distributed_optimizer:
+        was, now = ("with", "without") if saved else ("without", "with")
+        raise ValueError(f"{path} was saved {was} the distributed optimizer and this run is "
+                         f"{now} it; resume with train.distributed_optimizer="
+                         f"{str(saved).lower()} (the weights alone load either way)")
     return state
 
 
-def load(path: Path, optimizer, scheduler, named_params: dict | None = None) -> dict:
-    """Restore optimizer, scheduler and RNG from checkpoint ``path``; returns state.json."""
+def load(path: Path, state: dict, optimizer, scheduler, named_params: dict | None = None) -> None:
+    """Restore optimizer, scheduler and RNG from checkpoint ``path`` (``state``: its state.json,
+    from :func:`check_resume`)."""
     from . import optim_state
 
     d = Path(path) / STATE
-    state = _state(path)
     saved = torch.load(d / _mp_name(), weights_only=False)
-    sharded = isinstance(saved, dict) and saved.get("format") == optim_state.FORMAT
-    if sharded != optim_state.is_distributed(optimizer):
-        was, now = ("with", "without") if sharded else ("without", "with")
-        raise ValueError(f"{path} was saved {was} the distributed optimizer and this run is "
-                         f"{now} it; resume with train.distributed_optimizer="
-                         f"{str(sharded).lower()} (the weights alone load either way)")
-    if sharded:
+    if optim_state.is_distributed(optimizer):
         optim_state.scatter(optimizer, saved, named_params)
     else:
         optimizer.load_state_dict(saved)
@@ -102,12 +102,10 @@ def load(path: Path, optimizer, scheduler, named_params: dict | None = None) -> 
         torch.set_rng_state(r["cpu"])
         if r["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(r["cuda"])
-    return state
 
 
 def load_modules(path: Path, modules: dict) -> None:
     """Restore modules saved by :func:`writer` (``modules=``) for this model-parallel shard."""
-    _state(path)
     for name, module in modules.items():
         if not len(list(module.parameters())):
             continue
