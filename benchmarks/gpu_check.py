@@ -148,11 +148,14 @@ def te_import_error() -> str | None:
     return None
 
 
-def need_te(what: str) -> None:
+def need_te(what: str, fp8: bool = False) -> None:
     cpu_only(f"{what} needs Transformer Engine on a CUDA GPU")
     err = te_import_error()
     if err:
         raise Unavailable(f"not available: {err}")
+    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+        raise Unavailable(f"not available: {torch.cuda.get_device_name()} has no FP8 tensor cores "
+                          "(compute capability < 8.9)")
 
 
 # ------------------------------------------------------------------ measuring
@@ -277,9 +280,14 @@ def part_env(ctx, _deadline) -> dict:
 def spec_pair(ctx) -> tuple:
     """The local stage and the same weights in the TE spec (on CPU: the local spec again, so the
     dry run still exercises the weight round trip and every comparison)."""
+    if torch.cuda.is_available():
+        need_te("the TE spec")  # on a GPU, local vs local would prove nothing
     if ctx.spec_pair is None:
         s = ctx.sizes
-        local = stage_with(s.student, random_weights(s.student, s.dtype, seed=1), s.dtype, False)
+        from nemo_minitron.runtime.stage import build_stage
+
+        torch.manual_seed(1)
+        local = build_stage(s.student, s.dtype, use_te=False)
         other = stage_with(s.student, canonical_weights(local), s.dtype, ctx.use_te)
         batches = [random_batch(s, s.student.vocab_size, seed=100 + i)
                    for i in range(s.calib_batches)]
@@ -418,7 +426,7 @@ def distill_run(ctx, deadline: float, fp8: str | None) -> dict:
 
 def part_distill(ctx, deadline, fp8: str | None) -> dict:
     if fp8:
-        need_te("FP8 (TransformerConfig.fp8 acts only through TE modules)")
+        need_te("FP8 (TransformerConfig.fp8 acts only through TE modules)", fp8=True)
     return distill_run(ctx, deadline, fp8)
 
 
@@ -453,9 +461,7 @@ class Context:
     def __init__(self, sizes: Sizes, summary: dict):
         self.sizes, self.summary = sizes, summary
         self.use_te = torch.cuda.is_available() and te_import_error() is None
-        self.spec_b = "te" if self.use_te else (
-            "local (TE not applicable on CPU)" if not torch.cuda.is_available()
-            else "local (TE not available)")
+        self.spec_b = "te" if self.use_te else "local (TE not applicable on CPU)"
         self.bf16_tflops = self.fp8_tflops = None
         self.spec_pair = self.weights = None
         self.step_estimate = 0.0
@@ -513,12 +519,15 @@ def main(argv=None) -> dict:
                     help="CPU, tiny configs, local spec, a few steps: every code path but the GPU's")
     ap.add_argument("--curve-steps", type=int, help="distillation steps per precision")
     args = ap.parse_args(argv)
+    from nemo_minitron.runtime import dist
+
+    if args.dry_run:  # the CPU check on any host (a GPU host hides its GPUs from this process)
+        os.environ.setdefault(dist.DEVICE_ENV, "cpu")
     if not args.dry_run and not torch.cuda.is_available():
         ap.error("no CUDA GPU here; use --dry-run for the CPU check")
     sizes = dry_sizes() if args.dry_run else gpu_sizes()
     if args.curve_steps:
         sizes.curve_steps = args.curve_steps
-    from nemo_minitron.runtime import dist
 
     t0 = time.perf_counter()
     summary = {"command": " ".join(["python benchmarks/gpu_check.py", *(argv or sys.argv[1:])]),
