@@ -13,8 +13,9 @@
 # libtransformer_engine.so 343 MB unpacked) is a 276.5 MB wheel, 2.20.2's oldest cu13 sibling
 # 2.9.0 still 185.7 MB: 3-4x the 64 MiB carried per call. Its PyTorch binding,
 # transformer-engine-torch, exists on PyPI only as a 498 kB sdist that must be compiled against the
-# exact torch (2.11+cu130) with the CUDA headers, which this machine lacks (nvcc 13.0 but no
-# include/ or libraries). So the TE spec and FP8 parts report "not available" there.
+# exact torch (2.11+cu130) and the cuBLAS/cuDNN/NCCL headers (this machine has only a partial CUDA
+# 13.0 toolkit and a CPU torch), and is useless without the core library anyway. So the TE spec and
+# FP8 parts report "not available" there (docs/benchmarks.md, "GPU check", has the figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
