@@ -176,7 +176,7 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def matmul_tflops(n: int, fp8: bool = False, reps: int = 10) -> float:
+def matmul_tflops(n: int, fp8: bool = False, reps: int = 30) -> float:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=dev).manual_seed(0)  # random data: zeros run faster than real data
     a = torch.randn(n, n, device=dev, generator=g, dtype=torch.bfloat16)
