@@ -48,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 from nemo_minitron.arch import Arch  # noqa: E402
 
 
+PARTS = ("env", "parity", "importance", "distill_bf16", "distill_fp8", "fp8_vs_bf16")
+
+
 # ------------------------------------------------------------------ sizes
 @dataclass
 class Sizes:
@@ -60,7 +63,7 @@ class Sizes:
     calib_batches: int
     matmul_n: int
     dtype: str = "bf16"
-    lr: float = 3e-4
+    lr: float = 1e-4  # Adam on random weights without warm-up: keep the curves out of divergence
     budgets: dict = field(default_factory=dict)  # part -> seconds
 
 
@@ -518,6 +521,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU, tiny configs, local spec, a few steps: every code path but the GPU's")
     ap.add_argument("--curve-steps", type=int, help="distillation steps per precision")
+    ap.add_argument("--only", help="comma-separated parts to run (a rerun of the ones that "
+                    f"failed); default all: {','.join(PARTS)}")
     args = ap.parse_args(argv)
     from nemo_minitron.runtime import dist
 
@@ -528,6 +533,9 @@ def main(argv=None) -> dict:
     sizes = dry_sizes() if args.dry_run else gpu_sizes()
     if args.curve_steps:
         sizes.curve_steps = args.curve_steps
+    only = set(args.only.split(",")) if args.only else set(PARTS)
+    if only - set(PARTS):
+        ap.error(f"--only: unknown parts {sorted(only - set(PARTS))}; choose from {PARTS}")
 
     t0 = time.perf_counter()
     summary = {"command": " ".join(["python benchmarks/gpu_check.py", *(argv or sys.argv[1:])]),
@@ -536,15 +544,17 @@ def main(argv=None) -> dict:
     dist.init(1, 1)
     try:
         ctx = Context(sizes, summary)
-        b = sizes.budgets
-        run_part(summary, "env", b["env"], partial(part_env, ctx))
-        run_part(summary, "parity", b["parity"], partial(part_parity, ctx))
-        run_part(summary, "importance", b["importance"], partial(part_importance, ctx))
-        ctx.spec_pair = None  # the ~1B pair is not needed any more: free it for the 3B + 1B runs
-        free_memory()
-        run_part(summary, "distill_bf16", b["distill_bf16"], partial(part_distill, ctx, fp8=None))
-        run_part(summary, "distill_fp8", b["distill_fp8"], partial(part_distill, ctx, fp8="hybrid"))
-        run_part(summary, "fp8_vs_bf16", b["fp8_vs_bf16"], partial(part_curves, ctx))
+        fns = {"env": part_env, "parity": part_parity, "importance": part_importance,
+               "distill_bf16": partial(part_distill, fp8=None),
+               "distill_fp8": partial(part_distill, fp8="hybrid"), "fp8_vs_bf16": part_curves}
+        for name in PARTS:
+            if name == "distill_bf16":  # the ~1B spec pair is done with: free it for 3B + 1B
+                ctx.spec_pair = None
+                free_memory()
+            if name in only:
+                run_part(summary, name, sizes.budgets[name], partial(fns[name], ctx))
+            else:
+                summary["parts"][name] = {"status": "skipped (--only)", "seconds": 0.0}
     finally:
         dist.release()
     summary["wall_s"] = time.perf_counter() - t0

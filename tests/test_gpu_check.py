@@ -103,3 +103,11 @@ def test_parts_are_guarded(gpu_check):
     assert p["b"]["status"].startswith("failed: OverBudget") and p["b"]["seconds"] < 1.5
     assert p["c"]["status"] == "not available: no TE"
     assert p["d"]["status"] == "ok" and 0 < p["d"]["left_s"] <= 5
+
+
+def test_only_reruns_the_named_parts(gpu_check, tmp_path):
+    s = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "env"])
+    assert s["parts"]["env"]["status"] == "ok"
+    assert all(s["parts"][p]["status"] == "skipped (--only)" for p in gpu_check.PARTS[1:])
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "envv"])
