@@ -452,8 +452,7 @@ def part_curves(ctx, _deadline) -> dict:
     for name in ("distill_bf16", "distill_fp8"):
         st = parts.get(name, {}).get("status", "did not run")
         if st != "ok":
-            raise Unavailable(st if st.startswith("not applicable") else
-                              f"not available: {name} {st}")
+            raise Unavailable(st if st.startswith("not ") else f"not available: {name} {st}")
     cmp = compare_curves(parts["distill_bf16"]["curve"], parts["distill_fp8"]["curve"])
     cmp["fp8_speedup"] = parts["distill_bf16"]["distill_step_s"] / parts["distill_fp8"]["distill_step_s"]
     return cmp

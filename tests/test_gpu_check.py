@@ -111,3 +111,19 @@ def test_only_reruns_the_named_parts(gpu_check, tmp_path):
     assert all(s["parts"][p]["status"] == "skipped (--only)" for p in gpu_check.PARTS[1:])
     with pytest.raises(SystemExit):
         gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "envv"])
+
+
+def test_a_gpu_without_transformer_engine_says_why(gpu_check, monkeypatch):
+    """What the lent GPU machine (no TE) will answer for the TE spec and FP8 parts."""
+    import torch
+
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)  # absent on any host
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for what, fp8 in (("the TE spec", False), ("FP8", True)):
+        with pytest.raises(gpu_check.Unavailable,
+                           match=r"^not available: transformer_engine.pytorch does not import"):
+            gpu_check.need_te(what, fp8=fp8)
+    s = {"parts": {"distill_bf16": {"status": "ok"},
+                   "distill_fp8": {"status": "not available: no TE"}}}
+    with pytest.raises(gpu_check.Unavailable, match="^not available: no TE$"):
+        gpu_check.part_curves(type("Ctx", (), {"summary": s})(), None)
