@@ -26,26 +26,40 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import math
 import os
 import platform
-import resource
-import signal
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]),  # run from a plain checkout
+                str(Path(__file__).resolve().parent)]
+
+# the paths above first, then (noqa: E402):
+import megatron.core  # noqa: E402
+from gpu_harness import (Unavailable, free_memory, matmul_tflops, median_time,  # noqa: E402
+                         need_te, peak_memory, run_part, te_import_error)
+from megatron.core.distributed import (DistributedDataParallel,  # noqa: E402
+                                       DistributedDataParallelConfig)
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
 from nemo_minitron.arch import Arch  # noqa: E402
+from nemo_minitron.distill.loop import LossSpec, make_loss_func, reduce_reports  # noqa: E402
+from nemo_minitron.distill.pair import DistillPair  # noqa: E402
+from nemo_minitron.importance.calibrate import batches_forward_loop, calibrate  # noqa: E402
+from nemo_minitron.pruning.select import Targets, make_plan  # noqa: E402
+from nemo_minitron.runtime import dist  # noqa: E402
+from nemo_minitron.runtime.forward import gather_logits, on_device, run_forward  # noqa: E402
+from nemo_minitron.runtime.stage import build_stage, gather_canonical, load_state  # noqa: E402
 
 
 PARTS = ("env", "parity", "importance", "distill_bf16", "distill_fp8", "fp8_vs_bf16")
@@ -88,121 +102,6 @@ def dry_sizes() -> Sizes:
                           "distill_fp8": 90, "fp8_vs_bf16": 10})
 
 
-# ------------------------------------------------------------------ guards
-class Unavailable(Exception):
-    """The part cannot run here; the message is its status ("not available: ...")."""
-
-
-class OverBudget(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_box(seconds: float):
-    """Raise OverBudget in the main thread after ``seconds`` (a hard stop for a stuck part)."""
-    def on_alarm(_sig, _frame):
-        raise OverBudget(f"over its {seconds:.0f} s budget")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def run_part(summary: dict, name: str, budget: float, fn) -> dict:
-    t0 = time.perf_counter()
-    try:
-        with time_box(budget):
-            entry = {"status": "ok", **fn(time.perf_counter() + budget)}
-    except Unavailable as e:
-        entry = {"status": str(e)}
-    except BaseException as e:  # noqa: BLE001 - a part's failure must not stop the others
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        entry = {"status": f"failed: {type(e).__name__}: {e}",
-                 "traceback": traceback.format_exc(limit=8)}
-    entry["seconds"] = round(time.perf_counter() - t0, 2)
-    summary["parts"][name] = entry
-    print(f"[gpu_check] {name}: {entry['status']} ({entry['seconds']} s)", flush=True)
-    free_memory()
-    return entry
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def cpu_only(what: str) -> None:
-    if not torch.cuda.is_available():
-        raise Unavailable(f"not applicable on CPU: {what}")
-
-
-def te_import_error() -> str | None:
-    """Why Transformer Engine's PyTorch layer cannot be used here (None when it can)."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - ImportError, or OSError from a missing library
-        return f"transformer_engine.pytorch does not import ({type(e).__name__}: {e})"
-    return None
-
-
-def need_te(what: str, fp8: bool = False) -> None:
-    cpu_only(f"{what} needs Transformer Engine on a CUDA GPU")
-    err = te_import_error()
-    if err:
-        raise Unavailable(f"not available: {err}")
-    if fp8 and torch.cuda.get_device_capability() < (8, 9):
-        raise Unavailable(f"not available: {torch.cuda.get_device_name()} has no FP8 tensor cores "
-                          "(compute capability < 8.9)")
-
-
-# ------------------------------------------------------------------ measuring
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def median_time(fn, reps: int) -> float:
-    fn()  # warm-up: kernels chosen, workspaces allocated
-    sync()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
-def matmul_tflops(n: int, fp8: bool = False, reps: int = 30) -> float:
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator(device=dev).manual_seed(0)  # random data: zeros run faster than real data
-    a = torch.randn(n, n, device=dev, generator=g, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=dev, generator=g, dtype=torch.bfloat16)
-    if fp8:
-        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()  # column-major B
-        one = torch.ones((), device=dev)
-        fn = lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-    else:
-        fn = lambda: a @ b
-    return 2 * n ** 3 / median_time(fn, reps) / 1e12
-
-
-def peak_memory(reset: bool = False) -> dict:
-    if torch.cuda.is_available():
-        if reset:
-            torch.cuda.reset_peak_memory_stats()
-        return {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-                "peak_mem_kind": "torch.cuda.max_memory_allocated"}
-    return {"peak_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-            "peak_mem_kind": "process RSS high-water mark (CPU)"}
-
-
 def compute_params(arch: Arch) -> int:
     """Parameters that cost 2 FLOPs per token forward: non-embedding ones + the output layer."""
     return arch.num_params(embeddings=False) + arch.vocab_size * arch.hidden_size
@@ -210,8 +109,6 @@ def compute_params(arch: Arch) -> int:
 
 # ------------------------------------------------------------------ models and data
 def random_batch(sizes: Sizes, vocab: int, seed: int) -> dict:
-    from nemo_minitron.runtime.forward import on_device
-
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, vocab, (sizes.mbs, sizes.seq + 1), generator=g)
     return on_device({"tokens": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous(),
@@ -221,14 +118,10 @@ def random_batch(sizes: Sizes, vocab: int, seed: int) -> dict:
 
 def canonical_weights(stage) -> dict:
     """This stage's weights under canonical names, copied to the CPU (spec-independent)."""
-    from nemo_minitron.runtime.stage import gather_canonical
-
     return {k: v.detach().to("cpu", copy=True) for k, v in gather_canonical(stage).items()}
 
 
 def random_weights(arch: Arch, dtype: str, seed: int) -> dict:
-    from nemo_minitron.runtime.stage import build_stage
-
     torch.manual_seed(seed)
     stage = build_stage(arch, dtype, use_te=False)
     weights = canonical_weights(stage)
@@ -238,16 +131,12 @@ def random_weights(arch: Arch, dtype: str, seed: int) -> dict:
 
 
 def stage_with(arch: Arch, weights: dict, dtype: str, use_te: bool, fp8: str | None = None):
-    from nemo_minitron.runtime.stage import build_stage, load_state
-
     stage = build_stage(arch, dtype, use_te=use_te, init_weights=False, fp8=fp8)
     load_state(stage, weights.__getitem__)
     return stage
 
 
 def logits_of(stage, batches: list[dict]) -> list[torch.Tensor]:
-    from nemo_minitron.runtime.forward import gather_logits, run_forward
-
     vocab = stage.arch.vocab_size
     out = run_forward(stage, batches, lambda lg, _b: {"logits": gather_logits(lg, vocab).float()})
     return [o["logits"] for o in out]
@@ -255,8 +144,6 @@ def logits_of(stage, batches: list[dict]) -> list[torch.Tensor]:
 
 # ------------------------------------------------------------------ parts
 def part_env(ctx, _deadline) -> dict:
-    import megatron.core
-
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "megatron_core": megatron.core.__version__, "machine": platform.machine(),
            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -287,8 +174,6 @@ def spec_pair(ctx) -> tuple:
         need_te("the TE spec")  # on a GPU, local vs local would prove nothing
     if ctx.spec_pair is None:
         s = ctx.sizes
-        from nemo_minitron.runtime.stage import build_stage
-
         torch.manual_seed(1)
         local = build_stage(s.student, s.dtype, use_te=False)
         other = stage_with(s.student, canonical_weights(local), s.dtype, ctx.use_te)
@@ -311,9 +196,6 @@ def part_parity(ctx, _deadline) -> dict:
 
 
 def part_importance(ctx, _deadline) -> dict:
-    from nemo_minitron.importance.calibrate import batches_forward_loop, calibrate
-    from nemo_minitron.pruning.select import Targets, make_plan
-
     local, other, batches = spec_pair(ctx)
     arch = ctx.sizes.student
     targets = Targets(hidden_size=arch.hidden_size * 3 // 4,
@@ -342,14 +224,6 @@ def part_importance(ctx, _deadline) -> dict:
 def distill_run(ctx, deadline: float, fp8: str | None) -> dict:
     """Distill on fixed random batches (the curve), then time teacher forward, student step and
     distillation step; the weights start from the same random draw for bf16 and fp8."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from nemo_minitron.distill.loop import LossSpec, make_loss_func, reduce_reports
-    from nemo_minitron.distill.pair import DistillPair
-
     s = ctx.sizes
     if ctx.weights is None:  # drawn once, so both precisions start from the same models
         ctx.weights = (random_weights(s.teacher, s.dtype, seed=2),
@@ -523,8 +397,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--only", help="comma-separated parts to run (a rerun of the ones that "
                     f"failed); default all: {','.join(PARTS)}")
     args = ap.parse_args(argv)
-    from nemo_minitron.runtime import dist
-
     if args.dry_run:  # the CPU check on any host (a GPU host hides its GPUs from this process)
         os.environ.setdefault(dist.DEVICE_ENV, "cpu")
     if not args.dry_run and not torch.cuda.is_available():
