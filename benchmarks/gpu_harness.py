@@ -19,7 +19,7 @@ class Unavailable(Exception):
 
 
 class OverBudget(Exception):
-    pass
+    """A part ran past its hard time limit."""
 
 
 @contextlib.contextmanager
