@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The suite's fixtures and references live on the CPU: on a GPU host it runs as it does in CI (gloo,
+# local spec; every torchrun worker inherits this). GPU paths are checked by benchmarks/gpu_check.py.
+os.environ.setdefault("NEMO_MINITRON_DEVICE", "cpu")
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).parent / "workers"
 sys.path.insert(0, str(WORKERS))  # tests reuse job factories of the multi-rank workers

@@ -126,3 +126,38 @@ def test_same_importance_at_every_layout(layouts, layout):
         for axis in ("ffn", "heads", "hidden", "block"):
             assert torch.allclose(getattr(got, axis), getattr(ref, axis), rtol=1e-4, atol=1e-6), \
                 f"{layout} rank {rank}: {axis}"
+
+
+# ---------------------------------------------------------------- norms fused into the next linear
+class _FusedNormLinear(torch.nn.Module):
+    """CPU stand-in for Transformer Engine's ``LayerNormLinear``: the norm runs inside the linear,
+    whose module carries ``layer_norm_weight`` and the config (as megatron's TE wrapper does)."""
+
+    def __init__(self, norm, linear, config):
+        super().__init__()
+        self.norm, self.linear, self.config = norm, linear, config
+        self.layer_norm_weight = norm.weight
+
+    def forward(self, x, *args, **kwargs):
+        return self.linear(self.norm(x), *args, **kwargs)
+
+
+def test_hooks_capture_norms_fused_into_the_linear(single_rank):
+    """The TE spec replaces input_layernorm/pre_mlp_layernorm by IdentityOp and fuses the norm
+    into linear_qkv/linear_fc1: the hidden-axis statistics must not change."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    hf = tiny_hf("gqa")
+    stage = build_stage(arch_from_hf_config(hf.config))
+    load_state(stage, hf.state_dict().__getitem__)
+    batches = calib_batches(n=2)
+    ref = calibrate(stage, batches_forward_loop(stage, batches, None))
+    for layer in stage.model.decoder.layers:
+        attn, mlp = layer.self_attention, layer.mlp
+        attn.linear_qkv = _FusedNormLinear(layer.input_layernorm, attn.linear_qkv, stage.config)
+        mlp.linear_fc1 = _FusedNormLinear(layer.pre_mlp_layernorm, mlp.linear_fc1, stage.config)
+        layer.input_layernorm, layer.pre_mlp_layernorm = IdentityOp(), IdentityOp()
+    fused = calibrate(stage, batches_forward_loop(stage, batches, None))
+    for axis in ("ffn", "heads", "hidden", "block"):
+        assert torch.allclose(getattr(fused, axis), getattr(ref, axis), rtol=1e-5, atol=1e-6), axis
+    assert ref.hidden.abs().sum() > 0

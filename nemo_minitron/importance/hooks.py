@@ -3,7 +3,10 @@
 One calibration pass fills, for each layer this pipeline stage holds:
   ffn     input of ``mlp.linear_fc2`` (this TP rank's neurons)
   heads   input of ``self_attention.linear_proj``, per head (this TP rank's heads)
-  hidden  outputs of ``input_layernorm`` and ``pre_mlp_layernorm`` (and ``final_layernorm``)
+  hidden  outputs of ``input_layernorm`` and ``pre_mlp_layernorm`` (and ``final_layernorm``);
+          under the Transformer Engine spec those two are identities and the norm runs fused
+          inside the next linear (``LayerNormLinear``), so its output is recomputed from that
+          linear's input and ``layer_norm_weight`` (:func:`fused_norm_output`)
   block   1 - cos(layer input, layer output) (Block Importance)
 as additive :class:`~.scores.Moments`, so micro-batches and ranks combine by summing.
 megatron-core activations are [seq, batch, ...]; they are transposed to [batch, seq, ...] here.
@@ -40,6 +43,31 @@ def _bsk(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1)
 
 
+def fused_norm_linear(norm: torch.nn.Module, linear: torch.nn.Module) -> bool:
+    """True when ``norm`` is a parameter-free stand-in (``IdentityOp``) because ``linear`` applies
+    the norm itself (TE's ``LayerNormLinear`` carries ``layer_norm_weight``)."""
+    has_params = next(norm.parameters(), None) is not None
+    return not has_params and getattr(linear, "layer_norm_weight", None) is not None
+
+
+def fused_norm_output(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the norm fused into ``linear`` outputs for input ``x``: the tensor a separate norm
+    module would have returned (in fp32, cast back to ``x``'s dtype as that module would)."""
+    cfg = linear.config
+    w = linear.layer_norm_weight.float()
+    if getattr(cfg, "layernorm_zero_centered_gamma", False):
+        w = w + 1.0
+    xf = x.float()
+    if cfg.normalization == "RMSNorm":
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + cfg.layernorm_epsilon) * w
+    else:
+        bias = getattr(linear, "layer_norm_bias", None)
+        y = torch.nn.functional.layer_norm(xf, (xf.shape[-1],), w,
+                                           None if bias is None else bias.float(),
+                                           cfg.layernorm_epsilon)
+    return y.to(x.dtype)
+
+
 @contextmanager
 def collecting(stage, seq_agg: str = "mean_abs"):
     """Register the hooks on ``stage.model`` for the duration of the block; yields the stats."""
@@ -60,6 +88,12 @@ def collecting(stage, seq_agg: str = "mean_abs"):
             stats.add(axis, i, sequence_aggregate(_bsk(out), seq_agg))
         return hook
 
+    def norm_hooks(norm, linear, axis, i):
+        if fused_norm_linear(norm, linear):
+            return linear.register_forward_pre_hook(
+                pre_hook(axis, i, lambda x: fused_norm_output(linear, x)))
+        return norm.register_forward_hook(out_hook(axis, i))
+
     def block_hook(i):
         def hook(_module, args, kwargs, out):
             x_in = kwargs.get("hidden_states", args[0] if args else None)
@@ -73,8 +107,9 @@ def collecting(stage, seq_agg: str = "mean_abs"):
         handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(pre_hook("ffn", i)))
         handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(
             pre_hook("heads", i, lambda x: head_norms(x, d))))
-        handles.append(layer.input_layernorm.register_forward_hook(out_hook("hidden_attn", i)))
-        handles.append(layer.pre_mlp_layernorm.register_forward_hook(out_hook("hidden_mlp", i)))
+        handles.append(norm_hooks(layer.input_layernorm, layer.self_attention.linear_qkv,
+                                  "hidden_attn", i))
+        handles.append(norm_hooks(layer.pre_mlp_layernorm, layer.mlp.linear_fc1, "hidden_mlp", i))
         handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
     if stage.post_process and getattr(decoder, "final_layernorm", None) is not None:
         handles.append(decoder.final_layernorm.register_forward_hook(out_hook("hidden_final", -1)))

@@ -9,13 +9,15 @@ assertion in gradient clipping, the default causal mask built with ``device="cud
 softmax), ``weight.data.cuda()`` when tied embeddings are synchronised across pipeline stages, the
 bf16 and distributed optimizers' checks that parameters are ``torch.cuda.*Tensor``, and the CUDA RNG tracker (``get_cuda_rng_tracker().fork()`` in
 attention, ``model_parallel_cuda_manual_seed``). This module patches exactly those, and only when
-:func:`apply` is called on a process without CUDA. Nothing else in the package touches ``torch.cuda``.
+:func:`apply` is called on a process without CUDA (or one told to leave its GPUs alone:
+:func:`hide_gpus_from_process`). Nothing else in the package touches ``torch.cuda``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import types
 
 import torch
@@ -172,13 +174,30 @@ def _patch_mixed_precision_optimizers() -> None:
         cls.__init__ = init_on_cpu
 
 
-def apply() -> None:
-    """Install the redirections. Idempotent; refuses to run where CUDA is available."""
+def hide_gpus_from_process() -> None:
+    """Make this process CPU-only although GPUs are present (more ranks than GPUs on a node).
+
+    ``CUDA_VISIBLE_DEVICES`` only works before CUDA is initialised (torch caches the device
+    count after that), so ``torch.cuda.is_available``/``device_count`` answer "none" as well:
+    megatron-core and our runtime then take their CPU paths (local spec, gloo, CPU tensors).
+    """
+    if not torch.cuda.is_initialized():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.cuda.is_available = lambda: False
+    torch.cuda.device_count = lambda: 0
+
+
+def apply(hide_gpus: bool = False) -> None:
+    """Install the redirections. Idempotent; where CUDA is available it refuses, unless
+    ``hide_gpus`` asks to hide the GPUs from this process first."""
     global _APPLIED
     if _APPLIED:
         return
     if torch.cuda.is_available():
-        raise RuntimeError("cpu_compat.apply() is for CPU-only processes; CUDA is available here")
+        if not hide_gpus:
+            raise RuntimeError("cpu_compat.apply() is for CPU-only processes; CUDA is available "
+                               "here (pass hide_gpus=True to run this process on the CPU anyway)")
+        hide_gpus_from_process()
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None

@@ -3,6 +3,10 @@
 Works the same for ``python -m nemo_minitron`` (one process), ``torchrun`` (RANK/WORLD_SIZE/
 LOCAL_RANK/MASTER_ADDR) and ``srun`` (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, master from the
 node list). NCCL on GPUs, gloo on CPU, where :mod:`.cpu_compat` is applied first.
+
+The device is chosen once per process by :func:`choose_device`: the CPU when there is no GPU,
+when this node runs more ranks than it has GPUs (e.g. the multi-rank tests on a one-GPU host,
+where ``set_device(local_rank)`` would fail), or when ``NEMO_MINITRON_DEVICE=cpu`` says so.
 """
 
 from __future__ import annotations
@@ -67,6 +71,45 @@ def read_env(environ=None) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", _free_port())
 
 
+DEVICE_ENV = "NEMO_MINITRON_DEVICE"  # "cpu" or "cuda" forces the choice; unset: automatic
+
+
+def local_world_size(environ=None) -> int:
+    """Ranks the launcher started on this node (torchrun's LOCAL_WORLD_SIZE, Slurm's tasks per
+    node); 1 for a plain process."""
+    env = os.environ if environ is None else environ
+    if "LOCAL_WORLD_SIZE" in env:
+        return int(env["LOCAL_WORLD_SIZE"])
+    if "SLURM_PROCID" in env:
+        per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
+        return int(re.match(r"\d+", per_node).group())  # "2(x3),1" -> 2: this node's share
+    return 1
+
+
+def choose_device(environ=None, gpus: int | None = None) -> str:
+    """'cuda' or 'cpu' for this process (``gpus``: visible GPUs, counted without initialising
+    CUDA when None)."""
+    env = os.environ if environ is None else environ
+    forced = env.get(DEVICE_ENV, "").strip().lower()
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if forced == "cuda" and gpus == 0:
+        raise ValueError(f"{DEVICE_ENV}=cuda but no GPU is visible; unset it to run on the CPU")
+    if forced in ("cpu", "cuda"):
+        return forced
+    if forced:
+        raise ValueError(f"{DEVICE_ENV}={forced!r} is not a device; use 'cpu' or 'cuda', or "
+                         "leave it unset to choose automatically")
+    if gpus == 0:
+        return "cpu"
+    local = local_world_size(env)
+    if local > gpus:
+        logging.getLogger(__name__).warning(
+            "%d ranks on this node but %d GPU(s): running on the CPU with gloo (set %s=cuda to "
+            "refuse, or launch at most one rank per GPU)", local, gpus, DEVICE_ENV)
+        return "cpu"
+    return "cuda"
+
+
 _NESTED = 0  # inits that reused a layout set up by an enclosing caller
 
 
@@ -115,11 +158,11 @@ def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> Di
     from megatron.core import parallel_state as ps
 
     env = read_env()
-    on_cuda = torch.cuda.is_available()
+    on_cuda = choose_device() == "cuda"
     if not on_cuda:
         from . import cpu_compat
 
-        cpu_compat.apply()
+        cpu_compat.apply(hide_gpus=True)
     if env.world_size % (tp * pp):
         raise ValueError(f"world size {env.world_size} is not divisible by parallel.tp*parallel.pp="
                          f"{tp * pp}; launch a multiple of tp*pp processes")

@@ -38,14 +38,20 @@ class Stage:
 
 
 def build_stage(arch: Arch, dtype: str = "fp32", use_te: bool | None = None,
-                init_weights: bool = True) -> Stage:
+                init_weights: bool = True, fp8: str | None = None) -> Stage:
+    """``fp8``: TransformerConfig's FP8 format ("hybrid", "e4m3"); megatron-core applies it only
+    through Transformer Engine modules, so it needs the TE spec."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     arch.check_parallel(tp, pp)
     te = rmodel.te_available() if use_te is None else use_te
-    config = rmodel.transformer_config(arch, tp, pp, dtype, init_weights=init_weights)
+    if fp8 and not te:
+        raise ValueError(f"fp8={fp8!r} needs the Transformer Engine layer spec (megatron-core "
+                         "ignores fp8 with the local spec); install transformer_engine on a GPU "
+                         "host or drop fp8")
+    config = rmodel.transformer_config(arch, tp, pp, dtype, fp8=fp8, init_weights=init_weights)
     pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     model = rmodel.build_gpt(arch, config, pre, post, use_te=te)
     offset = get_transformer_layer_offset(config)
