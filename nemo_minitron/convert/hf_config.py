@@ -49,6 +49,10 @@ def _rope(d: dict) -> tuple[float, dict | None, float]:
 
 def _refuse_unsupported(d: dict, model_type: str) -> None:
     fam = family(model_type)
+    if d.get("quantization_config"):
+        method = d["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"config quantization_config ({method}) is not supported; import the "
+                         "unquantized (bf16/fp32) checkpoint")
     if d.get("mlp_bias"):
         raise ValueError("config mlp_bias=true is not supported (no family we handle has MLP biases)")
     if d.get("attention_bias") and not fam.qkv_bias:
