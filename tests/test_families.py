@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.hf import export_hf, import_hf
-from nemo_minitron.convert.hf_config import arch_from_hf_config
+from nemo_minitron.convert.hf_config import arch_from_hf_config, hf_config_from_arch
 from nemo_minitron.data.packed import PackedSequences
 from nemo_minitron.importance.calibrate import batches_forward_loop, calibrate
 from nemo_minitron.pruning.apply import apply_plan
@@ -195,3 +195,30 @@ def test_multi_rank_pruning_keeps_what_one_process_keeps(multi_rank, fam):
     assert c.arch == plan.target and set(c.keys()) == set(ref)
     for k, v in ref.items():
         assert torch.allclose(c.get(k), v, atol=1e-6), k
+
+
+def test_hub_style_config_json_of_minitron_8b():
+    """Minitron-8B-Base's config.json as published (old-style top-level rope fields)."""
+    d = {"architectures": ["NemotronForCausalLM"], "model_type": "nemotron", "hidden_act": "relu2",
+         "hidden_size": 4096, "head_dim": 128, "intermediate_size": 16384, "num_hidden_layers": 32,
+         "num_attention_heads": 48, "num_key_value_heads": 8, "max_position_embeddings": 4096,
+         "norm_eps": 1e-5, "partial_rotary_factor": 0.5, "rope_theta": 10000,
+         "tie_word_embeddings": False, "vocab_size": 256000, "torch_dtype": "bfloat16"}
+    a = arch_from_hf_config(d)
+    assert (a.norm, a.mlp, a.rotary_fraction, a.head_dim, a.num_query_groups) == (
+        "layernorm1p", "relu2", 0.5, 128, 8)
+    assert round(a.num_params() / 1e9, 2) == 8.27
+    cfg = hf_config_from_arch(a)  # and it exports as itself: NemotronConfig takes head_dim
+    assert cfg.model_type == "nemotron" and cfg.head_dim == 128
+    assert cfg.rope_parameters["partial_rotary_factor"] == 0.5
+
+
+def test_arch_fields_must_match_the_family():
+    a = arch_from_hf_config(tiny_hf("qwen3").config)
+    with pytest.raises(ValueError, match="qwen3' has norm=rmsnorm, mlp=swiglu, qkv_bias=False, qk_norm=True"):
+        a.replace(qk_norm=False)
+    with pytest.raises(ValueError, match="rotary_fraction=0.5: qwen3 rotates whole heads"):
+        a.replace(rotary_fraction=0.5)
+    with pytest.raises(ValueError, match="rotary_fraction=0.3 must be in"):
+        a.replace(model_type="nemotron", norm="layernorm1p", mlp="relu2", qk_norm=False,
+                  rotary_fraction=0.3)
