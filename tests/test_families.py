@@ -222,3 +222,18 @@ def test_arch_fields_must_match_the_family():
     with pytest.raises(ValueError, match="rotary_fraction=0.3 must be in"):
         a.replace(model_type="nemotron", norm="layernorm1p", mlp="relu2", qk_norm=False,
                   rotary_fraction=0.3)
+
+
+def test_search_space_counts_each_family():
+    """The search enumerates Nemotron-4-15B at the 8B budget with squared-ReLU/LayerNorm counts:
+    Minitron-8B's shape (hidden 4096, FFN 16384, all heads and layers) is a candidate."""
+    from nemo_minitron.search.space import Space, enumerate_candidates
+
+    src = arch_from_hf_config({"model_type": "nemotron", "hidden_act": "relu2", "hidden_size": 6144,
+                               "intermediate_size": 24576, "num_hidden_layers": 32,
+                               "num_attention_heads": 48, "num_key_value_heads": 8,
+                               "vocab_size": 256000, "partial_rotary_factor": 0.5})
+    space = Space(budget=8.27e9, tolerance=0.01, hidden_multiple=1024, ffn_multiple=4096,
+                  layer_step=8)
+    names = [c.name() for c in enumerate_candidates(src, space, tp=8)]
+    assert "L32-H4096-F16384-A48g8" in names
