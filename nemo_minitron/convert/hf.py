@@ -83,7 +83,8 @@ def load_hf(source: str, *, gguf_file: str | None = None, dtype: str = "auto"):
             from huggingface_hub import snapshot_download
 
             where = snapshot_download(where, allow_patterns=["*.json", "*.safetensors", "*.model",
-                                                             "*.txt", "tokenizer*"])
+                                                             "*.txt", "tokenizer*"],
+                                      ignore_patterns=["consolidated*"])  # Mistral's duplicate copy
         cfg = json.loads((Path(where) / "config.json").read_text())
         state = None
     arch = arch_from_hf_config(cfg)  # refuses unsupported configs before reading any weight
