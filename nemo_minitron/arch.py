@@ -1,8 +1,9 @@
-"""The architecture of a Llama-family decoder: the one description every stage agrees on.
+"""The architecture of a decoder-only transformer: the one description every stage agrees on.
 
 An :class:`Arch` is what a checkpoint directory records in ``arch.json``, what the runtime builds a
 megatron-core ``GPTModel`` from, what pruning changes and what export turns back into a Hugging Face
 config. ``head_dim`` is explicit because pruned models keep their head size while hidden shrinks.
+Which combinations of norm, MLP, biases and QK-norm exist is the families table (:mod:`.families`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-# Hugging Face model types we read and write, with the attribute that carries the QKV bias.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from .families import FAMILIES, MLPS, NORMS
+
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 @dataclass
@@ -33,6 +35,14 @@ class Arch:
     qkv_bias: bool = False
     model_type: str = "llama"
     extra: dict = field(default_factory=dict)
+    qk_norm: bool = False
+    """RMSNorm over head_dim on queries and keys (Qwen3); one weight per head_dim, shared by heads."""
+    norm: str = "rmsnorm"
+    """rmsnorm, or layernorm1p: LayerNorm with bias and zero-centred weight (Nemotron)."""
+    mlp: str = "swiglu"
+    """swiglu (gate/up/down) or relu2: non-gated squared ReLU (up/down, Nemotron)."""
+    rotary_fraction: float = 1.0
+    """Fraction of each head's dims that RoPE rotates (Nemotron's partial_rotary_factor)."""
 
     def __post_init__(self):
         self.validate()
@@ -51,6 +61,24 @@ class Arch:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"arch.model_type={self.model_type!r} is not supported; "
                              f"use one of {SUPPORTED_MODEL_TYPES}")
+        if self.norm not in NORMS:
+            raise ValueError(f"arch.norm={self.norm!r} is unknown; use one of {NORMS}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"arch.mlp={self.mlp!r} is unknown; use one of {MLPS}")
+        rot = self.head_dim * self.rotary_fraction
+        if not 0 < self.rotary_fraction <= 1 or rot != int(rot) or int(rot) % 2:
+            raise ValueError(f"arch.rotary_fraction={self.rotary_fraction} must be in (0, 1] and "
+                             f"rotate an even number of head_dim={self.head_dim} dims")
+        fam = FAMILIES[self.model_type]
+        if fam.features() != (self.norm, self.mlp, self.qkv_bias, self.qk_norm):
+            raise ValueError(
+                f"arch.model_type={self.model_type!r} has norm={fam.norm}, mlp={fam.mlp}, "
+                f"qkv_bias={fam.qkv_bias}, qk_norm={fam.qk_norm}, but the arch says norm="
+                f"{self.norm}, mlp={self.mlp}, qkv_bias={self.qkv_bias}, qk_norm={self.qk_norm}; "
+                "set the fields as the family has them (nemo_minitron/families.py)")
+        if self.rotary_fraction != 1.0 and not fam.partial_rotary:
+            raise ValueError(f"arch.rotary_fraction={self.rotary_fraction}: {self.model_type} "
+                             "rotates whole heads; set rotary_fraction=1.0")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ("llama3",):
             raise ValueError(f"rope_scaling {self.rope_scaling} is not supported; only rope_type "
                              "'llama3' (Llama 3.1) scaling is implemented")
@@ -87,9 +115,11 @@ class Arch:
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0)
-        mlp = 3 * h * self.ffn_hidden_size
-        per_layer = attn + mlp + 2 * h
-        total = self.num_layers * per_layer + h  # final norm
+        attn += 2 * d if self.qk_norm else 0
+        mlp = (3 if self.mlp == "swiglu" else 2) * h * self.ffn_hidden_size
+        norm = 2 * h if self.norm == "layernorm1p" else h  # LayerNorm carries a bias
+        per_layer = attn + mlp + 2 * norm
+        total = self.num_layers * per_layer + norm  # final norm
         if embeddings:
             total += self.vocab_size * h * (1 if self.tie_embeddings else 2)
         return total

@@ -20,9 +20,18 @@ WORKERS = Path(__file__).parent / "workers"
 sys.path.insert(0, str(WORKERS))  # tests reuse job factories of the multi-rank workers
 
 
+def _randomize(params, mean: float, std: float) -> None:
+    """Random init leaves norms at one (or zero) and biases at zero: make them matter."""
+    with torch.no_grad():
+        for p in params:
+            p.normal_(mean, std)
+
+
 def tiny_hf(kind: str = "gqa", seed: int = 0):
-    """A random tiny Llama-family model in float32; kinds cover the architecture variants we map."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A random tiny decoder in float32; kinds cover the architecture variants and families we map."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              NemotronConfig, NemotronForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
     base = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -46,6 +55,20 @@ def tiny_hf(kind: str = "gqa", seed: int = 0):
             for layer in model.model.layers:
                 for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     p.bias.normal_(0, 0.5)
+    elif kind == "qwen3":  # QK-norm, GQA, explicit head_dim
+        model = Qwen3ForCausalLM(Qwen3Config(**dict(base, head_dim=32, use_sliding_window=False)))
+        _randomize([p for n, p in model.named_parameters() if "norm" in n], 1.0, 0.3)
+    elif kind == "nemotron":  # LayerNorm1P with bias, squared-ReLU MLP, half the head rotated
+        cfg = {k: v for k, v in base.items() if k != "rms_norm_eps"}
+        model = NemotronForCausalLM(NemotronConfig(**cfg, norm_eps=1e-5, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}))
+        _randomize([p for n, p in model.named_parameters() if "norm" in n], 0.0, 0.3)
+    elif kind == "llama_pruned":  # hidden 512 with 6 heads of 64, as ModelOpt/Bridge export it;
+        # stock LlamaConfig rejects it, so it is written as Mistral (same weights and math) and
+        # hf_dir() relabels config.json as llama
+        model = MistralForCausalLM(MistralConfig(**dict(
+            base, hidden_size=512, num_attention_heads=6, num_key_value_heads=2, head_dim=64,
+            num_hidden_layers=2, sliding_window=None)))
     else:
         raise ValueError(kind)
     return model.eval()
@@ -71,6 +94,12 @@ def hf_dir(tmp_path):
         d = tmp_path / f"hf_{kind}"
         m.save_pretrained(d)
         tiny_tokenizer().save_pretrained(d)
+        if kind == "llama_pruned":
+            cfg = json.loads((d / "config.json").read_text())
+            cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False,
+                       mlp_bias=False)
+            del cfg["sliding_window"]
+            (d / "config.json").write_text(json.dumps(cfg, indent=2))
         return d, m
     return make
 

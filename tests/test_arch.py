@@ -13,7 +13,8 @@ SMOL = dict(num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_
             num_query_groups=3, head_dim=64, vocab_size=49152, tie_embeddings=True)
 
 
-@pytest.mark.parametrize("kind", ["gqa", "tied", "head_dim", "qwen2", "odd_vocab"])
+@pytest.mark.parametrize("kind", ["gqa", "tied", "head_dim", "qwen2", "odd_vocab", "qwen3",
+                                  "nemotron"])
 def test_param_count_matches_built_model(kind):
     hf = tiny_hf(kind)
     arch = arch_from_hf_config(hf.config)

@@ -143,3 +143,18 @@ def test_evaluate_with_tasks(tmp_path):
 def test_distill_refuses_the_teacher_as_student(tmp_path):
     p = minitron("distill", f"output={tmp_path}/kd")
     assert p.returncode == 2 and "model.checkpoint is the teacher itself" in p.stderr
+
+
+def test_prune_recipes_and_experiments_compose():
+    """Every conf/prune target and every conf/experiment recipe composes and validates."""
+    schema.register()
+    data = ["data.prefix=data/corpus", "output=runs/x"]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        for option in group_options("prune"):
+            job = schema.to_job(compose("prune", overrides=[f"prune={option}", *data]))
+            assert isinstance(job, schema.PruneJob)
+        experiments = group_options("experiment")
+        for option in experiments:
+            job = schema.to_job(compose("pipeline", overrides=[f"+experiment={option}", *data]))
+            assert job.pipeline.rounds and job.model.name != "smollm2_135m" and job.parallel.tp >= 4
+    assert {"nemotron4_15b_chain", "qwen3_8b_to_4b"} <= set(experiments)

@@ -11,7 +11,8 @@ from nemo_minitron.convert.hf import export_hf, import_hf
 from nemo_minitron.convert.hf_config import export_model_type
 
 
-@pytest.mark.parametrize("kind", ["gqa", "tied", "head_dim", "llama3_rope", "qwen2"])
+@pytest.mark.parametrize("kind", ["gqa", "tied", "head_dim", "llama3_rope", "qwen2", "qwen3",
+                                  "nemotron"])
 def test_round_trip(hf_dir, tmp_path, kind):
     src, model = hf_dir(kind)
     ours = import_hf(str(src), tmp_path / "ours")

@@ -9,7 +9,7 @@ from nemo_minitron.runtime.stage import build_stage, gather_canonical, load_stat
 
 from conftest import tiny_hf
 
-KINDS = ["gqa", "tied", "head_dim", "llama3_rope", "qwen2"]
+KINDS = ["gqa", "tied", "head_dim", "llama3_rope", "qwen2", "qwen3", "nemotron", "llama_pruned"]
 
 
 def batch(vocab, b=2, s=24, seed=1):
@@ -34,7 +34,7 @@ def test_logits_match_transformers(kind, single_rank):
     assert delta <= 1e-4, f"{kind}: max |dlogit| = {delta}"
 
 
-@pytest.mark.parametrize("kind", ["gqa", "qwen2"])
+@pytest.mark.parametrize("kind", ["gqa", "qwen2", "qwen3"])
 def test_weights_round_trip_through_model(kind, single_rank):
     hf = tiny_hf(kind)
     arch = arch_from_hf_config(hf.config)

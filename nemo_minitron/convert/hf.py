@@ -1,7 +1,10 @@
-"""Import Hugging Face Llama-family models into our checkpoints, and export them back.
+"""Import Hugging Face decoder checkpoints into ours, and export them back.
 
 Sources: a local directory (``config.json`` + safetensors/bin), a hub name (downloaded with
 ``huggingface_hub`` where a hub is reachable), or a GGUF file (dequantised by ``transformers``).
+Directories are read as plain JSON and safetensors, not through transformers' model classes, so a
+checkpoint whose config stock transformers rejects (a pruned Llama with hidden != heads *
+head_dim) imports too; transformers is used for tokenizers and GGUF only.
 Export writes a directory that ``AutoModelForCausalLM.from_pretrained`` loads with no extra code.
 """
 
@@ -15,7 +18,7 @@ import torch
 
 from ..arch import Arch
 from . import checkpoint as ckpt
-from .hf_config import arch_from_hf_config, export_model_type, hf_config_from_arch
+from .hf_config import arch_from_hf_config, hf_config_from_arch
 from .weights import LM_HEAD, canonical_keys
 
 _STR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,19 +37,59 @@ def _resolve_source(source: str, gguf_file: str | None) -> tuple[str, str | None
     return source, gguf_file  # hub name
 
 
-def load_hf(source: str, *, gguf_file: str | None = None, dtype: str = "auto"):
-    """(arch, canonical tensors, tokenizer, special token ids of the config) from a HF source."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _read_tensors(where: Path, dtype: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF directory: sharded or single safetensors, else PyTorch .bin files."""
+    from safetensors import safe_open
 
-    where, gguf = _resolve_source(source, gguf_file)
-    kw = {"gguf_file": gguf} if gguf else {}
-    cfg = AutoConfig.from_pretrained(where, **kw)
-    arch = arch_from_hf_config(cfg)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype="auto" if dtype == "auto" else
-                                                 _STR_DTYPES[dtype], **kw)
-    state = model.state_dict()
+    index = where / "model.safetensors.index.json"
+    if index.is_file():  # only the shards it names (hub repos may also hold consolidated copies)
+        files = [where / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    elif (where / "model.safetensors").is_file():
+        files = [where / "model.safetensors"]
+    else:
+        files = sorted(where.glob("*.safetensors")) or sorted(where.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{where} has no *.safetensors or pytorch_model*.bin weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as sf:
+                state.update({k: sf.get_tensor(k) for k in sf.keys()})
+        else:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
     if dtype != "auto":
         state = {k: v.to(_STR_DTYPES[dtype]) for k, v in state.items()}
+    return state
+
+
+def _from_gguf(where: str, gguf: str, dtype: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(where, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(
+        where, gguf_file=gguf, dtype="auto" if dtype == "auto" else _STR_DTYPES[dtype])
+    return cfg.to_dict(), model.state_dict()
+
+
+def load_hf(source: str, *, gguf_file: str | None = None, dtype: str = "auto"):
+    """(arch, canonical tensors, tokenizer, special token ids of the config) from a HF source."""
+    from transformers import AutoTokenizer
+
+    where, gguf = _resolve_source(source, gguf_file)
+    if gguf:
+        cfg, state = _from_gguf(where, gguf, dtype)
+    else:
+        if not Path(where).is_dir():  # a hub name: fetch the files we read
+            from huggingface_hub import snapshot_download
+
+            where = snapshot_download(where, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                             "*.txt", "tokenizer*"],
+                                      ignore_patterns=["consolidated*"])  # Mistral's duplicate copy
+        cfg = json.loads((Path(where) / "config.json").read_text())
+        state = None
+    arch = arch_from_hf_config(cfg)  # refuses unsupported configs before reading any weight
+    if state is None:
+        state = _read_tensors(Path(where), dtype)
     if arch.tie_embeddings:
         state.pop(LM_HEAD, None)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -54,9 +97,11 @@ def load_hf(source: str, *, gguf_file: str | None = None, dtype: str = "auto"):
     missing, extra = want - set(state), set(state) - want
     if missing or extra:
         raise ValueError(f"unexpected weights in {source}: missing {sorted(missing)[:4]}, "
-                         f"unexpected {sorted(extra)[:4]}")
+                         f"unexpected {sorted(extra)[:4]} (is config.json's model_type right?)")
+    # our config object, not transformers' reading of config.json, which may reject the shape
+    kw = {"gguf_file": gguf} if gguf else {"config": hf_config_from_arch(arch)}
     tokenizer = AutoTokenizer.from_pretrained(where, **kw)
-    special = {k: getattr(cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    special = {k: cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     return arch, {k: v.contiguous() for k, v in state.items()}, tokenizer, special
 
 
@@ -110,8 +155,6 @@ def export_hf(checkpoint: str, output: str, *, dtype: str | None = None,
             tok.save_pretrained(str(tmp))
         cfg = hf_config_from_arch(arch, torch_dtype=str(tdtype).replace("torch.", ""),
                                   **_special_tokens(src.meta, tok, arch.vocab_size))
-        cfg.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                              "qwen2": "Qwen2ForCausalLM"}[export_model_type(arch)]]
         cfg.save_pretrained(str(tmp))
         (tmp / "minitron_provenance.json").write_text(json.dumps(
             {"exported_from": str(src.path), **src.meta}, indent=2, default=str))

@@ -1,74 +1,121 @@
-"""Hugging Face config <-> :class:`~nemo_minitron.arch.Arch`.
+"""Hugging Face ``config.json`` <-> :class:`~nemo_minitron.arch.Arch`.
 
-Export picks the config class that stock ``transformers`` loads without extra code: ``LlamaConfig``
-when ``hidden_size == heads * head_dim``; otherwise ``MistralConfig`` (Llama-compatible weights, accepts
-an explicit ``head_dim``, which ``LlamaConfig`` rejects in transformers 5.x), and ``Qwen2Config``
-whenever Q/K/V carry a bias.
+Import reads the plain JSON (a dict, or any transformers config via ``to_dict()``), not through
+transformers' config classes: stock ``LlamaConfig`` rejects ``hidden_size != heads * head_dim``,
+which pruned exports of other tools carry. Features we cannot run are refused with the field.
+
+Export picks the config class that stock ``transformers`` loads without extra code: the model's own
+family when its class can express the shape, else one with the same pieces that accepts an
+explicit ``head_dim`` (:func:`~nemo_minitron.families.export_family`: a pruned Llama is written as
+Mistral, since ``LlamaConfig`` rejects it in transformers 5.x).
 """
 
 from __future__ import annotations
 
 from ..arch import Arch
+from ..families import export_family, family
+
+_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "vocab_size")
+_ROPE_TYPES = ("default", "llama3")
+
+
+def _as_dict(cfg) -> dict:
+    return dict(cfg) if isinstance(cfg, dict) else cfg.to_dict()
+
+
+def _rope(d: dict) -> tuple[float, dict | None, float]:
+    """(theta, scaling or None, rotary fraction) from old (rope_theta/rope_scaling) or new
+    (rope_parameters) fields."""
+    params = dict(d.get("rope_parameters") or {})
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    fraction = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    scaling = d.get("rope_scaling") or None
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    if scaling is not None:
+        scaling = {k: v for k, v in dict(scaling).items()
+                   if k not in ("rope_theta", "partial_rotary_factor")}
+        if "rope_type" not in scaling and "type" in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+        kind = scaling.get("rope_type", "default")
+        if kind not in _ROPE_TYPES:
+            raise ValueError(f"rope_scaling rope_type={kind!r} is not supported; supported: "
+                             f"{', '.join(_ROPE_TYPES)}")
+        if kind == "default":
+            scaling = None
+    return float(theta), scaling, float(fraction)
+
+
+def _refuse_unsupported(d: dict, model_type: str) -> None:
+    fam = family(model_type)
+    if d.get("quantization_config"):
+        method = d["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"config quantization_config ({method}) is not supported; import the "
+                         "unquantized (bf16/fp32) checkpoint")
+    if d.get("mlp_bias"):
+        raise ValueError("config mlp_bias=true is not supported (no family we handle has MLP biases)")
+    if d.get("attention_bias") and not fam.qkv_bias:
+        raise ValueError(f"config attention_bias=true is not supported for {model_type} "
+                         "(it biases o_proj too); only Qwen2's q/k/v biases are")
+    act = d.get("hidden_act", fam.hidden_act)
+    if act != fam.hidden_act:
+        raise ValueError(f"config hidden_act={act!r} is not supported for {model_type}; "
+                         f"expected {fam.hidden_act!r}")
+    sliding = d.get("sliding_window")
+    if sliding and d.get("use_sliding_window", model_type == "mistral"):
+        if sliding < d.get("max_position_embeddings", 0):
+            raise ValueError(f"config sliding_window={sliding} attention is not supported; "
+                             "only full attention over max_position_embeddings")
+    if any(t != "full_attention" for t in d.get("layer_types") or []):
+        raise ValueError("config layer_types has non-full attention layers; only full attention "
+                         "is supported")
+    if not fam.partial_rotary and d.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"config partial_rotary_factor is not supported for {model_type}")
 
 
 def arch_from_hf_config(cfg) -> Arch:
-    model_type = getattr(cfg, "model_type", "llama")
-    if model_type not in ("llama", "mistral", "qwen2"):
-        raise ValueError(f"model_type {model_type!r} is not a Llama-family decoder this toolkit "
-                         "handles; supported: llama, mistral, qwen2")
-    if getattr(cfg, "mlp_bias", False):
-        raise ValueError("mlp_bias=True checkpoints are not supported (no Llama/Mistral/Qwen2 "
-                         "release uses it)")
-    if model_type == "llama" and getattr(cfg, "attention_bias", False):
-        raise ValueError("Llama attention_bias=True (bias on q/k/v/o) is not supported")
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    rope = getattr(cfg, "rope_scaling", None) or None
-    rope_params = getattr(cfg, "rope_parameters", None) or {}
-    theta = rope_params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    if rope is None and rope_params.get("rope_type", "default") != "default":
-        rope = dict(rope_params)
-    if rope is not None:
-        rope = {k: v for k, v in dict(rope).items() if k != "rope_theta"}
-        if rope.get("rope_type", rope.get("type")) == "default":
-            rope = None
-        elif "rope_type" not in rope and "type" in rope:
-            rope["rope_type"] = rope.pop("type")
-    sliding = getattr(cfg, "sliding_window", None)
-    if sliding and getattr(cfg, "use_sliding_window", model_type == "mistral"):
-        if sliding < getattr(cfg, "max_position_embeddings", 0):
-            raise ValueError(f"sliding_window={sliding} attention is not supported")
+    """The :class:`Arch` of a Hugging Face config (``config.json`` as a dict, or a config object)."""
+    d = _as_dict(cfg)
+    model_type = d.get("model_type", "llama")
+    fam = family(model_type)
+    _refuse_unsupported(d, model_type)
+    missing = [k for k in _REQUIRED if k not in d]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)}; is this a decoder-only LM config?")
+    heads = d["num_attention_heads"]
+    theta, scaling, fraction = _rope(d)
     return Arch(
-        num_layers=cfg.num_hidden_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.intermediate_size,
+        num_layers=d["num_hidden_layers"],
+        hidden_size=d["hidden_size"],
+        ffn_hidden_size=d["intermediate_size"],
         num_attention_heads=heads,
-        num_query_groups=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_theta=float(theta),
-        rope_scaling=rope,
-        norm_eps=cfg.rms_norm_eps,
-        tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2",
+        num_query_groups=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        vocab_size=d["vocab_size"],
+        max_position_embeddings=d.get("max_position_embeddings", 4096),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=d.get("norm_eps", d.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        qkv_bias=fam.qkv_bias,
         model_type=model_type,
+        qk_norm=fam.qk_norm,
+        norm=fam.norm,
+        mlp=fam.mlp,
+        rotary_fraction=fraction,
     )
 
 
 def export_model_type(arch: Arch) -> str:
-    if arch.qkv_bias:
-        return "qwen2"
-    if arch.hidden_size != arch.num_attention_heads * arch.head_dim:
-        return "mistral"
-    return "llama" if arch.model_type == "llama" else arch.model_type
+    return export_family(arch).model_type
 
 
 def hf_config_from_arch(arch: Arch, *, torch_dtype: str = "float32", bos_token_id=None,
                         eos_token_id=None, pad_token_id=None):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    import transformers
 
-    model_type = export_model_type(arch)
+    fam = export_family(arch)
     common = dict(
         vocab_size=arch.vocab_size,
         hidden_size=arch.hidden_size,
@@ -78,9 +125,8 @@ def hf_config_from_arch(arch: Arch, *, torch_dtype: str = "float32", bos_token_i
         num_key_value_heads=arch.num_query_groups,
         head_dim=arch.head_dim,
         max_position_embeddings=arch.max_position_embeddings,
-        rms_norm_eps=arch.norm_eps,
         tie_word_embeddings=arch.tie_embeddings,
-        hidden_act="silu",
+        hidden_act=fam.hidden_act,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
@@ -89,10 +135,17 @@ def hf_config_from_arch(arch: Arch, *, torch_dtype: str = "float32", bos_token_i
     rope = {"rope_type": "default", "rope_theta": arch.rope_theta}
     if arch.rope_scaling:
         rope = dict(arch.rope_scaling, rope_theta=arch.rope_theta)
-    if model_type == "llama":
-        cfg = LlamaConfig(**common, rope_parameters=rope, attention_bias=False, mlp_bias=False)
-    elif model_type == "mistral":
-        cfg = MistralConfig(**common, rope_parameters=rope, sliding_window=None)
-    else:
-        cfg = Qwen2Config(**common, rope_parameters=rope, use_sliding_window=False)
+    if fam.partial_rotary:
+        rope["partial_rotary_factor"] = arch.rotary_fraction
+    extra = {
+        "llama": dict(attention_bias=False, mlp_bias=False),
+        "mistral": dict(sliding_window=None),
+        "qwen2": dict(use_sliding_window=False),
+        "qwen3": dict(use_sliding_window=False, attention_bias=False),
+        "nemotron": dict(attention_bias=False, mlp_bias=False),
+    }[fam.model_type]
+    eps = {"norm_eps" if fam.norm == "layernorm1p" else "rms_norm_eps": arch.norm_eps}
+    config_class = getattr(transformers, fam.causal_lm.replace("ForCausalLM", "Config"))
+    cfg = config_class(**common, **eps, **extra, rope_parameters=rope)
+    cfg.architectures = [fam.causal_lm]
     return cfg

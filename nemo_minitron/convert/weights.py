@@ -5,7 +5,11 @@ Canonical layout = Hugging Face Llama names, one full (unsharded) tensor per pro
 slices and what export writes. megatron-core fuses Q/K/V per query group (``[q heads of group g; k_g;
 v_g]`` for g in groups) and gate/up per tensor-parallel shard (``[gate_r; up_r]``); both are split
 over TP ranks along their output dimension, ``linear_proj``/``linear_fc2`` along their input.
-These functions are pure: tensors in, tensors out.
+A non-gated (squared-ReLU) MLP has no gate: ``linear_fc1`` is the up projection alone. QK-norm
+weights (one per head_dim, shared by every head) are replicated on every TP rank. Zero-centred
+LayerNorm weights (Nemotron's ``1p``) are folded, +1, on the way into megatron -- whose local
+spec's torch LayerNorm has no zero-centred option -- and unfolded on the way back, so canonical
+tensors keep Hugging Face's values. These functions are pure: tensors in, tensors out.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from ..arch import Arch
 
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
+FINAL_NORM_BIAS = "model.norm.bias"
 LM_HEAD = "lm_head.weight"
 LAYER = "model.layers.{}."
 # canonical suffix -> (megatron local-spec suffix, TE-spec suffix)
@@ -25,22 +30,47 @@ NORMS = {
     "input_layernorm.weight": ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
     "post_attention_layernorm.weight": ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
 }
+NORM_BIASES = {
+    "input_layernorm.bias": ("input_layernorm.bias", "self_attention.linear_qkv.layer_norm_bias"),
+    "post_attention_layernorm.bias": ("pre_mlp_layernorm.bias", "mlp.linear_fc1.layer_norm_bias"),
+}
+QK_NORMS = {"self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
+            "self_attn.k_norm.weight": "self_attention.k_layernorm.weight"}
+
+
+def layer_suffixes(arch: Arch) -> list[str]:
+    """Canonical tensor names of one decoder layer, in the order checkpoints list them."""
+    out = list(NORMS)
+    if arch.norm == "layernorm1p":
+        out += list(NORM_BIASES)
+    out += [f"self_attn.{x}_proj.weight" for x in "qkvo"]
+    if arch.qk_norm:
+        out += list(QK_NORMS)
+    out += (["mlp.gate_proj.weight"] if arch.mlp == "swiglu" else []) + [
+        "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    if arch.qkv_bias:
+        out += [f"self_attn.{x}_proj.bias" for x in "qkv"]
+    return out
+
+
+def final_norm_keys(arch: Arch) -> list[str]:
+    return [FINAL_NORM] + ([FINAL_NORM_BIAS] if arch.norm == "layernorm1p" else [])
 
 
 def canonical_keys(arch: Arch) -> list[str]:
     keys = [EMBED]
+    suffixes = layer_suffixes(arch)
     for i in range(arch.num_layers):
-        p = LAYER.format(i)
-        keys += [p + s for s in ("input_layernorm.weight", "post_attention_layernorm.weight",
-                                 "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                 "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
-        if arch.qkv_bias:
-            keys += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-    keys.append(FINAL_NORM)
+        keys += [LAYER.format(i) + s for s in suffixes]
+    keys += final_norm_keys(arch)
     if not arch.tie_embeddings:
         keys.append(LM_HEAD)
     return keys
+
+
+def _norm_offset(arch: Arch) -> float:
+    """What megatron's norm weight adds to the stored one: 1 for zero-centred (1p) weights."""
+    return 1.0 if arch.norm == "layernorm1p" else 0.0
 
 
 def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
@@ -86,10 +116,17 @@ def to_megatron(get: Callable[[str], torch.Tensor], arch: Arch, *, tp_rank: int,
 
     if pre_process:
         out["embedding.word_embeddings.weight"] = shard(_pad_rows(get(EMBED), vpad), 0)
+    one = _norm_offset(arch)
     for local, i in enumerate(layers):
         p, m = LAYER.format(i), f"decoder.layers.{local}."
         for canon, names in NORMS.items():
-            out[m + names[int(te)]] = get(p + canon)
+            out[m + names[int(te)]] = get(p + canon) + one if one else get(p + canon)
+        if arch.norm == "layernorm1p":
+            for canon, names in NORM_BIASES.items():
+                out[m + names[int(te)]] = get(p + canon)
+        if arch.qk_norm:
+            for canon, name in QK_NORMS.items():
+                out[m + name] = get(p + canon)
         qkv = fuse_qkv(get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
                        get(p + "self_attn.v_proj.weight"), arch)
         out[m + "self_attention.linear_qkv.weight"] = shard(qkv, 0)
@@ -98,11 +135,15 @@ def to_megatron(get: Callable[[str], torch.Tensor], arch: Arch, *, tp_rank: int,
                          get(p + "self_attn.v_proj.bias"), arch)
             out[m + "self_attention.linear_qkv.bias"] = shard(b, 0)
         out[m + "self_attention.linear_proj.weight"] = shard(get(p + "self_attn.o_proj.weight"), 1)
-        gate, up = get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([shard(gate, 0), shard(up, 0)], dim=0)
+        up = shard(get(p + "mlp.up_proj.weight"), 0)
+        if arch.mlp == "swiglu":
+            up = torch.cat([shard(get(p + "mlp.gate_proj.weight"), 0), up], dim=0)
+        out[m + "mlp.linear_fc1.weight"] = up
         out[m + "mlp.linear_fc2.weight"] = shard(get(p + "mlp.down_proj.weight"), 1)
     if post_process:
-        out["decoder.final_layernorm.weight"] = get(FINAL_NORM)
+        out["decoder.final_layernorm.weight"] = get(FINAL_NORM) + one if one else get(FINAL_NORM)
+        if arch.norm == "layernorm1p":
+            out["decoder.final_layernorm.bias"] = get(FINAL_NORM_BIAS)
         # Tied and on one stage, megatron reuses the embedding; a separate last stage keeps a copy.
         if not (arch.tie_embeddings and pre_process):
             head = get(EMBED) if arch.tie_embeddings else get(LM_HEAD)
@@ -119,12 +160,20 @@ def from_megatron(shards: list[dict[str, torch.Tensor]], arch: Arch, *, layers: 
     def cat(key: str, dim: int) -> torch.Tensor:
         return torch.cat([s[key] for s in shards], dim=dim)
 
+    one = _norm_offset(arch)
     if pre_process:
         out[EMBED] = cat("embedding.word_embeddings.weight", 0)[: arch.vocab_size].clone()
     for local, i in enumerate(layers):
         p, m = LAYER.format(i), f"decoder.layers.{local}."
         for canon, names in NORMS.items():
-            out[p + canon] = shards[0][m + names[int(te)]].clone()
+            out[p + canon] = shards[0][m + names[int(te)]] - one if one else \
+                shards[0][m + names[int(te)]].clone()
+        if arch.norm == "layernorm1p":
+            for canon, names in NORM_BIASES.items():
+                out[p + canon] = shards[0][m + names[int(te)]].clone()
+        if arch.qk_norm:
+            for canon, name in QK_NORMS.items():
+                out[p + canon] = shards[0][m + name].clone()
         groups = arch.num_query_groups // tp
         parts = [split_qkv(s[m + "self_attention.linear_qkv.weight"], arch, groups) for s in shards]
         for j, x in enumerate("qkv"):
@@ -134,12 +183,18 @@ def from_megatron(shards: list[dict[str, torch.Tensor]], arch: Arch, *, layers: 
             for j, x in enumerate("qkv"):
                 out[p + f"self_attn.{x}_proj.bias"] = torch.cat([pt[j] for pt in parts], dim=0)
         out[p + "self_attn.o_proj.weight"] = cat(m + "self_attention.linear_proj.weight", 1)
-        halves = [torch.chunk(s[m + "mlp.linear_fc1.weight"], 2, dim=0) for s in shards]
-        out[p + "mlp.gate_proj.weight"] = torch.cat([h[0] for h in halves], dim=0)
-        out[p + "mlp.up_proj.weight"] = torch.cat([h[1] for h in halves], dim=0)
+        if arch.mlp == "swiglu":
+            halves = [torch.chunk(s[m + "mlp.linear_fc1.weight"], 2, dim=0) for s in shards]
+            out[p + "mlp.gate_proj.weight"] = torch.cat([h[0] for h in halves], dim=0)
+            out[p + "mlp.up_proj.weight"] = torch.cat([h[1] for h in halves], dim=0)
+        else:
+            out[p + "mlp.up_proj.weight"] = cat(m + "mlp.linear_fc1.weight", 0)
         out[p + "mlp.down_proj.weight"] = cat(m + "mlp.linear_fc2.weight", 1)
     if post_process:
-        out[FINAL_NORM] = shards[0]["decoder.final_layernorm.weight"].clone()
+        w = shards[0]["decoder.final_layernorm.weight"]
+        out[FINAL_NORM] = w - one if one else w.clone()
+        if arch.norm == "layernorm1p":
+            out[FINAL_NORM_BIAS] = shards[0]["decoder.final_layernorm.bias"].clone()
         if not arch.tie_embeddings:
             out[LM_HEAD] = cat("output_layer.weight", 0)[: arch.vocab_size].clone()
         elif not pre_process:  # the last stage's copy of the tied embedding

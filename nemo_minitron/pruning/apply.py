@@ -7,10 +7,11 @@ Llama names, full tensors). Every axis of the plan is applied where it appears:
 tensor                                 rows (dim 0)                 columns (dim 1)
 =====================================  ===========================  ===========================
 ``model.embed_tokens.weight``          all (vocabulary)             ``hidden``
-``*_layernorm.weight``, ``model.norm``  ``hidden``                   --
+``*_layernorm.weight``/bias, ``norm``  ``hidden``                   --
 ``self_attn.q_proj.weight`` / bias     rows of kept ``heads``       ``hidden``
 ``self_attn.k_proj/v_proj`` / bias     rows of kept ``groups``      ``hidden``
 ``self_attn.o_proj.weight``            ``hidden``                   columns of kept ``heads``
+``self_attn.q_norm/k_norm.weight``     all (head_dim, shared)       --
 ``mlp.gate_proj/up_proj.weight``       ``ffn``                      ``hidden``
 ``mlp.down_proj.weight``               ``hidden``                   ``ffn``
 ``lm_head.weight``                     all (vocabulary)             ``hidden``
@@ -21,6 +22,10 @@ Head ``j`` owns rows ``j*d .. (j+1)*d-1`` of ``q_proj`` (and those columns of ``
 number of heads in every kept group and indices are sorted, kept head ``j'`` of the pruned model
 belongs to kept group ``j' // heads_per_group'`` -- the Hugging Face GQA convention still holds.
 
+QK-norm weights act on each head's head_dim, which pruning never changes, and are shared by all
+heads, so they are kept whole whichever heads or groups go. A squared-ReLU MLP has no gate; its
+neurons are the rows of ``up_proj``. LayerNorm biases are sliced like their weights.
+
 Kept layers are renumbered ``0..L'-1`` in the order of ``plan.layers``.
 """
 
@@ -30,7 +35,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ..convert.weights import EMBED, FINAL_NORM, LAYER, LM_HEAD, canonical_keys
+from ..convert.weights import EMBED, LAYER, LM_HEAD, canonical_keys, final_norm_keys, layer_suffixes
 from .plan import Plan
 
 Tensors = Union[Mapping[str, torch.Tensor], Callable[[str], torch.Tensor]]
@@ -132,30 +137,34 @@ def apply_plan(plan: Plan, tensors: Tensors, *, layers: Optional[Iterable[int]] 
     out: dict[str, torch.Tensor] = {}
     if include_embedding or (include_head and tgt.tie_embeddings):
         out[EMBED] = _take(get(EMBED, (V, h)), None, hid)
+    suffixes = layer_suffixes(src)
     for s in todo:
         p, n = LAYER.format(s), LAYER.format(new_index[s])
         keep_ffn, keep_groups, keep_heads = plan.layer_keep(s)
         mlp = _index(keep_ffn, ffn)
         q_rows = _block_index(keep_heads, d, src.num_attention_heads)
         kv_rows = _block_index(keep_groups, d, src.num_query_groups)
-        for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            out[n + norm] = _take(get(p + norm, (h,)), hid)
-        out[n + "self_attn.q_proj.weight"] = _take(get(p + "self_attn.q_proj.weight", (nq, h)), q_rows, hid)
-        for x in "kv":
-            key = f"self_attn.{x}_proj.weight"
-            out[n + key] = _take(get(p + key, (ng, h)), kv_rows, hid)
-        out[n + "self_attn.o_proj.weight"] = _take(get(p + "self_attn.o_proj.weight", (h, nq)), hid, q_rows)
-        for x in ("gate", "up"):
-            key = f"mlp.{x}_proj.weight"
-            out[n + key] = _take(get(p + key, (ffn, h)), mlp, hid)
-        out[n + "mlp.down_proj.weight"] = _take(get(p + "mlp.down_proj.weight", (h, ffn)), hid, mlp)
-        if src.qkv_bias:
-            out[n + "self_attn.q_proj.bias"] = _take(get(p + "self_attn.q_proj.bias", (nq,)), q_rows)
-            for x in "kv":
-                key = f"self_attn.{x}_proj.bias"
-                out[n + key] = _take(get(p + key, (ng,)), kv_rows)
+        # suffix -> (source shape, kept rows, kept columns)
+        rules = {
+            "self_attn.q_proj.weight": ((nq, h), q_rows, hid),
+            "self_attn.k_proj.weight": ((ng, h), kv_rows, hid),
+            "self_attn.v_proj.weight": ((ng, h), kv_rows, hid),
+            "self_attn.o_proj.weight": ((h, nq), hid, q_rows),
+            "self_attn.q_norm.weight": ((d,), None, None),
+            "self_attn.k_norm.weight": ((d,), None, None),
+            "mlp.gate_proj.weight": ((ffn, h), mlp, hid),
+            "mlp.up_proj.weight": ((ffn, h), mlp, hid),
+            "mlp.down_proj.weight": ((h, ffn), hid, mlp),
+            "self_attn.q_proj.bias": ((nq,), q_rows, None),
+            "self_attn.k_proj.bias": ((ng,), kv_rows, None),
+            "self_attn.v_proj.bias": ((ng,), kv_rows, None),
+        }
+        for suffix in suffixes:
+            shape, rows, cols = rules.get(suffix, ((h,), hid, None))  # the rest: norms over hidden
+            out[n + suffix] = _take(get(p + suffix, shape), rows, cols)
     if include_head:
-        out[FINAL_NORM] = _take(get(FINAL_NORM, (h,)), hid)
+        for key in final_norm_keys(src):
+            out[key] = _take(get(key, (h,)), hid)
         if not tgt.tie_embeddings:
             out[LM_HEAD] = _take(get(LM_HEAD, (V, h)), None, hid)
     return out

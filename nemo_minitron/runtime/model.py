@@ -40,9 +40,11 @@ def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: s
                        init_weights: bool = True):
     """megatron-core config for ``arch``; ``init_weights=False`` skips random init (weights are
     about to be loaded, and initialising a large embedding on CPU costs seconds)."""
+    from megatron.core.activations import squared_relu
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dt = torch_dtype(dtype)
+    gated = arch.mlp == "swiglu"
     on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -51,10 +53,12 @@ def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: s
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups,
         kv_channels=arch.head_dim,
-        normalization="RMSNorm",
+        # zero-centred (1p) LayerNorm weights are folded into plain ones by the weight maps
+        normalization="RMSNorm" if arch.norm == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=arch.norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
+        qk_layernorm=arch.qk_norm,
+        gated_linear_unit=gated,
+        activation_func=F.silu if gated else squared_relu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         bias_activation_fusion=False,
@@ -78,15 +82,16 @@ def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: s
     )
 
 
-def layer_spec(use_te: bool | None = None):
+def layer_spec(arch: Arch, use_te: bool | None = None):
     """The Transformer Engine spec on CUDA when TE imports (or when forced), else the local spec."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_te is None:
         use_te = te_available()
     if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    return specs.get_gpt_layer_local_spec(
+        normalization="RMSNorm" if arch.norm == "rmsnorm" else "LayerNorm", qk_layernorm=arch.qk_norm)
 
 
 def rope_inv_freq(arch: Arch) -> torch.Tensor:
@@ -94,8 +99,9 @@ def rope_inv_freq(arch: Arch) -> torch.Tensor:
 
     megatron-core hard-codes the Llama-3.1 scaling constants; computing them here lets any
     ``low_freq_factor``/``high_freq_factor``/``original_max_position_embeddings`` round-trip.
+    With partial rotary only the first ``rotary_fraction * head_dim`` dims of a head rotate.
     """
-    d = arch.head_dim
+    d = int(arch.head_dim * arch.rotary_fraction)
     inv = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     rs = arch.rope_scaling
     if rs:
@@ -140,13 +146,14 @@ def build_gpt(arch: Arch, config, pre_process: bool, post_process: bool, use_te:
     tp = config.tensor_model_parallel_size
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=layer_spec(arch, use_te),
         vocab_size=arch.padded_vocab_size(tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=arch.tie_embeddings,
         position_embedding_type="rope",
+        rotary_percent=arch.rotary_fraction,
         rotary_base=int(arch.rope_theta),
         parallel_output=True,
     )

@@ -1,0 +1,83 @@
+"""The model families we read and write: one table that arch, weight maps and HF configs consult.
+
+A family is a Hugging Face ``model_type`` and the pieces of the decoder it fixes. Everything else
+(sizes, GQA, RoPE base and scaling, tied embeddings) is a free :class:`~nemo_minitron.arch.Arch`
+field. Adding a family is a row here, its config class in :mod:`.convert.hf_config`, and a
+tiny random model in ``tests/conftest.py``.
+
+=========  =================  ===========  =========  =======  ==============  ================
+family     norm               MLP          QKV bias   QK-norm  partial rotary  explicit head_dim
+=========  =================  ===========  =========  =======  ==============  ================
+llama      RMSNorm            SwiGLU       no         no       no              no (5.x rejects)
+mistral    RMSNorm            SwiGLU       no         no       no              yes
+qwen2      RMSNorm            SwiGLU       yes        no       no              yes
+qwen3      RMSNorm            SwiGLU       no         yes      no              yes
+nemotron   LayerNorm1P+bias   squared-ReLU no         no       yes             yes
+=========  =================  ===========  =========  =======  ==============  ================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NORMS = ("rmsnorm", "layernorm1p")
+"""rmsnorm: RMSNorm, weight only; layernorm1p: LayerNorm with bias whose stored weight is
+zero-centred (the gain applied is weight + 1), Nemotron's convention."""
+MLPS = ("swiglu", "relu2")
+"""swiglu: down(silu(gate(x)) * up(x)); relu2: down(relu(up(x))**2), no gate projection."""
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    """Hugging Face ``config.json`` model_type."""
+    causal_lm: str
+    """transformers class that loads an export."""
+    norm: str = "rmsnorm"
+    mlp: str = "swiglu"
+    qkv_bias: bool = False
+    """Biases on q/k/v only (Qwen2); families whose config would bias o_proj too refuse them."""
+    qk_norm: bool = False
+    """RMSNorm over head_dim on every query and key head, one weight shared by all heads."""
+    partial_rotary: bool = False
+    """The config may rotate only a fraction of each head (``partial_rotary_factor``)."""
+    explicit_head_dim: bool = True
+    """The config class accepts head_dim != hidden_size / num_attention_heads."""
+    hidden_act: str = "silu"
+
+    def features(self) -> tuple:
+        return (self.norm, self.mlp, self.qkv_bias, self.qk_norm)
+
+
+FAMILIES = {f.model_type: f for f in (
+    Family("llama", "LlamaForCausalLM", explicit_head_dim=False),
+    Family("mistral", "MistralForCausalLM"),
+    Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True),
+    Family("qwen3", "Qwen3ForCausalLM", qk_norm=True),
+    Family("nemotron", "NemotronForCausalLM", norm="layernorm1p", mlp="relu2", partial_rotary=True,
+           hidden_act="relu2"),
+)}
+
+
+def family(model_type: str) -> Family:
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise ValueError(f"model_type {model_type!r} is not a family this toolkit handles; "
+                         f"supported: {', '.join(FAMILIES)}") from None
+
+
+def export_family(arch) -> Family:
+    """The family an export is written as: the arch's own when its config class can express the
+    shape, else the first family with the same pieces whose config accepts an explicit head_dim
+    (a pruned Llama, hidden != heads * head_dim, loads as Mistral)."""
+    own = family(arch.model_type)
+    want = (arch.norm, arch.mlp, arch.qkv_bias, arch.qk_norm)
+    square = arch.hidden_size == arch.num_attention_heads * arch.head_dim
+    for f in (own, *FAMILIES.values()):
+        if f.features() == want and (square or f.explicit_head_dim) and (
+                arch.rotary_fraction == 1.0 or f.partial_rotary):
+            return f
+    raise ValueError(f"no Hugging Face family can express {arch.model_type} with "
+                     f"norm={arch.norm}, mlp={arch.mlp}, qkv_bias={arch.qkv_bias}, "
+                     f"qk_norm={arch.qk_norm}, rotary_fraction={arch.rotary_fraction}")
