@@ -7,6 +7,7 @@ exports the imported model at TP=1 and loads that with plain megatron-core at TP
 untrusted files, user errors.
 """
 
+import json
 import pickle
 from argparse import Namespace
 
@@ -30,7 +31,8 @@ def layouts(tmp_path_factory):
     hf = tiny_hf("head_dim")  # GQA, head_dim != hidden/heads, untied
     ckpt.save(root / "src", arch_from_hf_config(hf.config), hf.state_dict(),
               provenance={"stage": "test"})
-    torchrun("megatron_dist.py", 4, root)
+    rows = torchrun("megatron_dist.py", 4, root)
+    (root / "rows.json").write_text(json.dumps(rows))
     return root
 
 
@@ -81,6 +83,17 @@ def test_sliced_read_touches_only_overlapping_chunks(layouts):
     half = r.read(key, (slice(1, 2), slice(0, full.shape[1] // 2)))
     assert torch.equal(half, full[1:2, : full.shape[1] // 2])
     assert 0 < r.bytes_read < full.numel() * full.element_size() / 4  # one of 8 chunks
+
+
+def test_tp_ranks_read_only_their_slices(layouts):
+    """Loading our checkpoint at TP=2/PP=2, a rank reads its stage's half of each sharded tensor
+    (safetensors slicing), not whole tensors: about a quarter of the file each, all of it together."""
+    c = ckpt.Checkpoint(layouts / "src")
+    total = sum(c.get(k).numel() * 4 for k in c.keys())
+    got = [r["src_bytes_read"] for r in json.loads((layouts / "rows.json").read_text())]
+    assert len(got) == 4
+    assert all(b < 0.3 * total for b in got), (got, total)
+    assert total <= sum(got) < 1.01 * total  # only the replicated norms are read twice
 
 
 class _Boom:

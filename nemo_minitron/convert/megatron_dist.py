@@ -72,14 +72,25 @@ def find_checkpoint(path) -> Path:
     return p
 
 
+def _args_types() -> list:
+    """What Megatron-LM's ``args`` are made of beyond tensors and containers: the Namespace and
+    megatron-core enums (building either runs no code). Imported here, not at the top, so that
+    importing a Hugging Face model does not pay for megatron-core."""
+    from megatron.core.enums import ModelType
+    from megatron.core.rerun_state_machine import RerunDiagnostic, RerunMode, RerunState
+    from megatron.core.transformer.enums import AttnBackend, AttnMaskType
+
+    return [Namespace, ModelType, AttnBackend, AttnMaskType, RerunDiagnostic, RerunMode, RerunState]
+
+
 def read_common(path: Path) -> tuple[dict, str]:
     """(common state, why it is empty): ``common.pt`` read with ``weights_only=True``, allowing
-    only ``argparse.Namespace`` beyond tensors and containers (Megatron-LM's ``args``)."""
+    only the types of Megatron-LM's ``args`` (:func:`_args_types`) beyond that."""
     f = path / COMMON
     if not f.is_file():
         return {}, f"{f} is missing"
     try:
-        with torch.serialization.safe_globals([Namespace]):
+        with torch.serialization.safe_globals(_args_types()):
             common = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         return {}, f"{f} holds objects torch.load(weights_only=True) refuses ({str(e).split(chr(10))[0][:160]})"

@@ -1,6 +1,7 @@
 """Run under torchrun with 4 ranks: megatron-core distributed checkpoints, TP=2/PP=2 -> TP=1 -> TP=2/PP=2.
 
-A. TP=2, PP=2: export our checkpoint ``src`` with our code (``ours``); build a GPTModel with plain
+A. TP=2, PP=2: load our checkpoint ``src`` (each rank emits the bytes it read) and export it with
+   our code (``ours``); build a GPTModel with plain
    megatron-core, randomly initialised, and save it with plain ``dist_checkpointing.save`` twice:
    bare (``plain``, no architecture record) and in Megatron-LM's layout with ``args``
    (``mlm/iter_0000100``). Logits of both models go to ``logits_src.pt`` / ``logits_plain.pt``.
@@ -17,6 +18,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from _emit import emit
 
 
 def batches():
@@ -53,7 +55,9 @@ def plain_gpt(tp, pp):
 
 def megatron_lm_args(tp, pp):
     """What Megatron-LM's argument parser records for this model (the architecture part)."""
-    return Namespace(**DIMS, group_query_attention=True, max_position_embeddings=256,
+    from megatron.core.transformer.enums import AttnBackend
+
+    return Namespace(**DIMS, attention_backend=AttnBackend.auto, group_query_attention=True, max_position_embeddings=256,
                      norm_epsilon=1e-5, swiglu=True, normalization="RMSNorm",
                      position_embedding_type="rope", rotary_base=10000, add_bias_linear=False,
                      add_qkv_bias=False, untie_embeddings_and_output_weights=True,
@@ -86,7 +90,8 @@ def main(root):
 
     # A. TP=2, PP=2
     dist.init(2, 2)
-    stage, _ = load_checkpoint(root / "src")
+    stage, c = load_checkpoint(root / "src")
+    emit({"rank": torch.distributed.get_rank(), "src_bytes_read": c.bytes_read})
     save_logits(stage.model, root / "logits_src.pt")
     export_megatron(root / "src", root / "ours", tp=2, pp=2)
     model = plain_gpt(2, 2)
