@@ -157,6 +157,10 @@ class Checkpoint:
         self.bytes_read += t.numel() * t.element_size()
         return t
 
+    def stored_dtype(self, key: str) -> str:
+        """safetensors' dtype name of ``key`` ("F32", "BF16"...), from the header alone."""
+        return self._file(key).get_slice(key).get_dtype()
+
     def get_part(self, key: str, dim: int, rank: int, parts: int) -> torch.Tensor:
         """Part ``rank`` of ``parts`` equal parts along ``dim``, read without the rest of the
         tensor (safetensors slicing): a TP rank's shard costs 1/tp of the tensor's bytes."""

@@ -244,9 +244,9 @@ def export_megatron(checkpoint, output, *, dtype: str | None = None, tp: int = 1
     if dist.is_rank0():
         ckpt.prepare_output(output, overwrite)  # fail before building the model
     src = ckpt.Checkpoint(checkpoint)
-    if dtype is None:  # keep the stored precision (a bf16 student stays bf16)
-        stored = src.get(next(iter(src.keys()))).dtype
-        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(stored, "fp32")
+    if dtype is None:  # keep the stored precision (a bf16 student stays bf16); header only
+        stored = src.stored_dtype(next(iter(src.keys())))
+        dtype = {"BF16": "bf16", "F16": "fp16"}.get(stored, "fp32")
     dist.init(tp, pp)
     try:
         stage, _ = load_checkpoint(checkpoint, dtype)
