@@ -61,15 +61,18 @@ class DcpReader:
     def __init__(self, directory):
         self.dir = Path(directory)
         self.meta = read_metadata(self.dir / METADATA)
+        sizes = {(fqn, tuple(c.offsets)): tuple(c.sizes)
+                 for fqn, md in self.meta.state_dict_metadata.items()
+                 if isinstance(md, dcp_md.TensorStorageMetadata) for c in md.chunks}
         self._where: dict[str, list] = {}  # fqn -> [(offsets, sizes, storage info)]
         for idx, info in self.meta.storage_data.items():
+            box = (idx.fqn, tuple(idx.offset or ()))
+            if box not in sizes:  # a bytes item (e.g. Transformer Engine's _extra_state)
+                continue
             if getattr(info, "transform_descriptors", None):
                 raise ValueError(f"{self.dir}: chunk {idx.fqn} is stored with transforms "
                                  f"{info.transform_descriptors}; only plain chunks are supported")
-            md = self.meta.state_dict_metadata.get(idx.fqn)
-            if isinstance(md, dcp_md.TensorStorageMetadata):
-                sizes = next(c.sizes for c in md.chunks if c.offsets == idx.offset)
-                self._where.setdefault(idx.fqn, []).append((tuple(idx.offset), tuple(sizes), info))
+            self._where.setdefault(idx.fqn, []).append((box[1], sizes[box], info))
         self.bytes_read = 0
 
     def tensor_keys(self) -> list[str]:

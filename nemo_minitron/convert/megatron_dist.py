@@ -108,7 +108,9 @@ class GlobalTensors:
         embed = [k for k in keys if k.endswith(EMBED_KEY)]
         if not embed:
             raise ValueError(f"{reader.dir} has no {EMBED_KEY}: not a GPTModel checkpoint")
-        self.prefix = embed[0][: -len(EMBED_KEY)]  # e.g. "model." in some writers' layouts
+        # The shortest match is the model's own (optimizer states repeat it after a prefix);
+        # a writer may nest the model under one too ("model.").
+        self.prefix = min(embed, key=len)[: -len(EMBED_KEY)]
         self.keys = {k[len(self.prefix):] for k in keys if k.startswith(self.prefix)}
 
     def shapes(self) -> dict[str, tuple]:
