@@ -1,4 +1,4 @@
-"""`minitron import`: Hugging Face model -> our checkpoint directory."""
+"""`minitron import`: Hugging Face model or megatron-core distributed checkpoint -> our checkpoint."""
 
 import logging
 
@@ -9,10 +9,16 @@ log = logging.getLogger(__name__)
 
 def run(job) -> dict:
     from ..convert.hf import import_hf
+    from ..convert.megatron_dist import import_megatron, is_megatron_checkpoint
 
     out = job.output or job.model.checkpoint
-    path = import_hf(job.model.source, out, gguf_file=job.model.gguf_file, dtype=job.dtype,
-                     overwrite=job.overwrite)
+    if is_megatron_checkpoint(job.model.source):
+        path = import_megatron(job.model.source, out, arch_overrides=job.model.arch,
+                               tokenizer=job.model.tokenizer, dtype=job.dtype,
+                               overwrite=job.overwrite)
+    else:
+        path = import_hf(job.model.source, out, gguf_file=job.model.gguf_file, dtype=job.dtype,
+                         overwrite=job.overwrite)
     log.info("imported %s -> %s", job.model.source, path)
     return {"checkpoint": str(path)}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
@@ -23,11 +23,18 @@ class ModelConfig:
     checkpoint: Optional[str] = None
     """Our checkpoint directory (written by `minitron import`, prune, distill...)."""
     source: Optional[str] = None
-    """Hugging Face source for `minitron import`: local dir, hub name or .gguf file."""
+    """Source for `minitron import`: Hugging Face dir, hub name or .gguf file, or a megatron-core
+    distributed checkpoint (Megatron-LM --save dir or a dist_checkpointing.save dir)."""
     gguf_file: Optional[str] = None
     """GGUF file name inside `source`, when source is a directory or hub repo."""
     dtype: str = "fp32"
     """Compute/parameter dtype: fp32 or bf16."""
+    # --- megatron-core checkpoints (issue 20) ---
+    arch: Dict[str, Any] = field(default_factory=dict)
+    """Architecture fields (Arch names) overriding, or supplying where it records none, the
+    architecture of a megatron checkpoint being imported, e.g. +model.arch.num_query_groups=8 (Hydra adds new keys with +)."""
+    tokenizer: Optional[str] = None
+    """Hugging Face tokenizer (dir or hub name) stored with a megatron checkpoint on import."""
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -96,9 +103,15 @@ class ExportJob:
     dtype: Optional[str] = None
     """Cast weights on export (fp32/bf16); default keeps the checkpoint's dtype."""
     overwrite: bool = False
+    format: str = "hf"
+    """hf (Hugging Face directory) or megatron (megatron-core torch_dist checkpoint, Megatron-LM
+    layout; written at parallel.tp/pp, loadable at any layout)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
         _need_checkpoint(self.model)
+        if self.format not in ("hf", "megatron"):
+            raise ValueError(f"format={self.format!r}: use hf or megatron")
         if not self.output:
             raise ValueError("output=<dir> is required: where to write the Hugging Face model")
         if self.dtype not in (None,) + DTYPES:

@@ -137,11 +137,12 @@ class Checkpoint:
         self.meta = json.loads((self.path / META).read_text())
         self.weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
         self._open: dict[str, object] = {}
+        self.bytes_read = 0  # tensor bytes fetched so far (what a sliced load saves)
 
     def keys(self) -> Iterable[str]:
         return self.weight_map.keys()
 
-    def get(self, key: str) -> torch.Tensor:
+    def _file(self, key: str):
         from safetensors import safe_open
 
         if key not in self.weight_map:
@@ -149,7 +150,29 @@ class Checkpoint:
         f = self.weight_map[key]
         if f not in self._open:
             self._open[f] = safe_open(str(self.path / f), framework="pt")
-        return self._open[f].get_tensor(key)
+        return self._open[f]
+
+    def get(self, key: str) -> torch.Tensor:
+        t = self._file(key).get_tensor(key)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def stored_dtype(self, key: str) -> str:
+        """safetensors' dtype name of ``key`` ("F32", "BF16"...), from the header alone."""
+        return self._file(key).get_slice(key).get_dtype()
+
+    def get_part(self, key: str, dim: int, rank: int, parts: int) -> torch.Tensor:
+        """Part ``rank`` of ``parts`` equal parts along ``dim``, read without the rest of the
+        tensor (safetensors slicing): a TP rank's shard costs 1/tp of the tensor's bytes."""
+        sl = self._file(key).get_slice(key)
+        n = sl.get_shape()[dim]
+        if n % parts:
+            raise CheckpointError(f"{key} has {n} rows along dim {dim}, not divisible into {parts}")
+        index = [slice(None)] * len(sl.get_shape())
+        index[dim] = slice(rank * n // parts, (rank + 1) * n // parts)
+        t = sl[tuple(index)]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: self.get(k) for k in self.keys()}

@@ -81,9 +81,12 @@ def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: Arch) -> torch.Tensor:
-    """[q; k; v] (per projection) -> megatron's per-group interleave, rows first."""
-    g, hpg, d = arch.num_query_groups, arch.heads_per_group, arch.head_dim
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: Arch,
+             groups: int | None = None) -> torch.Tensor:
+    """[q; k; v] (per projection) -> megatron's per-group interleave, rows first, for ``groups``
+    query groups (default: all; a TP rank's rows hold ``num_query_groups / tp`` of them)."""
+    g = arch.num_query_groups if groups is None else groups
+    hpg, d = arch.heads_per_group, arch.head_dim
     rest = tuple(q.shape[1:])
     q = q.reshape((g, hpg * d) + rest)
     k = k.reshape((g, d) + rest)
@@ -103,19 +106,34 @@ def split_qkv(fused: torch.Tensor, arch: Arch, groups: int | None = None):
 
 def to_megatron(get: Callable[[str], torch.Tensor], arch: Arch, *, tp_rank: int, tp_size: int,
                 layers: Iterable[int], pre_process: bool, post_process: bool,
-                te: bool = False) -> dict[str, torch.Tensor]:
+                te: bool = False,
+                get_part: Callable[[str, int, int, int], torch.Tensor] | None = None,
+                ) -> dict[str, torch.Tensor]:
     """State dict of one (tp_rank, pipeline stage) model from canonical tensors fetched by ``get``.
 
     ``layers`` are the global indices this stage holds, in order; megatron numbers them from 0.
+    ``get_part(name, dim, rank, parts)``: part ``rank`` of ``parts`` equal parts of a tensor along
+    ``dim``, read without the rest (a checkpoint's sliced read); default: ``get`` and chunk.
+    Every TP-sharded tensor is fetched this way: the shard of the fused QKV is the fusion of the
+    shards of Q, K and V (query groups are contiguous in each).
     """
     out: dict[str, torch.Tensor] = {}
     vpad = arch.padded_vocab_size(tp_size)
+    if get_part is None:
+        def get_part(name: str, dim: int, rank: int, parts: int) -> torch.Tensor:
+            return torch.chunk(get(name), parts, dim=dim)[rank]
 
-    def shard(t: torch.Tensor, dim: int) -> torch.Tensor:
-        return torch.chunk(t, tp_size, dim=dim)[tp_rank].contiguous()
+    def shard(name: str, dim: int) -> torch.Tensor:
+        return get_part(name, dim, tp_rank, tp_size).contiguous()
 
+    def vocab_shard(name: str) -> torch.Tensor:  # padded rows only when vocab % tp != 0
+        if vpad == arch.vocab_size:
+            return shard(name, 0)
+        return torch.chunk(_pad_rows(get(name), vpad), tp_size, dim=0)[tp_rank].contiguous()
+
+    groups = arch.num_query_groups // tp_size
     if pre_process:
-        out["embedding.word_embeddings.weight"] = shard(_pad_rows(get(EMBED), vpad), 0)
+        out["embedding.word_embeddings.weight"] = vocab_shard(EMBED)
     one = _norm_offset(arch)
     for local, i in enumerate(layers):
         p, m = LAYER.format(i), f"decoder.layers.{local}."
@@ -127,27 +145,24 @@ def to_megatron(get: Callable[[str], torch.Tensor], arch: Arch, *, tp_rank: int,
         if arch.qk_norm:
             for canon, name in QK_NORMS.items():
                 out[m + name] = get(p + canon)
-        qkv = fuse_qkv(get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
-                       get(p + "self_attn.v_proj.weight"), arch)
-        out[m + "self_attention.linear_qkv.weight"] = shard(qkv, 0)
+        out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(
+            *(shard(p + f"self_attn.{x}_proj.weight", 0) for x in "qkv"), arch, groups)
         if arch.qkv_bias:
-            b = fuse_qkv(get(p + "self_attn.q_proj.bias"), get(p + "self_attn.k_proj.bias"),
-                         get(p + "self_attn.v_proj.bias"), arch)
-            out[m + "self_attention.linear_qkv.bias"] = shard(b, 0)
-        out[m + "self_attention.linear_proj.weight"] = shard(get(p + "self_attn.o_proj.weight"), 1)
-        up = shard(get(p + "mlp.up_proj.weight"), 0)
+            out[m + "self_attention.linear_qkv.bias"] = fuse_qkv(
+                *(shard(p + f"self_attn.{x}_proj.bias", 0) for x in "qkv"), arch, groups)
+        out[m + "self_attention.linear_proj.weight"] = shard(p + "self_attn.o_proj.weight", 1)
+        up = shard(p + "mlp.up_proj.weight", 0)
         if arch.mlp == "swiglu":
-            up = torch.cat([shard(get(p + "mlp.gate_proj.weight"), 0), up], dim=0)
+            up = torch.cat([shard(p + "mlp.gate_proj.weight", 0), up], dim=0)
         out[m + "mlp.linear_fc1.weight"] = up
-        out[m + "mlp.linear_fc2.weight"] = shard(get(p + "mlp.down_proj.weight"), 1)
+        out[m + "mlp.linear_fc2.weight"] = shard(p + "mlp.down_proj.weight", 1)
     if post_process:
         out["decoder.final_layernorm.weight"] = get(FINAL_NORM) + one if one else get(FINAL_NORM)
         if arch.norm == "layernorm1p":
             out["decoder.final_layernorm.bias"] = get(FINAL_NORM_BIAS)
         # Tied and on one stage, megatron reuses the embedding; a separate last stage keeps a copy.
         if not (arch.tie_embeddings and pre_process):
-            head = get(EMBED) if arch.tie_embeddings else get(LM_HEAD)
-            out["output_layer.weight"] = shard(_pad_rows(head, vpad), 0)
+            out["output_layer.weight"] = vocab_shard(EMBED if arch.tie_embeddings else LM_HEAD)
     return out
 
 

@@ -59,13 +59,14 @@ def build_stage(arch: Arch, dtype: str = "fp32", use_te: bool | None = None,
     return Stage(model, arch, config, layers, pre, post, te)
 
 
-def load_state(stage: Stage, get) -> None:
-    """Fill ``stage`` from canonical tensors fetched by ``get(name)``."""
+def load_state(stage: Stage, get, get_part=None) -> None:
+    """Fill ``stage`` from canonical tensors fetched by ``get(name)`` (TP shards by
+    ``get_part(name, dim, rank, parts)`` when given: a checkpoint's sliced reads)."""
     from megatron.core import parallel_state as ps
 
     sd = to_megatron(get, stage.arch, tp_rank=ps.get_tensor_model_parallel_rank(),
                      tp_size=stage.tp_size, layers=stage.layers, pre_process=stage.pre_process,
-                     post_process=stage.post_process, te=stage.te)
+                     post_process=stage.post_process, te=stage.te, get_part=get_part)
     own = stage.model.state_dict()
     missing = [k for k in own if k not in sd and not k.endswith("_extra_state")]
     if missing:
@@ -82,7 +83,7 @@ def load_state(stage: Stage, get) -> None:
 def load_checkpoint(path, dtype: str = "fp32", use_te: bool | None = None) -> tuple[Stage, ckpt.Checkpoint]:
     c = ckpt.Checkpoint(path)
     stage = build_stage(c.arch, dtype, use_te, init_weights=False)
-    load_state(stage, c.get)
+    load_state(stage, c.get, c.get_part)  # each TP rank reads only its slices
     return stage, c
 
 
