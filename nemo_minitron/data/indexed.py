@@ -184,7 +184,20 @@ def open_indexed(prefix: Union[str, Path]):
             f"no indexed dataset at {prefix}: missing {', '.join(missing)}; build one with "
             "nemo_minitron.data.indexed.build_indexed"
         )
-    return _indexed_module().IndexedDataset(str(prefix), mmap=True)
+    try:
+        ds = _indexed_module().IndexedDataset(str(prefix), mmap=True)
+    except Exception as e:  # megatron asserts on a damaged index: say which file, and the fix
+        raise ValueError(f"{paths['idx']} cannot be read ({type(e).__name__}: {e}); rebuild the "
+                         "dataset with `minitron data`") from None
+    if len(ds) == 0:
+        raise ValueError(f"indexed dataset {prefix} is empty (0 documents); rebuild it with "
+                         "`minitron data` from non-empty inputs")
+    need = int(ds.index.sequence_lengths.astype(np.int64).sum()) * np.dtype(ds.index.dtype).itemsize
+    have = paths["bin"].stat().st_size
+    if have < need:
+        raise ValueError(f"{paths['bin']} is truncated: {have} bytes, its .idx describes {need}; "
+                         "copy it again or rebuild the dataset with `minitron data`")
+    return ds
 
 
 def load_metadata(prefix: Union[str, Path]) -> dict:
