@@ -307,10 +307,13 @@ def pipeline(job) -> None:
                 students += [arch.replace(**c.target) for c in select(found,
                                                                       job.search.max_candidates)]
             else:
-                students.append(resolve_targets(
+                new = resolve_targets(
                     rnd.target, arch, tp, pp, field,
                     f"{name}'s teacher has {arch.num_params() / 1e6:.2f}M parameters "
-                    f"({arch.num_layers} layers, hidden {arch.hidden_size}): " if i > 1 else ""))
+                    f"({arch.num_layers} layers, hidden {arch.hidden_size}): " if i > 1 else "")
+                if job.prune.keep_layers is not None:  # explicit layers override the depth target
+                    new = new.replace(num_layers=len(set(job.prune.keep_layers)))
+                students.append(new)
             if not job.kd.auto_hidden_pairs:  # auto pairs come from the plan the round writes
                 for s in students[before:]:
                     kd_pairs(job.kd, None, None, s, arch)

@@ -161,9 +161,9 @@ def check_overrides(stage: str, args: list[str]) -> None:
             parser.parse_override(a)
         except HydraException as e:
             hint = ""
-            if "<|" in a:
+            if "<" in a or "|" in a:  # special tokens such as <|end_of_text|>
                 key, _, value = a.partition("=")
-                hint = (f"; Hydra cannot read '<|' unquoted: quote the value for Hydra inside the "
+                hint = (f"; Hydra cannot read '<' or '|' unquoted: quote the value for Hydra inside the "
                         f"shell's quotes, e.g. \"{key}='{value.strip(chr(39))}'\"")
             _fail(stage, ValueError(f"cannot parse override {a!r}: {one_line(e)}{hint}"))
     schema.register()

@@ -632,7 +632,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("cache", _cache)
     cs = ConfigStore.instance()
     for config_name, schema in SCHEMAS.values():
-        cs.store(name=f"{config_name}_job", node=schema)
+        if f"{config_name}_job.yaml" not in cs.repo:  # storing converts the dataclass: ~50 ms each
+            cs.store(name=f"{config_name}_job", node=schema)
 
 
 def to_job(cfg):
