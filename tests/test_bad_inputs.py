@@ -395,3 +395,21 @@ def test_smollm2_data_defaults_accept_their_eod_token(tmp_path):
     assert stats["eod_id"] == tok.unk_token_id and stats["documents"] == 2
     ds = open_indexed(tmp_path / "ds")
     assert [int(ds[i][-1]) for i in range(2)] == [tok.unk_token_id] * 2
+
+
+def test_a_passing_call_records_itself_under_output_only(assets, cwd, tmp_path, monkeypatch,
+                                                         capsys):
+    """The counterpart: a valid search (plan only, no model) writes its config and log under
+    output/hydra/<time>/ and nothing into the working directory."""
+    out = tmp_path / "search"
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    root_log = logging.getLogger()
+    monkeypatch.setattr(root_log, "handlers", list(root_log.handlers))
+    cli_main(["search", f"model.checkpoint={assets['ck']}", f"data.prefix={assets['ds']}",
+              f"data.seq_length={SEQ}", "data.valid_fraction=0.2", "search.budget=0.6",
+              "search.plan_only=true", "search.tolerance=0.1", f"output={out}"])
+    (run,) = (out / "hydra").iterdir()
+    assert f"checkpoint: {assets['ck']}" in (run / "config.yaml").read_text()
+    assert "search.plan_only=true" in (run / "overrides.yaml").read_text()
+    assert "architectures within" in (run / "search.log").read_text()
+    assert (out / "candidates.json").is_file() and list(cwd.iterdir()) == []

@@ -144,10 +144,8 @@ def _fail(stage: str, err: Exception):
 
 def check_overrides(stage: str, args: list[str]) -> None:
     """Parse and compose the overrides before Hydra does, to report a bad one in one line (Hydra
-    prints several, and a lexer error on ``<|`` gets a quoting hint). Flags (--help, --cfg, -m
-    sweeps) are left to Hydra."""
-    if any(a.startswith("-") for a in args):
-        return
+    prints several, and a lexer error on ``<|`` gets a quoting hint). With flags (--help, --cfg,
+    -m sweeps) only the parse is done; composing is left to Hydra."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -157,15 +155,19 @@ def check_overrides(stage: str, args: list[str]) -> None:
 
     parser = OverridesParser.create()
     for a in args:
+        if a.startswith("-") or "=" not in a:  # a flag, or a flag's value (--cfg job)
+            continue
         try:
             parser.parse_override(a)
         except HydraException as e:
             hint = ""
             if "<" in a or "|" in a:  # special tokens such as <|end_of_text|>
                 key, _, value = a.partition("=")
-                hint = (f"; Hydra cannot read '<' or '|' unquoted: quote the value for Hydra inside the "
-                        f"shell's quotes, e.g. \"{key}='{value.strip(chr(39))}'\"")
+                hint = (f"; Hydra cannot read '<' or '|' unquoted: quote the value for Hydra "
+                        f"inside the shell's quotes, e.g. \"{key}='{value.strip(chr(39))}'\"")
             _fail(stage, ValueError(f"cannot parse override {a!r}: {one_line(e)}{hint}"))
+    if any(a.startswith("-") for a in args):
+        return
     schema.register()
     try:
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
