@@ -82,8 +82,9 @@ def scores(path, arch: Arch, where: str = "") -> None:
             "hidden": (arch.hidden_size,), "block": (arch.num_layers,)}
     got = {k: tuple(getattr(imp, k).shape) for k in want}
     if got != want:
-        raise ValueError(f"prune.scores={path} has shapes {got}, but the model{where} needs {want}: "
-                         "the scores belong to another model; calibrate again (unset prune.scores)")
+        raise ValueError(f"prune.scores={path} has shapes {got}, but the model{where} needs "
+                         f"{want}: the scores belong to another model; calibrate again (unset "
+                         "prune.scores)")
 
 
 def keep_layers(layers, arch: Arch, where: str = "") -> None:
@@ -120,7 +121,8 @@ def train_sizes(job, dp: int) -> None:
                          f"train.micro_batch_size x data-parallel ranks = {tr.micro_batch_size} x "
                          f"{dp}; make it a multiple of {tr.micro_batch_size * dp}")
     need_samples(job.data, "train", tr.global_batch_size, "train.global_batch_size needs")
-    need_samples(job.data, "valid", tr.micro_batch_size * dp, "train.micro_batch_size x ranks needs")
+    need_samples(job.data, "valid", tr.micro_batch_size * dp,
+                 "train.micro_batch_size x ranks needs")
 
 
 def eval_sizes(job, dp: int) -> None:
@@ -162,7 +164,7 @@ def hub_reachable(name: str) -> None:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise ValueError(f"model.source={name} is a hub name and HF_HUB_OFFLINE is set; {fix}")
     try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5)
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
     except urllib.error.HTTPError:
         return  # the hub answered (with an error page): the network is there
     except (urllib.error.URLError, OSError) as e:
@@ -245,8 +247,12 @@ def train(job) -> None:
 
         teacher = checkpoint(kd.teacher, "kd.teacher")
         teacher.arch.check_parallel(job.parallel.tp, job.parallel.pp)
-        check_vocab(student.arch.vocab_size, teacher.arch.vocab_size)
+        try:
+            check_vocab(student.arch.vocab_size, teacher.arch.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"kd.teacher={kd.teacher}: {e}") from None
         kd_pairs(kd, job.model.checkpoint, kd.teacher, student.arch, teacher.arch)
+        not_inside(job.output, kd.teacher)
     not_inside(job.output, job.model.checkpoint)
     train_sizes(job, data_parallel_size(job.parallel))
 

@@ -165,8 +165,9 @@ class Checkpoint:
 
     def __init__(self, path):
         self.path = check_dir(path)
+        arch = read_json(self.path / ARCH)
         try:
-            self.arch = Arch.from_dict(read_json(self.path / ARCH))
+            self.arch = Arch.from_dict(arch)
         except (TypeError, ValueError) as e:  # missing/unknown fields, impossible values
             raise CheckpointError(f"{self.path / ARCH} does not describe a model ({e}); "
                                   "re-create the checkpoint") from None

@@ -189,7 +189,7 @@ def open_indexed(prefix: Union[str, Path]):
     if missing:
         raise FileNotFoundError(
             f"no indexed dataset at {prefix}: missing {', '.join(missing)}; build one with "
-            "nemo_minitron.data.indexed.build_indexed"
+            "`minitron data` (nemo_minitron.data.indexed.build_indexed)"
         )
     if paths["bin"].stat().st_size == 0:  # megatron cannot even map it
         raise ValueError(f"indexed dataset {prefix} is empty ({paths['bin']} has 0 bytes); "
