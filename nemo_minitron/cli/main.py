@@ -115,8 +115,15 @@ def record_run(stage: str, cfg, output: str) -> Path | None:
 
     if dist.read_env().rank != 0:
         return None
-    d = Path(output) / "hydra" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    d.mkdir(parents=True, exist_ok=True)
+    base = Path(output) / "hydra" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    d, n = base, 0
+    while True:  # the jobs of a sweep may start within the same second
+        try:
+            d.mkdir(parents=True)
+            break
+        except FileExistsError:
+            n += 1
+            d = base.with_name(f"{base.name}_{n}")
     (d / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (d / "overrides.yaml").write_text(OmegaConf.to_yaml(sys.argv[1:]))
     handler = logging.FileHandler(d / f"{stage}.log")
@@ -125,8 +132,9 @@ def record_run(stage: str, cfg, output: str) -> Path | None:
     return d
 
 
-def one_line(err: BaseException) -> str:
-    """An error as one line: OmegaConf/Hydra messages span several (key, object type, hints)."""
+def one_line(err) -> str:
+    """An error (or its text) as one line: OmegaConf/Hydra messages span several (key, object
+    type, hints)."""
     lines = [x.strip() for x in str(err).splitlines()]
     lines = [x for x in lines if x and not x.startswith(("object_type", "Set the environment"))]
     return "".join(x + ("" if i == len(lines) - 1 else " " if x.endswith(".") else "; ")
