@@ -423,3 +423,21 @@ def test_a_passing_call_records_itself_under_output_only(assets, cwd, tmp_path, 
     assert "search.plan_only=true" in (run / "overrides.yaml").read_text()
     assert "architectures within" in (run / "search.log").read_text()
     assert (out / "candidates.json").is_file() and list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("stage", ["import", "export", "evaluate", "prune", "finetune", "search",
+                                   "pipeline"])
+def test_shipped_defaults_pass_their_preflight(stage, teacher, tmp_path):
+    """The checks are not stricter than the stages: every default recipe (the embedded SmolLM2
+    and Wikipedia sample) passes, and checking writes nothing."""
+    from hydra import compose, initialize_config_dir
+
+    from nemo_minitron import preflight
+    from nemo_minitron.cli.main import conf_dir
+    from nemo_minitron.config import schema
+
+    schema.register()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose(schema.SCHEMAS[stage][0], overrides=[f"output={tmp_path}/out"])
+    preflight.check(stage, schema.to_job(cfg))
+    assert list(tmp_path.iterdir()) == []
