@@ -511,9 +511,15 @@ class SearchJob(RecipeJob):
             raise ValueError("search.budget is required: e.g. search.budget=0.6 (60% of the "
                              "source's parameters) or search.budget=4.5e9")
         _check_rank_by(self.search, self.eval)
-        check_warmup(self.train.warmup_steps, self.search.steps, "search.steps")
-        if self.search.confirm_top:
-            check_warmup(self.train.warmup_steps, self.search.confirm_steps, "search.confirm_steps")
+        _check_search_steps(self.search, self.train)
+
+
+def _check_search_steps(search: SearchConfig, train: TrainConfig) -> None:
+    """Each candidate trains search.steps (and the confirmed ones confirm_steps) with the train
+    group's warm-up."""
+    check_warmup(train.warmup_steps, search.steps, "search.steps")
+    if search.confirm_top:
+        check_warmup(train.warmup_steps, search.confirm_steps, "search.confirm_steps")
 
 
 def _check_rank_by(search: SearchConfig, ev: EvalConfig) -> None:
@@ -557,7 +563,7 @@ class PipelineJob(RecipeJob):
         rounds = self.pipeline.rounds
         if any(r.budget is not None for r in rounds):
             _check_rank_by(self.search, self.eval)
-            check_warmup(self.train.warmup_steps, self.search.steps, "search.steps")
+            _check_search_steps(self.search, self.train)
         names = [r.name or f"round{i}" for i, r in enumerate(rounds, 1)]
         if len(set(names)) != len(names):
             raise ValueError(f"pipeline.rounds: names {names} repeat; each round needs its own "
