@@ -149,27 +149,27 @@ def depth_task(prune) -> None:
                          "mmlu_<subject> or jsonl:<path>")
 
 
-def hub_reachable(name: str) -> None:
+def hub_reachable(name: str, field: str = "model.source") -> None:
     """A hub name needs the hub (or a cached copy): fail in seconds, not after three retries."""
     try:
         from huggingface_hub import constants, try_to_load_from_cache
 
-        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        if any(isinstance(try_to_load_from_cache(name, f), str)
+               for f in ("config.json", "tokenizer_config.json")):
             return  # downloaded before: transformers reads the cache
         endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     except ImportError:
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    fix = ("no network: download it elsewhere and pass the local directory "
-           "(model.source=/path/to/model)")
+    fix = f"no network: download it elsewhere and pass the local directory ({field}=/path/to/it)"
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise ValueError(f"model.source={name} is a hub name and HF_HUB_OFFLINE is set; {fix}")
+        raise ValueError(f"{field}={name} is a hub name and HF_HUB_OFFLINE is set; {fix}")
     try:
         urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
     except urllib.error.HTTPError:
         return  # the hub answered (with an error page): the network is there
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise ValueError(f"model.source={name} is a hub name but {endpoint} cannot be reached "
+        raise ValueError(f"{field}={name} is a hub name but {endpoint} cannot be reached "
                          f"({reason}); {fix}") from None
 
 
@@ -211,6 +211,8 @@ def data(job) -> None:
     from .data.sources import expand_paths
 
     expand_paths(job.inputs)  # every file exists and has a suffix we read
+    if not Path(job.tokenizer).exists() and not job.tokenizer.startswith((".", "/", "~")):
+        hub_reachable(job.tokenizer, "tokenizer")
     out = [Path(f"{job.output}.{s}") for s in ("bin", "idx")]
     if not job.overwrite and any(p.exists() for p in out):
         raise FileExistsError(f"output={job.output}: an indexed dataset is already there; "
