@@ -3,8 +3,9 @@ or file, a non-zero exit, before any model is built, and with nothing left under
 working directory: Hydra's run directory is off).
 
 The CLI runs in this process (``cli.main.main``; a subprocess per case would spend seconds on
-imports). Fixtures are written by the project's own writers: ``import_hf`` for checkpoints,
-``build_indexed`` for datasets, ``Importance.save`` for scores; the damage is done to those files.
+imports). Fixtures are written by the project's own writers: ``import_hf`` and ``checkpoint.save``
+for checkpoints, ``build_indexed`` for datasets, ``Importance.save`` for scores; the damage is
+done to those files.
 """
 
 from __future__ import annotations
