@@ -30,7 +30,7 @@ def run(job) -> dict:
     eod = None
     if job.eod_token is not None:
         # look the token up in the vocabulary: an unknown token maps to the unk id, but so does
-        # the unk token itself (SmolLM2's <|endoftext|> is eos and unk at once)
+        # the unk token itself (SmolLM2's <|endoftext|>, our default EOD, is also its unk token)
         eod = tok.get_vocab().get(job.eod_token)
         if eod is None:
             raise ValueError(f"eod_token={job.eod_token!r} is not in the tokenizer's vocabulary; "
