@@ -291,7 +291,7 @@ CASES = [
     ("search_budget_above_source", "search", COMMON + ["output={out}", "search.budget=1e12"],
      ["search.budget=1e+12", "parameters", "source has"]),
     ("search_budget_unreachable", "search", COMMON + ["output={out}", "search.budget=0.1"],
-     ["no candidate architecture", "reach down to"]),
+     ["search.budget=0.1: no candidate architecture", "reach down to"]),
     ("search_rank_by_not_evaluated", "search", SEARCH + ["search.rank_by=piqa"],
      ["search.rank_by='piqa'", "eval.tasks"]),
     ("search_unknown_axis", "search", SEARCH + ["search.axes=[depth]"],
