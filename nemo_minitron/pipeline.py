@@ -22,11 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def run_pipeline(job) -> dict:
+    from . import preflight
     from .distill.loop import train
     from .pruning.run import prune
     from .runtime import dist
     from .search.run import run_search
 
+    preflight.pipeline(job)  # every round, before teacher correction trains anything
     out = Path(job.output)
     if dist.is_rank0():
         out.mkdir(parents=True, exist_ok=True)

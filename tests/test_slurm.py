@@ -364,13 +364,14 @@ def test_chain_cancels_stages_after_a_failure(slurm, tmp_path):
 # (d) ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fail_at", ["collective", "init"])
-def test_torchrun_failing_rank_ends_the_job(tmp_path, fail_at):
-    """No Slurm: torchrun's agent stops rank 0 once rank 1 has exited non-zero."""
+def test_torchrun_failing_rank_ends_the_job(tiny, tmp_path, fail_at):
+    """No Slurm: torchrun's agent stops rank 0 once rank 1 has exited non-zero. (The request is
+    a valid one: the pre-flight checks run before the stage's replaced `run`.)"""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", FAIL_AT=fail_at,
                PYTHONPATH=os.pathsep.join([str(ROOT), str(WORKERS)]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
-           str(WORKERS / "fail_rank1.py"), "prune", f"model.checkpoint={tmp_path / 'ckpt'}",
-           f"output={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}", "parallel.timeout_s=300"]
+           str(WORKERS / "fail_rank1.py"), *prune_args(tiny, tmp_path / "out"),
+           "parallel.timeout_s=300"]
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path)
     elapsed = time.time() - t0

@@ -29,8 +29,10 @@ def run(job) -> dict:
     tok = load_tokenizer(job.tokenizer)
     eod = None
     if job.eod_token is not None:
-        eod = tok.convert_tokens_to_ids(job.eod_token)
-        if eod is None or eod == tok.unk_token_id:
+        # look the token up in the vocabulary: an unknown token maps to the unk id, but so does
+        # the unk token itself (SmolLM2's <|endoftext|>, our default EOD, is also its unk token)
+        eod = tok.get_vocab().get(job.eod_token)
+        if eod is None:
             raise ValueError(f"eod_token={job.eod_token!r} is not in the tokenizer's vocabulary; "
                              "use one of its special tokens, e.g. "
                              f"{tok.all_special_tokens[:4]}")

@@ -1,5 +1,6 @@
 """`minitron evaluate`: validation loss and perplexity of a checkpoint, at any TP/PP/DP layout."""
 
+import datetime
 import json
 import logging
 from pathlib import Path
@@ -16,7 +17,7 @@ def run(job) -> dict:
     result = evaluate_checkpoint(job.model.checkpoint, job.parallel, job.data, job.eval,
                                  job.model.dtype)
     if dist.is_rank0():
-        out = Path(job.output) if job.output else run_dir() / "eval_results.json"
+        out = Path(job.output) if job.output else default_output()
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         from ..report.stages import evaluate_report
@@ -26,13 +27,11 @@ def run(job) -> dict:
     return result
 
 
-def run_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path(".")
+def default_output() -> Path:
+    """Without output=: outputs/evaluate/<time>/eval_results.json, made once results exist
+    (Hydra's own run directory is off, so a failed evaluation leaves nothing behind)."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return Path("outputs") / "evaluate" / stamp / "eval_results.json"
 
 
 def main():

@@ -7,6 +7,7 @@ Each stage module has a pure ``run(job) -> dict`` (testable without Hydra) and i
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import logging
 import os
@@ -70,10 +71,18 @@ def hydra_app(stage: str, run_fn):
 
     @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
     def _main(cfg):
+        from .. import preflight
+
         try:
             job = schema.to_job(cfg)
         except Exception as e:  # validation: one clear line, no traceback
             _fail(stage, e)
+        try:  # the small files the job will read, before any model or output exists
+            preflight.check(stage, job)
+        except (ValueError, OSError) as e:
+            _fail(stage, e)
+        if stage in RUN_DIR_STAGES:
+            record_run(stage, cfg, job.output)
         ok = False
         try:
             result = run_fn(job)
@@ -92,13 +101,87 @@ def hydra_app(stage: str, run_fn):
     return _main()
 
 
+# Stages whose output is a run directory that grows over resumed invocations: each invocation's
+# resolved config and log go to <output>/hydra/<time>/, written only once the checks passed
+# (Hydra's own run directory is off for every stage: conf/<stage>.yaml sets hydra.run.dir=.).
+RUN_DIR_STAGES = frozenset({"search", "pipeline"})
+
+
+def record_run(stage: str, cfg, output: str) -> Path | None:
+    """Resolved config, command line and a log file under <output>/hydra/<time>/ (rank 0)."""
+    from omegaconf import OmegaConf
+
+    from ..runtime import dist
+
+    if dist.read_env().rank != 0:
+        return None
+    base = Path(output) / "hydra" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    d, n = base, 0
+    while True:  # the jobs of a sweep may start within the same second
+        try:
+            d.mkdir(parents=True)
+            break
+        except FileExistsError:
+            n += 1
+            d = base.with_name(f"{base.name}_{n}")
+    (d / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (d / "overrides.yaml").write_text(OmegaConf.to_yaml(sys.argv[1:]))
+    handler = logging.FileHandler(d / f"{stage}.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return d
+
+
+def one_line(err) -> str:
+    """An error (or its text) as one line: OmegaConf/Hydra messages span several (key, object
+    type, hints)."""
+    lines = [x.strip() for x in str(err).splitlines()]
+    lines = [x for x in lines if x and not x.startswith(("object_type", "Set the environment"))]
+    return "".join(x + ("" if i == len(lines) - 1 else " " if x.endswith(".") else "; ")
+                   for i, x in enumerate(lines))
+
+
 def _fail(stage: str, err: Exception):
     cause = err
     while getattr(cause, "__cause__", None) is not None and not isinstance(cause, ValueError):
         cause = cause.__cause__
     msg = str(cause).split("\n    full_key")[0]
-    print(f"minitron {stage}: error: {msg}", file=sys.stderr)
+    print(f"minitron {stage}: error: {one_line(msg)}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_overrides(stage: str, args: list[str]) -> None:
+    """Parse and compose the overrides before Hydra does, to report a bad one in one line (Hydra
+    prints several, and a lexer error on ``<|`` gets a quoting hint). With flags (--help, --cfg,
+    -m sweeps) only the parse is done; composing is left to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ..config import schema
+
+    parser = OverridesParser.create()
+    for a in args:
+        if a.startswith("-") or "=" not in a:  # a flag, or a flag's value (--cfg job)
+            continue
+        try:
+            parser.parse_override(a)
+        except HydraException as e:
+            hint = ""
+            if "<" in a or "|" in a:  # special tokens such as <|end_of_text|>
+                key, _, value = a.partition("=")
+                hint = (f"; Hydra cannot read '<' or '|' unquoted: quote the value for Hydra "
+                        f"inside the shell's quotes, e.g. \"{key}='{value.strip(chr(39))}'\"")
+            _fail(stage, ValueError(f"cannot parse override {a!r}: {one_line(e)}{hint}"))
+    if any(a.startswith("-") for a in args):
+        return
+    schema.register()
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            compose(schema.SCHEMAS[stage][0], overrides=args)
+    except (HydraException, OmegaConfBaseException) as e:
+        _fail(stage, ValueError(one_line(f"{e}; {e.__cause__ or ''}")))
 
 
 def _quiet_dependencies() -> None:
@@ -121,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"minitron: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     _quiet_dependencies()
+    if stage not in PLAIN_STAGES:
+        check_overrides(stage, argv[1:])
     sys.argv = [f"minitron {stage}"] + argv[1:]
     module = importlib.import_module(STAGES[stage][0])
     if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # under torchrun / srun

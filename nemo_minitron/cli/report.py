@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None):
     ns = parser().parse_args(args)
     try:
         md, png = write_comparison(ns.runs, ns.output)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad runs; an output path that cannot be written
         print(f"minitron report: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"report: {md}" + (f"\nloss curves: {png}" if png else ""))

@@ -167,6 +167,12 @@ class EvalConfig:
         if bad:  # MMLU subjects are checked against the data when the task loads
             raise ValueError(f"eval.tasks: unknown {bad}; known: {sorted(TASKS)}, "
                              "mmlu_<subject> or jsonl:<path>")
+        missing = [t for t in self.tasks if t.startswith("jsonl:") and not Path(t[6:]).is_file()]
+        if missing:
+            raise ValueError(f"eval.tasks: {missing} not found; jsonl:<path> needs an existing "
+                             "JSONL file of multiple-choice items")
+        _at_least("eval", self, ("micro_batch_size", "task_batch_size", "num_batches", "limit"), 1)
+        _at_least("eval", self, ("num_fewshot",), 0)
 
 
 @dataclass
@@ -176,7 +182,7 @@ class EvaluateJob:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: Optional[str] = None
-    """Where to write results JSON (default: the Hydra run directory)."""
+    """Where to write results JSON (default: outputs/evaluate/<time>/eval_results.json)."""
 
     def __post_init__(self):
         _need_checkpoint(self.model)
@@ -240,8 +246,16 @@ class PruneConfig:
             raise ValueError(f"prune.seq_agg={self.seq_agg!r}: use one of {SEQUENCE_AGGS}")
         if self.batch_agg not in BATCH_AGGS:
             raise ValueError(f"prune.batch_agg={self.batch_agg!r}: use one of {BATCH_AGGS}")
-        if self.calib_samples < 1 or self.micro_batch_size < 1:
-            raise ValueError("prune.calib_samples and prune.micro_batch_size must be >= 1")
+        _at_least("prune", self, ("calib_samples", "micro_batch_size", "depth_batches",
+                                  "depth_task_limit"), 1)
+        if self.keep_layers is not None and not self.keep_layers:
+            raise ValueError("prune.keep_layers=[] keeps no layer; list the 0-based layers to keep "
+                             "or leave it unset (null)")
+        if self.keep_layers is not None and len(set(self.keep_layers)) != len(self.keep_layers):
+            raise ValueError(f"prune.keep_layers={list(self.keep_layers)} lists a layer twice")
+        if self.scores and not Path(self.scores).is_file():
+            raise ValueError(f"prune.scores={self.scores} not found: give the importance.pt an "
+                             "earlier `minitron prune` wrote, or unset it to calibrate")
 
 
 @dataclass
@@ -300,8 +314,15 @@ class TrainConfig:
     """Weights & Biases project to log to (needs wandb installed)."""
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"train.steps={self.steps} must be >= 1")
+        _at_least("train", self, ("steps", "global_batch_size", "micro_batch_size", "log_interval",
+                                  "eval_batches", "keep_checkpoints"), 1)
+        _at_least("train", self, ("warmup_steps", "eval_interval", "save_interval", "weight_decay",
+                                  "clip_grad"), 0)
+        if self.lr <= 0:
+            raise ValueError(f"train.lr={self.lr} must be > 0 (the peak learning rate, e.g. 1e-4)")
+        if not 0 < self.adam_beta2 < 1:
+            raise ValueError(f"train.adam_beta2={self.adam_beta2} must be in (0, 1), e.g. 0.95")
+        check_warmup(self.warmup_steps, self.steps, "train.steps")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple "
                              f"of train.micro_batch_size={self.micro_batch_size}")
@@ -350,6 +371,7 @@ class KDConfig:
     def __post_init__(self):
         if self.kind not in ("forward", "reverse", "jsd"):
             raise ValueError(f"kd.kind={self.kind!r}: use forward, reverse or jsd")
+        _at_least("kd", self, ("top_k", "chunk_tokens"), 1)
         if self.temperature <= 0:
             raise ValueError(f"kd.temperature={self.temperature} must be > 0")
         for i, pair in enumerate(self.hidden_pairs):
@@ -448,9 +470,7 @@ class SearchConfig:
     """Write candidates.json (the enumeration) and stop: no calibration, no training."""
 
     def __post_init__(self):
-        if self.budget is not None and self.budget <= 0:
-            raise ValueError(f"search.budget={self.budget} must be > 0: a fraction of the "
-                             "source's parameters (e.g. 0.6) or an absolute count (e.g. 4.5e9)")
+        check_budget(self.budget, "search.budget")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"search.tolerance={self.tolerance} must be in (0, 1)")
         for k in ("steps", "max_candidates", "layer_step", "hidden_multiple", "ffn_multiple"):
@@ -458,6 +478,18 @@ class SearchConfig:
                 raise ValueError(f"search.{k}={getattr(self, k)} must be >= 1")
         if self.confirm_top < 0 or self.confirm_steps < 1:
             raise ValueError("search.confirm_top must be >= 0 and search.confirm_steps >= 1")
+        from ..search.space import AXES
+
+        unknown = sorted(set(self.axes) - set(AXES))
+        if unknown:
+            raise ValueError(f"search.axes: unknown {unknown}; choose from {list(AXES)}")
+        limits = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+        bad = {k: v for k, v in self.min_fraction.items() if k not in limits or not 0 < v <= 1}
+        if bad:
+            raise ValueError(f"search.min_fraction={dict(self.min_fraction)}: {bad} must be axes "
+                             f"of {list(limits)} with fractions in (0, 1]")
+        if self.only is not None and any(i < 0 for i in self.only):
+            raise ValueError(f"search.only={list(self.only)}: candidate numbers are >= 0")
 
 
 @dataclass
@@ -492,6 +524,15 @@ class SearchJob(RecipeJob):
             raise ValueError("search.budget is required: e.g. search.budget=0.6 (60% of the "
                              "source's parameters) or search.budget=4.5e9")
         _check_rank_by(self.search, self.eval)
+        _check_search_steps(self.search, self.train)
+
+
+def _check_search_steps(search: SearchConfig, train: TrainConfig) -> None:
+    """Each candidate trains search.steps (and the confirmed ones confirm_steps) with the train
+    group's warm-up."""
+    check_warmup(train.warmup_steps, search.steps, "search.steps")
+    if search.confirm_top:
+        check_warmup(train.warmup_steps, search.confirm_steps, "search.confirm_steps")
 
 
 def _check_rank_by(search: SearchConfig, ev: EvalConfig) -> None:
@@ -510,6 +551,7 @@ class RoundConfig:
     name: Optional[str] = None
 
     def __post_init__(self):
+        check_budget(self.budget, "pipeline.rounds[].budget")
         if self.budget is not None and any(v is not None for v in vars(self.target).values()):
             raise ValueError("a round sets either target (explicit architecture) or budget "
                              "(architecture search), not both")
@@ -531,8 +573,49 @@ class PipelineJob(RecipeJob):
 
     def __post_init__(self):
         super().__post_init__()
-        if any(r.budget is not None for r in self.pipeline.rounds):
+        rounds = self.pipeline.rounds
+        if any(r.budget is not None for r in rounds):
             _check_rank_by(self.search, self.eval)
+            _check_search_steps(self.search, self.train)
+        names = [r.name or f"round{i}" for i, r in enumerate(rounds, 1)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pipeline.rounds: names {names} repeat; each round needs its own "
+                             "directory (give distinct name: values)")
+        if self.pipeline.teacher_correction_steps < 0:
+            raise ValueError(f"pipeline.teacher_correction_steps="
+                             f"{self.pipeline.teacher_correction_steps} must be >= 0 (0: skip)")
+        if self.pipeline.teacher_correction_steps:
+            check_warmup(self.train.warmup_steps, self.pipeline.teacher_correction_steps,
+                         "pipeline.teacher_correction_steps")
+
+
+def _at_least(group: str, obj, names, low) -> None:
+    """Each of ``names`` (unset ones excepted) is >= ``low``: zero sizes fail later as a modulo by
+    zero or a NaN average, far from the field that caused them."""
+    for k in names:
+        v = getattr(obj, k)
+        if v is not None and v < low:
+            raise ValueError(f"{group}.{k}={v} must be >= {low}")
+
+
+def check_warmup(warmup: int, steps: int, field: str) -> None:
+    """megatron's scheduler needs warm-up to end before the last step (else a bare assert)."""
+    if steps <= warmup:
+        raise ValueError(f"{field}={steps} must be larger than train.warmup_steps={warmup}: "
+                         f"raise {field} or lower train.warmup_steps")
+
+
+def check_budget(budget: Optional[float], field: str) -> None:
+    """A budget <= 1 is a fraction of the source's parameters, > 1 a parameter count."""
+    if budget is None:
+        return
+    if budget <= 0:
+        raise ValueError(f"{field}={budget} must be > 0: a fraction of the source's parameters "
+                         "(<= 1, e.g. 0.6) or a parameter count (> 1, e.g. 4.5e9)")
+    if 1 < budget < 1e5:  # no LLM is this small: a mistyped fraction or percentage
+        raise ValueError(f"{field}={budget:g} is read as {budget:g} parameters (values > 1 are "
+                         "parameter counts); for a fraction of the source give a value <= 1 "
+                         "(e.g. 0.6 for 60%), for a count e.g. 4.5e9")
 
 
 def _need_data(data: DataConfig) -> None:
@@ -568,7 +651,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("cache", _cache)
     cs = ConfigStore.instance()
     for config_name, schema in SCHEMAS.values():
-        cs.store(name=f"{config_name}_job", node=schema)
+        if f"{config_name}_job.yaml" not in cs.repo:  # storing converts the dataclass: ~50 ms each
+            cs.store(name=f"{config_name}_job", node=schema)
 
 
 def to_job(cfg):

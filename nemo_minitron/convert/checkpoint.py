@@ -42,6 +42,36 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, or a one-line error naming it (a damaged copy is common)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged: copy it "
+                              "again or re-create it with the stage that wrote it") from None
+
+
+def safetensors_header(path: Path) -> dict:
+    """The header of a safetensors file (name -> dtype, shape, offsets), read without the data;
+    raises when the file is shorter than its header says (a truncated copy or save)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 0 < n <= size - 8:
+            raise CheckpointError(f"{path} is not a safetensors file (or is truncated: {size} "
+                                  "bytes); copy it again or re-create the checkpoint")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} has a damaged safetensors header; copy it again or "
+                                  "re-create the checkpoint") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: {size} bytes, its header describes "
+                              f"{8 + n + end}; copy it again or re-create the checkpoint")
+    return header
+
+
 def check_dir(path) -> Path:
     """Raise a :class:`CheckpointError` listing exactly what a checkpoint directory lacks."""
     p = Path(path)
@@ -52,12 +82,14 @@ def check_dir(path) -> Path:
                               "nemo_minitron.assets install`)")
     missing = [n for n in (META, ARCH, INDEX) if not (p / n).is_file()]
     if not missing:
-        index = json.loads((p / INDEX).read_text())
+        index = read_json(p / INDEX)
+        if not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{p / INDEX} has no weight_map; re-create the checkpoint")
         missing += sorted({f for f in index["weight_map"].values() if not (p / f).is_file()})
     if missing:
         raise CheckpointError(f"{p} is not a complete nemo_minitron checkpoint: missing "
                               f"{', '.join(missing)}")
-    meta = json.loads((p / META).read_text())
+    meta = read_json(p / META)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{p}/{META} has format {meta.get('format')!r}, expected {FORMAT!r}")
     return p
@@ -133,11 +165,45 @@ class Checkpoint:
 
     def __init__(self, path):
         self.path = check_dir(path)
-        self.arch = Arch.from_json(self.path / ARCH)
-        self.meta = json.loads((self.path / META).read_text())
-        self.weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+        arch = read_json(self.path / ARCH)
+        try:
+            self.arch = Arch.from_dict(arch)
+        except (TypeError, ValueError) as e:  # missing/unknown fields, impossible values
+            raise CheckpointError(f"{self.path / ARCH} does not describe a model ({e}); "
+                                  "re-create the checkpoint") from None
+        self.meta = read_json(self.path / META)
+        self.weight_map = read_json(self.path / INDEX)["weight_map"]
         self._open: dict[str, object] = {}
         self.bytes_read = 0  # tensor bytes fetched so far (what a sliced load saves)
+
+    def verify(self) -> "Checkpoint":
+        """Check the safetensors headers against the index and arch.json (names and shapes), so a
+        truncated shard or an arch.json that disagrees with the tensors is reported before a model
+        is built. Reads only the headers."""
+        from .weights import canonical_shapes
+
+        want = canonical_shapes(self.arch)
+        missing = sorted(set(want) - set(self.weight_map))
+        extra = sorted(set(self.weight_map) - set(want))
+        if missing or extra:
+            raise CheckpointError(
+                f"{self.path / ARCH} disagrees with {self.path / INDEX}: the architecture needs "
+                f"{missing[:3]} (and {max(len(missing) - 3, 0)} more), the index also holds "
+                f"{extra[:3]}; re-create the checkpoint (or restore its arch.json)")
+        for f in sorted(set(self.weight_map.values())):
+            header = safetensors_header(self.path / f)
+            for k, v in self.weight_map.items():
+                if v != f:
+                    continue
+                if k not in header:
+                    raise CheckpointError(f"{self.path / f} lacks tensor {k} that {INDEX} places "
+                                          "there; re-create the checkpoint")
+                if tuple(header[k]["shape"]) != want[k]:
+                    raise CheckpointError(
+                        f"{self.path / ARCH} disagrees with the tensors: {k} is "
+                        f"{tuple(header[k]['shape'])} in {f}, arch.json implies {want[k]}; "
+                        "re-create the checkpoint (or restore its arch.json)")
+        return self
 
     def keys(self) -> Iterable[str]:
         return self.weight_map.keys()

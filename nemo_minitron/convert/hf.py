@@ -24,7 +24,7 @@ from .weights import LM_HEAD, canonical_keys
 _STR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _resolve_source(source: str, gguf_file: str | None) -> tuple[str, str | None]:
+def resolve_source(source: str, gguf_file: str | None) -> tuple[str, str | None]:
     """(directory or hub name, gguf file name) for a source given as a path, .gguf file or hub id."""
     p = Path(source).expanduser()
     if p.is_file() and p.suffix == ".gguf":
@@ -75,7 +75,7 @@ def load_hf(source: str, *, gguf_file: str | None = None, dtype: str = "auto"):
     """(arch, canonical tensors, tokenizer, special token ids of the config) from a HF source."""
     from transformers import AutoTokenizer
 
-    where, gguf = _resolve_source(source, gguf_file)
+    where, gguf = resolve_source(source, gguf_file)
     if gguf:
         cfg, state = _from_gguf(where, gguf, dtype)
     else:

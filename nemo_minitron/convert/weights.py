@@ -73,6 +73,23 @@ def _norm_offset(arch: Arch) -> float:
     return 1.0 if arch.norm == "layernorm1p" else 0.0
 
 
+def canonical_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
+    """Shape of every canonical tensor of ``arch`` (what a checkpoint must store)."""
+    h, f, d, v = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim, arch.vocab_size
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    per_layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+                 "input_layernorm.bias": (h,), "post_attention_layernorm.bias": (h,),
+                 "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+                 "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
+                 "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
+                 "mlp.down_proj.weight": (h, f), "self_attn.q_proj.bias": (q,),
+                 "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+    fixed = {EMBED: (v, h), FINAL_NORM: (h,), FINAL_NORM_BIAS: (h,), LM_HEAD: (v, h)}
+    return {k: fixed[k] if k in fixed else per_layer[k.split(".", 3)[3]]
+            for k in canonical_keys(arch)}
+
+
 def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
     if w.shape[0] == rows:
         return w

@@ -10,6 +10,7 @@ also work with Megatron-LM's own ``GPTDataset`` (``--data-path <prefix>``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -98,7 +99,9 @@ def build_indexed(
     dtype_max = np.iinfo(dtype).max
 
     mod = _indexed_module()
-    paths["bin"].parent.mkdir(parents=True, exist_ok=True)
+    parent = paths["bin"].parent
+    new_dirs = [d for d in (parent, *parent.parents) if not d.exists()]  # removed on failure
+    parent.mkdir(parents=True, exist_ok=True)
     suffix = f".tmp-{os.getpid()}"
     tmp = {k: Path(str(v) + suffix) for k, v in paths.items()}
     n_docs = n_tokens = n_skipped = 0
@@ -159,12 +162,16 @@ def build_indexed(
         os.replace(tmp["bin"], paths["bin"])
         os.replace(tmp["idx"], paths["idx"])
         os.replace(tmp["json"], paths["json"])
+        new_dirs = []  # complete: the directories stay
     finally:
         if builder is not None:
             builder.data_file.close()
         for p in tmp.values():
             if p.exists():
                 p.unlink()
+        for d in new_dirs:  # failed: remove the directories made for it (deepest first)
+            with contextlib.suppress(OSError):  # unless something else was put there meanwhile
+                d.rmdir()
     return {
         "documents": n_docs,
         "tokens": n_tokens,
@@ -182,9 +189,25 @@ def open_indexed(prefix: Union[str, Path]):
     if missing:
         raise FileNotFoundError(
             f"no indexed dataset at {prefix}: missing {', '.join(missing)}; build one with "
-            "nemo_minitron.data.indexed.build_indexed"
+            "`minitron data` (nemo_minitron.data.indexed.build_indexed)"
         )
-    return _indexed_module().IndexedDataset(str(prefix), mmap=True)
+    if paths["bin"].stat().st_size == 0:  # megatron cannot even map it
+        raise ValueError(f"indexed dataset {prefix} is empty ({paths['bin']} has 0 bytes); "
+                         "rebuild it with `minitron data` from non-empty inputs")
+    try:
+        ds = _indexed_module().IndexedDataset(str(prefix), mmap=True)
+    except Exception as e:  # megatron asserts on a damaged index: say which file, and the fix
+        raise ValueError(f"{paths['idx']} cannot be read ({type(e).__name__}: {e}); rebuild the "
+                         "dataset with `minitron data`") from None
+    if len(ds) == 0:
+        raise ValueError(f"indexed dataset {prefix} is empty (0 documents); rebuild it with "
+                         "`minitron data` from non-empty inputs")
+    need = int(ds.index.sequence_lengths.astype(np.int64).sum()) * np.dtype(ds.index.dtype).itemsize
+    have = paths["bin"].stat().st_size
+    if have < need:
+        raise ValueError(f"{paths['bin']} is truncated: {have} bytes, its .idx describes {need}; "
+                         "copy it again or rebuild the dataset with `minitron data`")
+    return ds
 
 
 def load_metadata(prefix: Union[str, Path]) -> dict:

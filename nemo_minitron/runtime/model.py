@@ -139,9 +139,17 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
             set_tensor_model_parallel_attributes(w, True, 1, 1)
 
 
+# GPTModels this process has built: a cheap marker that lets tests assert a bad request was
+# refused before any model existed (the checks must come first, not merely fail eventually).
+models_built = 0
+
+
 def build_gpt(arch: Arch, config, pre_process: bool, post_process: bool, use_te: bool | None = None):
     """One pipeline stage of the model, parameters initialised (weights are loaded afterwards)."""
     from megatron.core.models.gpt import GPTModel
+
+    global models_built
+    models_built += 1
 
     tp = config.tensor_model_parallel_size
     model = GPTModel(

@@ -81,7 +81,7 @@ def load_state(stage: Stage, get, get_part=None) -> None:
 
 
 def load_checkpoint(path, dtype: str = "fp32", use_te: bool | None = None) -> tuple[Stage, ckpt.Checkpoint]:
-    c = ckpt.Checkpoint(path)
+    c = ckpt.Checkpoint(path).verify()  # a damaged checkpoint fails here, before building
     stage = build_stage(c.arch, dtype, use_te, init_weights=False)
     load_state(stage, c.get, c.get_part)  # each TP rank reads only its slices
     return stage, c

@@ -49,7 +49,8 @@ def plan_candidates(job):
     space = space_of(s)
     found = enumerate_candidates(src.arch, space, job.parallel.tp, job.parallel.pp)
     if not found:
-        raise ValueError(describe_empty(src.arch, space, job.parallel.tp, job.parallel.pp))
+        raise ValueError(f"search.budget={s.budget:g}: "
+                         + describe_empty(src.arch, space, job.parallel.tp, job.parallel.pp))
     chosen = select(found, s.max_candidates)
     # number the selected candidates 0..k-1 (their directories, search.only), the rest after
     picked = {c.index for c in chosen}

@@ -1,0 +1,340 @@
+"""Pre-flight checks: one function per stage, run after the config is validated and before any
+model is built or any output is written.
+
+They read only small files — ``arch.json``, ``plan.json``, safetensors headers, dataset indices, the
+importance scores — so a request that would fail after hours (a prune target the second round
+cannot reach, a truncated shard, a dataset too small for one batch) fails in a second, with one
+line naming the field or file and the fix. The stages keep their own checks; these only move the
+verdict to the front. ``check(stage, job)`` dispatches; the CLI calls it for every stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .arch import Arch
+from .convert import checkpoint as ckpt
+from .pruning.select import Targets
+from .runtime import dist
+
+
+# ------------------------------------------------------------------ shared pieces
+def checkpoint(path, field: str = "model.checkpoint") -> ckpt.Checkpoint:
+    """The checkpoint at ``path``, its tensors' headers checked against its index and arch.json."""
+    try:
+        return ckpt.Checkpoint(path).verify()
+    except ckpt.CheckpointError as e:
+        raise ckpt.CheckpointError(f"{field}: {e}") from None
+
+
+def data_parallel_size(parallel) -> int:
+    """Data-parallel ranks of the launched job (the ranks that TP x PP leave)."""
+    world, per = dist.launched_world_size(), parallel.tp * parallel.pp
+    if world % per:
+        raise ValueError(f"parallel.tp={parallel.tp} x parallel.pp={parallel.pp} does not divide "
+                         f"the {world} launched ranks; launch a multiple of {per} ranks")
+    return world // per
+
+
+def split_samples(data, split: str) -> int:
+    """Samples of ``data.seq_length`` tokens in one split (reads only the dataset index)."""
+    from .data.packed import PackedSequences
+
+    try:
+        return len(PackedSequences(data.prefix, data.seq_length, split=split,
+                                   valid_fraction=data.valid_fraction))
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"data.prefix={data.prefix}: {e}") from None
+
+
+def need_samples(data, split: str, need: int, what: str) -> None:
+    have = split_samples(data, split)
+    if have < need:
+        raise ValueError(f"data.prefix={data.prefix}: the {split} split holds {have} samples of "
+                         f"data.seq_length={data.seq_length} tokens, fewer than {what} ({need}); "
+                         "lower it or data.seq_length, or use more data")
+
+
+def not_inside(output, source, field: str = "output") -> None:
+    """Writing ``output`` must not replace or nest in the checkpoint being read."""
+    out, src = Path(output).expanduser().resolve(), Path(source).expanduser().resolve()
+    if out == src or src in out.parents:
+        raise ValueError(f"{field}={output} would write into the input checkpoint {source}; "
+                         "choose another output directory")
+
+
+def scores(path, arch: Arch, where: str = "") -> None:
+    """``prune.scores`` holds importance of the shapes ``arch`` has (loaded as plain tensors)."""
+    from .importance.reduce import Importance
+
+    try:
+        imp = Importance.load(path)
+    except Exception as e:  # not a torch file, a pickle with code, missing keys
+        raise ValueError(f"prune.scores={path} is not an importance file ({type(e).__name__}); "
+                         "give the importance.pt an earlier `minitron prune` wrote") from None
+    want = {"ffn": (arch.num_layers, arch.ffn_hidden_size),
+            "heads": (arch.num_layers, arch.num_attention_heads),
+            "hidden": (arch.hidden_size,), "block": (arch.num_layers,)}
+    got = {k: tuple(getattr(imp, k).shape) for k in want}
+    if got != want:
+        raise ValueError(f"prune.scores={path} has shapes {got}, but the model{where} needs "
+                         f"{want}: the scores belong to another model; calibrate again (unset "
+                         "prune.scores)")
+
+
+def keep_layers(layers, arch: Arch, where: str = "") -> None:
+    if layers is not None and not all(0 <= i < arch.num_layers for i in layers):
+        raise ValueError(f"prune.keep_layers={list(layers)} must lie in [0, {arch.num_layers}): "
+                         f"the model{where} has {arch.num_layers} layers")
+
+
+def resolve_targets(target, arch: Arch, tp: int, pp: int, field: str = "prune",
+                    where: str = "") -> Arch:
+    """The architecture ``target`` (the fields of ``field``.target) makes of ``arch``."""
+    try:
+        new = Targets(**dataclasses.asdict(target)).resolve(arch)
+        new.check_parallel(tp, pp)
+    except ValueError as e:
+        raise ValueError(where + str(e).replace("prune.target.", f"{field}.target.")) from None
+    return new
+
+
+def kd_pairs(kd, student_dir, teacher_dir, student: Arch, teacher: Arch) -> None:
+    from .distill.intermediate import check_pairs
+    from .distill.layer_map import auto_pairs
+
+    if kd.auto_hidden_pairs and student_dir is not None:
+        auto_pairs(student_dir, teacher_dir, student.num_layers, teacher.num_layers)
+    check_pairs([tuple(p) for p in kd.hidden_pairs], student.num_layers, teacher.num_layers)
+
+
+def train_sizes(job, dp: int) -> None:
+    """Batches the training loop will ask for exist in the data (and divide over the ranks)."""
+    tr = job.train
+    if tr.global_batch_size % (tr.micro_batch_size * dp):
+        raise ValueError(f"train.global_batch_size={tr.global_batch_size} is not divisible by "
+                         f"train.micro_batch_size x data-parallel ranks = {tr.micro_batch_size} x "
+                         f"{dp}; make it a multiple of {tr.micro_batch_size * dp}")
+    need_samples(job.data, "train", tr.global_batch_size, "train.global_batch_size needs")
+    need_samples(job.data, "valid", tr.micro_batch_size * dp,
+                 "train.micro_batch_size x ranks needs")
+
+
+def eval_sizes(job, dp: int) -> None:
+    need_samples(job.data, "valid", job.eval.micro_batch_size * dp,
+                 "eval.micro_batch_size x ranks needs")
+
+
+def calibration_sizes(job, dp: int) -> None:
+    p = job.prune
+    if p.scores is None and p.importance == "activation":
+        need_samples(job.data, "train", p.micro_batch_size * dp,
+                     "prune.micro_batch_size x ranks needs")
+    if p.depth == "lm_loss":
+        need_samples(job.data, "valid", p.micro_batch_size * dp,
+                     "prune.micro_batch_size x ranks needs")
+
+
+def depth_task(prune) -> None:
+    from .evaluate.tasks import TASKS
+
+    t = prune.depth_task
+    if prune.depth == "accuracy" and t not in TASKS and not t.startswith(("jsonl:", "mmlu_")):
+        raise ValueError(f"prune.depth_task={t!r} is unknown; known: {sorted(TASKS)}, "
+                         "mmlu_<subject> or jsonl:<path>")
+
+
+def hub_reachable(name: str, field: str = "model.source") -> None:
+    """A hub name needs the hub (or a cached copy): fail in seconds, not after three retries."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if any(isinstance(try_to_load_from_cache(name, f), str)
+               for f in ("config.json", "tokenizer_config.json")):
+            return  # downloaded before: transformers reads the cache
+        endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    except ImportError:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    fix = f"no network: download it elsewhere and pass the local directory ({field}=/path/to/it)"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ValueError(f"{field}={name} is a hub name and HF_HUB_OFFLINE is set; {fix}")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
+    except urllib.error.HTTPError:
+        return  # the hub answered (with an error page): the network is there
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ValueError(f"{field}={name} is a hub name but {endpoint} cannot be reached "
+                         f"({reason}); {fix}") from None
+
+
+# ------------------------------------------------------------------ one check per stage
+def import_(job) -> None:
+    from .convert.hf import resolve_source
+
+    ckpt.prepare_output(job.output or job.model.checkpoint, job.overwrite)
+    where, gguf = resolve_source(job.model.source, job.model.gguf_file)
+    local = Path(where)
+    if not local.is_dir():
+        return hub_reachable(where)
+    if gguf:
+        if not (local / gguf).is_file():
+            raise FileNotFoundError(f"model.gguf_file={gguf} not found in {local}")
+        return
+    from .convert.megatron_dist import is_megatron_checkpoint
+
+    if is_megatron_checkpoint(local):  # its reader checks the format and the architecture
+        return
+    if not (local / "config.json").is_file():
+        ggufs = sorted(p.name for p in local.glob("*.gguf"))
+        hint = f"pass model.gguf_file= one of {ggufs}" if ggufs else \
+            "give a Hugging Face model directory (config.json + weights)"
+        raise FileNotFoundError(f"model.source={local} has no config.json; {hint}")
+    from .convert.hf_config import arch_from_hf_config
+
+    try:  # the plain JSON, as the importer reads it (stock config classes reject pruned shapes)
+        arch_from_hf_config(json.loads((local / "config.json").read_text()))
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"model.source={local}/config.json: {e}") from None
+
+
+def export(job) -> None:
+    checkpoint(job.model.checkpoint)
+    not_inside(job.output, job.model.checkpoint)
+    ckpt.prepare_output(job.output, job.overwrite)
+
+
+def data(job) -> None:
+    from .data.sources import expand_paths
+
+    expand_paths(job.inputs)  # every file exists and has a suffix we read
+    if not Path(job.tokenizer).exists() and not job.tokenizer.startswith((".", "/", "~")):
+        hub_reachable(job.tokenizer, "tokenizer")
+    out = [Path(f"{job.output}.{s}") for s in ("bin", "idx")]
+    if not job.overwrite and any(p.exists() for p in out):
+        raise FileExistsError(f"output={job.output}: an indexed dataset is already there; "
+                              "choose another output or pass overwrite=true")
+
+
+def evaluate(job) -> None:
+    src = checkpoint(job.model.checkpoint)
+    src.arch.check_parallel(job.parallel.tp, job.parallel.pp)
+    eval_sizes(job, data_parallel_size(job.parallel))
+
+
+def prune(job) -> None:
+    src = checkpoint(job.model.checkpoint)
+    p = job.prune
+    resolve_targets(p.target, src.arch, job.parallel.tp, job.parallel.pp)
+    src.arch.check_parallel(job.parallel.tp, job.parallel.pp)
+    keep_layers(p.keep_layers, src.arch)
+    if p.scores:
+        scores(p.scores, src.arch)
+    depth_task(p)
+    not_inside(job.output, job.model.checkpoint)
+    ckpt.prepare_output(job.output, job.overwrite)
+    calibration_sizes(job, data_parallel_size(job.parallel))
+
+
+def train(job) -> None:
+    """finetune and distill."""
+    student = checkpoint(job.model.checkpoint)
+    student.arch.check_parallel(job.parallel.tp, job.parallel.pp)
+    kd = getattr(job, "kd", None)
+    if kd is not None:
+        from .distill.losses import check_vocab
+
+        teacher = checkpoint(kd.teacher, "kd.teacher")
+        teacher.arch.check_parallel(job.parallel.tp, job.parallel.pp)
+        try:
+            check_vocab(student.arch.vocab_size, teacher.arch.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"kd.teacher={kd.teacher}: {e}") from None
+        kd_pairs(kd, job.model.checkpoint, kd.teacher, student.arch, teacher.arch)
+        not_inside(job.output, kd.teacher)
+    not_inside(job.output, job.model.checkpoint)
+    train_sizes(job, data_parallel_size(job.parallel))
+
+
+def search(job) -> None:
+    from .search.run import plan_candidates
+
+    src, _, chosen = plan_candidates(job)
+    if job.prune.scores:
+        scores(job.prune.scores, src.arch)
+    for c in chosen:
+        kd_pairs(job.kd, None, None, src.arch.replace(**c.target), src.arch)
+    not_inside(job.output, job.model.checkpoint)
+    dp = data_parallel_size(job.parallel)
+    train_sizes(job, dp)
+    eval_sizes(job, dp)
+    calibration_sizes(job, dp)
+
+
+def pipeline(job) -> None:
+    """Every round, against the architecture that round's teacher will have, before the first
+    stage (teacher correction) starts."""
+    from .config.schema import RoundConfig
+    from .search.run import space_of
+    from .search.space import describe_empty, enumerate_candidates, select
+
+    src = checkpoint(job.model.checkpoint)
+    tp, pp = job.parallel.tp, job.parallel.pp
+    src.arch.check_parallel(tp, pp)
+    depth_task(job.prune)
+    not_inside(job.output, job.model.checkpoint)
+    dp = data_parallel_size(job.parallel)
+    train_sizes(job, dp)
+    eval_sizes(job, dp)
+    calibration_sizes(job, dp)
+    rounds = job.pipeline.rounds or [RoundConfig(target=job.prune.target)]
+    teachers = [src.arch]  # the architectures this round's teacher may have (several after a
+    for i, rnd in enumerate(rounds, 1):  # search: any selected candidate may win)
+        name = rnd.name or f"round{i}"
+        field = f"pipeline.rounds[{i - 1}]" if job.pipeline.rounds else "prune"
+        where = f" of {name}"
+        students = []
+        for arch in teachers:
+            before = len(students)
+            keep_layers(job.prune.keep_layers, arch, where)
+            if job.prune.scores:
+                scores(job.prune.scores, arch, where)
+            if rnd.budget is not None:
+                chosen = Path(job.output) / name / "search" / "chosen.json"
+                if chosen.is_file():  # this round's search already ran (resume)
+                    students.append(arch.replace(**json.loads(chosen.read_text())["target"]))
+                    continue
+                space = space_of(dataclasses.replace(job.search, budget=rnd.budget))
+                found = enumerate_candidates(arch, space, tp, pp)
+                if not found:
+                    raise ValueError(f"{field}.budget={rnd.budget:g} ({name}): "
+                                     + describe_empty(arch, space, tp, pp))
+                students += [arch.replace(**c.target) for c in select(found,
+                                                                      job.search.max_candidates)]
+            else:
+                new = resolve_targets(
+                    rnd.target, arch, tp, pp, field,
+                    f"{name}'s teacher has {arch.num_params() / 1e6:.2f}M parameters "
+                    f"({arch.num_layers} layers, hidden {arch.hidden_size}): " if i > 1 else "")
+                if job.prune.keep_layers is not None:  # explicit layers override the depth target
+                    new = new.replace(num_layers=len(set(job.prune.keep_layers)))
+                students.append(new)
+            if not job.kd.auto_hidden_pairs:  # auto pairs come from the plan the round writes
+                for s in students[before:]:
+                    kd_pairs(job.kd, None, None, s, arch)
+        teachers = students
+
+
+CHECKS = {"import": import_, "export": export, "data": data, "evaluate": evaluate,
+          "prune": prune, "finetune": train, "distill": train, "search": search,
+          "pipeline": pipeline}
+
+
+def check(stage: str, job) -> None:
+    """Raise ValueError/OSError naming the field or file when ``job`` cannot run."""
+    CHECKS[stage](job)

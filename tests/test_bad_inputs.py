@@ -1,0 +1,448 @@
+"""Bad inputs and damaged files, across every stage: each is refused with one line naming the field
+or file, a non-zero exit, before any model is built, and with nothing left under output= (nor in the
+working directory: Hydra's run directory is off).
+
+The CLI runs in this process (``cli.main.main``; a subprocess per case would spend seconds on
+imports). Fixtures are written by the project's own writers: ``import_hf`` and ``checkpoint.save``
+for checkpoints, ``build_indexed`` for datasets, ``Importance.save`` for scores; the damage is
+done to those files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_hf, tiny_tokenizer
+from nemo_minitron.cli.main import main as cli_main
+from nemo_minitron.runtime import model as rmodel
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tiny checkpoints, datasets, scores, and damaged copies of them; name -> path."""
+    from nemo_minitron.arch import Arch
+    from nemo_minitron.convert import checkpoint as ckpt
+    from nemo_minitron.convert.hf import import_hf
+    from nemo_minitron.convert.weights import canonical_shapes
+    from nemo_minitron.data.indexed import _indexed_module, build_indexed
+    from nemo_minitron.pruning.select import random_importance
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    a = {"root": root, "hf": root / "hf"}
+    tiny_hf("gqa").save_pretrained(a["hf"])
+    tiny_tokenizer().save_pretrained(a["hf"])
+    a["ck"] = import_hf(str(a["hf"]), str(root / "ck"))
+    teacher = ckpt.Checkpoint(a["ck"])
+    a["student"] = ckpt.save(root / "student", teacher.arch, teacher.tensors())
+    odd = teacher.arch.replace(vocab_size=1001)  # another tokenizer's vocabulary
+    a["odd_vocab"] = ckpt.save(root / "odd_vocab", odd, {
+        k: torch.zeros(shape) for k, shape in canonical_shapes(odd).items()})
+
+    def damaged(name, damage):
+        d = root / name
+        shutil.copytree(a["ck"], d)
+        damage(d)
+        a[name] = d
+
+    shard = ckpt.shard_name(0, 1)
+    damaged("truncated", lambda d: os.truncate(d / shard, (d / shard).stat().st_size // 2))
+    damaged("arch_not_json", lambda d: (d / ckpt.ARCH).write_text("{hidden_size: 128,"))
+    damaged("arch_disagrees", lambda d: Arch.from_json(d / ckpt.ARCH).replace(
+        ffn_hidden_size=192).to_json(d / ckpt.ARCH))
+    damaged("no_meta", lambda d: (d / ckpt.META).unlink())
+    damaged("shard_missing", lambda d: (d / shard).unlink())
+
+    words = [" ".join(f"w{(7 * i + j) % 997 + 2}" for j in range(60)) for i in range(40)]
+    text = root / "corpus.txt"
+    text.write_text("\n\n".join(words))
+    a["text"] = text
+    a["ds"] = root / "ds"
+    build_indexed(iter(words), tiny_tokenizer(), a["ds"], progress=False)
+    a["ds_small"] = root / "ds_small"  # 3 documents: one valid doc of 61 tokens
+    build_indexed(iter(words[:3]), tiny_tokenizer(), a["ds_small"], progress=False)
+    a["ds_empty"] = root / "ds_empty"  # a foreign (megatron-written) dataset with no documents
+    builder = _indexed_module().IndexedDatasetBuilder(str(a["ds_empty"]) + ".bin")
+    builder.finalize(str(a["ds_empty"]) + ".idx")
+    for name, damage in (("ds_truncated", lambda p: os.truncate(p + ".bin", 100)),
+                         ("ds_bad_idx", lambda p: Path(p + ".idx").write_bytes(b"garbage" * 4))):
+        for suffix in (".bin", ".idx", ".json"):
+            shutil.copy(str(a["ds"]) + suffix, str(root / name) + suffix)
+        damage(str(root / name))
+        a[name] = root / name
+
+    arch = teacher.arch
+    a["scores"] = root / "importance.pt"
+    random_importance(arch, 0).save(a["scores"])
+    a["scores_other"] = root / "importance_other.pt"
+    random_importance(arch.replace(num_layers=6), 0).save(a["scores_other"])
+    a["not_scores"] = root / "notes.pt"
+    a["not_scores"].write_text("not a torch file")
+    a["bad_jsonl"] = root / "bad.jsonl"
+    a["bad_jsonl"].write_text('{"text": "w2 w3"}\n{oops\n')
+    a["table_csv"] = root / "table.csv"
+    a["table_csv"].write_text("a,b\n1,2\n")
+    a["empty_dir"] = root / "empty_dir"
+    a["empty_dir"].mkdir()
+    gpt2 = root / "gpt2"  # a Hugging Face model of a family we do not handle
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100).save_pretrained(gpt2)
+    a["gpt2"] = gpt2
+    a["results_not_json"] = root / "results.json"
+    a["results_not_json"].write_text("{loss: 1")
+    return a
+
+
+# stage, arguments ({name} = an asset path, {out} = this case's output), words the message must
+# contain (the field or file, and what is wrong), extra environment.
+COMMON = ["model.checkpoint={ck}", "data.prefix={ds}", f"data.seq_length={SEQ}",
+          "data.valid_fraction=0.2"]
+TRAIN = COMMON + ["output={out}"]
+PRUNE = TRAIN + ["prune=none"]
+DATA = ["tokenizer={ck}", "output={out}", "eod_token=null"]
+DISTILL = ["model.checkpoint={student}", "kd.teacher={ck}", "data.prefix={ds}",
+           f"data.seq_length={SEQ}", "output={out}"]
+SEARCH = COMMON + ["output={out}", "search.budget=0.6"]
+CASES = [
+    # --- import
+    ("import_no_source", "import", ["model.source=null", "output={out}"],
+     ["model.source is required"]),
+    ("import_missing_dir", "import", ["model.source=/nonexistent/model", "output={out}"],
+     ["/nonexistent/model", "does not exist"]),
+    ("import_hub_offline", "import", ["model.source=org/some-llm", "output={out}"],
+     ["model.source=org/some-llm", "no network", "local directory (model.source="],
+     {"HF_HUB_OFFLINE": "1"}),
+    ("import_hub_unreachable", "import", ["model.source=org/some-llm", "output={out}"],
+     ["model.source=org/some-llm", "cannot be reached", "no network"],
+     {"HF_ENDPOINT": "http://127.0.0.1:9"}),
+    ("import_dir_without_config", "import", ["model.source={empty_dir}", "output={out}"],
+     ["model.source=", "no config.json"]),
+    ("import_gguf_file_missing", "import",
+     ["model.source={hf}", "model.gguf_file=smol.gguf", "output={out}"],
+     ["model.gguf_file=smol.gguf", "not found"]),
+    ("import_unsupported_family", "import", ["model.source={gpt2}", "output={out}"],
+     ["config.json", "gpt2", "supported"]),
+    ("import_output_exists", "import", ["model.source={hf}", "output={ck}"],
+     ["already exists", "overwrite=true"]),
+    ("import_bad_dtype", "import", ["model.source={hf}", "output={out}", "dtype=fp16"],
+     ["dtype='fp16'"]),
+    # --- export
+    ("export_no_output", "export", ["model.checkpoint={ck}"], ["output=<dir> is required"]),
+    ("export_missing_checkpoint", "export", ["model.checkpoint=/nonexistent/ck", "output={out}"],
+     ["model.checkpoint", "/nonexistent/ck", "does not exist"]),
+    ("export_into_its_checkpoint", "export", ["model.checkpoint={ck}", "output={ck}",
+                                              "overwrite=true"],
+     ["output=", "input checkpoint"]),
+    ("export_truncated_shard", "export", ["model.checkpoint={truncated}", "output={out}"],
+     ["model-00001-of-00001.safetensors is truncated"]),
+    ("export_arch_not_json", "export", ["model.checkpoint={arch_not_json}", "output={out}"],
+     ["arch.json is not valid JSON", "re-create"]),
+    ("export_arch_disagrees", "export", ["model.checkpoint={arch_disagrees}", "output={out}"],
+     ["arch.json disagrees with the tensors", "arch.json implies (128, 192)"]),
+    ("export_incomplete_checkpoint", "export", ["model.checkpoint={no_meta}", "output={out}"],
+     ["not a complete nemo_minitron checkpoint", "minitron.json"]),
+    ("export_shard_missing", "export", ["model.checkpoint={shard_missing}", "output={out}"],
+     ["missing model-00001-of-00001.safetensors"]),
+    ("export_bad_dtype", "export", ["model.checkpoint={ck}", "output={out}", "dtype=fp8"],
+     ["dtype='fp8'"]),
+    # --- data
+    ("data_inputs_missing", "data", DATA + ["inputs=[/nonexistent/corpus.jsonl]"],
+     ["inputs not found"]),
+    ("data_no_inputs", "data", DATA + ["inputs=[]"],
+     ["inputs=[...] is required"]),
+    ("data_unsupported_suffix", "data", DATA + ["inputs=[{table_csv}]"],
+     ["table.csv"]),
+    ("data_eod_not_in_vocab", "data", ["inputs=[{text}]", "tokenizer={ck}", "output={out}",
+                                       "eod_token='<endoftext>'"],
+     ["eod_token='<endoftext>'", "not in the tokenizer's vocabulary"]),
+    ("data_eod_unquoted_lexer", "data", ["inputs=[{text}]", "tokenizer={ck}", "output={out}",
+                                         "eod_token=<|end_of_text|>"],
+     ["eod_token=<|end_of_text|>", "\"eod_token='<|end_of_text|>'\""]),
+    ("data_output_exists", "data", ["inputs=[{text}]", "tokenizer={ck}", "output={ds}"],
+     ["output=", "already there", "overwrite=true"]),
+    ("data_tokenizer_missing", "data", ["inputs=[{text}]", "tokenizer=/nonexistent/tok",
+                                        "output={out}"], ["tokenizer /nonexistent/tok not found"]),
+    ("data_tokenizer_hub_offline", "data", ["inputs=[{text}]", "tokenizer=org/some-tokenizer",
+                                            "output={out}", "eod_token=null"],
+     ["tokenizer=org/some-tokenizer", "no network"], {"HF_HUB_OFFLINE": "1"}),
+    ("data_bad_jsonl_line", "data", DATA + ["inputs=[{bad_jsonl}]"],
+     ["bad.jsonl, line 2", "not valid JSON"]),
+    # --- evaluate
+    ("evaluate_micro_batch_0", "evaluate", COMMON + ["eval.micro_batch_size=0", "output={out}"],
+     ["eval.micro_batch_size=0"]),
+    ("evaluate_limit_0", "evaluate", COMMON + ["eval.tasks=[piqa]", "eval.limit=0",
+                                               "output={out}"], ["eval.limit=0", ">= 1"]),
+    ("evaluate_unknown_task", "evaluate", COMMON + ["eval.tasks=[arcc]", "output={out}"],
+     ["eval.tasks: unknown ['arcc']"]),
+    ("evaluate_jsonl_task_missing", "evaluate",
+     COMMON + ["eval.tasks=[jsonl:/nonexistent/items.jsonl]", "output={out}"],
+     ["eval.tasks", "/nonexistent/items.jsonl", "not found"]),
+    ("evaluate_dataset_missing", "evaluate", ["model.checkpoint={ck}",
+                                              "data.prefix=/nonexistent/ds", "output={out}"],
+     ["data.prefix=/nonexistent/ds", "no indexed dataset"]),
+    ("evaluate_dataset_empty", "evaluate", ["model.checkpoint={ck}", "data.prefix={ds_empty}",
+                                            "output={out}"], ["ds_empty is empty"]),
+    ("evaluate_dataset_truncated", "evaluate", ["model.checkpoint={ck}",
+                                                "data.prefix={ds_truncated}", "output={out}"],
+     ["ds_truncated.bin is truncated"]),
+    ("evaluate_dataset_bad_index", "evaluate", ["model.checkpoint={ck}",
+                                                "data.prefix={ds_bad_idx}", "output={out}"],
+     ["ds_bad_idx.idx cannot be read"]),
+    ("evaluate_seq_longer_than_data", "evaluate", ["model.checkpoint={ck}", "data.prefix={ds}",
+                                                   "data.seq_length=100000", "output={out}"],
+     ["data.prefix=", "fewer than one sample", "seq_length"]),
+    ("evaluate_batch_larger_than_split", "evaluate",
+     ["model.checkpoint={ck}", "data.prefix={ds_small}", f"data.seq_length={SEQ}",
+      "eval.micro_batch_size=4", "output={out}"],
+     ["valid split holds 1 samples", "eval.micro_batch_size"]),
+    ("evaluate_tp_not_dividing_heads", "evaluate", COMMON + ["parallel.tp=3", "output={out}"],
+     ["num_attention_heads=4 is not divisible by parallel.tp=3"]),
+    ("evaluate_mistyped_key", "evaluate", COMMON + ["parallel.tpp=2"], ["parallel.tpp"]),
+    ("evaluate_wrong_type", "evaluate", ["model.checkpoint={ck}", "data.seq_length=long"],
+     ["data.seq_length", "long"]),
+    ("evaluate_valid_fraction", "evaluate", COMMON + ["data.valid_fraction=1.5"],
+     ["data.valid_fraction=1.5"]),
+    ("evaluate_tp_0", "evaluate", COMMON + ["parallel.tp=0"], ["parallel.tp=0"]),
+    ("evaluate_negative_fewshot", "evaluate", COMMON + ["eval.num_fewshot=-1"],
+     ["eval.num_fewshot=-1"]),
+    # --- prune
+    ("prune_keep_layers_out_of_range", "prune", PRUNE + ["prune.keep_layers=[0,9]"],
+     ["prune.keep_layers=[0, 9]", "[0, 4)"]),
+    ("prune_keep_layers_duplicate", "prune", PRUNE + ["prune.keep_layers=[1,1]"],
+     ["prune.keep_layers=[1, 1]", "twice"]),
+    ("prune_keep_no_layers", "prune", PRUNE + ["prune.keep_layers=[]"],
+     ["prune.keep_layers=[]", "keeps no layer"]),
+    ("prune_scores_missing", "prune", PRUNE + ["prune.scores=/nonexistent/importance.pt"],
+     ["prune.scores=/nonexistent/importance.pt not found"]),
+    ("prune_scores_wrong_shape", "prune", PRUNE + ["prune.scores={scores_other}",
+                                                   "prune.target.ffn_hidden_size=128"],
+     ["prune.scores=", "importance_other.pt", "another model"]),
+    ("prune_scores_not_torch", "prune", PRUNE + ["prune.scores={not_scores}"],
+     ["prune.scores=", "notes.pt is not an importance file"]),
+    ("prune_target_grows", "prune", PRUNE + ["prune.target.hidden_size=4096"],
+     ["prune.target.hidden_size=4096", "cannot grow"]),
+    ("prune_target_breaks_gqa", "prune", PRUNE + ["prune.target.num_attention_heads=3"],
+     ["prune.target.num_attention_heads=3", "num_query_groups=2"]),
+    ("prune_output_is_checkpoint", "prune", COMMON + ["prune=none", "output={ck}", "overwrite=true",
+                                                      "prune.target.ffn_hidden_size=128"],
+     ["output=", "input checkpoint"]),
+    ("prune_unknown_depth_task", "prune", PRUNE + ["prune.depth=accuracy",
+                                                   "prune.target.num_layers=2",
+                                                   "prune.depth_task=nope"],
+     ["prune.depth_task='nope'"]),
+    ("prune_calibration_batch_too_large", "prune", PRUNE + ["prune.micro_batch_size=100000",
+                                                            "prune.target.ffn_hidden_size=128"],
+     ["train split holds", "prune.micro_batch_size"]),
+    ("prune_bad_seq_agg", "prune", PRUNE + ["prune.seq_agg=max"], ["prune.seq_agg='max'"]),
+    ("prune_no_output", "prune", COMMON, ["output=<dir> is required"]),
+    # --- finetune
+    ("finetune_micro_batch_0", "finetune", TRAIN + ["train.micro_batch_size=0"],
+     ["train.micro_batch_size=0"]),
+    ("finetune_negative_lr", "finetune", TRAIN + ["train.lr=-1e-4"], ["train.lr=-0.0001"]),
+    ("finetune_steps_le_warmup", "finetune", TRAIN + ["train.steps=4", "train.warmup_steps=4"],
+     ["train.steps=4", "train.warmup_steps=4"]),
+    ("finetune_gbs_not_multiple", "finetune", TRAIN + ["train.global_batch_size=5"],
+     ["train.global_batch_size=5", "train.micro_batch_size=2"]),
+    ("finetune_gbs_larger_than_data", "finetune", TRAIN + ["train.global_batch_size=100000"],
+     ["train split holds", "train.global_batch_size"]),
+    ("finetune_log_interval_0", "finetune", TRAIN + ["train.log_interval=0"],
+     ["train.log_interval=0"]),
+    ("finetune_adam_beta2", "finetune", TRAIN + ["train.adam_beta2=1.5"], ["train.adam_beta2=1.5"]),
+    ("finetune_no_output", "finetune", COMMON, ["output=<dir> is required"]),
+    ("finetune_output_is_checkpoint", "finetune", COMMON + ["output={ck}"],
+     ["output=", "input checkpoint"]),
+    # --- distill
+    ("distill_top_k_0", "distill", DISTILL + ["kd.top_k=0"], ["kd.top_k=0"]),
+    ("distill_teacher_missing", "distill", ["model.checkpoint={student}",
+                                            "kd.teacher=/nonexistent/teacher", "data.prefix={ds}",
+                                            "output={out}"],
+     ["kd.teacher", "/nonexistent/teacher does not exist"]),
+    ("distill_teacher_truncated", "distill", ["model.checkpoint={student}",
+                                              "kd.teacher={truncated}",
+                                              "data.prefix={ds}", f"data.seq_length={SEQ}",
+                                              "output={out}"],
+     ["kd.teacher", "is truncated"]),
+    ("distill_hidden_pair_out_of_range", "distill", DISTILL + ["kd.hidden_pairs=[[9,0]]"],
+     ["kd.hidden_pairs[0]=[9, 0]", "student has 4 layers"]),
+    ("distill_auto_pairs_unpruned", "distill", DISTILL + ["kd.auto_hidden_pairs=true"],
+     ["kd.auto_hidden_pairs=true", "plan.json"]),
+    ("distill_vocab_mismatch", "distill", ["model.checkpoint={odd_vocab}", "kd.teacher={ck}",
+                                           "data.prefix={ds}", f"data.seq_length={SEQ}",
+                                           "output={out}"],
+     ["kd.teacher=", "vocabulary (1001 tokens)"]),
+    ("distill_keep_no_checkpoints", "distill", DISTILL + ["train.keep_checkpoints=0"],
+     ["train.keep_checkpoints=0"]),
+    ("distill_temperature_0", "distill", DISTILL + ["kd.temperature=0"], ["kd.temperature=0"]),
+    ("distill_student_is_teacher", "distill", TRAIN + ["kd.teacher={ck}"],
+     ["model.checkpoint is the teacher itself"]),
+    # --- search
+    ("search_budget_2", "search", COMMON + ["output={out}", "search.budget=2.0"],
+     ["search.budget=2", "read as 2 parameters", "<= 1"]),
+    ("search_budget_above_source", "search", COMMON + ["output={out}", "search.budget=1e12"],
+     ["search.budget=1e+12", "parameters", "source has"]),
+    ("search_budget_unreachable", "search", COMMON + ["output={out}", "search.budget=0.1"],
+     ["search.budget=0.1: no candidate architecture", "reach down to"]),
+    ("search_rank_by_not_evaluated", "search", SEARCH + ["search.rank_by=piqa"],
+     ["search.rank_by='piqa'", "eval.tasks"]),
+    ("search_unknown_axis", "search", SEARCH + ["search.axes=[depth]"],
+     ["search.axes: unknown ['depth']"]),
+    ("search_steps_le_warmup", "search", SEARCH + ["search.steps=2"],
+     ["search.steps=2", "train.warmup_steps=4"]),
+    ("search_only_unknown", "search", SEARCH + ["search.only=[99]"],
+     ["search.only=[99]", "not selected"]),
+    ("search_tolerance", "search", SEARCH + ["search.tolerance=1.5"], ["search.tolerance=1.5"]),
+    ("search_min_fraction", "search", SEARCH + ["search.min_fraction.hidden_size=0"],
+     ["search.min_fraction"]),
+    # --- pipeline
+    ("pipeline_round2_impossible", "pipeline",
+     TRAIN + ["pipeline.teacher_correction_steps=8",
+              "pipeline.rounds=[{target:{hidden_size:96}},{target:{hidden_size:112}}]"],
+     ["round2's teacher", "pipeline.rounds[1].target.hidden_size=112", "[1, 96]"]),
+    ("pipeline_round2_keep_layers", "pipeline",
+     TRAIN + ["prune.keep_layers=[0,1,3]",
+              "pipeline.rounds=[{target:{ffn_hidden_size:192}},{target:{ffn_hidden_size:128}}]"],
+     ["prune.keep_layers=[0, 1, 3]", "of round2 has 3 layers"]),
+    ("pipeline_round2_scores", "pipeline",
+     TRAIN + ["prune.scores={scores}",
+              "pipeline.rounds=[{target:{hidden_size:96}},{target:{hidden_size:64}}]"],
+     ["prune.scores=", "of round2 needs"]),
+    ("pipeline_correction_le_warmup", "pipeline", TRAIN + ["pipeline.teacher_correction_steps=2"],
+     ["pipeline.teacher_correction_steps=2", "train.warmup_steps=4"]),
+    ("pipeline_round_budget_and_target", "pipeline",
+     TRAIN + ["pipeline.rounds=[{budget:0.6,target:{hidden_size:64}}]"],
+     ["either target", "budget"]),
+    ("pipeline_round_budget_unreachable", "pipeline", TRAIN + ["pipeline.rounds=[{budget:0.1}]"],
+     ["pipeline.rounds[0].budget=0.1", "no candidate architecture"]),
+    ("pipeline_round_budget_percent", "pipeline", TRAIN + ["pipeline.rounds=[{budget:60}]"],
+     ["pipeline.rounds[].budget=60", "read as 60 parameters"]),
+    ("pipeline_duplicate_round_names", "pipeline",
+     TRAIN + ["pipeline.rounds=[{name:a,target:{hidden_size:96}},"
+              "{name:a,target:{hidden_size:64}}]"],
+     ["pipeline.rounds", "repeat"]),
+    ("pipeline_prune_target_grows", "pipeline", TRAIN + ["prune=none",
+                                                          "prune.target.ffn_hidden_size=1024"],
+     ["prune.target.ffn_hidden_size=1024", "cannot grow"]),
+    # --- report (not a Hydra app)
+    ("report_missing_run", "report", ["/nonexistent/run", "output={out}"],
+     ["/nonexistent/run does not exist"]),
+    ("report_not_a_run", "report", ["{empty_dir}", "output={out}"], ["is neither kind of run"]),
+    ("report_results_not_json", "report", ["{results_not_json}", "output={out}"],
+     ["results.json: not a JSON file"]),
+]
+
+
+def _case(c):
+    return pytest.param(*c[1:4], c[4] if len(c) > 4 else {}, id=c[0])
+
+
+@pytest.fixture
+def cwd(tmp_path, monkeypatch):
+    d = tmp_path / "cwd"
+    d.mkdir()
+    monkeypatch.chdir(d)
+    return d
+
+
+@pytest.mark.parametrize("stage,args,words,env", [_case(c) for c in CASES])
+def test_bad_input_is_refused_in_one_line(assets, stage, args, words, env, cwd, tmp_path,
+                                          monkeypatch, capsys):
+    out = tmp_path / "out" / "result"
+    paths = {k: str(v) for k, v in assets.items()} | {"out": str(out)}
+    argv = [stage] + [re.sub(r"\{(\w+)\}", lambda m: paths.get(m[1], m[0]), a) for a in args]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    before = {p: sorted(Path(p).iterdir()) if Path(p).is_dir() else None
+              for p in (assets["ck"], assets["root"])}
+    built = rmodel.models_built
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() rewrites it for Hydra
+    root_log = logging.getLogger()  # and Hydra points the root logger at this test's capture
+    monkeypatch.setattr(root_log, "handlers", list(root_log.handlers))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code not in (0, None), err
+    *progress, msg = [x for x in err.splitlines() if x.strip()] or [""]
+    assert msg.startswith(f"minitron {stage}: error: "), err
+    assert all("[00:" in x for x in progress), err  # one line, after progress bars at most
+    for w in words:
+        assert w in msg, f"{w!r} not in: {msg}"
+    assert rmodel.models_built == built, "a model was built before the request was refused"
+    assert not out.exists() and not (tmp_path / "out").exists()
+    assert list(cwd.iterdir()) == [], "something was written into the working directory"
+    assert before == {p: sorted(Path(p).iterdir()) if Path(p).is_dir() else None for p in before}
+
+
+def test_enough_distinct_cases_over_every_stage():
+    from nemo_minitron.cli.main import STAGES
+
+    ids = [c[0] for c in CASES]
+    assert len(set(ids)) == len(ids) >= 50
+    assert {c[1] for c in CASES} == set(STAGES) - {"lm_eval"}
+
+
+def test_smollm2_data_defaults_accept_their_eod_token(tmp_path):
+    """SmolLM2's unk token is <|endoftext|> itself, its eos: the check must not call it unknown."""
+    from nemo_minitron import defaults
+    from nemo_minitron.cli import data
+
+    tok = data.load_tokenizer(str(defaults.checkpoint_dir()))
+    assert tok.unk_token == "<|endoftext|>"
+    from nemo_minitron.config.schema import DataJob
+
+    from nemo_minitron.data.indexed import open_indexed
+
+    texts = [tmp_path / "a.txt", tmp_path / "b.txt"]  # one document per text file
+    texts[0].write_text("Hello world.")
+    texts[1].write_text("A second document.")
+    job = DataJob(inputs=[str(t) for t in texts], tokenizer=str(defaults.checkpoint_dir()),
+                  output=str(tmp_path / "ds"), eod_token="<|endoftext|>")
+    stats = data.run(job)
+    assert stats["eod_id"] == tok.unk_token_id and stats["documents"] == 2
+    ds = open_indexed(tmp_path / "ds")
+    assert [int(ds[i][-1]) for i in range(2)] == [tok.unk_token_id] * 2
+
+
+def test_a_passing_call_records_itself_under_output_only(assets, cwd, tmp_path, monkeypatch,
+                                                         capsys):
+    """The counterpart: a valid search (plan only, no model) writes its config and log under
+    output/hydra/<time>/ and nothing into the working directory."""
+    out = tmp_path / "search"
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    root_log = logging.getLogger()
+    monkeypatch.setattr(root_log, "handlers", list(root_log.handlers))
+    cli_main(["search", f"model.checkpoint={assets['ck']}", f"data.prefix={assets['ds']}",
+              f"data.seq_length={SEQ}", "data.valid_fraction=0.2", "search.budget=0.6",
+              "search.plan_only=true", "search.tolerance=0.1", f"output={out}"])
+    (run,) = (out / "hydra").iterdir()
+    assert f"checkpoint: {assets['ck']}" in (run / "config.yaml").read_text()
+    assert "search.plan_only=true" in (run / "overrides.yaml").read_text()
+    assert "architectures within" in (run / "search.log").read_text()
+    assert (out / "candidates.json").is_file() and list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("stage", ["import", "export", "evaluate", "prune", "finetune", "search",
+                                   "pipeline"])
+def test_shipped_defaults_pass_their_preflight(stage, teacher, tmp_path):
+    """The checks are not stricter than the stages: every default recipe (the embedded SmolLM2
+    and Wikipedia sample) passes, and checking writes nothing."""
+    from hydra import compose, initialize_config_dir
+
+    from nemo_minitron import preflight
+    from nemo_minitron.cli.main import conf_dir
+    from nemo_minitron.config import schema
+
+    schema.register()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose(schema.SCHEMAS[stage][0], overrides=[f"output={tmp_path}/out"])
+    preflight.check(stage, schema.to_job(cfg))
+    assert list(tmp_path.iterdir()) == []
