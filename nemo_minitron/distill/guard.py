@@ -61,8 +61,11 @@ class Guard:
         losses = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
         if not bad and not losses:
             return True
-        what = ", ".join(f"{k} {v}" for k, v in losses.items()) or "loss finite"
-        what += f"; non-finite gradients on {bad} rank(s)" if bad else ""
+        from ..runtime.dist import read_env
+
+        what = [f"{k} {v}" for k, v in losses.items()]
+        what += [f"non-finite gradients on {bad} of {read_env().world_size} rank(s)"] if bad else []
+        what = ", ".join(what)
         if self.skipped < self.tr.skip_nonfinite_steps:
             self.skipped += 1
             from ..runtime import dist
@@ -91,8 +94,8 @@ class Guard:
                  "no checkpoint was saved before it (train.save_interval="
                  f"{tr.save_interval}), so a rerun starts over")
         fixes = [f"lower train.lr (now {tr.lr:g})"]
-        fixes.append(f"enable clipping with train.clip_grad=1.0 (now {tr.clip_grad:g})"
-                     if tr.clip_grad <= 0 else f"lower train.clip_grad (now {tr.clip_grad:g})")
+        if tr.clip_grad <= 0:
+            fixes.append("enable gradient clipping with train.clip_grad=1.0 (now 0: off)")
         fixes.append(f"raise train.warmup_steps (now {tr.warmup_steps})")
         if not tr.skip_nonfinite_steps:
             fixes.append("or let train.skip_nonfinite_steps=N skip a few such steps")

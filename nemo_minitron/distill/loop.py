@@ -391,7 +391,7 @@ def _finished(run_dir: Path, meta: dict, steps: int) -> dict:
 
     rows = []
     f = run_dir / "metrics.jsonl"
-    for line in f.read_text().splitlines() if f.is_file() else []:
+    for line in f.read_text(errors="replace").splitlines() if f.is_file() else []:
         try:
             rows.append(json.loads(line))
         except ValueError:

@@ -115,7 +115,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     f = Path(run_dir) / "metrics.jsonl"
     if not f.is_file():
         return
-    lines = f.read_text().splitlines()
+    lines = f.read_text(errors="replace").splitlines()
     keep = [x for x in lines if _step_of(x) <= step]
     if len(keep) != len(lines):
         write_text_atomic(f, "".join(x + "\n" for x in keep))
