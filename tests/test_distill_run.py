@@ -184,34 +184,86 @@ def distill_args(t, out):
             f"hydra.run.dir={out}_hydra"]
 
 
+def stop_inside_a_save(p, run, deadline):
+    """SIGSTOP process group ``p`` while it writes a checkpoint past step 4 (a ``.step_*.partial-*``
+    directory exists and stays while it is stopped), then SIGKILL it there."""
+    ckdir = run / "checkpoints"
+    while True:
+        assert p.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        partial = list(ckdir.glob(".step_*.partial-*")) if ckdir.is_dir() else []
+        if partial and int(partial[0].name[6:13]) > 4:
+            os.killpg(p.pid, signal.SIGSTOP)
+            if list(ckdir.glob(".step_*.partial-*")):  # not committed in between
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                return
+            os.killpg(p.pid, signal.SIGCONT)
+        time.sleep(0.002)
+
+
 def test_killed_run_resumes_to_identical_weights(models):
+    """kill -9 inside a save, and the newest complete checkpoint then truncated: the relaunch
+    removes the unfinished save, falls back to the previous checkpoint and ends bit-identical to
+    an uninterrupted run, logging each step once; keep_checkpoints=2 retention holds."""
     t = models
     p = minitron(*distill_args(t, t / "full"))
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
     assert "final validation loss" in out + err
+    kept = sorted(x.name for x in (t / "full" / "checkpoints").iterdir())
+    assert kept == ["step_0000056", "step_0000058"]  # keep_checkpoints=2 of saves every 2 steps
 
-    p = minitron(*distill_args(t, t / "killed"), start_new_session=True)
-    deadline = time.time() + 600
-    def saved_past_step_4():  # older checkpoints are deleted (keep 2): look for any >= 4
-        return any(int(p.name[5:]) >= 4 for p in (t / "killed" / "checkpoints").glob("step_*")
-                   if (p / "train_state" / "state.json").is_file())
-
-    while not ((t / "killed" / "checkpoints").is_dir() and saved_past_step_4()):
-        assert p.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    assert not (t / "killed" / "final").exists()
-    p = minitron(*distill_args(t, t / "killed"))
+    run = t / "killed"
+    p = minitron(*distill_args(t, run), start_new_session=True)
+    stop_inside_a_save(p, run, time.time() + 600)
+    assert not (run / "final").exists()
+    complete = sorted((run / "checkpoints").glob("step_*"))
+    assert len(complete) == 2, complete
+    newest = complete[-1] / "model-00001-of-00001.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a broken copy
+    p = minitron(*distill_args(t, run))
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
-    assert "resumed from" in out + err
-    a, b = ckpt.Checkpoint(t / "full" / "final"), ckpt.Checkpoint(t / "killed" / "final")
+    log = out + err
+    assert f"resumed from {complete[0]} at step" in log
+    assert "unfinished save" in log and f"checkpoint {complete[1]} cannot be resumed" in log
+    assert not list((run / "checkpoints").glob(".step_*.partial-*"))
+    a, b = ckpt.Checkpoint(t / "full" / "final"), ckpt.Checkpoint(run / "final")
     for k in a.keys():
         assert torch.equal(a.get(k), b.get(k)), k
-    full, resumed = metrics(t / "full"), metrics(t / "killed")
-    assert [r["loss"] for r in full if "loss" in r][-1] == [r["loss"] for r in resumed if "loss" in r][-1]
+    full, resumed = metrics(t / "full"), metrics(run)
+    assert [r["step"] for r in resumed if "loss" in r] == list(range(1, 61))  # no step twice
+    assert [r["loss"] for r in full if "loss" in r] == [r["loss"] for r in resumed if "loss" in r]
+
+
+def test_finished_run_is_left_alone_unless_overwrite(models, single_rank):
+    """Re-running a finished run trains nothing and appends nothing; a larger train.steps
+    continues from its last checkpoint; overwrite=true trains again from the start."""
+    from distill_layouts import job
+    from nemo_minitron.config.schema import TrainConfig
+    from nemo_minitron.distill.loop import train
+
+    t = models
+    run = t / "finished"
+    four_steps(t, run)
+    before = (run / "metrics.jsonl").read_text()
+    final = ckpt.Checkpoint(run / "final")
+    res = four_steps(t, run)
+    assert res["already_finished"] and res["steps"] == 4
+    assert (run / "metrics.jsonl").read_text() == before
+    assert ckpt.Checkpoint(run / "final").meta["created"] == final.meta["created"]
+    res = four_steps(t, run, steps=5)  # more steps: resumes from step 2, logs 3..5 once
+    assert res["steps"] == 5
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4, 5]
+    j = job(t / "student", t / "teacher", t / "corpus", run, 1, 1, steps=2)
+    j.train = TrainConfig(**{**vars(j.train), "save_interval": 1})
+    j.overwrite = True
+    with one_thread():
+        train(j, str(t / "teacher"), dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16),
+              "distill")
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2]
+    assert sorted(x.name for x in (run / "checkpoints").iterdir()) == ["step_0000001"]
+    assert ckpt.Checkpoint(run / "final").meta["step"] == 2
 
 
 def test_finetune_lowers_loss(models, single_rank):
