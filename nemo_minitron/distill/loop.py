@@ -257,8 +257,9 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
         alpha = resume_state.get("extra", {}).get("alpha", alpha)
         guard.skipped = resume_state.get("extra", {}).get("skipped_steps", 0)
         if dist.is_rank0():
-            run_dir_mod.truncate_metrics(run_dir, step)  # the steps after it run again
             log.info("resumed from %s at step %d", resume_from, step)
+    if dist.is_rank0():  # steps after the start point (all, when starting over) run again
+        run_dir_mod.truncate_metrics(run_dir, step)
 
     inter = inter_mod.IntermediateLosses(ispec, student, teacher, projections) if ispec else None
     inter_names = ([] if ispec is None else
