@@ -90,9 +90,15 @@ def test_pipeline_stops_before_evaluating_or_exporting_a_diverged_student(tmp_pa
     job = make_job(tmp_path)
     job.train = dataclasses.replace(job.train, lr=1e6, min_lr=0.0, steps=12, save_interval=1)
     job.pipeline = PipelineConfig(rounds=job.pipeline.rounds[:1])
+    rd = tmp_path / "run" / "round1"
+    # what saves killed in an earlier attempt leave (named by the writers' own prepare_output)
+    stale = [ckpt.prepare_output(rd / "pruned")[1],
+             ckpt.prepare_output(rd / "distill" / "checkpoints" / "step_0000002")[1]]
+    for p in stale:
+        p.mkdir(parents=True)
     with pytest.raises(TrainingDiverged, match="training diverged at step"):
         run_pipeline(job)
-    rd = tmp_path / "run" / "round1"
+    assert not any(p.exists() for p in stale)
     assert (rd / "pruned" / ckpt.META).is_file()
     assert finite_checkpoints(rd / "distill")
     leftover = sorted(p.name for p in rd.iterdir())

@@ -43,10 +43,7 @@ def _rank0() -> bool:
 def clean_partials(run_dir: Path) -> list[Path]:
     """Remove temporary directories of saves that never committed (a process killed while
     saving); returns what was found. Every rank sees the same list; rank 0 deletes."""
-    found = []
-    for parent in (run_dir, run_dir / "checkpoints"):
-        if parent.is_dir():
-            found += sorted(p for p in parent.glob(".*.partial-*") if p.is_dir())
+    found = ckpt.partials(run_dir) + ckpt.partials(run_dir / "checkpoints")
     if found and _rank0():
         log.warning("removing %d unfinished save(s) left by an interrupted run: %s", len(found),
                     ", ".join(str(p) for p in found))
