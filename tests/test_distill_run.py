@@ -198,7 +198,7 @@ def stop_inside_a_save(p, run, deadline):
                 p.wait()
                 return
             os.killpg(p.pid, signal.SIGCONT)
-        time.sleep(0.002)
+        time.sleep(0.005)
 
 
 def test_killed_run_resumes_to_identical_weights(models):

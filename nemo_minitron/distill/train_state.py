@@ -154,7 +154,10 @@ def unreadable(path: Path) -> str | None:
     try:
         ck = Checkpoint(path)
         for f in sorted(set(ck.weight_map.values())):
-            safe_open(str(path / f), framework="pt")  # checks the header covers the whole file
+            try:  # checks that the header covers the whole file
+                safe_open(str(path / f), framework="pt")
+            except Exception as e:
+                return f"{f}: {e}"
         state = json.loads((path / STATE / "state.json").read_text())
         layout = state["layout"]
         int(state["step"])
