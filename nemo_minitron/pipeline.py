@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -32,6 +33,12 @@ def run_pipeline(job) -> dict:
     out = Path(job.output)
     if dist.is_rank0():
         out.mkdir(parents=True, exist_ok=True)
+        stale = ckpt.partials(out, recursive=True)  # saves of any stage killed last time
+        if stale:
+            log.warning("removing %d unfinished save(s) left by an interrupted run: %s",
+                        len(stale), ", ".join(map(str, stale)))
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
     dist.barrier()
     t0 = time.time()
     stages = Stages()

@@ -17,6 +17,7 @@ from nemo_minitron.config.schema import (DataConfig, DistillJob, KDConfig, Model
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.distill import losses as L
+from nemo_minitron.distill import state_file
 from nemo_minitron.distill.carry import plan_slots
 from nemo_minitron.distill.intermediate import check_pairs, pruned_keep_index
 from nemo_minitron.pruning.apply import apply_plan
@@ -225,7 +226,7 @@ def test_depth_pruned_student_learns_hidden_states_and_resumes_exactly(kd_models
         assert cur["loss"] == pytest.approx(cur["kd"] + cur["alpha"] * (cur["hidden"] + 0.5 * cur["emb"]),
                                             rel=1e-6)
     state = t / "deep" / "checkpoints" / "step_0000003" / "train_state"
-    proj = torch.load(state / "projections-tp0-pp0.pt")
+    proj = state_file.load(state / "projections-tp0-pp0.safetensors")
     assert sorted(proj) == ["embedding.weight", "layer0_to_1.weight", "layer1_to_3.weight"]
     assert proj["layer0_to_1.weight"].shape == (128, 96)
     assert json.loads((state / "state.json").read_text())["extra"]["alpha"] == rows[3]["alpha"]

@@ -90,6 +90,10 @@ def hydra_app(stage: str, run_fn):
             return result
         except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors, not bugs
             _fail(stage, e)
+        except RuntimeError as e:
+            if not getattr(e, "same_on_all_ranks", False):  # a bug: Hydra shows the traceback
+                raise
+            _fail(stage, e)  # an expected stop, e.g. a diverged training run
         finally:
             from ..runtime import dist
 
@@ -146,7 +150,11 @@ def _fail(stage: str, err: Exception):
     while getattr(cause, "__cause__", None) is not None and not isinstance(cause, ValueError):
         cause = cause.__cause__
     msg = str(cause).split("\n    full_key")[0]
-    print(f"minitron {stage}: error: {one_line(msg)}", file=sys.stderr)
+    from ..runtime import dist
+
+    # raised alike on every rank (same_on_all_ranks): said once, by rank 0
+    if not getattr(err, "same_on_all_ranks", False) or dist.read_env().rank == 0:
+        print(f"minitron {stage}: error: {one_line(msg)}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -306,6 +306,8 @@ class TrainConfig:
     """Steps between resumable checkpoints (0: only the final one)."""
     keep_checkpoints: int = 2
     """Resumable checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    skip_nonfinite_steps: int = 0
+    """Steps with a non-finite loss or gradient skipped (no update) before training stops; 0: stop at the first."""
     seed: int = 1234
     """Seed of the data order."""
     tensorboard: bool = True
@@ -328,6 +330,9 @@ class TrainConfig:
                              f"of train.micro_batch_size={self.micro_batch_size}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(f"train.skip_nonfinite_steps={self.skip_nonfinite_steps} must be "
+                             ">= 0 (0 stops at the first non-finite step)")
 
 
 @dataclass
@@ -408,6 +413,8 @@ class FinetuneJob:
     """Run directory: checkpoints/, the final model in final/, metrics.jsonl, tb/."""
     resume: bool = True
     """Continue from the latest checkpoint in output when there is one."""
+    overwrite: bool = False
+    """Delete an earlier run's checkpoints, final/ and metrics in output and train from the start."""
 
     def __post_init__(self):
         _need_checkpoint(self.model)

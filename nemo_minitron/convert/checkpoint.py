@@ -105,6 +105,16 @@ def prepare_output(path, overwrite: bool = False) -> tuple[Path, Path]:
     return final, tmp
 
 
+def partials(root, recursive: bool = False) -> list[Path]:
+    """Temporary directories of saves that never committed (:func:`prepare_output` names them
+    ``.<name>.partial-<id>``; a process killed while saving leaves one behind)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = root.rglob(".*.partial-*") if recursive else root.glob(".*.partial-*")
+    return sorted(p for p in found if p.is_dir() and ".partial-" not in str(p.parent))
+
+
 def commit_output(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)

@@ -159,7 +159,9 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
     from ..runtime.forward import on_device
     from ..runtime.stage import load_checkpoint, save_checkpoint
     from . import intermediate as inter_mod
+    from . import run_dir as run_dir_mod
     from . import train_state
+    from .guard import Guard
     from .layer_map import auto_pairs
     from .losses import check_vocab
     from .pair import DistillPair
@@ -190,12 +192,11 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
                              "(kd.logit_weight=0); set kd.hidden_dynamic=false for fixed weights")
     else:
         ispec = None
-    resume_from = train_state.latest(run_dir) if job.resume else None
-    resume_state = None if resume_from is None else train_state.check_resume(
-        resume_from, par.tp, par.pp, tr.distributed_optimizer)
-    if resume_from is None and (run_dir / "final").exists():
-        raise FileExistsError(f"{run_dir} already holds a finished run (final/); choose another "
-                              "output or delete it")
+    start = run_dir_mod.prepare(run_dir, tr.steps, job.resume, getattr(job, "overwrite", False),
+                                par.tp, par.pp, tr.distributed_optimizer)
+    if start.finished is not None:
+        return _finished(run_dir, start.finished, tr.steps)
+    resume_from, resume_state = start.resume_from, start.state
     train_data = PackedSequences(job.data.prefix, job.data.seq_length, split="train",
                                  valid_fraction=job.data.valid_fraction, seed=tr.seed)
     valid_data = PackedSequences(job.data.prefix, job.data.seq_length, split="valid",
@@ -241,17 +242,24 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=tr.lr, min_lr=tr.min_lr, lr_warmup_steps=tr.warmup_steps,
         lr_decay_steps=tr.steps, lr_decay_style="cosine", start_wd=tr.weight_decay,
-        end_wd=tr.weight_decay, wd_incr_steps=tr.steps, wd_incr_style="constant")
+        end_wd=tr.weight_decay, wd_incr_steps=tr.steps, wd_incr_style="constant",
+        # on resume the schedule comes from this config, not the checkpoint: after a divergence
+        # a rerun with a lower train.lr continues from the last good checkpoint at that lr
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
     step = 0
     # multiplier of the intermediate terms: dynamic alpha comes from the previous step's global
     # means, so a fresh run's first step only measures them (alpha 0); fixed weights: 1
     alpha = 0.0 if ispec is not None and ispec.dynamic else 1.0
+    guard = Guard(tr, run_dir)
     if resume_from is not None:
         train_state.load(resume_from, resume_state, opt, sched, named_params)
         step = resume_state["step"]
         alpha = resume_state.get("extra", {}).get("alpha", alpha)
+        guard.skipped = resume_state.get("extra", {}).get("skipped_steps", 0)
         if dist.is_rank0():
             log.info("resumed from %s at step %d", resume_from, step)
+    if dist.is_rank0():  # steps after the start point (all, when starting over) run again
+        run_dir_mod.truncate_metrics(run_dir, step)
 
     inter = inter_mod.IntermediateLosses(ispec, student, teacher, projections) if ispec else None
     inter_names = ([] if ispec is None else
@@ -284,6 +292,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
     history, t_last, steps_last = [], time.time(), 0
 
     def save(at_step: int, final: bool = False) -> Path:
+        guard.check_weights(at_step, ddp.module)
         target = run_dir / ("final" if final else f"checkpoints/step_{at_step:07d}")
         return save_checkpoint(
             student, target, tokenizer=student_ck.tokenizer() if dist.is_rank0() else None,
@@ -292,7 +301,8 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
             per_rank=None if final else train_state.writer(
                 opt, sched, at_step, at_step * tr.global_batch_size,
                 {"tp": par.tp, "pp": par.pp, "dp": dp,
-                 "distributed_optimizer": tr.distributed_optimizer}, extra={"alpha": alpha},
+                 "distributed_optimizer": tr.distributed_optimizer},
+                extra={"alpha": alpha, "skipped_steps": guard.skipped},
                 modules={"projections": projections} if len(projections) else None,
                 named_params=named_params))
 
@@ -311,9 +321,6 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
             reports = fwd_bwd(forward_step_func=forward_step, data_iterator=iter(batches_for(step)),
                               model=[pair], num_microbatches=n_micro, seq_length=job.data.seq_length,
                               micro_batch_size=tr.micro_batch_size, forward_only=False)
-            ok, grad_norm, _ = opt.step()
-            sched.step(increment=1)
-            step += 1
             if inter is not None:
                 sums = inter.take_sums()
                 metrics = reduce_reports(reports, {k: sums.get(k, 0.0) for k in inter_names})
@@ -322,12 +329,21 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
                 metrics["loss"] += alpha * (ispec.hidden_weight * metrics.get("hidden", 0.0)
                                             + ispec.embedding_weight * metrics.get("emb", 0.0))
                 metrics["alpha"] = alpha
-                if ispec.dynamic:  # next step's alpha: the same on every rank (reduced means)
-                    alpha = ispec.alpha(metrics["kd"], metrics.get("hidden"), metrics.get("emb"))
             else:
                 metrics = reduce_reports(reports)
-            metrics.update(lr=opt.param_groups[0]["lr"], grad_norm=float(grad_norm or 0.0),
-                           skipped=not ok)
+            # checked before the update: a non-finite step never reaches the weights
+            if guard.step_ok(step + 1, metrics, ddp):
+                ok, grad_norm, _ = opt.step()
+                guard.check_grad_norm(step + 1, grad_norm)
+                if inter is not None and ispec.dynamic:  # next step's alpha: the same on every
+                    alpha = ispec.alpha(metrics["kd"], metrics.get("hidden"),  # rank (reduced)
+                                        metrics.get("emb"))
+                metrics.update(lr=opt.param_groups[0]["lr"], grad_norm=float(grad_norm or 0.0),
+                               skipped=not ok)
+            else:  # skipped (train.skip_nonfinite_steps): its batch is consumed, nothing learned
+                metrics = {"lr": opt.param_groups[0]["lr"], "skipped": True, "nonfinite": True}
+            sched.step(increment=1)
+            step += 1
             if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.steps:
                 metrics["val_loss"] = evaluate()
             history.append({"step": step, **metrics})
@@ -337,9 +353,10 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
                 eta = (tr.steps - step) * dt / max(step - steps_last, 1)
                 metrics["tokens_per_s"] = tps
                 if dist.is_rank0():
-                    parts = [f"step {step}/{tr.steps}", f"loss {metrics['loss']:.4f}"]
-                    parts += [f"{k} {metrics[k]:.4f}" for k in ("kd", "lm", "hidden", "emb", "val_loss")
-                              if k in metrics]
+                    parts = [f"step {step}/{tr.steps}"] + (["skipped"] if "nonfinite" in metrics
+                                                            else [])
+                    parts += [f"{k} {metrics[k]:.4f}" for k in ("loss", "kd", "lm", "hidden", "emb",
+                                                                "val_loss") if k in metrics]
                     parts += [f"lr {metrics['lr']:.2e}", f"{tps:.0f} tok/s", f"eta {eta:.0f}s"]
                     log.info(" | ".join(parts))
                 t_last, steps_last = time.time(), step
@@ -352,7 +369,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
         logger.write(step, {"val_loss": final_val})
         out = save(step, final=True)
         result = {"final": str(out), "steps": step, "val_loss": final_val,
-                  "train_loss": history[-1]["loss"] if history else None}
+                  "train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None)}
         if dist.is_rank0():
             from ..report.stages import training_report
 
@@ -367,3 +384,24 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
             inter.close()
         logger.close()
         dist.release()
+
+
+def _finished(run_dir: Path, meta: dict, steps: int) -> dict:
+    """The result of a run that is already complete (nothing is trained or written)."""
+    from ..runtime import dist
+
+    rows = []
+    f = run_dir / "metrics.jsonl"
+    for line in f.read_text(errors="replace").splitlines() if f.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    val = next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None)
+    loss = next((r["loss"] for r in reversed(rows) if "loss" in r), None)
+    if dist.read_env().rank == 0:
+        log.warning("%s already finished: final/ holds step %s of train.steps=%d; nothing to do "
+                    "(pass overwrite=true to train again, or a larger train.steps to continue)",
+                    run_dir, meta.get("step"), steps)
+    return {"final": str(run_dir / "final"), "steps": meta.get("step"), "val_loss": val,
+            "train_loss": loss, "already_finished": True}

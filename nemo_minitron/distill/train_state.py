@@ -1,14 +1,15 @@
 """Resumable training state saved inside each training checkpoint, next to the student weights.
 
 ``train_state/`` holds ``state.json`` (step, samples consumed, scheduler state, layout and
-optimizer kind),
-``optim-tp{t}-pp{p}.pt`` (the optimizer state of each model-parallel shard, written by data-
-parallel rank 0: without the distributed optimizer it is replicated across DP; with it, the DP
-shards are first gathered per parameter name by :mod:`.optim_state`, so either way a run resumes
-at another DP size), ``rng-rank{r}.pt`` and, for trainable modules that are not part
-of the student checkpoint (the projections of intermediate distillation losses),
-``<name>-tp{t}-pp{p}.pt``. Files are written in the checkpoint's
-temporary directory and become visible only when the whole checkpoint is committed.
+optimizer kind), ``optim-tp{t}-pp{p}.safetensors`` (the optimizer state of each model-parallel
+shard, written by data-parallel rank 0: without the distributed optimizer it is replicated across
+DP; with it, the DP shards are first gathered per parameter name by :mod:`.optim_state`, so
+either way a run resumes at another DP size), ``rng-rank{r}.safetensors`` and, for trainable
+modules that are not part of the student checkpoint (the projections of intermediate
+distillation losses), ``<name>-tp{t}-pp{p}.safetensors``. All are :mod:`.state_file`s (tensors
+plus a JSON tree, never pickle); checkpoints of the earlier pickle format (``*.pt``) are refused,
+not read. Files are written in the checkpoint's temporary directory and become visible only when
+the whole checkpoint is committed.
 """
 
 from __future__ import annotations
@@ -19,13 +20,25 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
+from . import state_file
+
 STATE = "train_state"
 
 
-def _mp_name(prefix: str = "optim") -> str:
+EXT = ".safetensors"
+OLD_EXT = ".pt"  # the pickle format of earlier versions: refused, never unpickled
+
+
+def _mp_name(prefix: str = "optim", tp_rank: int | None = None, pp_rank: int | None = None) -> str:
     from megatron.core import parallel_state as ps
 
-    return f"{prefix}-tp{ps.get_tensor_model_parallel_rank()}-pp{ps.get_pipeline_model_parallel_rank()}.pt"
+    t = ps.get_tensor_model_parallel_rank() if tp_rank is None else tp_rank
+    p = ps.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank
+    return f"{prefix}-tp{t}-pp{p}{EXT}"
+
+
+def _rng_name(rank: int) -> str:
+    return f"rng-rank{rank}{EXT}"
 
 
 def _rank() -> int:
@@ -52,12 +65,12 @@ def writer(optimizer, scheduler, step: int, samples: int, layout: dict, extra: d
         else:
             blob = optimizer.state_dict() if dp0 else None
         if dp0:
-            torch.save(blob, d / _mp_name())
+            state_file.save(d / _mp_name(), blob)
             for name, module in (modules or {}).items():
-                torch.save(module.state_dict(), d / _mp_name(name))
-        torch.save({"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-                   d / f"rng-rank{_rank()}.pt")
+                state_file.save(d / _mp_name(name), dict(module.state_dict()))
+        state_file.save(d / _rng_name(_rank()), {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
         if _rank() == 0:
             (d / "state.json").write_text(json.dumps(
                 {"step": step, "samples": samples, "scheduler": scheduler.state_dict(),
@@ -69,6 +82,7 @@ def writer(optimizer, scheduler, step: int, samples: int, layout: dict, extra: d
 def check_resume(path: Path, tp: int, pp: int, distributed_optimizer: bool) -> dict:
     """state.json of checkpoint ``path``, checked against this run's layout and optimizer before
     any model is loaded (the weights alone load at any layout; the training state does not)."""
+    refuse_old_format(path)
     state = json.loads((Path(path) / STATE / "state.json").read_text())
     layout = state["layout"]
     if (layout["tp"], layout["pp"]) != (tp, pp):
@@ -90,15 +104,15 @@ def load(path: Path, state: dict, optimizer, scheduler, named_params: dict | Non
     from . import optim_state
 
     d = Path(path) / STATE
-    saved = torch.load(d / _mp_name(), weights_only=False)
+    saved = state_file.load(d / _mp_name())
     if optim_state.is_distributed(optimizer):
         optim_state.scatter(optimizer, saved, named_params)
     else:
         optimizer.load_state_dict(saved)
     scheduler.load_state_dict(state["scheduler"])
-    rng = d / f"rng-rank{_rank()}.pt"
+    rng = d / _rng_name(_rank())
     if rng.exists():  # absent when resuming with more data-parallel ranks than were saved
-        r = torch.load(rng, weights_only=False)
+        r = state_file.load(rng)
         torch.set_rng_state(r["cpu"])
         if r["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(r["cuda"])
@@ -114,22 +128,72 @@ def load_modules(path: Path, modules: dict) -> None:
             raise ValueError(f"{path} holds no {f.name}: it was written without these {name} "
                              "(were kd.hidden_pairs / kd.embedding_weight changed?); resume with "
                              "the run's original kd settings or start a new output directory")
-        module.load_state_dict(torch.load(f, weights_only=True))
+        module.load_state_dict(state_file.load(f))
+
+
+def refuse_old_format(path: Path) -> None:
+    """Refuse a checkpoint whose training state is in the earlier pickle format: unpickling a
+    file from a run directory can run arbitrary code, so it is not even opened."""
+    d = Path(path) / STATE
+    old = sorted(d.glob(f"*{OLD_EXT}")) if d.is_dir() else []
+    if old and not any(d.glob(f"optim-*{EXT}")):
+        raise ValueError(f"{old[0]} is training state in the old pickle format, which is not read "
+                         f"(unpickling can run code); continue from its weights in a new run: "
+                         f"model.checkpoint={path} output=<new dir>")
+
+
+def unreadable(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed from (None if it can): incomplete, truncated or
+    corrupt weights, state.json or training-state files. Reads headers only (no tensor data)."""
+    from safetensors import safe_open
+
+    from ..convert.checkpoint import Checkpoint
+
+    path = Path(path)
+    refuse_old_format(path)
+    try:
+        ck = Checkpoint(path)
+        for f in sorted(set(ck.weight_map.values())):
+            try:  # checks that the header covers the whole file
+                safe_open(str(path / f), framework="pt")
+            except Exception as e:
+                return f"{f}: {e}"
+        state = json.loads((path / STATE / "state.json").read_text())
+        layout = state["layout"]
+        int(state["step"])
+        d = path / STATE
+        need = [d / _mp_name("optim", t, p) for t in range(layout["tp"]) for p in range(layout["pp"])]
+        need += [d / _rng_name(r) for r in range(layout["tp"] * layout["pp"] * layout.get("dp", 1))]
+        for f in need:
+            if not f.is_file():
+                return f"{f.name} is missing"
+        for f in sorted(set(need) | set(d.glob(f"*{EXT}"))):
+            state_file.check(f)
+    except Exception as e:  # any failure means: not this one, try an older checkpoint
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def saved(run_dir: Path) -> list[Path]:
+    """Committed checkpoints under ``run_dir/checkpoints``, oldest first (readable or not)."""
+    ckdir = Path(run_dir) / "checkpoints"
+    return sorted(p for p in ckdir.glob("step_*") if (p / STATE / "state.json").is_file()) \
+        if ckdir.is_dir() else []
 
 
 def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint under ``run_dir/checkpoints`` (None if there is none)."""
-    ckdir = Path(run_dir) / "checkpoints"
-    done = sorted(p for p in ckdir.glob("step_*") if (p / STATE / "state.json").is_file()) \
-        if ckdir.is_dir() else []
+    """The newest committed checkpoint under ``run_dir/checkpoints`` (None if there is none)."""
+    done = saved(run_dir)
     return done[-1] if done else None
 
 
 def prune_old(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints (the newest is never deleted)."""
+    """Delete all but the newest ``keep`` complete checkpoints (the newest is never deleted).
+
+    The loop saves only finite weights (:mod:`.guard`), so the newest kept one is the last
+    finite one."""
     import shutil
 
-    ckdir = Path(run_dir) / "checkpoints"
-    done = sorted(p for p in ckdir.glob("step_*") if (p / STATE / "state.json").is_file())
+    done = saved(run_dir)
     for p in done[: max(len(done) - max(keep, 1), 0)]:
         shutil.rmtree(p, ignore_errors=True)

@@ -15,7 +15,8 @@ def main(ckpt_dir, data_prefix, out):
                        parallel=ParallelConfig(tp=tp, pp=pp),
                        data=DataConfig(prefix=data_prefix, seq_length=32, valid_fraction=0.1),
                        prune=PruneConfig(target=PruneTargetConfig(hidden_size=96, ffn_hidden_size=160,
-                                                                  num_attention_heads=2, num_layers=3),
+                                                                  num_attention_heads=2, num_query_groups=1,
+                                                                  num_layers=3),
                                          calib_samples=8, micro_batch_size=2),
                        output=f"{out}/{name}")
         res = prune(job)
