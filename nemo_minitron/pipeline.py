@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config.schema import (DistillJob, FinetuneJob, PruneJob, RoundConfig, SearchJob)
 from .convert import checkpoint as ckpt
+from .evaluate.judge import task_rows
 from .runs import Stages, complete, kd_spec, task_scores, with_checkpoint, write_json
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def run_pipeline(job) -> dict:
             "search": searched,
             "pruned_dir": str(pruned),
             "val_loss": {k: v["loss"] for k, v in evals.items()},
-            "tasks": {k: task_scores(v) for k, v in evals.items() if "tasks" in v}})
+            "tasks": {k: task_scores(v) for k, v in evals.items() if "tasks" in v},
+            "task_table": task_rows({k: v for k, v in evals.items() if "tasks" in v})})
         teacher = student
     summary.update(seconds=round(time.time() - t0, 1), stage_seconds=stages.seconds)
     write_json(out / "summary.json", summary)
