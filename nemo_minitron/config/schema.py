@@ -108,8 +108,10 @@ class ExportJob:
 @dataclass
 class DataJob:
     inputs: list[str] = field(default_factory=list)
-    """Text (.txt), JSONL (.jsonl, field `json_key`) or Wikipedia dump (.xml/.bz2) files."""
+    """Text (.txt), JSONL (.jsonl), Wikipedia dump (.xml/.bz2), parquet or arrow (Hugging Face
+    datasets: hub parquet files, save_to_disk directories) files or directories."""
     json_key: str = "text"
+    """The JSONL field, or the parquet/arrow column, holding the text."""
     tokenizer: Optional[str] = None
     """Checkpoint directory (its tokenizer/) or Hugging Face tokenizer name/dir."""
     output: Optional[str] = None
