@@ -27,11 +27,17 @@ class ModelConfig:
     gguf_file: Optional[str] = None
     """GGUF file name inside `source`, when source is a directory or hub repo."""
     dtype: str = "fp32"
-    """Compute/parameter dtype: fp32 or bf16."""
+    """Compute/parameter dtype: fp32, bf16, or auto (bf16 where the hardware multiplies bf16
+    natively: AMX/AVX512-BF16 CPUs, bf16 GPUs; fp32 elsewhere; the shipped model configs use it)."""
 
     def __post_init__(self):
+        if self.dtype == "auto":  # resolved once, here: every stage sees fp32 or bf16
+            from ..runtime.precision import auto_dtype
+
+            self.dtype = auto_dtype()
         if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r} is not supported; use one of {DTYPES}")
+            raise ValueError(f"model.dtype={self.dtype!r} is not supported; use one of "
+                             f"{DTYPES} or auto")
 
 
 @dataclass

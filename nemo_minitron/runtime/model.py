@@ -86,7 +86,12 @@ def layer_spec(use_te: bool | None = None):
         use_te = te_available()
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    # fused attention instead of megatron's unfused local one (see runtime/sdpa.py)
+    from .sdpa import SDPAttention
+
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def rope_inv_freq(arch: Arch) -> torch.Tensor:
