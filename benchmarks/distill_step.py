@@ -30,14 +30,23 @@ import torch
 import torch.nn.functional as F
 
 
-def best(fn, steps: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+def interleaved(runners: dict, steps: int) -> dict:
+    """Best time of every (runner, phase) over ``steps`` rounds, each round running every
+    configuration once in turn: on a shared machine, whose load drifts over minutes, the
+    configurations then see the same conditions and their ratios stay meaningful."""
+    for fns in runners.values():  # warm-up
+        for fn in fns.values():
+            fn()
+    times = {(key, ph): [] for key, fns in runners.items() for ph in fns}
+    for r in range(steps):
+        for key, fns in runners.items():
+            for ph, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[(key, ph)].append(time.perf_counter() - t)
+        print(f"round {r + 1}/{steps} done (load {os.getloadavg()[0]:.2f})", flush=True)
+    out = {key: {ph: min(times[(key, ph)]) for ph in fns} for key, fns in runners.items()}
+    return out
 
 
 def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) -> dict:
@@ -87,9 +96,9 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
     def distill_step():
         ddp.zero_grad_buffer(); opt.zero_grad(); run(kd_pair, kd_spec); opt.step()
 
-    out = {"teacher": best(teacher_forward, args.steps), "student": best(student_step, args.steps),
-           "kd": best(distill_step, args.steps)}
+    out = {"teacher": teacher_forward, "student": student_step, "kd": distill_step}
     if profile_dir:
+        distill_step()  # warm-up
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -137,8 +146,7 @@ def plain(teacher_hf, student_hf, batch, args, dtype: str) -> dict:
         loss.backward()
         opt.step()
 
-    return {"teacher": best(teacher_forward, args.steps), "student": best(student_step, args.steps),
-            "kd": best(distill_step, args.steps)}
+    return {"teacher": teacher_forward, "student": student_step, "kd": distill_step}
 
 
 def main() -> None:
@@ -175,21 +183,25 @@ def main() -> None:
     tokens = args.mbs * args.seq
     dtypes = args.dtypes.split(",")
 
-    results = {}
+    runners = {}
     dist.init(1, 1)
     try:
+        archs = None
         for dt in dtypes:
-            results[("ours", dt)] = ours(teacher_path, student_path, batch, args, dt,
-                                         args.profile if dt == "bf16" else None)
+            runners[("ours", dt)] = r = ours(teacher_path, student_path, batch, args, dt,
+                                             args.profile if dt == "bf16" else None)
+            archs = r.pop("arch")
+        if not args.no_hf:
+            export_hf(teacher_path, tmp + "/teacher_hf")
+            export_hf(student_path, tmp + "/student_hf")
+            for dt in dtypes:
+                runners[("plain", dt)] = plain(tmp + "/teacher_hf", tmp + "/student_hf", batch,
+                                               args, dt)
+        results = interleaved(runners, args.steps)
     finally:
         dist.shutdown()
-    if not args.no_hf:
-        export_hf(teacher_path, tmp + "/teacher_hf")
-        export_hf(student_path, tmp + "/student_hf")
-        for dt in dtypes:
-            results[("plain", dt)] = plain(tmp + "/teacher_hf", tmp + "/student_hf", batch, args, dt)
 
-    ta, sa = results[("ours", dtypes[0])]["arch"]
+    ta, sa = archs
 
     def n_compute(arch):  # non-embedding parameters + the output layer's matmul
         return arch.num_params(embeddings=False) + arch.vocab_size * arch.hidden_size

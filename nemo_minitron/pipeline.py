@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config.schema import (DistillJob, FinetuneJob, PruneJob, RoundConfig, SearchJob)
 from .convert import checkpoint as ckpt
-from .evaluate.judge import task_rows
+from .evaluate.judge import mean_retained, task_rows
 from .runs import Stages, complete, kd_spec, task_scores, with_checkpoint, write_json
 
 log = logging.getLogger(__name__)
@@ -103,5 +103,10 @@ def run_pipeline(job) -> dict:
         from .report.pipeline import write_report
 
         write_report(out, summary)
+        for r in summary["rounds"]:
+            m = mean_retained(r["task_table"], "distilled")
+            if m is not None:
+                log.info("%s: distilled student keeps %.2f of the teacher's above-chance accuracy "
+                         "(mean over %s)", r["name"], m, ", ".join(t["task"] for t in r["task_table"]))
         log.info("pipeline done in %.0f s; report: %s", summary["seconds"], out / "report.md")
     return summary
