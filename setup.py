@@ -19,6 +19,9 @@ install_requires = [
     "numpy",
     "tqdm",
     "matplotlib>=3.7",
+    # train.tensorboard is on by default: the scalars need the writer (~50 MB with grpcio and its
+    # data server; torch.utils.tensorboard imports it)
+    "tensorboard>=2.14",
 ]
 
 extras = {

@@ -1,12 +1,20 @@
-"""Cost of co-locating teacher and student: a distillation step against a teacher forward plus
-a student training step run alone, with tokens/s and MFU-style FLOP accounting.
+"""Distillation step cost: teacher forward, student training step and distillation step, in fp32
+and bf16 back to back in one process, next to a plain `transformers` KD loop on the same models,
+batch and threads.
 
     python benchmarks/distill_step.py [--student PATH] [--steps 3] [--mbs 4] [--seq 256]
+                                      [--dtypes fp32,bf16] [--no-hf] [--profile DIR]
 
 Default student: SmolLM2-135M width-pruned to ~68M (made here with random importance if no
---student is given; speed does not depend on the weights). fp32, one process.
+--student is given; speed does not depend on the weights). One process.
+
+Ours: megatron-core models as the training loop builds them (bf16 = bf16 weights with fp32 main
+weights and grads in megatron's optimizer, as on GPUs), the chunked logit KL. Plain: the
+exported Hugging Face models, teacher forward under no_grad, student forward, full-vocabulary
+KL in fp32, torch AdamW on the student's parameters (in bf16 they are bf16 and there are no
+fp32 main weights: less work than ours, which keeps them).
 FLOPs per token: 2*N_teacher (forward) + 6*N_student (forward+backward), N = non-embedding params
-plus the output layer.
+plus the output layer. --profile DIR writes a torch.profiler table of one bf16 distillation step.
 """
 
 from __future__ import annotations
@@ -19,51 +27,46 @@ import time
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--student")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--mbs", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--chunk", type=int, default=128)
-    args = ap.parse_args()
+def interleaved(runners: dict, steps: int) -> dict:
+    """Best time of every (runner, phase) over ``steps`` rounds, each round running every
+    configuration once in turn: on a shared machine, whose load drifts over minutes, the
+    configurations then see the same conditions and their ratios stay meaningful."""
+    for fns in runners.values():  # warm-up
+        for fn in fns.values():
+            fn()
+    times = {(key, ph): [] for key, fns in runners.items() for ph in fns}
+    for r in range(steps):
+        for key, fns in runners.items():
+            for ph, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[(key, ph)].append(time.perf_counter() - t)
+        print(f"round {r + 1}/{steps} done (load {os.getloadavg()[0]:.2f})", flush=True)
+    out = {key: {ph: min(times[(key, ph)]) for ph in fns} for key, fns in runners.items()}
+    return out
 
+
+def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from nemo_minitron import defaults
-    from nemo_minitron.convert import checkpoint as ckpt
-    from nemo_minitron.data.packed import PackedSequences
     from nemo_minitron.distill.loop import LossSpec, make_loss_func
     from nemo_minitron.distill.pair import DistillPair
-    from nemo_minitron.pruning.apply import apply_plan
-    from nemo_minitron.pruning.select import Targets, make_plan, random_importance
-    from nemo_minitron.runtime import dist
     from nemo_minitron.runtime.stage import load_checkpoint
 
-    teacher_path = defaults.checkpoint_dir()
-    student_path = args.student
-    if student_path is None:
-        t = ckpt.Checkpoint(teacher_path)
-        plan = make_plan(t.arch, random_importance(t.arch, 0),
-                         Targets(hidden_size=384, ffn_hidden_size=1024, num_attention_heads=6))
-        student_path = tempfile.mkdtemp() + "/student"
-        ckpt.save(student_path, plan.target, apply_plan(plan, t.get))
-    dist.init(1, 1)
-    teacher, _ = load_checkpoint(teacher_path)
-    student, _ = load_checkpoint(student_path)
+    teacher, _ = load_checkpoint(teacher_path, dtype)
+    student, _ = load_checkpoint(student_path, dtype)
     ddp = DistributedDataParallel(student.config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True), student.model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, bf16=False,
-                                                 params_dtype=torch.float32), [ddp])
-    data = PackedSequences(defaults.dataset_prefix(), args.seq, split="train")
-    batch = next(data.batches(args.mbs, num_batches=1))
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, bf16=dtype == "bf16",
+                                                 params_dtype=student.config.params_dtype), [ddp])
     vocab = student.arch.vocab_size
 
-    def run(pair, spec, forward_only=False):
+    def run(pair, spec):
         loss_func = make_loss_func(spec)
 
         def step(it, model):
@@ -74,7 +77,7 @@ def main() -> None:
         cfg.no_sync_func, cfg.finalize_model_grads_func = ddp.no_sync, None
         return get_forward_backward_func()(forward_step_func=step, data_iterator=iter([batch]),
                                            model=[pair], num_microbatches=1, seq_length=args.seq,
-                                           micro_batch_size=args.mbs, forward_only=forward_only)
+                                           micro_batch_size=args.mbs, forward_only=False)
 
     kd_pair = DistillPair(ddp, teacher.model, student.arch.hidden_size, teacher.arch.hidden_size,
                           student.config)
@@ -93,30 +96,138 @@ def main() -> None:
     def distill_step():
         ddp.zero_grad_buffer(); opt.zero_grad(); run(kd_pair, kd_spec); opt.step()
 
-    def best(fn):
-        fn()  # warm-up
-        ts = []
-        for _ in range(args.steps):
-            t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-        return min(ts)
+    out = {"teacher": teacher_forward, "student": student_step, "kd": distill_step}
+    if profile_dir:
+        distill_step()  # warm-up
+        from torch.profiler import ProfilerActivity, profile
 
-    t_teacher, t_student, t_kd = best(teacher_forward), best(student_step), best(distill_step)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            distill_step()
+        os.makedirs(profile_dir, exist_ok=True)
+        path = os.path.join(profile_dir, f"distill_step_{dtype}.txt")
+        with open(path, "w") as f:
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+            f.write("\n\nby input shape\n")
+            f.write(prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cpu_time_total", row_limit=40))
+        print(f"profile: {path}")
+    out["arch"] = (teacher.arch, student.arch)
+    return out
+
+
+def plain(teacher_hf, student_hf, batch, args, dtype: str) -> dict:
+    """The textbook loop: what a user would write with transformers alone."""
+    from transformers import AutoModelForCausalLM
+
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_hf, dtype=dt).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_hf, dtype=dt).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    tokens = batch["tokens"]
+
+    def teacher_forward():
+        with torch.no_grad():
+            return teacher(tokens).logits
+
+    def student_step():
+        opt.zero_grad(set_to_none=True)
+        out = student(tokens, labels=tokens)
+        out.loss.backward()
+        opt.step()
+
+    def distill_step():
+        opt.zero_grad(set_to_none=True)
+        t = teacher_forward()
+        s = student(tokens).logits
+        v = s.size(-1)
+        loss = F.kl_div(F.log_softmax(s.float().view(-1, v), -1),
+                        F.log_softmax(t.float().view(-1, v), -1), log_target=True,
+                        reduction="batchmean")
+        loss.backward()
+        opt.step()
+
+    return {"teacher": teacher_forward, "student": student_step, "kd": distill_step}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--student")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--no-hf", action="store_true", help="skip the plain transformers loop")
+    ap.add_argument("--profile", help="directory for a torch.profiler table of the KD step")
+    args = ap.parse_args()
+
+    from nemo_minitron import defaults
+    from nemo_minitron.convert import checkpoint as ckpt
+    from nemo_minitron.convert.hf import export_hf
+    from nemo_minitron.data.packed import PackedSequences
+    from nemo_minitron.pruning.apply import apply_plan
+    from nemo_minitron.pruning.select import Targets, make_plan, random_importance
+    from nemo_minitron.runtime import dist
+
+    tmp = tempfile.mkdtemp()
+    teacher_path = defaults.checkpoint_dir()
+    student_path = args.student
+    if student_path is None:
+        t = ckpt.Checkpoint(teacher_path)
+        plan = make_plan(t.arch, random_importance(t.arch, 0),
+                         Targets(hidden_size=384, ffn_hidden_size=1024, num_attention_heads=6))
+        student_path = tmp + "/student"
+        ckpt.save(student_path, plan.target, apply_plan(plan, t.get))
+    data = PackedSequences(defaults.dataset_prefix(), args.seq, split="train")
+    batch = next(data.batches(args.mbs, num_batches=1))
     tokens = args.mbs * args.seq
+    dtypes = args.dtypes.split(",")
+
+    runners = {}
+    dist.init(1, 1)
+    try:
+        archs = None
+        for dt in dtypes:
+            runners[("ours", dt)] = r = ours(teacher_path, student_path, batch, args, dt,
+                                             args.profile if dt == "bf16" else None)
+            archs = r.pop("arch")
+        if not args.no_hf:
+            export_hf(teacher_path, tmp + "/teacher_hf")
+            export_hf(student_path, tmp + "/student_hf")
+            for dt in dtypes:
+                runners[("plain", dt)] = plain(tmp + "/teacher_hf", tmp + "/student_hf", batch,
+                                               args, dt)
+        results = interleaved(runners, args.steps)
+    finally:
+        dist.shutdown()
+
+    ta, sa = archs
 
     def n_compute(arch):  # non-embedding parameters + the output layer's matmul
         return arch.num_params(embeddings=False) + arch.vocab_size * arch.hidden_size
 
-    flops = (2 * n_compute(teacher.arch) + 6 * n_compute(student.arch)) * tokens
+    flops = (2 * n_compute(ta) + 6 * n_compute(sa)) * tokens
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
-    print(f"teacher {teacher.arch.num_params() / 1e6:.1f}M -> student "
-          f"{student.arch.num_params() / 1e6:.1f}M, {args.mbs} x {args.seq} tokens, fp32")
-    print(f"teacher forward      {t_teacher:6.2f} s")
-    print(f"student train step   {t_student:6.2f} s")
-    print(f"distillation step    {t_kd:6.2f} s  ({tokens / t_kd:.0f} tokens/s, "
-          f"{flops / t_kd / 1e9:.1f} GFLOP/s)")
-    print(f"co-location overhead {t_kd / (t_teacher + t_student):6.3f}  (target <= 1.10)")
-    dist.shutdown()
+          f"threads {torch.get_num_threads()}, cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, load {os.getloadavg()[0]:.2f}")
+    print(f"teacher {ta.num_params() / 1e6:.1f}M -> student {sa.num_params() / 1e6:.1f}M, "
+          f"{args.mbs} x {args.seq} tokens, best of {args.steps}")
+    print(f"{'loop':6s} {'dtype':5s} {'teacher fwd':>12s} {'student step':>13s} {'KD step':>9s} "
+          f"{'KD tok/s':>9s} {'GFLOP/s':>8s} {'overhead':>9s}")
+    for (who, dt), r in results.items():
+        print(f"{who:6s} {dt:5s} {r['teacher']:11.2f}s {r['student']:12.2f}s {r['kd']:8.2f}s "
+              f"{tokens / r['kd']:9.0f} {flops / r['kd'] / 1e9:8.1f} "
+              f"{r['kd'] / (r['teacher'] + r['student']):9.3f}")
+    for who in ("ours", "plain"):
+        if (who, "fp32") in results and (who, "bf16") in results:
+            f, b = results[(who, "fp32")], results[(who, "bf16")]
+            print(f"{who}: bf16 speed-up  teacher {f['teacher'] / b['teacher']:.2f}x, student "
+                  f"{f['student'] / b['student']:.2f}x, KD step {f['kd'] / b['kd']:.2f}x "
+                  "(goal >= 2.5x)")
+    for dt in dtypes:
+        if ("plain", dt) in results:
+            print(f"{dt}: ours vs plain transformers KD step "
+                  f"{results[('plain', dt)]['kd'] / results[('ours', dt)]['kd']:.2f}x (goal >= 1.2x)")
 
 
 if __name__ == "__main__":

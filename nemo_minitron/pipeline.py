@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config.schema import (DistillJob, FinetuneJob, PruneJob, RoundConfig, SearchJob)
 from .convert import checkpoint as ckpt
+from .evaluate.judge import mean_retained, task_rows
 from .runs import Stages, complete, kd_spec, task_scores, with_checkpoint, write_json
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ def run_pipeline(job) -> dict:
             "search": searched,
             "pruned_dir": str(pruned),
             "val_loss": {k: v["loss"] for k, v in evals.items()},
-            "tasks": {k: task_scores(v) for k, v in evals.items() if "tasks" in v}})
+            "tasks": {k: task_scores(v) for k, v in evals.items() if "tasks" in v},
+            "task_table": task_rows({k: v for k, v in evals.items() if "tasks" in v})})
         teacher = student
     summary.update(seconds=round(time.time() - t0, 1), stage_seconds=stages.seconds)
     write_json(out / "summary.json", summary)
@@ -110,5 +112,10 @@ def run_pipeline(job) -> dict:
         from .report.pipeline import write_report
 
         write_report(out, summary)
+        for r in summary["rounds"]:
+            m = mean_retained(r["task_table"], "distilled")
+            if m is not None:
+                log.info("%s: distilled student keeps %.2f of the teacher's above-chance accuracy "
+                         "(mean over %s)", r["name"], m, ", ".join(t["task"] for t in r["task_table"]))
         log.info("pipeline done in %.0f s; report: %s", summary["seconds"], out / "report.md")
     return summary

@@ -188,6 +188,52 @@ def test_sources_errors(tmp_path):
         list(iter_documents(tmp_path / "missing.txt"))
 
 
+def _table(rows: dict):
+    import pyarrow as pa
+
+    return pa.table(rows)
+
+
+def test_sources_parquet_and_arrow(tmp_path):
+    """Hub parquet files and save_to_disk directories (Arrow IPC streams), written by pyarrow;
+    the random-access Arrow file format too; null rows skipped; only the text column is read."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
+    pq.write_table(_table({"id": [1, 2, 3], "text": ["p one", None, "p three"]}),
+                   tmp_path / "train-00000-of-00001.parquet", row_group_size=2)
+    disk = tmp_path / "saved" / "train"  # the layout of Dataset.save_to_disk
+    disk.mkdir(parents=True)
+    (disk / "dataset_info.json").write_text("{}")
+    t = _table({"page": ["s one", "s two"], "title": ["A", "B"]})
+    with ipc.new_stream(str(disk / "data-00000-of-00001.arrow"), t.schema) as w:
+        for b in t.to_batches(max_chunksize=1):
+            w.write_batch(b)
+    with pa.OSFile(str(tmp_path / "file.arrow"), "wb") as f, ipc.new_file(f, t.schema) as w:
+        w.write_table(t)
+    assert list(iter_documents(tmp_path / "train-00000-of-00001.parquet")) == ["p one", "p three"]
+    assert list(iter_documents(tmp_path / "saved", json_key="page")) == ["s one", "s two"]
+    assert list(iter_documents(tmp_path / "file.arrow", json_key="page")) == ["s one", "s two"]
+
+
+def test_sources_missing_column_named_before_tokenizing(tmp_path):
+    import pyarrow.parquet as pq
+
+    from nemo_minitron.cli.data import run
+    from nemo_minitron.config.schema import DataJob
+
+    pq.write_table(_table({"content": ["x"], "n": [1]}), tmp_path / "a.parquet")
+    job = DataJob(inputs=[str(tmp_path / "a.parquet")], tokenizer=str(tmp_path / "no_tokenizer"),
+                  output=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"a.parquet: no column 'text' \(found: content, n\); "
+                                         r"pass json_key=<the column holding the text>"):
+        run(job)  # the tokenizer path does not exist: the column check came first
+    with pytest.raises(ValueError, match=r"column 'n' holds int64, not text"):
+        list(iter_documents(tmp_path / "a.parquet", json_key="n"))
+    assert not (tmp_path / "out.bin").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # indexed datasets
 

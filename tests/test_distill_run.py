@@ -405,3 +405,27 @@ def test_bf16_training_resumes_exactly(models, single_rank, sharded):
     resumed = ckpt.Checkpoint(t / f"{name}_resumed" / "final")
     for k in final.keys():
         assert torch.equal(final.get(k), resumed.get(k)), k
+
+
+def test_auto_dtype_follows_fp32(models, single_rank):
+    """model.dtype=auto (the shipped configs' default) picks this machine's fast dtype (bf16 on
+    CPUs with AVX512-BF16/AMX) and trains along the fp32 trajectory within bf16 precision."""
+    import dataclasses
+
+    from distill_layouts import job
+    from nemo_minitron.config.schema import ModelConfig
+    from nemo_minitron.distill.loop import train
+    from nemo_minitron.runtime.precision import auto_dtype
+
+    t = models
+    j = job(t / "student", t / "teacher", t / "corpus", t / "auto", 1, 1, steps=4)
+    j.model = ModelConfig(**{**vars(j.model), "dtype": "auto"})
+    assert j.model.dtype == auto_dtype() in ("fp32", "bf16")
+    j.train = dataclasses.replace(j.train, save_interval=2)
+    train(j, str(t / "teacher"), dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16), "distill")
+    if not (t / "fp32_ref" / "final").exists():
+        four_steps(t, t / "fp32_ref")
+    want = [r["loss"] for r in metrics(t / "fp32_ref") if "loss" in r]
+    got = [r["loss"] for r in metrics(t / "auto") if "loss" in r]
+    assert got == pytest.approx(want, rel=2e-2)
+    assert (got != want) == (j.model.dtype == "bf16")

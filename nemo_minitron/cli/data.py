@@ -1,4 +1,4 @@
-"""`minitron data`: tokenise text/JSONL/Wikipedia files into a megatron-core indexed dataset."""
+"""`minitron data`: tokenise text/JSONL/Wikipedia/parquet/arrow files into a megatron-core indexed dataset."""
 
 import logging
 from pathlib import Path
@@ -24,8 +24,9 @@ def load_tokenizer(name: str):
 
 def run(job) -> dict:
     from ..data.indexed import build_indexed
-    from ..data.sources import iter_documents
+    from ..data.sources import check_columns, iter_documents
 
+    check_columns(job.inputs, job.json_key)  # a missing text column fails before the tokenizer loads
     tok = load_tokenizer(job.tokenizer)
     eod = None
     if job.eod_token is not None:

@@ -28,7 +28,8 @@ class ModelConfig:
     gguf_file: Optional[str] = None
     """GGUF file name inside `source`, when source is a directory or hub repo."""
     dtype: str = "fp32"
-    """Compute/parameter dtype: fp32 or bf16."""
+    """Compute/parameter dtype: fp32, bf16, or auto (bf16 where the hardware multiplies bf16
+    natively: AMX/AVX512-BF16 CPUs, bf16 GPUs; fp32 elsewhere; the shipped model configs use it)."""
     # --- megatron-core checkpoints (issue 20) ---
     arch: Dict[str, Any] = field(default_factory=dict)
     """Architecture fields (Arch names) overriding, or supplying where it records none, the
@@ -37,8 +38,13 @@ class ModelConfig:
     """Hugging Face tokenizer (dir or hub name) stored with a megatron checkpoint on import."""
 
     def __post_init__(self):
+        if self.dtype == "auto":  # resolved once, here: every stage sees fp32 or bf16
+            from ..runtime.precision import auto_dtype
+
+            self.dtype = auto_dtype()
         if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r} is not supported; use one of {DTYPES}")
+            raise ValueError(f"model.dtype={self.dtype!r} is not supported; use one of "
+                             f"{DTYPES} or auto")
 
 
 @dataclass
@@ -121,8 +127,10 @@ class ExportJob:
 @dataclass
 class DataJob:
     inputs: list[str] = field(default_factory=list)
-    """Text (.txt), JSONL (.jsonl, field `json_key`) or Wikipedia dump (.xml/.bz2) files."""
+    """Text (.txt), JSONL (.jsonl), Wikipedia dump (.xml/.bz2), parquet or arrow (Hugging Face
+    datasets: hub parquet files, save_to_disk directories) files or directories."""
     json_key: str = "text"
+    """The JSONL field, or the parquet/arrow column, holding the text."""
     tokenizer: Optional[str] = None
     """Checkpoint directory (its tokenizer/) or Hugging Face tokenizer name/dir."""
     output: Optional[str] = None

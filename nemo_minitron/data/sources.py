@@ -11,6 +11,9 @@ document, by suffix:
 - ``.jsonl`` (``.jsonl.gz``): one document per non-blank line, the string field ``json_key``.
 - ``.xml`` / ``.bz2`` (``.xml.gz``): a MediaWiki dump; each article becomes ``"Title\\n\\ntext"``
   (see :mod:`nemo_minitron.data.wiki`).
+- ``.parquet`` and ``.arrow``: the formats Hugging Face datasets ship in (hub parquet files,
+  ``save_to_disk`` directories of Arrow IPC streams, ``datasets`` cache files): one document per
+  row, the string column ``json_key``, read in record batches (bounded memory) with pyarrow.
 
 Documents that are empty or whitespace-only are skipped.
 """
@@ -25,14 +28,16 @@ from typing import Iterable, Iterator, List, Union
 from nemo_minitron.data.wiki import iter_articles
 
 PathLike = Union[str, Path]
-SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".xml", ".xml.gz", ".bz2")
+SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".xml", ".xml.gz", ".bz2", ".parquet",
+            ".arrow")
 
 
 def _kind(path: Path) -> str:
     name = path.name.lower()
     for suffix, kind in (
         (".txt", "txt"), (".txt.gz", "txt"), (".jsonl", "jsonl"), (".jsonl.gz", "jsonl"),
-        (".xml", "wiki"), (".xml.gz", "wiki"), (".bz2", "wiki"),
+        (".xml", "wiki"), (".xml.gz", "wiki"), (".bz2", "wiki"), (".parquet", "parquet"),
+        (".arrow", "arrow"),
     ):
         if name.endswith(suffix):
             return kind
@@ -110,6 +115,67 @@ def _iter_jsonl(path: Path, json_key: str) -> Iterator[str]:
             yield text
 
 
+def _arrow_batches(path: Path, columns=None):
+    """Record batches of an Arrow IPC file: the stream format (``datasets``' own) or the
+    random-access file format; ``columns`` only, for parquet."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
+    if _kind(path) == "parquet":
+        yield from pq.ParquetFile(path).iter_batches(columns=columns, batch_size=1024)
+        return
+    with pa.memory_map(str(path)) as src:
+        try:
+            reader = ipc.open_stream(src)
+        except pa.ArrowInvalid:
+            src.seek(0)
+            f = ipc.open_file(src)
+            reader = (f.get_batch(i) for i in range(f.num_record_batches))
+        yield from reader
+
+
+def _schema(path: Path):
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
+    if _kind(path) == "parquet":
+        return pq.read_schema(path)
+    with pa.memory_map(str(path)) as src:
+        try:
+            return ipc.open_stream(src).schema
+        except pa.ArrowInvalid:
+            src.seek(0)
+            return ipc.open_file(src).schema
+
+
+def check_columns(paths: Union[PathLike, Iterable[PathLike]], column: str) -> None:
+    """Fail before any tokenising when a parquet/arrow source lacks the text column ``column``
+    or holds something other than strings there (reads only the files' schemas)."""
+    import pyarrow.types as pat
+
+    for path in expand_paths(paths):
+        if _kind(path) not in ("parquet", "arrow"):
+            continue
+        schema = _schema(path)
+        if column not in schema.names:
+            raise ValueError(f"{path}: no column {column!r} (found: {', '.join(schema.names)}); "
+                             f"pass json_key=<the column holding the text>")
+        t = schema.field(column).type
+        if not (pat.is_string(t) or pat.is_large_string(t)):
+            raise ValueError(f"{path}: column {column!r} holds {t}, not text; pass "
+                             "json_key=<the column holding the text>")
+
+
+def _iter_table(path: Path, column: str) -> Iterator[str]:
+    check_columns([path], column)
+    for batch in _arrow_batches(path, columns=[column]):
+        for text in batch.column(batch.schema.get_field_index(column)).to_pylist():
+            if text is not None:
+                yield text
+
+
 def iter_documents(
     paths: Union[PathLike, Iterable[PathLike]],
     json_key: str = "text",
@@ -125,6 +191,8 @@ def iter_documents(
             docs: Iterable[str] = _iter_txt(path, txt_max_chars)
         elif kind == "jsonl":
             docs = _iter_jsonl(path, json_key)
+        elif kind in ("parquet", "arrow"):
+            docs = _iter_table(path, json_key)
         else:
             docs = (f"{title}\n\n{text}" for title, text in iter_articles(path))
         for doc in docs:

@@ -19,7 +19,6 @@ each continuation's log-probability and whether greedy decoding would have produ
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Sequence
 
@@ -28,6 +27,7 @@ import torch.distributed as tdist
 
 from ..runtime.forward import (all_reduce_sum, mask_padded_vocab, on_device, run_forward,
                                token_losses)
+from .judge import chance, stderr
 from .tasks import Item
 
 PP_SEQ_BUCKET = 64  # under pipeline parallelism a run needs one micro-batch shape: round lengths
@@ -282,21 +282,19 @@ def predictions(items: Sequence[Item], scores: Sequence[Sequence[float]]) -> lis
     return out
 
 
-def _stderr(p: float, n: int) -> float:
-    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
-
-
 def accuracy(items: Sequence[Item], scores: Sequence[Sequence[float]]) -> dict:
     """``acc`` (argmax of sum log-probability), ``acc_norm`` (of log-probability per character of
-    the choice), their standard errors (as the harness reports them) and ``n``."""
+    the choice), their standard errors (as the harness reports them), ``n`` and ``chance`` (the
+    accuracy of guessing, from each item's number of choices)."""
     preds = predictions(items, scores)
     n = len(items)
     if n == 0:
-        return {"acc": float("nan"), "acc_norm": float("nan"), "n": 0}
+        return {"acc": float("nan"), "acc_norm": float("nan"), "n": 0, "chance": float("nan")}
     acc = sum(p == it.label for (p, _), it in zip(preds, items)) / n
     acc_norm = sum(q == it.label for (_, q), it in zip(preds, items)) / n
-    return {"acc": acc, "acc_norm": acc_norm, "acc_stderr": _stderr(acc, n),
-            "acc_norm_stderr": _stderr(acc_norm, n), "n": n}
+    return {"acc": acc, "acc_norm": acc_norm, "acc_stderr": stderr(acc, n),
+            "acc_norm_stderr": stderr(acc_norm, n), "n": n,
+            "chance": chance([len(it.choices) for it in items])}
 
 
 def evaluate_tasks(stage, tokenizer, tasks: Sequence[str], limit: int | None = None,

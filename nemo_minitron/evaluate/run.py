@@ -44,7 +44,8 @@ def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32"
                 micro_batch_size=ev.task_batch_size)
             if dist.is_rank0():
                 for task, r in result["tasks"]["results"].items():
-                    log.info("%-14s acc %.3f | acc_norm %.3f | n %d", task, r["acc"], r["acc_norm"], r["n"])
+                    log.info("%-14s acc %.3f | acc_norm %.3f ± %.3f | chance %.3f | n %d", task,
+                             r["acc"], r["acc_norm"], r["acc_norm_stderr"], r["chance"], r["n"])
         result.update(checkpoint=str(checkpoint), data=data.prefix, seq_length=data.seq_length,
                       layout={"tp": parallel.tp, "pp": parallel.pp, "dp": dp},
                       seconds=round(time.time() - t0, 2))

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..evaluate.judge import fmt_acc, fmt_ratio, mean_retained, task_rows
 from ..runs import task_scores
 from .plots import plot_loss_curves
 
@@ -36,6 +37,7 @@ class Row:
     val_loss: dict[str, float] = field(default_factory=dict)  # keys among WHO
     tasks: dict[str, float] = field(default_factory=dict)  # acc_norm of the final model
     seconds: float | None = None
+    task_table: list[dict] = field(default_factory=list)  # judge.task_rows over WHO
     curves: list[tuple[str, list[dict]]] = field(default_factory=list)  # (label, metrics rows)
 
 
@@ -118,6 +120,7 @@ def _round_row(rd: Path, name: str, rec: dict) -> Row:
         params = _params_of(rd / "distill" / "final") or _params_of(rd / "pruned")
     row = Row(name, "pipeline", params, {k: float(v) for k, v in val.items() if v is not None},
               tasks)
+    row.task_table = task_rows({"final" if k == "distilled" else k: v for k, v in evals.items()})
     metrics = rd / "distill" / "metrics.jsonl"
     if metrics.is_file():
         row.curves.append((name, _by_step(read_metrics(metrics))))
@@ -169,6 +172,7 @@ def _evaluate_row(f: Path, label: str) -> Row:
     row = Row(label, "evaluate", _params_of(ck) if ck else None,
               {"final": float(data["loss"])} if "loss" in data else {}, task_scores(data))
     row.seconds = float(data["seconds"]) if data.get("seconds") is not None else None
+    row.task_table = task_rows({"final": data})
     return row
 
 
@@ -228,6 +232,32 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _judged(rows: list[Row]) -> bool:
+    """Whether any result carries a chance level or a stderr (older results files have neither,
+    and then the task table would only repeat the acc_norm columns)."""
+    return any(t["chance"] is not None or any(e is not None for e in t["stderr"].values())
+               for r in rows for t in r.task_table)
+
+
+def task_table(rows: list[Row]) -> str:
+    """Per run and task: items, chance, acc_norm ± stderr of teacher / pruned / final, and the
+    final model's retained above-chance accuracy (with its mean over the run's tasks)."""
+    who = [w for w in WHO if any(w in t["acc"] for r in rows for t in r.task_table)]
+    head = ["run", "task", "items", "chance"] + [f"acc_norm ({w})" for w in who] + ["retained"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        for t in r.task_table:
+            lines.append("| " + " | ".join(
+                [r.run.replace("|", "\\|"), t["task"], str(t["n"] or "—"), fmt_ratio(t["chance"])]
+                + [fmt_acc(t["acc"].get(w), t["stderr"].get(w)) for w in who]
+                + [fmt_ratio(t["retained"].get("final"))]) + " |")
+        m = mean_retained(r.task_table, "final")
+        if m is not None:
+            lines.append("| " + " | ".join([r.run.replace("|", "\\|"), "**mean**", "", ""]
+                                           + [""] * len(who) + [f"**{fmt_ratio(m)}**"]) + " |")
+    return "\n".join(lines)
+
+
 def write_comparison(paths, output="report_compare.md") -> tuple[Path, Path | None]:
     """Write the Markdown report (and ``<output stem>.png`` with the loss curves, when any run
     has a metrics.jsonl). Returns both paths (the PNG's is None without curves)."""
@@ -243,6 +273,11 @@ def write_comparison(paths, output="report_compare.md") -> tuple[Path, Path | No
              "retraining, final = the distilled/trained model (or the evaluated checkpoint). "
              "Task columns: acc_norm of that final model. Wall time: the whole pipeline (on "
              "its last round), or the evaluation. — = not recorded.", ""]
+    if _judged(rows):
+        lines += ["## Downstream tasks", "", task_table(rows), "",
+                  "acc_norm ± its standard error over the items; chance: accuracy of guessing "
+                  "(mean of 1/choices); retained = (acc_final − chance) / (acc_teacher − chance), "
+                  "for runs that evaluated their teacher.", ""]
     if curves:
         png = plot_loss_curves(curves, out.with_suffix(".png"),
                                title="training (lines) and validation (markers) loss")

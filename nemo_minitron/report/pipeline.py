@@ -4,7 +4,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..evaluate.judge import fmt_acc, fmt_ratio, mean_retained
 from .plots import plot_training
+
+WHO = ("teacher", "pruned", "distilled")
+
+
+def task_section(rows: list[dict]) -> list[str]:
+    """acc_norm ± stderr per model and task, the chance level, and how much of the teacher's
+    above-chance accuracy the pruned and distilled students keep (mean over tasks last)."""
+    who = [w for w in WHO if any(w in r["acc"] for r in rows)]
+    students = [w for w in who if w != "teacher"]
+    head = (["task", "items", "chance"] + [f"{w} acc_norm" for w in who]
+            + [f"retained ({w})" for w in students])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = ([r["task"], str(r["n"] or "—"), fmt_ratio(r["chance"])]
+                 + [fmt_acc(r["acc"].get(w), r["stderr"].get(w)) for w in who]
+                 + [fmt_ratio(r["retained"].get(w)) for w in students])
+        lines.append("| " + " | ".join(cells) + " |")
+    if students:
+        cells = (["**mean**", "", ""] + [""] * len(who)
+                 + [f"**{fmt_ratio(mean_retained(rows, w))}**" for w in students])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "acc_norm ± its standard error over the items; chance: accuracy of guessing "
+                  "(mean of 1/choices); retained = (acc − chance) / (acc_teacher − chance): 1 keeps "
+                  "the teacher's skill, 0 is guessing.", ""]
+    return lines
 
 
 def write_report(out: Path, summary: dict) -> Path:
@@ -23,7 +49,9 @@ def write_report(out: Path, summary: dict) -> Path:
                   f"{r['val_loss']['pruned']:.3f} |",
                   f"| distilled | {r['params']['student'] / 1e6:.1f}M | "
                   f"{r['val_loss']['distilled']:.3f} |", ""]
-        if r.get("tasks"):
+        if r.get("task_table"):
+            lines += task_section(r["task_table"])
+        elif r.get("tasks"):  # a summary written before task_table was recorded
             names = sorted(next(iter(r["tasks"].values())))
             lines += ["| model | " + " | ".join(f"{t} (acc_norm)" for t in names) + " |",
                       "|---|" + "---|" * len(names)]

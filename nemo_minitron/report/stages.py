@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..evaluate.judge import fmt_acc
+
 AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 
 
@@ -52,6 +54,10 @@ def training_report(run_dir, *, stage: str, result: dict, student: str, teacher:
     return _write(run_dir / "report.md", lines)
 
 
+def _num(x, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
 def evaluate_report(path, result: dict) -> Path:
     """Loss/perplexity and task accuracies of one evaluation, as Markdown."""
     lines = ["# Evaluation", "", f"Checkpoint: `{result.get('checkpoint')}`  ",
@@ -60,8 +66,13 @@ def evaluate_report(path, result: dict) -> Path:
              f"| {result['loss']:.4f} | {result['perplexity']:.2f} | {result['tokens']} |", ""]
     tasks = result.get("tasks", {}).get("results", {})
     if tasks:
-        lines += ["| task | acc | acc_norm | items |", "|---|---|---|---|"]
-        lines += [f"| {t} | {r['acc']:.4f} | {r['acc_norm']:.4f} | {r['n']} |" for t, r in tasks.items()]
+        lines += ["| task | acc | acc_norm | items | acc_norm ± stderr | chance |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {t} | {r['acc']:.4f} | {r['acc_norm']:.4f} | {r['n']} | "
+                  f"{fmt_acc(r['acc_norm'], r.get('acc_norm_stderr'))} | "
+                  f"{_num(r.get('chance'))} |" for t, r in tasks.items()]
+        lines += ["", "stderr: standard error of the accuracy over the items; chance: the accuracy "
+                      "of guessing (mean of 1/choices)."]
         settings = result["tasks"].get("settings")
         if settings:
             lines += ["", f"Settings: {settings}"]

@@ -90,8 +90,13 @@ def layer_spec(arch: Arch, use_te: bool | None = None):
         use_te = te_available()
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return specs.get_gpt_layer_local_spec(
+    spec = specs.get_gpt_layer_local_spec(
         normalization="RMSNorm" if arch.norm == "rmsnorm" else "LayerNorm", qk_layernorm=arch.qk_norm)
+    # fused attention instead of megatron's unfused local one (see runtime/sdpa.py)
+    from .sdpa import SDPAttention
+
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def rope_inv_freq(arch: Arch) -> torch.Tensor:

@@ -1,0 +1,129 @@
+"""Reports people can judge: chance level, standard errors and retained above-chance accuracy in
+the evaluate, pipeline and `minitron report` outputs. Fixtures are results written by the
+project's own scorer (`multiple_choice.accuracy`) from items with known answers."""
+
+import json
+import math
+
+import pytest
+
+from nemo_minitron.evaluate import judge
+from nemo_minitron.evaluate.multiple_choice import accuracy
+from nemo_minitron.evaluate.tasks import Item, load_task
+from nemo_minitron.report.compare import write_comparison
+from nemo_minitron.report.pipeline import write_report
+from nemo_minitron.report.stages import evaluate_report
+
+
+
+def table(md: str) -> list[dict]:
+    """Rows of every Markdown table in ``md`` as {header: cell}, each under its own header."""
+    rows, head = [], None
+    for line in md.splitlines() + [""]:
+        if not line.startswith("|"):
+            head = None
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if head is None:
+            head = cells
+        elif not set(line) <= set("|-"):
+            rows.append(dict(zip(head, cells)))
+    return rows
+
+
+def scored(right: list[bool], choices: list[int]) -> dict:
+    """accuracy() of items with ``choices[i]`` equal-length options, answered right or wrong."""
+    items, scores = [], []
+    for ok, k in zip(right, choices):
+        label = len(items) % k
+        items.append(Item("q", [f" {chr(97 + j)}" for j in range(k)], label))
+        pick = label if ok else (label + 1) % k
+        scores.append([0.0 if j == pick else -1.0 for j in range(k)])
+    return accuracy(items, scores)
+
+
+def result(tasks: dict, loss=3.0) -> dict:
+    """A `minitron evaluate` results dict: {task: (number right, items, choices per item)}."""
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": 4096,
+            "tasks": {"results": {t: scored([i < k for i in range(n)], [c] * n)
+                                  for t, (k, n, c) in tasks.items()}, "settings": {}}}
+
+
+# teacher / pruned / distilled on a 4-choice and a 2-choice task, 40 items each
+EVALS = {"teacher": result({"arc_easy": (26, 40, 4), "piqa": (30, 40, 2)}, 2.9),
+         "pruned": result({"arc_easy": (8, 40, 4), "piqa": (18, 40, 2)}, 9.5),
+         "distilled": result({"arc_easy": (18, 40, 4), "piqa": (25, 40, 2)}, 4.1)}
+
+
+def test_accuracy_records_stderr_and_chance():
+    r = scored([True] * 3 + [False] * 5, [4, 4, 5, 3, 2, 4, 4, 4])
+    assert (r["acc_norm"], r["n"]) == (3 / 8, 8)
+    assert r["acc_norm_stderr"] == pytest.approx(math.sqrt(3 / 8 * 5 / 8 / 7))
+    assert r["chance"] == pytest.approx((5 / 4 + 1 / 5 + 1 / 3 + 1 / 2) / 8)
+    assert judge.retained(0.5, 0.75, 0.25) == pytest.approx(0.5)
+    assert judge.retained(0.2, 0.75, 0.25) == pytest.approx(-0.1)  # below chance: negative
+    assert judge.retained(0.4, 0.25, 0.25) is None  # teacher at chance: nothing to retain
+
+
+def test_chance_of_the_real_tasks():
+    """From the shipped data: PIQA has two solutions, HellaSwag four endings, ARC 3-5 options."""
+    assert scored([True] * 5, [len(it.choices) for it in load_task("piqa", limit=5)])["chance"] == 0.5
+    assert judge.chance([len(it.choices) for it in load_task("hellaswag", limit=5)]) == 0.25
+    arc = [len(it.choices) for it in load_task("arc_easy", limit=300)]
+    assert set(arc) <= {3, 4, 5} and judge.chance(arc) == pytest.approx(sum(1 / k for k in arc) / 300)
+
+
+def test_task_rows_retained_ratio():
+    rows = {r["task"]: r for r in judge.task_rows(EVALS)}
+    arc, piqa = rows["arc_easy"], rows["piqa"]
+    assert (arc["chance"], piqa["chance"], arc["n"]) == (0.25, 0.5, 40)
+    # (18/40 - 1/4) / (26/40 - 1/4) = 0.2 / 0.4; (25/40 - 1/2) / (30/40 - 1/2) = 0.125 / 0.25
+    assert arc["retained"]["distilled"] == pytest.approx(0.5)
+    assert piqa["retained"]["distilled"] == pytest.approx(0.5)
+    assert arc["retained"]["pruned"] == pytest.approx((0.2 - 0.25) / 0.4)
+    assert "teacher" not in arc["retained"]
+    assert judge.mean_retained(list(rows.values()), "pruned") == pytest.approx(
+        ((0.2 - 0.25) / 0.4 + (0.45 - 0.5) / 0.25) / 2)
+    assert piqa["stderr"]["teacher"] == pytest.approx(math.sqrt(0.75 * 0.25 / 39))
+
+
+def test_evaluate_report_shows_stderr_and_chance(tmp_path):
+    r = EVALS["distilled"]
+    text = evaluate_report(tmp_path / "report.md", r).read_text()
+    rows = {x["task"]: x for x in table(text) if "task" in x}
+    err = math.sqrt(0.45 * 0.55 / 39)
+    assert rows["arc_easy"]["acc_norm ± stderr"] == f"0.450 ± {err:.3f}"
+    assert (rows["arc_easy"]["chance"], rows["piqa"]["chance"]) == ("0.250", "0.500")
+
+
+def test_pipeline_report_shows_retained(tmp_path):
+    summary = {"teacher": "t", "seconds": 100.0, "rounds": [{
+        "name": "round1", "arch": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
+                                   "num_attention_heads": 4, "num_query_groups": 2, "head_dim": 16},
+        "params": {"teacher": 2e6, "student": 1e6},
+        "val_loss": {k: v["loss"] for k, v in EVALS.items()},
+        "task_table": judge.task_rows(EVALS)}]}
+    text = write_report(tmp_path, summary).read_text()
+    rows = [r for r in table(text) if "retained (distilled)" in r]
+    by = {r["task"]: r for r in rows}
+    assert by["arc_easy"]["retained (distilled)"] == "0.50"
+    assert by["piqa"]["teacher acc_norm"] == f"0.750 ± {math.sqrt(0.75 * 0.25 / 39):.3f}"
+    assert by["piqa"]["chance"] == "0.50"
+    assert by["**mean**"]["retained (distilled)"] == "**0.50**"
+    assert by["**mean**"]["retained (pruned)"] == "**-0.16**"  # (-0.125 - 0.2) / 2
+
+
+def test_minitron_report_task_table(tmp_path):
+    rd = tmp_path / "pipe" / "round1"
+    rd.mkdir(parents=True)
+    for who, r in EVALS.items():
+        (rd / f"eval_{who}.json").write_text(json.dumps(r))
+    md, _ = write_comparison([str(tmp_path / "pipe")], tmp_path / "cmp.md")
+    text = md.read_text()
+    assert "## Downstream tasks" in text
+    tasks = [r for r in table(text) if "retained" in r]
+    by = {r["task"]: r for r in tasks}
+    assert by["arc_easy"]["acc_norm (final)"] == f"0.450 ± {math.sqrt(0.45 * 0.55 / 39):.3f}"
+    assert (by["arc_easy"]["retained"], by["piqa"]["retained"], by["**mean**"]["retained"]) == \
+        ("0.50", "0.50", "**0.50**")
+    assert by["piqa"]["acc_norm (pruned)"].startswith("0.450 ± ")
