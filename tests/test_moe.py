@@ -1,9 +1,12 @@
 """Mixture-of-experts families (Mixtral, Qwen3-MoE): import from what save_pretrained writes,
 logits as transformers computes them (both router variants), export that stock from_pretrained
-loads, analytic total/active parameter counts, refusals; EP=2, TP=2 and PP=2 in one launch."""
+loads, analytic total/active parameter counts, expert and expert-neuron importance against a
+reference computed from transformers' tensors, pruning experts and expert width (export loads
+with the pruned model's logits), refusals; EP=2, TP=2, PP=2 and an EP=2 prune in one launch."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +18,20 @@ from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.experts import per_expert
 from nemo_minitron.convert.hf import export_hf, import_hf
 from nemo_minitron.convert.hf_config import arch_from_hf_config
+from nemo_minitron.convert.weights import canonical_keys, expert_keys, router_key
+from nemo_minitron.data.packed import PackedSequences
+from nemo_minitron.importance.calibrate import batches_forward_loop, calibrate
+from nemo_minitron.importance.scores import expert_scores
+from nemo_minitron.pruning.apply import apply_plan
+from nemo_minitron.pruning.plan import Plan, top_k
+from nemo_minitron.pruning.select import Targets, make_plan
 from nemo_minitron.runtime.forward import gather_logits, run_forward
 from nemo_minitron.runtime.stage import build_stage, load_checkpoint, load_state
 
 from conftest import tiny_hf, tiny_tokenizer, torchrun
 from test_parity import batch
+from test_prune_run import tiny_corpus
+from moe import prune_job
 
 TOL = 1e-4
 KINDS = ("mixtral", "qwen3_moe")
@@ -107,10 +119,121 @@ def test_moe_arch_and_layout_refusals():
         dense.check_parallel(1, 1, 2)
 
 
+def moe_stage(kind):
+    hf = tiny_hf(kind)
+    arch = arch_from_hf_config(hf.config)
+    stage = build_stage(arch)
+    load_state(stage, per_expert(hf.state_dict(), arch).__getitem__)
+    return hf, arch, stage
+
+
+def reference_expert_stats(hf, arch, batches):
+    """Per layer: (sum over tokens of p * ||y|| per expert, L2 of the routing-weighted expert
+    activations per neuron over every expert), recomputed from transformers' own tensors."""
+    seen = {i: [] for i in range(arch.num_layers)}
+    hooks = [hf.model.layers[i].mlp.register_forward_pre_hook(
+        lambda _m, a, i=i: seen[i].append(a[0])) for i in range(arch.num_layers)]
+    with torch.no_grad():
+        for b in batches:
+            hf(b["tokens"])
+    for h in hooks:
+        h.remove()
+    out = []
+    for i in range(arch.num_layers):
+        x = torch.cat([t.reshape(-1, arch.hidden_size) for t in seen[i]])
+        moe = hf.model.layers[i].mlp
+        top, idx = torch.softmax(x @ moe.gate.weight.T, -1).topk(arch.moe_top_k, -1)
+        if arch.moe_renorm:
+            top = top / top.sum(-1, keepdim=True)
+        contribution, sumsq = torch.zeros(arch.num_experts), torch.zeros(arch.ffn_hidden_size)
+        for e in range(arch.num_experts):
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            gate, up = (x[rows] @ moe.experts.gate_up_proj[e].T).chunk(2, -1)
+            act = torch.nn.functional.silu(gate) * up * top[rows, slot, None]
+            contribution[e] = (act @ moe.experts.down_proj[e].T).norm(dim=-1).sum()
+            sumsq += act.pow(2).sum(0)
+        out.append((contribution, sumsq.sqrt()))
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_expert_importance_matches_reference(kind, single_rank):
+    hf, arch, stage = moe_stage(kind)
+    batches = [batch(arch.vocab_size, seed=s) for s in (1, 2)]
+    imp = calibrate(stage, batches_forward_loop(stage, batches, None))
+    assert imp.experts.shape == (arch.num_layers, arch.num_experts)
+    assert imp.meta["expert_score"] == "contribution"
+    for i, (contribution, neurons) in enumerate(reference_expert_stats(hf, arch, batches)):
+        assert torch.allclose(imp.experts[i], contribution, rtol=1e-4, atol=1e-6), i
+        assert torch.allclose(imp.ffn[i], neurons, rtol=1e-4, atol=1e-6), i
+
+
+def test_expert_score_functions():
+    stats = torch.tensor([[[10.0, 20.0, 5.0], [1.0, 9.0, 4.0], [0.0, 0.0, 0.0]]], dtype=torch.float64)
+    assert expert_scores(stats).tolist() == [[5.0, 4.0, 0.0]]
+    assert expert_scores(stats, "mean_norm").tolist() == [[2.0, 9.0, 0.0]]  # ModelOpt's
+    with pytest.raises(ValueError, match="expert score 'x' unknown"):
+        expert_scores(stats, "x")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pruned_experts_and_width_export_with_the_pruned_logits(kind, single_rank, tmp_path):
+    """Calibrate, prune 8 -> 4 experts, expert width 64 -> 32, hidden 128 -> 96, a query group
+    and a layer; the megatron model of the plan and the export in stock from_pretrained agree."""
+    hf, arch, stage = moe_stage(kind)
+    imp = calibrate(stage, batches_forward_loop(stage, [batch(arch.vocab_size, seed=s)
+                                                        for s in (1, 2)], None))
+    plan = make_plan(arch, imp, Targets(num_experts=4, ffn_hidden_size=32, hidden_size=96,
+                                        num_attention_heads=2, num_query_groups=1, num_layers=3))
+    for pos, layer in enumerate(plan.layers):
+        assert plan.experts[pos] == top_k(imp.experts[layer], 4)
+    tgt = plan.target
+    assert (tgt.num_experts, tgt.moe_top_k, tgt.ffn_hidden_size) == (4, 2, 32)
+    src = per_expert(hf.state_dict(), arch)
+    tensors = apply_plan(plan, src)
+    assert set(tensors) == set(canonical_keys(tgt))
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))).experts == plan.experts
+    b = batch(arch.vocab_size)
+    pruned = build_stage(tgt)
+    load_state(pruned, tensors.__getitem__)
+    ours = logits_of(pruned, b)
+    ckpt.save(tmp_path / "pruned", tgt, tensors, tokenizer=tiny_tokenizer())
+    out = export_hf(str(tmp_path / "pruned"), tmp_path / "hf")
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert sum(p.numel() for p in back.parameters()) == tgt.num_params()
+    with torch.no_grad():
+        theirs = back(b["tokens"]).logits
+    delta = (ours - theirs).abs().max().item()
+    assert delta <= TOL, f"{kind}: max |dlogit| = {delta}"
+    # new expert 1 of new layer 2 is what the plan kept of its source expert, router rows too
+    old_layer, old_e = plan.layers[2], plan.experts[2][1]
+    hid, ffn = torch.tensor(plan.hidden), torch.tensor(plan.ffn[2])
+    down = f"model.layers.2.{expert_keys(arch, 1)[2]}"
+    assert torch.equal(tensors[down], src[f"model.layers.{old_layer}.{expert_keys(arch, old_e)[2]}"][hid][:, ffn])
+    router = src[f"model.layers.{old_layer}.{router_key(arch)}"]
+    assert torch.equal(tensors[f"model.layers.2.{router_key(arch)}"], router[plan.experts[2]][:, hid])
+
+
+def test_expert_targets_are_refused_naming_the_field():
+    arch = arch_from_hf_config(tiny_hf("mixtral").config)
+    with pytest.raises(ValueError, match=re.escape("prune.target.num_experts=1 must be in [moe_top_k=2, 8]")):
+        Targets(num_experts=1).resolve(arch)
+    with pytest.raises(ValueError, match=re.escape("prune.target.num_experts=9 must be in")):
+        Targets(num_experts=9).resolve(arch)
+    dense = arch_from_hf_config(tiny_hf("gqa").config)
+    with pytest.raises(ValueError, match=re.escape("prune.target.num_experts=4: the source model has no experts")):
+        Targets(num_experts=4).resolve(dense)
+    keep = dict(hidden=list(range(128)), ffn=list(range(64)), groups=[0, 1], heads=[0, 1, 2, 3],
+                layers=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match=re.escape("keeps 1 experts per layer but tokens are routed to moe_top_k=2")):
+        Plan(arch, **keep, experts=[3])
+
+
 # ------------------------------------------------------------------ multi-rank (one launch)
 @pytest.fixture(scope="module")
 def multi_rank(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("moe")
+    tiny_corpus(tmp / "corpus")
     for kind in KINDS:
         hf = tiny_hf(kind)
         arch = arch_from_hf_config(hf.config)
@@ -119,7 +242,7 @@ def multi_rank(tmp_path_factory):
         with torch.no_grad():
             logits = hf(b["tokens"]).logits
         torch.save({"batches": [b], "logits": logits}, tmp / f"{kind}.pt")
-    return tmp, torchrun("moe.py", 2, tmp)
+    return tmp, torchrun("moe.py", 2, tmp, tmp / "corpus")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -139,3 +262,25 @@ def test_expert_parallel_save_gathers_every_expert(multi_rank, kind):
     assert got.arch == src.arch and set(got.keys()) == set(src.keys())
     for k in src.keys():
         assert torch.equal(got.get(k), src.get(k)), k
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_expert_parallel_prune_keeps_what_one_process_keeps(multi_rank, kind, single_rank):
+    """`prune` at EP=2 (calibration batches split over the two data-parallel ranks, experts over
+    the two expert-parallel ranks) plans and writes what one process does with all batches."""
+    tmp, rows = multi_rank
+    job = prune_job(tmp, kind, tmp / "corpus", ep=1)
+    c = ckpt.Checkpoint(tmp / kind)
+    hf, arch, stage = moe_stage(kind)
+    data = PackedSequences(tmp / "corpus", 32, split="train", valid_fraction=0.1)
+    imp = calibrate(stage, batches_forward_loop(stage, data.batches(2, num_batches=4), None))
+    plan = make_plan(arch, imp, Targets(num_experts=4, ffn_hidden_size=32, hidden_size=96))
+    got = Plan.load(Path(tmp) / f"{kind}_pruned_ep2" / "plan.json")
+    assert (got.experts, got.ffn, got.hidden) == (plan.experts, plan.ffn, plan.hidden)
+    out = ckpt.Checkpoint(job.output.replace("ep1", "ep2"))
+    ref = apply_plan(plan, c.get)
+    assert out.arch == plan.target and set(out.keys()) == set(ref)
+    for k, v in ref.items():
+        assert torch.allclose(out.get(k), v, atol=1e-6), k
+    row = next(r for r in rows if r["layout"] == "prune_ep2" and r["family"] == kind)
+    assert row["target_active"] == plan.target.num_active_params() < row["target_params"]

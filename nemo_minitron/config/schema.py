@@ -40,13 +40,16 @@ class ParallelConfig:
     """Tensor-parallel size (must divide heads, query groups and FFN size)."""
     pp: int = 1
     """Pipeline-parallel size (must divide the number of layers)."""
+    ep: int = 1
+    """Expert-parallel size for MoE models: experts split over data-parallel ranks (must divide
+    num_experts and the data-parallel size)."""
     seed: int = 1234
     """Seed of megatron's RNG trackers and data shuffling."""
     timeout_s: int = 600
     """Collective timeout: a hung or dead rank fails the job after this many seconds."""
 
     def __post_init__(self):
-        for k in ("tp", "pp"):
+        for k in ("tp", "pp", "ep"):
             if getattr(self, k) < 1:
                 raise ValueError(f"parallel.{k}={getattr(self, k)} must be >= 1")
 
@@ -182,6 +185,9 @@ class PruneTargetConfig:
     """Query groups (KV heads) to keep."""
     num_layers: Optional[int] = None
     """Layers to keep (depth pruning); see prune.depth."""
+    num_experts: Optional[int] = None
+    """MoE experts per layer to keep (at least the model's moe_top_k); ffn_hidden_size is then
+    each expert's width."""
 
 
 @dataclass
