@@ -284,3 +284,48 @@ def test_expert_parallel_prune_keeps_what_one_process_keeps(multi_rank, kind, si
         assert torch.allclose(out.get(k), v, atol=1e-6), k
     row = next(r for r in rows if r["layout"] == "prune_ep2" and r["family"] == kind)
     assert row["target_active"] == plan.target.num_active_params() < row["target_params"]
+
+
+def test_search_space_budgets_active_parameters():
+    """search.count=active measures candidates by router + top-k experts; the experts axis
+    never goes below top-k."""
+    from nemo_minitron.search.space import Space, enumerate_candidates
+
+    arch = arch_from_hf_config(tiny_hf("mixtral").config)
+    for count, measure in (("active", Arch.num_active_params), ("total", Arch.num_params)):
+        space = Space(budget=0.6, count=count, hidden_multiple=32, ffn_multiple=16)
+        found = enumerate_candidates(arch, space)
+        budget = 0.6 * measure(arch)
+        assert found
+        for c in found:
+            a = arch.replace(**c.target)
+            assert abs(measure(a) - budget) <= 0.05 * budget + 1
+            assert (c.params, c.active) == (a.num_params(), a.num_active_params())
+        assert {c.target["num_experts"] for c in found} <= set(range(4, 9))
+    with pytest.raises(ValueError, match=re.escape("search.num_experts=[1, 8]: every token is routed")):
+        enumerate_candidates(arch, Space(budget=0.6, num_experts=[1, 8]))
+
+
+def test_search_ranks_moe_candidates_by_active_parameters(tmp_path, single_rank):
+    """`search` with count=active on a tiny Mixtral: candidates pruned (experts, width, ...),
+    distilled from the MoE teacher and ranked; the report lists experts and active parameters."""
+    from nemo_minitron.config.schema import SearchConfig, SearchJob
+    from nemo_minitron.search.run import run_search
+    from test_search_run import common
+
+    hf = tiny_hf("mixtral")
+    arch = arch_from_hf_config(hf.config)
+    ckpt.save(tmp_path / "teacher", arch, per_expert(hf.state_dict(), arch), tokenizer=tiny_tokenizer())
+    tiny_corpus(tmp_path / "corpus", n_docs=50)
+    job = SearchJob(**common(tmp_path), output=str(tmp_path / "s"), search=SearchConfig(
+        budget=0.7, tolerance=0.08, count="active", hidden_multiple=32, ffn_multiple=16,
+        max_candidates=2, steps=2))
+    res = run_search(job)
+    assert res["count"] == "active" and res["source_params"] == arch.num_active_params()
+    assert sorted(r["rank"] for r in res["results"]) == [1, 2]
+    for r in res["results"]:
+        assert abs(r["active"] - 0.7 * arch.num_active_params()) <= 0.08 * 0.7 * arch.num_active_params()
+        assert r["active"] == arch.replace(**r["target"]).num_active_params()
+        assert r["val_loss"] == r["val_loss"]  # distilled, finite
+    report = (tmp_path / "s" / "search.md").read_text()
+    assert "active parameters" in report and "| experts | active |" in report

@@ -408,14 +408,18 @@ class SearchConfig:
     """Candidates lie within budget * (1 +- tolerance)."""
     count_embeddings: bool = True
     """The budget counts embedding and output-layer parameters (False: non-embedding only)."""
+    count: str = "total"
+    """total parameters, or active: those one token passes through (MoE: router + top-k experts)."""
     axes: list[str] = field(default_factory=lambda: ["num_layers", "hidden_size",
-                                                     "ffn_hidden_size", "attention"])
-    """Axes the search may shrink (attention = heads and query groups together)."""
+                                                     "ffn_hidden_size", "attention", "num_experts"])
+    """Axes the search may shrink (attention = heads and query groups together; num_experts
+    only for MoE models)."""
     num_layers: Optional[list[int]] = None
     hidden_size: Optional[list[int]] = None
     ffn_hidden_size: Optional[list[int]] = None
     num_attention_heads: Optional[list[int]] = None
     num_query_groups: Optional[list[int]] = None
+    num_experts: Optional[list[int]] = None
     """Explicit allowed values of an axis (default: generated from the steps and limits)."""
     layer_step: int = 2
     hidden_multiple: int = 64
@@ -423,7 +427,7 @@ class SearchConfig:
     ffn_multiple: int = 128
     min_fraction: dict[str, float] = field(default_factory=lambda: {
         "num_layers": 0.5, "hidden_size": 0.5, "ffn_hidden_size": 0.25,
-        "num_attention_heads": 0.5})
+        "num_attention_heads": 0.5, "num_experts": 0.5})
     """How far each axis may shrink, as a fraction of the source."""
     max_candidates: int = 6
     """Candidates to prune and distill (nearest the budget, spread over depths)."""
@@ -446,6 +450,8 @@ class SearchConfig:
                              "source's parameters (e.g. 0.6) or an absolute count (e.g. 4.5e9)")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"search.tolerance={self.tolerance} must be in (0, 1)")
+        if self.count not in ("total", "active"):
+            raise ValueError(f"search.count={self.count!r} must be total or active")
         for k in ("steps", "max_candidates", "layer_step", "hidden_multiple", "ffn_multiple"):
             if getattr(self, k) < 1:
                 raise ValueError(f"search.{k}={getattr(self, k)} must be >= 1")
