@@ -329,3 +329,18 @@ def test_search_ranks_moe_candidates_by_active_parameters(tmp_path, single_rank)
         assert r["val_loss"] == r["val_loss"]  # distilled, finite
     report = (tmp_path / "s" / "search.md").read_text()
     assert "active parameters" in report and "| experts | active |" in report
+    # the MoE students' distillation logs report expert load at every step
+    logged = [json.loads(line) for line in
+              (tmp_path / "s" / "cand_0" / "distill" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "loss" in r]
+    assert len(steps) == 2 and all(r["moe_max_load"] >= 1 >= r["moe_min_load"] for r in steps)
+
+
+def test_load_balance_figures():
+    from nemo_minitron.runtime.routing import load_balance
+
+    even = load_balance(torch.tensor([[5.0, 5.0, 5.0, 5.0]]))
+    assert even == {"moe_max_load": 1.0, "moe_min_load": 1.0, "moe_load_cv": 0.0}
+    skew = load_balance(torch.tensor([[10.0, 6.0, 4.0, 0.0], [5.0, 5.0, 5.0, 5.0]]))
+    assert (skew["moe_max_load"], skew["moe_min_load"]) == (2.0, 0.0)
+    assert skew["moe_load_cv"] == pytest.approx(torch.tensor([10.0, 6, 4, 0]).std(unbiased=False).item() / 5 / 2)

@@ -158,6 +158,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
     from ..runtime import dist
     from ..runtime.forward import on_device
     from ..runtime.stage import load_checkpoint, save_checkpoint
+    from ..runtime.routing import RoutingMonitor
     from . import intermediate as inter_mod
     from . import train_state
     from .layer_map import auto_pairs
@@ -214,6 +215,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
         run_dir.mkdir(parents=True, exist_ok=True)
 
     student, _ = load_checkpoint(resume_from or job.model.checkpoint, job.model.dtype)
+    routing = RoutingMonitor(student)  # MoE students: expert load in the logs (no-op when dense)
     teacher = load_checkpoint(teacher_path, job.model.dtype)[0] if teacher_path else None
     projections = torch.nn.ModuleDict()
     if ispec is not None:
@@ -328,6 +330,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
                 metrics = reduce_reports(reports)
             metrics.update(lr=opt.param_groups[0]["lr"], grad_norm=float(grad_norm or 0.0),
                            skipped=not ok)
+            metrics.update(routing.pop())  # MoE expert load of this step's training forwards
             if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.steps:
                 metrics["val_loss"] = evaluate()
             history.append({"step": step, **metrics})
@@ -338,7 +341,8 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
                 metrics["tokens_per_s"] = tps
                 if dist.is_rank0():
                     parts = [f"step {step}/{tr.steps}", f"loss {metrics['loss']:.4f}"]
-                    parts += [f"{k} {metrics[k]:.4f}" for k in ("kd", "lm", "hidden", "emb", "val_loss")
+                    parts += [f"{k} {metrics[k]:.4f}" for k in ("kd", "lm", "hidden", "emb", "val_loss",
+                                                                 "moe_max_load")
                               if k in metrics]
                     parts += [f"lr {metrics['lr']:.2e}", f"{tps:.0f} tok/s", f"eta {eta:.0f}s"]
                     log.info(" | ".join(parts))
