@@ -344,3 +344,18 @@ def test_load_balance_figures():
     skew = load_balance(torch.tensor([[10.0, 6.0, 4.0, 0.0], [5.0, 5.0, 5.0, 5.0]]))
     assert (skew["moe_max_load"], skew["moe_min_load"]) == (2.0, 0.0)
     assert skew["moe_load_cv"] == pytest.approx(torch.tensor([10.0, 6, 4, 0]).std(unbiased=False).item() / 5 / 2)
+
+
+def test_moe_prune_at_tp2_is_refused_before_any_model(tmp_path):
+    """Experts' outputs are partial sums under TP until the dispatcher reduces them, so MoE
+    calibration runs at tp=1; the job says so before loading anything."""
+    from nemo_minitron.pruning.run import prune
+
+    hf = tiny_hf("qwen3_moe")
+    arch = arch_from_hf_config(hf.config)
+    ckpt.save(tmp_path / "q", arch, per_expert(hf.state_dict(), arch))
+    job = prune_job(tmp_path, "q", tmp_path / "corpus", ep=1)
+    job.parallel.tp = 2
+    with pytest.raises(ValueError, match=re.escape("parallel.tp=2: MoE importance is collected at tp=1")):
+        prune(job)
+    assert not (tmp_path / "q_pruned_ep1").exists()
