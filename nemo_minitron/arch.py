@@ -43,6 +43,14 @@ class Arch:
     """swiglu (gate/up/down) or relu2: non-gated squared ReLU (up/down, Nemotron)."""
     rotary_fraction: float = 1.0
     """Fraction of each head's dims that RoPE rotates (Nemotron's partial_rotary_factor)."""
+    num_experts: int = 0
+    """Routed experts in every layer's MLP (Mixtral, Qwen3-MoE); 0: a dense MLP. With experts,
+    ``ffn_hidden_size`` is the width of each expert (Mixtral's intermediate_size, Qwen3-MoE's
+    moe_intermediate_size), the same for all experts."""
+    moe_top_k: int = 0
+    """Experts each token is sent to: the k largest of the softmax over all experts."""
+    moe_renorm: bool = False
+    """The k routing weights are rescaled to sum to one (Mixtral; Qwen3-MoE's norm_topk_prob)."""
 
     def __post_init__(self):
         self.validate()
@@ -70,12 +78,15 @@ class Arch:
             raise ValueError(f"arch.rotary_fraction={self.rotary_fraction} must be in (0, 1] and "
                              f"rotate an even number of head_dim={self.head_dim} dims")
         fam = FAMILIES[self.model_type]
-        if fam.features() != (self.norm, self.mlp, self.qkv_bias, self.qk_norm):
+        if fam.features() != (self.norm, self.mlp, self.qkv_bias, self.qk_norm, self.is_moe):
             raise ValueError(
                 f"arch.model_type={self.model_type!r} has norm={fam.norm}, mlp={fam.mlp}, "
-                f"qkv_bias={fam.qkv_bias}, qk_norm={fam.qk_norm}, but the arch says norm="
-                f"{self.norm}, mlp={self.mlp}, qkv_bias={self.qkv_bias}, qk_norm={self.qk_norm}; "
-                "set the fields as the family has them (nemo_minitron/families.py)")
+                f"qkv_bias={fam.qkv_bias}, qk_norm={fam.qk_norm}, experts={fam.moe}, but the arch "
+                f"says norm={self.norm}, mlp={self.mlp}, qkv_bias={self.qkv_bias}, qk_norm="
+                f"{self.qk_norm}, num_experts={self.num_experts}; set the fields as the family has "
+                "them (nemo_minitron/families.py)")
+        if self.is_moe:
+            self._validate_moe(fam)
         if self.rotary_fraction != 1.0 and not fam.partial_rotary:
             raise ValueError(f"arch.rotary_fraction={self.rotary_fraction}: {self.model_type} "
                              "rotates whole heads; set rotary_fraction=1.0")
@@ -83,8 +94,31 @@ class Arch:
             raise ValueError(f"rope_scaling {self.rope_scaling} is not supported; only rope_type "
                              "'llama3' (Llama 3.1) scaling is implemented")
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        """Raise if this architecture cannot be laid out over ``tp`` x ``pp`` ranks."""
+    def _validate_moe(self, fam) -> None:
+        if not 0 < self.moe_top_k <= self.num_experts:
+            raise ValueError(f"arch.moe_top_k={self.moe_top_k} must be in [1, num_experts="
+                             f"{self.num_experts}]: a token cannot use more experts than there "
+                             "are; keep at least moe_top_k experts or lower moe_top_k")
+        if fam.moe_renorm is not None and self.moe_renorm != fam.moe_renorm:
+            raise ValueError(f"arch.moe_renorm={self.moe_renorm}: {self.model_type} always has "
+                             f"moe_renorm={fam.moe_renorm}")
+        if self.moe_renorm and self.moe_top_k == 1:
+            # megatron-core's softmax router renormalises only by selecting before the softmax,
+            # which it refuses for k=1 (a one-way softmax has no gradient)
+            raise ValueError("arch.moe_top_k=1 with moe_renorm=true is not supported (every "
+                             "token's single weight would be 1); use moe_top_k >= 2")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
+        """Raise if this architecture cannot be laid out over ``tp`` x ``pp`` (x ``ep``) ranks."""
+        if ep > 1 and not self.is_moe:
+            raise ValueError(f"parallel.ep={ep} needs a mixture-of-experts model; set parallel.ep=1")
+        if self.is_moe and self.num_experts % ep:
+            raise ValueError(f"num_experts={self.num_experts} is not divisible by parallel.ep={ep}; "
+                             "pick an ep that divides it")
         if self.num_attention_heads % tp:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not divisible by "
                              f"parallel.tp={tp}; pick a tp that divides it")
@@ -112,11 +146,21 @@ class Arch:
 
     def num_params(self, embeddings: bool = True) -> int:
         """Analytic parameter count (biases included, rotary buffers excluded)."""
+        return self._count(self.num_experts, embeddings)
+
+    def num_active_params(self, embeddings: bool = True) -> int:
+        """Parameters one token passes through: the router and ``moe_top_k`` experts of each
+        layer instead of all experts (= :meth:`num_params` for a dense model)."""
+        return self._count(self.moe_top_k, embeddings)
+
+    def _count(self, experts: int, embeddings: bool) -> int:
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0)
         attn += 2 * d if self.qk_norm else 0
         mlp = (3 if self.mlp == "swiglu" else 2) * h * self.ffn_hidden_size
+        if self.is_moe:  # experts of the same width, plus the router's [experts, hidden]
+            mlp = experts * mlp + self.num_experts * h
         norm = 2 * h if self.norm == "layernorm1p" else h  # LayerNorm carries a bias
         per_layer = attn + mlp + 2 * norm
         total = self.num_layers * per_layer + norm  # final norm

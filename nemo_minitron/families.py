@@ -1,8 +1,8 @@
 """The model families we read and write: one table that arch, weight maps and HF configs consult.
 
 A family is a Hugging Face ``model_type`` and the pieces of the decoder it fixes. Everything else
-(sizes, GQA, RoPE base and scaling, tied embeddings) is a free :class:`~nemo_minitron.arch.Arch`
-field. Adding a family is a row here, its config class in :mod:`.convert.hf_config`, and a
+(sizes, GQA, RoPE base and scaling, tied embeddings, expert counts) is a free
+:class:`~nemo_minitron.arch.Arch` field. Adding a family is a row here, its config class in :mod:`.convert.hf_config`, and a
 tiny random model in ``tests/conftest.py``.
 
 =========  =================  ===========  =========  =======  ==============  ================
@@ -13,7 +13,14 @@ mistral    RMSNorm            SwiGLU       no         no       no              y
 qwen2      RMSNorm            SwiGLU       yes        no       no              yes
 qwen3      RMSNorm            SwiGLU       no         yes      no              yes
 nemotron   LayerNorm1P+bias   squared-ReLU no         no       yes             yes
+mixtral    RMSNorm            SwiGLU MoE   no         no       no              yes
+qwen3_moe  RMSNorm            SwiGLU MoE   no         yes      no              yes
 =========  =================  ===========  =========  =======  ==============  ================
+
+MoE families route every token to ``moe_top_k`` of ``num_experts`` SwiGLU experts in every layer
+(softmax over all experts, top-k; Mixtral renormalises the k weights to sum to one, Qwen3-MoE when
+its ``norm_topk_prob`` says so). Their checkpoints keep one tensor per expert under the hub's names
+(``expert_keys``), which is what ``save_pretrained`` writes and ``from_pretrained`` reads.
 """
 
 from __future__ import annotations
@@ -44,9 +51,16 @@ class Family:
     explicit_head_dim: bool = True
     """The config class accepts head_dim != hidden_size / num_attention_heads."""
     hidden_act: str = "silu"
+    moe: bool = False
+    """Every layer's MLP is a mixture of experts behind a softmax top-k router."""
+    moe_renorm: bool | None = None
+    """Top-k routing weights rescaled to sum to one: always (True), never (False), or as the
+    config's ``norm_topk_prob`` says (None)."""
+    expert_keys: tuple = ()
+    """Per-layer names of (router, expert j's gate, up, down) weights; ``{}`` is j."""
 
     def features(self) -> tuple:
-        return (self.norm, self.mlp, self.qkv_bias, self.qk_norm)
+        return (self.norm, self.mlp, self.qkv_bias, self.qk_norm, self.moe)
 
 
 FAMILIES = {f.model_type: f for f in (
@@ -56,6 +70,12 @@ FAMILIES = {f.model_type: f for f in (
     Family("qwen3", "Qwen3ForCausalLM", qk_norm=True),
     Family("nemotron", "NemotronForCausalLM", norm="layernorm1p", mlp="relu2", partial_rotary=True,
            hidden_act="relu2"),
+    Family("mixtral", "MixtralForCausalLM", moe=True, moe_renorm=True, expert_keys=(
+        "block_sparse_moe.gate.weight", "block_sparse_moe.experts.{}.w1.weight",
+        "block_sparse_moe.experts.{}.w3.weight", "block_sparse_moe.experts.{}.w2.weight")),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True, moe=True, expert_keys=(
+        "mlp.gate.weight", "mlp.experts.{}.gate_proj.weight", "mlp.experts.{}.up_proj.weight",
+        "mlp.experts.{}.down_proj.weight")),
 )}
 
 
@@ -72,7 +92,7 @@ def export_family(arch) -> Family:
     shape, else the first family with the same pieces whose config accepts an explicit head_dim
     (a pruned Llama, hidden != heads * head_dim, loads as Mistral)."""
     own = family(arch.model_type)
-    want = (arch.norm, arch.mlp, arch.qkv_bias, arch.qk_norm)
+    want = (arch.norm, arch.mlp, arch.qkv_bias, arch.qk_norm, arch.num_experts > 0)
     square = arch.hidden_size == arch.num_attention_heads * arch.head_dim
     for f in (own, *FAMILIES.values()):
         if f.features() == want and (square or f.explicit_head_dim) and (

@@ -27,11 +27,19 @@ def _randomize(params, mean: float, std: float) -> None:
             p.normal_(mean, std)
 
 
+def _moe_randomize(model) -> None:
+    """Norms away from one, and routers decisive: a random router of std 0.02 gives near-equal
+    logits, whose top-k is decided by rounding rather than by the weights."""
+    _randomize([p for n, p in model.named_parameters() if "norm" in n], 1.0, 0.3)
+    _randomize([p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")], 0.0, 0.5)
+
+
 def tiny_hf(kind: str = "gqa", seed: int = 0):
     """A random tiny decoder in float32; kinds cover the architecture variants and families we map."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              NemotronConfig, NemotronForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                              Qwen3Config, Qwen3ForCausalLM)
+                              MixtralConfig, MixtralForCausalLM, NemotronConfig,
+                              NemotronForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     torch.manual_seed(seed)
     base = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -63,6 +71,15 @@ def tiny_hf(kind: str = "gqa", seed: int = 0):
         model = NemotronForCausalLM(NemotronConfig(**cfg, norm_eps=1e-5, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}))
         _randomize([p for n, p in model.named_parameters() if "norm" in n], 0.0, 0.3)
+    elif kind == "mixtral":  # 8 experts of width 64, top-2, renormalised
+        model = MixtralForCausalLM(MixtralConfig(**dict(base, intermediate_size=64), num_local_experts=8,
+                                                 num_experts_per_tok=2, sliding_window=None))
+        _moe_randomize(model)
+    elif kind == "qwen3_moe":  # QK-norm, 8 experts of width 64, top-2 kept as softmax gave them
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**base, head_dim=32, num_experts=8,
+                                                   num_experts_per_tok=2, moe_intermediate_size=64,
+                                                   norm_topk_prob=False, use_sliding_window=False))
+        _moe_randomize(model)
     elif kind == "llama_pruned":  # hidden 512 with 6 heads of 64, as ModelOpt/Bridge export it;
         # stock LlamaConfig rejects it, so it is written as Mistral (same weights and math) and
         # hf_dir() relabels config.json as llama

@@ -53,13 +53,16 @@ class ParallelConfig:
     """Tensor-parallel size (must divide heads, query groups and FFN size)."""
     pp: int = 1
     """Pipeline-parallel size (must divide the number of layers)."""
+    ep: int = 1
+    """Expert-parallel size for MoE models: experts split over data-parallel ranks (must divide
+    num_experts and the data-parallel size)."""
     seed: int = 1234
     """Seed of megatron's RNG trackers and data shuffling."""
     timeout_s: int = 600
     """Collective timeout: a hung or dead rank fails the job after this many seconds."""
 
     def __post_init__(self):
-        for k in ("tp", "pp"):
+        for k in ("tp", "pp", "ep"):
             if getattr(self, k) < 1:
                 raise ValueError(f"parallel.{k}={getattr(self, k)} must be >= 1")
 
@@ -209,6 +212,9 @@ class PruneTargetConfig:
     """Query groups (KV heads) to keep."""
     num_layers: Optional[int] = None
     """Layers to keep (depth pruning); see prune.depth."""
+    num_experts: Optional[int] = None
+    """MoE experts per layer to keep (at least the model's moe_top_k); ffn_hidden_size is then
+    each expert's width."""
 
 
 @dataclass
@@ -452,14 +458,18 @@ class SearchConfig:
     """Candidates lie within budget * (1 +- tolerance)."""
     count_embeddings: bool = True
     """The budget counts embedding and output-layer parameters (False: non-embedding only)."""
+    count: str = "total"
+    """total parameters, or active: those one token passes through (MoE: router + top-k experts)."""
     axes: list[str] = field(default_factory=lambda: ["num_layers", "hidden_size",
-                                                     "ffn_hidden_size", "attention"])
-    """Axes the search may shrink (attention = heads and query groups together)."""
+                                                     "ffn_hidden_size", "attention", "num_experts"])
+    """Axes the search may shrink (attention = heads and query groups together; num_experts
+    only for MoE models)."""
     num_layers: Optional[list[int]] = None
     hidden_size: Optional[list[int]] = None
     ffn_hidden_size: Optional[list[int]] = None
     num_attention_heads: Optional[list[int]] = None
     num_query_groups: Optional[list[int]] = None
+    num_experts: Optional[list[int]] = None
     """Explicit allowed values of an axis (default: generated from the steps and limits)."""
     layer_step: int = 2
     hidden_multiple: int = 64
@@ -467,7 +477,7 @@ class SearchConfig:
     ffn_multiple: int = 128
     min_fraction: dict[str, float] = field(default_factory=lambda: {
         "num_layers": 0.5, "hidden_size": 0.5, "ffn_hidden_size": 0.25,
-        "num_attention_heads": 0.5})
+        "num_attention_heads": 0.5, "num_experts": 0.5})
     """How far each axis may shrink, as a fraction of the source."""
     max_candidates: int = 6
     """Candidates to prune and distill (nearest the budget, spread over depths)."""
@@ -488,6 +498,8 @@ class SearchConfig:
         check_budget(self.budget, "search.budget")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"search.tolerance={self.tolerance} must be in (0, 1)")
+        if self.count not in ("total", "active"):
+            raise ValueError(f"search.count={self.count!r} must be total or active")
         for k in ("steps", "max_candidates", "layer_step", "hidden_multiple", "ffn_multiple"):
             if getattr(self, k) < 1:
                 raise ValueError(f"search.{k}={getattr(self, k)} must be >= 1")

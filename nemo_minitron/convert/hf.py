@@ -18,6 +18,7 @@ import torch
 
 from ..arch import Arch
 from . import checkpoint as ckpt
+from .experts import per_expert
 from .hf_config import arch_from_hf_config, hf_config_from_arch
 from .weights import LM_HEAD, canonical_keys
 
@@ -93,6 +94,7 @@ def load_hf(source: str, *, gguf_file: str | None = None, dtype: str = "auto"):
     if arch.tie_embeddings:
         state.pop(LM_HEAD, None)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    state = per_expert(state, arch)  # transformers 5.x's fused experts (GGUF, in-memory)
     want = set(canonical_keys(arch))
     missing, extra = want - set(state), set(state) - want
     if missing or extra:

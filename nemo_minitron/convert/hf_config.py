@@ -63,7 +63,7 @@ def _refuse_unsupported(d: dict, model_type: str) -> None:
         raise ValueError(f"config hidden_act={act!r} is not supported for {model_type}; "
                          f"expected {fam.hidden_act!r}")
     sliding = d.get("sliding_window")
-    if sliding and d.get("use_sliding_window", model_type == "mistral"):
+    if sliding and d.get("use_sliding_window", model_type in ("mistral", "mixtral")):
         if sliding < d.get("max_position_embeddings", 0):
             raise ValueError(f"config sliding_window={sliding} attention is not supported; "
                              "only full attention over max_position_embeddings")
@@ -72,6 +72,25 @@ def _refuse_unsupported(d: dict, model_type: str) -> None:
                          "is supported")
     if not fam.partial_rotary and d.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"config partial_rotary_factor is not supported for {model_type}")
+    if fam.moe and (d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1):
+        raise ValueError(f"config mlp_only_layers={d.get('mlp_only_layers')}, decoder_sparse_step="
+                         f"{d.get('decoder_sparse_step', 1)}: dense layers between MoE layers are "
+                         "not supported; every layer must be MoE (mlp_only_layers=[], step 1)")
+    if fam.moe and d.get("shared_expert_intermediate_size"):
+        raise ValueError("config shared_expert_intermediate_size: shared experts are not supported")
+
+
+def _moe_fields(d: dict, fam) -> dict:
+    """Arch fields of an MoE config; its experts' width becomes ffn_hidden_size."""
+    if not fam.moe:
+        return {}
+    experts = d.get("num_local_experts") or d.get("num_experts")
+    if not experts or "num_experts_per_tok" not in d:
+        raise ValueError(f"{fam.model_type} config lacks num_local_experts/num_experts or "
+                         "num_experts_per_tok")
+    renorm = fam.moe_renorm if fam.moe_renorm is not None else bool(d.get("norm_topk_prob", False))
+    return dict(num_experts=experts, moe_top_k=d["num_experts_per_tok"], moe_renorm=renorm,
+                ffn_hidden_size=d.get("moe_intermediate_size") or d["intermediate_size"])
 
 
 def arch_from_hf_config(cfg) -> Arch:
@@ -85,7 +104,7 @@ def arch_from_hf_config(cfg) -> Arch:
         raise ValueError(f"config.json lacks {', '.join(missing)}; is this a decoder-only LM config?")
     heads = d["num_attention_heads"]
     theta, scaling, fraction = _rope(d)
-    return Arch(
+    fields = dict(
         num_layers=d["num_hidden_layers"],
         hidden_size=d["hidden_size"],
         ffn_hidden_size=d["intermediate_size"],
@@ -105,6 +124,7 @@ def arch_from_hf_config(cfg) -> Arch:
         mlp=fam.mlp,
         rotary_fraction=fraction,
     )
+    return Arch(**{**fields, **_moe_fields(d, fam)})
 
 
 def export_model_type(arch: Arch) -> str:
@@ -143,6 +163,16 @@ def hf_config_from_arch(arch: Arch, *, torch_dtype: str = "float32", bos_token_i
         "qwen2": dict(use_sliding_window=False),
         "qwen3": dict(use_sliding_window=False, attention_bias=False),
         "nemotron": dict(attention_bias=False, mlp_bias=False),
+        # no aux loss in the exported config either: output_router_logits off
+        "mixtral": dict(sliding_window=None, num_local_experts=arch.num_experts,
+                        num_experts_per_tok=arch.moe_top_k, output_router_logits=False),
+        # every layer is MoE, so the dense intermediate_size builds nothing; it is written
+        # as the expert width
+        "qwen3_moe": dict(use_sliding_window=False, attention_bias=False,
+                          num_experts=arch.num_experts, num_experts_per_tok=arch.moe_top_k,
+                          moe_intermediate_size=arch.ffn_hidden_size,
+                          norm_topk_prob=arch.moe_renorm, decoder_sparse_step=1,
+                          mlp_only_layers=[], output_router_logits=False),
     }[fam.model_type]
     eps = {"norm_eps" if fam.norm == "layernorm1p" else "rms_norm_eps": arch.norm_eps}
     config_class = getattr(transformers, fam.causal_lm.replace("ForCausalLM", "Config"))

@@ -9,7 +9,16 @@ A non-gated (squared-ReLU) MLP has no gate: ``linear_fc1`` is the up projection 
 weights (one per head_dim, shared by every head) are replicated on every TP rank. Zero-centred
 LayerNorm weights (Nemotron's ``1p``) are folded, +1, on the way into megatron -- whose local
 spec's torch LayerNorm has no zero-centred option -- and unfolded on the way back, so canonical
-tensors keep Hugging Face's values. These functions are pure: tensors in, tensors out.
+tensors keep Hugging Face's values.
+
+Mixture-of-experts layers (Mixtral, Qwen3-MoE) are stored one tensor per expert under the hub's
+names (:attr:`~nemo_minitron.families.Family.expert_keys`); in megatron each expert is a SwiGLU
+``MLP`` (``mlp.experts.local_experts.{k}``, fused gate/up per TP shard as above), the router
+``mlp.router.weight`` is replicated, and the pre-MLP norm stays a separate module under both
+specs (the router needs its output). With expert parallelism rank ``e`` holds experts
+``e*E/ep .. (e+1)*E/ep - 1`` as its local experts ``0..E/ep-1``. :func:`from_megatron` expects
+every expert of a layer in its shards (EP ranks gathered first, local numbers made global).
+These functions are pure: tensors in, tensors out.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..arch import Arch
+from ..families import family
 
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -38,6 +48,23 @@ QK_NORMS = {"self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
             "self_attn.k_norm.weight": "self_attention.k_layernorm.weight"}
 
 
+def router_key(arch: Arch) -> str:
+    """Canonical suffix of an MoE layer's router weight [experts, hidden]."""
+    return family(arch.model_type).expert_keys[0]
+
+
+def expert_keys(arch: Arch, j: int) -> tuple[str, str, str]:
+    """Canonical suffixes of expert ``j``'s (gate, up, down) weights."""
+    return tuple(k.format(j) for k in family(arch.model_type).expert_keys[1:])
+
+
+def mlp_suffixes(arch: Arch) -> list[str]:
+    if arch.is_moe:
+        return [router_key(arch)] + [k for j in range(arch.num_experts) for k in expert_keys(arch, j)]
+    return (["mlp.gate_proj.weight"] if arch.mlp == "swiglu" else []) + [
+        "mlp.up_proj.weight", "mlp.down_proj.weight"]
+
+
 def layer_suffixes(arch: Arch) -> list[str]:
     """Canonical tensor names of one decoder layer, in the order checkpoints list them."""
     out = list(NORMS)
@@ -46,8 +73,7 @@ def layer_suffixes(arch: Arch) -> list[str]:
     out += [f"self_attn.{x}_proj.weight" for x in "qkvo"]
     if arch.qk_norm:
         out += list(QK_NORMS)
-    out += (["mlp.gate_proj.weight"] if arch.mlp == "swiglu" else []) + [
-        "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    out += mlp_suffixes(arch)
     if arch.qkv_bias:
         out += [f"self_attn.{x}_proj.bias" for x in "qkv"]
     return out
@@ -85,6 +111,11 @@ def canonical_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
                  "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
                  "mlp.down_proj.weight": (h, f), "self_attn.q_proj.bias": (q,),
                  "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+    if arch.is_moe:
+        per_layer[router_key(arch)] = (arch.num_experts, h)
+        for j in range(arch.num_experts):
+            gate, up, down = expert_keys(arch, j)
+            per_layer.update({gate: (f, h), up: (f, h), down: (h, f)})
     fixed = {EMBED: (v, h), FINAL_NORM: (h,), FINAL_NORM_BIAS: (h,), LM_HEAD: (v, h)}
     return {k: fixed[k] if k in fixed else per_layer[k.split(".", 3)[3]]
             for k in canonical_keys(arch)}
@@ -121,14 +152,19 @@ def split_qkv(fused: torch.Tensor, arch: Arch, groups: int | None = None):
     return (q.reshape((g * hpg * d,) + rest), k.reshape((g * d,) + rest), v.reshape((g * d,) + rest))
 
 
+def _norm_name(arch: Arch, names: tuple, te: bool) -> str:
+    # an MoE layer keeps its pre-MLP norm separate under the TE spec too
+    return names[0] if arch.is_moe and names[0].startswith("pre_mlp") else names[int(te)]
+
+
 def to_megatron(get: Callable[[str], torch.Tensor], arch: Arch, *, tp_rank: int, tp_size: int,
                 layers: Iterable[int], pre_process: bool, post_process: bool,
-                te: bool = False,
+                te: bool = False, ep_rank: int = 0, ep_size: int = 1,
                 get_part: Callable[[str, int, int, int], torch.Tensor] | None = None,
                 ) -> dict[str, torch.Tensor]:
-    """State dict of one (tp_rank, pipeline stage) model from canonical tensors fetched by ``get``.
-
-    ``layers`` are the global indices this stage holds, in order; megatron numbers them from 0.
+    """State dict of one (tp_rank, ep_rank, pipeline stage) model from canonical tensors fetched
+    by ``get``. ``layers`` are the global indices this stage holds, in order; megatron numbers
+    them from 0. Experts are split over TP like a dense MLP (expert-TP = TP).
     ``get_part(name, dim, rank, parts)``: part ``rank`` of ``parts`` equal parts of a tensor along
     ``dim``, read without the rest (a checkpoint's sliced read); default: ``get`` and chunk.
     Every TP-sharded tensor is fetched this way: the shard of the fused QKV is the fusion of the
@@ -155,7 +191,7 @@ def to_megatron(get: Callable[[str], torch.Tensor], arch: Arch, *, tp_rank: int,
     for local, i in enumerate(layers):
         p, m = LAYER.format(i), f"decoder.layers.{local}."
         for canon, names in NORMS.items():
-            out[m + names[int(te)]] = get(p + canon) + one if one else get(p + canon)
+            out[m + _norm_name(arch, names, te)] = get(p + canon) + one if one else get(p + canon)
         if arch.norm == "layernorm1p":
             for canon, names in NORM_BIASES.items():
                 out[m + names[int(te)]] = get(p + canon)
@@ -168,6 +204,15 @@ def to_megatron(get: Callable[[str], torch.Tensor], arch: Arch, *, tp_rank: int,
             out[m + "self_attention.linear_qkv.bias"] = fuse_qkv(
                 *(shard(p + f"self_attn.{x}_proj.bias", 0) for x in "qkv"), arch, groups)
         out[m + "self_attention.linear_proj.weight"] = shard(p + "self_attn.o_proj.weight", 1)
+        if arch.is_moe:
+            out[m + "mlp.router.weight"] = get(p + router_key(arch))
+            per_rank = arch.num_experts // ep_size
+            for k in range(per_rank):
+                gate, up, down = (p + x for x in expert_keys(arch, ep_rank * per_rank + k))
+                e = m + f"mlp.experts.local_experts.{k}."
+                out[e + "linear_fc1.weight"] = torch.cat([shard(gate, 0), shard(up, 0)])
+                out[e + "linear_fc2.weight"] = shard(down, 1)
+            continue
         up = shard(p + "mlp.up_proj.weight", 0)
         if arch.mlp == "swiglu":
             up = torch.cat([shard(p + "mlp.gate_proj.weight", 0), up], dim=0)
@@ -198,8 +243,8 @@ def from_megatron(shards: list[dict[str, torch.Tensor]], arch: Arch, *, layers: 
     for local, i in enumerate(layers):
         p, m = LAYER.format(i), f"decoder.layers.{local}."
         for canon, names in NORMS.items():
-            out[p + canon] = shards[0][m + names[int(te)]] - one if one else \
-                shards[0][m + names[int(te)]].clone()
+            name = m + _norm_name(arch, names, te)
+            out[p + canon] = shards[0][name] - one if one else shards[0][name].clone()
         if arch.norm == "layernorm1p":
             for canon, names in NORM_BIASES.items():
                 out[p + canon] = shards[0][m + names[int(te)]].clone()
@@ -215,13 +260,23 @@ def from_megatron(shards: list[dict[str, torch.Tensor]], arch: Arch, *, layers: 
             for j, x in enumerate("qkv"):
                 out[p + f"self_attn.{x}_proj.bias"] = torch.cat([pt[j] for pt in parts], dim=0)
         out[p + "self_attn.o_proj.weight"] = cat(m + "self_attention.linear_proj.weight", 1)
-        if arch.mlp == "swiglu":
+        if arch.is_moe:
+            out[p + router_key(arch)] = shards[0][m + "mlp.router.weight"].clone()
+            for j in range(arch.num_experts):
+                gate, up, down = (p + x for x in expert_keys(arch, j))
+                e = m + f"mlp.experts.local_experts.{j}."
+                halves = [torch.chunk(s[e + "linear_fc1.weight"], 2, dim=0) for s in shards]
+                out[gate] = torch.cat([h[0] for h in halves], dim=0)
+                out[up] = torch.cat([h[1] for h in halves], dim=0)
+                out[down] = cat(e + "linear_fc2.weight", 1)
+        elif arch.mlp == "swiglu":
             halves = [torch.chunk(s[m + "mlp.linear_fc1.weight"], 2, dim=0) for s in shards]
             out[p + "mlp.gate_proj.weight"] = torch.cat([h[0] for h in halves], dim=0)
             out[p + "mlp.up_proj.weight"] = torch.cat([h[1] for h in halves], dim=0)
         else:
             out[p + "mlp.up_proj.weight"] = cat(m + "mlp.linear_fc1.weight", 0)
-        out[p + "mlp.down_proj.weight"] = cat(m + "mlp.linear_fc2.weight", 1)
+        if not arch.is_moe:
+            out[p + "mlp.down_proj.weight"] = cat(m + "mlp.linear_fc2.weight", 1)
     if post_process:
         w = shards[0]["decoder.final_layernorm.weight"]
         out[FINAL_NORM] = w - one if one else w.clone()

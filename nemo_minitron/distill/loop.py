@@ -158,6 +158,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
     from ..runtime import dist
     from ..runtime.forward import on_device
     from ..runtime.stage import load_checkpoint, save_checkpoint
+    from ..runtime.routing import RoutingMonitor
     from . import intermediate as inter_mod
     from . import run_dir as run_dir_mod
     from . import train_state
@@ -215,6 +216,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
         run_dir.mkdir(parents=True, exist_ok=True)
 
     student, _ = load_checkpoint(resume_from or job.model.checkpoint, job.model.dtype)
+    routing = RoutingMonitor(student)  # MoE students: expert load in the logs (no-op when dense)
     teacher = load_checkpoint(teacher_path, job.model.dtype)[0] if teacher_path else None
     projections = torch.nn.ModuleDict()
     if ispec is not None:
@@ -342,6 +344,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
                                skipped=not ok)
             else:  # skipped (train.skip_nonfinite_steps): its batch is consumed, nothing learned
                 metrics = {"lr": opt.param_groups[0]["lr"], "skipped": True, "nonfinite": True}
+            metrics.update(routing.pop())  # MoE expert load of this step's training forwards
             sched.step(increment=1)
             step += 1
             if tr.eval_interval and step % tr.eval_interval == 0 and step < tr.steps:
@@ -356,7 +359,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
                     parts = [f"step {step}/{tr.steps}"] + (["skipped"] if "nonfinite" in metrics
                                                             else [])
                     parts += [f"{k} {metrics[k]:.4f}" for k in ("loss", "kd", "lm", "hidden", "emb",
-                                                                "val_loss") if k in metrics]
+                                                                "val_loss", "moe_max_load") if k in metrics]
                     parts += [f"lr {metrics['lr']:.2e}", f"{tps:.0f} tok/s", f"eta {eta:.0f}s"]
                     log.info(" | ".join(parts))
                 t_last, steps_last = time.time(), step

@@ -26,8 +26,9 @@ def batches_forward_loop(stage, batches: Iterable[dict], progress: str | None = 
 
 
 def calibrate(stage, forward_loop: Callable[[torch.nn.Module], None], *, seq_agg: str = "mean_abs",
-              batch_agg: str = "l2") -> Importance:
-    """Run ``forward_loop`` with hooks on; return global importance (same on every rank)."""
+              batch_agg: str = "l2", expert_score: str = "contribution") -> Importance:
+    """Run ``forward_loop`` with hooks on; return global importance (same on every rank).
+    ``expert_score``: how MoE experts are ranked (:func:`~.scores.expert_scores`)."""
     with torch.no_grad(), collecting(stage, seq_agg) as stats:
         forward_loop(stage.model)
-    return reduce_stats(stats, stage, batch_agg)
+    return reduce_stats(stats, stage, batch_agg, expert_score)

@@ -9,6 +9,10 @@ One calibration pass fills, for each layer this pipeline stage holds:
           linear's input and ``layer_norm_weight`` (:func:`fused_norm_output`)
   block   1 - cos(layer input, layer output) (Block Importance)
 as additive :class:`~.scores.Moments`, so micro-batches and ranks combine by summing.
+A mixture-of-experts layer has no single MLP: per local expert its routed tokens' statistics
+(:func:`~.scores.expert_token_stats`, from the expert's routing-weighted output) and the sums of
+squares of its down-projection inputs, as plain additive tensors in ``stats.sums``; its pre-MLP
+norm (the router's and the experts' input) is scored for the hidden channels.
 megatron-core activations are [seq, batch, ...]; they are transposed to [batch, seq, ...] here.
 """
 
@@ -18,7 +22,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .scores import Moments, block_importance, head_norms, sequence_aggregate
+from .scores import (EXPERT_STATS, Moments, block_importance, expert_token_stats, head_norms,
+                     sequence_aggregate)
 
 
 class ActivationStats:
@@ -27,6 +32,7 @@ class ActivationStats:
     def __init__(self, seq_agg: str = "mean_abs"):
         self.seq_agg = seq_agg
         self.moments: dict[tuple[str, int], Moments] = {}
+        self.sums: dict[tuple[str, int], torch.Tensor] = {}
         self.samples = 0
 
     def add(self, axis: str, layer: int, per_sample: torch.Tensor) -> None:
@@ -34,6 +40,13 @@ class ActivationStats:
         if key not in self.moments:
             self.moments[key] = Moments.zeros(per_sample.shape[-1])
         self.moments[key].add(per_sample)
+
+    def add_sum(self, axis: str, layer: int, shape: tuple, index: int, value: torch.Tensor) -> None:
+        """``sums[(axis, layer)][index] += value`` in float64, made with ``shape`` on first use."""
+        key = (axis, layer)
+        if key not in self.sums:
+            self.sums[key] = torch.zeros(shape, dtype=torch.float64)
+        self.sums[key][index] += value.detach().to(torch.float64).cpu()
 
     def layers(self, axis: str) -> list[int]:
         return sorted(layer for a, layer in self.moments if a == axis)
@@ -103,13 +116,34 @@ def collecting(stage, seq_agg: str = "mean_abs"):
                 stats.samples += x_in.shape[1]
         return hook
 
+    def expert_hooks(i, experts):
+        n, ffn = len(experts), experts[0].linear_fc2.weight.shape[1]
+
+        def routed(k):
+            def hook(_module, args, out):
+                stats.add_sum("expert", i, (n, EXPERT_STATS), k, expert_token_stats(out[0], args[1]))
+            return hook
+
+        def neurons(k):
+            def hook(_module, args):
+                stats.add_sum("expert_ffn", i, (n, ffn), k, args[0].float().pow(2).sum(dim=0))
+            return hook
+
+        for k, e in enumerate(experts):
+            handles.append(e.register_forward_hook(routed(k)))
+            handles.append(e.linear_fc2.register_forward_pre_hook(neurons(k)))
+
     for i, layer in enumerate(decoder.layers):
-        handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(pre_hook("ffn", i)))
+        if stage.arch.is_moe:
+            expert_hooks(i, layer.mlp.experts.local_experts)
+            handles.append(layer.pre_mlp_layernorm.register_forward_hook(out_hook("hidden_mlp", i)))
+        else:
+            handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(pre_hook("ffn", i)))
+            handles.append(norm_hooks(layer.pre_mlp_layernorm, layer.mlp.linear_fc1, "hidden_mlp", i))
         handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(
             pre_hook("heads", i, lambda x: head_norms(x, d))))
         handles.append(norm_hooks(layer.input_layernorm, layer.self_attention.linear_qkv,
                                   "hidden_attn", i))
-        handles.append(norm_hooks(layer.pre_mlp_layernorm, layer.mlp.linear_fc1, "hidden_mlp", i))
         handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
     if stage.post_process and getattr(decoder, "final_layernorm", None) is not None:
         handles.append(decoder.final_layernorm.register_forward_hook(out_hook("hidden_final", -1)))

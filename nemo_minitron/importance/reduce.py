@@ -4,18 +4,22 @@
 * tensor parallel: neuron and head scores are sharded, so they are all-gathered and concatenated
   in global index order; hidden-channel and block statistics are replicated and taken as they are;
 * pipeline parallel: each stage fills its own layers of global [layers, ...] tensors and the
-  stages' tensors are summed, as are the per-stage sums of hidden-channel scores.
+  stages' tensors are summed, as are the per-stage sums of hidden-channel scores;
+* expert parallel: expert statistics are summed over the expert-data-parallel group (ranks
+  holding the same experts; token dispatch already brings every EP rank's tokens to an expert)
+  and concatenated in global expert order over the expert-parallel group.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.distributed as tdist
 
 from .hooks import ActivationStats
-from .scores import Moments, batch_aggregate
+from .scores import Moments, batch_aggregate, expert_neuron_scores, expert_scores
 
 HIDDEN_AXES = ("hidden_attn", "hidden_mlp", "hidden_final")
 
@@ -27,15 +31,18 @@ class Importance:
     hidden: torch.Tensor  # [hidden_size], summed over every norm output
     block: torch.Tensor  # [layers], Block Importance 1 - cos
     meta: dict = field(default_factory=dict)
+    experts: Optional[torch.Tensor] = None  # [layers, num_experts] (MoE; ffn then scores the
+    # experts' common neurons, aggregated over experts)
 
     def save(self, path) -> None:
         torch.save({"ffn": self.ffn, "heads": self.heads, "hidden": self.hidden,
-                    "block": self.block, "meta": self.meta}, path)
+                    "block": self.block, "meta": self.meta, "experts": self.experts}, path)
 
     @classmethod
     def load(cls, path) -> "Importance":
         d = torch.load(path, weights_only=True)
-        return cls(d["ffn"], d["heads"], d["hidden"], d["block"], d.get("meta", {}))
+        return cls(d["ffn"], d["heads"], d["hidden"], d["block"], d.get("meta", {}),
+                   d.get("experts"))
 
 
 def _groups():
@@ -62,7 +69,32 @@ def _gather_cat(group, t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def reduce_stats(stats: ActivationStats, stage, batch_agg: str = "l2") -> Importance:
+def _expert_groups():
+    from megatron.core import parallel_state as ps
+
+    if not tdist.is_initialized():
+        return None, None
+    return ps.get_expert_data_parallel_group(), ps.get_expert_model_parallel_group()
+
+
+def reduce_expert_stats(stats: ActivationStats, stage, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert scores [layers, experts], neuron scores [layers, ffn]) of an MoE model."""
+    arch, (edp, ep) = stage.arch, _expert_groups()
+    if stage.tp_size > 1:
+        # each TP rank's expert output is a partial sum until the dispatcher reduces it
+        raise ValueError("MoE importance at parallel.tp>1 is not supported; calibrate at tp=1 "
+                         "(use parallel.ep and parallel.pp to split the model)")
+    L, E, F = arch.num_layers, arch.num_experts, arch.ffn_hidden_size
+    routed = torch.zeros(L, E, 3, dtype=torch.float64)
+    sumsq = torch.zeros(L, E, F, dtype=torch.float64)
+    for local, g in enumerate(stage.layers):
+        routed[g] = _gather_cat(ep, _sum_over(edp, stats.sums[("expert", local)]))
+        sumsq[g] = _gather_cat(ep, _sum_over(edp, stats.sums[("expert_ffn", local)]))
+    return expert_scores(routed, how), expert_neuron_scores(sumsq)
+
+
+def reduce_stats(stats: ActivationStats, stage, batch_agg: str = "l2",
+                 expert_score: str = "contribution") -> Importance:
     """Global :class:`Importance` from this rank's stats; a collective over all ranks."""
     dp_group, tp_group, pp_group = _groups()
     keys = sorted(stats.moments)
@@ -80,8 +112,12 @@ def reduce_stats(stats: ActivationStats, stage, batch_agg: str = "l2") -> Import
     heads = torch.zeros(L, arch.num_attention_heads, dtype=torch.float64)
     block = torch.zeros(L, dtype=torch.float64)
     hidden = torch.zeros(arch.hidden_size, dtype=torch.float64)
+    experts = None
+    if arch.is_moe:
+        experts, ffn = reduce_expert_stats(stats, stage, expert_score)
     for local, g in enumerate(stage.layers):
-        ffn[g] = _gather_cat(tp_group, batch_aggregate(moments[("ffn", local)], batch_agg))
+        if not arch.is_moe:
+            ffn[g] = _gather_cat(tp_group, batch_aggregate(moments[("ffn", local)], batch_agg))
         heads[g] = _gather_cat(tp_group, batch_aggregate(moments[("heads", local)], batch_agg))
         block[g] = batch_aggregate(moments[("block", local)], "mean")[0]
     for (axis, _), m in moments.items():
@@ -90,4 +126,7 @@ def reduce_stats(stats: ActivationStats, stage, batch_agg: str = "l2") -> Import
     ffn, heads, block, hidden = (_sum_over(pp_group, t) for t in (ffn, heads, block, hidden))
     samples = int(_sum_over(dp_group, torch.tensor([float(stats.samples)]))[0])
     meta = {"seq_agg": stats.seq_agg, "batch_agg": batch_agg, "samples": samples}
-    return Importance(ffn.float(), heads.float(), hidden.float(), block.float(), meta)
+    if experts is not None:
+        experts = _sum_over(pp_group, experts).float()
+        meta["expert_score"] = expert_score
+    return Importance(ffn.float(), heads.float(), hidden.float(), block.float(), meta, experts)

@@ -89,3 +89,42 @@ def group_scores(head_scores: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Query-group importance = sum of the importance of its heads: [..., heads] -> [..., groups]."""
     *lead, h = head_scores.shape
     return head_scores.reshape(*lead, num_groups, h // num_groups).sum(dim=-1)
+
+
+# ------------------------------------------------------------------ mixture of experts
+EXPERT_SCORES = ("contribution", "mean_norm")
+EXPERT_STATS = 3
+"""Per expert, additive: [tokens routed, sum of ||y||, sum of p * ||y||], with y the expert's
+output for a token and p the routing weight that token gave it."""
+
+
+def expert_token_stats(weighted_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """One expert's additive statistics from its outputs already scaled by their routing
+    weights ([tokens, hidden], as megatron's experts return them) and those weights [tokens]."""
+    n = weighted_out.float().norm(dim=-1)  # p * ||y||
+    p = probs.float()
+    plain = torch.where(p > 0, n / p.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(n))
+    return torch.stack([torch.tensor(float(n.shape[0])), plain.sum(), n.sum()]).double()
+
+
+def expert_scores(stats: torch.Tensor, how: str = "contribution") -> torch.Tensor:
+    """[..., experts, 3] statistics -> [..., experts] importance.
+
+    contribution (default): sum over tokens of p * ||y||, the magnitude the expert adds to the
+    residual stream -- what the layer loses when the expert goes, counting both how often it is
+    chosen and how strongly it then acts (the MoE reading of Minitron's activation magnitude).
+    mean_norm: sum of ||y|| / tokens routed, NVIDIA ModelOpt's score; it ignores how often an
+    expert is chosen, so a rarely used expert with large outputs ranks high.
+    """
+    if how == "contribution":
+        return stats[..., 2]
+    if how == "mean_norm":
+        return stats[..., 1] / stats[..., 0].clamp(min=1)
+    raise ValueError(f"expert score {how!r} unknown; use one of {EXPERT_SCORES}")
+
+
+def expert_neuron_scores(sumsq: torch.Tensor) -> torch.Tensor:
+    """[..., experts, ffn] sums of squared down-projection inputs (routing-weighted, over the
+    tokens each expert saw) -> [..., ffn]: the L2 norm over every (token, expert) pair. Experts
+    keep one common width and the same neuron indices, so neuron j is scored over all experts."""
+    return sumsq.sum(dim=-2).sqrt()

@@ -26,6 +26,10 @@ QK-norm weights act on each head's head_dim, which pruning never changes, and ar
 heads, so they are kept whole whichever heads or groups go. A squared-ReLU MLP has no gate; its
 neurons are the rows of ``up_proj``. LayerNorm biases are sliced like their weights.
 
+Mixture of experts: the router's rows are the kept experts (columns ``hidden``); each kept
+expert's gate/up/down are sliced like a dense MLP with the layer's ``ffn``, and experts are
+renumbered ``0..E'-1`` in the order kept, so router row ``e'`` still belongs to expert ``e'``.
+
 Kept layers are renumbered ``0..L'-1`` in the order of ``plan.layers``.
 """
 
@@ -35,7 +39,8 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ..convert.weights import EMBED, LAYER, LM_HEAD, canonical_keys, final_norm_keys, layer_suffixes
+from ..convert.weights import (EMBED, LAYER, LM_HEAD, canonical_keys, expert_keys, final_norm_keys,
+                               layer_suffixes, mlp_suffixes, router_key)
 from .plan import Plan
 
 Tensors = Union[Mapping[str, torch.Tensor], Callable[[str], torch.Tensor]]
@@ -138,6 +143,7 @@ def apply_plan(plan: Plan, tensors: Tensors, *, layers: Optional[Iterable[int]] 
     if include_embedding or (include_head and tgt.tie_embeddings):
         out[EMBED] = _take(get(EMBED, (V, h)), None, hid)
     suffixes = layer_suffixes(src)
+    moe_suffixes = set(mlp_suffixes(src)) if src.is_moe else set()
     for s in todo:
         p, n = LAYER.format(s), LAYER.format(new_index[s])
         keep_ffn, keep_groups, keep_heads = plan.layer_keep(s)
@@ -160,8 +166,19 @@ def apply_plan(plan: Plan, tensors: Tensors, *, layers: Optional[Iterable[int]] 
             "self_attn.v_proj.bias": ((ng,), kv_rows, None),
         }
         for suffix in suffixes:
+            if suffix in moe_suffixes:
+                continue
             shape, rows, cols = rules.get(suffix, ((h,), hid, None))  # the rest: norms over hidden
             out[n + suffix] = _take(get(p + suffix, shape), rows, cols)
+        if src.is_moe:
+            kept = plan.layer_experts(s)
+            out[n + router_key(src)] = _take(get(p + router_key(src), (src.num_experts, h)),
+                                             _index(kept, src.num_experts), hid)
+            # gate, up: rows ffn, columns hidden; down: rows hidden, columns ffn
+            how = (((ffn, h), mlp, hid), ((ffn, h), mlp, hid), ((h, ffn), hid, mlp))
+            for new, old in enumerate(kept):
+                for a, b, (shape, rows, cols) in zip(expert_keys(src, old), expert_keys(src, new), how):
+                    out[n + b] = _take(get(p + a, shape), rows, cols)
     if include_head:
         for key in final_norm_keys(src):
             out[key] = _take(get(key, (h,)), hid)

@@ -11,6 +11,8 @@ Axes:
   groups   query groups (KV heads) kept, per kept layer
   heads    attention heads kept, per kept layer (global head ids of the source layer; the same
            count in every kept group, so GQA stays valid)
+  experts  MoE experts kept, per kept layer (router rows and the experts' weights go together;
+           at least ``moe_top_k``); ``ffn`` then keeps the same neurons in every kept expert
 Per-layer axes may be given as one flat list, meaning the same indices in every kept layer.
 """
 
@@ -36,8 +38,15 @@ class Plan:
     heads: list[list[int]]
     layers: list[int]
     meta: dict = field(default_factory=dict)
+    experts: list = field(default_factory=list)
 
     def __post_init__(self):
+        if self.source.is_moe and not self.experts:
+            self.experts = list(range(self.source.num_experts))
+        if self.experts and not isinstance(self.experts[0], (list, tuple)):
+            self.experts = [list(self.experts) for _ in self.layers]
+        else:
+            self.experts = [list(x) for x in self.experts]
         for name in PER_LAYER:  # a flat list means: the same indices in every kept layer
             v = getattr(self, name)
             if not v or not isinstance(v[0], (list, tuple)):
@@ -49,9 +58,14 @@ class Plan:
     @property
     def target(self) -> Arch:
         s = self.source
+        moe = {"num_experts": len(self.experts[0])} if s.is_moe else {}
         return s.replace(num_layers=len(self.layers), hidden_size=len(self.hidden),
                          ffn_hidden_size=len(self.ffn[0]), num_attention_heads=len(self.heads[0]),
-                         num_query_groups=len(self.groups[0]))
+                         num_query_groups=len(self.groups[0]), **moe)
+
+    def layer_experts(self, source_layer: int) -> list[int]:
+        """Experts kept in ``source_layer`` (MoE only)."""
+        return self.experts[self.layers.index(source_layer)]
 
     def layer_keep(self, source_layer: int) -> tuple[list[int], list[int], list[int]]:
         """(ffn, groups, heads) kept in ``source_layer``."""
@@ -76,6 +90,7 @@ class Plan:
             if len({len(x) for x in per}) != 1:
                 raise ValueError(f"plan.{name} keeps a different count in different layers; "
                                  "megatron-core layers must be uniform")
+        self._validate_experts()
         hpg = s.heads_per_group
         for pos, (ffn, groups, heads) in enumerate(zip(self.ffn, self.groups, self.heads)):
             check("ffn", ffn, s.ffn_hidden_size)
@@ -87,17 +102,39 @@ class Plan:
             if len({len(v) for v in per_group.values()}) != 1:
                 raise ValueError(f"plan keeps an unequal number of heads per query group: {per_group}")
 
+    def _validate_experts(self) -> None:
+        s = self.source
+        if not s.is_moe:
+            if self.experts:
+                raise ValueError("plan.experts given for a model without experts")
+            return
+        if len(self.experts) != len(self.layers):
+            raise ValueError(f"plan.experts has {len(self.experts)} entries for "
+                             f"{len(self.layers)} kept layers")
+        for kept in self.experts:
+            if list(kept) != sorted(set(kept)) or not kept or kept[0] < 0 or kept[-1] >= s.num_experts:
+                raise ValueError(f"plan.experts must be sorted unique indices in [0, {s.num_experts})")
+            if len(kept) != len(self.experts[0]):
+                raise ValueError("plan.experts keeps a different count in different layers; "
+                                 "megatron-core layers must be uniform")
+        if len(self.experts[0]) < s.moe_top_k:
+            raise ValueError(f"plan keeps {len(self.experts[0])} experts per layer but tokens are "
+                             f"routed to moe_top_k={s.moe_top_k}; keep at least that many")
+
     # ------------------------------------------------------------------ (de)serialise
     def to_dict(self) -> dict:
+        keep = {"hidden": self.hidden, "ffn": self.ffn, "groups": self.groups,
+                "heads": self.heads, "layers": self.layers}
+        if self.experts:
+            keep["experts"] = self.experts
         return {"source": self.source.to_dict(), "target": self.target.to_dict(),
-                "keep": {"hidden": self.hidden, "ffn": self.ffn, "groups": self.groups,
-                         "heads": self.heads, "layers": self.layers}, "meta": self.meta}
+                "keep": keep, "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         k = d["keep"]
         return cls(Arch.from_dict(d["source"]), k["hidden"], k["ffn"], k["groups"], k["heads"],
-                   k["layers"], d.get("meta", {}))
+                   k["layers"], d.get("meta", {}), k.get("experts", []))
 
     def save(self, path) -> None:
         with open(path, "w") as f:
@@ -112,7 +149,7 @@ class Plan:
 def identity_plan(arch: Arch) -> Plan:
     return Plan(arch, list(range(arch.hidden_size)), list(range(arch.ffn_hidden_size)),
                 list(range(arch.num_query_groups)), list(range(arch.num_attention_heads)),
-                list(range(arch.num_layers)))
+                list(range(arch.num_layers)), experts=list(range(arch.num_experts)))
 
 
 def top_k(scores: torch.Tensor, k: int) -> list[int]:

@@ -31,13 +31,15 @@ def prune(job) -> dict:
     p = job.prune
     # Everything that can be wrong with the request is checked before any model is loaded.
     src = ckpt.Checkpoint(job.model.checkpoint)
-    src.arch.check_parallel(job.parallel.tp, job.parallel.pp)
+    src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)
+    check_moe_calibration(src.arch, job)
     targets = Targets(**dataclasses.asdict(p.target))
     targets.resolve(src.arch)
     ckpt.prepare_output(job.output, job.overwrite)
     data = calibration_data(job)
 
-    dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s)
+    dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s,
+              ep=job.parallel.ep)
     try:
         t0 = time.time()
         stage, _ = load_checkpoint(job.model.checkpoint, job.model.dtype)
@@ -75,6 +77,8 @@ def prune(job) -> dict:
 
         tgt = plan.target
         summary = {"source_params": src.arch.num_params(), "target_params": tgt.num_params(),
+                   "source_active": src.arch.num_active_params(),
+                   "target_active": tgt.num_active_params(),
                    "source_non_embedding": src.arch.num_params(embeddings=False),
                    "target_non_embedding": tgt.num_params(embeddings=False),
                    "dropped_layers": plan.meta["dropped_layers"], "calibration_s": round(t_cal, 1)}
@@ -105,6 +109,15 @@ def prune(job) -> dict:
         return {"checkpoint": str(out), **summary}
     finally:
         dist.release()
+
+
+def check_moe_calibration(arch, job) -> None:
+    """Refuse, before any model is built, layouts whose MoE statistics we cannot collect."""
+    calibrating = not job.prune.scores and job.prune.importance == "activation"
+    if arch.is_moe and job.parallel.tp > 1 and calibrating:
+        raise ValueError(f"parallel.tp={job.parallel.tp}: MoE importance is collected at tp=1 "
+                         "(experts' outputs are partial sums under TP); use parallel.ep/pp, or "
+                         "prune.scores from a tp=1 calibration")
 
 
 def calibration_data(job):
@@ -148,9 +161,11 @@ def calibrate_to(job, path) -> Importance:
     from ..runtime.stage import load_checkpoint
 
     src = ckpt.Checkpoint(job.model.checkpoint)
-    src.arch.check_parallel(job.parallel.tp, job.parallel.pp)
+    src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)
+    check_moe_calibration(src.arch, job)
     data = calibration_data(job)
-    dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s)
+    dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s,
+              ep=job.parallel.ep)
     try:
         stage, _ = load_checkpoint(job.model.checkpoint, job.model.dtype)
         imp = importance_for(job, stage, src.arch, data)

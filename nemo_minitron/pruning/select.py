@@ -4,7 +4,9 @@ Width (Minitron §2): hidden channels by their summed norm-output importance; pe
 by their own scores, query groups by the summed importance of their heads, then the best heads
 inside each kept group (the same count per group, so GQA stays valid). Depth: drop the layers with
 the lowest Block Importance, either as one contiguous block (the minimum-sum window, as the
-paper's depth study removes contiguous blocks) or scattered; or an explicit list.
+paper's depth study removes contiguous blocks) or scattered; or an explicit list. Mixture of
+experts: per layer the highest-scoring experts (:func:`~..importance.scores.expert_scores`), and
+one set of neurons for all of a layer's experts by their scores aggregated over experts.
 """
 
 from __future__ import annotations
@@ -27,10 +29,21 @@ class Targets:
     num_attention_heads: Optional[int] = None
     num_query_groups: Optional[int] = None
     num_layers: Optional[int] = None
+    num_experts: Optional[int] = None
 
     def resolve(self, arch: Arch) -> Arch:
         """The target architecture; raises naming the field when a target is impossible."""
         out = {}
+        if self.num_experts is not None:
+            if not arch.is_moe:
+                raise ValueError(f"prune.target.num_experts={self.num_experts}: the source model "
+                                 "has no experts; leave it unset")
+            if not arch.moe_top_k <= self.num_experts <= arch.num_experts:
+                raise ValueError(
+                    f"prune.target.num_experts={self.num_experts} must be in [moe_top_k="
+                    f"{arch.moe_top_k}, {arch.num_experts}]: every token is routed to "
+                    f"{arch.moe_top_k} experts, and pruning cannot add experts")
+            out["num_experts"] = self.num_experts
         for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                      "num_layers"):
             src, tgt = getattr(arch, name), getattr(self, name)
@@ -68,10 +81,13 @@ def random_importance(arch: Arch, seed: int) -> Importance:
     """Random scores of the right shapes: the ablation baseline for activation importance."""
     g = torch.Generator().manual_seed(seed)
     L = arch.num_layers
-    return Importance(torch.rand(L, arch.ffn_hidden_size, generator=g),
-                      torch.rand(L, arch.num_attention_heads, generator=g),
-                      torch.rand(arch.hidden_size, generator=g), torch.rand(L, generator=g),
-                      {"random_seed": seed})
+    imp = Importance(torch.rand(L, arch.ffn_hidden_size, generator=g),
+                     torch.rand(L, arch.num_attention_heads, generator=g),
+                     torch.rand(arch.hidden_size, generator=g), torch.rand(L, generator=g),
+                     {"random_seed": seed})
+    if arch.is_moe:
+        imp.experts = torch.rand(L, arch.num_experts, generator=g)
+    return imp
 
 
 def make_plan(arch: Arch, imp: Importance, targets: Targets, *, keep_layers: Optional[Sequence[int]] = None,
@@ -95,6 +111,12 @@ def make_plan(arch: Arch, imp: Importance, targets: Targets, *, keep_layers: Opt
             local = top_k(imp.heads[i][gi * hpg_src:(gi + 1) * hpg_src], hpg)
             kept += [gi * hpg_src + h for h in local]
         heads.append(kept)
+    experts = []
+    if arch.is_moe:
+        if imp.experts is None:
+            raise ValueError("these importance scores have no expert scores (computed before MoE "
+                             "support, or for another model); calibrate again")
+        experts = [top_k(imp.experts[i], tgt.num_experts) for i in layers]
     meta = {"importance": imp.meta, "contiguous": contiguous,
             "dropped_layers": [i for i in range(arch.num_layers) if i not in layers]}
-    return Plan(arch, hidden, ffn, groups, heads, layers, meta)
+    return Plan(arch, hidden, ffn, groups, heads, layers, meta, experts)

@@ -153,8 +153,9 @@ def exit_on_failure(main_fn):
     os._exit(code)
 
 
-def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> DistEnv:
-    """Start torch.distributed (if not yet) and megatron-core's model-parallel groups."""
+def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, ep: int = 1) -> DistEnv:
+    """Start torch.distributed (if not yet) and megatron-core's model-parallel groups; ``ep``:
+    expert-parallel ranks (MoE experts split over data-parallel ranks)."""
     from megatron.core import parallel_state as ps
 
     env = read_env()
@@ -166,6 +167,10 @@ def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> Di
     if env.world_size % (tp * pp):
         raise ValueError(f"world size {env.world_size} is not divisible by parallel.tp*parallel.pp="
                          f"{tp * pp}; launch a multiple of tp*pp processes")
+    if (env.world_size // (tp * pp)) % ep:
+        raise ValueError(f"parallel.ep={ep} does not divide the {env.world_size // (tp * pp)} "
+                         "data-parallel ranks (experts are split over them); launch a multiple of "
+                         "tp*pp*ep processes")
     if not torch.distributed.is_initialized():
         if on_cuda:
             torch.cuda.set_device(env.local_rank)
@@ -176,12 +181,14 @@ def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> Di
             timeout=datetime.timedelta(seconds=timeout_s))
     global _NESTED
     if (ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() == tp
-            and ps.get_pipeline_model_parallel_world_size() == pp):
+            and ps.get_pipeline_model_parallel_world_size() == pp
+            and ps.get_expert_model_parallel_world_size() == ep):
         _NESTED += 1  # a caller already set up this layout: use it, and leave it to them
     else:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     expert_model_parallel_size=ep)
         _NESTED = 0
     from megatron.core import tensor_parallel
 

@@ -36,8 +36,45 @@ def te_available() -> bool:
     return True
 
 
+def moe_config(arch: Arch, ep: int = 1, aux_loss_coeff: float = 0.0) -> dict:
+    """TransformerConfig fields of a mixture-of-experts arch ({} for a dense one).
+
+    The router is the families' softmax top-k: with renormalisation, megatron selects the k
+    largest logits and softmaxes over them, which equals softmax-then-top-k-then-renormalise;
+    without, it softmaxes over all experts first (``moe_router_pre_softmax``) and keeps the k
+    probabilities as they are. Auxiliary load-balancing losses are off unless
+    ``aux_loss_coeff`` > 0 (distillation and pruning should not reshape routing). Tokens move
+    with the all-gather dispatcher on CPU (gloo): the all-to-all one allocates a CUDA stream in
+    its constructor; on GPUs all-to-all is megatron's choice for expert parallelism.
+    """
+    if not arch.is_moe:
+        return {}
+    _route_without_te()
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.ffn_hidden_size,
+        moe_router_topk=arch.moe_top_k,
+        moe_router_pre_softmax=not arch.moe_renorm,
+        moe_router_score_function="softmax",
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=ep,
+    )
+
+
+def _route_without_te() -> None:
+    """megatron-core 0.16's router gating GEMM tests ``te_general_gemm is not None``, a name it
+    defines only when Transformer Engine imports; without TE, define it as absent."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: str | None = None,
-                       init_weights: bool = True):
+                       init_weights: bool = True, ep: int = 1):
     """megatron-core config for ``arch``; ``init_weights=False`` skips random init (weights are
     about to be loaded, and initialising a large embedding on CPU costs seconds)."""
     from megatron.core.activations import squared_relu
@@ -79,6 +116,7 @@ def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: s
         use_cpu_initialization=on_cpu,
         perform_initialization=init_weights,
         fp8=fp8,
+        **moe_config(arch, ep),
     )
 
 
@@ -88,9 +126,14 @@ def layer_spec(arch: Arch, use_te: bool | None = None):
 
     if use_te is None:
         use_te = te_available()
+    # experts as a SequentialMLP of per-expert linears under both specs (one weight map);
+    # TE's grouped GEMM would need its own
+    experts = arch.num_experts or None
     if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+        return specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm)
     spec = specs.get_gpt_layer_local_spec(
+        num_experts=experts, moe_grouped_gemm=False,
         normalization="RMSNorm" if arch.norm == "rmsnorm" else "LayerNorm", qk_layernorm=arch.qk_norm)
     # fused attention instead of megatron's unfused local one (see runtime/sdpa.py)
     from .sdpa import SDPAttention

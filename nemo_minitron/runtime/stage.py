@@ -8,6 +8,7 @@ TP shards, and every pipeline stage writes its own safetensors file (data-parall
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +46,15 @@ def build_stage(arch: Arch, dtype: str = "fp32", use_te: bool | None = None,
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    arch.check_parallel(tp, pp)
+    ep = ps.get_expert_model_parallel_world_size()
+    arch.check_parallel(tp, pp, ep)
     te = rmodel.te_available() if use_te is None else use_te
     if fp8 and not te:
         raise ValueError(f"fp8={fp8!r} needs the Transformer Engine layer spec (megatron-core "
                          "ignores fp8 with the local spec); install transformer_engine on a GPU "
                          "host or drop fp8")
-    config = rmodel.transformer_config(arch, tp, pp, dtype, fp8=fp8, init_weights=init_weights)
+    config = rmodel.transformer_config(arch, tp, pp, dtype, fp8=fp8, init_weights=init_weights,
+                                       ep=ep)
     pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     model = rmodel.build_gpt(arch, config, pre, post, use_te=te)
     offset = get_transformer_layer_offset(config)
@@ -66,7 +69,9 @@ def load_state(stage: Stage, get, get_part=None) -> None:
 
     sd = to_megatron(get, stage.arch, tp_rank=ps.get_tensor_model_parallel_rank(),
                      tp_size=stage.tp_size, layers=stage.layers, pre_process=stage.pre_process,
-                     post_process=stage.post_process, te=stage.te, get_part=get_part)
+                     post_process=stage.post_process, te=stage.te, get_part=get_part,
+                     ep_rank=ps.get_expert_model_parallel_rank(),
+                     ep_size=ps.get_expert_model_parallel_world_size())
     own = stage.model.state_dict()
     missing = [k for k in own if k not in sd and not k.endswith("_extra_state")]
     if missing:
@@ -93,6 +98,7 @@ def gather_canonical(stage: Stage) -> dict[str, torch.Tensor] | None:
 
     sd = {k: v.detach() for k, v in stage.model.state_dict().items()
           if not k.endswith("_extra_state") and v is not None}
+    sd = _gather_experts(sd)
     tp = stage.tp_size
     if tp == 1:
         shards = [sd]
@@ -108,6 +114,30 @@ def gather_canonical(stage: Stage) -> dict[str, torch.Tensor] | None:
         return None
     return from_megatron(shards, stage.arch, layers=stage.layers, pre_process=stage.pre_process,
                          post_process=stage.post_process, te=stage.te)
+
+
+_LOCAL_EXPERT = re.compile(r"(.*\.local_experts\.)(\d+)(\..*)")
+
+
+def _gather_experts(sd: dict) -> dict:
+    """``sd`` with every expert of the model, numbered globally: under expert parallelism each
+    rank holds ``E/ep`` experts as local ``0..E/ep-1``; all ranks of the EP group must call."""
+    from megatron.core import parallel_state as ps
+
+    ep = ps.get_expert_model_parallel_world_size()
+    if ep == 1:
+        return sd
+    group = ps.get_expert_model_parallel_group()
+    local = {k: v for k, v in sd.items() if _LOCAL_EXPERT.match(k)}
+    per_rank = 1 + max(int(_LOCAL_EXPERT.match(k).group(2)) for k in local)
+    out = {k: v for k, v in sd.items() if k not in local}
+    for k in sorted(local):
+        parts = [torch.empty_like(local[k]) for _ in range(ep)]
+        tdist.all_gather(parts, local[k].contiguous(), group=group)
+        head, i, tail = _LOCAL_EXPERT.match(k).groups()
+        for r, t in enumerate(parts):
+            out[f"{head}{r * per_rank + int(i)}{tail}"] = t
+    return out
 
 
 def _bcast(obj):

@@ -51,10 +51,13 @@ def write_search_report(out: Path, summary: dict) -> Path:
              f"Budget: {summary['budget']:g} "
              f"({'fraction of' if summary['budget'] <= 1 else 'absolute, source has'} "
              f"{summary['source_params'] / 1e6:.2f}M "
-             f"{'total' if summary['count_embeddings'] else 'non-embedding'} parameters), "
+             f"{summary.get('count', 'total')}{'' if summary['count_embeddings'] else ' non-embedding'} "
+             "parameters), "
              f"band ±{summary['tolerance']:.0%}.", ""]
-    head = ["rank", "candidate", "layers", "hidden", "FFN", "heads/groups", "params",
-            "non-emb.", "loss pruned", "loss short KD"]
+    moe = any("active" in r for r in results)
+    head = ["rank", "candidate", "layers", "hidden", "FFN", "heads/groups"]
+    head += ["experts", "active"] if moe else []
+    head += ["params", "non-emb.", "loss pruned", "loss short KD"]
     head += [f"{t} (acc_norm)" for t in task_names]
     if has_conf:
         head += ["loss longer KD", "rank longer KD"]
@@ -63,8 +66,10 @@ def write_search_report(out: Path, summary: dict) -> Path:
         t = r["target"]
         row = [_f(r.get("rank"), "{}"), f"{r['index']}: `{r['name']}`", str(t["num_layers"]),
                str(t["hidden_size"]), str(t["ffn_hidden_size"]),
-               f"{t['num_attention_heads']}/{t['num_query_groups']}", f"{r['params'] / 1e6:.2f}M",
-               f"{r['non_embedding'] / 1e6:.2f}M", _f(r.get("pruned_loss")), _f(r.get("val_loss"))]
+               f"{t['num_attention_heads']}/{t['num_query_groups']}"]
+        row += [str(t["num_experts"]), f"{r['active'] / 1e6:.2f}M"] if moe else []
+        row += [f"{r['params'] / 1e6:.2f}M", f"{r['non_embedding'] / 1e6:.2f}M",
+                _f(r.get("pruned_loss")), _f(r.get("val_loss"))]
         row += [_f(r.get("val_tasks", {}).get(n)) for n in task_names]
         if has_conf:
             row += [_f(r.get("confirm_loss")), _f(r.get("confirm_rank"), "{}")]

@@ -27,14 +27,14 @@ from ..convert import checkpoint as ckpt
 from ..runs import Stages, complete, kd_spec, task_scores, with_checkpoint, write_json
 from .rank import kendall_tau, rank_results
 from .report import write_search_report
-from .space import Space, describe_empty, enumerate_candidates, select
+from .space import Space, counted, describe_empty, enumerate_candidates, select
 
 log = logging.getLogger(__name__)
 
 
 def space_of(cfg) -> Space:
     return Space(budget=cfg.budget, tolerance=cfg.tolerance, count_embeddings=cfg.count_embeddings,
-                 axes=tuple(cfg.axes), num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                 count=cfg.count, num_experts=cfg.num_experts, axes=tuple(cfg.axes), num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
                  ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads,
                  num_query_groups=cfg.num_query_groups, layer_step=cfg.layer_step,
                  hidden_multiple=cfg.hidden_multiple, ffn_multiple=cfg.ffn_multiple,
@@ -45,9 +45,9 @@ def plan_candidates(job):
     """(all candidates in the band, the ones to train); raises before any heavy work."""
     s = job.search
     src = ckpt.Checkpoint(job.model.checkpoint)
-    src.arch.check_parallel(job.parallel.tp, job.parallel.pp)
+    src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)
     space = space_of(s)
-    found = enumerate_candidates(src.arch, space, job.parallel.tp, job.parallel.pp)
+    found = enumerate_candidates(src.arch, space, job.parallel.tp, job.parallel.pp, job.parallel.ep)
     if not found:
         raise ValueError(f"search.budget={s.budget:g}: "
                          + describe_empty(src.arch, space, job.parallel.tp, job.parallel.pp))
@@ -78,8 +78,8 @@ def run_search(job) -> dict:
     if dist.is_rank0():
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    budget = {"budget": s.budget, "count_embeddings": s.count_embeddings,
-              "source_params": src.arch.num_params(embeddings=s.count_embeddings),
+    budget = {"budget": s.budget, "count_embeddings": s.count_embeddings, "count": s.count,
+              "source_params": counted(src.arch, space_of(s)),
               "tolerance": s.tolerance}
     selected = {c.index for c in chosen}
     write_json(out / "candidates.json", {

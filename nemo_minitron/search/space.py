@@ -7,7 +7,9 @@ source's heads per group). The product of the axes is filtered by the layout (TP
 groups and FFN; PP the layers) and by a band around the budget, measured with the analytic count
 :meth:`~nemo_minitron.arch.Arch.num_params`. When more candidates survive than may be trained, the
 ones nearest the budget are taken round-robin over depths, so deep-narrow and shallow-wide shapes
-are both tried rather than ten neighbours of one shape.
+are both tried rather than ten neighbours of one shape. A mixture-of-experts source adds the
+experts per layer as an axis (``ffn_hidden_size`` is then each expert's width), and the budget
+may count total parameters or the active ones a token passes through (``count="active"``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Optional
 
 from ..arch import Arch
 
-AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "attention")
+AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "attention", "num_experts")
+COUNTS = ("total", "active")
 
 
 @dataclass
@@ -30,6 +33,9 @@ class Space:
     """Candidates lie within budget * (1 +- tolerance)."""
     count_embeddings: bool = True
     """Budget counts embedding (and untied output) parameters too."""
+    count: str = "total"
+    """total: every parameter; active: those one token passes through (router + top-k experts
+    of an MoE layer instead of all experts; the same as total for a dense model)."""
     axes: tuple = AXES
     """Axes the search may shrink; the others keep the source size."""
     num_layers: Optional[list] = None
@@ -37,12 +43,15 @@ class Space:
     ffn_hidden_size: Optional[list] = None
     num_attention_heads: Optional[list] = None
     num_query_groups: Optional[list] = None
-    """Explicit allowed values per axis (default: generated from the steps and limits below)."""
+    num_experts: Optional[list] = None
+    """Explicit allowed values per axis (default: generated from the steps and limits below;
+    experts in steps of an eighth of the source's, never below its top-k)."""
     layer_step: int = 2
     hidden_multiple: int = 64
     ffn_multiple: int = 128
     min_fraction: dict = field(default_factory=lambda: {
-        "num_layers": 0.5, "hidden_size": 0.5, "ffn_hidden_size": 0.25, "num_attention_heads": 0.5})
+        "num_layers": 0.5, "hidden_size": 0.5, "ffn_hidden_size": 0.25, "num_attention_heads": 0.5,
+        "num_experts": 0.5})
     """How far each axis may shrink, as a fraction of the source size."""
 
 
@@ -53,18 +62,34 @@ class Candidate:
     params: int
     non_embedding: int
 
+    active: Optional[int] = None
+    """Parameters a token passes through (MoE), None for a dense model."""
+
     def name(self) -> str:
         t = self.target
+        experts = f"-E{t['num_experts']}" if "num_experts" in t else ""
         return (f"L{t['num_layers']}-H{t['hidden_size']}-F{t['ffn_hidden_size']}-"
-                f"A{t['num_attention_heads']}g{t['num_query_groups']}")
+                f"A{t['num_attention_heads']}g{t['num_query_groups']}{experts}")
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "name": self.name(), "target": self.target,
-                "params": self.params, "non_embedding": self.non_embedding}
+        out = {"index": self.index, "name": self.name(), "target": self.target,
+               "params": self.params, "non_embedding": self.non_embedding}
+        if self.active is not None:
+            out["active"] = self.active
+        return out
+
+
+def counted(arch: Arch, space: Space) -> int:
+    """The parameters the budget is measured in."""
+    if space.count not in COUNTS:
+        raise ValueError(f"search.count={space.count!r} is unknown; use one of {list(COUNTS)}")
+    if space.count == "active":
+        return arch.num_active_params(embeddings=space.count_embeddings)
+    return arch.num_params(embeddings=space.count_embeddings)
 
 
 def budget_params(src: Arch, space: Space) -> int:
-    total = src.num_params(embeddings=space.count_embeddings)
+    total = counted(src, space)
     if space.budget <= 0:
         raise ValueError(f"search.budget={space.budget} must be > 0: a fraction of the source "
                          "parameters (e.g. 0.6) or an absolute count (e.g. 4.5e9)")
@@ -90,6 +115,21 @@ def _explicit(name: str, values, src: int) -> list[int]:
     return sorted({int(v) for v in values})
 
 
+def _expert_values(src: Arch, space: Space) -> list[int]:
+    """Experts per layer to try: the source's alone for a dense model or a fixed axis."""
+    E, k = src.num_experts, src.moe_top_k
+    if not src.is_moe or "num_experts" not in space.axes:
+        return [E]
+    if space.num_experts is not None:
+        vals = _explicit("num_experts", space.num_experts, E)
+        if vals[0] < k:
+            raise ValueError(f"search.num_experts={list(space.num_experts)}: every token is "
+                             f"routed to moe_top_k={k} experts; keep at least {k}")
+        return vals
+    lo = max(k, math.ceil(E * space.min_fraction.get("num_experts", 0.0)))
+    return [e for e in _multiples(E, max(1, E // 8), 0.0) if e >= lo]
+
+
 def axis_values(src: Arch, space: Space) -> dict[str, list]:
     """Allowed values of every axis; attention as (heads, groups) pairs."""
     unknown = set(space.axes) - set(AXES)
@@ -108,6 +148,7 @@ def axis_values(src: Arch, space: Space) -> dict[str, list]:
             if step < 1:
                 raise ValueError(f"search step of {name} must be >= 1, got {step}")
             out[name] = _multiples(s, step, mf.get(name, 0.0))
+    out["num_experts"] = _expert_values(src, space)
     H, G, hpg = src.num_attention_heads, src.num_query_groups, src.heads_per_group
     if "attention" not in space.axes:
         out["attention"] = [(H, G)]
@@ -124,7 +165,8 @@ def axis_values(src: Arch, space: Space) -> dict[str, list]:
     return out
 
 
-def enumerate_candidates(src: Arch, space: Space, tp: int = 1, pp: int = 1) -> list[Candidate]:
+def enumerate_candidates(src: Arch, space: Space, tp: int = 1, pp: int = 1,
+                         ep: int = 1) -> list[Candidate]:
     """Every feasible architecture within the band, nearest the budget first."""
     if not 0 < space.tolerance < 1:
         raise ValueError(f"search.tolerance={space.tolerance} must be in (0, 1)")
@@ -132,24 +174,31 @@ def enumerate_candidates(src: Arch, space: Space, tp: int = 1, pp: int = 1) -> l
     lo, hi = budget * (1 - space.tolerance), budget * (1 + space.tolerance)
     vals = axis_values(src, space)
     found = []
-    for L, h, f, (heads, groups) in itertools.product(
-            vals["num_layers"], vals["hidden_size"], vals["ffn_hidden_size"], vals["attention"]):
+    for L, h, f, (heads, groups), e in itertools.product(
+            vals["num_layers"], vals["hidden_size"], vals["ffn_hidden_size"], vals["attention"],
+            vals["num_experts"]):
         arch = src.replace(num_layers=L, hidden_size=h, ffn_hidden_size=f,
-                           num_attention_heads=heads, num_query_groups=groups)
+                           num_attention_heads=heads, num_query_groups=groups, num_experts=e)
         try:
-            arch.check_parallel(tp, pp)
+            arch.check_parallel(tp, pp, ep)
         except ValueError:
             continue
-        n = arch.num_params(embeddings=space.count_embeddings)
+        n = counted(arch, space)
         if lo <= n <= hi:
             found.append((abs(n - budget), arch))
     found.sort(key=lambda x: (x[0], -x[1].num_layers, -x[1].hidden_size))
-    return [Candidate(i, {"num_layers": a.num_layers, "hidden_size": a.hidden_size,
-                          "ffn_hidden_size": a.ffn_hidden_size,
-                          "num_attention_heads": a.num_attention_heads,
-                          "num_query_groups": a.num_query_groups},
-                      a.num_params(), a.num_params(embeddings=False))
+    return [Candidate(i, _target(a), a.num_params(), a.num_params(embeddings=False),
+                      a.num_active_params() if a.is_moe else None)
             for i, (_, a) in enumerate(found)]
+
+
+def _target(a: Arch) -> dict:
+    t = {"num_layers": a.num_layers, "hidden_size": a.hidden_size,
+         "ffn_hidden_size": a.ffn_hidden_size, "num_attention_heads": a.num_attention_heads,
+         "num_query_groups": a.num_query_groups}
+    if a.is_moe:
+        t["num_experts"] = a.num_experts
+    return t
 
 
 def select(candidates: list[Candidate], k: int) -> list[Candidate]:
@@ -176,10 +225,11 @@ def describe_empty(src: Arch, space: Space, tp: int, pp: int) -> str:
     small = src.replace(num_layers=vals["num_layers"][0], hidden_size=vals["hidden_size"][0],
                         ffn_hidden_size=vals["ffn_hidden_size"][0],
                         num_attention_heads=min(vals["attention"])[0],
-                        num_query_groups=min(vals["attention"])[1])
-    n_small = small.num_params(embeddings=space.count_embeddings)
+                        num_query_groups=min(vals["attention"])[1],
+                        num_experts=vals["num_experts"][0])
+    n_small = counted(small, space)
     budget = budget_params(src, space)
     return (f"no candidate architecture within {space.tolerance:.0%} of {budget / 1e6:.2f}M "
             f"parameters at tp={tp}, pp={pp}: the axes reach down to {n_small / 1e6:.2f}M and up to "
-            f"{src.num_params(embeddings=space.count_embeddings) / 1e6:.2f}M; widen "
+            f"{counted(src, space) / 1e6:.2f}M; widen "
             "search.tolerance, lower the shrink limits (search.min_fraction) or use finer steps")

@@ -1,0 +1,61 @@
+"""How evenly an MoE model's routers spread tokens over experts, for the training logs.
+
+A forward hook on every router counts the tokens each expert was chosen for; :meth:`pop` turns
+the counts since the last call into load figures (summed over data-parallel ranks, gathered over
+pipeline stages) and starts again. Load of an expert = its share of the layer's routed tokens
+times the number of experts: 1 everywhere is perfect balance, ``max_load`` 2 means some expert
+got twice its fair share, ``min_load`` 0 that some expert got nothing (a dead expert).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as tdist
+
+
+def load_balance(counts: torch.Tensor) -> dict[str, float]:
+    """[layers, experts] routed-token counts -> worst max load, lowest min load, and the mean
+    over layers of the coefficient of variation of the counts."""
+    counts = counts.double()
+    load = counts * counts.shape[1] / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    cv = counts.std(dim=1, unbiased=False) / counts.mean(dim=1).clamp(min=1e-12)
+    return {"moe_max_load": float(load.max()), "moe_min_load": float(load.min()),
+            "moe_load_cv": float(cv.mean())}
+
+
+class RoutingMonitor:
+    """Counts routed tokens per (layer, expert) of a :class:`~.stage.Stage` while it runs."""
+
+    def __init__(self, stage):
+        self.arch, self.layers = stage.arch, list(stage.layers)
+        self.counts = torch.zeros(stage.arch.num_layers, stage.arch.num_experts, dtype=torch.float64)
+        self.handles = []
+        if not stage.arch.is_moe:
+            return
+        for local, layer in enumerate(stage.model.decoder.layers):
+            self.handles.append(layer.mlp.router.register_forward_hook(self._hook(self.layers[local])))
+
+    def _hook(self, layer: int):
+        def hook(module, _args, out):
+            if not module.training:  # validation passes are not training's load
+                return
+            routing_map = out[1]  # [tokens, experts] bool: which experts each token goes to
+            self.counts[layer] += routing_map.detach().sum(dim=0).to(torch.float64).cpu()
+        return hook
+
+    def pop(self) -> dict[str, float]:
+        """Load figures since the last call ({} for a dense model); a collective on all ranks."""
+        if not self.arch.is_moe:
+            return {}
+        counts, self.counts = self.counts, torch.zeros_like(self.counts)
+        if tdist.is_initialized():
+            from megatron.core import parallel_state as ps
+
+            for group in (ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()):
+                if tdist.get_world_size(group) > 1:
+                    tdist.all_reduce(counts, group=group)
+        return load_balance(counts)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
