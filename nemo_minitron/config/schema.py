@@ -510,7 +510,8 @@ class SearchConfig:
         unknown = sorted(set(self.axes) - set(AXES))
         if unknown:
             raise ValueError(f"search.axes: unknown {unknown}; choose from {list(AXES)}")
-        limits = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+        limits = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                  "num_experts")
         bad = {k: v for k, v in self.min_fraction.items() if k not in limits or not 0 < v <= 1}
         if bad:
             raise ValueError(f"search.min_fraction={dict(self.min_fraction)}: {bad} must be axes "
