@@ -192,3 +192,61 @@ def test_cli_plan_only_multirun(tmp_path):
                  f"hydra.run.dir={tmp_path}/h")
     assert p.returncode == 2 and "no candidate architecture within 5%" in p.stderr
     assert not (tmp_path / "s2").exists()  # refused before anything was written
+
+
+def test_a_diverging_candidate_is_not_ranked_and_the_rest_are(tiny, single_rank, monkeypatch,
+                                                             caplog):
+    """Candidate 1 trains at lr=1e6 and really diverges (the guard stops it): it is recorded,
+    named in search.md and the log, and left out; the others are ranked and one is chosen. A
+    rerun with the same settings does not train it again, other settings retry it; when every
+    candidate diverges the search stops with one line."""
+    import dataclasses
+    import logging
+
+    from nemo_minitron.distill import loop
+    from nemo_minitron.distill.guard import TrainingDiverged
+    from nemo_minitron.search.run import run_search
+
+    real_train, trained = loop.train, []
+
+    def unstable(which):
+        def train(job, *a, **k):
+            trained.append(job.output)
+            if which(job.output):
+                job = dataclasses.replace(job, train=dataclasses.replace(job.train, lr=1e6))
+            return real_train(job, *a, **k)
+        return train
+
+    base = common(tiny)
+    out = tiny / "s_diverged"
+    job = SearchJob(**base, search=SearchConfig(**{**SPACE, "steps": 4}), output=str(out))
+    monkeypatch.setattr(loop, "train", unstable(lambda o: "cand_1" in o))
+    with caplog.at_level(logging.WARNING, logger="nemo_minitron.search.run"):
+        summary = run_search(job)
+    results = {r["index"]: r for r in summary["results"]}
+    assert "training diverged at step" in results[1]["diverged"]
+    assert "rank" not in results[1] and "val_loss" not in results[1]
+    assert sorted(r["rank"] for i, r in results.items() if i != 1) == [1, 2]
+    assert summary["chosen"]["index"] != 1 and summary["pending"] == []
+    assert [r["index"] for r in summary["results"]][-1] == 1  # unranked rows last
+    table = (out / "search.md").read_text()
+    assert "| — | 1: `" in table and "| diverged |" in table
+    assert "Diverged in the short distillation" in table and "candidates [1]" in table
+    assert any("candidate(s) [1] diverged" in r.getMessage() for r in caplog.records)
+
+    trained.clear()  # the same settings would diverge again: nothing is trained
+    again = run_search(job)
+    assert trained == [] and again["chosen"] == summary["chosen"]
+    monkeypatch.setattr(loop, "train", unstable(lambda o: False))
+    retried = run_search(dataclasses.replace(job, train=dataclasses.replace(job.train, lr=5e-4)))
+    assert trained == [str(out / "cand_1" / "distill")]  # another lr: tried again, and ranked
+    assert "diverged" not in retried["results"][-1] and len(retried["results"]) == 3
+    assert all("rank" in r for r in retried["results"])
+
+    monkeypatch.setattr(loop, "train", unstable(lambda o: True))
+    with pytest.raises(TrainingDiverged) as e:
+        run_search(dataclasses.replace(job, output=str(tiny / "s_all_diverged")))
+    msg = str(e.value)
+    assert msg.startswith("search: the distillation of every candidate diverged (3: ")
+    assert "\n" not in msg and "training diverged at step" in msg and "train.lr" in msg
+    assert not (tiny / "s_all_diverged" / "chosen.json").exists()
