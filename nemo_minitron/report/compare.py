@@ -285,5 +285,7 @@ def write_comparison(paths, output="report_compare.md") -> tuple[Path, Path | No
     else:
         lines += ["No loss curves: none of the runs has a metrics.jsonl.", ""]
     lines += ["Runs:", ""] + [f"- `{p}`" for p in paths] + [""]
-    out.write_text("\n".join(lines))
+    from ..runs import write_text_atomic
+
+    write_text_atomic(out, "\n".join(lines))
     return out, png

@@ -74,5 +74,7 @@ def write_report(out: Path, summary: dict) -> Path:
         lines += ["## Stage times (this invocation)", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in summary["stage_seconds"].items()]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    from ..runs import write_text_atomic
+
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -10,7 +10,7 @@ def _f(v, fmt="{:.3f}"):
 
 
 def plot_search(results: list[dict], path: Path, title: str = "") -> Path:
-    from ..report.plots import _plt
+    from ..report.plots import _plt, save_png
 
     plt = _plt()
     done = [r for r in results if r.get("val_loss") is not None]
@@ -38,7 +38,7 @@ def plot_search(results: list[dict], path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
