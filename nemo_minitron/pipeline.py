@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -38,8 +37,7 @@ def run_pipeline(job) -> dict:
         if stale:
             log.warning("removing %d unfinished save(s) left by an interrupted run: %s",
                         len(stale), ", ".join(map(str, stale)))
-        for p in stale:
-            shutil.rmtree(p, ignore_errors=True)
+        ckpt.remove_partials(stale)
     dist.barrier()
     t0 = time.time()
     stages = Stages()

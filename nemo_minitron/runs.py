@@ -24,11 +24,15 @@ def complete(path: Path) -> bool:
 
 def write_atomic(path, write) -> Path:
     """``write(tmp_path)`` next to ``path``, then rename: readers see the old file or the whole
-    new one, never a half-written file."""
+    new one, never a half-written file. The temporary name is unique (jobs of a search multirun
+    write the same files at once); one left by a killed process is removed by the next run."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
+    tmp = ckpt.partial_name(path)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write
     return path
 
 

@@ -13,7 +13,6 @@ POINT is ``none`` (run to completion) or ``KIND:PATH`` where PATH ends the outpu
 import os
 import signal
 import sys
-from pathlib import Path
 
 
 def die():
@@ -54,8 +53,7 @@ def kill_at(point: str) -> None:
 
         def write_atomic(path, write):
             if str(path).endswith(where):
-                write(Path(path).with_name(Path(path).name + ".tmp"))
-                die()
+                return real_atomic(path, lambda tmp: (write(tmp), die()))
             return real_atomic(path, write)
 
         runs.write_atomic = write_atomic
