@@ -247,6 +247,29 @@ def test_a_diverging_candidate_is_not_ranked_and_the_rest_are(tiny, single_rank,
     with pytest.raises(TrainingDiverged) as e:
         run_search(dataclasses.replace(job, output=str(tiny / "s_all_diverged")))
     msg = str(e.value)
-    assert msg.startswith("search: the distillation of every candidate diverged (3: ")
+    assert msg.startswith("the short distillation of every search candidate diverged (3: ")
     assert "\n" not in msg and "training diverged at step" in msg and "train.lr" in msg
     assert not (tiny / "s_all_diverged" / "chosen.json").exists()
+
+
+def test_cli_every_candidate_diverged_is_one_line(tiny, tmp_path):
+    """`minitron search train.lr=1e6`: every candidate diverges; exit status 2, one error line."""
+    from test_cli import minitron
+
+    p = minitron("search", "model.name=tiny", f"model.checkpoint={tiny / 'teacher'}",
+                 f"data.prefix={tiny / 'corpus'}", "data.seq_length=32", "data.valid_fraction=0.1",
+                 "prune.calib_samples=8", "prune.micro_batch_size=2", "train.global_batch_size=4",
+                 "train.micro_batch_size=2", "train.lr=1e6", "train.warmup_steps=1",
+                 "train.eval_interval=0", "train.eval_batches=2", "train.save_interval=0",
+                 "train.tensorboard=false", "kd.chunk_tokens=16", "eval.micro_batch_size=2",
+                 "eval.num_batches=2", "eval.tasks=[]", "search.budget=0.6",
+                 "search.tolerance=0.08", "search.layer_step=1", "search.hidden_multiple=32",
+                 "search.ffn_multiple=64", "search.max_candidates=2", "search.steps=4",
+                 f"output={tmp_path}/s")
+    assert p.returncode == 2, p.stderr[-3000:]
+    errors = [x for x in p.stderr.splitlines() if "error" in x.lower()]
+    assert len(errors) == 1 and errors[0].startswith(
+        "minitron search: error: the short distillation of every search candidate diverged (2: "
+        "0, 1)"), p.stderr[-3000:]
+    assert "training diverged at step" in errors[0] and "train.lr (now 1e+06)" in errors[0]
+    assert "| diverged |" in (tmp_path / "s" / "search.md").read_text()

@@ -166,7 +166,7 @@ def run_search(job) -> dict:
         if dist.is_rank0():
             write_search_report(out, summary)
         raise TrainingDiverged(
-            f"search: the distillation of every candidate diverged ({len(results)}: "
+            f"the short distillation of every search candidate diverged ({len(results)}: "
             f"{', '.join(str(r['index']) for r in results)}), so none can be chosen; candidate "
             f"{diverged[0]['index']}: {diverged[0]['diverged']}")
     if diverged and dist.is_rank0():
