@@ -140,8 +140,9 @@ def _pipeline_rows(d: Path, label: str) -> list[Row]:
     if correction.is_file():
         rows[0].curves.insert(0, (f"{label} [teacher correction]",
                                   _by_step(read_metrics(correction))))
-    if summary.get("seconds") is not None:
-        rows[-1].seconds = float(summary["seconds"])  # the whole pipeline, on its last row
+    if summary.get("seconds") is not None:  # the whole pipeline, on its last row; a resumed
+        # one: its stages over all invocations (the last invocation did only the rest)
+        rows[-1].seconds = max(float(summary["seconds"]), float(summary.get("seconds_all", 0)))
     return rows
 
 
