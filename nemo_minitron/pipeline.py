@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -38,11 +37,10 @@ def run_pipeline(job) -> dict:
         if stale:
             log.warning("removing %d unfinished save(s) left by an interrupted run: %s",
                         len(stale), ", ".join(map(str, stale)))
-        for p in stale:
-            shutil.rmtree(p, ignore_errors=True)
+        ckpt.remove_partials(stale)
     dist.barrier()
     t0 = time.time()
-    stages = Stages()
+    stages = Stages(out / "stage_seconds.json")
 
     teacher = Path(job.model.checkpoint)
     if job.pipeline.teacher_correction_steps:
@@ -106,7 +104,9 @@ def run_pipeline(job) -> dict:
             "tasks": {k: task_scores(v) for k, v in evals.items() if "tasks" in v},
             "task_table": task_rows({k: v for k, v in evals.items() if "tasks" in v})})
         teacher = student
-    summary.update(seconds=round(time.time() - t0, 1), stage_seconds=stages.seconds)
+    every = stages.recorded()  # a resumed run: the stages of earlier invocations too
+    summary.update(seconds=round(time.time() - t0, 1), stage_seconds=stages.seconds,
+                   stage_seconds_all=every, seconds_all=round(sum(every.values()), 1))
     write_json(out / "summary.json", summary)
     if dist.is_rank0():
         from .report.pipeline import write_report

@@ -24,11 +24,15 @@ def complete(path: Path) -> bool:
 
 def write_atomic(path, write) -> Path:
     """``write(tmp_path)`` next to ``path``, then rename: readers see the old file or the whole
-    new one, never a half-written file."""
+    new one, never a half-written file. The temporary name is unique (jobs of a search multirun
+    write the same files at once); one left by a killed process is removed by the next run."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
+    tmp = ckpt.partial_name(path)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write
     return path
 
 
@@ -46,10 +50,21 @@ def write_json(path: Path, obj) -> None:
 
 
 class Stages:
-    """Runs named stages unless done; records how long each one took in this invocation."""
+    """Runs named stages unless done; records how long each one took in this invocation and,
+    with ``record`` (a JSON file), over every invocation of a resumed job: a job killed and
+    relaunched still reports what each of its stages took."""
 
-    def __init__(self):
+    def __init__(self, record: Path | None = None):
         self.seconds: dict[str, float] = {}
+        self.record = None if record is None else Path(record)
+
+    def recorded(self) -> dict[str, float]:
+        """Each completed stage's seconds, over all invocations (this one's included)."""
+        try:
+            done = json.loads(self.record.read_text()) if self.record else {}
+        except (OSError, ValueError):  # none yet (or damaged: timings are not worth a stop)
+            done = {}
+        return {**done, **self.seconds}
 
     def run(self, name: str, done: bool, fn) -> None:
         from .runtime import dist
@@ -63,6 +78,8 @@ class Stages:
             log.info("[%s] running", name)
         fn()
         self.seconds[name] = round(time.time() - t, 1)
+        if self.record is not None and dist.is_rank0():
+            write_text_atomic(self.record, json.dumps(self.recorded(), indent=2))
 
     def evaluate(self, name: str, checkpoint, path: Path, job, ev=None) -> dict:
         """Validation loss (and tasks) of ``checkpoint`` into ``path``; returns the results."""

@@ -192,3 +192,84 @@ def test_cli_plan_only_multirun(tmp_path):
                  f"hydra.run.dir={tmp_path}/h")
     assert p.returncode == 2 and "no candidate architecture within 5%" in p.stderr
     assert not (tmp_path / "s2").exists()  # refused before anything was written
+
+
+def test_a_diverging_candidate_is_not_ranked_and_the_rest_are(tiny, single_rank, monkeypatch,
+                                                             caplog):
+    """Candidate 1 trains at lr=1e6 and really diverges (the guard stops it): it is recorded,
+    named in search.md and the log, and left out; the others are ranked and one is chosen. A
+    rerun with the same settings does not train it again, other settings retry it; when every
+    candidate diverges the search stops with one line."""
+    import dataclasses
+    import logging
+
+    from nemo_minitron.distill import loop
+    from nemo_minitron.distill.guard import TrainingDiverged
+    from nemo_minitron.search.run import run_search
+
+    real_train, trained = loop.train, []
+
+    def unstable(which):
+        def train(job, *a, **k):
+            trained.append(job.output)
+            if which(job.output):
+                job = dataclasses.replace(job, train=dataclasses.replace(job.train, lr=1e6))
+            return real_train(job, *a, **k)
+        return train
+
+    base = common(tiny)
+    out = tiny / "s_diverged"
+    job = SearchJob(**base, search=SearchConfig(**{**SPACE, "steps": 4}), output=str(out))
+    monkeypatch.setattr(loop, "train", unstable(lambda o: "cand_1" in o))
+    with caplog.at_level(logging.WARNING, logger="nemo_minitron.search.run"):
+        summary = run_search(job)
+    results = {r["index"]: r for r in summary["results"]}
+    assert "training diverged at step" in results[1]["diverged"]
+    assert "rank" not in results[1] and "val_loss" not in results[1]
+    assert sorted(r["rank"] for i, r in results.items() if i != 1) == [1, 2]
+    assert summary["chosen"]["index"] != 1 and summary["pending"] == []
+    assert [r["index"] for r in summary["results"]][-1] == 1  # unranked rows last
+    table = (out / "search.md").read_text()
+    assert "| — | 1: `" in table and "| diverged |" in table
+    assert "Diverged in the short distillation" in table and "candidates [1]" in table
+    assert any("candidate(s) [1] diverged" in r.getMessage() for r in caplog.records)
+
+    trained.clear()  # the same settings would diverge again: nothing is trained
+    again = run_search(job)
+    assert trained == [] and again["chosen"] == summary["chosen"]
+    monkeypatch.setattr(loop, "train", unstable(lambda o: False))
+    retried = run_search(dataclasses.replace(job, train=dataclasses.replace(job.train, lr=5e-4)))
+    assert trained == [str(out / "cand_1" / "distill")]  # another lr: tried again, and ranked
+    assert "diverged" not in retried["results"][-1] and len(retried["results"]) == 3
+    assert all("rank" in r for r in retried["results"])
+
+    monkeypatch.setattr(loop, "train", unstable(lambda o: True))
+    with pytest.raises(TrainingDiverged) as e:
+        run_search(dataclasses.replace(job, output=str(tiny / "s_all_diverged")))
+    msg = str(e.value)
+    assert msg.startswith("the short distillation of every search candidate diverged (3: ")
+    assert "\n" not in msg and "training diverged at step" in msg and "train.lr" in msg
+    assert not (tiny / "s_all_diverged" / "chosen.json").exists()
+
+
+def test_cli_every_candidate_diverged_is_one_line(tiny, tmp_path):
+    """`minitron search train.lr=1e6`: every candidate diverges; exit status 2, one error line."""
+    from test_cli import minitron
+
+    p = minitron("search", "model.name=tiny", f"model.checkpoint={tiny / 'teacher'}",
+                 f"data.prefix={tiny / 'corpus'}", "data.seq_length=32", "data.valid_fraction=0.1",
+                 "prune.calib_samples=8", "prune.micro_batch_size=2", "train.global_batch_size=4",
+                 "train.micro_batch_size=2", "train.lr=1e6", "train.warmup_steps=1",
+                 "train.eval_interval=0", "train.eval_batches=2", "train.save_interval=0",
+                 "train.tensorboard=false", "kd.chunk_tokens=16", "eval.micro_batch_size=2",
+                 "eval.num_batches=2", "eval.tasks=[]", "search.budget=0.6",
+                 "search.tolerance=0.08", "search.layer_step=1", "search.hidden_multiple=32",
+                 "search.ffn_multiple=64", "search.max_candidates=2", "search.steps=4",
+                 f"output={tmp_path}/s")
+    assert p.returncode == 2, p.stderr[-3000:]
+    errors = [x for x in p.stderr.splitlines() if "error" in x.lower()]
+    assert len(errors) == 1 and errors[0].startswith(
+        "minitron search: error: the short distillation of every search candidate diverged (2: "
+        "0, 1)"), p.stderr[-3000:]
+    assert "training diverged at step" in errors[0] and "train.lr (now 1e+06)" in errors[0]
+    assert "| diverged |" in (tmp_path / "s" / "search.md").read_text()

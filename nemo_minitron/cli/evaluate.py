@@ -12,6 +12,7 @@ log = logging.getLogger(__name__)
 
 def run(job) -> dict:
     from ..evaluate.run import evaluate_checkpoint
+    from ..runs import write_text_atomic
     from ..runtime import dist
 
     result = evaluate_checkpoint(job.model.checkpoint, job.parallel, job.data, job.eval,
@@ -19,7 +20,7 @@ def run(job) -> dict:
     if dist.is_rank0():
         out = Path(job.output) if job.output else default_output()
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        write_text_atomic(out, json.dumps(result, indent=2))  # whole or absent, never cut
         from ..report.stages import evaluate_report
 
         md = evaluate_report(out.with_suffix(".md"), result)

@@ -101,18 +101,32 @@ def prepare_output(path, overwrite: bool = False) -> tuple[Path, Path]:
     if final.exists() and any(final.iterdir()) and not overwrite:
         raise FileExistsError(f"output {final} already exists and is not empty; choose another "
                               "output directory or pass overwrite=true to replace it")
-    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-    return final, tmp
+    return final, partial_name(final)
+
+
+def partial_name(final: Path) -> Path:
+    """A unique temporary name beside ``final``: concurrent writers (the jobs of a search
+    multirun) never share one, and :func:`partials` finds it if its writer was killed."""
+    return final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
 
 
 def partials(root, recursive: bool = False) -> list[Path]:
-    """Temporary directories of saves that never committed (:func:`prepare_output` names them
-    ``.<name>.partial-<id>``; a process killed while saving leaves one behind)."""
+    """Temporary directories and files of saves that never committed (:func:`prepare_output`
+    and ``runs.write_atomic`` name them ``.<name>.partial-<id>``; a process killed while saving
+    leaves one behind)."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = root.rglob(".*.partial-*") if recursive else root.glob(".*.partial-*")
-    return sorted(p for p in found if p.is_dir() and ".partial-" not in str(p.parent))
+    return sorted(p for p in found if ".partial-" not in str(p.parent))
+
+
+def remove_partials(found: list[Path]) -> None:
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def commit_output(tmp: Path, final: Path) -> None:

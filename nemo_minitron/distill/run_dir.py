@@ -47,8 +47,7 @@ def clean_partials(run_dir: Path) -> list[Path]:
     if found and _rank0():
         log.warning("removing %d unfinished save(s) left by an interrupted run: %s", len(found),
                     ", ".join(str(p) for p in found))
-        for p in found:
-            shutil.rmtree(p, ignore_errors=True)
+        ckpt.remove_partials(found)
     return found
 
 

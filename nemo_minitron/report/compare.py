@@ -140,8 +140,9 @@ def _pipeline_rows(d: Path, label: str) -> list[Row]:
     if correction.is_file():
         rows[0].curves.insert(0, (f"{label} [teacher correction]",
                                   _by_step(read_metrics(correction))))
-    if summary.get("seconds") is not None:
-        rows[-1].seconds = float(summary["seconds"])  # the whole pipeline, on its last row
+    if summary.get("seconds") is not None:  # the whole pipeline, on its last row; a resumed
+        # one: its stages over all invocations (the last invocation did only the rest)
+        rows[-1].seconds = max(float(summary["seconds"]), float(summary.get("seconds_all", 0)))
     return rows
 
 
@@ -285,5 +286,7 @@ def write_comparison(paths, output="report_compare.md") -> tuple[Path, Path | No
     else:
         lines += ["No loss curves: none of the runs has a metrics.jsonl.", ""]
     lines += ["Runs:", ""] + [f"- `{p}`" for p in paths] + [""]
-    out.write_text("\n".join(lines))
+    from ..runs import write_text_atomic
+
+    write_text_atomic(out, "\n".join(lines))
     return out, png

@@ -36,6 +36,12 @@ def task_section(rows: list[dict]) -> list[str]:
 def write_report(out: Path, summary: dict) -> Path:
     lines = ["# Compression report", "",
              f"Teacher: `{summary['teacher']}`  ", f"Wall time: {summary['seconds']:.0f} s", ""]
+    every = summary.get("stage_seconds_all", {})
+    resumed = set(every) - set(summary.get("stage_seconds", {}))
+    if resumed:  # the wall time is this invocation's; earlier ones did the other stages
+        lines[-2:] = [f"Wall time: {summary['seconds']:.0f} s in this invocation, which resumed "
+                      f"a run; its stages took {summary['seconds_all']:.0f} s over all "
+                      "invocations (work lost to interruptions not counted)", ""]
     for r in summary["rounds"]:
         rd = out / r["name"]
         a = r["arch"]
@@ -70,9 +76,15 @@ def write_report(out: Path, summary: dict) -> Path:
             s = r["search"]
             lines += [f"Architecture chosen by search: candidate {s['index']} `{s['name']}` "
                       f"(table: [{r['name']}/search/search.md]({r['name']}/search/search.md))", ""]
-    if summary.get("stage_seconds"):
+    if resumed:
+        lines += ["## Stage times (over all invocations; * this invocation)", "",
+                  "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k}{'' if k in resumed else ' *'} | {v} |" for k, v in every.items()]
+    elif summary.get("stage_seconds"):
         lines += ["## Stage times (this invocation)", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in summary["stage_seconds"].items()]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    from ..runs import write_text_atomic
+
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path

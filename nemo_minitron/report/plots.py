@@ -14,6 +14,14 @@ def _plt():
     return plt
 
 
+def save_png(fig, path) -> Path:
+    """``fig`` as a PNG at ``path``, atomically: a process killed while saving leaves the old
+    picture or none, never a truncated one."""
+    from ..runs import write_atomic
+
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
 def plot_importance(imp, path, *, dropped_layers=(), title: str = "") -> Path:
     """Per-layer Block Importance (dropped layers highlighted), mean neuron and head scores per
     layer, and the sorted hidden-channel scores."""
@@ -36,7 +44,7 @@ def plot_importance(imp, path, *, dropped_layers=(), title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -53,7 +61,7 @@ def plot_depth_curve(values, n: int, path, ylabel: str = "validation loss") -> P
            ylabel=ylabel)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -75,7 +83,7 @@ def plot_training(metrics_jsonl, path, title: str = "") -> Path:
     ax.set(xlabel="step", ylabel="loss", title=title or "training")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -98,6 +106,6 @@ def plot_loss_curves(curves, path, title: str = "loss curves") -> Path:
     if curves:
         ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
     return Path(path)

@@ -10,7 +10,7 @@ def _f(v, fmt="{:.3f}"):
 
 
 def plot_search(results: list[dict], path: Path, title: str = "") -> Path:
-    from ..report.plots import _plt
+    from ..report.plots import _plt, save_png
 
     plt = _plt()
     done = [r for r in results if r.get("val_loss") is not None]
@@ -38,7 +38,7 @@ def plot_search(results: list[dict], path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -69,14 +69,21 @@ def write_search_report(out: Path, summary: dict) -> Path:
                f"{t['num_attention_heads']}/{t['num_query_groups']}"]
         row += [str(t["num_experts"]), f"{r['active'] / 1e6:.2f}M"] if moe else []
         row += [f"{r['params'] / 1e6:.2f}M", f"{r['non_embedding'] / 1e6:.2f}M",
-                _f(r.get("pruned_loss")), _f(r.get("val_loss"))]
+                _f(r.get("pruned_loss")), "diverged" if "diverged" in r else _f(r.get("val_loss"))]
         row += [_f(r.get("val_tasks", {}).get(n)) for n in task_names]
         if has_conf:
-            row += [_f(r.get("confirm_loss")), _f(r.get("confirm_rank"), "{}")]
+            row += ["diverged" if "confirm_diverged" in r else _f(r.get("confirm_loss")),
+                    _f(r.get("confirm_rank"), "{}")]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     if summary.get("pending"):
         lines += [f"Pending (not yet distilled): {summary['pending']}.", ""]
+    for key, what in (("diverged", "short"), ("confirm_diverged", "longer")):
+        bad = [r for r in results if key in r]
+        if bad:  # the guard's message says at which step and what to change
+            lines += [f"Diverged in the {what} distillation (non-finite loss or gradients; not "
+                      f"ranked there): candidates {[r['index'] for r in bad]}. Candidate "
+                      f"{bad[0]['index']}: {bad[0][key]}", ""]
     for key, what in (("tau_pruned_vs_short", "loss before retraining vs after the short distillation"),
                       ("tau_short_vs_confirm", "short vs longer distillation (confirmed candidates)")):
         if key in summary:

@@ -13,6 +13,11 @@ shows whether the short ranking held. Everything lands under ``output/``::
 Stages already complete are skipped, so a search resumes, and ``search.only=[i, ...]`` runs a
 subset: a Hydra multirun (``-m 'search.only=[0],[1],[2]'``) spreads candidates over cluster jobs, and a
 last plain run ranks them.
+
+A candidate whose distillation diverges (the numerical guard stops it) is recorded as such in
+``cand_<i>/distill/diverged.json`` and left out of the ranking, so one unstable architecture does
+not cost the whole search; only when every candidate diverged does the search stop. A rerun with
+the same train settings would diverge the same way and skips it; other settings retry it.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ from pathlib import Path
 
 from ..config.schema import DistillJob, PruneJob, PruneTargetConfig
 from ..convert import checkpoint as ckpt
+from ..distill.guard import TrainingDiverged
 from ..runs import Stages, complete, kd_spec, task_scores, with_checkpoint, write_json
 from .rank import kendall_tau, rank_results
 from .report import write_search_report
 from .space import Space, counted, describe_empty, enumerate_candidates, select
 
 log = logging.getLogger(__name__)
+
+DIVERGED = "diverged.json"  # in a candidate's training run directory: that training diverged
 
 
 def space_of(cfg) -> Space:
@@ -99,12 +107,33 @@ def run_search(job) -> dict:
     teacher = job.model.checkpoint
     todo = [c for c in chosen if s.only is None or c.index in s.only]
 
-    def distill(pruned: Path, run_dir: Path, steps: int, label: str):
+    def distill(pruned: Path, run_dir: Path, steps: int, label: str) -> bool:
+        """True when ``run_dir/final`` holds the distilled candidate, False when it diverged."""
         dj = DistillJob(model=with_checkpoint(job.model, pruned), parallel=job.parallel,
                         data=job.data, train=dataclasses.replace(job.train, steps=steps),
                         kd=dataclasses.replace(job.kd, teacher=str(teacher)), output=str(run_dir))
-        stages.run(label, complete(run_dir / "final"),
-                   lambda: train(dj, str(teacher), kd_spec(job.kd), "search"))
+        settings = json.loads(json.dumps(dataclasses.asdict(dj.train), default=str))
+        marker = run_dir / DIVERGED
+        if marker.is_file():
+            if json.loads(marker.read_text()).get("train") == settings:
+                if dist.is_rank0():
+                    log.info("[%s] diverged in an earlier run with these train settings, skipped",
+                             label)
+                return False
+            dist.barrier()  # every rank has read it before rank 0 removes it
+            if dist.is_rank0():  # other settings (a lower train.lr ...): try again
+                marker.unlink()
+        try:
+            stages.run(label, complete(run_dir / "final"),
+                       lambda: train(dj, str(teacher), kd_spec(job.kd), "search"))
+        except TrainingDiverged as e:  # raised alike on every rank
+            if dist.is_rank0():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                log.warning("[%s] diverged; this candidate is left out of the ranking: %s",
+                            label, e)
+            write_json(marker, {"message": str(e), "train": settings})
+            return False
+        return True
 
     for c in todo:
         cd = out / f"cand_{c.index}"
@@ -116,12 +145,13 @@ def run_search(job) -> dict:
                    lambda: prune(pj))
         stages.evaluate(f"candidate {c.index}: evaluate pruned", cd / "pruned", cd / "eval_pruned.json", job,
                         dataclasses.replace(job.eval, tasks=[]))
-        distill(cd / "pruned", cd / "distill", s.steps, f"candidate {c.index}: distill {s.steps} steps")
-        stages.evaluate(f"candidate {c.index}: evaluate distilled", cd / "distill" / "final",
-                        cd / "eval.json", job)
+        if distill(cd / "pruned", cd / "distill", s.steps,
+                   f"candidate {c.index}: distill {s.steps} steps"):
+            stages.evaluate(f"candidate {c.index}: evaluate distilled", cd / "distill" / "final",
+                            cd / "eval.json", job)
 
     results = collect(out, chosen, s.rank_by)
-    pending = [r["index"] for r in results if r.get("val_loss") is None]
+    pending = [r["index"] for r in results if r.get("val_loss") is None and "diverged" not in r]
     if pending:
         summary = {**budget, "results": results, "pending": pending}
         if dist.is_rank0():
@@ -130,13 +160,25 @@ def run_search(job) -> dict:
                      "them all", pending)
         return summary
 
+    diverged = [r for r in results if "diverged" in r]
+    if len(diverged) == len(results):
+        summary = {**budget, "results": results, "pending": []}
+        if dist.is_rank0():
+            write_search_report(out, summary)
+        raise TrainingDiverged(
+            f"the short distillation of every search candidate diverged ({len(results)}: "
+            f"{', '.join(str(r['index']) for r in results)}), so none can be chosen; candidate "
+            f"{diverged[0]['index']}: {diverged[0]['diverged']}")
+    if diverged and dist.is_rank0():
+        log.warning("search: candidate(s) %s diverged in their distillation (non-finite) and are "
+                    "not ranked; see %s", [r["index"] for r in diverged], out / "search.md")
     if s.confirm_top:
-        for r in results[: s.confirm_top]:
+        for r in [r for r in results if r.get("rank")][: s.confirm_top]:
             cd = out / f"cand_{r['index']}"
-            distill(cd / "pruned", cd / "confirm", s.confirm_steps,
-                    f"candidate {r['index']}: confirm {s.confirm_steps} steps")
-            stages.evaluate(f"candidate {r['index']}: evaluate confirmed", cd / "confirm" / "final",
-                            cd / "eval_confirm.json", job)
+            if distill(cd / "pruned", cd / "confirm", s.confirm_steps,
+                       f"candidate {r['index']}: confirm {s.confirm_steps} steps"):
+                stages.evaluate(f"candidate {r['index']}: evaluate confirmed",
+                                cd / "confirm" / "final", cd / "eval_confirm.json", job)
         results = collect(out, chosen, s.rank_by)
     summary = {**budget, "results": results, "pending": [], "stage_seconds": stages.seconds,
                **agreement(results)}
@@ -171,6 +213,9 @@ def collect(out: Path, chosen, rank_by: str) -> list[dict]:
                 tasks = task_scores(res)
                 if tasks:
                     row[key.replace("loss", "tasks")] = tasks
+        for key, run in (("diverged", "distill"), ("confirm_diverged", "confirm")):
+            if (cd / run / DIVERGED).is_file():
+                row[key] = json.loads((cd / run / DIVERGED).read_text())["message"]
         rows.append(row)
     return rank_results(rows, rank_by)
 
