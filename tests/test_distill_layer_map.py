@@ -39,7 +39,8 @@ def test_errors_name_the_fix(kd_models, tmp_path):
 
     kd = KDConfig(teacher=str(t / "twin"), auto_hidden_pairs=True)
     with pytest.raises(ValueError, match="auto_hidden_pairs"):  # before any model is loaded
-        train(kd_job(t, "pruned", tmp_path / "never", 1, kd), kd.teacher, spec_of(kd), "distill")
+        train(kd_job(t, "pruned", tmp_path / "never", 1, kd, warmup_steps=0), kd.teacher,
+              spec_of(kd), "distill")
     assert not (tmp_path / "never").exists()
 
 

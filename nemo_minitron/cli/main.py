@@ -84,6 +84,9 @@ def hydra_app(stage: str, run_fn):
         if stage in RUN_DIR_STAGES:
             record_run(stage, cfg, job.output)
         ok = False
+        # a caller that set up torch.distributed itself (a test session, a notebook) keeps it
+        torch = sys.modules.get("torch")  # not imported yet: nothing is initialised
+        owned = torch is None or not torch.distributed.is_initialized()
         try:
             result = run_fn(job)
             ok = True
@@ -99,7 +102,7 @@ def hydra_app(stage: str, run_fn):
 
             # After a failure in a multi-rank job the process group is left alone: destroying it
             # can block on peers still waiting in a collective; main() ends the rank instead.
-            if ok or dist.launched_world_size() == 1:
+            if owned and (ok or dist.launched_world_size() == 1):
                 dist.shutdown()
 
     return _main()
