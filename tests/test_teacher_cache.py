@@ -19,7 +19,7 @@ from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.data.packed import PackedSequences, step_batches
 from nemo_minitron.distill import teacher_cache as tc
 
-from conftest import tiny_hf, tiny_tokenizer
+from conftest import tiny_hf, tiny_tokenizer, torchrun
 from nemo_minitron.convert.hf_config import arch_from_hf_config
 from test_distill_run import metrics, models, one_thread  # noqa: F401 (the module fixture)
 from distill_layouts import job as distill_job
@@ -86,6 +86,14 @@ def test_cached_follows_online_topk_and_resumes_bitwise(models, cache):
         a, b = [r[key] for r in online if key in r], [r[key] for r in cached if key in r]
         assert len(a) == 3 and b == pytest.approx(a, rel=1e-5, abs=1e-7), key
     bucket = [r["kd"] for r in metrics(t / "bucket") if "kd" in r]
+    # PP=2 and DP=2 under torchrun (one launch) read their samples' rows and follow TP=PP=DP=1
+    rows = {r["layout"]: r for r in torchrun("teacher_cache_layouts.py", 2, t / "student",
+                                             t / "teacher", t / "corpus", path, t / "layouts")}
+    ref = metrics(t / "bucket")
+    for name in ("pp2", "dp2"):
+        for key in ("loss", "kd", "grad_norm"):
+            want = [r[key] for r in ref if key in r]
+            assert rows[name][key] == pytest.approx(want, rel=1e-4, abs=1e-5), (name, key)
     assert len(bucket) == 3 and bucket[0] != pytest.approx(online[0]["kd"], rel=1e-3)
     # resume: the bucket run's step-2 checkpoint, continued to step 3, gives the same weights
     shutil.copytree(t / "bucket", t / "bucket_resumed", ignore=shutil.ignore_patterns("final"))
