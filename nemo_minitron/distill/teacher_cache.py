@@ -172,14 +172,23 @@ class TeacherCache:
     def __init__(self, path, steps: int, top_k: int | None = None):
         from safetensors import safe_open
 
+        self._open = safe_open
         self.path = Path(path)
         self.manifest = read_manifest(path)
         self.top_k = top_k
-        self._files = [safe_open(str(self.path / shard_name(s)), "pt") for s in range(steps)]
+        self._handles: dict[int, object] = {}  # a few open shards (a long run has thousands)
         self._where: dict[int, tuple[int, int]] = {}
-        for f, h in enumerate(self._files):  # first occurrence wins (later epochs repeat samples)
-            for row, sample in enumerate(h.get_tensor("sample").tolist()):
-                self._where.setdefault(sample, (f, row))
+        for step in range(steps):  # first occurrence wins (later epochs repeat samples)
+            with safe_open(str(self.path / shard_name(step)), "pt") as h:
+                for row, sample in enumerate(h.get_tensor("sample").tolist()):
+                    self._where.setdefault(sample, (step, row))
+
+    def _shard(self, step: int):
+        if step not in self._handles:
+            if len(self._handles) >= 8:  # the oldest goes: a step reads one or two shards
+                self._handles.pop(next(iter(self._handles)))
+            self._handles[step] = self._open(str(self.path / shard_name(step)), "pt")
+        return self._handles[step]
 
     def lookup(self, samples: torch.Tensor) -> dict[str, torch.Tensor]:
         """``cache_ids/cache_logp/cache_rest`` of these samples, stacked ``[b, L, k]`` / ``[b, L]``."""
@@ -190,7 +199,7 @@ class TeacherCache:
                                  "reads other data than the cache was built for")
             f, row = self._where[sample]
             for name in rows:
-                rows[name].append(self._files[f].get_slice(name)[row])
+                rows[name].append(self._shard(f).get_slice(name)[row])
         ids, logp, rest = (torch.stack(rows[n]) for n in ("ids", "logp", "log_rest"))
         if self.top_k is not None and self.top_k < ids.shape[-1]:  # fold the dropped ids into
             k = self.top_k  # the rest bucket: log(rest + sum of their probabilities)
