@@ -125,6 +125,15 @@ def test_mismatch_refused_in_preflight(models, cache, change, field):
     assert not (models / "refused").exists()
 
 
+def test_other_dataset_refused(models, cache, tmp_path):
+    shutil.copy(models / "corpus.bin", tmp_path / "c.bin")
+    shutil.copy(models / "corpus.idx", tmp_path / "c.idx")
+    j = _job(models, "refused", teacher_cache=str(cache[0]))
+    j = dataclasses.replace(j, data=dataclasses.replace(j.data, prefix=str(tmp_path / "c")))
+    with pytest.raises(ValueError, match="data.prefix=.* is not the dataset"):
+        preflight.check("distill", j)
+
+
 def test_interrupted_cache_refused_then_finished(models, cache):
     path, _, j = cache
     part = models / "tcache_part"

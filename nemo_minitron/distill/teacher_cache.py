@@ -151,11 +151,14 @@ def check_run(path, *, teacher: str | None, student: str, data, train, kd) -> di
              "valid_fraction": "data.valid_fraction", "seed": "train.seed",
              "global_batch_size": "train.global_batch_size", "temperature": "kd.temperature"}
     for key, value in want.items():
-        if m[key] != value:
-            shown = m[key]["prefix"] + " (as it was then)" if key == "data" else m[key]
-            raise ValueError(f"{names[key]}={getattr(data, 'prefix') if key == 'data' else value} "
-                             f"differs from the {shown} {where} was built for; use the cache's "
-                             "value or rebuild the cache")
+        if m[key] == value:
+            continue
+        if key == "data":  # same path, other content (rebuilt or appended) is named as such
+            raise ValueError(f"data.prefix={data.prefix} is not the dataset {where} was built "
+                             f"from ({m['data']['prefix']}, .idx sha256 {m['data']['idx_sha256'][:12]}, "
+                             f".bin {m['data']['bin_bytes']} bytes); use that one or rebuild the cache")
+        raise ValueError(f"{names[key]}={value} differs from the {m[key]} {where} was built for; "
+                         "use the cache's value or rebuild the cache")
     if train.steps > m["steps"]:
         raise ValueError(f"train.steps={train.steps} is more than the {m['steps']} steps {where} "
                          "covers; lower train.steps or rebuild the cache with more steps")
