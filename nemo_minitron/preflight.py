@@ -246,6 +246,15 @@ def train(job) -> None:
     student = checkpoint(job.model.checkpoint)
     student.arch.check_parallel(job.parallel.tp, job.parallel.pp)
     kd = getattr(job, "kd", None)
+    if kd is not None and kd.teacher_cache:
+        from .distill.teacher_cache import check_run
+
+        if job.parallel.tp > 1:
+            raise ValueError("kd.teacher_cache works at parallel.tp=1 for now; distill with a "
+                             "live teacher (drop kd.teacher_cache) for tensor parallelism")
+        check_run(kd.teacher_cache, teacher=kd.teacher, student=job.model.checkpoint,
+                  data=job.data, train=job.train, kd=kd)
+        kd = None  # no teacher is built: nothing of it to check
     if kd is not None:
         from .distill.losses import check_vocab
 
@@ -330,9 +339,22 @@ def pipeline(job) -> None:
         teachers = students
 
 
+def teacher_cache(job) -> None:
+    teacher = checkpoint(job.kd.teacher, "kd.teacher")
+    teacher.arch.check_parallel(job.parallel.tp, job.parallel.pp)
+    if dist.launched_world_size() > 1 or job.parallel.tp * job.parallel.pp > 1:
+        raise ValueError("minitron teacher_cache runs in one process (parallel.tp=1, pp=1, no "
+                         "torchrun) for now; a distillation at any layout reads its cache")
+    if job.cache.k > teacher.arch.vocab_size:
+        raise ValueError(f"cache.k={job.cache.k} exceeds the teacher's vocabulary "
+                         f"({teacher.arch.vocab_size})")
+    not_inside(job.output, job.kd.teacher)
+    train_sizes(job, 1)
+
+
 CHECKS = {"import": import_, "export": export, "data": data, "evaluate": evaluate,
           "prune": prune, "finetune": train, "distill": train, "search": search,
-          "pipeline": pipeline}
+          "pipeline": pipeline, "teacher_cache": teacher_cache}
 
 
 def check(stage: str, job) -> None:

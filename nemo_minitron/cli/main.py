@@ -22,6 +22,7 @@ STAGES = {
     "prune": ("nemo_minitron.cli.prune", "activation-importance width/depth pruning to targets"),
     "search": ("nemo_minitron.cli.search", "rank architectures at a parameter budget by short distillation"),
     "distill": ("nemo_minitron.cli.distill", "train a student from a co-located frozen teacher"),
+    "teacher_cache": ("nemo_minitron.cli.teacher_cache", "teacher top-k log-probs of a run's tokens, once"),
     "finetune": ("nemo_minitron.cli.finetune", "teacher correction: LM-loss training on the corpus"),
     "pipeline": ("nemo_minitron.cli.pipeline", "correct -> prune -> distill -> evaluate -> export, in rounds"),
     "report": ("nemo_minitron.cli.report", "compare runs side by side: Markdown table + loss curves"),
@@ -57,7 +58,7 @@ def conf_dir() -> Path:
 
 
 def usage() -> str:
-    return USAGE.format(stages="\n".join(f"  {k:<10} {v[1]}" for k, v in STAGES.items()))
+    return USAGE.format(stages="\n".join(f"  {k:<13} {v[1]}" for k, v in STAGES.items()))
 
 
 def hydra_app(stage: str, run_fn):

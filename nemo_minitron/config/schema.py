@@ -382,6 +382,13 @@ class KDConfig:
     """Weight of the sum over hidden_pairs of their token-mean losses (times alpha when dynamic)."""
     embedding_weight: float = 0.0
     """Weight of the loss between the embedding outputs (the input of layer 0); 0 disables."""
+    teacher_cache: Optional[str] = None
+    """Directory written by `minitron teacher_cache` for this run's data, train and kd settings:
+    no teacher is built, the logit loss is the forward KL on the cached top-k ids (kd.top_k may
+    take fewer of them)."""
+    cache_residual: bool = True
+    """With teacher_cache: add one bucket for the teacher mass outside the top-k ids; false
+    renormalises both distributions on the ids (what kd.top_k does with a live teacher)."""
     hidden_dynamic: bool = True
     """Multiply the intermediate terms by alpha = L_logits / (hidden_weight * L_hidden +
     embedding_weight * L_emb), Minitron's dynamic weighting, from the previous step's means (the
@@ -443,11 +450,56 @@ class DistillJob(FinetuneJob):
 
     def __post_init__(self):
         super().__post_init__()
+        if not self.kd.teacher and not self.kd.teacher_cache:
+            raise ValueError("kd.teacher=<checkpoint dir> is required: the model to distill from "
+                             "(or kd.teacher_cache=<dir> written by `minitron teacher_cache`)")
         if not self.kd.teacher:
-            raise ValueError("kd.teacher=<checkpoint dir> is required: the model to distill from")
+            return
         if Path(self.kd.teacher).expanduser().resolve() == Path(self.model.checkpoint).expanduser().resolve():
             raise ValueError("model.checkpoint is the teacher itself; set model.checkpoint to the "
                              "student, e.g. the output directory of `minitron prune`")
+
+
+@dataclass
+class CacheConfig:
+    k: int = 32
+    """Teacher log-probabilities stored per token (the largest ones, with their ids)."""
+    dtype: str = "fp16"
+    """Storage of the log-probabilities: fp16 (about 0.01 nats of rounding at log p > -16), bf16
+    or fp32; ids are int32. Bytes per token: k * (4 + 2) + 2 for fp16."""
+
+    def __post_init__(self):
+        _at_least("cache", self, ("k",), 1)
+        if self.dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"cache.dtype={self.dtype!r}: use fp16, bf16 or fp32")
+
+
+@dataclass
+class TeacherCacheJob:
+    """`minitron teacher_cache`: takes the data/train/kd settings of the distillation it serves
+    (the same overrides), and kd.teacher as the model to run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    output: Optional[str] = None
+    """Cache directory (a rerun with the same settings resumes it)."""
+    overwrite: bool = False
+    """Replace a cache of other settings in output."""
+
+    def __post_init__(self):
+        if not self.kd.teacher:
+            raise ValueError("kd.teacher=<checkpoint dir> is required: the model whose outputs "
+                             "are cached")
+        if not self.output:
+            raise ValueError("output=<dir> is required: the cache directory")
+        _need_data(self.data)
+        if self.kd.top_k is not None:
+            raise ValueError("kd.top_k is a distillation setting; the cache keeps cache.k ids per "
+                             "token (drop kd.top_k here)")
 
 
 @dataclass
@@ -661,7 +713,8 @@ SCHEMAS = {"import": ("import", ImportJob), "export": ("export", ExportJob),
            "data": ("data_prep", DataJob), "evaluate": ("evaluate", EvaluateJob),
            "prune": ("prune", PruneJob), "finetune": ("finetune", FinetuneJob),
            "distill": ("distill", DistillJob), "search": ("search", SearchJob),
-           "pipeline": ("pipeline", PipelineJob)}
+           "pipeline": ("pipeline", PipelineJob),
+           "teacher_cache": ("teacher_cache", TeacherCacheJob)}
 
 
 def _cache(rel: str = "") -> str:

@@ -134,6 +134,7 @@ class PackedSequences:
         seed: Optional[int] = None,
         dp_rank: int = 0,
         dp_size: int = 1,
+        with_index: bool = False,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """Micro-batches of this data-parallel rank: ``[micro_batch_size, seq_length]`` tensors.
 
@@ -141,7 +142,9 @@ class PackedSequences:
         shuffled) order; rank ``r`` takes the ``r``-th slice of ``micro_batch_size``, so ranks never
         share a sample and together cover the global batch. An incomplete last global batch is
         dropped. ``num_batches=None`` gives one pass; a larger ``num_batches`` than one pass holds
-        starts another pass (reshuffled with ``seed + pass`` when ``shuffle``).
+        starts another pass (reshuffled with ``seed + pass`` when ``shuffle``). ``with_index``
+        adds ``sample``: the int64 sample numbers of the batch (what an offline teacher cache is
+        keyed by).
         """
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
@@ -170,7 +173,29 @@ class PackedSequences:
                 if done == total:
                     return
                 lo = g * global_batch + dp_rank * micro_batch_size
-                samples = [self[int(j)] for j in order[lo:lo + micro_batch_size]]
-                yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+                picked = order[lo:lo + micro_batch_size]
+                samples = [self[int(j)] for j in picked]
+                batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+                if with_index:
+                    batch["sample"] = torch.as_tensor(np.asarray(picked, dtype=np.int64))
+                yield batch
                 done += 1
             epoch += 1
+
+
+def step_batches(data: PackedSequences, step: int, global_batch_size: int, micro_batch_size: int,
+                 *, seed: int, dp_rank: int = 0, dp_size: int = 1,
+                 with_index: bool = False) -> list:
+    """The micro-batches of training step ``step`` for one data-parallel rank, in the order a
+    training run reads them: each pass over the data is one ``seed + pass`` shuffle, cut into
+    global batches. Training and the offline teacher cache both read through here, so the cache
+    holds exactly the samples a run with the same data, seq length, seed and batch will need."""
+    n_micro = global_batch_size // (micro_batch_size * dp_size)
+    per_epoch = len(data) // global_batch_size
+    if per_epoch == 0:
+        raise ValueError(f"the training split has {len(data)} samples, fewer than one global "
+                         f"batch of {global_batch_size}")
+    epoch, k = divmod(step, per_epoch)
+    it = data.batches(micro_batch_size, num_batches=(k + 1) * n_micro, shuffle=True,
+                      seed=seed + epoch, dp_rank=dp_rank, dp_size=dp_size, with_index=with_index)
+    return [b for i, b in enumerate(it) if i >= k * n_micro]

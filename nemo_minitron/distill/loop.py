@@ -36,6 +36,8 @@ class LossSpec:
     kind: str = "forward"
     top_k: int | None = None
     chunk_tokens: int | None = None
+    cached: bool = False  # teacher top-k come with the batch (kd.teacher_cache), no teacher output
+    cache_residual: bool = True
 
 
 def make_loss_func(spec: LossSpec):
@@ -51,16 +53,24 @@ def make_loss_func(spec: LossSpec):
         total = student.new_zeros((), dtype=torch.float32)
         report = {}
         ntok = mask.sum()
-        if spec.logit_weight and teacher is not None:
+        has_teacher = teacher is not None or spec.cached
+        if spec.logit_weight and spec.cached:
+            kd_sum, _ = L.cached_topk_kl(student, batch["cache_ids"], batch["cache_logp"],
+                                         batch["cache_rest"], temperature=spec.temperature,
+                                         mask=mask, vocab_size=spec.vocab_size,
+                                         residual=spec.cache_residual, chunk_tokens=spec.chunk_tokens)
+            total = total + spec.logit_weight * kd_sum
+            report["kd"] = torch.stack([kd_sum.detach().float(), ntok])
+        elif spec.logit_weight and teacher is not None:
             kd_sum, _ = L.logits_kl(student, teacher, temperature=spec.temperature, mask=mask,
                                     tp_group=tp_group, vocab_size=spec.vocab_size,
                                     top_k=spec.top_k, kind=spec.kind, chunk_tokens=spec.chunk_tokens)
             total = total + spec.logit_weight * kd_sum
             report["kd"] = torch.stack([kd_sum.detach().float(), ntok])
-        if spec.lm_weight or teacher is None:
+        if spec.lm_weight or not has_teacher:
             lm_sum, _ = L.lm_loss(student, batch["labels"], mask=mask, tp_group=tp_group,
                                   vocab_size=spec.vocab_size)
-            total = total + (spec.lm_weight if teacher is not None else 1.0) * lm_sum
+            total = total + (spec.lm_weight if has_teacher else 1.0) * lm_sum
             report["lm"] = torch.stack([lm_sum.detach().float(), ntok])
         report["loss"] = torch.stack([total.detach().float(), ntok])
         if extra is not None:  # this stage's weighted intermediate losses (reported separately)
@@ -153,7 +163,7 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from ..convert.checkpoint import Checkpoint
-    from ..data.packed import PackedSequences
+    from ..data.packed import PackedSequences, step_batches
     from ..evaluate.loss import validation_loss
     from ..runtime import dist
     from ..runtime.forward import on_device
@@ -178,7 +188,8 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
         teacher_ck.arch.check_parallel(par.tp, par.pp)
         check_vocab(student_ck.arch.vocab_size, teacher_ck.arch.vocab_size,
                     student_ck.arch.padded_vocab_size(par.tp), teacher_ck.arch.padded_vocab_size(par.tp))
-    spec = LossSpec(vocab_size=student_ck.arch.vocab_size, **spec_overrides)
+    cache_dir = getattr(getattr(job, "kd", None), "teacher_cache", None)
+    spec = LossSpec(vocab_size=student_ck.arch.vocab_size, cached=bool(cache_dir), **spec_overrides)
     ispec = inter_mod.IntermediateSpec.from_kd(job.kd) if teacher_ck and hasattr(job, "kd") else None
     if ispec is not None and job.kd.auto_hidden_pairs:
         ispec.pairs = auto_pairs(job.model.checkpoint, teacher_path, student_ck.arch.num_layers,
@@ -202,6 +213,11 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
                                  valid_fraction=job.data.valid_fraction, seed=tr.seed)
     valid_data = PackedSequences(job.data.prefix, job.data.seq_length, split="valid",
                                  valid_fraction=job.data.valid_fraction)
+    cache = None
+    if cache_dir:  # the checks ran in preflight; here only the shards are opened
+        from .teacher_cache import TeacherCache
+
+        cache = TeacherCache(cache_dir, tr.steps, job.kd.top_k)
 
     dist.init(par.tp, par.pp, par.seed, par.timeout_s)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -281,11 +297,10 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
 
     def batches_for(step_idx: int):
         """The micro-batches of global batch ``step_idx`` for this DP rank (deterministic order)."""
-        per_epoch = len(train_data) // tr.global_batch_size
-        epoch, k = divmod(step_idx, per_epoch)
-        it = train_data.batches(tr.micro_batch_size, num_batches=(k + 1) * n_micro, shuffle=True,
-                                seed=tr.seed + epoch, dp_rank=dp_rank, dp_size=dp)
-        out = [b for i, b in enumerate(it) if i >= k * n_micro]
+        out = step_batches(train_data, step_idx, tr.global_batch_size, tr.micro_batch_size,
+                           seed=tr.seed, dp_rank=dp_rank, dp_size=dp, with_index=cache is not None)
+        if cache is not None:  # the cached teacher top-k of these samples ride with the batch
+            out = [dict(b, **cache.lookup(b.pop("sample"))) for b in out]
         return [on_device(b) for b in out]
 
     logger = Logger(run_dir, tr.tensorboard, tr.wandb, {"train": vars(tr)})
@@ -299,7 +314,8 @@ def train(job, teacher_path: str | None, spec_overrides: dict, stage_name: str) 
         return save_checkpoint(
             student, target, tokenizer=student_ck.tokenizer() if dist.is_rank0() else None,
             overwrite=final, provenance={"stage": stage_name, "parent": str(student_ck.path),
-                                         "teacher": teacher_path, "step": at_step},
+                                         "teacher": teacher_path or cache_dir,
+                                         "step": at_step},
             per_rank=None if final else train_state.writer(
                 opt, sched, at_step, at_step * tr.global_batch_size,
                 {"tp": par.tp, "pp": par.pp, "dp": dp,

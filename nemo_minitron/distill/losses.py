@@ -481,6 +481,114 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, mask: Optional[torch.
     return loss_sum, w.sum()
 
 
+# --------------------------------------------------------------------------- offline (cached) teacher
+# An offline teacher cache (:mod:`.teacher_cache`) holds, per token, the teacher's k largest
+# log-probabilities at temperature T (over the true vocabulary), their vocabulary ids and the log of
+# the mass left outside them. The two functions below are the two halves: what the cache stores, and
+# the loss a student takes from it. TP=1 only for now (the student's full vocabulary is local).
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0,
+                 vocab_size: Optional[int] = None, chunk_tokens: Optional[int] = 256):
+    """``(ids int32 [..., k], logp fp32 [..., k], log_rest fp32 [...])`` of ``log_softmax(z / T)``
+    over the true vocabulary: the k largest log-probabilities (descending), their ids, and
+    ``log(1 - sum exp(logp))`` computed as the log-sum-exp over the other ids (no cancellation)."""
+    lead, v = teacher_logits.shape[:-1], teacher_logits.shape[-1]
+    if not 1 <= k <= (vocab_size or v):
+        raise ValueError(f"k={k} must lie in [1, vocabulary size {vocab_size or v}]")
+    n = math.prod(lead)
+    z = teacher_logits.detach().reshape(n, v)
+    valid = _valid_columns(v, vocab_size, None, z.device)
+    ids = torch.empty(n, k, dtype=torch.int32, device=z.device)
+    logp = torch.empty(n, k, dtype=torch.float32, device=z.device)
+    rest = torch.empty(n, dtype=torch.float32, device=z.device)
+    for i, j in _chunks(n, chunk_tokens):
+        y = z[i:j].to(torch.float32, copy=True).div_(temperature)  # never the caller's tensor
+        _log_softmax_([y], valid, None)
+        vals, idx = y.topk(k, dim=-1)
+        ids[i:j], logp[i:j] = idx, vals
+        rest[i:j] = torch.logsumexp(y.scatter_(-1, idx, float("-inf")), dim=-1)
+    return ids.reshape(*lead, k), logp.reshape(*lead, k), rest.reshape(lead)
+
+
+def _cached_kl_chunk(s, ids, logp_t, rest_t, w, *, temperature: float, residual: bool,
+                     valid: Optional[torch.Tensor], want_grad: bool, owned: bool = False):
+    """Forward KL of one chunk from cached teacher top-k, and ``d loss / d s`` (see
+    :func:`cached_topk_kl`). With ``x = s / T`` and ``p = softmax(x)``:
+
+    * residual: ``L = sum_j q_j (lq_j - lp_j) + q_r (lq_r - lp_r)`` over the k ids and the rest
+      bucket; ``dL/dx_v = Q p_v - q_v`` on the ids and ``Q p_v - q_r p_v / p_r`` elsewhere
+      (``Q = sum_j q_j + q_r``, 1 up to the cache's rounding, kept exact here).
+    * renormalised: both restricted to the k ids and renormalised there (what online ``top_k``
+      does): ``dL/dx_v = p~_v - q~_v`` on the ids, 0 elsewhere.
+    """
+    x = _fp32(s, owned)
+    if temperature != 1.0:
+        x.div_(temperature)
+    _log_softmax_([x], valid, None)  # x = log p_S over the true vocabulary
+    ids = ids.long()
+    lq = logp_t.float()
+    lp = x.gather(-1, ids)
+    if residual:
+        lq_r = rest_t.float()
+        lp_r = torch.logsumexp(x.scatter(-1, ids, float("-inf")), dim=-1)
+        q, q_r = lq.exp(), lq_r.exp()
+        # an empty bucket (k = the whole vocabulary) adds nothing (not 0 * (-inf - -inf))
+        tok = (q * (lq - lp)).sum(-1) + torch.where(q_r > 0, q_r * (lq_r - lp_r), 0.0)
+        grad = None
+        if want_grad:
+            big_q = (q.sum(-1) + q_r).unsqueeze(-1)
+            # q_r p_v / p_r in log space: p_r may underflow where the teacher's top-k hold it all
+            off = x.add(torch.where(q_r > 0, lq_r - lp_r, -float("inf")).unsqueeze(-1)).exp_()
+            grad = x.exp_().mul_(big_q).sub_(off)
+            del off
+            grad.scatter_(-1, ids, lp.exp() * big_q - q)
+    else:
+        lq = lq - torch.logsumexp(lq, dim=-1, keepdim=True)
+        lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+        q = lq.exp()
+        tok = (q * (lq - lp)).sum(-1)
+        grad = None
+        if want_grad:
+            grad = x.zero_().scatter_(-1, ids, lp.exp() - q)
+    if grad is not None:
+        grad.mul_((w * temperature).unsqueeze(-1))
+    return (tok * w).sum() * (temperature * temperature), grad
+
+
+def cached_topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor,
+                   log_rest: Optional[torch.Tensor], *, temperature: float = 1.0,
+                   mask: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None,
+                   residual: bool = True,
+                   chunk_tokens: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``T^2 KL(p_T || p_S)`` per token from a cached teacher (:func:`teacher_topk` outputs, any
+    float dtype); returns ``(loss_sum, count)`` like :func:`logits_kl`.
+
+    ``residual=True``: the (k+1)-point KL over the teacher's top-k ids plus one bucket for all other
+    ids (teacher mass ``exp(log_rest)``, student mass ``1 - sum_{v in K} p_S(v)``): the student is
+    also told how much mass lies outside the top-k. ``residual=False``: both distributions
+    restricted to the k ids and renormalised, equal to :func:`logits_kl` with the same ``top_k``.
+    ``student_logits [..., V]`` hold the full (padded) vocabulary (TP=1); ``ids``/``logp``
+    ``[..., k]``, ``log_rest [...]``. Gradients reach ``student_logits`` only.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    lead, v = student_logits.shape[:-1], student_logits.shape[-1]
+    if ids.shape != logp.shape or ids.shape[:-1] != lead:
+        raise ValueError(f"cached ids {tuple(ids.shape)} / logp {tuple(logp.shape)} do not match "
+                         f"the student logits {tuple(student_logits.shape)}")
+    if residual and (log_rest is None or log_rest.shape != lead):
+        raise ValueError("residual=True needs log_rest with the logits' leading shape")
+    n, k = math.prod(lead), ids.shape[-1]
+    w = _token_weights(mask, lead, n, student_logits.device)
+    valid = _valid_columns(v, vocab_size, None, student_logits.device)
+    rest = log_rest.reshape(n) if residual else torch.zeros(n, device=student_logits.device)
+    fn = functools.partial(_cached_kl_chunk, temperature=float(temperature), residual=residual,
+                           valid=valid)
+    loss_sum = _ChunkedLoss.apply(fn, chunk_tokens, None, _grad_or_const(student_logits.reshape(n, v)),
+                                  ids.reshape(n, k), logp.reshape(n, k), rest, w)
+    return loss_sum, w.sum()
+
+
 def make_projection(h_s: int, h_t: int, *, keep_index: Optional[torch.Tensor] = None,
                     dtype: Optional[torch.dtype] = None, device=None) -> torch.nn.Linear:
     """A learned ``Linear(h_s -> h_t, bias=False)`` mapping student hidden states to the teacher's.

@@ -1,0 +1,280 @@
+"""Offline teacher cache: the teacher's top-k log-probabilities of every token a distillation reads.
+
+The teacher forward is a large share of a distillation step, and search candidates, re-runs and
+ablations all recompute it on the same tokens. ``minitron teacher_cache`` runs the teacher once over
+the token stream a distillation with the same data, seq length, seed and global batch reads (the
+samples come from :func:`~nemo_minitron.data.packed.step_batches`, the training loop's own
+reader) and stores, per token, :func:`~nemo_minitron.distill.losses.teacher_topk`: the k largest
+log-probabilities at ``kd.temperature``, their vocabulary ids and the log of the remaining mass.
+
+Layout of a cache directory (safetensors and JSON only; nothing is unpickled)::
+
+    manifest.json                  what the cache is of (teacher/tokenizer/data fingerprints, seq
+                                   length, k, temperature, seed, global batch, steps, dtype)
+    step_0000000.safetensors ...   one shard per training step: sample [G] int64 (packed sample
+                                   numbers), ids [G, L, k] int32, logp [G, L, k], log_rest [G, L]
+
+Shards are written atomically (temporary name, then rename), so an interrupted build resumes at
+the first missing shard. Readers look samples up by number, so any micro-batch size and data-
+parallel split of the same global batches finds its rows; a sample read again in a later epoch is
+served from its first shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..convert import checkpoint as ckpt
+from ..runs import write_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "nemo_minitron.teacher_cache/1"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# fields a distillation must agree on with the cache (the data order and what the tokens are)
+RUN_FIELDS = ("teacher_fingerprint", "data", "seq_length", "valid_fraction", "seed",
+              "global_batch_size", "temperature")
+
+
+def shard_name(step: int) -> str:
+    return f"step_{step:07d}.safetensors"
+
+
+def _sha(parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+    return h.hexdigest()
+
+
+def checkpoint_fingerprint(path) -> str:
+    """sha256 of arch.json, every weight shard's safetensors header (names, dtypes, shapes) and
+    16 blocks of 4 KiB spread over each shard's data: cheap for any model size (reading and
+    hashing 16 GB of an 8B model would take minutes in every pre-flight) and different for any two
+    models that differ beyond a handful of weights (training or pruning changes them all)."""
+    p = Path(path)
+    index = ckpt.read_json(p / ckpt.INDEX)
+    parts = [(p / ckpt.ARCH).read_bytes()]
+    for name in sorted(set(index["weight_map"].values())):
+        f = p / name
+        parts.append(json.dumps(ckpt.safetensors_header(f), sort_keys=True))
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            for i in range(16):
+                fh.seek(size * i // 16)
+                parts.append(fh.read(4096))
+    return _sha(parts)
+
+
+def tokenizer_fingerprint(path) -> str | None:
+    """sha256 of a checkpoint's tokenizer/tokenizer.json vocabulary and merges, or None."""
+    f = Path(path) / ckpt.TOKENIZER / "tokenizer.json"
+    if not f.is_file():
+        return None
+    return _sha([json.dumps(json.loads(f.read_text()).get("model"), sort_keys=True)])
+
+
+def data_fingerprint(prefix) -> dict:
+    """The dataset as the cache saw it: its absolute prefix, the sha256 of the (small) .idx and
+    the size of the .bin (a rebuilt or appended dataset changes one of them)."""
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    return {"prefix": str(Path(prefix).resolve()),
+            "idx_sha256": hashlib.sha256(idx.read_bytes()).hexdigest(),
+            "bin_bytes": bin_.stat().st_size}
+
+
+def describe(teacher: str, data, train, temperature: float, k: int, dtype: str,
+             vocab_size: int) -> dict:
+    """The manifest of a cache of ``teacher`` for a run with these data/train settings."""
+    return {"format": FORMAT, "teacher": str(Path(teacher).resolve()),
+            "teacher_fingerprint": checkpoint_fingerprint(teacher),
+            "tokenizer_fingerprint": tokenizer_fingerprint(teacher), "vocab_size": vocab_size,
+            "data": data_fingerprint(data.prefix), "seq_length": data.seq_length,
+            "valid_fraction": data.valid_fraction, "seed": train.seed,
+            "global_batch_size": train.global_batch_size, "steps": train.steps,
+            "temperature": float(temperature), "k": k, "dtype": dtype}
+
+
+def bytes_per_token(k: int, dtype: str) -> int:
+    """Stored bytes per token: k int32 ids, k log-probabilities and one log-rest in ``dtype``."""
+    item = DTYPES[dtype].itemsize
+    return k * (4 + item) + item
+
+
+def read_manifest(path) -> dict:
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        raise ValueError(f"kd.teacher_cache={path}: no {MANIFEST}; build the cache with "
+                         "`minitron teacher_cache` (same data, train and kd settings) first")
+    m = ckpt.read_json(f)
+    if m.get("format") != FORMAT:
+        raise ValueError(f"{f} has format {m.get('format')!r}, expected {FORMAT!r}")
+    return m
+
+
+def check_run(path, *, teacher: str | None, student: str, data, train, kd) -> dict:
+    """Refuse a distillation the cache at ``path`` does not cover, naming the field; reads only
+    small files (manifest, headers, .idx). Returns the manifest."""
+    m = read_manifest(path)
+    where = f"kd.teacher_cache={path}"
+    if kd.kind != "forward":
+        raise ValueError(f"kd.kind={kd.kind}: a teacher cache gives forward KL only; set "
+                         "kd.kind=forward or drop kd.teacher_cache")
+    if kd.hidden_pairs or kd.auto_hidden_pairs or kd.embedding_weight:
+        raise ValueError("kd.hidden_pairs / kd.auto_hidden_pairs / kd.embedding_weight need the "
+                         "live teacher's hidden states, which a teacher cache does not hold: drop "
+                         "them or drop kd.teacher_cache")
+    if kd.top_k is not None and kd.top_k > m["k"]:
+        raise ValueError(f"kd.top_k={kd.top_k} is more than the {m['k']} ids per token {where} "
+                         f"holds; set kd.top_k<={m['k']} or build a cache with cache.k={kd.top_k}")
+    if teacher and Path(teacher).is_dir() and checkpoint_fingerprint(teacher) != m["teacher_fingerprint"]:
+        raise ValueError(f"kd.teacher={teacher} is not the teacher {where} was built from "
+                         f"({m['teacher']}); point kd.teacher at that one or rebuild the cache")
+    s_arch = ckpt.Checkpoint(student).arch
+    if s_arch.vocab_size != m["vocab_size"]:
+        raise ValueError(f"model.checkpoint={student} has a vocabulary of {s_arch.vocab_size}, "
+                         f"the cached teacher {m['vocab_size']}: they need the same tokenizer")
+    tok = tokenizer_fingerprint(student)
+    if tok and m["tokenizer_fingerprint"] and tok != m["tokenizer_fingerprint"]:
+        raise ValueError(f"model.checkpoint={student}/tokenizer differs from the tokenizer of "
+                         f"the teacher {where} was built from: they need the same tokenizer")
+    want = {"data": data_fingerprint(data.prefix), "seq_length": data.seq_length,
+            "valid_fraction": data.valid_fraction, "seed": train.seed,
+            "global_batch_size": train.global_batch_size, "temperature": float(kd.temperature)}
+    names = {"data": "data.prefix", "seq_length": "data.seq_length",
+             "valid_fraction": "data.valid_fraction", "seed": "train.seed",
+             "global_batch_size": "train.global_batch_size", "temperature": "kd.temperature"}
+    for key, value in want.items():
+        if m[key] == value:
+            continue
+        if key == "data":  # same path, other content (rebuilt or appended) is named as such
+            raise ValueError(f"data.prefix={data.prefix} is not the dataset {where} was built "
+                             f"from ({m['data']['prefix']}, .idx sha256 {m['data']['idx_sha256'][:12]}, "
+                             f".bin {m['data']['bin_bytes']} bytes); use that one or rebuild the cache")
+        raise ValueError(f"{names[key]}={value} differs from the {m[key]} {where} was built for; "
+                         "use the cache's value or rebuild the cache")
+    if train.steps > m["steps"]:
+        raise ValueError(f"train.steps={train.steps} is more than the {m['steps']} steps {where} "
+                         "covers; lower train.steps or rebuild the cache with more steps")
+    missing = [shard_name(s) for s in range(train.steps) if not (Path(path) / shard_name(s)).is_file()]
+    if missing:
+        raise ValueError(f"{where} lacks {missing[0]} (and {len(missing) - 1} more shards): the "
+                         "build was interrupted; run `minitron teacher_cache` again to finish it")
+    return m
+
+
+class TeacherCache:
+    """Read side: the cached top-k of given sample numbers (shards opened lazily, memory-mapped)."""
+
+    def __init__(self, path, steps: int, top_k: int | None = None):
+        from safetensors import safe_open
+
+        self._open = safe_open
+        self.path = Path(path)
+        self.manifest = read_manifest(path)
+        self.top_k = top_k
+        self._handles: dict[int, object] = {}  # a few open shards (a long run has thousands)
+        self._where: dict[int, tuple[int, int]] = {}
+        for step in range(steps):  # first occurrence wins (later epochs repeat samples)
+            with safe_open(str(self.path / shard_name(step)), "pt") as h:
+                for row, sample in enumerate(h.get_tensor("sample").tolist()):
+                    self._where.setdefault(sample, (step, row))
+
+    def _shard(self, step: int):
+        if step not in self._handles:
+            if len(self._handles) >= 8:  # the oldest goes: a step reads one or two shards
+                self._handles.pop(next(iter(self._handles)))
+            self._handles[step] = self._open(str(self.path / shard_name(step)), "pt")
+        return self._handles[step]
+
+    def lookup(self, samples: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``cache_ids/cache_logp/cache_rest`` of these samples, stacked ``[b, L, k]`` / ``[b, L]``."""
+        rows = {"ids": [], "logp": [], "log_rest": []}
+        for sample in samples.tolist():
+            if sample not in self._where:
+                raise ValueError(f"sample {sample} is not in the teacher cache {self.path}: the run "
+                                 "reads other data than the cache was built for")
+            f, row = self._where[sample]
+            for name in rows:
+                rows[name].append(self._shard(f).get_slice(name)[row])
+        ids, logp, rest = (torch.stack(rows[n]) for n in ("ids", "logp", "log_rest"))
+        if self.top_k is not None and self.top_k < ids.shape[-1]:  # fold the dropped ids into
+            k = self.top_k  # the rest bucket: log(rest + sum of their probabilities)
+            rest = torch.logsumexp(torch.cat([rest.float().unsqueeze(-1), logp[..., k:].float()], -1), -1)
+            ids, logp = ids[..., :k], logp[..., :k]
+        return {"cache_ids": ids, "cache_logp": logp, "cache_rest": rest}
+
+
+def build(job) -> dict:
+    """Run the teacher over the run's samples step by step; write missing shards (resumable)."""
+    from tqdm import tqdm
+
+    from ..data.packed import PackedSequences, step_batches
+    from ..runtime import dist
+    from ..runtime.forward import run_forward
+    from ..runtime.stage import load_checkpoint
+    from .losses import teacher_topk
+
+    kd, tr, data, c = job.kd, job.train, job.data, job.cache
+    out = Path(job.output)
+    teacher_arch = ckpt.Checkpoint(kd.teacher).arch
+    manifest = describe(kd.teacher, data, tr, kd.temperature, c.k, c.dtype, teacher_arch.vocab_size)
+    old = out / MANIFEST
+    if old.is_file() and not job.overwrite:
+        have = ckpt.read_json(old)
+        if {k: v for k, v in have.items() if k != "steps"} != {k: v for k, v in manifest.items() if k != "steps"}:
+            raise FileExistsError(f"output={out} holds a teacher cache of other settings; choose "
+                                  "another output or pass overwrite=true to replace it")
+    elif out.exists() and any(out.iterdir()) and not old.is_file() and not job.overwrite:
+        raise FileExistsError(f"output {out} already exists and is not empty; choose another "
+                              "output directory or pass overwrite=true to replace it")
+    tokens = tr.steps * tr.global_batch_size * data.seq_length
+    per = bytes_per_token(c.k, c.dtype)
+    log.info("teacher cache: %d steps x %d samples x %d tokens = %d tokens, k=%d %s: %d bytes/token, "
+             "about %.1f MB", tr.steps, tr.global_batch_size, data.seq_length, tokens, c.k, c.dtype,
+             per, tokens * per / 1e6)
+    if job.overwrite and out.is_dir():
+        for f in list(out.glob("step_*.safetensors")) + [old]:
+            f.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(old, json.dumps(manifest, indent=2))
+
+    train_data = PackedSequences(data.prefix, data.seq_length, split="train",
+                                 valid_fraction=data.valid_fraction, seed=tr.seed)
+    dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s)
+    try:
+        teacher, _ = load_checkpoint(kd.teacher, job.model.dtype)
+        todo = [s for s in range(tr.steps) if not (out / shard_name(s)).is_file()]
+        if len(todo) < tr.steps:
+            log.info("resuming: %d of %d shards already written", tr.steps - len(todo), tr.steps)
+        dtype = DTYPES[c.dtype]
+
+        def on_logits(logits, batch):
+            ids, logp, rest = teacher_topk(logits, c.k, temperature=kd.temperature,
+                                           vocab_size=teacher_arch.vocab_size)
+            return {"sample": batch["sample"], "ids": ids.cpu(), "logp": logp.to(dtype).cpu(),
+                    "log_rest": rest.to(dtype).cpu()}
+
+        from safetensors.torch import save_file
+
+        for s in tqdm(todo, desc="teacher cache", unit="step", disable=not dist.is_rank0()):
+            batches = step_batches(train_data, s, tr.global_batch_size, tr.micro_batch_size,
+                                   seed=tr.seed, with_index=True)
+            outs = run_forward(teacher, batches, on_logits)
+            tensors = {n: torch.cat([o[n] for o in outs]).contiguous()
+                       for n in ("sample", "ids", "logp", "log_rest")}
+            write_atomic(out / shard_name(s), lambda tmp: save_file(tensors, str(tmp)))
+    finally:
+        dist.release()
+    size = sum(f.stat().st_size for f in out.glob("step_*.safetensors"))
+    result = {"output": str(out), "tokens": tokens, "bytes": size,
+              "bytes_per_token": size / max(tokens, 1)}
+    log.info("teacher cache written to %s: %.1f MB, %.1f bytes/token", out, size / 1e6,
+             result["bytes_per_token"])
+    return result

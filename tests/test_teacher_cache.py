@@ -1,0 +1,149 @@
+"""Offline teacher cache end to end on tiny models (issue 16): `minitron teacher_cache` writes the
+top-k of exactly the samples a distillation reads; distilling from it follows online top-k
+distillation (loss and gradient norm, fp32 round-off), resumes bitwise, and mismatches are refused
+before any model is built, naming the field."""
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nemo_minitron import preflight
+from nemo_minitron.cli import distill as distill_cli
+from nemo_minitron.cli import teacher_cache as cache_cli
+from nemo_minitron.config.schema import CacheConfig, KDConfig, TeacherCacheJob
+from nemo_minitron.convert import checkpoint as ckpt
+from nemo_minitron.data.packed import PackedSequences, step_batches
+from nemo_minitron.distill import teacher_cache as tc
+
+from conftest import tiny_hf, tiny_tokenizer, torchrun
+from nemo_minitron.convert.hf_config import arch_from_hf_config
+from test_distill_run import metrics, models, one_thread  # noqa: F401 (the module fixture)
+from distill_layouts import job as distill_job
+
+K = 16
+
+
+def _job(t, out, steps=3, **kd):
+    j = distill_job(t / "student", str(t / "teacher"), str(t / "corpus"), str(t / out), 1, 1,
+                    steps=steps)
+    j.train.save_interval = 2
+    j.kd = KDConfig(teacher=str(t / "teacher"), lm_weight=0.0, chunk_tokens=16, **kd)
+    return j
+
+
+@pytest.fixture(scope="module")
+def cache(models):
+    t = models
+    d = _job(t, "unused")
+    j = TeacherCacheJob(model=d.model, parallel=d.parallel, data=d.data, train=d.train,
+                        kd=KDConfig(teacher=str(t / "teacher")),
+                        cache=CacheConfig(k=K, dtype="fp32"), output=str(t / "tcache"))
+    preflight.check("teacher_cache", j)
+    other = tiny_hf("gqa", seed=1)  # another teacher of the same architecture and tokenizer
+    ckpt.save(t / "teacher2", arch_from_hf_config(other.config), other.state_dict(),
+              tokenizer=tiny_tokenizer())
+    with one_thread():
+        res = cache_cli.run(j)
+    return t / "tcache", res, j
+
+
+def test_cache_holds_the_runs_samples(cache):
+    path, res, j = cache
+    data = PackedSequences(j.data.prefix, j.data.seq_length, valid_fraction=j.data.valid_fraction)
+    for step in range(j.train.steps):  # what training reads at micro 2 x dp 2, rank by rank
+        want = sorted(int(s) for r in (0, 1) for b in step_batches(
+            data, step, 4, 2, seed=j.train.seed, dp_rank=r, dp_size=2,
+            with_index=True) for s in b["sample"])
+        shard = load_file(str(path / tc.shard_name(step)))
+        assert sorted(shard["sample"].tolist()) == want
+        assert shard["ids"].shape == (4, 32, K) and shard["ids"].dtype == torch.int32
+        total = shard["logp"].exp().sum(-1) + shard["log_rest"].exp()
+        assert torch.allclose(total, torch.ones(()), atol=1e-5)
+    tokens = j.train.steps * 4 * 32
+    assert res["tokens"] == tokens
+    # stored bytes: k ids + k logprobs + 1 rest, plus a small safetensors header per shard
+    assert tokens * tc.bytes_per_token(K, "fp32") <= res["bytes"] < tokens * tc.bytes_per_token(K, "fp32") + 3 * 1024
+    # a rerun finds every shard and writes nothing
+    before = {f.name: f.stat().st_mtime_ns for f in path.glob("step_*")}
+    with one_thread():
+        cache_cli.run(j)
+    assert {f.name: f.stat().st_mtime_ns for f in path.glob("step_*")} == before
+
+
+def test_cached_follows_online_topk_and_resumes_bitwise(models, cache):
+    t = models
+    path = str(cache[0])
+    with one_thread():
+        distill_cli.run(_job(t, "online", top_k=K))
+        distill_cli.run(_job(t, "cached", teacher_cache=path, cache_residual=False))
+        distill_cli.run(_job(t, "bucket", teacher_cache=path))
+    online, cached = metrics(t / "online"), metrics(t / "cached")
+    for key in ("loss", "kd", "grad_norm"):
+        a, b = [r[key] for r in online if key in r], [r[key] for r in cached if key in r]
+        assert len(a) == 3 and b == pytest.approx(a, rel=1e-5, abs=1e-7), key
+    bucket = [r["kd"] for r in metrics(t / "bucket") if "kd" in r]
+    # PP=2 and DP=2 under torchrun (one launch) read their samples' rows and follow TP=PP=DP=1
+    rows = {r["layout"]: r for r in torchrun("teacher_cache_layouts.py", 2, t / "student",
+                                             t / "teacher", t / "corpus", path, t / "layouts")}
+    ref = metrics(t / "bucket")
+    for name in ("pp2", "dp2"):
+        for key in ("loss", "kd", "grad_norm"):
+            want = [r[key] for r in ref if key in r]
+            assert rows[name][key] == pytest.approx(want, rel=1e-4, abs=1e-5), (name, key)
+    assert len(bucket) == 3 and bucket[0] != pytest.approx(online[0]["kd"], rel=1e-3)
+    # resume: the bucket run's step-2 checkpoint, continued to step 3, gives the same weights
+    shutil.copytree(t / "bucket", t / "bucket_resumed", ignore=shutil.ignore_patterns("final"))
+    with one_thread():
+        res = distill_cli.run(_job(t, "bucket_resumed", teacher_cache=path))
+    assert res["steps"] == 3
+    a = ckpt.Checkpoint(t / "bucket" / "final").tensors()
+    b = ckpt.Checkpoint(t / "bucket_resumed" / "final").tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda j: dataclasses.replace(j, data=dataclasses.replace(j.data, seq_length=16)), "data.seq_length"),
+    (lambda j: dataclasses.replace(j, train=dataclasses.replace(j.train, seed=7)), "train.seed"),
+    (lambda j: dataclasses.replace(j, train=dataclasses.replace(j.train, global_batch_size=8)),
+     "train.global_batch_size"),
+    (lambda j: dataclasses.replace(j, train=dataclasses.replace(j.train, steps=5)), "train.steps"),
+    (lambda j: dataclasses.replace(j, kd=dataclasses.replace(j.kd, temperature=2.0)), "kd.temperature"),
+    (lambda j: dataclasses.replace(j, kd=dataclasses.replace(j.kd, top_k=K + 1)), "kd.top_k"),
+    (lambda j: dataclasses.replace(j, kd=dataclasses.replace(j.kd, hidden_pairs=[[0, 1]])), "kd.hidden_pairs"),
+    (lambda j: dataclasses.replace(j, kd=dataclasses.replace(j.kd, kind="reverse")), "kd.kind"),
+    (lambda j: dataclasses.replace(j, kd=dataclasses.replace(j.kd, teacher=str(Path(j.kd.teacher).parent / "teacher2"))),
+     "kd.teacher"),
+])
+def test_mismatch_refused_in_preflight(models, cache, change, field):
+    j = change(_job(models, "refused", teacher_cache=str(cache[0])))
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        preflight.check("distill", j)
+    assert not (models / "refused").exists()
+
+
+def test_other_dataset_refused(models, cache, tmp_path):
+    shutil.copy(models / "corpus.bin", tmp_path / "c.bin")
+    shutil.copy(models / "corpus.idx", tmp_path / "c.idx")
+    j = _job(models, "refused", teacher_cache=str(cache[0]))
+    j = dataclasses.replace(j, data=dataclasses.replace(j.data, prefix=str(tmp_path / "c")))
+    with pytest.raises(ValueError, match="data.prefix=.* is not the dataset"):
+        preflight.check("distill", j)
+
+
+def test_interrupted_cache_refused_then_finished(models, cache):
+    path, _, j = cache
+    part = models / "tcache_part"
+    shutil.copytree(path, part)
+    (part / tc.shard_name(1)).unlink()
+    d = _job(models, "refused", teacher_cache=str(part))
+    with pytest.raises(ValueError, match=tc.shard_name(1)):
+        preflight.check("distill", d)
+    with one_thread():
+        cache_cli.run(dataclasses.replace(j, output=str(part)))
+    assert torch.equal(load_file(str(part / tc.shard_name(1)))["logp"],
+                       load_file(str(path / tc.shard_name(1)))["logp"])
+    preflight.check("distill", d)
