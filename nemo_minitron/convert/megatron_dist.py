@@ -24,7 +24,6 @@ import json
 import logging
 import pickle
 import re
-import shutil
 from argparse import Namespace
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as tdist
 
 from ..arch import Arch
+from ..runtime import dist
 from ..runtime.model import torch_dtype
 from . import checkpoint as ckpt
 from .dcp_reader import DcpReader
@@ -198,14 +198,6 @@ def import_megatron(source: str, output: str, *, arch_overrides: dict | None = N
     return ckpt.save(output, arch, tensors, tokenizer=tok, provenance=prov, overwrite=overwrite)
 
 
-def _shared(obj):
-    if not tdist.is_initialized():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def save_megatron(stage, output, *, overwrite: bool = False) -> Path:
     """Collective: every rank of the job that built ``stage`` writes its shards with megatron-core's
     ``dist_checkpointing.save``, into a temporary directory renamed when complete."""
@@ -219,7 +211,7 @@ def save_megatron(stage, output, *, overwrite: bool = False) -> Path:
             (tmp / RELEASE).mkdir(parents=True)
         except (FileExistsError, OSError) as e:
             err = str(e)
-    final, tmp, err = _shared((final, tmp, err))
+    final, tmp, err = dist.broadcast_from_rank0((final, tmp, err))
     if err:
         raise FileExistsError(err)
     state = {"model": stage.model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0,
@@ -230,10 +222,7 @@ def save_megatron(stage, output, *, overwrite: bool = False) -> Path:
             (tmp / TRACKER).write_text(RELEASE)
             ckpt.commit_output(tmp, final)
     finally:
-        if tdist.is_initialized():
-            tdist.barrier()
-        if rank0 and tmp.exists():
-            shutil.rmtree(tmp)
+        dist.end_collective_write(tmp, rank0)
     return final
 
 

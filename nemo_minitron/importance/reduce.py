@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as tdist
 
+from ..runtime import dist
 from .hooks import ActivationStats
 from .scores import Moments, batch_aggregate, expert_neuron_scores, expert_scores
 
@@ -45,15 +46,6 @@ class Importance:
                    d.get("experts"))
 
 
-def _groups():
-    from megatron.core import parallel_state as ps
-
-    if not tdist.is_initialized():
-        return None, None, None
-    return (ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group(),
-            ps.get_pipeline_model_parallel_group())
-
-
 def _sum_over(group, t: torch.Tensor) -> torch.Tensor:
     if group is not None and tdist.get_world_size(group) > 1:
         t = t.clone()
@@ -69,17 +61,9 @@ def _gather_cat(group, t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _expert_groups():
-    from megatron.core import parallel_state as ps
-
-    if not tdist.is_initialized():
-        return None, None
-    return ps.get_expert_data_parallel_group(), ps.get_expert_model_parallel_group()
-
-
 def reduce_expert_stats(stats: ActivationStats, stage, how: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert scores [layers, experts], neuron scores [layers, ffn]) of an MoE model."""
-    arch, (edp, ep) = stage.arch, _expert_groups()
+    arch, (edp, ep) = stage.arch, dist.expert_groups()
     if stage.tp_size > 1:
         # each TP rank's expert output is a partial sum until the dispatcher reduces it
         raise ValueError("MoE importance at parallel.tp>1 is not supported; calibrate at tp=1 "
@@ -96,7 +80,7 @@ def reduce_expert_stats(stats: ActivationStats, stage, how: str) -> tuple[torch.
 def reduce_stats(stats: ActivationStats, stage, batch_agg: str = "l2",
                  expert_score: str = "contribution") -> Importance:
     """Global :class:`Importance` from this rank's stats; a collective over all ranks."""
-    dp_group, tp_group, pp_group = _groups()
+    dp_group, tp_group, pp_group = dist.reduction_groups()
     keys = sorted(stats.moments)
     flat = torch.cat([stats.moments[k].flat() for k in keys]) if keys else torch.zeros(0)
     flat = _sum_over(dp_group, flat)

@@ -9,7 +9,6 @@ TP shards, and every pipeline stage writes its own safetensors file (data-parall
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,7 @@ import torch.distributed as tdist
 from ..arch import Arch
 from ..convert import checkpoint as ckpt
 from ..convert.weights import EMBED, from_megatron, to_megatron
+from . import dist
 from . import model as rmodel
 
 
@@ -140,14 +140,6 @@ def _gather_experts(sd: dict) -> dict:
     return out
 
 
-def _bcast(obj):
-    if not tdist.is_initialized():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | None = None,
                     overwrite: bool = False, arch: Arch | None = None,
                     transform: Callable[[dict], dict] | None = None,
@@ -170,7 +162,7 @@ def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | No
             tmp.mkdir(parents=True)
         except (FileExistsError, OSError) as e:
             err, final, tmp = str(e), None, None
-    final, tmp, err = _bcast((final, tmp, err) if rank0 else None)
+    final, tmp, err = dist.broadcast_from_rank0((final, tmp, err) if rank0 else None)
     if err:
         raise FileExistsError(err)
     try:
@@ -197,8 +189,5 @@ def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | No
                 writer(tmp / name)
             ckpt.commit_output(tmp, final)
     finally:
-        if tdist.is_initialized():
-            tdist.barrier()
-        if rank0 and tmp.exists():
-            shutil.rmtree(tmp)
+        dist.end_collective_write(tmp, rank0)
     return final
