@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .parallel import Parallel, current
+
 
 @dataclass
 class DistEnv:
@@ -154,9 +156,10 @@ def exit_on_failure(main_fn):
     os._exit(code)
 
 
-def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, ep: int = 1) -> DistEnv:
+def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, ep: int = 1) -> Parallel:
     """Start torch.distributed (if not yet) and megatron-core's model-parallel groups; ``ep``:
-    expert-parallel ranks (MoE experts split over data-parallel ranks)."""
+    expert-parallel ranks (MoE experts split over data-parallel ranks). Returns the
+    :class:`~.parallel.Parallel` context the caller passes down."""
     from megatron.core import parallel_state as ps
 
     env = read_env()
@@ -194,7 +197,7 @@ def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, ep: i
     from megatron.core import tensor_parallel
 
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return env
+    return current()
 
 
 def release() -> None:
@@ -224,6 +227,14 @@ def shutdown() -> None:
 
 def is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` in place over ``group`` (the world when None); no-op without
+    torch.distributed or when the group is None in a single process."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(tensor, group=group)
+    return tensor
 
 
 def barrier() -> None:
