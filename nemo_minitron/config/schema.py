@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from ..pruning.targets import Targets
 
 # The closed string settings. OmegaConf has no Literal fields, so the fields are typed ``str`` and
-# each __post_init__ checks its value with check_choice against one of these.
+# each __post_init__ checks its value with check_choice against one of these. Dtype names are
+# those of runtime.precision.DTYPES, the one table that maps them to torch dtypes.
 Dtype = Literal["fp32", "bf16"]
 """Compute dtypes a model trains and evaluates in (and checkpoints are stored in)."""
 CacheDtype = Literal["fp16", "bf16", "fp32"]
@@ -93,6 +94,16 @@ class DataConfig:
             raise ValueError(f"data.seq_length={self.seq_length} must be at least 2")
         if not 0.0 < self.valid_fraction < 1.0:
             raise ValueError(f"data.valid_fraction={self.valid_fraction} must be in (0, 1)")
+
+
+@dataclass
+class ModelJob:
+    """The groups of every stage that runs a model over a dataset: what model, laid out how, on
+    which tokens."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 @dataclass
@@ -197,10 +208,7 @@ class EvalConfig:
 
 
 @dataclass
-class EvaluateJob:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class EvaluateJob(ModelJob):
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: Optional[str] = None
     """Where to write results JSON (default: outputs/evaluate/<time>/eval_results.json)."""
@@ -262,10 +270,7 @@ class PruneConfig:
 
 
 @dataclass
-class PruneJob:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class PruneJob(ModelJob):
     prune: PruneConfig = field(default_factory=PruneConfig)
     output: Optional[str] = None
     """Directory of the pruned checkpoint (also holds plan.json, importance.pt, report)."""
@@ -414,10 +419,7 @@ class KDConfig:
 
 
 @dataclass
-class FinetuneJob:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class FinetuneJob(ModelJob):
     train: TrainConfig = field(default_factory=TrainConfig)
     output: Optional[str] = None
     """Run directory: checkpoints/, the final model in final/, metrics.jsonl, tb/."""
@@ -463,13 +465,10 @@ class CacheConfig:
 
 
 @dataclass
-class TeacherCacheJob:
+class TeacherCacheJob(ModelJob):
     """`minitron teacher_cache`: takes the data/train/kd settings of the distillation it serves
     (the same overrides), and kd.teacher as the model to run."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -556,12 +555,9 @@ class SearchConfig:
 
 
 @dataclass
-class RecipeJob:
+class RecipeJob(ModelJob):
     """What the jobs that chain stages (search, pipeline) configure: every stage's settings."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     """Calibration and depth settings (the search or the rounds give the targets)."""
     train: TrainConfig = field(default_factory=TrainConfig)
