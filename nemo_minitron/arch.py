@@ -70,9 +70,9 @@ class Arch:
             raise ValueError(f"arch.model_type={self.model_type!r} is not supported; "
                              f"use one of {SUPPORTED_MODEL_TYPES}")
         if self.norm not in NORMS:
-            raise ValueError(f"arch.norm={self.norm!r} is unknown; use one of {NORMS}")
+            raise ValueError(f"arch.norm={self.norm!r} is unknown; use one of {tuple(NORMS)}")
         if self.mlp not in MLPS:
-            raise ValueError(f"arch.mlp={self.mlp!r} is unknown; use one of {MLPS}")
+            raise ValueError(f"arch.mlp={self.mlp!r} is unknown; use one of {tuple(MLPS)}")
         rot = self.head_dim * self.rotary_fraction
         if not 0 < self.rotary_fraction <= 1 or rot != int(rot) or int(rot) % 2:
             raise ValueError(f"arch.rotary_fraction={self.rotary_fraction} must be in (0, 1] and "

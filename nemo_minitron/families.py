@@ -25,13 +25,16 @@ its ``norm_topk_prob`` says so). Their checkpoints keep one tensor per expert un
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
-NORMS = ("rmsnorm", "layernorm1p")
-"""rmsnorm: RMSNorm, weight only; layernorm1p: LayerNorm with bias whose stored weight is
-zero-centred (the gain applied is weight + 1), Nemotron's convention."""
-MLPS = ("swiglu", "relu2")
-"""swiglu: down(silu(gate(x)) * up(x)); relu2: down(relu(up(x))**2), no gate projection."""
+NORMS = {"rmsnorm": "RMSNorm", "layernorm1p": "LayerNorm"}
+"""Norm -> megatron-core's normalization. rmsnorm: RMSNorm, weight only; layernorm1p: LayerNorm
+with bias whose stored weight is zero-centred (the gain applied is weight + 1), Nemotron's
+convention (the weight maps fold the + 1 into megatron's plain LayerNorm)."""
+MLPS = {"swiglu": "silu", "relu2": "relu2"}
+"""MLP -> Hugging Face ``hidden_act``. swiglu: down(silu(gate(x)) * up(x)); relu2:
+down(relu(up(x))**2), no gate projection."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,11 @@ class Family:
     """The config may rotate only a fraction of each head (``partial_rotary_factor``)."""
     explicit_head_dim: bool = True
     """The config class accepts head_dim != hidden_size / num_attention_heads."""
-    hidden_act: str = "silu"
+    sliding_window: bool = False
+    """The config's ``sliding_window`` applies unless ``use_sliding_window`` says otherwise."""
+    hf_fields: tuple = ()
+    """(key, value) pairs every exported config of the family sets (no biases, no sliding
+    window, no router logits...)."""
     moe: bool = False
     """Every layer's MLP is a mixture of experts behind a softmax top-k router."""
     moe_renorm: bool | None = None
@@ -58,24 +65,48 @@ class Family:
     config's ``norm_topk_prob`` says (None)."""
     expert_keys: tuple = ()
     """Per-layer names of (router, expert j's gate, up, down) weights; ``{}`` is j."""
+    experts_field: str = "num_experts"
+    """The config field of the expert count."""
+    expert_width_field: str = "intermediate_size"
+    """The config field of each expert's width (Qwen3-MoE's dense intermediate_size builds
+    nothing when every layer is MoE)."""
+
+    @property
+    def hidden_act(self) -> str:
+        return MLPS[self.mlp]
+
+    def config_fields(self) -> dict:
+        """A fresh copy of :attr:`hf_fields` (lists in it are not shared between configs)."""
+        return copy.deepcopy(dict(self.hf_fields))
 
     def features(self) -> tuple:
         return (self.norm, self.mlp, self.qkv_bias, self.qk_norm, self.moe)
 
 
+_NO_BIAS = (("attention_bias", False), ("mlp_bias", False))
+# every layer is MoE and the exported config asks for no auxiliary loss (output_router_logits)
+_ALL_MOE = (("decoder_sparse_step", 1), ("mlp_only_layers", []), ("output_router_logits", False))
+
+
 FAMILIES = {f.model_type: f for f in (
-    Family("llama", "LlamaForCausalLM", explicit_head_dim=False),
-    Family("mistral", "MistralForCausalLM"),
-    Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True),
-    Family("qwen3", "Qwen3ForCausalLM", qk_norm=True),
+    Family("llama", "LlamaForCausalLM", explicit_head_dim=False, hf_fields=_NO_BIAS),
+    Family("mistral", "MistralForCausalLM", sliding_window=True,
+           hf_fields=(("sliding_window", None),)),
+    Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, hf_fields=(("use_sliding_window", False),)),
+    Family("qwen3", "Qwen3ForCausalLM", qk_norm=True,
+           hf_fields=(("use_sliding_window", False), ("attention_bias", False))),
     Family("nemotron", "NemotronForCausalLM", norm="layernorm1p", mlp="relu2", partial_rotary=True,
-           hidden_act="relu2"),
-    Family("mixtral", "MixtralForCausalLM", moe=True, moe_renorm=True, expert_keys=(
-        "block_sparse_moe.gate.weight", "block_sparse_moe.experts.{}.w1.weight",
-        "block_sparse_moe.experts.{}.w3.weight", "block_sparse_moe.experts.{}.w2.weight")),
-    Family("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True, moe=True, expert_keys=(
-        "mlp.gate.weight", "mlp.experts.{}.gate_proj.weight", "mlp.experts.{}.up_proj.weight",
-        "mlp.experts.{}.down_proj.weight")),
+           hf_fields=_NO_BIAS),
+    Family("mixtral", "MixtralForCausalLM", moe=True, moe_renorm=True, sliding_window=True,
+           experts_field="num_local_experts",
+           hf_fields=(("sliding_window", None), ("output_router_logits", False)), expert_keys=(
+               "block_sparse_moe.gate.weight", "block_sparse_moe.experts.{}.w1.weight",
+               "block_sparse_moe.experts.{}.w3.weight", "block_sparse_moe.experts.{}.w2.weight")),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True, moe=True,
+           expert_width_field="moe_intermediate_size",
+           hf_fields=(("use_sliding_window", False), ("attention_bias", False), *_ALL_MOE),
+           expert_keys=("mlp.gate.weight", "mlp.experts.{}.gate_proj.weight",
+                        "mlp.experts.{}.up_proj.weight", "mlp.experts.{}.down_proj.weight")),
 )}
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from .arch import Arch
 from .convert import checkpoint as ckpt
-from .pruning.select import Targets
 from .runtime import dist
 
 
@@ -97,7 +96,7 @@ def resolve_targets(target, arch: Arch, tp: int, pp: int, field: str = "prune",
                     where: str = "") -> Arch:
     """The architecture ``target`` (the fields of ``field``.target) makes of ``arch``."""
     try:
-        new = Targets(**dataclasses.asdict(target)).resolve(arch)
+        new = target.resolve(arch)
         new.check_parallel(tp, pp)
     except ValueError as e:
         raise ValueError(where + str(e).replace("prune.target.", f"{field}.target.")) from None
@@ -277,7 +276,7 @@ def search(job) -> None:
     if job.prune.scores:
         scores(job.prune.scores, src.arch)
     for c in chosen:
-        kd_pairs(job.kd, None, None, src.arch.replace(**c.target), src.arch)
+        kd_pairs(job.kd, None, None, c.target.resolve(src.arch), src.arch)
     not_inside(job.output, job.model.checkpoint)
     dp = data_parallel_size(job.parallel)
     train_sizes(job, dp)
@@ -289,7 +288,6 @@ def pipeline(job) -> None:
     """Every round, against the architecture that round's teacher will have, before the first
     stage (teacher correction) starts."""
     from .config.schema import RoundConfig
-    from .search.run import space_of
     from .search.space import describe_empty, enumerate_candidates, select
 
     src = checkpoint(job.model.checkpoint)
@@ -318,12 +316,12 @@ def pipeline(job) -> None:
                 if chosen.is_file():  # this round's search already ran (resume)
                     students.append(arch.replace(**json.loads(chosen.read_text())["target"]))
                     continue
-                space = space_of(dataclasses.replace(job.search, budget=rnd.budget))
+                space = dataclasses.replace(job.search, budget=rnd.budget)
                 found = enumerate_candidates(arch, space, tp, pp)
                 if not found:
                     raise ValueError(f"{field}.budget={rnd.budget:g} ({name}): "
                                      + describe_empty(arch, space, tp, pp))
-                students += [arch.replace(**c.target) for c in select(found,
+                students += [c.target.resolve(arch) for c in select(found,
                                                                       job.search.max_candidates)]
             else:
                 new = resolve_targets(

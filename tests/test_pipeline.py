@@ -8,7 +8,7 @@ import torch
 
 from nemo_minitron.config.schema import (DataConfig, EvalConfig, KDConfig, ModelConfig,
                                          PipelineConfig, PipelineJob, PruneConfig,
-                                         PruneTargetConfig, RoundConfig, TrainConfig)
+                                         Targets, RoundConfig, TrainConfig)
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.hf_config import arch_from_hf_config
 
@@ -26,8 +26,8 @@ def make_job(tmp):
                           save_interval=2, tensorboard=False),
         kd=KDConfig(chunk_tokens=16), eval=EvalConfig(micro_batch_size=2, num_batches=2),
         pipeline=PipelineConfig(rounds=[
-            RoundConfig(target=PruneTargetConfig(hidden_size=96, ffn_hidden_size=192)),
-            RoundConfig(target=PruneTargetConfig(ffn_hidden_size=128, num_layers=3))]),
+            RoundConfig(target=Targets(hidden_size=96, ffn_hidden_size=192)),
+            RoundConfig(target=Targets(ffn_hidden_size=128, num_layers=3))]),
         output=str(tmp / "run"))
 
 

@@ -20,3 +20,14 @@ def test_model_config_resolves_auto_to_this_machine():
     assert ModelConfig(dtype="fp32").dtype == "fp32"
     with pytest.raises(ValueError, match=r"model.dtype='fp16'.*or auto"):
         ModelConfig(dtype="fp16")
+
+
+def test_config_dtype_names_are_the_precision_table():
+    """The config's closed dtype settings name dtypes of the one table runtime and convert use."""
+    import typing
+
+    from nemo_minitron.config import schema
+
+    assert set(typing.get_args(schema.CacheDtype)) == set(precision.DTYPES)
+    assert set(typing.get_args(schema.Dtype)) <= set(precision.DTYPES)
+    assert precision.torch_dtype("bfloat16") is precision.torch_dtype("bf16")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nemo_minitron.config.schema import (DataConfig, EvalConfig, KDConfig, ModelConfig,
-                                         PipelineConfig, PipelineJob, PruneConfig, PruneTargetConfig, RoundConfig,
+                                         PipelineConfig, PipelineJob, PruneConfig, Targets, RoundConfig,
                                          SearchConfig, SearchJob, TrainConfig)
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.hf_config import arch_from_hf_config
@@ -173,7 +173,7 @@ def test_search_config_errors(tiny):
     with pytest.raises(ValueError, match="rank_by"):
         SearchJob(**base, search=SearchConfig(budget=0.5, rank_by="piqa"), output="x")
     with pytest.raises(ValueError, match="either target"):
-        RoundConfig(budget=0.5, target=PruneTargetConfig(hidden_size=64))
+        RoundConfig(budget=0.5, target=Targets(hidden_size=64))
 
 
 def test_cli_plan_only_multirun(tmp_path):

@@ -9,11 +9,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Literal, Optional, get_args
 
 from omegaconf import OmegaConf
 
-DTYPES = ("fp32", "bf16")
+from ..pruning.targets import Targets
+
+# The closed string settings. OmegaConf has no Literal fields, so the fields are typed ``str`` and
+# each __post_init__ checks its value with check_choice against one of these. Dtype names are
+# those of runtime.precision.DTYPES, the one table that maps them to torch dtypes.
+Dtype = Literal["fp32", "bf16"]
+"""Compute dtypes a model trains and evaluates in (and checkpoints are stored in)."""
+CacheDtype = Literal["fp16", "bf16", "fp32"]
+"""Storage dtypes of cached teacher log-probabilities."""
+ExportFormat = Literal["hf", "megatron"]
+Depth = Literal["block_importance", "lm_loss", "accuracy"]
+ImportanceMode = Literal["activation", "random"]
+Count = Literal["total", "active"]
+"""What a search budget counts: every parameter, or those one token passes through."""
+Axis = Literal["num_layers", "hidden_size", "ffn_hidden_size", "attention", "num_experts"]
+"""Search axes (attention: heads and query groups together)."""
+AXES = get_args(Axis)
+DTYPES = get_args(Dtype)
 
 
 @dataclass
@@ -42,9 +59,7 @@ class ModelConfig:
             from ..runtime.precision import auto_dtype
 
             self.dtype = auto_dtype()
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r} is not supported; use one of "
-                             f"{DTYPES} or auto")
+        check_choice("model.dtype", self.dtype, Dtype, "auto")
 
 
 @dataclass
@@ -62,9 +77,7 @@ class ParallelConfig:
     """Collective timeout: a hung or dead rank fails the job after this many seconds."""
 
     def __post_init__(self):
-        for k in ("tp", "pp", "ep"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"parallel.{k}={getattr(self, k)} must be >= 1")
+        _at_least("parallel", self, ("tp", "pp", "ep"), 1)
 
 
 @dataclass
@@ -84,6 +97,16 @@ class DataConfig:
 
 
 @dataclass
+class ModelJob:
+    """The groups of every stage that runs a model over a dataset: what model, laid out how, on
+    which tokens."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
 class ImportJob:
     model: ModelConfig = field(default_factory=ModelConfig)
     output: Optional[str] = None
@@ -100,8 +123,7 @@ class ImportJob:
                              "output=ckpt/llama8b`")
         if not (self.output or self.model.checkpoint):
             raise ValueError("set output=<dir> (or model.checkpoint) for the imported checkpoint")
-        if self.dtype not in ("auto",) + DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: use auto, fp32 or bf16")
+        check_choice("dtype", self.dtype, Dtype, "auto")
 
 
 @dataclass
@@ -119,12 +141,11 @@ class ExportJob:
 
     def __post_init__(self):
         _need_checkpoint(self.model)
-        if self.format not in ("hf", "megatron"):
-            raise ValueError(f"format={self.format!r}: use hf or megatron")
+        check_choice("format", self.format, ExportFormat)
         if not self.output:
             raise ValueError("output=<dir> is required: where to write the Hugging Face model")
-        if self.dtype not in (None,) + DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: use fp32 or bf16 (or leave unset)")
+        if self.dtype is not None:
+            check_choice("dtype", self.dtype, Dtype, "null (keep the checkpoint's)")
 
 
 @dataclass
@@ -187,10 +208,7 @@ class EvalConfig:
 
 
 @dataclass
-class EvaluateJob:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class EvaluateJob(ModelJob):
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: Optional[str] = None
     """Where to write results JSON (default: outputs/evaluate/<time>/eval_results.json)."""
@@ -201,25 +219,8 @@ class EvaluateJob:
 
 
 @dataclass
-class PruneTargetConfig:
-    hidden_size: Optional[int] = None
-    """Embedding channels to keep (None: keep all)."""
-    ffn_hidden_size: Optional[int] = None
-    """MLP neurons per layer to keep."""
-    num_attention_heads: Optional[int] = None
-    """Attention heads to keep (pruned uniformly within query groups)."""
-    num_query_groups: Optional[int] = None
-    """Query groups (KV heads) to keep."""
-    num_layers: Optional[int] = None
-    """Layers to keep (depth pruning); see prune.depth."""
-    num_experts: Optional[int] = None
-    """MoE experts per layer to keep (at least the model's moe_top_k); ffn_hidden_size is then
-    each expert's width."""
-
-
-@dataclass
 class PruneConfig:
-    target: PruneTargetConfig = field(default_factory=PruneTargetConfig)
+    target: Targets = field(default_factory=Targets)
     keep_layers: Optional[list[int]] = None
     """Explicit layers to keep (overrides target.num_layers and the depth criterion)."""
     depth: str = "block_importance"
@@ -252,14 +253,10 @@ class PruneConfig:
     def __post_init__(self):
         from ..importance.scores import BATCH_AGGS, SEQUENCE_AGGS
 
-        if self.depth not in ("block_importance", "lm_loss", "accuracy"):
-            raise ValueError(f"prune.depth={self.depth!r}: use block_importance, lm_loss or accuracy")
-        if self.importance not in ("activation", "random"):
-            raise ValueError(f"prune.importance={self.importance!r}: use activation or random")
-        if self.seq_agg not in SEQUENCE_AGGS:
-            raise ValueError(f"prune.seq_agg={self.seq_agg!r}: use one of {SEQUENCE_AGGS}")
-        if self.batch_agg not in BATCH_AGGS:
-            raise ValueError(f"prune.batch_agg={self.batch_agg!r}: use one of {BATCH_AGGS}")
+        check_choice("prune.depth", self.depth, Depth)
+        check_choice("prune.importance", self.importance, ImportanceMode)
+        check_choice("prune.seq_agg", self.seq_agg, SEQUENCE_AGGS)
+        check_choice("prune.batch_agg", self.batch_agg, BATCH_AGGS)
         _at_least("prune", self, ("calib_samples", "micro_batch_size", "depth_batches",
                                   "depth_task_limit"), 1)
         if self.keep_layers is not None and not self.keep_layers:
@@ -273,10 +270,7 @@ class PruneConfig:
 
 
 @dataclass
-class PruneJob:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class PruneJob(ModelJob):
     prune: PruneConfig = field(default_factory=PruneConfig)
     output: Optional[str] = None
     """Directory of the pruned checkpoint (also holds plan.json, importance.pt, report)."""
@@ -425,10 +419,7 @@ class KDConfig:
 
 
 @dataclass
-class FinetuneJob:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class FinetuneJob(ModelJob):
     train: TrainConfig = field(default_factory=TrainConfig)
     output: Optional[str] = None
     """Run directory: checkpoints/, the final model in final/, metrics.jsonl, tb/."""
@@ -470,18 +461,14 @@ class CacheConfig:
 
     def __post_init__(self):
         _at_least("cache", self, ("k",), 1)
-        if self.dtype not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"cache.dtype={self.dtype!r}: use fp16, bf16 or fp32")
+        check_choice("cache.dtype", self.dtype, CacheDtype)
 
 
 @dataclass
-class TeacherCacheJob:
+class TeacherCacheJob(ModelJob):
     """`minitron teacher_cache`: takes the data/train/kd settings of the distillation it serves
     (the same overrides), and kd.teacher as the model to run."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -512,8 +499,7 @@ class SearchConfig:
     """The budget counts embedding and output-layer parameters (False: non-embedding only)."""
     count: str = "total"
     """total parameters, or active: those one token passes through (MoE: router + top-k experts)."""
-    axes: list[str] = field(default_factory=lambda: ["num_layers", "hidden_size",
-                                                     "ffn_hidden_size", "attention", "num_experts"])
+    axes: list[str] = field(default_factory=lambda: list(AXES))
     """Axes the search may shrink (attention = heads and query groups together; num_experts
     only for MoE models)."""
     num_layers: Optional[list[int]] = None
@@ -522,7 +508,8 @@ class SearchConfig:
     num_attention_heads: Optional[list[int]] = None
     num_query_groups: Optional[list[int]] = None
     num_experts: Optional[list[int]] = None
-    """Explicit allowed values of an axis (default: generated from the steps and limits)."""
+    """Explicit allowed values of an axis (default: generated from the steps and limits; experts
+    in steps of an eighth of the source's, never below its top-k)."""
     layer_step: int = 2
     hidden_multiple: int = 64
     """Hidden sizes tried are multiples of this (hardware-friendly; 128 or 256 on GPUs)."""
@@ -550,15 +537,11 @@ class SearchConfig:
         check_budget(self.budget, "search.budget")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"search.tolerance={self.tolerance} must be in (0, 1)")
-        if self.count not in ("total", "active"):
-            raise ValueError(f"search.count={self.count!r} must be total or active")
-        for k in ("steps", "max_candidates", "layer_step", "hidden_multiple", "ffn_multiple"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"search.{k}={getattr(self, k)} must be >= 1")
+        check_choice("search.count", self.count, Count)
+        _at_least("search", self, ("steps", "max_candidates", "layer_step", "hidden_multiple",
+                                   "ffn_multiple"), 1)
         if self.confirm_top < 0 or self.confirm_steps < 1:
             raise ValueError("search.confirm_top must be >= 0 and search.confirm_steps >= 1")
-        from ..search.space import AXES
-
         unknown = sorted(set(self.axes) - set(AXES))
         if unknown:
             raise ValueError(f"search.axes: unknown {unknown}; choose from {list(AXES)}")
@@ -572,12 +555,9 @@ class SearchConfig:
 
 
 @dataclass
-class RecipeJob:
+class RecipeJob(ModelJob):
     """What the jobs that chain stages (search, pipeline) configure: every stage's settings."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     """Calibration and depth settings (the search or the rounds give the targets)."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -622,7 +602,7 @@ def _check_rank_by(search: SearchConfig, ev: EvalConfig) -> None:
 
 @dataclass
 class RoundConfig:
-    target: PruneTargetConfig = field(default_factory=PruneTargetConfig)
+    target: Targets = field(default_factory=Targets)
     """Pruning targets of this round (its teacher is the previous round's distilled student)."""
     budget: Optional[float] = None
     """Instead of targets: search architectures at this parameter budget (fraction of this
@@ -631,7 +611,7 @@ class RoundConfig:
 
     def __post_init__(self):
         check_budget(self.budget, "pipeline.rounds[].budget")
-        if self.budget is not None and any(v is not None for v in vars(self.target).values()):
+        if self.budget is not None and self.target:
             raise ValueError("a round sets either target (explicit architecture) or budget "
                              "(architecture search), not both")
 
@@ -666,6 +646,14 @@ class PipelineJob(RecipeJob):
         if self.pipeline.teacher_correction_steps:
             check_warmup(self.train.warmup_steps, self.pipeline.teacher_correction_steps,
                          "pipeline.teacher_correction_steps")
+
+
+def check_choice(name: str, value, choices, *also: str) -> None:
+    """``value`` is one of ``choices`` (a Literal or a tuple) or of ``also`` (a word allowed beside
+    them, e.g. auto); the one message every closed string setting gives."""
+    allowed = [*(get_args(choices) or choices), *also]
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: use {', '.join(allowed[:-1])} or {allowed[-1]}")
 
 
 def _at_least(group: str, obj, names, low) -> None:

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from ..arch import Arch
+from ..runtime.precision import torch_dtype
 from . import checkpoint as ckpt
 from .experts import per_expert
 from .hf_config import arch_from_hf_config, hf_config_from_arch
 from .weights import LM_HEAD, canonical_keys
 
-_STR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_source(source: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -59,7 +59,7 @@ def _read_tensors(where: Path, dtype: str) -> dict[str, torch.Tensor]:
         else:
             state.update(torch.load(f, map_location="cpu", weights_only=True))
     if dtype != "auto":
-        state = {k: v.to(_STR_DTYPES[dtype]) for k, v in state.items()}
+        state = {k: v.to(torch_dtype(dtype)) for k, v in state.items()}
     return state
 
 
@@ -68,7 +68,7 @@ def _from_gguf(where: str, gguf: str, dtype: str):
 
     cfg = AutoConfig.from_pretrained(where, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(
-        where, gguf_file=gguf, dtype="auto" if dtype == "auto" else _STR_DTYPES[dtype])
+        where, gguf_file=gguf, dtype="auto" if dtype == "auto" else torch_dtype(dtype))
     return cfg.to_dict(), model.state_dict()
 
 
@@ -145,7 +145,7 @@ def export_hf(checkpoint: str, output: str, *, dtype: str | None = None,
         for f in shards:
             tensors = {k: src.get(k) for k, v in src.weight_map.items() if v == f}
             if dtype:
-                tensors = {k: t.to(_STR_DTYPES[dtype]) for k, t in tensors.items()}
+                tensors = {k: t.to(torch_dtype(dtype)) for k, t in tensors.items()}
             tdtype = tdtype or next(iter(tensors.values())).dtype
             save_file(tensors, str(tmp / f), metadata={"format": "pt"})
         if len(shards) == 1:

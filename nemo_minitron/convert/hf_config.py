@@ -63,7 +63,7 @@ def _refuse_unsupported(d: dict, model_type: str) -> None:
         raise ValueError(f"config hidden_act={act!r} is not supported for {model_type}; "
                          f"expected {fam.hidden_act!r}")
     sliding = d.get("sliding_window")
-    if sliding and d.get("use_sliding_window", model_type in ("mistral", "mixtral")):
+    if sliding and d.get("use_sliding_window", fam.sliding_window):
         if sliding < d.get("max_position_embeddings", 0):
             raise ValueError(f"config sliding_window={sliding} attention is not supported; "
                              "only full attention over max_position_embeddings")
@@ -91,6 +91,18 @@ def _moe_fields(d: dict, fam) -> dict:
     renorm = fam.moe_renorm if fam.moe_renorm is not None else bool(d.get("norm_topk_prob", False))
     return dict(num_experts=experts, moe_top_k=d["num_experts_per_tok"], moe_renorm=renorm,
                 ffn_hidden_size=d.get("moe_intermediate_size") or d["intermediate_size"])
+
+
+def _moe_config(arch: Arch, fam) -> dict:
+    """Config fields of an MoE export under the family's names; the routing renormalisation
+    only where the family leaves it to the config (norm_topk_prob)."""
+    if not fam.moe:
+        return {}
+    out = {fam.experts_field: arch.num_experts, "num_experts_per_tok": arch.moe_top_k,
+           fam.expert_width_field: arch.ffn_hidden_size}
+    if fam.moe_renorm is None:
+        out["norm_topk_prob"] = arch.moe_renorm
+    return out
 
 
 def arch_from_hf_config(cfg) -> Arch:
@@ -157,25 +169,9 @@ def hf_config_from_arch(arch: Arch, *, torch_dtype: str = "float32", bos_token_i
         rope = dict(arch.rope_scaling, rope_theta=arch.rope_theta)
     if fam.partial_rotary:
         rope["partial_rotary_factor"] = arch.rotary_fraction
-    extra = {
-        "llama": dict(attention_bias=False, mlp_bias=False),
-        "mistral": dict(sliding_window=None),
-        "qwen2": dict(use_sliding_window=False),
-        "qwen3": dict(use_sliding_window=False, attention_bias=False),
-        "nemotron": dict(attention_bias=False, mlp_bias=False),
-        # no aux loss in the exported config either: output_router_logits off
-        "mixtral": dict(sliding_window=None, num_local_experts=arch.num_experts,
-                        num_experts_per_tok=arch.moe_top_k, output_router_logits=False),
-        # every layer is MoE, so the dense intermediate_size builds nothing; it is written
-        # as the expert width
-        "qwen3_moe": dict(use_sliding_window=False, attention_bias=False,
-                          num_experts=arch.num_experts, num_experts_per_tok=arch.moe_top_k,
-                          moe_intermediate_size=arch.ffn_hidden_size,
-                          norm_topk_prob=arch.moe_renorm, decoder_sparse_step=1,
-                          mlp_only_layers=[], output_router_logits=False),
-    }[fam.model_type]
+    extra = {**fam.config_fields(), **_moe_config(arch, fam)}
     eps = {"norm_eps" if fam.norm == "layernorm1p" else "rms_norm_eps": arch.norm_eps}
     config_class = getattr(transformers, fam.causal_lm.replace("ForCausalLM", "Config"))
-    cfg = config_class(**common, **eps, **extra, rope_parameters=rope)
+    cfg = config_class(**{**common, **eps, **extra}, rope_parameters=rope)
     cfg.architectures = [fam.causal_lm]
     return cfg

@@ -32,7 +32,7 @@ import torch.distributed as tdist
 
 from ..arch import Arch
 from ..runtime import dist
-from ..runtime.model import torch_dtype
+from ..runtime.precision import torch_dtype
 from . import checkpoint as ckpt
 from .dcp_reader import DcpReader
 from .megatron_args import arch_fields_from_args, check_shapes, infer_from_shapes

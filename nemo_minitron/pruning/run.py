@@ -6,14 +6,13 @@ shard, so the full model never has to fit on one rank.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
 
 from ..convert import checkpoint as ckpt
 from ..importance.reduce import Importance
-from .select import Targets, make_plan, random_importance
+from .select import make_plan, random_importance
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +32,7 @@ def prune(job) -> dict:
     src = ckpt.Checkpoint(job.model.checkpoint)
     src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)
     check_moe_calibration(src.arch, job)
-    targets = Targets(**dataclasses.asdict(p.target))
-    targets.resolve(src.arch)
+    p.target.resolve(src.arch)
     ckpt.prepare_output(job.output, job.overwrite)
     data = calibration_data(job)
 
@@ -62,7 +60,7 @@ def prune(job) -> dict:
             accs = block_removal_accuracy(stage, src.tokenizer(), items, n_drop)
             curve = [-a for a in accs]  # best block = the smallest accuracy drop
             keep_layers = best_block(curve, n_drop, src.arch.num_layers)
-        plan = make_plan(src.arch, imp, targets, keep_layers=keep_layers, contiguous=p.contiguous)
+        plan = make_plan(src.arch, imp, p.target, keep_layers=keep_layers, contiguous=p.contiguous)
         if curve is not None and p.depth == "lm_loss":
             plan.meta["depth_lm_loss"] = {"block": n_drop, "loss_by_start": curve}
         elif curve is not None:

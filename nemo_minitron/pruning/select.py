@@ -11,7 +11,6 @@ one set of neurons for all of a layer's experts by their scores aggregated over 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -20,48 +19,7 @@ from ..arch import Arch
 from ..importance.reduce import Importance
 from ..importance.scores import group_scores
 from .plan import Plan, top_k
-
-
-@dataclass
-class Targets:
-    hidden_size: Optional[int] = None
-    ffn_hidden_size: Optional[int] = None
-    num_attention_heads: Optional[int] = None
-    num_query_groups: Optional[int] = None
-    num_layers: Optional[int] = None
-    num_experts: Optional[int] = None
-
-    def resolve(self, arch: Arch) -> Arch:
-        """The target architecture; raises naming the field when a target is impossible."""
-        out = {}
-        if self.num_experts is not None:
-            if not arch.is_moe:
-                raise ValueError(f"prune.target.num_experts={self.num_experts}: the source model "
-                                 "has no experts; leave it unset")
-            if not arch.moe_top_k <= self.num_experts <= arch.num_experts:
-                raise ValueError(
-                    f"prune.target.num_experts={self.num_experts} must be in [moe_top_k="
-                    f"{arch.moe_top_k}, {arch.num_experts}]: every token is routed to "
-                    f"{arch.moe_top_k} experts, and pruning cannot add experts")
-            out["num_experts"] = self.num_experts
-        for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                     "num_layers"):
-            src, tgt = getattr(arch, name), getattr(self, name)
-            tgt = src if tgt is None else tgt
-            if not 0 < tgt <= src:
-                raise ValueError(f"prune.target.{name}={tgt} must be in [1, {src}] (the source "
-                                 f"model has {src}); pruning cannot grow a model")
-            out[name] = tgt
-        heads, groups = out["num_attention_heads"], out["num_query_groups"]
-        if heads % groups:
-            raise ValueError(f"prune.target.num_attention_heads={heads} is not a multiple of "
-                             f"prune.target.num_query_groups={groups}")
-        if heads // groups > arch.heads_per_group:
-            raise ValueError(
-                f"{heads} heads in {groups} query groups needs {heads // groups} heads per group, "
-                f"but the source has {arch.heads_per_group}: keep more groups "
-                f"(num_query_groups >= {-(-heads // arch.heads_per_group)}) or fewer heads")
-        return arch.replace(**out)
+from .targets import Targets
 
 
 def select_layers(block: torch.Tensor, keep: int, contiguous: bool = True) -> list[int]:

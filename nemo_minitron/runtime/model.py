@@ -13,16 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import Arch
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+from ..families import NORMS
+from .precision import torch_dtype
 
 
 def te_available() -> bool:
@@ -91,7 +83,7 @@ def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: s
         num_query_groups=arch.num_query_groups,
         kv_channels=arch.head_dim,
         # zero-centred (1p) LayerNorm weights are folded into plain ones by the weight maps
-        normalization="RMSNorm" if arch.norm == "rmsnorm" else "LayerNorm",
+        normalization=NORMS[arch.norm],
         layernorm_epsilon=arch.norm_eps,
         qk_layernorm=arch.qk_norm,
         gated_linear_unit=gated,
@@ -134,7 +126,7 @@ def layer_spec(arch: Arch, use_te: bool | None = None):
             num_experts=experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm)
     spec = specs.get_gpt_layer_local_spec(
         num_experts=experts, moe_grouped_gemm=False,
-        normalization="RMSNorm" if arch.norm == "rmsnorm" else "LayerNorm", qk_layernorm=arch.qk_norm)
+        normalization=NORMS[arch.norm], qk_layernorm=arch.qk_norm)
     # fused attention instead of megatron's unfused local one (see runtime/sdpa.py)
     from .sdpa import SDPAttention
 

@@ -1,4 +1,7 @@
-"""Which compute dtype to train and evaluate in when the user leaves ``model.dtype=auto``.
+"""The dtype names of this toolkit, and which compute dtype ``model.dtype=auto`` means here.
+
+:data:`DTYPES` is the one table from our names (fp32, bf16, fp16: what configs and files say) to
+torch dtypes; :func:`torch_dtype` also takes torch's own names (float32, bfloat16...).
 
 bf16 (bf16 weights, fp32 main weights and gradients in megatron's optimizer, fp32 losses) is the
 default wherever the hardware multiplies bf16 natively: GPUs that support it, and CPUs with AMX
@@ -11,6 +14,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TORCH_NAMES = {str(t).removeprefix("torch."): t for t in DTYPES.values()}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of ``name``: ours (bf16) or torch's (bfloat16)."""
+    try:
+        return DTYPES.get(name) or _TORCH_NAMES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted({*DTYPES, *_TORCH_NAMES})}") from None
+
 
 # /proc/cpuinfo flags of native bf16 matmul units (Intel AMX, Intel/AMD AVX512-BF16)
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")

@@ -27,26 +27,17 @@ import json
 import logging
 from pathlib import Path
 
-from ..config.schema import DistillJob, PruneJob, PruneTargetConfig
+from ..config.schema import DistillJob, PruneJob
 from ..convert import checkpoint as ckpt
 from ..distill.guard import TrainingDiverged
 from ..runs import Stages, complete, kd_spec, task_scores, with_checkpoint, write_json
 from .rank import kendall_tau, rank_results
 from .report import write_search_report
-from .space import Space, counted, describe_empty, enumerate_candidates, select
+from .space import counted, describe_empty, enumerate_candidates, select
 
 log = logging.getLogger(__name__)
 
 DIVERGED = "diverged.json"  # in a candidate's training run directory: that training diverged
-
-
-def space_of(cfg) -> Space:
-    return Space(budget=cfg.budget, tolerance=cfg.tolerance, count_embeddings=cfg.count_embeddings,
-                 count=cfg.count, num_experts=cfg.num_experts, axes=tuple(cfg.axes), num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                 ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads,
-                 num_query_groups=cfg.num_query_groups, layer_step=cfg.layer_step,
-                 hidden_multiple=cfg.hidden_multiple, ffn_multiple=cfg.ffn_multiple,
-                 min_fraction=dict(cfg.min_fraction))
 
 
 def plan_candidates(job):
@@ -54,11 +45,10 @@ def plan_candidates(job):
     s = job.search
     src = ckpt.Checkpoint(job.model.checkpoint)
     src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)
-    space = space_of(s)
-    found = enumerate_candidates(src.arch, space, job.parallel.tp, job.parallel.pp, job.parallel.ep)
+    found = enumerate_candidates(src.arch, s, job.parallel.tp, job.parallel.pp, job.parallel.ep)
     if not found:
         raise ValueError(f"search.budget={s.budget:g}: "
-                         + describe_empty(src.arch, space, job.parallel.tp, job.parallel.pp))
+                         + describe_empty(src.arch, s, job.parallel.tp, job.parallel.pp))
     chosen = select(found, s.max_candidates)
     # number the selected candidates 0..k-1 (their directories, search.only), the rest after
     picked = {c.index for c in chosen}
@@ -87,7 +77,7 @@ def run_search(job) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     budget = {"budget": s.budget, "count_embeddings": s.count_embeddings, "count": s.count,
-              "source_params": counted(src.arch, space_of(s)),
+              "source_params": counted(src.arch, s),
               "tolerance": s.tolerance}
     selected = {c.index for c in chosen}
     write_json(out / "candidates.json", {
@@ -138,7 +128,7 @@ def run_search(job) -> dict:
     for c in todo:
         cd = out / f"cand_{c.index}"
         pj = PruneJob(model=job.model, parallel=job.parallel, data=job.data,
-                      prune=dataclasses.replace(job.prune, target=PruneTargetConfig(**c.target),
+                      prune=dataclasses.replace(job.prune, target=c.target,
                                                 scores=str(scores)),
                       output=str(cd / "pruned"))
         stages.run(f"candidate {c.index} {c.name()}: prune", complete(cd / "pruned"),

@@ -16,49 +16,22 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from ..arch import Arch
+from ..config.schema import SearchConfig
+from ..pruning.targets import Targets
 
-AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "attention", "num_experts")
-COUNTS = ("total", "active")
-
-
-@dataclass
-class Space:
-    budget: float
-    """Target parameters: a fraction of the source (<= 1) or an absolute count (> 1)."""
-    tolerance: float = 0.05
-    """Candidates lie within budget * (1 +- tolerance)."""
-    count_embeddings: bool = True
-    """Budget counts embedding (and untied output) parameters too."""
-    count: str = "total"
-    """total: every parameter; active: those one token passes through (router + top-k experts
-    of an MoE layer instead of all experts; the same as total for a dense model)."""
-    axes: tuple = AXES
-    """Axes the search may shrink; the others keep the source size."""
-    num_layers: Optional[list] = None
-    hidden_size: Optional[list] = None
-    ffn_hidden_size: Optional[list] = None
-    num_attention_heads: Optional[list] = None
-    num_query_groups: Optional[list] = None
-    num_experts: Optional[list] = None
-    """Explicit allowed values per axis (default: generated from the steps and limits below;
-    experts in steps of an eighth of the source's, never below its top-k)."""
-    layer_step: int = 2
-    hidden_multiple: int = 64
-    ffn_multiple: int = 128
-    min_fraction: dict = field(default_factory=lambda: {
-        "num_layers": 0.5, "hidden_size": 0.5, "ffn_hidden_size": 0.25, "num_attention_heads": 0.5,
-        "num_experts": 0.5})
-    """How far each axis may shrink, as a fraction of the source size."""
+Space = SearchConfig
+"""The space is the search settings themselves (budget, tolerance, count, axes, explicit values,
+steps, shrink limits), validated once when they are built."""
 
 
 @dataclass
 class Candidate:
     index: int
-    target: dict
+    target: Targets
     params: int
     non_embedding: int
 
@@ -67,12 +40,12 @@ class Candidate:
 
     def name(self) -> str:
         t = self.target
-        experts = f"-E{t['num_experts']}" if "num_experts" in t else ""
-        return (f"L{t['num_layers']}-H{t['hidden_size']}-F{t['ffn_hidden_size']}-"
-                f"A{t['num_attention_heads']}g{t['num_query_groups']}{experts}")
+        experts = f"-E{t.num_experts}" if t.num_experts is not None else ""
+        return (f"L{t.num_layers}-H{t.hidden_size}-F{t.ffn_hidden_size}-"
+                f"A{t.num_attention_heads}g{t.num_query_groups}{experts}")
 
     def to_dict(self) -> dict:
-        out = {"index": self.index, "name": self.name(), "target": self.target,
+        out = {"index": self.index, "name": self.name(), "target": self.target.as_dict(),
                "params": self.params, "non_embedding": self.non_embedding}
         if self.active is not None:
             out["active"] = self.active
@@ -81,8 +54,6 @@ class Candidate:
 
 def counted(arch: Arch, space: Space) -> int:
     """The parameters the budget is measured in."""
-    if space.count not in COUNTS:
-        raise ValueError(f"search.count={space.count!r} is unknown; use one of {list(COUNTS)}")
     if space.count == "active":
         return arch.num_active_params(embeddings=space.count_embeddings)
     return arch.num_params(embeddings=space.count_embeddings)
@@ -90,9 +61,9 @@ def counted(arch: Arch, space: Space) -> int:
 
 def budget_params(src: Arch, space: Space) -> int:
     total = counted(src, space)
-    if space.budget <= 0:
-        raise ValueError(f"search.budget={space.budget} must be > 0: a fraction of the source "
-                         "parameters (e.g. 0.6) or an absolute count (e.g. 4.5e9)")
+    if space.budget is None:
+        raise ValueError("search.budget is required: a fraction of the source's parameters "
+                         "(<= 1, e.g. 0.6) or a parameter count (e.g. 4.5e9)")
     target = space.budget * total if space.budget <= 1 else space.budget
     if target > total:
         raise ValueError(f"search.budget={space.budget:g} asks for {target:.4g} parameters but the "
@@ -132,9 +103,6 @@ def _expert_values(src: Arch, space: Space) -> list[int]:
 
 def axis_values(src: Arch, space: Space) -> dict[str, list]:
     """Allowed values of every axis; attention as (heads, groups) pairs."""
-    unknown = set(space.axes) - set(AXES)
-    if unknown:
-        raise ValueError(f"search.axes: unknown {sorted(unknown)}; choose from {list(AXES)}")
     mf = space.min_fraction
     out = {}
     for name, step in (("num_layers", space.layer_step), ("hidden_size", space.hidden_multiple),
@@ -145,8 +113,6 @@ def axis_values(src: Arch, space: Space) -> dict[str, list]:
         elif getattr(space, name) is not None:
             out[name] = _explicit(name, getattr(space, name), s)
         else:
-            if step < 1:
-                raise ValueError(f"search step of {name} must be >= 1, got {step}")
             out[name] = _multiples(s, step, mf.get(name, 0.0))
     out["num_experts"] = _expert_values(src, space)
     H, G, hpg = src.num_attention_heads, src.num_query_groups, src.heads_per_group
@@ -168,8 +134,6 @@ def axis_values(src: Arch, space: Space) -> dict[str, list]:
 def enumerate_candidates(src: Arch, space: Space, tp: int = 1, pp: int = 1,
                          ep: int = 1) -> list[Candidate]:
     """Every feasible architecture within the band, nearest the budget first."""
-    if not 0 < space.tolerance < 1:
-        raise ValueError(f"search.tolerance={space.tolerance} must be in (0, 1)")
     budget = budget_params(src, space)
     lo, hi = budget * (1 - space.tolerance), budget * (1 + space.tolerance)
     vals = axis_values(src, space)
@@ -187,29 +151,18 @@ def enumerate_candidates(src: Arch, space: Space, tp: int = 1, pp: int = 1,
         if lo <= n <= hi:
             found.append((abs(n - budget), arch))
     found.sort(key=lambda x: (x[0], -x[1].num_layers, -x[1].hidden_size))
-    return [Candidate(i, _target(a), a.num_params(), a.num_params(embeddings=False),
+    return [Candidate(i, Targets.of(a), a.num_params(), a.num_params(embeddings=False),
                       a.num_active_params() if a.is_moe else None)
             for i, (_, a) in enumerate(found)]
-
-
-def _target(a: Arch) -> dict:
-    t = {"num_layers": a.num_layers, "hidden_size": a.hidden_size,
-         "ffn_hidden_size": a.ffn_hidden_size, "num_attention_heads": a.num_attention_heads,
-         "num_query_groups": a.num_query_groups}
-    if a.is_moe:
-        t["num_experts"] = a.num_experts
-    return t
 
 
 def select(candidates: list[Candidate], k: int) -> list[Candidate]:
     """At most ``k`` candidates: nearest the budget, taken round-robin over depths (the depth
     with the nearest candidate first), so every depth in the band is represented before any
     depth gets a second shape."""
-    if k < 1:
-        raise ValueError(f"search.max_candidates={k} must be >= 1")
     by_depth: dict[int, list[Candidate]] = {}
     for c in candidates:  # already nearest-first
-        by_depth.setdefault(c.target["num_layers"], []).append(c)
+        by_depth.setdefault(c.target.num_layers, []).append(c)
     queues = sorted(by_depth.values(), key=lambda q: q[0].index)
     out: list[Candidate] = []
     while len(out) < k and any(queues):

@@ -7,7 +7,7 @@ import torch
 from _emit import emit
 
 from nemo_minitron.config.schema import (DataConfig, ModelConfig, ParallelConfig, PruneConfig,
-                                         PruneJob, PruneTargetConfig)
+                                         PruneJob, Targets)
 from nemo_minitron.pruning.run import prune
 from nemo_minitron.runtime import dist
 from nemo_minitron.runtime.forward import gather_logits, run_forward
@@ -31,7 +31,7 @@ def main(root, data_prefix):
         job = PruneJob(model=ModelConfig(name=fam, checkpoint=f"{root}/{fam}"),
                        parallel=ParallelConfig(tp=2, pp=1),
                        data=DataConfig(prefix=data_prefix, seq_length=32, valid_fraction=0.1),
-                       prune=PruneConfig(target=PruneTargetConfig(hidden_size=96, ffn_hidden_size=160,
+                       prune=PruneConfig(target=Targets(hidden_size=96, ffn_hidden_size=160,
                                                                   num_attention_heads=2, num_layers=3),
                                          calib_samples=8, micro_batch_size=2),
                        output=f"{root}/{fam}_tp2")

@@ -9,7 +9,7 @@ import torch
 from _emit import emit
 
 from nemo_minitron.config.schema import (DataConfig, ModelConfig, ParallelConfig, PruneConfig,
-                                         PruneJob, PruneTargetConfig)
+                                         PruneJob, Targets)
 from nemo_minitron.pruning.run import prune
 from nemo_minitron.runtime import dist
 from nemo_minitron.runtime.forward import gather_logits, run_forward
@@ -22,7 +22,7 @@ def prune_job(root, fam, data_prefix, ep):
     return PruneJob(model=ModelConfig(name=fam, checkpoint=f"{root}/{fam}"),
                     parallel=ParallelConfig(ep=ep),
                     data=DataConfig(prefix=data_prefix, seq_length=32, valid_fraction=0.1),
-                    prune=PruneConfig(target=PruneTargetConfig(num_experts=4, ffn_hidden_size=32,
+                    prune=PruneConfig(target=Targets(num_experts=4, ffn_hidden_size=32,
                                                                hidden_size=96),
                                       calib_samples=8, micro_batch_size=2),
                     output=f"{root}/{fam}_pruned_ep{ep}")

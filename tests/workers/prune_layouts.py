@@ -5,7 +5,7 @@ import sys
 from _emit import emit
 
 from nemo_minitron.config.schema import (DataConfig, ModelConfig, ParallelConfig, PruneConfig,
-                                         PruneJob, PruneTargetConfig)
+                                         PruneJob, Targets)
 from nemo_minitron.pruning.run import prune
 
 
@@ -14,7 +14,7 @@ def main(ckpt_dir, data_prefix, out):
         job = PruneJob(model=ModelConfig(name="tiny", checkpoint=ckpt_dir),
                        parallel=ParallelConfig(tp=tp, pp=pp),
                        data=DataConfig(prefix=data_prefix, seq_length=32, valid_fraction=0.1),
-                       prune=PruneConfig(target=PruneTargetConfig(hidden_size=96, ffn_hidden_size=160,
+                       prune=PruneConfig(target=Targets(hidden_size=96, ffn_hidden_size=160,
                                                                   num_attention_heads=2, num_query_groups=1,
                                                                   num_layers=3),
                                          calib_samples=8, micro_batch_size=2),
