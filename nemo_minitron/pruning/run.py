@@ -11,6 +11,7 @@ import logging
 import math
 import time
 
+from ..artifacts import atomic
 from ..convert import checkpoint as ckpt
 from ..importance.reduce import Importance
 from .select import Targets, make_plan, random_importance
@@ -35,7 +36,7 @@ def prune(job) -> dict:
     check_moe_calibration(src.arch, job)
     targets = Targets(**dataclasses.asdict(p.target))
     targets.resolve(src.arch)
-    ckpt.prepare_output(job.output, job.overwrite)
+    atomic.check_new_dir(job.output, job.overwrite)
     data = calibration_data(job)
 
     dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s,
@@ -156,7 +157,6 @@ def importance_for(job, stage, arch, data):
 def calibrate_to(job, path) -> Importance:
     """Calibrate the job's model once and save the scores to ``path`` (atomically, on rank 0):
     the architecture search prunes every candidate from these."""
-    from ..runs import write_atomic
     from ..runtime import dist
     from ..runtime.stage import load_checkpoint
 
@@ -170,7 +170,7 @@ def calibrate_to(job, path) -> Importance:
         stage, _ = load_checkpoint(job.model.checkpoint, job.model.dtype)
         imp = importance_for(job, stage, src.arch, data)
         if dist.is_rank0():
-            write_atomic(path, imp.save)
+            imp.save(path)
         dist.barrier()
         return imp
     finally:
