@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .artifacts.atomic import write_json
 from .families import FAMILIES, MLPS, NORMS
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -181,8 +182,7 @@ class Arch:
         return cls(**d)
 
     def to_json(self, path) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path) -> "Arch":

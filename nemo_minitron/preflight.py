@@ -18,6 +18,8 @@ import urllib.request
 from pathlib import Path
 
 from .arch import Arch
+from .artifacts import atomic
+from .artifacts.search_files import CHOSEN, read_chosen
 from .convert import checkpoint as ckpt
 from .runtime import dist
 
@@ -176,7 +178,7 @@ def hub_reachable(name: str, field: str = "model.source") -> None:
 def import_(job) -> None:
     from .convert.hf import resolve_source
 
-    ckpt.prepare_output(job.output or job.model.checkpoint, job.overwrite)
+    atomic.check_new_dir(job.output or job.model.checkpoint, job.overwrite)
     where, gguf = resolve_source(job.model.source, job.model.gguf_file)
     local = Path(where)
     if not local.is_dir():
@@ -205,7 +207,7 @@ def import_(job) -> None:
 def export(job) -> None:
     checkpoint(job.model.checkpoint)
     not_inside(job.output, job.model.checkpoint)
-    ckpt.prepare_output(job.output, job.overwrite)
+    atomic.check_new_dir(job.output, job.overwrite)
 
 
 def data(job) -> None:
@@ -236,7 +238,7 @@ def prune(job) -> None:
         scores(p.scores, src.arch)
     depth_task(p)
     not_inside(job.output, job.model.checkpoint)
-    ckpt.prepare_output(job.output, job.overwrite)
+    atomic.check_new_dir(job.output, job.overwrite)
     calibration_sizes(job, data_parallel_size(job.parallel))
 
 
@@ -312,9 +314,9 @@ def pipeline(job) -> None:
             if job.prune.scores:
                 scores(job.prune.scores, arch, where)
             if rnd.budget is not None:
-                chosen = Path(job.output) / name / "search" / "chosen.json"
-                if chosen.is_file():  # this round's search already ran (resume)
-                    students.append(arch.replace(**json.loads(chosen.read_text())["target"]))
+                searched = Path(job.output) / name / "search"
+                if (searched / CHOSEN).is_file():  # this round's search already ran (resume)
+                    students.append(arch.replace(**read_chosen(searched).target))
                     continue
                 space = dataclasses.replace(job.search, budget=rnd.budget)
                 found = enumerate_candidates(arch, space, tp, pp)

@@ -8,11 +8,13 @@ stopped. Results files are written by rank 0 only, then every rank waits and rea
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 
+from .artifacts import atomic
+from .artifacts.evaluation import read_eval, write_eval
+from .artifacts.pipeline_files import read_stage_seconds, write_stage_seconds
 from .convert import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -22,31 +24,23 @@ def complete(path: Path) -> bool:
     return (Path(path) / ckpt.META).is_file()
 
 
-def write_atomic(path, write) -> Path:
-    """``write(tmp_path)`` next to ``path``, then rename: readers see the old file or the whole
-    new one, never a half-written file. The temporary name is unique (jobs of a search multirun
-    write the same files at once); one left by a killed process is removed by the next run."""
-    path = Path(path)
-    tmp = ckpt.partial_name(path)
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write
-    return path
+# Names the distillation loop and teacher cache still import; new code calls artifacts.atomic.
+write_atomic = atomic.write_file
+write_text_atomic = atomic.write_text
 
 
-def write_text_atomic(path, text: str) -> Path:
-    return write_atomic(path, lambda tmp: tmp.write_text(text))
+def on_rank0(write) -> None:
+    """``write()`` on rank 0; every rank returns once it is done (and the file is there)."""
+    from .runtime import dist
+
+    if dist.is_rank0():
+        write()
+    dist.barrier()
 
 
 def write_json(path: Path, obj) -> None:
     """Atomic JSON write on rank 0; all ranks return once the file is there."""
-    from .runtime import dist
-
-    if dist.is_rank0():
-        write_text_atomic(path, json.dumps(obj, indent=2, default=str))
-    dist.barrier()
+    on_rank0(lambda: atomic.write_json(path, obj, default=str))
 
 
 class Stages:
@@ -60,10 +54,7 @@ class Stages:
 
     def recorded(self) -> dict[str, float]:
         """Each completed stage's seconds, over all invocations (this one's included)."""
-        try:
-            done = json.loads(self.record.read_text()) if self.record else {}
-        except (OSError, ValueError):  # none yet (or damaged: timings are not worth a stop)
-            done = {}
+        done = read_stage_seconds(self.record) if self.record else {}
         return {**done, **self.seconds}
 
     def run(self, name: str, done: bool, fn) -> None:
@@ -79,16 +70,21 @@ class Stages:
         fn()
         self.seconds[name] = round(time.time() - t, 1)
         if self.record is not None and dist.is_rank0():
-            write_text_atomic(self.record, json.dumps(self.recorded(), indent=2))
+            write_stage_seconds(self.record, self.recorded())
 
     def evaluate(self, name: str, checkpoint, path: Path, job, ev=None) -> dict:
         """Validation loss (and tasks) of ``checkpoint`` into ``path``; returns the results."""
         from .evaluate.run import evaluate_checkpoint
 
         path = Path(path)
-        self.run(name, path.is_file(), lambda: write_json(path, evaluate_checkpoint(
-            str(checkpoint), job.parallel, job.data, ev or job.eval, job.model.dtype)))
-        return json.loads(path.read_text())
+
+        def evaluate():
+            result = evaluate_checkpoint(str(checkpoint), job.parallel, job.data, ev or job.eval,
+                                         job.model.dtype)
+            on_rank0(lambda: write_eval(path, result))
+
+        self.run(name, path.is_file(), evaluate)
+        return read_eval(path).raw
 
 
 def with_checkpoint(model, checkpoint):
@@ -99,9 +95,3 @@ def kd_spec(kd) -> dict:
     """The loss settings `distill.loop.train` takes from a KDConfig."""
     return dict(logit_weight=kd.logit_weight, lm_weight=kd.lm_weight, temperature=kd.temperature,
                 kind=kd.kind, top_k=kd.top_k, chunk_tokens=kd.chunk_tokens)
-
-
-def task_scores(result: dict, metric: str = "acc_norm") -> dict[str, float]:
-    """Per-task ``metric`` of an evaluation result ({} without tasks)."""
-    return {t: float(r[metric]) for t, r in result.get("tasks", {}).get("results", {}).items()
-            if metric in r}

@@ -2,11 +2,11 @@
 the evaluate, pipeline and `minitron report` outputs. Fixtures are results written by the
 project's own scorer (`multiple_choice.accuracy`) from items with known answers."""
 
-import json
 import math
 
 import pytest
 
+from nemo_minitron.artifacts.evaluation import write_eval
 from nemo_minitron.evaluate import judge
 from nemo_minitron.evaluate.multiple_choice import accuracy
 from nemo_minitron.evaluate.tasks import Item, load_task
@@ -117,7 +117,7 @@ def test_minitron_report_task_table(tmp_path):
     rd = tmp_path / "pipe" / "round1"
     rd.mkdir(parents=True)
     for who, r in EVALS.items():
-        (rd / f"eval_{who}.json").write_text(json.dumps(r))
+        write_eval(rd / f"eval_{who}.json", r)
     md, _ = write_comparison([str(tmp_path / "pipe")], tmp_path / "cmp.md")
     text = md.read_text()
     assert "## Downstream tasks" in text

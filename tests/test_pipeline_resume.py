@@ -165,7 +165,8 @@ def test_concurrent_writers_of_one_results_file(tmp_path):
     temporary file that the next run finds and removes."""
     import threading
 
-    from nemo_minitron.runs import write_atomic, write_text_atomic
+    from nemo_minitron.artifacts.atomic import write_file as write_atomic
+    from nemo_minitron.artifacts.atomic import write_text as write_text_atomic
 
     target, errors = tmp_path / "search.md", []
 

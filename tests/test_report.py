@@ -8,6 +8,10 @@ import sys
 import pytest
 
 from nemo_minitron.arch import Arch
+from nemo_minitron.artifacts.evaluation import write_eval
+from nemo_minitron.artifacts.metrics import append_metrics
+from nemo_minitron.artifacts.pipeline_files import write_summary
+from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.report.compare import load_run, write_comparison
 
 from conftest import ROOT
@@ -17,8 +21,11 @@ ARCH = Arch(num_layers=4, hidden_size=128, ffn_hidden_size=256, num_attention_he
 
 
 def write_jsonl(path, rows):
+    """A metrics.jsonl as the training logger appends it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(path, "a") as f:
+        for r in rows:
+            append_metrics(f, r["step"], {k: v for k, v in r.items() if k != "step"})
 
 
 def eval_json(loss, tasks=None, **extra):
@@ -44,16 +51,16 @@ def make_pipeline(root):
     """One finished round with summary.json (parameters, losses, tasks, wall time)."""
     rd = root / "round1"
     rd.mkdir(parents=True)
-    (rd / "eval_teacher.json").write_text(json.dumps(eval_json(2.5, {"arc_easy": 0.55, "piqa": 0.65})))
-    (rd / "eval_pruned.json").write_text(json.dumps(eval_json(5.125, {"arc_easy": 0.30, "piqa": 0.52})))
-    (rd / "eval_distilled.json").write_text(json.dumps(eval_json(3.25, {"arc_easy": 0.45, "piqa": 0.6})))
+    write_eval(rd / "eval_teacher.json", eval_json(2.5, {"arc_easy": 0.55, "piqa": 0.65}))
+    write_eval(rd / "eval_pruned.json", eval_json(5.125, {"arc_easy": 0.30, "piqa": 0.52}))
+    write_eval(rd / "eval_distilled.json", eval_json(3.25, {"arc_easy": 0.45, "piqa": 0.6}))
     write_jsonl(rd / "distill" / "metrics.jsonl", curve(10, 4.0, final_val=3.25))
     summary = {"teacher": "ckpt/teacher", "seconds": 900.0, "stage_seconds": {},
                "rounds": [{"name": "round1", "params": {"teacher": 134_515_008, "student": 70_000_000},
                            "val_loss": {"teacher": 2.5, "pruned": 5.125, "distilled": 3.25},
                            "tasks": {"teacher": {"arc_easy": 0.55, "piqa": 0.65},
                                      "distilled": {"arc_easy": 0.45, "piqa": 0.6}}}]}
-    (root / "summary.json").write_text(json.dumps(summary))
+    write_summary(root, summary)
     return root
 
 
@@ -62,8 +69,7 @@ def make_distill(root):
     rows = curve(8, 5.0) + curve(12, 5.0, final_val=3.75)[6:]
     write_jsonl(root / "metrics.jsonl", rows)
     (root / "final").mkdir()
-    ARCH.to_json(root / "final" / "arch.json")
-    (root / "final" / "minitron.json").write_text(json.dumps({"provenance": {"stage": "distill"}}))
+    ckpt.write_meta(root / "final", ARCH, {}, {"stage": "distill", "parent": "ckpt/pruned"})
     return root
 
 
@@ -89,8 +95,8 @@ def test_table_and_plot(tmp_path):
     pipe = make_pipeline(tmp_path / "pipe")
     kd = make_distill(tmp_path / "kd")
     ev = tmp_path / "eval_results.json"
-    ev.write_text(json.dumps(eval_json(3.5, {"piqa": 0.625, "hellaswag": 0.3125}, seconds=42.0,
-                                       checkpoint=str(kd / "final"))))
+    write_eval(ev, eval_json(3.5, {"piqa": 0.625, "hellaswag": 0.3125}, seconds=42.0,
+                             checkpoint=str(kd / "final")))
     md, png = write_comparison([str(pipe), str(kd), str(ev)], tmp_path / "out" / "cmp.md")
     assert md == tmp_path / "out" / "cmp.md" and png == tmp_path / "out" / "cmp.png"
     text = md.read_text()
@@ -126,7 +132,7 @@ def test_interrupted_pipeline_reports_its_rounds(tmp_path):
     root = tmp_path / "pipe"
     for name, loss in (("round10", 3.0), ("round2", 3.5)):
         (root / name).mkdir(parents=True)
-        (root / name / "eval_distilled.json").write_text(json.dumps(eval_json(loss)))
+        write_eval(root / name / "eval_distilled.json", eval_json(loss))
     write_jsonl(root / "round1" / "distill" / "metrics.jsonl", curve(4, 4.0))  # distilling now
     rows = load_run(root)
     assert [r.run for r in rows] == [f"{root} [round1]", f"{root} [round2]", f"{root} [round10]"]
@@ -136,7 +142,7 @@ def test_interrupted_pipeline_reports_its_rounds(tmp_path):
 
 def test_evaluate_only_runs_have_no_png(tmp_path):
     ev = tmp_path / "a.json"
-    ev.write_text(json.dumps(eval_json(3.0)))
+    write_eval(ev, eval_json(3.0))
     md, png = write_comparison([str(ev)], tmp_path / "r.md")
     assert png is None and not (tmp_path / "r.png").exists()
     assert table(md.read_text())[0]["val loss (final)"] == "3.0000"

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from nemo_minitron.artifacts import atomic
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.distill.guard import TrainingDiverged
 
@@ -91,9 +92,9 @@ def test_pipeline_stops_before_evaluating_or_exporting_a_diverged_student(tmp_pa
     job.train = dataclasses.replace(job.train, lr=1e6, min_lr=0.0, steps=12, save_interval=1)
     job.pipeline = PipelineConfig(rounds=job.pipeline.rounds[:1])
     rd = tmp_path / "run" / "round1"
-    # what saves killed in an earlier attempt leave (named by the writers' own prepare_output)
-    stale = [ckpt.prepare_output(rd / "pruned")[1],
-             ckpt.prepare_output(rd / "distill" / "checkpoints" / "step_0000002")[1]]
+    # what saves killed in an earlier attempt leave (named by the writers' own partial_name)
+    stale = [atomic.partial_name(rd / "pruned"),
+             atomic.partial_name(rd / "distill" / "checkpoints" / "step_0000002")]
     for p in stale:
         p.mkdir(parents=True)
     with pytest.raises(TrainingDiverged, match="training diverged at step"):

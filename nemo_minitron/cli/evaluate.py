@@ -1,7 +1,6 @@
 """`minitron evaluate`: validation loss and perplexity of a checkpoint, at any TP/PP/DP layout."""
 
 import datetime
-import json
 import logging
 from pathlib import Path
 
@@ -11,8 +10,8 @@ log = logging.getLogger(__name__)
 
 
 def run(job) -> dict:
+    from ..artifacts.evaluation import write_eval
     from ..evaluate.run import evaluate_checkpoint
-    from ..runs import write_text_atomic
     from ..runtime import dist
 
     result = evaluate_checkpoint(job.model.checkpoint, job.parallel, job.data, job.eval,
@@ -20,7 +19,7 @@ def run(job) -> dict:
     if dist.is_rank0():
         out = Path(job.output) if job.output else default_output()
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out, json.dumps(result, indent=2))  # whole or absent, never cut
+        write_eval(out, result)  # whole or absent, never cut
         from ..report.stages import evaluate_report
 
         md = evaluate_report(out.with_suffix(".md"), result)

@@ -12,26 +12,26 @@ Layout::
 
 Tensors are stored whole, so a checkpoint written at one TP/PP layout loads at any other: each rank
 reads only the tensors of its pipeline stage, lazily, and slices its tensor-parallel shard.
-Directories are written under a temporary name and renamed when complete, so an interrupted save
-never leaves a half checkpoint under the final name.
+Directories are written under a temporary name and renamed when complete (``artifacts.atomic``), so
+an interrupted save never leaves a half checkpoint under the final name.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from ..arch import Arch
+from ..artifacts import atomic
+from ..artifacts.checkpoint_meta import (FORMAT, META, CheckpointMeta, new_meta,
+                                         write_checkpoint_meta)
+# where the distillation run directory and tests look for unfinished saves (new code: atomic.*)
+from ..artifacts.atomic import partial_name, partials, remove_partials  # noqa: F401
 
-FORMAT = "nemo_minitron.checkpoint/1"
-META, ARCH, INDEX, TOKENIZER = "minitron.json", "arch.json", "model.safetensors.index.json", "tokenizer"
+ARCH, INDEX, TOKENIZER = "arch.json", "model.safetensors.index.json", "tokenizer"
 
 
 class CheckpointError(ValueError):
@@ -95,54 +95,13 @@ def check_dir(path) -> Path:
     return p
 
 
-def prepare_output(path, overwrite: bool = False) -> tuple[Path, Path]:
-    """(final, temporary) paths for a new directory; refuses to replace one unless ``overwrite``."""
-    final = Path(path)
-    if final.exists() and any(final.iterdir()) and not overwrite:
-        raise FileExistsError(f"output {final} already exists and is not empty; choose another "
-                              "output directory or pass overwrite=true to replace it")
-    return final, partial_name(final)
-
-
-def partial_name(final: Path) -> Path:
-    """A unique temporary name beside ``final``: concurrent writers (the jobs of a search
-    multirun) never share one, and :func:`partials` finds it if its writer was killed."""
-    return final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-
-
-def partials(root, recursive: bool = False) -> list[Path]:
-    """Temporary directories and files of saves that never committed (:func:`prepare_output`
-    and ``runs.write_atomic`` name them ``.<name>.partial-<id>``; a process killed while saving
-    leaves one behind)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = root.rglob(".*.partial-*") if recursive else root.glob(".*.partial-*")
-    return sorted(p for p in found if ".partial-" not in str(p.parent))
-
-
-def remove_partials(found: list[Path]) -> None:
-    for p in found:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-
-def commit_output(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 def write_meta(tmp: Path, arch: Arch, weight_map: dict[str, str], provenance: dict) -> None:
+    """arch.json, minitron.json and the index into a checkpoint directory being built."""
     arch.to_json(tmp / ARCH)
-    meta = {"format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "num_params": arch.num_params(), **provenance}
-    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    write_checkpoint_meta(tmp, new_meta(arch.num_params(), provenance))
     total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
-    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                          "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    atomic.write_json(tmp / INDEX, {"metadata": {"total_size": total},
+                                    "weight_map": dict(sorted(weight_map.items()))})
 
 
 def write_shard(tmp: Path, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -171,17 +130,11 @@ def save(path, arch: Arch, tensors: dict[str, torch.Tensor], *, tokenizer=None,
     if extra:
         raise CheckpointError(f"cannot save: tensors {sorted(extra)[:5]} are not part of {arch}")
     tensors = {k: tensors[k] for k in keys}  # a tied lm_head is the embedding: stored once
-    final, tmp = prepare_output(path, overwrite)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.new_dir(path, overwrite) as tmp:
         weight_map = write_shard(tmp, shard_name(0, 1), tensors)
         save_tokenizer(tmp, tokenizer)
         write_meta(tmp, arch, weight_map, provenance or {})
-        commit_output(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return final
+    return Path(path)
 
 
 class Checkpoint:
@@ -195,7 +148,8 @@ class Checkpoint:
         except (TypeError, ValueError) as e:  # missing/unknown fields, impossible values
             raise CheckpointError(f"{self.path / ARCH} does not describe a model ({e}); "
                                   "re-create the checkpoint") from None
-        self.meta = read_json(self.path / META)
+        self.meta = read_json(self.path / META)  # as stored (provenance flat, as written)
+        self.info = CheckpointMeta.from_dict(self.meta)  # the same, with named fields
         self.weight_map = read_json(self.path / INDEX)["weight_map"]
         self._open: dict[str, object] = {}
         self.bytes_read = 0  # tensor bytes fetched so far (what a sliced load saves)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..arch import Arch
+from ..artifacts import atomic
 from ..runtime.precision import torch_dtype
 from . import checkpoint as ckpt
 from .experts import per_expert
@@ -110,7 +111,7 @@ def load_hf(source: str, *, gguf_file: str | None = None, dtype: str = "auto"):
 def import_hf(source: str, output: str, *, gguf_file: str | None = None, dtype: str = "auto",
               overwrite: bool = False) -> Path:
     """Convert a Hugging Face model into a checkpoint directory at ``output``."""
-    ckpt.prepare_output(output, overwrite)  # fail before the slow load
+    atomic.check_new_dir(output, overwrite)  # fail before the slow load
     arch, tensors, tokenizer, special = load_hf(source, gguf_file=gguf_file, dtype=dtype)
     prov = {"stage": "import", "source": source, "gguf_file": gguf_file,
             "dtype": str(next(iter(tensors.values())).dtype), "special_tokens": special}
@@ -137,9 +138,7 @@ def export_hf(checkpoint: str, output: str, *, dtype: str | None = None,
 
     src = ckpt.Checkpoint(checkpoint)
     arch: Arch = src.arch
-    final, tmp = ckpt.prepare_output(output, overwrite)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.new_dir(output, overwrite) as tmp:
         shards = sorted(set(src.weight_map.values()))
         tdtype = None
         for f in shards:
@@ -158,10 +157,6 @@ def export_hf(checkpoint: str, output: str, *, dtype: str | None = None,
         cfg = hf_config_from_arch(arch, torch_dtype=str(tdtype).replace("torch.", ""),
                                   **_special_tokens(src.meta, tok, arch.vocab_size))
         cfg.save_pretrained(str(tmp))
-        (tmp / "minitron_provenance.json").write_text(json.dumps(
-            {"exported_from": str(src.path), **src.meta}, indent=2, default=str))
-        ckpt.commit_output(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return final
+        atomic.write_json(tmp / "minitron_provenance.json",
+                          {"exported_from": str(src.path), **src.meta}, default=str)
+    return Path(output)

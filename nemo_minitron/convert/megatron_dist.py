@@ -31,6 +31,7 @@ import torch
 import torch.distributed as tdist
 
 from ..arch import Arch
+from ..artifacts import atomic
 from ..runtime import dist
 from ..runtime.precision import torch_dtype
 from . import checkpoint as ckpt
@@ -185,7 +186,7 @@ def import_megatron(source: str, output: str, *, arch_overrides: dict | None = N
                     tokenizer: str | None = None, dtype: str = "auto",
                     overwrite: bool = False) -> Path:
     """Convert a megatron-core distributed checkpoint into a checkpoint directory at ``output``."""
-    ckpt.prepare_output(output, overwrite)  # fail before reading
+    atomic.check_new_dir(output, overwrite)  # fail before reading
     arch, tensors, prov = load_megatron(source, arch_overrides)
     if dtype != "auto":
         tensors = {k: v.to(torch_dtype(dtype)) for k, v in tensors.items()}
@@ -207,8 +208,8 @@ def save_megatron(stage, output, *, overwrite: bool = False) -> Path:
     final = tmp = err = None
     if rank0:
         try:
-            final, tmp = ckpt.prepare_output(output, overwrite)
-            (tmp / RELEASE).mkdir(parents=True)
+            final, tmp = atomic.begin_dir(output, overwrite)
+            (tmp / RELEASE).mkdir()
         except (FileExistsError, OSError) as e:
             err = str(e)
     final, tmp, err = dist.broadcast_from_rank0((final, tmp, err))
@@ -220,7 +221,7 @@ def save_megatron(stage, output, *, overwrite: bool = False) -> Path:
         dist_checkpointing.save(state, str(tmp / RELEASE))
         if rank0:
             (tmp / TRACKER).write_text(RELEASE)
-            ckpt.commit_output(tmp, final)
+            atomic.commit_dir(tmp, final)
     finally:
         dist.end_collective_write(tmp, rank0)
     return final
@@ -233,7 +234,7 @@ def export_megatron(checkpoint, output, *, dtype: str | None = None, tp: int = 1
     from ..runtime.stage import load_checkpoint
 
     if dist.is_rank0():
-        ckpt.prepare_output(output, overwrite)  # fail before building the model
+        atomic.check_new_dir(output, overwrite)  # fail before building the model
     src = ckpt.Checkpoint(checkpoint)
     if dtype is None:  # keep the stored precision (a bf16 student stays bf16); header only
         stored = src.stored_dtype(next(iter(src.keys())))

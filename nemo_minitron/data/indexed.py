@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
+
+from ..artifacts import atomic
 
 BATCH_DOCS = 64  # documents tokenised per tokenizer call (the fast tokenizers batch in Rust)
 
@@ -102,8 +103,7 @@ def build_indexed(
     parent = paths["bin"].parent
     new_dirs = [d for d in (parent, *parent.parents) if not d.exists()]  # removed on failure
     parent.mkdir(parents=True, exist_ok=True)
-    suffix = f".tmp-{os.getpid()}"
-    tmp = {k: Path(str(v) + suffix) for k, v in paths.items()}
+    tmp = {k: atomic.partial_name(v) for k, v in paths.items()}
     n_docs = n_tokens = n_skipped = 0
     builder = None
     try:
@@ -159,16 +159,14 @@ def build_indexed(
         # (IndexedDataset.exists needs both); the metadata comes last.
         if paths["idx"].exists():
             paths["idx"].unlink()
-        os.replace(tmp["bin"], paths["bin"])
-        os.replace(tmp["idx"], paths["idx"])
-        os.replace(tmp["json"], paths["json"])
+        for k in ("bin", "idx", "json"):
+            atomic.commit_file(tmp[k], paths[k])
         new_dirs = []  # complete: the directories stay
     finally:
         if builder is not None:
             builder.data_file.close()
         for p in tmp.values():
-            if p.exists():
-                p.unlink()
+            atomic.discard(p)
         for d in new_dirs:  # failed: remove the directories made for it (deepest first)
             with contextlib.suppress(OSError):  # unless something else was put there meanwhile
                 d.rmdir()
@@ -213,4 +211,4 @@ def open_indexed(prefix: Union[str, Path]):
 def load_metadata(prefix: Union[str, Path]) -> dict:
     """The ``<prefix>.json`` written by :func:`build_indexed` (``{}`` for a foreign dataset)."""
     p = _paths(prefix)["json"]
-    return json.loads(p.read_text()) if p.exists() else {}
+    return atomic.read_json(p) if p.exists() else {}

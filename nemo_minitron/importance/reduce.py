@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as tdist
 
+from ..artifacts.atomic import write_file
 from ..runtime import dist
 from .hooks import ActivationStats
 from .scores import Moments, batch_aggregate, expert_neuron_scores, expert_scores
@@ -36,8 +37,10 @@ class Importance:
     # experts' common neurons, aggregated over experts)
 
     def save(self, path) -> None:
-        torch.save({"ffn": self.ffn, "heads": self.heads, "hidden": self.hidden,
-                    "block": self.block, "meta": self.meta, "experts": self.experts}, path)
+        """Atomically: the search calibrates once and every candidate reads this file."""
+        state = {"ffn": self.ffn, "heads": self.heads, "hidden": self.hidden,
+                 "block": self.block, "meta": self.meta, "experts": self.experts}
+        write_file(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
     def load(cls, path) -> "Importance":

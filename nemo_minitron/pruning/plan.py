@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..arch import Arch
+from ..artifacts.atomic import write_json
 
 
 PER_LAYER = ("ffn", "groups", "heads")
@@ -137,8 +138,7 @@ class Plan:
                    k["layers"], d.get("meta", {}), k.get("experts", []))
 
     def save(self, path) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+        write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path) -> "Plan":

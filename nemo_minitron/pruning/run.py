@@ -10,6 +10,7 @@ import logging
 import math
 import time
 
+from ..artifacts import atomic
 from ..convert import checkpoint as ckpt
 from ..importance.reduce import Importance
 from .select import make_plan, random_importance
@@ -33,7 +34,7 @@ def prune(job) -> dict:
     src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)
     check_moe_calibration(src.arch, job)
     p.target.resolve(src.arch)
-    ckpt.prepare_output(job.output, job.overwrite)
+    atomic.check_new_dir(job.output, job.overwrite)
     data = calibration_data(job)
 
     dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s,
@@ -154,7 +155,6 @@ def importance_for(job, stage, arch, data):
 def calibrate_to(job, path) -> Importance:
     """Calibrate the job's model once and save the scores to ``path`` (atomically, on rank 0):
     the architecture search prunes every candidate from these."""
-    from ..runs import write_atomic
     from ..runtime import dist
     from ..runtime.stage import load_checkpoint
 
@@ -168,7 +168,7 @@ def calibrate_to(job, path) -> Importance:
         stage, _ = load_checkpoint(job.model.checkpoint, job.model.dtype)
         imp = importance_for(job, stage, src.arch, data)
         if dist.is_rank0():
-            write_atomic(path, imp.save)
+            imp.save(path)
         dist.barrier()
         return imp
     finally:

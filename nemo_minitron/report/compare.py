@@ -15,13 +15,16 @@ run is one of:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..artifacts.checkpoint_meta import META, read_checkpoint_meta
+from ..artifacts.evaluation import EvalResults, read_eval
+from ..artifacts.metrics import METRICS, read_metrics
+from ..artifacts.pipeline_files import SUMMARY, PipelineSummary, RoundRecord, read_summary
+from ..artifacts.reports import write_markdown
 from ..evaluate.judge import fmt_acc, fmt_ratio, mean_retained, task_rows
-from ..runs import task_scores
 from .plots import plot_loss_curves
 
 WHO = ("teacher", "pruned", "final")  # validation-loss columns
@@ -43,18 +46,6 @@ class Row:
 
 # ----------------------------------------------------------------------------------------------
 # reading runs
-
-
-def read_metrics(path) -> list[dict]:
-    """Rows of a metrics.jsonl (a half-written last line of a running job is skipped)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def _by_step(rows: list[dict]) -> list[dict]:
@@ -82,22 +73,12 @@ def _params_of(checkpoint) -> int | None:
     return Arch.from_json(f).num_params() if f.is_file() else None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a JSON file ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
 def _natural(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _is_round(d: Path) -> bool:
-    return any(d.glob("eval_*.json")) or (d / "distill" / "metrics.jsonl").is_file()
+    return any(d.glob("eval_*.json")) or (d / "distill" / METRICS).is_file()
 
 
 def _round_dirs(d: Path) -> list[Path]:
@@ -105,54 +86,56 @@ def _round_dirs(d: Path) -> list[Path]:
                   key=lambda c: _natural(c.name))
 
 
-def _round_row(rd: Path, name: str, rec: dict) -> Row:
+def _round_row(rd: Path, name: str, rec: RoundRecord | None) -> Row:
     """One pipeline round: its evaluations (files first, else what summary.json recorded)."""
-    evals = {who: _read_json(rd / f"eval_{who}.json")
-             for who in ("teacher", "pruned", "distilled") if (rd / f"eval_{who}.json").is_file()}
-    loss = dict(rec.get("val_loss", {}))
-    loss.update({k: v["loss"] for k, v in evals.items() if "loss" in v})
+    evals: dict[str, EvalResults] = {
+        who: read_eval(rd / f"eval_{who}.json")
+        for who in ("teacher", "pruned", "distilled") if (rd / f"eval_{who}.json").is_file()}
+    rec = rec or RoundRecord(rd.name)
+    loss = dict(rec.val_loss)
+    loss.update({k: v.loss for k, v in evals.items() if v.loss is not None})
     val = {"teacher": loss.get("teacher"), "pruned": loss.get("pruned"),
            "final": loss.get("distilled")}
-    tasks = dict(rec.get("tasks", {}).get("distilled", {}))
-    tasks.update(task_scores(evals.get("distilled", {})))
-    params = rec.get("params", {}).get("student")
+    tasks = dict(rec.tasks.get("distilled", {}))
+    if "distilled" in evals:
+        tasks.update(evals["distilled"].task_scores())
+    params = rec.student_params
     if params is None:
         params = _params_of(rd / "distill" / "final") or _params_of(rd / "pruned")
     row = Row(name, "pipeline", params, {k: float(v) for k, v in val.items() if v is not None},
               tasks)
-    row.task_table = task_rows({"final" if k == "distilled" else k: v for k, v in evals.items()})
-    metrics = rd / "distill" / "metrics.jsonl"
+    row.task_table = task_rows({"final" if k == "distilled" else k: v.raw
+                                for k, v in evals.items()})
+    metrics = rd / "distill" / METRICS
     if metrics.is_file():
         row.curves.append((name, _by_step(read_metrics(metrics))))
     return row
 
 
 def _pipeline_rows(d: Path, label: str) -> list[Row]:
-    summary = _read_json(d / "summary.json") if (d / "summary.json").is_file() else {}
-    recorded = {r["name"]: r for r in summary.get("rounds", []) if "name" in r}
+    summary = read_summary(d) if (d / SUMMARY).is_file() else PipelineSummary()
+    recorded = {r.name: r for r in summary.rounds}
     rounds = [d / n for n in recorded] or _round_dirs(d)
     if not rounds:
         raise ValueError(f"{d}: pipeline summary.json lists no rounds and no round directory "
                          "has eval_*.json or distill/metrics.jsonl")
     rows = [_round_row(rd, label if len(rounds) == 1 else f"{label} [{rd.name}]",
-                       recorded.get(rd.name, {})) for rd in rounds]
-    correction = d / "teacher_correction" / "metrics.jsonl"
+                       recorded.get(rd.name)) for rd in rounds]
+    correction = d / "teacher_correction" / METRICS
     if correction.is_file():
         rows[0].curves.insert(0, (f"{label} [teacher correction]",
                                   _by_step(read_metrics(correction))))
-    if summary.get("seconds") is not None:  # the whole pipeline, on its last row; a resumed
-        # one: its stages over all invocations (the last invocation did only the rest)
-        rows[-1].seconds = max(float(summary["seconds"]), float(summary.get("seconds_all", 0)))
+    if summary.seconds is not None:  # the whole pipeline, on its last row; a resumed one: its
+        # stages over all invocations (the last invocation did only the rest)
+        rows[-1].seconds = max(summary.seconds, summary.seconds_all or 0.0)
     return rows
 
 
 def _training_row(d: Path, label: str) -> Row:
-    rows = read_metrics(d / "metrics.jsonl")
+    rows = read_metrics(d / METRICS)
     final = d / "final"
     if final.is_dir():
-        meta = final / "minitron.json"
-        stage = (json.loads(meta.read_text()).get("provenance", {}).get("stage")
-                 if meta.is_file() else None)
+        stage = read_checkpoint_meta(final).stage if (final / META).is_file() else None
         kind = stage or "training"
         params = _params_of(final)
     else:
@@ -166,14 +149,11 @@ def _training_row(d: Path, label: str) -> Row:
 
 
 def _evaluate_row(f: Path, label: str) -> Row:
-    data = _read_json(f)
-    if "loss" not in data and "tasks" not in data:
-        raise ValueError(f"{f}: not a `minitron evaluate` results file (no 'loss' or 'tasks')")
-    ck = data.get("checkpoint")
-    row = Row(label, "evaluate", _params_of(ck) if ck else None,
-              {"final": float(data["loss"])} if "loss" in data else {}, task_scores(data))
-    row.seconds = float(data["seconds"]) if data.get("seconds") is not None else None
-    row.task_table = task_rows({"final": data})
+    ev = read_eval(f)
+    row = Row(label, "evaluate", _params_of(ev.checkpoint) if ev.checkpoint else None,
+              {"final": ev.loss} if ev.loss is not None else {}, ev.task_scores())
+    row.seconds = ev.seconds
+    row.task_table = task_rows({"final": ev.raw})
     return row
 
 
@@ -184,11 +164,11 @@ def load_run(path, label: str | None = None) -> list[Row]:
     if p.is_file():
         return [_evaluate_row(p, label)]
     if p.is_dir():
-        if (p / "summary.json").is_file() or _round_dirs(p):
+        if (p / SUMMARY).is_file() or _round_dirs(p):
             return _pipeline_rows(p, label)
         if _is_round(p):  # one round directory of a pipeline
             return [_round_row(p, label, {})]
-        if (p / "metrics.jsonl").is_file():
+        if (p / METRICS).is_file():
             return [_training_row(p, label)]
         if (p / "eval_results.json").is_file():
             return [_evaluate_row(p / "eval_results.json", label)]
@@ -286,7 +266,5 @@ def write_comparison(paths, output="report_compare.md") -> tuple[Path, Path | No
     else:
         lines += ["No loss curves: none of the runs has a metrics.jsonl.", ""]
     lines += ["Runs:", ""] + [f"- `{p}`" for p in paths] + [""]
-    from ..runs import write_text_atomic
-
-    write_text_atomic(out, "\n".join(lines))
+    write_markdown(out, lines, final_newline=False)
     return out, png

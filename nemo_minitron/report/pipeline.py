@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..artifacts.reports import write_markdown
 from ..evaluate.judge import fmt_acc, fmt_ratio, mean_retained
 from .plots import plot_training
 
@@ -83,8 +84,4 @@ def write_report(out: Path, summary: dict) -> Path:
     elif summary.get("stage_seconds"):
         lines += ["## Stage times (this invocation)", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in summary["stage_seconds"].items()]
-    path = out / "report.md"
-    from ..runs import write_text_atomic
-
-    write_text_atomic(path, "\n".join(lines) + "\n")
-    return path
+    return write_markdown(out / "report.md", lines)

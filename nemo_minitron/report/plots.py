@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..artifacts.metrics import read_metrics
+from ..artifacts.reports import write_png
+
 
 def _plt():
     import matplotlib
@@ -12,14 +15,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def save_png(fig, path) -> Path:
-    """``fig`` as a PNG at ``path``, atomically: a process killed while saving leaves the old
-    picture or none, never a truncated one."""
-    from ..runs import write_atomic
-
-    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def plot_importance(imp, path, *, dropped_layers=(), title: str = "") -> Path:
@@ -44,7 +39,7 @@ def plot_importance(imp, path, *, dropped_layers=(), title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    save_png(fig, path)
+    write_png(path, fig)
     plt.close(fig)
     return Path(path)
 
@@ -61,16 +56,14 @@ def plot_depth_curve(values, n: int, path, ylabel: str = "validation loss") -> P
            ylabel=ylabel)
     ax.legend()
     fig.tight_layout()
-    save_png(fig, path)
+    write_png(path, fig)
     plt.close(fig)
     return Path(path)
 
 
 def plot_training(metrics_jsonl, path, title: str = "") -> Path:
     """Training loss terms per step and validation loss from a run's metrics.jsonl."""
-    import json
-
-    rows = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
+    rows = read_metrics(metrics_jsonl)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4))
     for key, style in (("loss", "-"), ("kd", "--"), ("lm", ":")):
@@ -83,7 +76,7 @@ def plot_training(metrics_jsonl, path, title: str = "") -> Path:
     ax.set(xlabel="step", ylabel="loss", title=title or "training")
     ax.legend()
     fig.tight_layout()
-    save_png(fig, path)
+    write_png(path, fig)
     plt.close(fig)
     return Path(path)
 
@@ -106,6 +99,6 @@ def plot_loss_curves(curves, path, title: str = "loss curves") -> Path:
     if curves:
         ax.legend(fontsize="small")
     fig.tight_layout()
-    save_png(fig, path)
+    write_png(path, fig)
     plt.close(fig)
     return Path(path)

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..artifacts.reports import write_markdown
 from ..evaluate.judge import fmt_acc
 
 AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
-
-
-def _write(path: Path, lines: list[str]) -> Path:
-    from ..runs import write_text_atomic
-
-    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def prune_report(path, *, source_path, source, target, summary: dict, plots: list[str],
@@ -32,12 +27,13 @@ def prune_report(path, *, source_path, source, target, summary: dict, plots: lis
     lines += ["", f"Dropped layers: {dropped if dropped else 'none'}  ",
               f"Kept: {summary['target_params'] / summary['source_params']:.1%} of the parameters.", ""]
     lines += [f"![{Path(p).stem}]({p})" for p in plots]
-    return _write(path, lines)
+    return write_markdown(path, lines)
 
 
 def training_report(run_dir, *, stage: str, result: dict, student: str, teacher: str | None,
                     student_params: int, teacher_params: int | None, tokens: int) -> Path:
     """Steps, tokens, final validation loss and the loss curves of a distill/finetune run."""
+    from ..artifacts.metrics import METRICS
     from .plots import plot_training
 
     run_dir = Path(run_dir)
@@ -48,10 +44,10 @@ def training_report(run_dir, *, stage: str, result: dict, student: str, teacher:
     lines += [f"Steps: {result['steps']}, {tokens:,} training tokens  ",
               f"Final validation loss: {result['val_loss']:.4f}  ",
               f"Final student: `{result['final']}`", ""]
-    if (run_dir / "metrics.jsonl").is_file():
-        plot_training(run_dir / "metrics.jsonl", run_dir / "training.png", title=f"{stage}: loss")
+    if (run_dir / METRICS).is_file():
+        plot_training(run_dir / METRICS, run_dir / "training.png", title=f"{stage}: loss")
         lines += ["![training](training.png)", ""]
-    return _write(run_dir / "report.md", lines)
+    return write_markdown(run_dir / "report.md", lines)
 
 
 def _num(x, digits: int = 3) -> str:
@@ -76,4 +72,4 @@ def evaluate_report(path, result: dict) -> Path:
         settings = result["tasks"].get("settings")
         if settings:
             lines += ["", f"Settings: {settings}"]
-    return _write(path, lines)
+    return write_markdown(path, lines)

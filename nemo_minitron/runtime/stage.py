@@ -17,6 +17,7 @@ import torch
 import torch.distributed as tdist
 
 from ..arch import Arch
+from ..artifacts import atomic
 from ..convert import checkpoint as ckpt
 from ..convert.weights import EMBED, from_megatron, to_megatron
 from . import dist
@@ -158,8 +159,7 @@ def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | No
     err = None
     if rank0:
         try:
-            final, tmp = ckpt.prepare_output(path, overwrite)
-            tmp.mkdir(parents=True)
+            final, tmp = atomic.begin_dir(path, overwrite)
         except (FileExistsError, OSError) as e:
             err, final, tmp = str(e), None, None
     final, tmp, err = dist.broadcast_from_rank0((final, tmp, err) if rank0 else None)
@@ -187,7 +187,7 @@ def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | No
             ckpt.write_meta(tmp, arch or stage.arch, merged, provenance or {})
             for name, writer in (extra_files or {}).items():
                 writer(tmp / name)
-            ckpt.commit_output(tmp, final)
+            atomic.commit_dir(tmp, final)
     finally:
         dist.end_collective_write(tmp, rank0)
     return final

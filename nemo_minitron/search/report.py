@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..artifacts.reports import write_markdown, write_png
+
 
 def _f(v, fmt="{:.3f}"):
     return "—" if v is None else fmt.format(v)
 
 
 def plot_search(results: list[dict], path: Path, title: str = "") -> Path:
-    from ..report.plots import _plt, save_png
+    from ..report.plots import _plt
 
     plt = _plt()
     done = [r for r in results if r.get("val_loss") is not None]
@@ -38,7 +40,7 @@ def plot_search(results: list[dict], path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    save_png(fig, path)
+    write_png(path, fig)
     plt.close(fig)
     return path
 
@@ -95,6 +97,4 @@ def write_search_report(out: Path, summary: dict) -> Path:
     if any(r.get("val_loss") is not None for r in results):
         plot_search(results, out / "search.png")
         lines += ["![search](search.png)", ""]
-    from ..runs import write_text_atomic
-
-    return write_text_atomic(out / "search.md", "\n".join(lines) + "\n")
+    return write_markdown(out / "search.md", lines)

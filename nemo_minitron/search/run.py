@@ -27,17 +27,18 @@ import json
 import logging
 from pathlib import Path
 
+from ..artifacts.evaluation import read_eval
+from ..artifacts.search_files import (DIVERGED, Chosen, Diverged, read_diverged, write_candidates,
+                                      write_chosen, write_diverged)
 from ..config.schema import DistillJob, PruneJob
 from ..convert import checkpoint as ckpt
 from ..distill.guard import TrainingDiverged
-from ..runs import Stages, complete, kd_spec, task_scores, with_checkpoint, write_json
+from ..runs import Stages, complete, kd_spec, on_rank0, with_checkpoint
 from .rank import kendall_tau, rank_results
 from .report import write_search_report
 from .space import counted, describe_empty, enumerate_candidates, select
 
 log = logging.getLogger(__name__)
-
-DIVERGED = "diverged.json"  # in a candidate's training run directory: that training diverged
 
 
 def plan_candidates(job):
@@ -80,9 +81,9 @@ def run_search(job) -> dict:
               "source_params": counted(src.arch, s),
               "tolerance": s.tolerance}
     selected = {c.index for c in chosen}
-    write_json(out / "candidates.json", {
+    on_rank0(lambda: write_candidates(out, {
         "source": str(src.path), **budget,
-        "candidates": [{**c.to_dict(), "selected": c.index in selected} for c in found]})
+        "candidates": [{**c.to_dict(), "selected": c.index in selected} for c in found]}))
     if dist.is_rank0():
         log.info("search: %d architectures within %.0f%% of the budget; training %d: %s",
                  len(found), 100 * s.tolerance, len(chosen), ", ".join(c.name() for c in chosen))
@@ -105,7 +106,7 @@ def run_search(job) -> dict:
         settings = json.loads(json.dumps(dataclasses.asdict(dj.train), default=str))
         marker = run_dir / DIVERGED
         if marker.is_file():
-            if json.loads(marker.read_text()).get("train") == settings:
+            if read_diverged(run_dir).train == settings:
                 if dist.is_rank0():
                     log.info("[%s] diverged in an earlier run with these train settings, skipped",
                              label)
@@ -121,7 +122,8 @@ def run_search(job) -> dict:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 log.warning("[%s] diverged; this candidate is left out of the ranking: %s",
                             label, e)
-            write_json(marker, {"message": str(e), "train": settings})
+            record = Diverged(str(e), settings)
+            on_rank0(lambda: write_diverged(run_dir, record))
             return False
         return True
 
@@ -176,12 +178,13 @@ def run_search(job) -> dict:
     if any("confirm_rank" in r for r in results):
         best = min((r for r in results if "confirm_rank" in r), key=lambda r: r["confirm_rank"])
     cd = out / f"cand_{best['index']}"
-    chosen_info = {"index": best["index"], "name": best["name"], "target": best["target"],
-                   "params": best["params"], "pruned": str(cd / "pruned"),
-                   "distilled": str(cd / ("confirm" if "confirm_rank" in best else "distill") / "final"),
-                   "plan": str(cd / "pruned" / "plan.json"), "rank_by": s.rank_by}
-    summary["chosen"] = chosen_info
-    write_json(out / "chosen.json", chosen_info)
+    chosen_info = Chosen(
+        index=best["index"], name=best["name"], target=best["target"], params=best["params"],
+        pruned=str(cd / "pruned"),
+        distilled=str(cd / ("confirm" if "confirm_rank" in best else "distill") / "final"),
+        plan=str(cd / "pruned" / "plan.json"), rank_by=s.rank_by)
+    summary["chosen"] = chosen_info.to_dict()
+    on_rank0(lambda: write_chosen(out, chosen_info))
     if dist.is_rank0():
         write_search_report(out, summary)
         log.info("search: chosen candidate %d %s (%.1fM parameters); table: %s", best["index"],
@@ -198,14 +201,14 @@ def collect(out: Path, chosen, rank_by: str) -> list[dict]:
         for key, name in (("pruned_loss", "eval_pruned.json"), ("val_loss", "eval.json"),
                           ("confirm_loss", "eval_confirm.json")):
             if (cd / name).is_file():
-                res = json.loads((cd / name).read_text())
-                row[key] = res["loss"]
-                tasks = task_scores(res)
+                res = read_eval(cd / name)
+                row[key] = res.loss
+                tasks = res.task_scores()
                 if tasks:
                     row[key.replace("loss", "tasks")] = tasks
         for key, run in (("diverged", "distill"), ("confirm_diverged", "confirm")):
             if (cd / run / DIVERGED).is_file():
-                row[key] = json.loads((cd / run / DIVERGED).read_text())["message"]
+                row[key] = read_diverged(cd / run).message
         rows.append(row)
     return rank_results(rows, rank_by)
 

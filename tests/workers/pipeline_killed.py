@@ -24,16 +24,16 @@ def die():
 def kill_at(point: str) -> None:
     kind, _, where = point.partition(":")
     if kind == "commit":
-        from nemo_minitron.convert import checkpoint as ckpt
+        from nemo_minitron.artifacts import atomic
 
-        real_commit = ckpt.commit_output
+        real_commit = atomic.commit_dir
 
         def commit(tmp, final):
             if str(final).endswith(where):
                 die()
             return real_commit(tmp, final)
 
-        ckpt.commit_output = commit
+        atomic.commit_dir = commit
     elif kind == "step":
         from nemo_minitron.distill import loop
 
@@ -47,16 +47,16 @@ def kill_at(point: str) -> None:
 
         loop.Logger.write = write
     elif kind == "result":
-        from nemo_minitron import runs
+        from nemo_minitron.artifacts import atomic
 
-        real_atomic = runs.write_atomic
+        real_atomic = atomic.write_file
 
-        def write_atomic(path, write):
+        def write_file(path, write):
             if str(path).endswith(where):
                 return real_atomic(path, lambda tmp: (write(tmp), die()))
             return real_atomic(path, write)
 
-        runs.write_atomic = write_atomic
+        atomic.write_file = write_file
     elif point != "none":
         raise SystemExit(f"unknown kill point {point!r}")
 
