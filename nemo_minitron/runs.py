@@ -95,12 +95,6 @@ def with_checkpoint(model, checkpoint):
     return dataclasses.replace(model, checkpoint=str(checkpoint))
 
 
-def kd_spec(kd) -> dict:
-    """The loss settings `distill.loop.train` takes from a KDConfig."""
-    return dict(logit_weight=kd.logit_weight, lm_weight=kd.lm_weight, temperature=kd.temperature,
-                kind=kd.kind, top_k=kd.top_k, chunk_tokens=kd.chunk_tokens)
-
-
 def task_scores(result: dict, metric: str = "acc_norm") -> dict[str, float]:
     """Per-task ``metric`` of an evaluation result ({} without tasks)."""
     return {t: float(r[metric]) for t, r in result.get("tasks", {}).get("results", {}).items()

@@ -30,7 +30,7 @@ from pathlib import Path
 from ..config.schema import DistillJob, PruneJob, PruneTargetConfig
 from ..convert import checkpoint as ckpt
 from ..distill.guard import TrainingDiverged
-from ..runs import Stages, complete, kd_spec, task_scores, with_checkpoint, write_json
+from ..runs import Stages, complete, task_scores, with_checkpoint, write_json
 from .rank import kendall_tau, rank_results
 from .report import write_search_report
 from .space import Space, counted, describe_empty, enumerate_candidates, select
@@ -76,7 +76,7 @@ def plan_candidates(job):
 
 
 def run_search(job) -> dict:
-    from ..distill.loop import train
+    from ..distill.trainer import train
     from ..pruning.run import calibrate_to, prune
     from ..runtime import dist
 
@@ -125,7 +125,7 @@ def run_search(job) -> dict:
                 marker.unlink()
         try:
             stages.run(label, complete(run_dir / "final"),
-                       lambda: train(dj, str(teacher), kd_spec(job.kd), "search"))
+                       lambda: train(dj, "search"))
         except TrainingDiverged as e:  # raised alike on every rank
             if dist.is_rank0():
                 run_dir.mkdir(parents=True, exist_ok=True)
