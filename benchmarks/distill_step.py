@@ -54,7 +54,8 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from nemo_minitron.distill.loop import LossSpec, make_loss_func
+    from nemo_minitron.config.schema import KDConfig
+    from nemo_minitron.distill.objective import Objective
     from nemo_minitron.distill.pair import DistillPair
     from nemo_minitron.runtime.stage import load_checkpoint
 
@@ -66,8 +67,8 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
                                                  params_dtype=student.config.params_dtype), [ddp])
     vocab = student.arch.vocab_size
 
-    def run(pair, spec):
-        loss_func = make_loss_func(spec)
+    def run(pair, objective):
+        loss_func = objective.loss_func
 
         def step(it, model):
             b = next(it)
@@ -82,8 +83,8 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
     kd_pair = DistillPair(ddp, teacher.model, student.arch.hidden_size, teacher.arch.hidden_size,
                           student.config)
     lm_pair = DistillPair(ddp, None, student.arch.hidden_size, 0, student.config)
-    kd_spec = LossSpec(vocab_size=vocab, logit_weight=1.0, lm_weight=0.0, chunk_tokens=args.chunk)
-    lm_spec = LossSpec(vocab_size=vocab, logit_weight=0.0, lm_weight=1.0, chunk_tokens=args.chunk)
+    kd_objective = Objective(KDConfig(logit_weight=1.0, lm_weight=0.0, chunk_tokens=args.chunk), vocab)
+    lm_objective = Objective(None, vocab)  # the LM loss alone
 
     def teacher_forward():
         with torch.no_grad():
@@ -91,10 +92,10 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
             teacher.model(batch["tokens"], batch["position_ids"], None)
 
     def student_step():
-        ddp.zero_grad_buffer(); opt.zero_grad(); run(lm_pair, lm_spec); opt.step()
+        ddp.zero_grad_buffer(); opt.zero_grad(); run(lm_pair, lm_objective); opt.step()
 
     def distill_step():
-        ddp.zero_grad_buffer(); opt.zero_grad(); run(kd_pair, kd_spec); opt.step()
+        ddp.zero_grad_buffer(); opt.zero_grad(); run(kd_pair, kd_objective); opt.step()
 
     out = {"teacher": teacher_forward, "student": student_step, "kd": distill_step}
     if profile_dir:

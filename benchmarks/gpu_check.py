@@ -19,7 +19,7 @@ CPU dry run "not applicable on CPU: <why>") or "failed: <error>", and the others
 
 Everything goes through the project's runtime: models from an Arch (runtime.stage), weights moved
 between specs through the canonical weight map, calibration hooks (importance), the distillation
-pair and loss (distill.pair, distill.loop). Writes summary.json and summary.md under --out.
+pair and loss (distill.pair, distill.objective). Writes summary.json and summary.md under --out.
 """
 
 from __future__ import annotations
@@ -53,11 +53,13 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # n
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
 from nemo_minitron.arch import Arch  # noqa: E402
-from nemo_minitron.distill.loop import LossSpec, make_loss_func, reduce_reports  # noqa: E402
+from nemo_minitron.config.schema import KDConfig  # noqa: E402
+from nemo_minitron.distill.objective import Objective, reduce_reports  # noqa: E402
 from nemo_minitron.distill.pair import DistillPair  # noqa: E402
 from nemo_minitron.importance.calibrate import batches_forward_loop, calibrate  # noqa: E402
 from nemo_minitron.pruning.select import Targets, make_plan  # noqa: E402
 from nemo_minitron.runtime import dist  # noqa: E402
+from nemo_minitron.runtime.parallel import current  # noqa: E402
 from nemo_minitron.runtime.forward import gather_logits, on_device, run_forward  # noqa: E402
 from nemo_minitron.runtime.stage import build_stage, gather_canonical, load_state  # noqa: E402
 
@@ -240,8 +242,9 @@ def distill_run(ctx, deadline: float, fp8: str | None) -> dict:
     pairs = {"kd": DistillPair(ddp, teacher.model, s.student.hidden_size, s.teacher.hidden_size,
                                student.config),
              "lm": DistillPair(ddp, None, s.student.hidden_size, 0, student.config)}
-    specs = {"kd": LossSpec(vocab_size=vocab, logit_weight=1.0, lm_weight=0.0, chunk_tokens=1024),
-             "lm": LossSpec(vocab_size=vocab, logit_weight=0.0, lm_weight=1.0, chunk_tokens=1024)}
+    specs = {"kd": Objective(KDConfig(logit_weight=1.0, lm_weight=0.0, chunk_tokens=1024), vocab),
+             "lm": Objective(None, vocab)}  # the LM loss alone
+    par = current()  # tp=1: no vocabulary group
     for pair in pairs.values():
         pair.config.no_sync_func = ddp.no_sync
         pair.config.finalize_model_grads_func = \
@@ -250,7 +253,7 @@ def distill_run(ctx, deadline: float, fp8: str | None) -> dict:
     fwd_bwd = get_forward_backward_func()
 
     def train_step(kind: str, batch: dict) -> float:
-        loss_func = make_loss_func(specs[kind])
+        loss_func = specs[kind].loss_func
 
         def step(it, model):
             b = next(it)
@@ -264,7 +267,7 @@ def distill_run(ctx, deadline: float, fp8: str | None) -> dict:
                           num_microbatches=1, seq_length=s.seq, micro_batch_size=s.mbs,
                           forward_only=False)
         opt.step()
-        return reduce_reports(reports)["loss"]
+        return reduce_reports(reports, par)["loss"]
 
     batch0 = random_batch(s, vocab, seed=0)
     timing_reserve = 3 * (s.timing_steps + 1) * ctx.step_estimate + 5

@@ -20,14 +20,14 @@ from .artifacts.search_files import CHOSEN, read_chosen
 from .config.schema import (DistillJob, FinetuneJob, PruneJob, RoundConfig, SearchJob)
 from .convert import checkpoint as ckpt
 from .evaluate.judge import mean_retained, task_rows
-from .runs import Stages, complete, kd_spec, on_rank0, with_checkpoint
+from .runs import Stages, complete, on_rank0, with_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def run_pipeline(job) -> dict:
     from . import preflight
-    from .distill.loop import train
+    from .distill.trainer import train
     from .pruning.run import prune
     from .runtime import dist
     from .search.run import run_search
@@ -54,7 +54,7 @@ def run_pipeline(job) -> dict:
                                                    steps=job.pipeline.teacher_correction_steps),
                          output=str(corrected))
         stages.run("teacher correction", complete(corrected / "final"),
-                   lambda: train(ft, None, dict(logit_weight=0.0, lm_weight=1.0), "finetune"))
+                   lambda: train(ft, "finetune"))
         teacher = corrected / "final"
 
     rounds = job.pipeline.rounds or [RoundConfig(target=job.prune.target)]
@@ -85,7 +85,7 @@ def run_pipeline(job) -> dict:
                         data=job.data, train=job.train,
                         kd=dataclasses.replace(job.kd, teacher=str(teacher)), output=str(distilled))
         stages.run(f"round {i}: distill", complete(distilled / "final"),
-                   lambda: train(dj, str(teacher), kd_spec(job.kd), "distill"))
+                   lambda: train(dj, "distill"))
         student = distilled / "final"
         evals = {name: stages.evaluate(f"round {i}: evaluate {name}", ck, rd / f"eval_{name}.json", job)
                  for name, ck in (("teacher", teacher), ("pruned", pruned), ("distilled", student))}

@@ -24,11 +24,6 @@ def complete(path: Path) -> bool:
     return (Path(path) / ckpt.META).is_file()
 
 
-# Names the distillation loop and teacher cache still import; new code calls artifacts.atomic.
-write_atomic = atomic.write_file
-write_text_atomic = atomic.write_text
-
-
 def on_rank0(write) -> None:
     """``write()`` on rank 0; every rank returns once it is done (and the file is there)."""
     from .runtime import dist
@@ -89,9 +84,3 @@ class Stages:
 
 def with_checkpoint(model, checkpoint):
     return dataclasses.replace(model, checkpoint=str(checkpoint))
-
-
-def kd_spec(kd) -> dict:
-    """The loss settings `distill.loop.train` takes from a KDConfig."""
-    return dict(logit_weight=kd.logit_weight, lm_weight=kd.lm_weight, temperature=kd.temperature,
-                kind=kd.kind, top_k=kd.top_k, chunk_tokens=kd.chunk_tokens)

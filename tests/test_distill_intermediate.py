@@ -5,6 +5,7 @@ The reference is independent of megatron: the Hugging Face models the checkpoint
 hooked with plain forward hooks, and ``hidden_state_loss`` on what the hooks saw.
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -74,11 +75,7 @@ def kd_job(t, student, out, steps, kd: KDConfig, corpus="corpus", **train):
                                                   micro_batch_size=MBS, lr=3e-3, min_lr=3e-4,
                                                   warmup_steps=1, log_interval=1, eval_interval=0,
                                                   eval_batches=2, tensorboard=False), **train}),
-                      kd=kd, output=str(t / out))
-
-
-def spec_of(kd: KDConfig) -> dict:
-    return dict(logit_weight=kd.logit_weight, lm_weight=kd.lm_weight, chunk_tokens=16)
+                      kd=dataclasses.replace(kd, chunk_tokens=16), output=str(t / out))
 
 
 def metrics(run):
@@ -109,14 +106,14 @@ def hooked(model, layers):
 def test_hidden_losses_and_gradient_match_a_direct_computation(kd_models, single_rank):
     """Twin student, fixed weights, no logit loss: the reported hidden/emb losses and the step's
     gradient norm equal hidden_state_loss on hooked Hugging Face outputs (2 micro-batches)."""
-    from nemo_minitron.distill.loop import train
+    from nemo_minitron.distill.trainer import train
 
     t, teacher, twin = kd_models
     pairs, wh, we = [[1, 1], [3, 2]], 0.5, 2.0
     kd = KDConfig(teacher=str(t / "teacher"), logit_weight=0.0, hidden_pairs=pairs,
                   hidden_kind="mse", hidden_weight=wh, embedding_weight=we, hidden_dynamic=False)
     job = kd_job(t, "twin", "twin_run", 1, kd, warmup_steps=0)
-    train(job, kd.teacher, dict(spec_of(kd), lm_weight=0.0), "distill")
+    train(job, "distill")
     row = metrics(t / "twin_run")[0]
 
     student = tiny_hf("gqa")
@@ -185,12 +182,11 @@ def test_config_errors_are_clear(kd_models, tmp_path):
     kd_cfg = schema.to_job(cfg).kd
     assert kd_cfg.hidden_pairs == [[21, 29]] and kd_cfg.hidden_dynamic and kd_cfg.hidden_kind == "cosine"
     # train() refuses before loading any model
-    from nemo_minitron.distill.loop import train
+    from nemo_minitron.distill.trainer import train
 
     kd = KDConfig(teacher=str(t / "teacher"), hidden_pairs=[[2, 1]])
     with pytest.raises(ValueError, match="no student layer 2"):
-        train(kd_job(t, "pruned", tmp_path / "never", 1, kd, warmup_steps=0), kd.teacher,
-              spec_of(kd), "distill")
+        train(kd_job(t, "pruned", tmp_path / "never", 1, kd, warmup_steps=0), "distill")
     assert not (tmp_path / "never").exists()
 
 
@@ -210,12 +206,12 @@ def test_depth_pruned_student_learns_hidden_states_and_resumes_exactly(kd_models
     """2-layer, hidden-96 student of a 4-layer, hidden-128 teacher, with projections and dynamic
     alpha: the hidden loss falls, alpha follows the previous step's means, the projections are in
     the training state but not in the student checkpoint, and resuming reproduces the run."""
-    from nemo_minitron.distill.loop import train
+    from nemo_minitron.distill.trainer import train
 
     t, _, _ = kd_models
     kd = KDConfig(teacher=str(t / "teacher"), hidden_pairs=[[0, 1], [1, 3]], embedding_weight=0.5)
     job = kd_job(t, "pruned", "deep", 6, kd, corpus="small", save_interval=3, keep_checkpoints=5)
-    train(job, kd.teacher, spec_of(kd), "distill")
+    train(job, "distill")
     rows = [r for r in metrics(t / "deep") if "hidden" in r]
     hidden = [r["hidden"] for r in rows]
     # 1.61 -> 1.00 here; logit KD alone (alpha = 0) gets the same student only to 1.27
@@ -243,8 +239,7 @@ def test_depth_pruned_student_learns_hidden_states_and_resumes_exactly(kd_models
     (t / "deep_resumed" / "checkpoints").mkdir(parents=True)
     shutil.copytree(t / "deep" / "checkpoints" / "step_0000003",
                     t / "deep_resumed" / "checkpoints" / "step_0000003")
-    train(kd_job(t, "pruned", "deep_resumed", 6, kd, corpus="small", save_interval=3), kd.teacher,
-          spec_of(kd), "distill")
+    train(kd_job(t, "pruned", "deep_resumed", 6, kd, corpus="small", save_interval=3), "distill")
     again = [r for r in metrics(t / "deep_resumed") if "hidden" in r]
     assert [r["step"] for r in again] == [4, 5, 6]
     for a, b in zip(rows[3:], again):

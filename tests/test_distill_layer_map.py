@@ -7,7 +7,7 @@ import pytest
 from nemo_minitron.config.schema import KDConfig
 from nemo_minitron.distill.layer_map import auto_pairs, pairs_from_kept
 
-from test_distill_intermediate import kd_job, kd_models, metrics, spec_of  # noqa: F401
+from test_distill_intermediate import kd_job, kd_models, metrics  # noqa: F401
 
 
 def test_pairs_follow_the_kept_layers():
@@ -35,19 +35,18 @@ def test_errors_name_the_fix(kd_models, tmp_path):
         auto_pairs(t / "twin", t / "teacher", 4, 4)
     with pytest.raises(ValueError, match="keeps 2 of 4 layers, but the student has 3"):
         auto_pairs(t / "pruned", t / "teacher", 3, 4)
-    from nemo_minitron.distill.loop import train
+    from nemo_minitron.distill.trainer import train
 
     kd = KDConfig(teacher=str(t / "twin"), auto_hidden_pairs=True)
     with pytest.raises(ValueError, match="auto_hidden_pairs"):  # before any model is loaded
-        train(kd_job(t, "pruned", tmp_path / "never", 1, kd, warmup_steps=0), kd.teacher,
-              spec_of(kd), "distill")
+        train(kd_job(t, "pruned", tmp_path / "never", 1, kd, warmup_steps=0), "distill")
     assert not (tmp_path / "never").exists()
 
 
 def test_auto_pairs_train_like_the_explicit_list(kd_models, single_rank):
     """A distillation with kd.auto_hidden_pairs=true is step for step the run with the pairs
     written out by hand from plan.json."""
-    from nemo_minitron.distill.loop import train
+    from nemo_minitron.distill.trainer import train
 
     t, _, _ = kd_models
     kept = json.loads((t / "pruned" / "plan.json").read_text())["keep"]["layers"]
@@ -56,7 +55,7 @@ def test_auto_pairs_train_like_the_explicit_list(kd_models, single_rank):
     rows = {}
     for name, kd in (("auto", KDConfig(teacher=str(t / "teacher"), auto_hidden_pairs=True)),
                      ("explicit", KDConfig(teacher=str(t / "teacher"), hidden_pairs=explicit))):
-        train(kd_job(t, "pruned", f"pairs_{name}", 3, kd), kd.teacher, spec_of(kd), "distill")
+        train(kd_job(t, "pruned", f"pairs_{name}", 3, kd), "distill")
         rows[name] = [r for r in metrics(t / f"pairs_{name}") if "hidden" in r]
     assert len(rows["auto"]) == 3 and rows["auto"][0]["hidden"] > 0
     for a, b in zip(rows["auto"], rows["explicit"]):

@@ -87,12 +87,10 @@ def layout_rows(models):
 def reference(t, name, student="student", **kd):
     """The single-process run a layout must follow: (metrics rows, final validation loss)."""
     from distill_layouts import job
-    from nemo_minitron.distill.loop import train
+    from nemo_minitron.distill.trainer import train
 
     with one_thread():
-        res = train(job(t / student, t / "teacher", t / "corpus", t / name, 1, 1, **kd),
-                    str(t / "teacher"), dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16),
-                    "distill")
+        res = train(job(t / student, t / "teacher", t / "corpus", t / name, 1, 1, **kd), "distill")
     return metrics(t / name), res["val_loss"]
 
 
@@ -241,7 +239,7 @@ def test_finished_run_is_left_alone_unless_overwrite(models, single_rank):
     continues from its last checkpoint; overwrite=true trains again from the start."""
     from distill_layouts import job
     from nemo_minitron.config.schema import TrainConfig
-    from nemo_minitron.distill.loop import train
+    from nemo_minitron.distill.trainer import train
 
     t = models
     run = t / "finished"
@@ -259,8 +257,7 @@ def test_finished_run_is_left_alone_unless_overwrite(models, single_rank):
     j.train = TrainConfig(**{**vars(j.train), "save_interval": 1})
     j.overwrite = True
     with one_thread():
-        train(j, str(t / "teacher"), dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16),
-              "distill")
+        train(j, "distill")
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2]
     assert sorted(x.name for x in (run / "checkpoints").iterdir()) == ["step_0000001"]
     assert ckpt.Checkpoint(run / "final").meta["step"] == 2
@@ -268,7 +265,7 @@ def test_finished_run_is_left_alone_unless_overwrite(models, single_rank):
 
 def test_finetune_lowers_loss(models, single_rank):
     from nemo_minitron.config.schema import DataConfig, FinetuneJob, ModelConfig, TrainConfig
-    from nemo_minitron.distill.loop import train
+    from nemo_minitron.distill.trainer import train
 
     t = models
     job = FinetuneJob(model=ModelConfig(checkpoint=str(t / "student")),
@@ -277,7 +274,7 @@ def test_finetune_lowers_loss(models, single_rank):
                                         warmup_steps=1, eval_interval=3, eval_batches=2,
                                         log_interval=1, tensorboard=False),
                       output=str(t / "ft"))
-    res = train(job, None, dict(logit_weight=0.0, lm_weight=1.0), "finetune")
+    res = train(job, "finetune")
     rows = metrics(t / "ft")
     losses = [r["lm"] for r in rows if "lm" in r]
     assert len(losses) == 6 and losses[-1] < losses[0]
@@ -291,13 +288,12 @@ def four_steps(t, out, **train_overrides):
     """4 single-process distillation steps saving at step 2 (resumes from checkpoints under out)."""
     from distill_layouts import job
     from nemo_minitron.config.schema import TrainConfig
-    from nemo_minitron.distill.loop import train
+    from nemo_minitron.distill.trainer import train
 
     j = job(t / "student", t / "teacher", t / "corpus", out, 1, 1, steps=4)
     j.train = TrainConfig(**{**vars(j.train), "save_interval": 2, **train_overrides})
     with one_thread():
-        return train(j, str(t / "teacher"), dict(logit_weight=1.0, lm_weight=0.5,
-                                                 chunk_tokens=16), "distill")
+        return train(j, "distill")
 
 
 def assert_same_weights(a, b, atol):
@@ -378,7 +374,7 @@ def test_bf16_training_resumes_exactly(models, single_rank, sharded):
 
     from distill_layouts import job
     from nemo_minitron.config.schema import TrainConfig
-    from nemo_minitron.distill.loop import train
+    from nemo_minitron.distill.trainer import train
 
     t = models
     name = f"bf16_{'sharded' if sharded else 'plain'}"
@@ -388,8 +384,7 @@ def test_bf16_training_resumes_exactly(models, single_rank, sharded):
         j.model = dataclasses.replace(j.model, dtype="bf16")
         j.train = TrainConfig(**{**vars(j.train), "save_interval": 2,
                                  "distributed_optimizer": sharded})
-        return train(j, str(t / "teacher"), dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16),
-                     "distill")
+        return train(j, "distill")
 
     run(t / name)
     if not (t / "fp32_ref" / "final").exists():
@@ -414,7 +409,7 @@ def test_auto_dtype_follows_fp32(models, single_rank):
 
     from distill_layouts import job
     from nemo_minitron.config.schema import ModelConfig
-    from nemo_minitron.distill.loop import train
+    from nemo_minitron.distill.trainer import train
     from nemo_minitron.runtime.precision import auto_dtype
 
     t = models
@@ -422,7 +417,7 @@ def test_auto_dtype_follows_fp32(models, single_rank):
     j.model = ModelConfig(**{**vars(j.model), "dtype": "auto"})
     assert j.model.dtype == auto_dtype() in ("fp32", "bf16")
     j.train = dataclasses.replace(j.train, save_interval=2)
-    train(j, str(t / "teacher"), dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16), "distill")
+    train(j, "distill")
     if not (t / "fp32_ref" / "final").exists():
         four_steps(t, t / "fp32_ref")
     want = [r["loss"] for r in metrics(t / "fp32_ref") if "loss" in r]

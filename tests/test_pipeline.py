@@ -42,10 +42,10 @@ def setup(tmp_path):
 
 def test_two_rounds_resume_after_interruption(setup, single_rank, monkeypatch):
     from nemo_minitron import pipeline
-    from nemo_minitron.distill import loop
+    from nemo_minitron.distill import trainer
 
     job = make_job(setup)
-    real_train, calls = loop.train, []
+    real_train, calls = trainer.train, []
 
     def failing_train(j, *a, **k):  # the second round's distillation dies mid-pipeline
         calls.append(j.output)
@@ -53,7 +53,7 @@ def test_two_rounds_resume_after_interruption(setup, single_rank, monkeypatch):
             raise RuntimeError("node lost")
         return real_train(j, *a, **k)
 
-    monkeypatch.setattr(loop, "train", failing_train)
+    monkeypatch.setattr(trainer, "train", failing_train)
     with pytest.raises(RuntimeError, match="node lost"):
         pipeline.run_pipeline(job)
     run = setup / "run"
@@ -62,7 +62,7 @@ def test_two_rounds_resume_after_interruption(setup, single_rank, monkeypatch):
     r1 = {k: ckpt.Checkpoint(run / "round1" / "distill" / "final").get(k)
           for k in ckpt.Checkpoint(run / "round1" / "distill" / "final").keys()}
 
-    monkeypatch.setattr(loop, "train", real_train)
+    monkeypatch.setattr(trainer, "train", real_train)
     summary = pipeline.run_pipeline(job)
     assert [k for k in summary["stage_seconds"] if k.startswith("round 1")] == []  # all skipped
     assert "round 2: distill" in summary["stage_seconds"]

@@ -42,12 +42,12 @@ def tiny(tmp_path_factory):
 
 
 def test_search_ranks_confirms_and_resumes(tiny, single_rank, monkeypatch):
-    from nemo_minitron.distill import loop
+    from nemo_minitron.distill import trainer
     from nemo_minitron.pruning import run as prune_run
     from nemo_minitron.search.run import run_search
 
     calls = {"calibrate": 0, "train": []}
-    real_cal, real_train = prune_run.calibrate_to, loop.train
+    real_cal, real_train = prune_run.calibrate_to, trainer.train
 
     def count_cal(*a, **k):
         calls["calibrate"] += 1
@@ -58,7 +58,7 @@ def test_search_ranks_confirms_and_resumes(tiny, single_rank, monkeypatch):
         return real_train(job, *a, **k)
 
     monkeypatch.setattr(prune_run, "calibrate_to", count_cal)
-    monkeypatch.setattr(loop, "train", count_train)
+    monkeypatch.setattr(trainer, "train", count_train)
     out = tiny / "s1"
     job = SearchJob(**common(tiny), search=SearchConfig(**SPACE, confirm_top=2, confirm_steps=3),
                     output=str(out))
@@ -151,7 +151,7 @@ def test_candidates_get_hidden_pairs_of_their_own_depth(tiny, single_rank, caplo
     out = tiny / "s_auto"
     base = common(tiny)
     base["kd"] = KDConfig(chunk_tokens=16, auto_hidden_pairs=True)
-    with caplog.at_level(logging.INFO, logger="nemo_minitron.distill.loop"):
+    with caplog.at_level(logging.INFO, logger="nemo_minitron.distill.trainer"):
         summary = run_search(SearchJob(**base, search=SearchConfig(**SPACE), output=str(out)))
     logged = [r.getMessage() for r in caplog.records if "auto_hidden_pairs" in r.getMessage()]
     want, depths = [], set()
@@ -203,11 +203,11 @@ def test_a_diverging_candidate_is_not_ranked_and_the_rest_are(tiny, single_rank,
     import dataclasses
     import logging
 
-    from nemo_minitron.distill import loop
+    from nemo_minitron.distill import trainer
     from nemo_minitron.distill.guard import TrainingDiverged
     from nemo_minitron.search.run import run_search
 
-    real_train, trained = loop.train, []
+    real_train, trained = trainer.train, []
 
     def unstable(which):
         def train(job, *a, **k):
@@ -220,7 +220,7 @@ def test_a_diverging_candidate_is_not_ranked_and_the_rest_are(tiny, single_rank,
     base = common(tiny)
     out = tiny / "s_diverged"
     job = SearchJob(**base, search=SearchConfig(**{**SPACE, "steps": 4}), output=str(out))
-    monkeypatch.setattr(loop, "train", unstable(lambda o: "cand_1" in o))
+    monkeypatch.setattr(trainer, "train", unstable(lambda o: "cand_1" in o))
     with caplog.at_level(logging.WARNING, logger="nemo_minitron.search.run"):
         summary = run_search(job)
     results = {r["index"]: r for r in summary["results"]}
@@ -237,13 +237,13 @@ def test_a_diverging_candidate_is_not_ranked_and_the_rest_are(tiny, single_rank,
     trained.clear()  # the same settings would diverge again: nothing is trained
     again = run_search(job)
     assert trained == [] and again["chosen"] == summary["chosen"]
-    monkeypatch.setattr(loop, "train", unstable(lambda o: False))
+    monkeypatch.setattr(trainer, "train", unstable(lambda o: False))
     retried = run_search(dataclasses.replace(job, train=dataclasses.replace(job.train, lr=5e-4)))
     assert trained == [str(out / "cand_1" / "distill")]  # another lr: tried again, and ranked
     assert "diverged" not in retried["results"][-1] and len(retried["results"]) == 3
     assert all("rank" in r for r in retried["results"])
 
-    monkeypatch.setattr(loop, "train", unstable(lambda o: True))
+    monkeypatch.setattr(trainer, "train", unstable(lambda o: True))
     with pytest.raises(TrainingDiverged) as e:
         run_search(dataclasses.replace(job, output=str(tiny / "s_all_diverged")))
     msg = str(e.value)

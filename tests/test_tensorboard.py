@@ -5,7 +5,7 @@ import json
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nemo_minitron.distill.loop import Logger
+from nemo_minitron.distill.logger import Logger
 
 
 def test_scalars_match_metrics_jsonl(tmp_path):

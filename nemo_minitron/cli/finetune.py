@@ -1,13 +1,14 @@
 """`minitron finetune`: teacher correction, i.e. LM-loss training of the teacher on the
-distillation corpus before it is pruned and distilled from (same loop as distillation)."""
+distillation corpus before it is pruned and distilled from (the same trainer as distillation,
+without a teacher)."""
 
 from .main import hydra_app
 
 
 def run(job) -> dict:
-    from ..distill.loop import train
+    from ..distill.trainer import train
 
-    return train(job, None, dict(logit_weight=0.0, lm_weight=1.0), "finetune")
+    return train(job, "finetune")
 
 
 def main():

@@ -20,7 +20,7 @@ How the pieces fit
   such pair; a carried student state is already projected and keeps its autograd graph through
   the p2p backward, a carried teacher state is detached), so the values and gradients are those
   of a single-stage run.
-* **Gradient.** The last stage adds that sum to the schedule's loss (``make_loss_func``), so it
+* **Gradient.** The last stage adds that sum to the schedule's loss (``Objective.loss_func``), so it
   gets megatron's normalisation for free. Other stages have no loss function: their sum is
   attached to the tensor the stage sends on with :class:`_AddLossGrad`, an identity whose
   backward also backpropagates the sum with the factor megatron applies to the last stage's loss

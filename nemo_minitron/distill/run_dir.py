@@ -106,7 +106,7 @@ def prepare(run_dir, steps: int, resume: bool, overwrite: bool, tp: int, pp: int
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop metrics.jsonl rows past ``step`` (rank 0): a resumed run logs those steps again."""
-    from ..runs import write_text_atomic
+    from ..artifacts.atomic import write_text
 
     f = Path(run_dir) / "metrics.jsonl"
     if not f.is_file():
@@ -114,7 +114,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     lines = f.read_text(errors="replace").splitlines()
     keep = [x for x in lines if _step_of(x) <= step]
     if len(keep) != len(lines):
-        write_text_atomic(f, "".join(x + "\n" for x in keep))
+        write_text(f, "".join(x + "\n" for x in keep))
 
 
 def _step_of(line: str) -> float:

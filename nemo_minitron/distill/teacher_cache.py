@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..convert import checkpoint as ckpt
-from ..runs import write_atomic, write_text_atomic
+from ..artifacts.atomic import write_file, write_text
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def build(job) -> dict:
         for f in list(out.glob("step_*.safetensors")) + [old]:
             f.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(old, json.dumps(manifest, indent=2))
+    write_text(old, json.dumps(manifest, indent=2))
 
     train_data = PackedSequences(data.prefix, data.seq_length, split="train",
                                  valid_fraction=data.valid_fraction, seed=tr.seed)
@@ -269,7 +269,7 @@ def build(job) -> dict:
             outs = run_forward(teacher, batches, on_logits)
             tensors = {n: torch.cat([o[n] for o in outs]).contiguous()
                        for n in ("sample", "ids", "logp", "log_rest")}
-            write_atomic(out / shard_name(s), lambda tmp: save_file(tensors, str(tmp)))
+            write_file(out / shard_name(s), lambda tmp: save_file(tensors, str(tmp)))
     finally:
         dist.release()
     size = sum(f.stat().st_size for f in out.glob("step_*.safetensors"))

@@ -17,9 +17,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-import torch.distributed as tdist
-
 from . import state_file
 
 STATE = "train_state"
@@ -29,49 +26,44 @@ EXT = ".safetensors"
 OLD_EXT = ".pt"  # the pickle format of earlier versions: refused, never unpickled
 
 
-def _mp_name(prefix: str = "optim", tp_rank: int | None = None, pp_rank: int | None = None) -> str:
-    from megatron.core import parallel_state as ps
+def _mp_name(prefix: str, tp_rank: int, pp_rank: int) -> str:
+    return f"{prefix}-tp{tp_rank}-pp{pp_rank}{EXT}"
 
-    t = ps.get_tensor_model_parallel_rank() if tp_rank is None else tp_rank
-    p = ps.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank
-    return f"{prefix}-tp{t}-pp{p}{EXT}"
+
+def _shard_name(par, prefix: str = "optim") -> str:
+    """This rank's model-parallel shard file (``par``: the run's ``Parallel`` context)."""
+    return _mp_name(prefix, par.tp_rank, par.pp_rank)
 
 
 def _rng_name(rank: int) -> str:
     return f"rng-rank{rank}{EXT}"
 
 
-def _rank() -> int:
-    return tdist.get_rank() if tdist.is_initialized() else 0
-
-
-def writer(optimizer, scheduler, step: int, samples: int, layout: dict, extra: dict | None = None,
-           modules: dict | None = None, named_params: dict | None = None):
+def writer(par, optimizer, scheduler, step: int, samples: int, layout: dict,
+           extra: dict | None = None, modules: dict | None = None,
+           named_params: dict | None = None):
     """A ``per_rank(tmp_dir)`` callback for :func:`~nemo_minitron.runtime.stage.save_checkpoint`.
 
-    ``extra``: JSON-able loop state kept in state.json (the same on every rank); ``modules``:
-    name -> module whose state_dict is saved per model-parallel shard; ``named_params``: the
-    trained parameters by name (needed by the distributed optimizer's DP-independent form)."""
-    from megatron.core import parallel_state as ps
-
+    ``par``: the run's ``Parallel`` context; ``extra``: JSON-able loop state kept in state.json
+    (the same on every rank); ``modules``: name -> module whose state_dict is saved per
+    model-parallel shard; ``named_params``: the trained parameters by name (needed by the
+    distributed optimizer's DP-independent form)."""
     from . import optim_state
 
     def write(tmp: Path) -> None:
         d = tmp / STATE
         d.mkdir(exist_ok=True)
-        dp0 = ps.get_data_parallel_rank() == 0
+        dp0 = par.dp_rank == 0
         if optim_state.is_distributed(optimizer):
             blob = optim_state.gather(optimizer, named_params)  # collective over DP
         else:
             blob = optimizer.state_dict() if dp0 else None
         if dp0:
-            state_file.save(d / _mp_name(), blob)
+            state_file.save(d / _shard_name(par), blob)
             for name, module in (modules or {}).items():
-                state_file.save(d / _mp_name(name), dict(module.state_dict()))
-        state_file.save(d / _rng_name(_rank()), {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
-        if _rank() == 0:
+                state_file.save(d / _shard_name(par, name), dict(module.state_dict()))
+        state_file.save(d / _rng_name(par.rank), par.rng_state())
+        if par.rank == 0:
             (d / "state.json").write_text(json.dumps(
                 {"step": step, "samples": samples, "scheduler": scheduler.state_dict(),
                  "layout": layout, "extra": extra or {}}, indent=2))
@@ -98,32 +90,30 @@ def check_resume(path: Path, tp: int, pp: int, distributed_optimizer: bool) -> d
     return state
 
 
-def load(path: Path, state: dict, optimizer, scheduler, named_params: dict | None = None) -> None:
+def load(par, path: Path, state: dict, optimizer, scheduler,
+         named_params: dict | None = None) -> None:
     """Restore optimizer, scheduler and RNG from checkpoint ``path`` (``state``: its state.json,
-    from :func:`check_resume`)."""
+    from :func:`check_resume`; ``par``: the run's ``Parallel`` context)."""
     from . import optim_state
 
     d = Path(path) / STATE
-    saved = state_file.load(d / _mp_name())
+    saved = state_file.load(d / _shard_name(par))
     if optim_state.is_distributed(optimizer):
         optim_state.scatter(optimizer, saved, named_params)
     else:
         optimizer.load_state_dict(saved)
     scheduler.load_state_dict(state["scheduler"])
-    rng = d / _rng_name(_rank())
+    rng = d / _rng_name(par.rank)
     if rng.exists():  # absent when resuming with more data-parallel ranks than were saved
-        r = state_file.load(rng)
-        torch.set_rng_state(r["cpu"])
-        if r["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(r["cuda"])
+        par.set_rng_state(state_file.load(rng))
 
 
-def load_modules(path: Path, modules: dict) -> None:
+def load_modules(par, path: Path, modules: dict) -> None:
     """Restore modules saved by :func:`writer` (``modules=``) for this model-parallel shard."""
     for name, module in modules.items():
         if not len(list(module.parameters())):
             continue
-        f = Path(path) / STATE / _mp_name(name)
+        f = Path(path) / STATE / _shard_name(par, name)
         if not f.is_file():
             raise ValueError(f"{path} holds no {f.name}: it was written without these {name} "
                              "(were kd.hidden_pairs / kd.embedding_weight changed?); resume with "

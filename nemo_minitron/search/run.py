@@ -33,7 +33,7 @@ from ..artifacts.search_files import (DIVERGED, Chosen, Diverged, read_diverged,
 from ..config.schema import DistillJob, PruneJob
 from ..convert import checkpoint as ckpt
 from ..distill.guard import TrainingDiverged
-from ..runs import Stages, complete, kd_spec, on_rank0, with_checkpoint
+from ..runs import Stages, complete, on_rank0, with_checkpoint
 from .rank import kendall_tau, rank_results
 from .report import write_search_report
 from .space import counted, describe_empty, enumerate_candidates, select
@@ -67,7 +67,7 @@ def plan_candidates(job):
 
 
 def run_search(job) -> dict:
-    from ..distill.loop import train
+    from ..distill.trainer import train
     from ..pruning.run import calibrate_to, prune
     from ..runtime import dist
 
@@ -116,7 +116,7 @@ def run_search(job) -> dict:
                 marker.unlink()
         try:
             stages.run(label, complete(run_dir / "final"),
-                       lambda: train(dj, str(teacher), kd_spec(job.kd), "search"))
+                       lambda: train(dj, "search"))
         except TrainingDiverged as e:  # raised alike on every rank
             if dist.is_rank0():
                 run_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from _emit import emit
 
 from nemo_minitron.config.schema import (DataConfig, DistillJob, KDConfig, ModelConfig,
                                          ParallelConfig, TrainConfig)
-from nemo_minitron.distill.loop import train
+from nemo_minitron.distill.trainer import train
 
 
 # student layers 0, 1 (2 layers) against teacher layers 1, 3 (of 4): under PP=2 each pair sits on
@@ -45,12 +45,12 @@ def main(student, teacher, data, out):
                              ("tp2_hidden", 2, 1, HIDDEN_KD), ("pp2_hidden", 1, 2, HIDDEN_KD),
                              ("pp2_dynamic", 1, 2, DYNAMIC_KD), ("pp2_cross", 1, 2, CROSS_KD),
                              ("pp2_cross_dynamic", 1, 2, CROSS_DYNAMIC_KD)):
-        run(name, job(student, teacher, data, f"{out}/{name}", tp, pp, **kd), teacher)
+        run(name, job(student, teacher, data, f"{out}/{name}", tp, pp, **kd))
 
 
-def run(name, j, teacher):
+def run(name, j):
     """Train ``j`` and emit its per-step metrics (rank 0) as the row of layout ``name``."""
-    res = train(j, teacher, dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16), "distill")
+    res = train(j, "distill")
     if torch.distributed.get_rank() == 0:
         rows = [json.loads(x) for x in (Path(j.output) / "metrics.jsonl").read_text().splitlines()]
         keys = ("loss", "grad_norm", "hidden", "emb", "alpha")

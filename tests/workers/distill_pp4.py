@@ -17,7 +17,7 @@ PP4_KD = dict(hidden_pairs=[[0, 3], [3, 1], [1, 2], [2, 2]], embedding_weight=0.
 
 
 def main(student, teacher, data, out):
-    run("pp4_cross", job(student, teacher, data, out, 1, 4, **PP4_KD), teacher)
+    run("pp4_cross", job(student, teacher, data, out, 1, 4, **PP4_KD))
 
 
 if __name__ == "__main__":

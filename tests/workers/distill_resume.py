@@ -18,14 +18,14 @@ from distill_layouts import job
 
 from nemo_minitron.config.schema import TrainConfig
 from nemo_minitron.convert import checkpoint as ckpt
-from nemo_minitron.distill.loop import train
+from nemo_minitron.distill.trainer import train
 
 
 def run_once(student, teacher, data, run, mode):
     j = job(student, teacher, data, run, 1, 1, steps=4)
     j.train = TrainConfig(**{**vars(j.train), "save_interval": 2,
                              "distributed_optimizer": mode == "distributed"})
-    return train(j, teacher, dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16), "distill")
+    return train(j, "distill")
 
 
 def main(student, teacher, data, run, mode="replicated", again=None):

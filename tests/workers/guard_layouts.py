@@ -20,10 +20,7 @@ from distill_layouts import job
 from nemo_minitron.config.schema import TrainConfig
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.distill.guard import TrainingDiverged
-from nemo_minitron.distill.loop import train
-
-SPEC = dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16)
-
+from nemo_minitron.distill.trainer import train
 
 def make(student, teacher, data, out, tp, pp, dtype="fp32", steps=4, **train_kw):
     j = job(student, teacher, data, str(out), tp, pp, steps=steps)
@@ -39,13 +36,13 @@ def main(student, teacher, data, out):
         for variant, dtype, sharded in (("fp32_distributed", "fp32", True), ("bf16", "bf16", False)):
             name = f"{layout}_{variant}"
             train(make(student, teacher, data, out / name, tp, pp, dtype,
-                       distributed_optimizer=sharded), teacher, SPEC, "distill")
+                       distributed_optimizer=sharded), "distill")
             if rank0:
                 saved = out / name / "checkpoints" / "step_0000002"
                 shutil.copytree(saved, out / f"{name}_resumed" / "checkpoints" / saved.name)
             tdist.barrier()
             res = train(make(student, teacher, data, out / f"{name}_resumed", tp, pp, dtype,
-                             distributed_optimizer=sharded), teacher, SPEC, "distill")
+                             distributed_optimizer=sharded), "distill")
             if rank0:
                 a = ckpt.Checkpoint(out / name / "final")
                 b = ckpt.Checkpoint(res["final"])
@@ -55,8 +52,7 @@ def main(student, teacher, data, out):
     message = None
     try:
         train(make(student, teacher, data, out / "diverged", 1, 2, steps=30, lr=1e6, min_lr=0.0,
-                   save_interval=1, keep_checkpoints=2, skip_nonfinite_steps=1),
-              teacher, SPEC, "distill")
+                   save_interval=1, keep_checkpoints=2, skip_nonfinite_steps=1), "distill")
     except TrainingDiverged as e:
         message = str(e)
     emit({"case": "diverged", "rank": tdist.get_rank(), "message": message})

@@ -35,17 +35,17 @@ def kill_at(point: str) -> None:
 
         atomic.commit_dir = commit
     elif kind == "step":
-        from nemo_minitron.distill import loop
+        from nemo_minitron.distill import logger
 
         run, _, n = where.rpartition("@")
-        real_write = loop.Logger.write
+        real_write = logger.Logger.write
 
         def write(self, step, metrics):
             if self.file and self.file.name.endswith(f"{run}/metrics.jsonl") and step == int(n):
                 die()
             return real_write(self, step, metrics)
 
-        loop.Logger.write = write
+        logger.Logger.write = write
     elif kind == "result":
         from nemo_minitron.artifacts import atomic
 
