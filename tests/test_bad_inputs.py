@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_hf, tiny_tokenizer
+from tests.helpers import tiny_hf, tiny_tokenizer
 from nemo_minitron.cli.main import main as cli_main
 from nemo_minitron.runtime import model as rmodel
 

@@ -7,7 +7,6 @@ hooked with plain forward hooks, and ``hidden_state_loss`` on what the hooks saw
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +22,7 @@ from nemo_minitron.distill.intermediate import check_pairs, pruned_keep_index
 from nemo_minitron.pruning.apply import apply_plan
 from nemo_minitron.pruning.select import Targets, make_plan, random_importance
 
-from conftest import tiny_hf, tiny_tokenizer
-from test_prune_run import tiny_corpus
+from tests.helpers import metrics, tiny_corpus, tiny_hf, tiny_tokenizer
 
 SEQ, GBS, MBS = 32, 4, 2
 
@@ -50,21 +48,10 @@ def kd_models(tmp_path_factory):
     plan.meta["parent"] = str(tmp / "teacher")  # as `minitron prune` writes it
     plan.save(tmp / "pruned" / "plan.json")
     tiny_corpus(tmp / "corpus", n_docs=60)
-    small_vocab_corpus(tmp / "small", n_docs=60)
+    # documents over a few dozen token ids: every step sees the same tokens again, so what the
+    # student learns about them on one batch shows on the next (not so over all 1000 ids)
+    tiny_corpus(tmp / "small", n_docs=60, words=24)
     return tmp, teacher, twin
-
-
-def small_vocab_corpus(prefix, n_docs, words=24, seed=0):
-    """Documents over a few dozen token ids: every step sees the same tokens again, so what the
-    student learns about them on one batch shows on the next (not so over all 1000 ids)."""
-    import random
-
-    from nemo_minitron.data.indexed import build_indexed
-
-    rnd = random.Random(seed)
-    docs = [" ".join(f"w{rnd.randrange(2, 2 + words)}" for _ in range(rnd.randrange(20, 80)))
-            for _ in range(n_docs)]
-    build_indexed(docs, tiny_tokenizer(), prefix, progress=False)
 
 
 def kd_job(t, student, out, steps, kd: KDConfig, corpus="corpus", **train):
@@ -79,10 +66,6 @@ def kd_job(t, student, out, steps, kd: KDConfig, corpus="corpus", **train):
 
 def spec_of(kd: KDConfig) -> dict:
     return dict(logit_weight=kd.logit_weight, lm_weight=kd.lm_weight, chunk_tokens=16)
-
-
-def metrics(run):
-    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 def first_step_batches(job):

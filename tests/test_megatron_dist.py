@@ -22,7 +22,7 @@ from nemo_minitron.convert.megatron_dist import (export_megatron, find_checkpoin
                                                  read_common)
 from nemo_minitron.convert.weights import canonical_keys
 
-from conftest import tiny_hf, torchrun
+from tests.helpers import tiny_hf, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def layouts(tmp_path_factory):
     hf = tiny_hf("head_dim")  # GQA, head_dim != hidden/heads, untied
     ckpt.save(root / "src", arch_from_hf_config(hf.config), hf.state_dict(),
               provenance={"stage": "test"})
-    rows = torchrun("megatron_dist.py", 4, root)
+    rows = torchrun("megatron_dist", 4, root)
     (root / "rows.json").write_text(json.dumps(rows))
     return root
 
@@ -144,7 +144,7 @@ def test_export_refuses_to_overwrite(tmp_path, layouts):
 
 def test_cli_export_format_megatron_then_import(layouts, tmp_path):
     """`minitron export format=megatron` and `minitron import` of what it wrote, as processes."""
-    from test_cli import minitron
+    from tests.test_cli import minitron
 
     p = minitron("export", f"model.checkpoint={layouts / 'src'}", f"output={tmp_path}/meg",
                  "format=megatron")

@@ -20,7 +20,7 @@ from nemo_minitron.evaluate.multiple_choice import accuracy, predictions, score_
 from nemo_minitron.evaluate.tasks import Item, load_task
 from nemo_minitron.runtime.stage import load_checkpoint
 
-from conftest import tiny_hf, tiny_tokenizer, torchrun
+from tests.helpers import tiny_hf, tiny_tokenizer, torchrun
 
 
 def hf_request_ids(tok, ctx, cont, max_length):
@@ -290,7 +290,7 @@ def layout_rows(jsonl_task, tmp_path_factory, single_rank):
     single = {"scores": score_items(stage, c.tokenizer(), items, micro_batch_size=5, progress=False),
               "scores_trunc": score_items(stage, c.tokenizer(), items, micro_batch_size=5,
                                           max_length=24, progress=False)}
-    return single, torchrun("mc_layouts.py", 2, path, jsonl_task), items
+    return single, torchrun("mc_layouts", 2, path, jsonl_task), items
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])

@@ -7,16 +7,9 @@ from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.runtime.forward import gather_logits, run_forward
 from nemo_minitron.runtime.stage import build_stage, gather_canonical, load_state
 
-from conftest import tiny_hf
+from tests.helpers import batch, tiny_hf
 
 KINDS = ["gqa", "tied", "head_dim", "llama3_rope", "qwen2", "qwen3", "nemotron", "llama_pruned"]
-
-
-def batch(vocab, b=2, s=24, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (b, s), generator=g)
-    return {"tokens": ids, "position_ids": torch.arange(s).expand(b, s),
-            "labels": torch.roll(ids, -1, 1), "loss_mask": torch.ones(b, s)}
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -10,10 +10,8 @@ from nemo_minitron.config.schema import (DataConfig, EvalConfig, KDConfig, Model
                                          PipelineConfig, PipelineJob, PruneConfig,
                                          PruneTargetConfig, RoundConfig, TrainConfig)
 from nemo_minitron.convert import checkpoint as ckpt
-from nemo_minitron.convert.hf_config import arch_from_hf_config
 
-from conftest import tiny_hf, tiny_tokenizer
-from test_prune_run import tiny_corpus
+from tests.helpers import metrics, tiny_workspace
 
 
 def make_job(tmp):
@@ -33,11 +31,7 @@ def make_job(tmp):
 
 @pytest.fixture()
 def setup(tmp_path):
-    hf = tiny_hf("gqa")
-    ckpt.save(tmp_path / "teacher", arch_from_hf_config(hf.config), hf.state_dict(),
-              tokenizer=tiny_tokenizer())
-    tiny_corpus(tmp_path / "corpus", n_docs=50)
-    return tmp_path
+    return tiny_workspace(tmp_path)
 
 
 def test_two_rounds_resume_after_interruption(setup, single_rank, monkeypatch):
@@ -74,7 +68,7 @@ def test_two_rounds_resume_after_interruption(setup, single_rank, monkeypatch):
     assert r1s["arch"]["hidden_size"] == 96 and r2s["arch"]["num_layers"] == 3
     assert r2s["params"]["student"] < r1s["params"]["student"] < r1s["params"]["teacher"]
     for r in summary["rounds"]:  # (loss falling under KD is tested in test_distill_run)
-        rows = [json.loads(x) for x in (run / r["name"] / "distill" / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics(run / r["name"] / "distill")
         assert len([x["kd"] for x in rows if "kd" in x]) == 4
         assert set(r["val_loss"]) == {"teacher", "pruned", "distilled"}
         p, d = ckpt.Checkpoint(run / r["name"] / "pruned"), ckpt.Checkpoint(r["student"])

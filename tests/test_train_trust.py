@@ -10,14 +10,15 @@ import torch
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.distill.guard import TrainingDiverged
 
-from conftest import torchrun
-from test_distill_run import distill_args, metrics, minitron, models  # noqa: F401 (fixture)
+from tests.helpers import metrics, torchrun
+from tests.helpers.proc import minitron_popen as minitron
+from tests.test_distill_run import distill_args, models  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
 def guard_rows(models):  # noqa: F811
     t = models
-    rows = torchrun("guard_layouts.py", 2, t / "student", t / "teacher", t / "corpus",
+    rows = torchrun("guard_layouts", 2, t / "student", t / "teacher", t / "corpus",
                     t / "guard")
     return rows
 
@@ -76,17 +77,12 @@ def test_pipeline_stops_before_evaluating_or_exporting_a_diverged_student(tmp_pa
     import dataclasses
 
     from nemo_minitron.config.schema import PipelineConfig
-    from nemo_minitron.convert.hf_config import arch_from_hf_config
     from nemo_minitron.pipeline import run_pipeline
 
-    from conftest import tiny_hf, tiny_tokenizer
-    from test_pipeline import make_job
-    from test_prune_run import tiny_corpus
+    from tests.helpers import tiny_workspace
+    from tests.test_pipeline import make_job
 
-    hf = tiny_hf("gqa")
-    ckpt.save(tmp_path / "teacher", arch_from_hf_config(hf.config), hf.state_dict(),
-              tokenizer=tiny_tokenizer())
-    tiny_corpus(tmp_path / "corpus", n_docs=50)
+    tiny_workspace(tmp_path)
     job = make_job(tmp_path)
     job.train = dataclasses.replace(job.train, lr=1e6, min_lr=0.0, steps=12, save_interval=1)
     job.pipeline = PipelineConfig(rounds=job.pipeline.rounds[:1])
@@ -118,7 +114,7 @@ class Payload:
 
 def two_steps(t, out):
     """2 single-process steps saving a checkpoint after step 1 (resumes from one under out)."""
-    from test_distill_run import four_steps
+    from tests.test_distill_run import four_steps
 
     return four_steps(t, out, steps=2, save_interval=1)
 

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-from _emit import emit
-from distill_layouts import job
 
 from nemo_minitron.config.schema import TrainConfig
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.distill.guard import TrainingDiverged
 from nemo_minitron.distill.loop import train
+
+from tests.workers._emit import emit
+from tests.workers.distill_layouts import job
 
 SPEC = dict(logit_weight=1.0, lm_weight=0.5, chunk_tokens=16)
 
