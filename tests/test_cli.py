@@ -112,6 +112,7 @@ def test_multirun_sweeps_an_override(hf_dir, tmp_path):
     assert str(AutoConfig.from_pretrained(tmp_path / "hf_fp32").dtype).endswith("float32")
 
 
+@pytest.mark.real_model
 def test_evaluate_with_tasks(tmp_path):
     import json
 

@@ -364,6 +364,7 @@ def test_check_vocab():
         L.check_vocab(100, 100, 99, 128)
 
 
+@pytest.mark.multirank
 def test_tensor_parallel_two_ranks():
     """TP=2 over gloo: values and each rank's gradient shard equal the TP=1 computation."""
     rows = torchrun("kl_tp", 2, timeout=300)

@@ -98,6 +98,7 @@ def assert_follows(row, ref_rows, ref_val, keys=("loss", "grad_norm")):
     assert row["val_loss"] == pytest.approx(ref_val, rel=1e-4)
 
 
+@pytest.mark.multirank
 def test_layouts_follow_single_process(models, layout_rows, single_rank):
     ref, ref_val = reference(models, "ref")
     loss = [r["loss"] for r in ref if "loss" in r]
@@ -106,6 +107,7 @@ def test_layouts_follow_single_process(models, layout_rows, single_rank):
         assert_follows(layout_rows[name], ref, ref_val)
 
 
+@pytest.mark.multirank
 def test_intermediate_losses_follow_single_process_at_tp2_and_pp2(models, layout_rows, single_rank):
     """Hidden-state pairs on both pipeline stages plus the embedding loss (stage 0), with learned
     projections (hidden 96 -> 128): TP=2 and PP=2 follow TP=PP=1 in the losses, the gradient norm
@@ -123,6 +125,7 @@ def test_intermediate_losses_follow_single_process_at_tp2_and_pp2(models, layout
     assert_follows(layout_rows["pp2_dynamic"], ref, ref_val, keys)
 
 
+@pytest.mark.multirank
 def test_cross_stage_pairs_follow_single_process_at_pp2(models, layout_rows, single_rank):
     """Pairs split over the two PP=2 stages in both directions (a projected student state and a
     teacher state carried from stage 0 to stage 1) next to a stage-0 pair and the embedding loss:
@@ -141,6 +144,7 @@ def test_cross_stage_pairs_follow_single_process_at_pp2(models, layout_rows, sin
         assert_follows(layout_rows[name], ref, ref_val, keys)
 
 
+@pytest.mark.multirank
 def test_cross_stage_pairs_follow_single_process_at_pp4(models, single_rank):
     """One layer per stage (a width-pruned 4-layer student): states carried through stages that
     only pass them on, and a carried pair's loss on a non-last stage, follow TP=PP=1."""
@@ -309,6 +313,7 @@ def assert_same_run(a, b, steps):
                         adam_bound([ra[s]["lr"] for s in steps], first_step=steps[0]))
 
 
+@pytest.mark.multirank
 def test_resume_at_a_different_dp_size(models, single_rank):
     """Saved at DP=1 after 2 of 4 steps, finished at DP=2: same weights as an all-DP=1 run."""
     import shutil
@@ -324,6 +329,7 @@ def test_resume_at_a_different_dp_size(models, single_rank):
     assert [r["step"] for r in rows if "loss" in r] == [3, 4]  # only the remaining steps ran
 
 
+@pytest.mark.multirank
 def test_distributed_optimizer_shards_resume_at_another_dp_size(models, single_rank):
     """The distributed optimizer at DP=2 follows the plain DP=1 run; its step-2 checkpoint (the
     DP shards gathered by parameter name) finishes at DP=2 bit-identical and at DP=1 to the

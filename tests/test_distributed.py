@@ -13,6 +13,8 @@ from nemo_minitron.convert.hf_config import arch_from_hf_config
 
 from tests.helpers import tiny_hf, torchrun
 
+pytestmark = pytest.mark.multirank
+
 
 def reference(hf, arch, tmp, name):
     """Save a checkpoint of ``hf`` and its logits/loss on 4 random batches; returns the mean loss."""

@@ -161,6 +161,7 @@ def multi_rank(tmp_path_factory, single_rank):
     return tmp, rows
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("fam", ["qwen3", "nemotron"])
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_multi_rank_logit_parity(multi_rank, fam, layout):
@@ -170,6 +171,7 @@ def test_multi_rank_logit_parity(multi_rank, fam, layout):
     assert deltas and max(deltas) <= TOL, f"{fam} {layout}: {deltas}"
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("fam", ["qwen3", "nemotron"])
 def test_multi_rank_pruning_keeps_what_one_process_keeps(multi_rank, fam):
     tmp, _ = multi_rank

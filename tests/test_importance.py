@@ -117,6 +117,7 @@ def layouts(tmp_path_factory, single_rank):
     return tmp, ref, rows
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_same_importance_at_every_layout(layouts, layout):
     tmp, ref, rows = layouts

@@ -196,6 +196,7 @@ def test_generate_until_is_greedy_with_stop_strings(tiny, tiny_lm):
     assert out == [cut] and len(cut) < len(full)
 
 
+@pytest.mark.multirank
 def test_greedy_flags_at_tp2_and_pp2(tmp_path, single_rank):
     """The greedy flag under a vocab-parallel (padded) output layer and a pipeline: TP=2 and
     PP=2 under torchrun agree with one process and with transformers' argmax."""
@@ -284,6 +285,7 @@ def test_missing_checkpoint_is_named(tmp_path):
 # the real SmolLM2 teacher (BPE tokenizer) against transformers
 
 
+@pytest.mark.real_model
 def test_teacher_requests_match_transformers(teacher, hf_teacher, single_rank):
     lm = MinitronLM(checkpoint=str(teacher), batch_size=4)
     try:

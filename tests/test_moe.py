@@ -239,6 +239,7 @@ def multi_rank(tmp_path_factory):
     return tmp, torchrun("moe", 2, tmp, tmp / "corpus")
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layout", ["ep2", "tp2", "pp2"])
 def test_multi_rank_logit_parity(multi_rank, kind, layout):
@@ -249,6 +250,7 @@ def test_multi_rank_logit_parity(multi_rank, kind, layout):
     assert {r["local_experts"] for r in mine} == {4 if layout == "ep2" else 8}
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("kind", KINDS)
 def test_expert_parallel_save_gathers_every_expert(multi_rank, kind):
     tmp, _ = multi_rank
@@ -258,6 +260,7 @@ def test_expert_parallel_save_gathers_every_expert(multi_rank, kind):
         assert torch.equal(got.get(k), src.get(k)), k
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("kind", KINDS)
 def test_expert_parallel_prune_keeps_what_one_process_keeps(multi_rank, kind, single_rank):
     """`prune` at EP=2 (calibration batches split over the two data-parallel ranks, experts over

@@ -168,6 +168,7 @@ def real_scores(teacher, hf_teacher, single_rank):
     return res
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("task", REAL_TASKS)
 def test_teacher_matches_transformers(real_scores, task):
     items, ours, ref = real_scores[task]
@@ -293,6 +294,7 @@ def layout_rows(jsonl_task, tmp_path_factory, single_rank):
     return single, torchrun("mc_layouts", 2, path, jsonl_task), items
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_layouts_match_single_process(layout_rows, layout):
     single, rows, items = layout_rows
@@ -306,6 +308,7 @@ def test_layouts_match_single_process(layout_rows, layout):
     assert mine[0]["acc"] == mine[1]["acc"] == accuracy(items, single["scores"])
 
 
+@pytest.mark.multirank
 def test_evaluate_tasks_records_settings(layout_rows):
     single, rows, items = layout_rows
     ev = [r["evaluate"] for r in rows if r["layout"] == "dp2"]

@@ -17,6 +17,8 @@ from nemo_minitron.runtime.stage import build_stage, load_state
 
 from tests.helpers import tiny_corpus, tiny_hf, tiny_tokenizer, torchrun
 
+pytestmark = pytest.mark.multirank
+
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, single_rank):

@@ -260,6 +260,7 @@ def check_pruned(out: Path, **expected):
 
 # (a) ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slurm
 @pytest.mark.parametrize("script", ["minitron.sbatch", "minitron_torchrun.sbatch"])
 def test_sbatch_prune_on_two_ranks(slurm, tiny, tmp_path, script):
     out = tmp_path / "pruned"
@@ -282,6 +283,7 @@ def test_sbatch_prune_on_two_ranks(slurm, tiny, tmp_path, script):
 
 # (b) ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slurm
 @pytest.mark.parametrize("fail_at", ["init", "collective"])
 def test_sbatch_failing_rank_ends_the_job(slurm, tiny, tmp_path, fail_at):
     """Rank 1 raises; rank 0 waits for it (in the rendezvous, or in a barrier). With a 300 s
@@ -301,6 +303,7 @@ def test_sbatch_failing_rank_ends_the_job(slurm, tiny, tmp_path, fail_at):
 
 # (c) ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slurm
 def test_hydra_submitit_sweep(slurm, tiny, tmp_path):
     """`minitron prune -m hydra/launcher=slurm`: one Slurm job per sweep point, 2 ranks each (TP=2)."""
     _ensure_submitit_launcher()
@@ -327,6 +330,7 @@ def chain(cluster, cwd, *args) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in p.stdout.splitlines()]
 
 
+@pytest.mark.slurm
 def test_chain_runs_dependent_stages(slurm, tiny, tmp_path):
     # per-job sbatch options go between "--" and the stage: a one-rank prune here
     jobs = chain(slurm, tmp_path, "--", "--ntasks-per-node=1",
@@ -343,6 +347,7 @@ def test_chain_runs_dependent_stages(slurm, tiny, tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["intermediate_size"] == 64
 
 
+@pytest.mark.slurm
 def test_chain_cancels_stages_after_a_failure(slurm, tmp_path):
     jobs = chain(slurm, tmp_path, "--", "export", f"model.checkpoint={tmp_path / 'missing'}",
                  f"output={tmp_path / 'a'}", "--", "export", f"model.checkpoint={tmp_path / 'missing'}",
@@ -355,6 +360,7 @@ def test_chain_cancels_stages_after_a_failure(slurm, tmp_path):
 
 # (d) ---------------------------------------------------------------------------------------------
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("fail_at", ["collective", "init"])
 def test_torchrun_failing_rank_ends_the_job(tiny, tmp_path, fail_at):
     """No Slurm: torchrun's agent stops rank 0 once rank 1 has exited non-zero. (The request is

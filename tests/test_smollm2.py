@@ -18,6 +18,8 @@ from nemo_minitron.runtime.stage import load_checkpoint
 
 from tests.helpers import minitron
 
+pytestmark = pytest.mark.real_model
+
 SEQ = 128
 
 

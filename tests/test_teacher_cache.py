@@ -74,6 +74,7 @@ def test_cache_holds_the_runs_samples(cache):
     assert {f.name: f.stat().st_mtime_ns for f in path.glob("step_*")} == before
 
 
+@pytest.mark.multirank
 def test_cached_follows_online_topk_and_resumes_bitwise(models, cache):
     t = models
     path = str(cache[0])

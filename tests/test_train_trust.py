@@ -33,6 +33,7 @@ def finite_checkpoints(run):
     return names
 
 
+@pytest.mark.multirank
 def test_distributed_optimizer_and_bf16_resume_exactly_at_tp2_and_pp2(guard_rows):
     """As at TP=1 (test_distill_run): a copy of the step-2 checkpoint finishes bit-identical."""
     cases = {r["case"]: r for r in guard_rows if r["case"] != "diverged"}
@@ -42,6 +43,7 @@ def test_distributed_optimizer_and_bf16_resume_exactly_at_tp2_and_pp2(guard_rows
         assert r["step"] == 4 and r["equal"], name
 
 
+@pytest.mark.multirank
 def test_divergence_at_pp2_stops_every_rank_alike(guard_rows, models):  # noqa: F811
     """lr=1e6 at PP=2: the first non-finite step is skipped (skip_nonfinite_steps=1), the next
     stops both stages in the same step with the same message; checkpoints stay finite."""
