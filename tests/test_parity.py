@@ -12,13 +12,18 @@ from tests.helpers import batch, tiny_hf
 KINDS = ["gqa", "tied", "head_dim", "llama3_rope", "qwen2", "qwen3", "nemotron", "llama_pruned"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_logits_match_transformers(kind, single_rank):
+def loaded(kind):
+    """A tiny HF model of ``kind``, its architecture, and our model holding its weights."""
     hf = tiny_hf(kind)
     arch = arch_from_hf_config(hf.config)
     stage = build_stage(arch)
-    sd = hf.state_dict()
-    load_state(stage, sd.__getitem__)
+    load_state(stage, hf.state_dict().__getitem__)
+    return hf, arch, stage
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers(kind, single_rank):
+    hf, arch, stage = loaded(kind)
     b = batch(arch.vocab_size)
     ours = run_forward(stage, [b], lambda lg, _: {"logits": gather_logits(lg, arch.vocab_size)})
     with torch.no_grad():
@@ -29,11 +34,8 @@ def test_logits_match_transformers(kind, single_rank):
 
 @pytest.mark.parametrize("kind", ["gqa", "qwen2", "qwen3"])
 def test_weights_round_trip_through_model(kind, single_rank):
-    hf = tiny_hf(kind)
-    arch = arch_from_hf_config(hf.config)
-    stage = build_stage(arch)
+    hf, arch, stage = loaded(kind)
     sd = hf.state_dict()
-    load_state(stage, sd.__getitem__)
     back = gather_canonical(stage)
     assert set(back) == {k for k in sd if not (arch.tie_embeddings and k == "lm_head.weight")}
     for k, v in back.items():

@@ -6,23 +6,17 @@ import json
 import pytest
 import torch
 
-from nemo_minitron.config.schema import (DataConfig, EvalConfig, KDConfig, ModelConfig,
-                                         PipelineConfig, PipelineJob, PruneConfig,
-                                         PruneTargetConfig, RoundConfig, TrainConfig)
+from nemo_minitron.config.schema import (PipelineConfig, PipelineJob, PruneTargetConfig,
+                                         RoundConfig)
 from nemo_minitron.convert import checkpoint as ckpt
 
 from tests.helpers import metrics, tiny_workspace
+from tests.helpers.jobs import tiny_job_parts
 
 
 def make_job(tmp):
     return PipelineJob(
-        model=ModelConfig(name="tiny", checkpoint=str(tmp / "teacher")),
-        data=DataConfig(prefix=str(tmp / "corpus"), seq_length=32, valid_fraction=0.1),
-        prune=PruneConfig(calib_samples=8, micro_batch_size=2),
-        train=TrainConfig(steps=4, global_batch_size=4, micro_batch_size=2, lr=1e-3,
-                          warmup_steps=1, eval_interval=0, eval_batches=2, log_interval=2,
-                          save_interval=2, tensorboard=False),
-        kd=KDConfig(chunk_tokens=16), eval=EvalConfig(micro_batch_size=2, num_batches=2),
+        **tiny_job_parts(tmp, steps=4, log_interval=2, save_interval=2),
         pipeline=PipelineConfig(rounds=[
             RoundConfig(target=PruneTargetConfig(hidden_size=96, ffn_hidden_size=192)),
             RoundConfig(target=PruneTargetConfig(ffn_hidden_size=128, num_layers=3))]),

@@ -7,26 +7,20 @@ import json
 import pytest
 import torch
 
-from nemo_minitron.config.schema import (DataConfig, EvalConfig, KDConfig, ModelConfig,
-                                         PipelineConfig, PipelineJob, PruneConfig, PruneTargetConfig, RoundConfig,
-                                         SearchConfig, SearchJob, TrainConfig)
+from nemo_minitron.config.schema import (KDConfig, PipelineConfig, PipelineJob,
+                                         PruneTargetConfig, RoundConfig, SearchConfig, SearchJob,
+                                         TrainConfig)
 from nemo_minitron.convert import checkpoint as ckpt
 
 from tests.helpers import metrics, minitron, tiny_workspace
+from tests.helpers.jobs import tiny_job_parts
 
 SPACE = dict(budget=0.6, tolerance=0.08, layer_step=1, hidden_multiple=32, ffn_multiple=64,
              max_candidates=3, steps=2)
 
 
 def common(tmp):
-    return dict(
-        model=ModelConfig(name="tiny", checkpoint=str(tmp / "teacher")),
-        data=DataConfig(prefix=str(tmp / "corpus"), seq_length=32, valid_fraction=0.1),
-        prune=PruneConfig(calib_samples=8, micro_batch_size=2),
-        train=TrainConfig(steps=99, global_batch_size=4, micro_batch_size=2, lr=1e-3,
-                          warmup_steps=1, eval_interval=0, eval_batches=2, log_interval=1,
-                          save_interval=0, tensorboard=False),
-        kd=KDConfig(chunk_tokens=16), eval=EvalConfig(micro_batch_size=2, num_batches=2))
+    return tiny_job_parts(tmp, steps=99, log_interval=1, save_interval=0)
 
 
 @pytest.fixture(scope="module")
