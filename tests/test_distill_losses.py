@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from nemo_minitron.distill import losses as L
 
-from conftest import torchrun
+from tests.helpers import torchrun
 
 B, S, V = 2, 15, 96  # 30 tokens, vocabulary 96 (true vocabulary 90 where padding is tested)
 
@@ -364,9 +364,10 @@ def test_check_vocab():
         L.check_vocab(100, 100, 99, 128)
 
 
+@pytest.mark.multirank
 def test_tensor_parallel_two_ranks():
     """TP=2 over gloo: values and each rank's gradient shard equal the TP=1 computation."""
-    rows = torchrun("kl_tp.py", 2, timeout=300)
+    rows = torchrun("kl_tp", 2, timeout=300)
     assert len(rows) == 2 * len({r["case"] for r in rows}) and len(rows) >= 2 * 8
     for r in rows:
         assert r["tp_value"] == pytest.approx(r["ref_value"], rel=1e-5, abs=1e-5), r

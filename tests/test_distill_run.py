@@ -2,11 +2,8 @@
 follow the single-process trajectory, and a run killed mid-way resumes to the same weights."""
 
 import contextlib
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,8 +16,8 @@ from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.pruning.apply import apply_plan
 from nemo_minitron.pruning.select import Targets, make_plan, random_importance
 
-from conftest import ROOT, tiny_hf, tiny_tokenizer, torchrun
-from test_prune_run import tiny_corpus
+from tests.helpers import metrics, tiny_corpus, tiny_hf, tiny_tokenizer, torchrun
+from tests.helpers.proc import minitron_popen as minitron
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +33,6 @@ def models(tmp_path_factory):
               tokenizer=tiny_tokenizer())
     tiny_corpus(tmp / "corpus", n_docs=60)
     return tmp
-
-
-def metrics(run):
-    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 @contextlib.contextmanager
@@ -80,13 +73,13 @@ def adam_bound(lrs, first_step=1, beta1=0.9, beta2=0.95):
 def layout_rows(models):
     """One torchrun launch for every 2-rank layout (tests/workers/distill_layouts.py)."""
     t = models
-    rows = torchrun("distill_layouts.py", 2, t / "student", t / "teacher", t / "corpus", t)
+    rows = torchrun("distill_layouts", 2, t / "student", t / "teacher", t / "corpus", t)
     return {r["layout"]: r for r in rows}
 
 
 def reference(t, name, student="student", **kd):
     """The single-process run a layout must follow: (metrics rows, final validation loss)."""
-    from distill_layouts import job
+    from tests.workers.distill_layouts import job
     from nemo_minitron.distill.trainer import train
 
     with one_thread():
@@ -103,6 +96,7 @@ def assert_follows(row, ref_rows, ref_val, keys=("loss", "grad_norm")):
     assert row["val_loss"] == pytest.approx(ref_val, rel=1e-4)
 
 
+@pytest.mark.multirank
 def test_layouts_follow_single_process(models, layout_rows, single_rank):
     ref, ref_val = reference(models, "ref")
     loss = [r["loss"] for r in ref if "loss" in r]
@@ -111,11 +105,12 @@ def test_layouts_follow_single_process(models, layout_rows, single_rank):
         assert_follows(layout_rows[name], ref, ref_val)
 
 
+@pytest.mark.multirank
 def test_intermediate_losses_follow_single_process_at_tp2_and_pp2(models, layout_rows, single_rank):
     """Hidden-state pairs on both pipeline stages plus the embedding loss (stage 0), with learned
     projections (hidden 96 -> 128): TP=2 and PP=2 follow TP=PP=1 in the losses, the gradient norm
     and alpha; the non-last stage's terms reach the gradient through the injected backward."""
-    from distill_layouts import DYNAMIC_KD, HIDDEN_KD
+    from tests.workers.distill_layouts import DYNAMIC_KD, HIDDEN_KD
 
     keys = ("loss", "grad_norm", "hidden", "emb", "alpha")
     ref, ref_val = reference(models, "ref_hidden", **HIDDEN_KD)
@@ -128,12 +123,13 @@ def test_intermediate_losses_follow_single_process_at_tp2_and_pp2(models, layout
     assert_follows(layout_rows["pp2_dynamic"], ref, ref_val, keys)
 
 
+@pytest.mark.multirank
 def test_cross_stage_pairs_follow_single_process_at_pp2(models, layout_rows, single_rank):
     """Pairs split over the two PP=2 stages in both directions (a projected student state and a
     teacher state carried from stage 0 to stage 1) next to a stage-0 pair and the embedding loss:
     the losses, the gradient norm (student layer 0 and its projection get the stage-1 loss's
     gradient only through the p2p backward) and alpha follow TP=PP=1, fixed and dynamic."""
-    from distill_layouts import CROSS_DYNAMIC_KD, CROSS_KD
+    from tests.workers.distill_layouts import CROSS_DYNAMIC_KD, CROSS_KD
     from nemo_minitron.distill.carry import plan_slots
 
     slots = plan_slots(CROSS_KD["hidden_pairs"], 2, 4, 2)
@@ -146,10 +142,11 @@ def test_cross_stage_pairs_follow_single_process_at_pp2(models, layout_rows, sin
         assert_follows(layout_rows[name], ref, ref_val, keys)
 
 
+@pytest.mark.multirank
 def test_cross_stage_pairs_follow_single_process_at_pp4(models, single_rank):
     """One layer per stage (a width-pruned 4-layer student): states carried through stages that
     only pass them on, and a carried pair's loss on a non-last stage, follow TP=PP=1."""
-    from distill_pp4 import PP4_KD
+    from tests.workers.distill_pp4 import PP4_KD
     from nemo_minitron.distill.carry import plan_slots
 
     t = models
@@ -162,15 +159,9 @@ def test_cross_stage_pairs_follow_single_process_at_pp4(models, single_rank):
     assert {s.pair: [s.role(k) for k in range(4)] for s in slots} == {
         (0, 3): ["send", "pass", "pass", "use"], (3, 1): ["idle", "send", "pass", "use"],
         (1, 2): ["idle", "send", "use", "idle"]}
-    (row,) = torchrun("distill_pp4.py", 4, t / "wide", t / "teacher", t / "corpus", t / "pp4_cross")
+    (row,) = torchrun("distill_pp4", 4, t / "wide", t / "teacher", t / "corpus", t / "pp4_cross")
     ref, ref_val = reference(t, "ref_pp4_cross", student="wide", **PP4_KD)
     assert_follows(row, ref, ref_val, ("loss", "grad_norm", "hidden", "emb", "alpha"))
-
-
-def minitron(*args, **kw):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    return subprocess.Popen([sys.executable, "-m", "nemo_minitron", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def distill_args(t, out):
@@ -237,7 +228,7 @@ def test_killed_run_resumes_to_identical_weights(models):
 def test_finished_run_is_left_alone_unless_overwrite(models, single_rank):
     """Re-running a finished run trains nothing and appends nothing; a larger train.steps
     continues from its last checkpoint; overwrite=true trains again from the start."""
-    from distill_layouts import job
+    from tests.workers.distill_layouts import job
     from nemo_minitron.config.schema import TrainConfig
     from nemo_minitron.distill.trainer import train
 
@@ -286,7 +277,7 @@ def test_finetune_lowers_loss(models, single_rank):
 
 def four_steps(t, out, **train_overrides):
     """4 single-process distillation steps saving at step 2 (resumes from checkpoints under out)."""
-    from distill_layouts import job
+    from tests.workers.distill_layouts import job
     from nemo_minitron.config.schema import TrainConfig
     from nemo_minitron.distill.trainer import train
 
@@ -318,6 +309,7 @@ def assert_same_run(a, b, steps):
                         adam_bound([ra[s]["lr"] for s in steps], first_step=steps[0]))
 
 
+@pytest.mark.multirank
 def test_resume_at_a_different_dp_size(models, single_rank):
     """Saved at DP=1 after 2 of 4 steps, finished at DP=2: same weights as an all-DP=1 run."""
     import shutil
@@ -326,13 +318,14 @@ def test_resume_at_a_different_dp_size(models, single_rank):
     four_steps(t, t / "dp1")
     (t / "dp2run").mkdir()
     shutil.copytree(t / "dp1" / "checkpoints", t / "dp2run" / "checkpoints")
-    torchrun("distill_resume.py", 2, t / "student", t / "teacher", t / "corpus", t / "dp2run")
+    torchrun("distill_resume", 2, t / "student", t / "teacher", t / "corpus", t / "dp2run")
     assert ckpt.Checkpoint(t / "dp2run" / "final").meta["step"] == 4
     assert_same_run(t / "dp1", t / "dp2run", [3, 4])
     rows = metrics(t / "dp2run")
     assert [r["step"] for r in rows if "loss" in r] == [3, 4]  # only the remaining steps ran
 
 
+@pytest.mark.multirank
 def test_distributed_optimizer_shards_resume_at_another_dp_size(models, single_rank):
     """The distributed optimizer at DP=2 follows the plain DP=1 run; its step-2 checkpoint (the
     DP shards gathered by parameter name) finishes at DP=2 bit-identical and at DP=1 to the
@@ -342,7 +335,7 @@ def test_distributed_optimizer_shards_resume_at_another_dp_size(models, single_r
 
     t = models
     four_steps(t, t / "plain1")
-    (again,) = torchrun("distill_resume.py", 2, t / "student", t / "teacher", t / "corpus",
+    (again,) = torchrun("distill_resume", 2, t / "student", t / "teacher", t / "corpus",
                         t / "zero2", "distributed", "again")
     assert again == {"again_equal": True, "steps": 4}  # DP=2 -> DP=2: bit-identical
     assert_same_run(t / "plain1", t / "zero2", [1, 2, 3, 4])
@@ -372,7 +365,7 @@ def test_bf16_training_resumes_exactly(models, single_rank, sharded):
     import dataclasses
     import shutil
 
-    from distill_layouts import job
+    from tests.workers.distill_layouts import job
     from nemo_minitron.config.schema import TrainConfig
     from nemo_minitron.distill.trainer import train
 
@@ -407,7 +400,7 @@ def test_auto_dtype_follows_fp32(models, single_rank):
     CPUs with AVX512-BF16/AMX) and trains along the fp32 trajectory within bf16 precision."""
     import dataclasses
 
-    from distill_layouts import job
+    from tests.workers.distill_layouts import job
     from nemo_minitron.config.schema import ModelConfig
     from nemo_minitron.distill.trainer import train
     from nemo_minitron.runtime.precision import auto_dtype

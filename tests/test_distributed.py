@@ -11,7 +11,9 @@ import torch
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.hf_config import arch_from_hf_config
 
-from conftest import tiny_hf, torchrun
+from tests.helpers import tiny_hf, torchrun
+
+pytestmark = pytest.mark.multirank
 
 
 def reference(hf, arch, tmp, name):
@@ -39,7 +41,7 @@ def results(tmp_path_factory):
     ref_loss = reference(hf, arch_from_hf_config(hf.config), tmp, "ckpt")
     odd = tiny_hf("odd_vocab")
     odd_loss = reference(odd, arch_from_hf_config(odd.config), tmp, "odd")
-    out = torchrun("layouts.py", 2, tmp / "ckpt", tmp / "ckpt.pt", tmp / "saved", tmp / "odd",
+    out = torchrun("layouts", 2, tmp / "ckpt", tmp / "ckpt.pt", tmp / "saved", tmp / "odd",
                    tmp / "odd.pt")
     return {"rows": out, "ref_loss": ref_loss, "odd_loss": odd_loss, "sd": hf.state_dict(),
             "tmp": tmp}

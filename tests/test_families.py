@@ -20,9 +20,7 @@ from nemo_minitron.pruning.select import Targets, make_plan
 from nemo_minitron.runtime.forward import gather_logits, run_forward
 from nemo_minitron.runtime.stage import build_stage, gather_canonical, load_checkpoint, load_state
 
-from conftest import tiny_hf, tiny_tokenizer, torchrun
-from test_parity import batch
-from test_prune_run import tiny_corpus
+from tests.helpers import batch, exported, tiny_corpus, tiny_hf, tiny_tokenizer, torchrun
 
 TOL = 1e-4
 
@@ -56,13 +54,9 @@ def test_pruned_export_loads_with_the_pruned_logits(kind, single_rank, tmp_path)
     tensors = apply_plan(plan, hf.state_dict())
     b = batch(arch.vocab_size)
     ours = megatron_logits(tgt, tensors.__getitem__, b)
-    ckpt.save(tmp_path / "pruned", tgt, tensors, tokenizer=tiny_tokenizer())
-    out = export_hf(str(tmp_path / "pruned"), tmp_path / "hf")
+    out, back, theirs = exported(tmp_path / "pruned", tgt, tensors, b["tokens"])
     assert json.loads((out / "config.json").read_text())["model_type"] == EXPORTS[kind]
-    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert sum(p.numel() for p in back.parameters()) == tgt.num_params()
-    with torch.no_grad():
-        theirs = back(b["tokens"]).logits
     delta = (ours - theirs).abs().max().item()
     assert delta <= TOL, f"{kind}: max |dlogit| = {delta}"
     # and the pruned weights really were what the plan kept
@@ -163,10 +157,11 @@ def multi_rank(tmp_path_factory, single_rank):
     for fam in ("qwen3", "nemotron"):
         reference(tiny_hf(fam), tmp, fam)
     tiny_corpus(tmp / "corpus")
-    rows = torchrun("families.py", 2, tmp, tmp / "corpus")
+    rows = torchrun("families", 2, tmp, tmp / "corpus")
     return tmp, rows
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("fam", ["qwen3", "nemotron"])
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_multi_rank_logit_parity(multi_rank, fam, layout):
@@ -176,6 +171,7 @@ def test_multi_rank_logit_parity(multi_rank, fam, layout):
     assert deltas and max(deltas) <= TOL, f"{fam} {layout}: {deltas}"
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("fam", ["qwen3", "nemotron"])
 def test_multi_rank_pruning_keeps_what_one_process_keeps(multi_rank, fam):
     tmp, _ = multi_rank

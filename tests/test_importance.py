@@ -14,7 +14,7 @@ from nemo_minitron.importance.scores import (Moments, batch_aggregate, block_imp
                                              group_scores, head_norms, sequence_aggregate)
 from nemo_minitron.runtime.stage import build_stage, load_state
 
-from conftest import tiny_hf, torchrun
+from tests.helpers import tiny_hf, torchrun
 
 
 # ---------------------------------------------------------------- pure score functions
@@ -113,10 +113,11 @@ def layouts(tmp_path_factory, single_rank):
     stage = build_stage(arch)
     load_state(stage, hf.state_dict().__getitem__)
     ref = calibrate(stage, batches_forward_loop(stage, batches, None))
-    rows = torchrun("importance.py", 2, tmp / "ckpt", tmp / "batches.pt", tmp)
+    rows = torchrun("importance", 2, tmp / "ckpt", tmp / "batches.pt", tmp)
     return tmp, ref, rows
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_same_importance_at_every_layout(layouts, layout):
     tmp, ref, rows = layouts

@@ -15,8 +15,6 @@ from the loss definitions (distill/losses.py docstrings), without calling that m
   ``logit_weight * kd + lm_weight * lm``.
 """
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,8 +25,7 @@ from nemo_minitron.config.schema import (DataConfig, DistillJob, KDConfig, Model
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.hf_config import arch_from_hf_config
 
-from conftest import tiny_hf, tiny_tokenizer
-from test_prune_run import tiny_corpus
+from tests.helpers import metrics, tiny_corpus, tiny_hf, tiny_tokenizer
 
 SEQ, GBS, MBS, SEED = 32, 4, 2, 1234
 
@@ -135,7 +132,7 @@ def test_step1_logit_loss_matches_reference(setup, hf_logits, single_rank, case)
                                        eval_batches=1, seed=SEED, tensorboard=False),
                      kd=kd, output=str(t / case))
     train(job, "distill")
-    row = json.loads((Path(job.output) / "metrics.jsonl").read_text().splitlines()[0])
+    row = metrics(job.output)[0]
     want = reference(kd, hf_logits["student"], hf_logits["teacher"], hf_logits["labels"],
                      hf_logits["mask"])
     assert row["step"] == 1 and want["kd"] > 0.05  # a divergence far from 0: the test has teeth

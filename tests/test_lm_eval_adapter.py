@@ -7,10 +7,7 @@ per request, no batching, no sharing of rows) rather than through the code under
 """
 
 import json
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,8 +21,9 @@ from nemo_minitron.evaluate.lm_eval_adapter import MinitronLM
 from nemo_minitron.evaluate.multiple_choice import evaluate_tasks, score_continuations
 from nemo_minitron.runtime.stage import load_checkpoint
 
-from conftest import ROOT, tiny_hf, tiny_tokenizer, torchrun
-from test_multiple_choice import hf_request_ids
+from tests.helpers import minitron, read_jsonl, tiny_hf, tiny_tokenizer, torchrun
+from tests.helpers.proc import python
+from tests.test_multiple_choice import hf_request_ids
 
 TASK = "minitron_mini_mc"
 
@@ -198,6 +196,7 @@ def test_generate_until_is_greedy_with_stop_strings(tiny, tiny_lm):
     assert out == [cut] and len(cut) < len(full)
 
 
+@pytest.mark.multirank
 def test_greedy_flags_at_tp2_and_pp2(tmp_path, single_rank):
     """The greedy flag under a vocab-parallel (padded) output layer and a pipeline: TP=2 and
     PP=2 under torchrun agree with one process and with transformers' argmax."""
@@ -217,7 +216,7 @@ def test_greedy_flags_at_tp2_and_pp2(tmp_path, single_rank):
     single = score_continuations(stage, encoded, micro_batch_size=4, progress=False)
     assert [g for _, g in single] == [True, False] * 6
     (tmp_path / "requests.json").write_text(json.dumps(encoded))
-    rows = torchrun("greedy_layouts.py", 2, path, tmp_path / "requests.json")
+    rows = torchrun("greedy_layouts", 2, path, tmp_path / "requests.json")
     for layout in ("tp2", "pp2"):
         mine = [r for r in rows if r["layout"] == layout]
         assert len(mine) == 2, "every rank returns the results"
@@ -242,7 +241,7 @@ def test_harness_task_matches_our_scorer(tiny, tiny_lm, tmp_path, single_rank):
     assert harness["acc,none"] == pytest.approx(ours["acc"], abs=1e-12)
     assert harness["acc_norm,none"] == pytest.approx(ours["acc_norm"], abs=1e-12)
     # per choice: the harness' log-likelihoods against transformers
-    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    rows = read_jsonl(data)
     worst = 0.0
     for s in res["samples"][TASK][:6]:
         doc = rows[s["doc_id"]]
@@ -259,13 +258,11 @@ def test_cli_entry_registers_the_model(tiny, tmp_path):
     _, path, _ = tiny
     _, include = write_task(tmp_path / "task", n=5)
     out = tmp_path / "results"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", HF_DATASETS_OFFLINE="1",
-               HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))
-    p = subprocess.run([sys.executable, "-m", "nemo_minitron.evaluate.lm_eval_adapter", "--model_args",
-                        f"checkpoint={path}", "--batch_size", "4", "--tasks", TASK, "--include_path",
-                        str(include), "--output_path", str(out)],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    env = dict(OMP_NUM_THREADS="2", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    python("-m", "nemo_minitron.evaluate.lm_eval_adapter", "--model_args", f"checkpoint={path}",
+           "--batch_size", "4", "--tasks", TASK, "--include_path", include, "--output_path", out,
+           env=env, timeout=600)
     results = [json.loads(f.read_text()) for f in out.rglob("results_*.json")]
     assert len(results) == 1
     assert 0.0 <= results[0]["results"][TASK]["acc,none"] <= 1.0
@@ -273,10 +270,7 @@ def test_cli_entry_registers_the_model(tiny, tmp_path):
 
 
 def test_minitron_lm_eval_help():
-    p = subprocess.run([sys.executable, "-m", "nemo_minitron", "lm_eval", "--help"],
-                       capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = minitron("lm_eval", "--help", check=True)
     assert "minitron lm_eval --model_args checkpoint=DIR" in p.stdout and "--tasks" in p.stdout
 
 
@@ -291,6 +285,7 @@ def test_missing_checkpoint_is_named(tmp_path):
 # the real SmolLM2 teacher (BPE tokenizer) against transformers
 
 
+@pytest.mark.real_model
 def test_teacher_requests_match_transformers(teacher, hf_teacher, single_rank):
     lm = MinitronLM(checkpoint=str(teacher), batch_size=4)
     try:

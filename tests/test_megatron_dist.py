@@ -22,7 +22,7 @@ from nemo_minitron.convert.megatron_dist import (export_megatron, find_checkpoin
                                                  read_common)
 from nemo_minitron.convert.weights import canonical_keys
 
-from conftest import tiny_hf, torchrun
+from tests.helpers import tiny_hf, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def layouts(tmp_path_factory):
     hf = tiny_hf("head_dim")  # GQA, head_dim != hidden/heads, untied
     ckpt.save(root / "src", arch_from_hf_config(hf.config), hf.state_dict(),
               provenance={"stage": "test"})
-    rows = torchrun("megatron_dist.py", 4, root)
+    rows = torchrun("megatron_dist", 4, root)
     (root / "rows.json").write_text(json.dumps(rows))
     return root
 
@@ -40,6 +40,7 @@ def _logits(root, name):
     return torch.load(root / f"logits_{name}.pt", weights_only=True)
 
 
+@pytest.mark.multirank
 def test_our_export_at_tp2pp2_imports_at_tp1_with_equal_logits(layouts):
     ref = _logits(layouts, "src")
     assert ref.shape == (2, 16, 1000)
@@ -50,6 +51,7 @@ def test_our_export_at_tp2pp2_imports_at_tp1_with_equal_logits(layouts):
         assert torch.equal(a.get(k), b.get(k)), k
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("name", ["plain", "mlm"])
 def test_plain_megatron_save_imports_with_equal_logits(layouts, name):
     """A GPTModel built and saved by megatron-core alone: bare (architecture from the overrides)
@@ -63,6 +65,7 @@ def test_plain_megatron_save_imports_with_equal_logits(layouts, name):
     assert c.meta["iteration"] == (100 if name == "mlm" else None)
 
 
+@pytest.mark.multirank
 def test_exported_student_loads_in_plain_megatron_at_another_layout(layouts):
     """Exported at TP=1 by us, loaded at TP=2/PP=2 by dist_checkpointing.load into a GPTModel:
     the same layout as the model first saved, so the logits are bitwise those of that model."""
@@ -74,6 +77,7 @@ def test_exported_student_loads_in_plain_megatron_at_another_layout(layouts):
     assert common["minitron_arch"] == ckpt.Checkpoint(layouts / "plain_imported").arch.to_dict()
 
 
+@pytest.mark.multirank
 def test_sliced_read_touches_only_overlapping_chunks(layouts):
     """Saved at TP=2: the first half of the QKV rows of one layer lies in one chunk of four."""
     r = DcpReader(layouts / "ours" / "release")
@@ -85,6 +89,7 @@ def test_sliced_read_touches_only_overlapping_chunks(layouts):
     assert 0 < r.bytes_read < full.numel() * full.element_size() / 4  # one of 8 chunks
 
 
+@pytest.mark.multirank
 def test_tp_ranks_read_only_their_slices(layouts):
     """Loading our checkpoint at TP=2/PP=2, a rank reads its stage's half of each sharded tensor
     (safetensors slicing), not whole tensors: about a quarter of the file each, all of it together."""
@@ -101,6 +106,7 @@ class _Boom:
         return (print, ("unpickled!",))
 
 
+@pytest.mark.multirank
 def test_untrusted_pickles_are_refused(tmp_path, layouts):
     d = tmp_path / "evil"
     d.mkdir()
@@ -114,6 +120,7 @@ def test_untrusted_pickles_are_refused(tmp_path, layouts):
     assert common == {} and "weights_only" in why
 
 
+@pytest.mark.multirank
 def test_missing_architecture_names_the_fields(tmp_path, layouts):
     with pytest.raises(ValueError, match=r"\+model\.arch\.num_attention_heads=.*num_query_groups"):
         import_megatron(str(layouts / "plain"), tmp_path / "out")
@@ -134,6 +141,7 @@ def test_not_a_megatron_checkpoint(tmp_path):
         find_checkpoint(tmp_path)
 
 
+@pytest.mark.multirank
 def test_export_refuses_to_overwrite(tmp_path, layouts):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("keep")
@@ -142,9 +150,10 @@ def test_export_refuses_to_overwrite(tmp_path, layouts):
     assert (tmp_path / "out" / "x").read_text() == "keep"
 
 
+@pytest.mark.multirank
 def test_cli_export_format_megatron_then_import(layouts, tmp_path):
     """`minitron export format=megatron` and `minitron import` of what it wrote, as processes."""
-    from test_cli import minitron
+    from tests.test_cli import minitron
 
     p = minitron("export", f"model.checkpoint={layouts / 'src'}", f"output={tmp_path}/meg",
                  "format=megatron")

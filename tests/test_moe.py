@@ -28,10 +28,8 @@ from nemo_minitron.pruning.select import Targets, make_plan
 from nemo_minitron.runtime.forward import gather_logits, run_forward
 from nemo_minitron.runtime.stage import build_stage, load_checkpoint, load_state
 
-from conftest import tiny_hf, tiny_tokenizer, torchrun
-from test_parity import batch
-from test_prune_run import tiny_corpus
-from moe import prune_job
+from tests.helpers import batch, exported, metrics, tiny_corpus, tiny_hf, tiny_tokenizer, torchrun
+from tests.workers.moe import prune_job
 
 TOL = 1e-4
 KINDS = ("mixtral", "qwen3_moe")
@@ -197,12 +195,8 @@ def test_pruned_experts_and_width_export_with_the_pruned_logits(kind, single_ran
     pruned = build_stage(tgt)
     load_state(pruned, tensors.__getitem__)
     ours = logits_of(pruned, b)
-    ckpt.save(tmp_path / "pruned", tgt, tensors, tokenizer=tiny_tokenizer())
-    out = export_hf(str(tmp_path / "pruned"), tmp_path / "hf")
-    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    _, back, theirs = exported(tmp_path / "pruned", tgt, tensors, b["tokens"])
     assert sum(p.numel() for p in back.parameters()) == tgt.num_params()
-    with torch.no_grad():
-        theirs = back(b["tokens"]).logits
     delta = (ours - theirs).abs().max().item()
     assert delta <= TOL, f"{kind}: max |dlogit| = {delta}"
     # new expert 1 of new layer 2 is what the plan kept of its source expert, router rows too
@@ -242,9 +236,10 @@ def multi_rank(tmp_path_factory):
         with torch.no_grad():
             logits = hf(b["tokens"]).logits
         torch.save({"batches": [b], "logits": logits}, tmp / f"{kind}.pt")
-    return tmp, torchrun("moe.py", 2, tmp, tmp / "corpus")
+    return tmp, torchrun("moe", 2, tmp, tmp / "corpus")
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layout", ["ep2", "tp2", "pp2"])
 def test_multi_rank_logit_parity(multi_rank, kind, layout):
@@ -255,6 +250,7 @@ def test_multi_rank_logit_parity(multi_rank, kind, layout):
     assert {r["local_experts"] for r in mine} == {4 if layout == "ep2" else 8}
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("kind", KINDS)
 def test_expert_parallel_save_gathers_every_expert(multi_rank, kind):
     tmp, _ = multi_rank
@@ -264,6 +260,7 @@ def test_expert_parallel_save_gathers_every_expert(multi_rank, kind):
         assert torch.equal(got.get(k), src.get(k)), k
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("kind", KINDS)
 def test_expert_parallel_prune_keeps_what_one_process_keeps(multi_rank, kind, single_rank):
     """`prune` at EP=2 (calibration batches split over the two data-parallel ranks, experts over
@@ -311,7 +308,7 @@ def test_search_ranks_moe_candidates_by_active_parameters(tmp_path, single_rank)
     distilled from the MoE teacher and ranked; the report lists experts and active parameters."""
     from nemo_minitron.config.schema import SearchConfig, SearchJob
     from nemo_minitron.search.run import run_search
-    from test_search_run import common
+    from tests.test_search_run import common
 
     hf = tiny_hf("mixtral")
     arch = arch_from_hf_config(hf.config)
@@ -330,8 +327,7 @@ def test_search_ranks_moe_candidates_by_active_parameters(tmp_path, single_rank)
     report = (tmp_path / "s" / "search.md").read_text()
     assert "active parameters" in report and "| experts | active |" in report
     # the MoE students' distillation logs report expert load at every step
-    logged = [json.loads(line) for line in
-              (tmp_path / "s" / "cand_0" / "distill" / "metrics.jsonl").read_text().splitlines()]
+    logged = metrics(tmp_path / "s" / "cand_0" / "distill")
     steps = [r for r in logged if "loss" in r]
     assert len(steps) == 2 and all(r["moe_max_load"] >= 1 >= r["moe_min_load"] for r in steps)
 

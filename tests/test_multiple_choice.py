@@ -20,7 +20,7 @@ from nemo_minitron.evaluate.multiple_choice import accuracy, predictions, score_
 from nemo_minitron.evaluate.tasks import Item, load_task
 from nemo_minitron.runtime.stage import load_checkpoint
 
-from conftest import tiny_hf, tiny_tokenizer, torchrun
+from tests.helpers import tiny_hf, tiny_tokenizer, torchrun
 
 
 def hf_request_ids(tok, ctx, cont, max_length):
@@ -168,6 +168,7 @@ def real_scores(teacher, hf_teacher, single_rank):
     return res
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("task", REAL_TASKS)
 def test_teacher_matches_transformers(real_scores, task):
     items, ours, ref = real_scores[task]
@@ -290,9 +291,10 @@ def layout_rows(jsonl_task, tmp_path_factory, single_rank):
     single = {"scores": score_items(stage, c.tokenizer(), items, micro_batch_size=5, progress=False),
               "scores_trunc": score_items(stage, c.tokenizer(), items, micro_batch_size=5,
                                           max_length=24, progress=False)}
-    return single, torchrun("mc_layouts.py", 2, path, jsonl_task), items
+    return single, torchrun("mc_layouts", 2, path, jsonl_task), items
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_layouts_match_single_process(layout_rows, layout):
     single, rows, items = layout_rows
@@ -306,6 +308,7 @@ def test_layouts_match_single_process(layout_rows, layout):
     assert mine[0]["acc"] == mine[1]["acc"] == accuracy(items, single["scores"])
 
 
+@pytest.mark.multirank
 def test_evaluate_tasks_records_settings(layout_rows):
     single, rows, items = layout_rows
     ev = [r["evaluate"] for r in rows if r["layout"] == "dp2"]

@@ -7,25 +7,23 @@ from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.runtime.forward import gather_logits, run_forward
 from nemo_minitron.runtime.stage import build_stage, gather_canonical, load_state
 
-from conftest import tiny_hf
+from tests.helpers import batch, tiny_hf
 
 KINDS = ["gqa", "tied", "head_dim", "llama3_rope", "qwen2", "qwen3", "nemotron", "llama_pruned"]
 
 
-def batch(vocab, b=2, s=24, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (b, s), generator=g)
-    return {"tokens": ids, "position_ids": torch.arange(s).expand(b, s),
-            "labels": torch.roll(ids, -1, 1), "loss_mask": torch.ones(b, s)}
+def loaded(kind):
+    """A tiny HF model of ``kind``, its architecture, and our model holding its weights."""
+    hf = tiny_hf(kind)
+    arch = arch_from_hf_config(hf.config)
+    stage = build_stage(arch)
+    load_state(stage, hf.state_dict().__getitem__)
+    return hf, arch, stage
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_transformers(kind, single_rank):
-    hf = tiny_hf(kind)
-    arch = arch_from_hf_config(hf.config)
-    stage = build_stage(arch)
-    sd = hf.state_dict()
-    load_state(stage, sd.__getitem__)
+    hf, arch, stage = loaded(kind)
     b = batch(arch.vocab_size)
     ours = run_forward(stage, [b], lambda lg, _: {"logits": gather_logits(lg, arch.vocab_size)})
     with torch.no_grad():
@@ -36,11 +34,8 @@ def test_logits_match_transformers(kind, single_rank):
 
 @pytest.mark.parametrize("kind", ["gqa", "qwen2", "qwen3"])
 def test_weights_round_trip_through_model(kind, single_rank):
-    hf = tiny_hf(kind)
-    arch = arch_from_hf_config(hf.config)
-    stage = build_stage(arch)
+    hf, arch, stage = loaded(kind)
     sd = hf.state_dict()
-    load_state(stage, sd.__getitem__)
     back = gather_canonical(stage)
     assert set(back) == {k for k in sd if not (arch.tie_embeddings and k == "lm_head.weight")}
     for k, v in back.items():

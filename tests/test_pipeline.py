@@ -6,25 +6,17 @@ import json
 import pytest
 import torch
 
-from nemo_minitron.config.schema import (DataConfig, EvalConfig, KDConfig, ModelConfig,
-                                         PipelineConfig, PipelineJob, PruneConfig,
-                                         Targets, RoundConfig, TrainConfig)
+from nemo_minitron.config.schema import (PipelineConfig, PipelineJob, Targets,
+                                         RoundConfig)
 from nemo_minitron.convert import checkpoint as ckpt
-from nemo_minitron.convert.hf_config import arch_from_hf_config
 
-from conftest import tiny_hf, tiny_tokenizer
-from test_prune_run import tiny_corpus
+from tests.helpers import metrics, tiny_workspace
+from tests.helpers.jobs import tiny_job_parts
 
 
 def make_job(tmp):
     return PipelineJob(
-        model=ModelConfig(name="tiny", checkpoint=str(tmp / "teacher")),
-        data=DataConfig(prefix=str(tmp / "corpus"), seq_length=32, valid_fraction=0.1),
-        prune=PruneConfig(calib_samples=8, micro_batch_size=2),
-        train=TrainConfig(steps=4, global_batch_size=4, micro_batch_size=2, lr=1e-3,
-                          warmup_steps=1, eval_interval=0, eval_batches=2, log_interval=2,
-                          save_interval=2, tensorboard=False),
-        kd=KDConfig(chunk_tokens=16), eval=EvalConfig(micro_batch_size=2, num_batches=2),
+        **tiny_job_parts(tmp, steps=4, log_interval=2, save_interval=2),
         pipeline=PipelineConfig(rounds=[
             RoundConfig(target=Targets(hidden_size=96, ffn_hidden_size=192)),
             RoundConfig(target=Targets(ffn_hidden_size=128, num_layers=3))]),
@@ -33,11 +25,7 @@ def make_job(tmp):
 
 @pytest.fixture()
 def setup(tmp_path):
-    hf = tiny_hf("gqa")
-    ckpt.save(tmp_path / "teacher", arch_from_hf_config(hf.config), hf.state_dict(),
-              tokenizer=tiny_tokenizer())
-    tiny_corpus(tmp_path / "corpus", n_docs=50)
-    return tmp_path
+    return tiny_workspace(tmp_path)
 
 
 def test_two_rounds_resume_after_interruption(setup, single_rank, monkeypatch):
@@ -74,7 +62,7 @@ def test_two_rounds_resume_after_interruption(setup, single_rank, monkeypatch):
     assert r1s["arch"]["hidden_size"] == 96 and r2s["arch"]["num_layers"] == 3
     assert r2s["params"]["student"] < r1s["params"]["student"] < r1s["params"]["teacher"]
     for r in summary["rounds"]:  # (loss falling under KD is tested in test_distill_run)
-        rows = [json.loads(x) for x in (run / r["name"] / "distill" / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics(run / r["name"] / "distill")
         assert len([x["kd"] for x in rows if "kd" in x]) == 4
         assert set(r["val_loss"]) == {"teacher", "pruned", "distilled"}
         p, d = ckpt.Checkpoint(run / r["name"] / "pruned"), ckpt.Checkpoint(r["student"])

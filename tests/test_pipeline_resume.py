@@ -10,20 +10,16 @@ resumes the previous kill and is itself killed in the next stage; the uninterrup
 runs beside it."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from nemo_minitron.convert import checkpoint as ckpt
-from nemo_minitron.convert.hf_config import arch_from_hf_config
 
-from conftest import ROOT, WORKERS, tiny_hf, tiny_tokenizer
-from test_prune_run import tiny_corpus
+from tests.helpers import metrics, minitron_popen, read_jsonl, tiny_workspace
 
 # (kill point, what the relaunch must say it found); in the order the pipeline reaches them
 KILLS = [
@@ -56,10 +52,9 @@ def args(t, out):
 
 def launch(t, out, point):
     # one thread, as in the reference: the same kernels reduce in the same order
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.Popen([sys.executable, str(WORKERS / "pipeline_killed.py"), point,
-                             *args(t, out)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return minitron_popen(point, *args(t, out), module="tests.workers.pipeline_killed",
+                          env=dict(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+                          stderr=subprocess.STDOUT)
 
 
 def inside(run, point) -> str:
@@ -71,7 +66,7 @@ def inside(run, point) -> str:
         assert left and not final.exists(), point
     elif kind == "step":
         d, _, n = where.rpartition("@")
-        rows = [json.loads(x) for x in (run / d / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics(run / d)
         assert max(r["step"] for r in rows) == int(n) - 1 and not (run / d / "final").exists()
         left = sorted((run / d / "checkpoints").glob("step_*"))
     else:
@@ -103,7 +98,7 @@ def results(run) -> dict:
         elif p.suffix == ".json":
             out[rel] = normalized(json.loads(p.read_text()), run)
         elif p.suffix == ".jsonl":
-            out[rel] = [normalized(json.loads(x), run) for x in p.read_text().splitlines()]
+            out[rel] = [normalized(x, run) for x in read_jsonl(p)]
         else:
             out[rel] = p.read_bytes()
     out["round2/search/search.md"] = normalized((run / "round2/search/search.md").read_text(), run)
@@ -112,11 +107,7 @@ def results(run) -> dict:
 
 @pytest.fixture()
 def tiny(tmp_path):
-    hf = tiny_hf("gqa")
-    ckpt.save(tmp_path / "teacher", arch_from_hf_config(hf.config), hf.state_dict(),
-              tokenizer=tiny_tokenizer())
-    tiny_corpus(tmp_path / "corpus", n_docs=50)
-    return tmp_path
+    return tiny_workspace(tmp_path)
 
 
 def test_pipeline_killed_in_each_stage_resumes_to_the_same_result(tiny):

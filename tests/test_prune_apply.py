@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_hf
+from tests.helpers import tiny_hf
 from nemo_minitron.arch import Arch
 from nemo_minitron.convert.hf_config import arch_from_hf_config, export_model_type, hf_config_from_arch
 from nemo_minitron.convert.weights import EMBED, FINAL_NORM, LM_HEAD, canonical_keys

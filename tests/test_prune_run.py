@@ -2,14 +2,12 @@
 single-process reference built from calibrate + make_plan + apply_plan."""
 
 import json
-import random
 
 import pytest
 import torch
 
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.hf_config import arch_from_hf_config
-from nemo_minitron.data.indexed import build_indexed
 from nemo_minitron.data.packed import PackedSequences
 from nemo_minitron.importance.calibrate import batches_forward_loop, calibrate
 from nemo_minitron.pruning.apply import apply_plan
@@ -17,14 +15,9 @@ from nemo_minitron.pruning.plan import Plan
 from nemo_minitron.pruning.select import Targets, make_plan
 from nemo_minitron.runtime.stage import build_stage, load_state
 
-from conftest import tiny_hf, tiny_tokenizer, torchrun
+from tests.helpers import tiny_corpus, tiny_hf, tiny_tokenizer, torchrun
 
-
-def tiny_corpus(prefix, n_docs=40, seed=0):
-    rnd = random.Random(seed)
-    docs = [" ".join(f"w{rnd.randrange(2, 1000)}" for _ in range(rnd.randrange(20, 80)))
-            for _ in range(n_docs)]
-    build_indexed(docs, tiny_tokenizer(), prefix, progress=False)
+pytestmark = pytest.mark.multirank
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +27,7 @@ def pruned(tmp_path_factory, single_rank):
     arch = arch_from_hf_config(hf.config)
     ckpt.save(tmp / "ckpt", arch, hf.state_dict(), tokenizer=tiny_tokenizer())
     tiny_corpus(tmp / "corpus")
-    rows = torchrun("prune_layouts.py", 2, tmp / "ckpt", tmp / "corpus", tmp)
+    rows = torchrun("prune_layouts", 2, tmp / "ckpt", tmp / "corpus", tmp)
     # reference: one process, same calibration batches, same selection, plain slicing
     stage = build_stage(arch)
     load_state(stage, hf.state_dict().__getitem__)

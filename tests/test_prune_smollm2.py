@@ -6,9 +6,6 @@ logits identical to ours. Runs the `minitron prune` CLI as a user would.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,17 +17,11 @@ from nemo_minitron.evaluate.loss import validation_loss
 from nemo_minitron.runtime.forward import gather_logits, run_forward
 from nemo_minitron.runtime.stage import load_checkpoint
 
-from conftest import ROOT
+from tests.helpers import minitron
+
+pytestmark = pytest.mark.real_model
 
 SEQ = 128
-
-
-def minitron(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    p = subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
-                       text=True, env=env, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +29,9 @@ def pruned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smolprune")
     common = ["prune=half_width", f"data.seq_length={SEQ}", "prune.micro_batch_size=4"]
     minitron("prune", *common, "prune.calib_samples=64", f"output={tmp}/act",
-             f"hydra.run.dir={tmp}/h1")
+             f"hydra.run.dir={tmp}/h1", timeout=900, check=True)
     minitron("prune", *common, "prune.importance=random", f"output={tmp}/rand",
-             f"hydra.run.dir={tmp}/h2")
+             f"hydra.run.dir={tmp}/h2", timeout=900, check=True)
     return tmp
 
 

@@ -1,9 +1,6 @@
 """`minitron report`: runs side by side, from synthetic run directories with known numbers."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +11,7 @@ from nemo_minitron.artifacts.pipeline_files import write_summary
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.report.compare import load_run, write_comparison
 
-from conftest import ROOT
+from tests.helpers import minitron
 
 ARCH = Arch(num_layers=4, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4,
             num_query_groups=2, head_dim=32, vocab_size=1000)
@@ -160,12 +157,6 @@ def test_unknown_run_names_the_path(tmp_path):
     other.write_text(json.dumps({"hello": 1}))
     with pytest.raises(ValueError, match="not a `minitron evaluate` results file"):
         load_run(other)
-
-
-def minitron(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
-                          text=True, env=env, timeout=300, cwd=cwd)
 
 
 def test_cli(tmp_path):

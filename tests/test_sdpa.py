@@ -9,7 +9,7 @@ from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.runtime.sdpa import SDPAttention
 from nemo_minitron.runtime.stage import build_stage
 
-from conftest import tiny_hf
+from tests.helpers import tiny_hf
 
 
 @pytest.mark.parametrize("dtype, tol", [("fp32", 1e-5), ("bf16", 2e-2)])

@@ -7,38 +7,25 @@ import json
 import pytest
 import torch
 
-from nemo_minitron.config.schema import (DataConfig, EvalConfig, KDConfig, ModelConfig,
-                                         PipelineConfig, PipelineJob, PruneConfig, Targets, RoundConfig,
-                                         SearchConfig, SearchJob, TrainConfig)
+from nemo_minitron.config.schema import (KDConfig, PipelineConfig, PipelineJob,
+                                         Targets, RoundConfig, SearchConfig, SearchJob,
+                                         TrainConfig)
 from nemo_minitron.convert import checkpoint as ckpt
-from nemo_minitron.convert.hf_config import arch_from_hf_config
 
-from conftest import tiny_hf, tiny_tokenizer
-from test_prune_run import tiny_corpus
+from tests.helpers import metrics, minitron, tiny_workspace
+from tests.helpers.jobs import tiny_job_parts
 
 SPACE = dict(budget=0.6, tolerance=0.08, layer_step=1, hidden_multiple=32, ffn_multiple=64,
              max_candidates=3, steps=2)
 
 
 def common(tmp):
-    return dict(
-        model=ModelConfig(name="tiny", checkpoint=str(tmp / "teacher")),
-        data=DataConfig(prefix=str(tmp / "corpus"), seq_length=32, valid_fraction=0.1),
-        prune=PruneConfig(calib_samples=8, micro_batch_size=2),
-        train=TrainConfig(steps=99, global_batch_size=4, micro_batch_size=2, lr=1e-3,
-                          warmup_steps=1, eval_interval=0, eval_batches=2, log_interval=1,
-                          save_interval=0, tensorboard=False),
-        kd=KDConfig(chunk_tokens=16), eval=EvalConfig(micro_batch_size=2, num_batches=2))
+    return tiny_job_parts(tmp, steps=99, log_interval=1, save_interval=0)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("search")
-    hf = tiny_hf("gqa")
-    ckpt.save(tmp / "teacher", arch_from_hf_config(hf.config), hf.state_dict(),
-              tokenizer=tiny_tokenizer())
-    tiny_corpus(tmp / "corpus", n_docs=50)
-    return tmp
+    return tiny_workspace(tmp_path_factory.mktemp("search"))
 
 
 def test_search_ranks_confirms_and_resumes(tiny, single_rank, monkeypatch):
@@ -160,7 +147,7 @@ def test_candidates_get_hidden_pairs_of_their_own_depth(tiny, single_rank, caplo
         plan = json.loads((cd / "pruned" / "plan.json").read_text())
         depths.add(len(plan["keep"]["layers"]))
         want.append(str([list(p) for p in pairs_from_kept(plan["keep"]["layers"], 4)]))
-        rows = [json.loads(x) for x in (cd / "distill" / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics(cd / "distill")
         assert all(x["hidden"] > 0 for x in rows if "loss" in x)
     assert len(depths) >= 2  # the search spreads candidates over depths
     assert sorted(m.split("layers ")[1] for m in logged) == sorted(want)
@@ -179,7 +166,6 @@ def test_search_config_errors(tiny):
 def test_cli_plan_only_multirun(tmp_path):
     """`minitron search -m 'search.only=[0],[1]' search.plan_only=true` on the embedded SmolLM2:
     the same numbered candidates for every sweep job, nothing trained."""
-    from test_cli import minitron
 
     p = minitron("search", "-m", "search.only=[0],[1]", "search.plan_only=true",
                  f"output={tmp_path}/s", f"hydra.sweep.dir={tmp_path}/sweep")
@@ -254,7 +240,6 @@ def test_a_diverging_candidate_is_not_ranked_and_the_rest_are(tiny, single_rank,
 
 def test_cli_every_candidate_diverged_is_one_line(tiny, tmp_path):
     """`minitron search train.lr=1e6`: every candidate diverges; exit status 2, one error line."""
-    from test_cli import minitron
 
     p = minitron("search", "model.name=tiny", f"model.checkpoint={tiny / 'teacher'}",
                  f"data.prefix={tiny / 'corpus'}", "data.seq_length=32", "data.valid_fraction=0.1",

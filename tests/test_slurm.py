@@ -11,12 +11,12 @@ under /etc is used and concurrent sessions do not collide. Client commands find 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,18 +24,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, WORKERS, _free_port, tiny_hf, tiny_tokenizer
+from tests.helpers import ROOT, child_env, run, tiny_corpus, tiny_hf, tiny_tokenizer
+from tests.helpers.proc import free_port, torchrun_cmd
 
 APT_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 SBATCH_LOCAL = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
                 "--time=10"]  # the launchers' GPU-node settings, overridden for this CPU node
 
 
-def _run(cmd, env=None, timeout=60, check=True, **kw):
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
+_run = functools.partial(run, timeout=60)  # Slurm's own commands answer in seconds
 
 
 # the daemons live in /usr/sbin, which a user's PATH may lack
@@ -57,7 +54,7 @@ def _install() -> float:
     lock = ["-o", "DPkg::Lock::Timeout=300"]  # wait for a concurrent apt/dpkg rather than fail
     for cmd in (["apt-get", *lock, "update", "-q"],
                 ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES]):
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        p = run(cmd, env=env, timeout=600, check=False)
         out.append(f"$ {' '.join(cmd)}  (exit {p.returncode})\n{p.stdout[-6000:]}\n{p.stderr[-6000:]}")
         if p.returncode != 0:
             pytest.fail("installing Slurm failed:\n" + "\n".join(out), pytrace=False)
@@ -126,8 +123,8 @@ class Cluster:
         _run([shutil.which("munged", path=SEARCH_PATH), f"--socket={t}/munge.socket", f"--key-file={key}",
               f"--pid-file={t}/munged.pid", f"--seed-file={t}/munged.seed", f"--log-file={t}/munged.log",
               "--force"])
-        self.conf.write_text(SLURM_CONF.format(host=self.host, tmp=t, ctld_port=_free_port(),
-                                               slurmd_port=_free_port()))
+        self.conf.write_text(SLURM_CONF.format(host=self.host, tmp=t, ctld_port=free_port(),
+                                               slurmd_port=free_port()))
         _run(["slurmctld", "-f", str(self.conf)], env=self.env)
         _run(["slurmd", "-f", str(self.conf), "-N", self.host], env=self.env)
         if self.install_s:
@@ -190,8 +187,8 @@ def _ensure_submitit_launcher():
     try:
         import hydra_plugins.hydra_submitit_launcher  # noqa: F401
     except ImportError:
-        p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "hydra-submitit-launcher>=1.2",
-                            "submitit>=1.5"], capture_output=True, text=True, timeout=600)
+        p = run([sys.executable, "-m", "pip", "install", "-q", "hydra-submitit-launcher>=1.2",
+                 "submitit>=1.5"], timeout=600, check=False)
         if p.returncode != 0:
             pytest.fail(f"pip install hydra-submitit-launcher failed:\n{p.stdout}\n{p.stderr}", pytrace=False)
 
@@ -199,18 +196,13 @@ def _ensure_submitit_launcher():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny GQA checkpoint and an indexed corpus, shared by the jobs below."""
-    import random
-
     from nemo_minitron.convert import checkpoint as ckpt
     from nemo_minitron.convert.hf_config import arch_from_hf_config
-    from nemo_minitron.data.indexed import build_indexed
 
     tmp = tmp_path_factory.mktemp("slurm_jobs")
     hf = tiny_hf("gqa")  # hidden 128, ffn 256, 4 heads, 2 query groups, 4 layers
     ckpt.save(tmp / "ckpt", arch_from_hf_config(hf.config), hf.state_dict(), tokenizer=tiny_tokenizer())
-    rnd = random.Random(0)
-    docs = [" ".join(f"w{rnd.randrange(2, 1000)}" for _ in range(rnd.randrange(20, 80))) for _ in range(40)]
-    build_indexed(docs, tiny_tokenizer(), tmp / "corpus", progress=False)
+    tiny_corpus(tmp / "corpus")
     return tmp
 
 
@@ -268,6 +260,7 @@ def check_pruned(out: Path, **expected):
 
 # (a) ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slurm
 @pytest.mark.parametrize("script", ["minitron.sbatch", "minitron_torchrun.sbatch"])
 def test_sbatch_prune_on_two_ranks(slurm, tiny, tmp_path, script):
     out = tmp_path / "pruned"
@@ -290,11 +283,12 @@ def test_sbatch_prune_on_two_ranks(slurm, tiny, tmp_path, script):
 
 # (b) ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slurm
 @pytest.mark.parametrize("fail_at", ["init", "collective"])
 def test_sbatch_failing_rank_ends_the_job(slurm, tiny, tmp_path, fail_at):
     """Rank 1 raises; rank 0 waits for it (in the rendezvous, or in a barrier). With a 300 s
     collective timeout, only srun --kill-on-bad-exit ends rank 0 within the bound (fail_at=init)."""
-    env = job_env(slurm, FAIL_AT=fail_at, MINITRON_CMD=f"{sys.executable} -u {WORKERS / 'fail_rank1.py'}")
+    env = job_env(slurm, FAIL_AT=fail_at, MINITRON_CMD=f"{sys.executable} -u -m tests.workers.fail_rank1")
     t0 = time.time()
     job = sbatch(slurm, tmp_path, *SBATCH_LOCAL, ROOT / "launchers/slurm/minitron.sbatch",
                  *prune_args(tiny, tmp_path / "never"), "parallel.timeout_s=300", env=env)
@@ -309,6 +303,7 @@ def test_sbatch_failing_rank_ends_the_job(slurm, tiny, tmp_path, fail_at):
 
 # (c) ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slurm
 def test_hydra_submitit_sweep(slurm, tiny, tmp_path):
     """`minitron prune -m hydra/launcher=slurm`: one Slurm job per sweep point, 2 ranks each (TP=2)."""
     _ensure_submitit_launcher()
@@ -318,7 +313,7 @@ def test_hydra_submitit_sweep(slurm, tiny, tmp_path):
            "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10",
            f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides, "parallel.tp=2",
            "prune.target.ffn_hidden_size=96,192", f"output={tmp_path}/ffn${{prune.target.ffn_hidden_size}}"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=job_env(slurm))
+    p = run(cmd, timeout=300, cwd=tmp_path, env=job_env(slurm), check=False)
     logs = "\n".join(f"--- {f}\n{f.read_text()[-3000:]}" for f in (tmp_path / "sweep").rglob("*_log.*"))
     assert p.returncode == 0, f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}\n{logs}"
     for ffn in (96, 192):
@@ -335,6 +330,7 @@ def chain(cluster, cwd, *args) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in p.stdout.splitlines()]
 
 
+@pytest.mark.slurm
 def test_chain_runs_dependent_stages(slurm, tiny, tmp_path):
     # per-job sbatch options go between "--" and the stage: a one-rank prune here
     jobs = chain(slurm, tmp_path, "--", "--ntasks-per-node=1",
@@ -351,6 +347,7 @@ def test_chain_runs_dependent_stages(slurm, tiny, tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["intermediate_size"] == 64
 
 
+@pytest.mark.slurm
 def test_chain_cancels_stages_after_a_failure(slurm, tmp_path):
     jobs = chain(slurm, tmp_path, "--", "export", f"model.checkpoint={tmp_path / 'missing'}",
                  f"output={tmp_path / 'a'}", "--", "export", f"model.checkpoint={tmp_path / 'missing'}",
@@ -363,17 +360,16 @@ def test_chain_cancels_stages_after_a_failure(slurm, tmp_path):
 
 # (d) ---------------------------------------------------------------------------------------------
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("fail_at", ["collective", "init"])
 def test_torchrun_failing_rank_ends_the_job(tiny, tmp_path, fail_at):
     """No Slurm: torchrun's agent stops rank 0 once rank 1 has exited non-zero. (The request is
     a valid one: the pre-flight checks run before the stage's replaced `run`.)"""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", FAIL_AT=fail_at,
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(WORKERS)]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
-           str(WORKERS / "fail_rank1.py"), *prune_args(tiny, tmp_path / "out"),
-           "parallel.timeout_s=300"]
+    env = child_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", FAIL_AT=fail_at)
+    cmd = torchrun_cmd("tests.workers.fail_rank1", 2, *prune_args(tiny, tmp_path / "out"),
+                       "parallel.timeout_s=300")
     t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path)
+    p = run(cmd, timeout=150, env=env, cwd=tmp_path, check=False)
     elapsed = time.time() - t0
     assert p.returncode != 0 and "injected failure on rank 1" in p.stderr + p.stdout, p.stderr[-6000:]
     assert elapsed < 120, f"torchrun took {elapsed:.0f} s to fail"

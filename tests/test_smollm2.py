@@ -5,9 +5,6 @@ without them these tests fail with that command in the message.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +16,9 @@ from nemo_minitron.evaluate.loss import validation_loss
 from nemo_minitron.runtime.forward import gather_logits, run_forward
 from nemo_minitron.runtime.stage import load_checkpoint
 
-from conftest import ROOT
+from tests.helpers import minitron
+
+pytestmark = pytest.mark.real_model
 
 SEQ = 128
 
@@ -62,11 +61,8 @@ def test_validation_loss_matches_transformers(teacher, hf_teacher, valid_batches
 
 def test_evaluate_cli(tmp_path):
     out = tmp_path / "res.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    p = subprocess.run([sys.executable, "-m", "nemo_minitron", "evaluate", "eval.num_batches=2",
-                        "data.seq_length=128", f"output={out}", f"hydra.run.dir={tmp_path}/run"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    minitron("evaluate", "eval.num_batches=2", "data.seq_length=128", f"output={out}",
+             f"hydra.run.dir={tmp_path}/run", timeout=600, check=True)
     res = json.loads(out.read_text())
     assert res["tokens"] == 2 * 4 * 128 and 1.0 < res["loss"] < 5.0
     assert res["layout"] == {"tp": 1, "pp": 1, "dp": 1}

@@ -17,12 +17,12 @@ from nemo_minitron.cli import teacher_cache as cache_cli
 from nemo_minitron.config.schema import CacheConfig, KDConfig, TeacherCacheJob
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.data.packed import PackedSequences, step_batches
+from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.distill import teacher_cache as tc
 
-from conftest import tiny_hf, tiny_tokenizer, torchrun
-from nemo_minitron.convert.hf_config import arch_from_hf_config
-from test_distill_run import metrics, models, one_thread  # noqa: F401 (the module fixture)
-from distill_layouts import job as distill_job
+from tests.helpers import metrics, tiny_hf, tiny_tokenizer, torchrun
+from tests.test_distill_run import models, one_thread  # noqa: F401 (the module fixture)
+from tests.workers.distill_layouts import job as distill_job
 
 K = 16
 
@@ -74,6 +74,7 @@ def test_cache_holds_the_runs_samples(cache):
     assert {f.name: f.stat().st_mtime_ns for f in path.glob("step_*")} == before
 
 
+@pytest.mark.multirank
 def test_cached_follows_online_topk_and_resumes_bitwise(models, cache):
     t = models
     path = str(cache[0])
@@ -87,7 +88,7 @@ def test_cached_follows_online_topk_and_resumes_bitwise(models, cache):
         assert len(a) == 3 and b == pytest.approx(a, rel=1e-5, abs=1e-7), key
     bucket = [r["kd"] for r in metrics(t / "bucket") if "kd" in r]
     # PP=2 and DP=2 under torchrun (one launch) read their samples' rows and follow TP=PP=DP=1
-    rows = {r["layout"]: r for r in torchrun("teacher_cache_layouts.py", 2, t / "student",
+    rows = {r["layout"]: r for r in torchrun("teacher_cache_layouts", 2, t / "student",
                                              t / "teacher", t / "corpus", path, t / "layouts")}
     ref = metrics(t / "bucket")
     for name in ("pp2", "dp2"):

@@ -1,11 +1,11 @@
 """The training logger's TensorBoard scalars (train.tensorboard defaults to on, and tensorboard is
 installed with the package): what metrics.jsonl records, TensorBoard reads back."""
 
-import json
-
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nemo_minitron.distill.logger import Logger
+
+from tests.helpers import metrics
 
 
 def test_scalars_match_metrics_jsonl(tmp_path):
@@ -15,7 +15,7 @@ def test_scalars_match_metrics_jsonl(tmp_path):
         logger.write(step, {"loss": 5.0 - step, "lr": 1e-3 * step, "skipped": False})
     logger.write(3, {"val_loss": 2.5})
     logger.close()
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(tmp_path)
     ev = EventAccumulator(str(tmp_path / "tb"))
     ev.Reload()
     assert {"loss", "lr", "val_loss"} <= set(ev.Tags()["scalars"])

@@ -11,14 +11,15 @@ from nemo_minitron.artifacts import atomic
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.distill.guard import TrainingDiverged
 
-from conftest import torchrun
-from test_distill_run import distill_args, metrics, minitron, models  # noqa: F401 (fixture)
+from tests.helpers import metrics, torchrun
+from tests.helpers.proc import minitron_popen as minitron
+from tests.test_distill_run import distill_args, models  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
 def guard_rows(models):  # noqa: F811
     t = models
-    rows = torchrun("guard_layouts.py", 2, t / "student", t / "teacher", t / "corpus",
+    rows = torchrun("guard_layouts", 2, t / "student", t / "teacher", t / "corpus",
                     t / "guard")
     return rows
 
@@ -33,6 +34,7 @@ def finite_checkpoints(run):
     return names
 
 
+@pytest.mark.multirank
 def test_distributed_optimizer_and_bf16_resume_exactly_at_tp2_and_pp2(guard_rows):
     """As at TP=1 (test_distill_run): a copy of the step-2 checkpoint finishes bit-identical."""
     cases = {r["case"]: r for r in guard_rows if r["case"] != "diverged"}
@@ -42,6 +44,7 @@ def test_distributed_optimizer_and_bf16_resume_exactly_at_tp2_and_pp2(guard_rows
         assert r["step"] == 4 and r["equal"], name
 
 
+@pytest.mark.multirank
 def test_divergence_at_pp2_stops_every_rank_alike(guard_rows, models):  # noqa: F811
     """lr=1e6 at PP=2: the first non-finite step is skipped (skip_nonfinite_steps=1), the next
     stops both stages in the same step with the same message; checkpoints stay finite."""
@@ -77,17 +80,12 @@ def test_pipeline_stops_before_evaluating_or_exporting_a_diverged_student(tmp_pa
     import dataclasses
 
     from nemo_minitron.config.schema import PipelineConfig
-    from nemo_minitron.convert.hf_config import arch_from_hf_config
     from nemo_minitron.pipeline import run_pipeline
 
-    from conftest import tiny_hf, tiny_tokenizer
-    from test_pipeline import make_job
-    from test_prune_run import tiny_corpus
+    from tests.helpers import tiny_workspace
+    from tests.test_pipeline import make_job
 
-    hf = tiny_hf("gqa")
-    ckpt.save(tmp_path / "teacher", arch_from_hf_config(hf.config), hf.state_dict(),
-              tokenizer=tiny_tokenizer())
-    tiny_corpus(tmp_path / "corpus", n_docs=50)
+    tiny_workspace(tmp_path)
     job = make_job(tmp_path)
     job.train = dataclasses.replace(job.train, lr=1e6, min_lr=0.0, steps=12, save_interval=1)
     job.pipeline = PipelineConfig(rounds=job.pipeline.rounds[:1])
@@ -119,7 +117,7 @@ class Payload:
 
 def two_steps(t, out):
     """2 single-process steps saving a checkpoint after step 1 (resumes from one under out)."""
-    from test_distill_run import four_steps
+    from tests.test_distill_run import four_steps
 
     return four_steps(t, out, steps=2, save_interval=1)
 

@@ -6,16 +6,16 @@ and PP=2 with dynamic weights (``DYNAMIC_KD``); then PP=2 with pairs split over 
 Emits each layout's per-step metrics (read back from metrics.jsonl) and final val loss.
 """
 
-import json
 import sys
-from pathlib import Path
 
 import torch
-from _emit import emit
 
 from nemo_minitron.config.schema import (DataConfig, DistillJob, KDConfig, ModelConfig,
                                          ParallelConfig, TrainConfig)
 from nemo_minitron.distill.trainer import train
+
+from tests.helpers.metrics import metrics, series
+from tests.workers._emit import emit
 
 
 # student layers 0, 1 (2 layers) against teacher layers 1, 3 (of 4): under PP=2 each pair sits on
@@ -52,10 +52,8 @@ def run(name, j):
     """Train ``j`` and emit its per-step metrics (rank 0) as the row of layout ``name``."""
     res = train(j, "distill")
     if torch.distributed.get_rank() == 0:
-        rows = [json.loads(x) for x in (Path(j.output) / "metrics.jsonl").read_text().splitlines()]
         keys = ("loss", "grad_norm", "hidden", "emb", "alpha")
-        emit({"layout": name, "val_loss": res["val_loss"],
-              **{k: [r[k] for r in rows if k in r] for k in keys}})
+        emit({"layout": name, "val_loss": res["val_loss"], **series(metrics(j.output), keys)})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ stage. Emits the per-step metrics like distill_layouts.py.
 
 import sys
 
-from distill_layouts import job, run
+from tests.workers.distill_layouts import job, run
+
 
 # [0, 3]: projected student state sent by stage 0, passed on by 1 and 2, used on the last stage;
 # [3, 1]: teacher state sent by stage 1 (idle slot on stage 0), used on stage 3;

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-from _emit import emit
-from distill_layouts import job
 
 from nemo_minitron.config.schema import TrainConfig
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.distill.trainer import train
+
+from tests.workers._emit import emit
+from tests.workers.distill_layouts import job
 
 
 def run_once(student, teacher, data, run, mode):

@@ -4,7 +4,6 @@ transformers' reference), then `prune` of each at TP=2 into <out>/<family>_tp2."
 import sys
 
 import torch
-from _emit import emit
 
 from nemo_minitron.config.schema import (DataConfig, ModelConfig, ParallelConfig, PruneConfig,
                                          PruneJob, Targets)
@@ -12,6 +11,8 @@ from nemo_minitron.pruning.run import prune
 from nemo_minitron.runtime import dist
 from nemo_minitron.runtime.forward import gather_logits, run_forward
 from nemo_minitron.runtime.stage import load_checkpoint
+
+from tests.workers._emit import emit
 
 FAMILIES = ("qwen3", "nemotron")
 

@@ -5,11 +5,12 @@ import json
 import sys
 
 import torch
-from _emit import emit
 
 from nemo_minitron.evaluate.multiple_choice import score_continuations
 from nemo_minitron.runtime import dist
 from nemo_minitron.runtime.stage import load_checkpoint
+
+from tests.workers._emit import emit
 
 
 def main(ckpt_dir, requests_json):

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-from _emit import emit
-from distill_layouts import job
 
 from nemo_minitron.config.schema import TrainConfig
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.distill.guard import TrainingDiverged
 from nemo_minitron.distill.trainer import train
+
+from tests.workers._emit import emit
+from tests.workers.distill_layouts import job
+
 
 def make(student, teacher, data, out, tp, pp, dtype="fp32", steps=4, **train_kw):
     j = job(student, teacher, data, str(out), tp, pp, steps=steps)

@@ -6,11 +6,12 @@ Each layout's global importance is saved by every rank to <out>/<layout>-rank<r>
 import sys
 
 import torch
-from _emit import emit
 
 from nemo_minitron.importance.calibrate import batches_forward_loop, calibrate
 from nemo_minitron.runtime import dist
 from nemo_minitron.runtime.stage import load_checkpoint
+
+from tests.workers._emit import emit
 
 
 def main(ckpt_dir, batches_path, out):

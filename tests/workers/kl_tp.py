@@ -7,9 +7,10 @@ columns (given large values: they must be masked). Emits one row per rank and ca
 
 import torch
 import torch.distributed as tdist
-from _emit import emit
 
 from nemo_minitron.distill import losses as L
+
+from tests.workers._emit import emit
 
 B, S, VP, VOCAB, H, HT = 2, 15, 96, 90, 24, 32
 

@@ -7,12 +7,13 @@ and a save at that layout. Emits one row per rank and layout.
 import sys
 
 import torch
-from _emit import emit
 
 from nemo_minitron.evaluate.loss import validation_loss
 from nemo_minitron.runtime import dist
 from nemo_minitron.runtime.forward import gather_logits, run_forward
 from nemo_minitron.runtime.stage import load_checkpoint, save_checkpoint
+
+from tests.workers._emit import emit
 
 
 def odd_vocab(ckpt_dir, ref_path):

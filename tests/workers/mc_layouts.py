@@ -7,12 +7,13 @@ accuracy, and for DP=2 the result of ``evaluate_tasks``.
 import sys
 
 import torch
-from _emit import emit
 
 from nemo_minitron.evaluate.multiple_choice import accuracy, evaluate_tasks, score_items
 from nemo_minitron.evaluate.tasks import load_task
 from nemo_minitron.runtime import dist
 from nemo_minitron.runtime.stage import load_checkpoint
+
+from tests.workers._emit import emit
 
 
 def main(ckpt_dir, jsonl):

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from _emit import emit
+
+from tests.workers._emit import emit
 
 
 def batches():

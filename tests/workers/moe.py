@@ -6,7 +6,6 @@ each (8 -> 4 experts, half the expert width) at EP=2 into <root>/<family>_pruned
 import sys
 
 import torch
-from _emit import emit
 
 from nemo_minitron.config.schema import (DataConfig, ModelConfig, ParallelConfig, PruneConfig,
                                          PruneJob, Targets)
@@ -14,6 +13,8 @@ from nemo_minitron.pruning.run import prune
 from nemo_minitron.runtime import dist
 from nemo_minitron.runtime.forward import gather_logits, run_forward
 from nemo_minitron.runtime.stage import load_checkpoint, save_checkpoint
+
+from tests.workers._emit import emit
 
 FAMILIES = ("mixtral", "qwen3_moe")
 

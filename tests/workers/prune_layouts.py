@@ -2,11 +2,12 @@
 
 import sys
 
-from _emit import emit
 
 from nemo_minitron.config.schema import (DataConfig, ModelConfig, ParallelConfig, PruneConfig,
                                          PruneJob, Targets)
 from nemo_minitron.pruning.run import prune
+
+from tests.workers._emit import emit
 
 
 def main(ckpt_dir, data_prefix, out):
