@@ -85,3 +85,21 @@ def test_checkpoint_saved_at_layout_holds_original_tensors(results, layout):
         assert torch.equal(c.get(k), v), k
     shards = set(c.weight_map.values())
     assert len(shards) == (2 if layout == "pp2" else 1)
+
+
+@pytest.mark.parametrize("layout,tp,pp", [("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)])
+def test_init_returns_the_layouts_parallel_context(results, layout, tp, pp):
+    rows = {r["rank"]: r["par"] for r in results["rows"] if r["layout"] == layout}
+    assert set(rows) == {0, 1}
+    dp = 2 // (tp * pp)
+    for rank, par in rows.items():
+        assert par["layout"] == {"tp": tp, "pp": pp, "dp": dp}
+        assert (par["tp"], par["pp"], par["dp"], par["world_size"]) == (tp, pp, dp, 2)
+        assert par["group_sizes"] == {"tp": tp, "pp": pp, "dp": dp}
+        assert par["rank"] == rank and par["is_rank0"] == (rank == 0)
+        assert par["tp_rank"] == (rank if tp == 2 else 0)
+        assert par["pp_rank"] == (rank if pp == 2 else 0)
+        assert par["dp_rank"] == (rank if dp == 2 else 0)
+        assert par["first_stage"] == (par["pp_rank"] == 0)
+        assert par["last_stage"] == (par["pp_rank"] == pp - 1)
+        assert par["device"] == "cpu" and par["same_as_current"]

@@ -28,7 +28,6 @@ from argparse import Namespace
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 
 from ..arch import Arch
 from ..artifacts import atomic
@@ -204,7 +203,7 @@ def save_megatron(stage, output, *, overwrite: bool = False) -> Path:
     ``dist_checkpointing.save``, into a temporary directory renamed when complete."""
     from megatron.core import dist_checkpointing
 
-    rank0 = not tdist.is_initialized() or tdist.get_rank() == 0
+    rank0 = dist.is_rank0()
     final = tmp = err = None
     if rank0:
         try:

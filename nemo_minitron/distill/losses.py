@@ -56,7 +56,8 @@ import math
 from typing import Mapping, Optional
 
 import torch
-import torch.distributed as tdist
+
+from ..runtime.collectives import all_gather_cat, all_reduce_max, all_reduce_sum, size_rank
 
 KINDS = ("forward", "reverse", "jsd")
 
@@ -65,15 +66,14 @@ KINDS = ("forward", "reverse", "jsd")
 
 def _tp(group) -> tuple[int, int]:
     """(size, rank) of the TP group; (1, 0) when there is none."""
-    if group is None or not tdist.is_available() or not tdist.is_initialized():
-        return 1, 0
-    return tdist.get_world_size(group), tdist.get_rank(group)
+    return size_rank(group)
 
 
-def _all_reduce_(x: torch.Tensor, group, op=None) -> torch.Tensor:
-    """In-place all-reduce (no autograd); a no-op without a group of more than one rank."""
+def _all_reduce_(x: torch.Tensor, group, maximum: bool = False) -> torch.Tensor:
+    """In-place sum (or maximum) all-reduce (no autograd); a no-op without a group of more than
+    one rank."""
     if _tp(group)[0] > 1:
-        tdist.all_reduce(x, op=op if op is not None else tdist.ReduceOp.SUM, group=group)
+        (all_reduce_max if maximum else all_reduce_sum)(x, group)
     return x
 
 
@@ -108,7 +108,7 @@ def _log_softmax_(xs: list[torch.Tensor], keep: Optional[torch.Tensor], group) -
         for x in xs:
             x.masked_fill_(~keep, float("-inf"))
     m = torch.stack([x.amax(dim=-1) for x in xs])
-    _all_reduce_(m, group, tdist.ReduceOp.MAX if _tp(group)[0] > 1 else None)
+    _all_reduce_(m, group, maximum=True)
     tmp = torch.empty_like(xs[0])
     se = []
     for x, mx in zip(xs, m):
@@ -135,11 +135,7 @@ def _topk_keep(t: torch.Tensor, valid: Optional[torch.Tensor], k: int, group) ->
     del tt
     gid = idx + rank * v_local
     if size > 1:
-        all_vals = [torch.empty_like(vals) for _ in range(size)]
-        all_ids = [torch.empty_like(gid) for _ in range(size)]
-        tdist.all_gather(all_vals, vals.contiguous(), group=group)
-        tdist.all_gather(all_ids, gid.contiguous(), group=group)
-        vals, gid = torch.cat(all_vals, dim=-1), torch.cat(all_ids, dim=-1)
+        vals, gid = all_gather_cat(vals, group, dim=-1), all_gather_cat(gid, group, dim=-1)
         sel = vals.topk(min(k, vals.shape[-1]), dim=-1).indices
         gid = gid.gather(-1, sel)
     local = gid - rank * v_local

@@ -14,7 +14,8 @@ non-sharded state (step count, hyper-parameters per group, loss scaler) is the o
 from __future__ import annotations
 
 import torch
-import torch.distributed as tdist
+
+from ..runtime.collectives import reduce_sum_to_first
 
 KEYS = ("param", "exp_avg", "exp_avg_sq")
 FORMAT = "model_space/1"
@@ -85,7 +86,7 @@ def gather(optimizer, named_params: dict[str, torch.nn.Parameter]) -> dict | Non
                 for i, k in enumerate(KEYS):
                     full[i, start:end] = shard[k].detach().float()
             if group.size() > 1:  # ranges are disjoint: the sum assembles the parameter
-                tdist.reduce(full, dst=tdist.get_global_rank(group, 0), group=group)
+                reduce_sum_to_first(full, group)
             if roots[-1]:
                 out["params"][name] = {k: full[i].cpu().view(p.shape).clone()
                                        for i, k in enumerate(KEYS)}

@@ -213,8 +213,6 @@ class TeacherCache:
 
 def build(job) -> dict:
     """Run the teacher over the run's samples step by step; write missing shards (resumable)."""
-    from tqdm import tqdm
-
     from ..data.packed import PackedSequences, step_batches
     from ..runtime import dist
     from ..runtime.forward import run_forward
@@ -247,7 +245,7 @@ def build(job) -> dict:
 
     train_data = PackedSequences(data.prefix, data.seq_length, split="train",
                                  valid_fraction=data.valid_fraction, seed=tr.seed)
-    dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s)
+    par = dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s)
     try:
         teacher, _ = load_checkpoint(kd.teacher, job.model.dtype)
         todo = [s for s in range(tr.steps) if not (out / shard_name(s)).is_file()]
@@ -263,7 +261,7 @@ def build(job) -> dict:
 
         from safetensors.torch import save_file
 
-        for s in tqdm(todo, desc="teacher cache", unit="step", disable=not dist.is_rank0()):
+        for s in par.progress(todo, desc="teacher cache", unit="step"):
             batches = step_batches(train_data, s, tr.global_batch_size, tr.micro_batch_size,
                                    seed=tr.seed, with_index=True)
             outs = run_forward(teacher, batches, on_logits)

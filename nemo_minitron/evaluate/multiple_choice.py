@@ -23,10 +23,11 @@ import time
 from typing import Sequence
 
 import torch
-import torch.distributed as tdist
 
+from ..runtime.collectives import all_reduce_max
 from ..runtime.forward import (all_reduce_sum, mask_padded_vocab, on_device, run_forward,
                                token_losses)
+from ..runtime.parallel import Parallel, current
 from .judge import chance, stderr
 from .tasks import Item
 
@@ -92,14 +93,6 @@ def _rows(encoded, max_length: int):
     return rows, owners
 
 
-def _parallel():
-    from megatron.core import parallel_state as ps
-
-    return (ps.get_pipeline_model_parallel_world_size(), ps.is_pipeline_last_stage(),
-            ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(),
-            ps.get_data_parallel_world_size())
-
-
 def _make_batch(rows, owners_of, row_ids, seq_len: int, pad_id: int) -> dict:
     b = len(row_ids)
     tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
@@ -121,56 +114,57 @@ def _make_batch(rows, owners_of, row_ids, seq_len: int, pad_id: int) -> dict:
             "owner": t(owner), "reqs": t(reqs)}
 
 
-def _not_argmax(sel: torch.Tensor, tgt: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def _not_argmax(sel: torch.Tensor, tgt: torch.Tensor, vocab_size: int,
+                par: Parallel) -> torch.Tensor:
     """Per selected position: is the target token *not* the argmax of the (vocab-parallel)
     logits ``sel`` [n, V/tp]? Reads ``sel`` only (the cross entropy later works in place)."""
-    from megatron.core import parallel_state as ps
-
     logits = mask_padded_vocab(sel.float(), vocab_size)
     local = logits.shape[-1]
-    start = ps.get_tensor_model_parallel_rank() * local
+    start = par.tp_rank * local
     best = logits.max(-1).values
     own = (tgt >= start) & (tgt < start + local)
     mine = logits.gather(1, (tgt - start).clamp(0, local - 1)[:, None])[:, 0]
     mine = torch.where(own, mine, torch.full_like(mine, float("-inf")))
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        group = ps.get_tensor_model_parallel_group()
-        tdist.all_reduce(best, op=tdist.ReduceOp.MAX, group=group)
-        tdist.all_reduce(mine, op=tdist.ReduceOp.MAX, group=group)
+    if par.tp > 1:
+        all_reduce_max(best, par.tp_group)
+        all_reduce_max(mine, par.tp_group)
     return mine < best
 
 
 def score_requests(stage, tokenizer, requests: Sequence[tuple[str, str]], *,
                    micro_batch_size: int = 8, max_length: int | None = None,
                    dp_rank: int | None = None, dp_size: int | None = None,
-                   progress: bool | str = True) -> list[float]:
+                   progress: bool | str = True, par: Parallel | None = None) -> list[float]:
     """Sum log-probability of each ``(context, continuation)``; collective over all ranks.
 
-    ``dp_rank``/``dp_size`` default to megatron's data-parallel rank and size. Every rank must call
-    with the same requests and gets all scores back.
+    ``dp_rank``/``dp_size`` default to ``par``'s data-parallel rank and size (``par``: the live
+    layout unless given). Every rank must call with the same requests and gets all scores back.
     """
     if not requests:
         return []
     scored = score_continuations(stage, encode_requests(tokenizer, requests),
                                  micro_batch_size=micro_batch_size, max_length=max_length,
-                                 dp_rank=dp_rank, dp_size=dp_size, progress=progress)
+                                 dp_rank=dp_rank, dp_size=dp_size, progress=progress, par=par)
     return [lp for lp, _ in scored]
 
 
 def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *,
                         micro_batch_size: int = 8, max_length: int | None = None,
                         dp_rank: int | None = None, dp_size: int | None = None,
-                        progress: bool | str = True) -> list[tuple[float, bool]]:
+                        progress: bool | str = True,
+                        par: Parallel | None = None) -> list[tuple[float, bool]]:
     """``(sum log-probability, greedy)`` of each ``(context_ids, continuation_ids)``: the
     continuation's tokens scored after the context, the input left-truncated to ``max_length``
     tokens; ``greedy`` is whether every continuation token is the argmax at its position.
 
     Collective over all ranks: every rank calls with the same requests and gets every result.
-    ``dp_rank``/``dp_size`` default to megatron's data-parallel rank and size.
+    ``dp_rank``/``dp_size`` default to ``par``'s data-parallel rank and size (``par``: the live
+    layout unless given).
     """
-    pp, last, tp_rank, mdp_rank, mdp_size = _parallel()
-    dp_rank = mdp_rank if dp_rank is None else dp_rank
-    dp_size = mdp_size if dp_size is None else dp_size
+    par = par or current()
+    pp = par.pp
+    dp_rank = par.dp_rank if dp_rank is None else dp_rank
+    dp_size = par.dp if dp_size is None else dp_size
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} not in [0, {dp_size})")
     max_length = max_length or stage.arch.max_position_embeddings
@@ -209,7 +203,7 @@ def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *
 
     def on_logits(logits, batch):
         sel = logits[batch["sel_row"], batch["sel_pos"]]  # [n_tok, V/tp]
-        miss = _not_argmax(sel, batch["sel_tgt"], vocab)
+        miss = _not_argmax(sel, batch["sel_tgt"], vocab, par)
         lp = -token_losses(sel.unsqueeze(0), batch["sel_tgt"].unsqueeze(0), vocab)[0]
         sums = torch.zeros(2, batch["reqs"].numel(), dtype=torch.float64, device=lp.device)
         sums[0].index_add_(0, batch["owner"], lp.double())
@@ -217,23 +211,17 @@ def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *
         return {"reqs": batch["reqs"], "logprob": sums[0], "misses": sums[1]}
 
     label = (progress if isinstance(progress, str) else "multiple choice") if progress else None
-    outs, bar = [], None
+    outs = []
     if len(groups) == 1:  # run_forward shows the bar (global rank 0)
         outs = run_forward(stage, [on_device(b) for b in groups[0]], on_logits, progress=label)
     else:
-        if label and (not tdist.is_initialized() or tdist.get_rank() == 0):
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(batches), desc=label, unit="batch")
-        for g in groups:
-            outs += run_forward(stage, [on_device(b) for b in g], on_logits)
-            if bar is not None:
+        with par.progress(total=len(batches), desc=label, unit="batch", disable=not label) as bar:
+            for g in groups:
+                outs += run_forward(stage, [on_device(b) for b in g], on_logits)
                 bar.update(len(g))
-        if bar is not None:
-            bar.close()
 
     total = torch.zeros(3, len(encoded), dtype=torch.float64)  # logprob, n, misses
-    if last and tp_rank == 0:
+    if par.last_stage and par.tp_rank == 0:
         for o in outs:
             reqs = o["reqs"].to(total.device)
             total[0].index_add_(0, reqs, o["logprob"].to(total.device))
@@ -247,12 +235,13 @@ def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *
 
 def score_items(stage, tokenizer, items: Sequence[Item], *, micro_batch_size: int = 8,
                 max_length: int | None = None, dp_rank: int | None = None,
-                dp_size: int | None = None, progress: bool | str = True) -> list[list[float]]:
+                dp_size: int | None = None, progress: bool | str = True,
+                par: Parallel | None = None) -> list[list[float]]:
     """Sum log-probability of every choice of every item (``scores[i][j]`` for item i, choice j).
 
     Collective: every rank (all TP/PP/DP ranks) calls with the same items and gets all scores.
     Each data-parallel rank forwards a disjoint slice; ``dp_rank``/``dp_size`` default to
-    megatron's data-parallel group (pass ``0``/``1`` to have every replica score everything).
+    ``par``'s data-parallel group (pass ``0``/``1`` to have every replica score everything).
     ``max_length`` (default ``arch.max_position_embeddings``) left-truncates long inputs.
     """
     reqs, sizes = [], []
@@ -262,7 +251,7 @@ def score_items(stage, tokenizer, items: Sequence[Item], *, micro_batch_size: in
         sizes.append(len(r))
     flat = score_requests(stage, tokenizer, reqs, micro_batch_size=micro_batch_size,
                           max_length=max_length, dp_rank=dp_rank, dp_size=dp_size,
-                          progress=progress)
+                          progress=progress, par=par)
     out, k = [], 0
     for n in sizes:
         out.append(flat[k:k + n])
@@ -301,18 +290,17 @@ def evaluate_tasks(stage, tokenizer, tasks: Sequence[str], limit: int | None = N
                    num_fewshot: int = 0, *, seed: int = 1234, micro_batch_size: int = 8,
                    max_length: int | None = None, split: str | dict | None = None, data_dir=None,
                    dp_rank: int | None = None, dp_size: int | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, par: Parallel | None = None) -> dict:
     """Accuracy of the model on each task; collective (every rank calls and gets the result).
 
     Returns ``{"results": {task: {acc, acc_norm, acc_stderr, acc_norm_stderr, n, split,
     seconds}}, "settings": {...}}`` where the settings are everything needed to reproduce it.
     ``split``: one split for every task, or ``{task: split}`` (e.g. ``{"mmlu": "test"}``); tasks
-    not named use their default (validation).
+    not named use their default (validation). ``par``: the layout (default: the live one).
     """
-    from megatron.core import parallel_state as ps
-
     from .tasks import load_task, resolved_split
 
+    par = par or current()
     max_length = max_length or stage.arch.max_position_embeddings
     results = {}
     t_all = time.time()
@@ -323,7 +311,7 @@ def evaluate_tasks(stage, tokenizer, tasks: Sequence[str], limit: int | None = N
                           data_dir=data_dir)
         scores = score_items(stage, tokenizer, items, micro_batch_size=micro_batch_size,
                              max_length=max_length, dp_rank=dp_rank, dp_size=dp_size,
-                             progress=name if progress else False)
+                             progress=name if progress else False, par=par)
         res = accuracy(items, scores)
         res.update(split=resolved_split(name, sp), seconds=round(time.time() - t0, 2))
         results[name] = res
@@ -332,9 +320,7 @@ def evaluate_tasks(stage, tokenizer, tasks: Sequence[str], limit: int | None = N
         "tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot, "fewshot_seed": seed,
         "split": split, "micro_batch_size": micro_batch_size, "max_length": max_length,
         "dtype": dtype, "tokenizer": getattr(tokenizer, "name_or_path", None),
-        "layout": {"tp": ps.get_tensor_model_parallel_world_size(),
-                   "pp": ps.get_pipeline_model_parallel_world_size(),
-                   "dp": ps.get_data_parallel_world_size() if dp_size is None else dp_size},
+        "layout": {**par.layout, **({} if dp_size is None else {"dp": dp_size})},
         "scoring": "sum of continuation token log-probs (harness tokenisation); acc_norm divides "
                    "by the choice's length in characters",
         "seconds": round(time.time() - t_all, 2),

@@ -10,8 +10,6 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32") -> dict:
-    from megatron.core import parallel_state as ps
-
     from ..convert.checkpoint import Checkpoint
     from ..data.packed import PackedSequences
     from ..runtime import dist
@@ -21,18 +19,18 @@ def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32"
     Checkpoint(checkpoint).arch.check_parallel(parallel.tp, parallel.pp)
     valid = PackedSequences(data.prefix, data.seq_length, split="valid",
                             valid_fraction=data.valid_fraction, seed=parallel.seed)
-    dist.init(parallel.tp, parallel.pp, parallel.seed, parallel.timeout_s)
+    par = dist.init(parallel.tp, parallel.pp, parallel.seed, parallel.timeout_s)
     try:
         t0 = time.time()
         stage, _ = load_checkpoint(checkpoint, dtype)
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        dp = par.dp
         full = len(valid) // (ev.micro_batch_size * dp)
         n = full if ev.num_batches is None else min(ev.num_batches, full)
         if n < 1:
             raise ValueError(f"held-out split has {len(valid)} samples of {data.seq_length} "
                              f"tokens, fewer than one global batch of {ev.micro_batch_size * dp}; "
                              "lower eval.micro_batch_size or data.seq_length")
-        batches = valid.batches(ev.micro_batch_size, num_batches=n, dp_rank=dp_rank, dp_size=dp)
+        batches = valid.batches(ev.micro_batch_size, num_batches=n, dp_rank=par.dp_rank, dp_size=dp)
         result = validation_loss(stage, batches, progress="evaluate")
         if ev.tasks:
             from ..convert.checkpoint import Checkpoint as _C
@@ -41,15 +39,15 @@ def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32"
             result["tasks"] = evaluate_tasks(
                 stage, _C(checkpoint).tokenizer(), list(ev.tasks), limit=ev.limit,
                 num_fewshot=ev.num_fewshot, seed=ev.fewshot_seed,
-                micro_batch_size=ev.task_batch_size)
-            if dist.is_rank0():
+                micro_batch_size=ev.task_batch_size, par=par)
+            if par.is_rank0:
                 for task, r in result["tasks"]["results"].items():
                     log.info("%-14s acc %.3f | acc_norm %.3f ± %.3f | chance %.3f | n %d", task,
                              r["acc"], r["acc_norm"], r["acc_norm_stderr"], r["chance"], r["n"])
         result.update(checkpoint=str(checkpoint), data=data.prefix, seq_length=data.seq_length,
-                      layout={"tp": parallel.tp, "pp": parallel.pp, "dp": dp},
+                      layout=par.layout,
                       seconds=round(time.time() - t0, 2))
-        if dist.is_rank0():
+        if par.is_rank0:
             log.info("validation loss %.4f | perplexity %.2f | %d tokens | %.1f s",
                      result["loss"], result["perplexity"], result["tokens"], result["seconds"])
         return result

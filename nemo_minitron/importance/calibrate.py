@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..runtime.forward import on_device, run_forward
+from ..runtime.parallel import Parallel
 from .hooks import collecting
 from .reduce import Importance, reduce_stats
 
@@ -26,9 +27,11 @@ def batches_forward_loop(stage, batches: Iterable[dict], progress: str | None = 
 
 
 def calibrate(stage, forward_loop: Callable[[torch.nn.Module], None], *, seq_agg: str = "mean_abs",
-              batch_agg: str = "l2", expert_score: str = "contribution") -> Importance:
+              batch_agg: str = "l2", expert_score: str = "contribution",
+              par: Parallel | None = None) -> Importance:
     """Run ``forward_loop`` with hooks on; return global importance (same on every rank).
-    ``expert_score``: how MoE experts are ranked (:func:`~.scores.expert_scores`)."""
+    ``expert_score``: how MoE experts are ranked (:func:`~.scores.expert_scores`); ``par``: the
+    layout to reduce over (default: the live one)."""
     with torch.no_grad(), collecting(stage, seq_agg) as stats:
         forward_loop(stage.model)
-    return reduce_stats(stats, stage, batch_agg, expert_score)
+    return reduce_stats(stats, stage, batch_agg, expert_score, par)

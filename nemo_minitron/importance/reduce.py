@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as tdist
 
 from ..artifacts.atomic import write_file
-from ..runtime import dist
+from ..runtime.collectives import all_gather_cat, all_reduce_sum, size_rank
+from ..runtime.parallel import Parallel, current
 from .hooks import ActivationStats
 from .scores import Moments, batch_aggregate, expert_neuron_scores, expert_scores
 
@@ -49,24 +49,20 @@ class Importance:
                    d.get("experts"))
 
 
+# A group of None (no torch.distributed) holds complete statistics: nothing to combine.
+
 def _sum_over(group, t: torch.Tensor) -> torch.Tensor:
-    if group is not None and tdist.get_world_size(group) > 1:
-        t = t.clone()
-        tdist.all_reduce(t, group=group)
-    return t
+    return all_reduce_sum(t.clone(), group) if size_rank(group)[0] > 1 else t
 
 
 def _gather_cat(group, t: torch.Tensor) -> torch.Tensor:
-    if group is None or tdist.get_world_size(group) == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(tdist.get_world_size(group))]
-    tdist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts)
+    return all_gather_cat(t, group) if size_rank(group)[0] > 1 else t
 
 
-def reduce_expert_stats(stats: ActivationStats, stage, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+def reduce_expert_stats(stats: ActivationStats, stage, how: str,
+                        par: Parallel) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert scores [layers, experts], neuron scores [layers, ffn]) of an MoE model."""
-    arch, (edp, ep) = stage.arch, dist.expert_groups()
+    arch, edp, ep = stage.arch, par.expert_dp_group, par.ep_group
     if stage.tp_size > 1:
         # each TP rank's expert output is a partial sum until the dispatcher reduces it
         raise ValueError("MoE importance at parallel.tp>1 is not supported; calibrate at tp=1 "
@@ -81,9 +77,11 @@ def reduce_expert_stats(stats: ActivationStats, stage, how: str) -> tuple[torch.
 
 
 def reduce_stats(stats: ActivationStats, stage, batch_agg: str = "l2",
-                 expert_score: str = "contribution") -> Importance:
-    """Global :class:`Importance` from this rank's stats; a collective over all ranks."""
-    dp_group, tp_group, pp_group = dist.reduction_groups()
+                 expert_score: str = "contribution", par: Parallel | None = None) -> Importance:
+    """Global :class:`Importance` from this rank's stats; a collective over all ranks of ``par``
+    (default: the live layout)."""
+    par = par or current()
+    dp_group, tp_group, pp_group = par.dp_group, par.tp_group, par.pp_group
     keys = sorted(stats.moments)
     flat = torch.cat([stats.moments[k].flat() for k in keys]) if keys else torch.zeros(0)
     flat = _sum_over(dp_group, flat)
@@ -101,7 +99,7 @@ def reduce_stats(stats: ActivationStats, stage, batch_agg: str = "l2",
     hidden = torch.zeros(arch.hidden_size, dtype=torch.float64)
     experts = None
     if arch.is_moe:
-        experts, ffn = reduce_expert_stats(stats, stage, expert_score)
+        experts, ffn = reduce_expert_stats(stats, stage, expert_score, par)
     for local, g in enumerate(stage.layers):
         if not arch.is_moe:
             ffn[g] = _gather_cat(tp_group, batch_aggregate(moments[("ffn", local)], batch_agg))

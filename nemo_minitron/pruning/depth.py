@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..evaluate.loss import validation_loss
+from ..runtime.parallel import Parallel, current
 
 
 @contextmanager
@@ -30,18 +31,17 @@ def skipping(stage, drop: Iterable[int]):
         decoder.layers = full
 
 
-def block_removal_losses(stage, batches: Sequence[dict], n: int, progress: bool = True) -> list[float]:
-    """Loss with layers [s, s+n) removed, for s = 0 .. L-n (collective: every rank calls)."""
+def block_removal_losses(stage, batches: Sequence[dict], n: int, progress: bool = True,
+                         par: Parallel | None = None) -> list[float]:
+    """Loss with layers [s, s+n) removed, for s = 0 .. L-n (collective: every rank calls; ``par``
+    shows the progress bar on rank 0, default: the live layout)."""
     L = stage.arch.num_layers
     if not 0 < n < L:
         raise ValueError(f"block size {n} must be in [1, {L - 1}]")
     batches = list(batches)
     losses = []
-    starts = range(L - n + 1)
-    if progress and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc=f"depth: remove {n} layers", unit="block")
+    starts = (par or current()).progress(range(L - n + 1), desc=f"depth: remove {n} layers",
+                                         unit="block", disable=not progress)
     for s in starts:
         with skipping(stage, range(s, s + n)):
             losses.append(validation_loss(stage, batches)["loss"])
@@ -49,23 +49,21 @@ def block_removal_losses(stage, batches: Sequence[dict], n: int, progress: bool 
 
 
 def block_removal_accuracy(stage, tokenizer, items, n: int, *, micro_batch_size: int = 8,
-                           progress: bool = True) -> list[float]:
+                           progress: bool = True, par: Parallel | None = None) -> list[float]:
     """Multiple-choice accuracy (acc_norm) with layers [s, s+n) removed, for s = 0 .. L-n."""
     from ..evaluate.multiple_choice import accuracy, score_items
 
     L = stage.arch.num_layers
     if not 0 < n < L:
         raise ValueError(f"block size {n} must be in [1, {L - 1}]")
-    starts = range(L - n + 1)
-    if progress and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc=f"depth: remove {n} layers (accuracy)", unit="block")
+    par = par or current()
+    starts = par.progress(range(L - n + 1), desc=f"depth: remove {n} layers (accuracy)",
+                          unit="block", disable=not progress)
     accs = []
     for s in starts:
         with skipping(stage, range(s, s + n)):
             scores = score_items(stage, tokenizer, items, micro_batch_size=micro_batch_size,
-                                 progress=False)
+                                 progress=False, par=par)
         accs.append(accuracy(items, scores)["acc_norm"])
     return accs
 

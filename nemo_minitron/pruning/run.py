@@ -19,8 +19,6 @@ log = logging.getLogger(__name__)
 
 
 def prune(job) -> dict:
-    from megatron.core import parallel_state as ps
-
     from ..data.packed import PackedSequences
     from ..report.plots import plot_depth_curve, plot_importance
     from .depth import best_block, block_removal_accuracy, block_removal_losses
@@ -37,28 +35,27 @@ def prune(job) -> dict:
     atomic.check_new_dir(job.output, job.overwrite)
     data = calibration_data(job)
 
-    dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s,
-              ep=job.parallel.ep)
+    par = dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s,
+                    ep=job.parallel.ep)
     try:
         t0 = time.time()
         stage, _ = load_checkpoint(job.model.checkpoint, job.model.dtype)
-        imp = importance_for(job, stage, src.arch, data)
+        imp = importance_for(job, stage, src.arch, data, par)
         t_cal = time.time() - t0
         keep_layers, curve = p.keep_layers, None
         n_drop = src.arch.num_layers - (p.target.num_layers or src.arch.num_layers)
         if keep_layers is None and p.depth == "lm_loss" and n_drop > 0:
             valid = PackedSequences(job.data.prefix, job.data.seq_length, split="valid",
                                     valid_fraction=job.data.valid_fraction)
-            dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
             vb = list(valid.batches(p.micro_batch_size, num_batches=p.depth_batches,
-                                    dp_rank=dp_rank, dp_size=dp))
-            curve = block_removal_losses(stage, vb, n_drop)
+                                    dp_rank=par.dp_rank, dp_size=par.dp))
+            curve = block_removal_losses(stage, vb, n_drop, par=par)
             keep_layers = best_block(curve, n_drop, src.arch.num_layers)
         elif keep_layers is None and p.depth == "accuracy" and n_drop > 0:
             from ..evaluate.tasks import load_task
 
             items = load_task(p.depth_task, limit=p.depth_task_limit)
-            accs = block_removal_accuracy(stage, src.tokenizer(), items, n_drop)
+            accs = block_removal_accuracy(stage, src.tokenizer(), items, n_drop, par=par)
             curve = [-a for a in accs]  # best block = the smallest accuracy drop
             keep_layers = best_block(curve, n_drop, src.arch.num_layers)
         plan = make_plan(src.arch, imp, p.target, keep_layers=keep_layers, contiguous=p.contiguous)
@@ -85,7 +82,7 @@ def prune(job) -> dict:
 
         plots = ["importance.png"] + (["depth_curve.png"] if curve is not None else [])
         out = save_checkpoint(
-            stage, job.output, tokenizer=src.tokenizer() if dist.is_rank0() else None,
+            stage, job.output, tokenizer=src.tokenizer() if par.is_rank0 else None,
             overwrite=job.overwrite, arch=tgt, transform=transform,
             provenance={"stage": "prune", "parent": str(src.path), "importance": imp.meta,
                         "summary": summary},
@@ -101,7 +98,7 @@ def prune(job) -> dict:
                              imp, f, dropped_layers=plan.meta["dropped_layers"],
                              title=f"{job.model.name}: {src.arch.num_params() / 1e6:.1f}M -> "
                                    f"{tgt.num_params() / 1e6:.1f}M")})
-        if dist.is_rank0():
+        if par.is_rank0:
             log.info("pruned %s -> %s: %.1fM -> %.1fM parameters (non-embedding %.1fM -> %.1fM)",
                      src.path, out, summary["source_params"] / 1e6, summary["target_params"] / 1e6,
                      summary["source_non_embedding"] / 1e6, summary["target_non_embedding"] / 1e6)
@@ -129,10 +126,9 @@ def calibration_data(job):
                            valid_fraction=job.data.valid_fraction)
 
 
-def importance_for(job, stage, arch, data):
-    """The job's importance scores: loaded (prune.scores), random, or calibrated on ``data``."""
-    from megatron.core import parallel_state as ps
-
+def importance_for(job, stage, arch, data, par):
+    """The job's importance scores: loaded (prune.scores), random, or calibrated on ``data``
+    (split over ``par``'s data-parallel ranks)."""
     from ..importance.calibrate import batches_forward_loop, calibrate
 
     p = job.prune
@@ -140,16 +136,16 @@ def importance_for(job, stage, arch, data):
         return Importance.load(p.scores)
     if p.importance == "random":
         return random_importance(arch, p.seed)
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    gb = p.micro_batch_size * dp
+    gb = p.micro_batch_size * par.dp
     n = min(math.ceil(p.calib_samples / gb), len(data) // gb)
     if n * gb < p.calib_samples:
         log.warning("calibration: the training split holds %d samples of %d tokens; "
                     "using %d instead of %d", len(data), job.data.seq_length, n * gb,
                     p.calib_samples)
-    batches = data.batches(p.micro_batch_size, num_batches=n, dp_rank=dp_rank, dp_size=dp)
+    batches = data.batches(p.micro_batch_size, num_batches=n, dp_rank=par.dp_rank,
+                           dp_size=par.dp)
     return calibrate(stage, batches_forward_loop(stage, batches), seq_agg=p.seq_agg,
-                     batch_agg=p.batch_agg)
+                     batch_agg=p.batch_agg, par=par)
 
 
 def calibrate_to(job, path) -> Importance:
@@ -162,12 +158,12 @@ def calibrate_to(job, path) -> Importance:
     src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)
     check_moe_calibration(src.arch, job)
     data = calibration_data(job)
-    dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s,
-              ep=job.parallel.ep)
+    par = dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s,
+                    ep=job.parallel.ep)
     try:
         stage, _ = load_checkpoint(job.model.checkpoint, job.model.dtype)
-        imp = importance_for(job, stage, src.arch, data)
-        if dist.is_rank0():
+        imp = importance_for(job, stage, src.arch, data, par)
+        if par.is_rank0:
             imp.save(path)
         dist.barrier()
         return imp

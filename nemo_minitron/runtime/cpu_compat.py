@@ -10,7 +10,14 @@ softmax), ``weight.data.cuda()`` when tied embeddings are synchronised across pi
 bf16 and distributed optimizers' checks that parameters are ``torch.cuda.*Tensor``, and the CUDA RNG tracker (``get_cuda_rng_tracker().fork()`` in
 attention, ``model_parallel_cuda_manual_seed``). This module patches exactly those, and only when
 :func:`apply` is called on a process without CUDA (or one told to leave its GPUs alone:
-:func:`hide_gpus_from_process`). Nothing else in the package touches ``torch.cuda``.
+:func:`hide_gpus_from_process`).
+
+Outside ``runtime/``, nothing touches ``torch.cuda`` or megatron-core's ``parallel_state``
+(``tests/test_layering.py`` checks it): inside, :mod:`.dist` chooses the device and sets up the
+groups, :mod:`.parallel` reads them into the ``Parallel`` context that code above runtime/ is
+handed, :mod:`.model` and :mod:`.forward` place models and tensors on the chosen device (and,
+with :mod:`.stage` and :mod:`.routing`, read their rank's shard from the groups), and
+:mod:`.precision` asks whether the GPU supports bf16.
 """
 
 from __future__ import annotations

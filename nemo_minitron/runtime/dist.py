@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import shutil
 import re
 import socket
 import subprocess
@@ -24,6 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+# the collectives callers reach as dist.barrier() etc. live in .collectives
+from .collectives import (all_reduce_sum, barrier, broadcast_from_rank0,  # noqa: F401
+                          end_collective_write)
 from .parallel import Parallel, current
 
 
@@ -226,57 +228,6 @@ def shutdown() -> None:
 
 
 def is_rank0() -> bool:
+    """Rank 0 of the job (True in a single process). For code between stages, which holds no
+    :class:`~.parallel.Parallel`; code inside a stage asks its context's ``is_rank0``."""
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum ``tensor`` in place over ``group`` (the world when None); no-op without
-    torch.distributed or when the group is None in a single process."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
-        torch.distributed.all_reduce(tensor, group=group)
-    return tensor
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op in a single process): e.g. after rank 0 wrote a shared file."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-
-
-def reduction_groups():
-    """(data-parallel, tensor-parallel, pipeline) groups for reducing statistics; Nones in a
-    process without torch.distributed (statistics are then already complete)."""
-    from megatron.core import parallel_state as ps
-
-    if not torch.distributed.is_initialized():
-        return None, None, None
-    return (ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group(),
-            ps.get_pipeline_model_parallel_group())
-
-
-def expert_groups():
-    """(expert-data-parallel, expert-parallel) groups of an MoE layout; Nones without
-    torch.distributed."""
-    from megatron.core import parallel_state as ps
-
-    if not torch.distributed.is_initialized():
-        return None, None
-    return ps.get_expert_data_parallel_group(), ps.get_expert_model_parallel_group()
-
-
-def broadcast_from_rank0(obj):
-    """Rank 0's ``obj`` on every rank (itself without torch.distributed)."""
-    if not torch.distributed.is_initialized():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def end_collective_write(tmp, rank0: bool) -> None:
-    """After every rank wrote into ``tmp`` (and rank 0 committed it or failed): wait for all,
-    then rank 0 removes whatever temporary directory is left."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    if rank0 and tmp.exists():
-        shutil.rmtree(tmp)

@@ -12,6 +12,9 @@ from typing import Callable, Iterable
 
 import torch
 
+from . import collectives
+from .dist import is_rank0
+
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Set logits of padding vocabulary rows (global id >= vocab_size) of this TP shard to -inf."""
@@ -54,7 +57,7 @@ def run_forward(stage, batches: Iterable[dict], on_logits: Callable[[torch.Tenso
         return []
     b, s = batches[0]["tokens"].shape
     data = iter(batches)
-    if progress and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+    if progress and is_rank0():
         from tqdm import tqdm
 
         data = iter(tqdm(batches, desc=progress, unit="batch"))
@@ -97,8 +100,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         return t
     dev = device()
     t = t.to(dev) if dev else t
-    torch.distributed.all_reduce(t)
-    return t.cpu()
+    return collectives.all_reduce_sum(t).cpu()
 
 
 def on_device(batch: dict) -> dict:

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as tdist
 
 from ..arch import Arch
 from ..artifacts import atomic
 from ..convert import checkpoint as ckpt
 from ..convert.weights import EMBED, from_megatron, to_megatron
 from . import dist
+from .collectives import all_gather, all_gather_objects
 from . import model as rmodel
 
 
@@ -107,8 +107,7 @@ def gather_canonical(stage: Stage) -> dict[str, torch.Tensor] | None:
         group = ps.get_tensor_model_parallel_group()
         shards = [dict() for _ in range(tp)]
         for k in sorted(sd):
-            parts = [torch.empty_like(sd[k]) for _ in range(tp)]
-            tdist.all_gather(parts, sd[k].contiguous(), group=group)
+            parts = all_gather(sd[k], group)
             for r in range(tp):
                 shards[r][k] = parts[r]
     if ps.get_tensor_model_parallel_rank() != 0:
@@ -133,8 +132,7 @@ def _gather_experts(sd: dict) -> dict:
     per_rank = 1 + max(int(_LOCAL_EXPERT.match(k).group(2)) for k in local)
     out = {k: v for k, v in sd.items() if k not in local}
     for k in sorted(local):
-        parts = [torch.empty_like(local[k]) for _ in range(ep)]
-        tdist.all_gather(parts, local[k].contiguous(), group=group)
+        parts = all_gather(local[k], group)
         head, i, tail = _LOCAL_EXPERT.match(k).groups()
         for r, t in enumerate(parts):
             out[f"{head}{r * per_rank + int(i)}{tail}"] = t
@@ -155,7 +153,7 @@ def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | No
     """
     from megatron.core import parallel_state as ps
 
-    rank0 = not tdist.is_initialized() or tdist.get_rank() == 0
+    rank0 = dist.is_rank0()
     err = None
     if rank0:
         try:
@@ -177,10 +175,7 @@ def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | No
             wmap = ckpt.write_shard(tmp, ckpt.shard_name(pp_rank, pp), canonical)
         if per_rank is not None:
             per_rank(tmp)
-        maps = [wmap]
-        if tdist.is_initialized():
-            maps = [None] * tdist.get_world_size()
-            tdist.all_gather_object(maps, wmap)
+        maps = all_gather_objects(wmap)
         if rank0:
             merged = {k: v for m in maps for k, v in m.items()}
             ckpt.save_tokenizer(tmp, tokenizer)

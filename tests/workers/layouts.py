@@ -1,7 +1,8 @@
 """Run under torchrun with 2 ranks: load one checkpoint at TP=2, PP=2 and DP=2 in turn.
 
 For each layout: logits against the reference, validation loss over data-parallel-split batches,
-and a save at that layout. Emits one row per rank and layout.
+and a save at that layout, with the ``Parallel`` context ``dist.init`` returned. Emits one row
+per rank and layout.
 """
 
 import sys
@@ -11,6 +12,7 @@ import torch
 from nemo_minitron.evaluate.loss import validation_loss
 from nemo_minitron.runtime import dist
 from nemo_minitron.runtime.forward import gather_logits, run_forward
+from nemo_minitron.runtime.parallel import current
 from nemo_minitron.runtime.stage import load_checkpoint, save_checkpoint
 
 from tests.workers._emit import emit
@@ -33,24 +35,33 @@ def odd_vocab(ckpt_dir, ref_path):
               "padded_rows": emb.shape[0] * tp})
 
 
+def context(par) -> dict:
+    """What the test checks of a ``Parallel``: its numbers, and whether its groups are the live
+    ones (of the sizes it claims)."""
+    sizes = {g: torch.distributed.get_world_size(getattr(par, f"{g}_group"))
+             for g in ("tp", "pp", "dp")}
+    return {"tp": par.tp, "pp": par.pp, "dp": par.dp, "rank": par.rank,
+            "world_size": par.world_size, "tp_rank": par.tp_rank, "pp_rank": par.pp_rank,
+            "dp_rank": par.dp_rank, "is_rank0": par.is_rank0, "first_stage": par.first_stage,
+            "last_stage": par.last_stage, "layout": par.layout, "device": par.device,
+            "group_sizes": sizes, "same_as_current": par == current()}
+
+
 def main(ckpt_dir, ref_path, out_root, odd_ckpt, odd_ref):
     odd_vocab(odd_ckpt, odd_ref)
     ref = torch.load(ref_path)
     for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)):
-        dist.init(tp, pp)
-        from megatron.core import parallel_state as ps
-
+        par = dist.init(tp, pp)
         stage, c = load_checkpoint(ckpt_dir)
         batches = ref["batches"]
         outs = run_forward(stage, batches[:1],
                            lambda lg, _: {"logits": gather_logits(lg, c.arch.vocab_size)})
         delta = (outs[0]["logits"] - ref["logits"]).abs().max().item() if outs else None
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        mine = batches[dp_rank::dp]
+        mine = batches[par.dp_rank::par.dp]
         val = validation_loss(stage, mine)
         save_checkpoint(stage, f"{out_root}/{name}", provenance={"stage": "test"})
         emit({"layout": name, "rank": torch.distributed.get_rank(), "max_dlogit": delta,
-              "val": val})
+              "val": val, "par": context(par)})
     dist.shutdown()
 
 
