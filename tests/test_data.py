@@ -220,7 +220,7 @@ def test_sources_parquet_and_arrow(tmp_path):
 def test_sources_missing_column_named_before_tokenizing(tmp_path):
     import pyarrow.parquet as pq
 
-    from nemo_minitron.cli.data import run
+    from nemo_minitron.data.run import run
     from nemo_minitron.config.schema import DataJob
 
     pq.write_table(_table({"content": ["x"], "n": [1]}), tmp_path / "a.parquet")
