@@ -53,20 +53,21 @@ def jobs(args, work: Path):
 def one(args, what: str, work: Path) -> dict:
     """One configuration in this process: 'cache<k>', 'live<k>' or 'cached<k>'."""
     from nemo_minitron import preflight
-    from nemo_minitron.cli import distill, teacher_cache
+    from nemo_minitron.distill import teacher_cache
+    from nemo_minitron.distill.trainer import run_distill
 
     _, cache_job, distill_job = jobs(args, work)
     k = int(what.lstrip("acdehilv"))
     t = time.perf_counter()
     if what.startswith("cache") and not what.startswith("cached"):
-        res = teacher_cache.run(cache_job(k))
+        res = teacher_cache.build(cache_job(k))
         out = {"bytes_per_token": res["bytes_per_token"], "build_s": time.perf_counter() - t,
                "tokens": res["tokens"]}
     else:
         kd = dict(top_k=k) if what.startswith("live") else dict(teacher_cache=str(work / f"cache{k}"))
         j = distill_job(what, **kd)
         preflight.check("distill", j)
-        distill.run(j)
+        run_distill(j)
         rows = [json.loads(x) for x in (Path(j.output) / "metrics.jsonl").read_text().splitlines()]
         tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
         out = {"step_s": statistics.median(args.gbs * args.seq / x for x in tps),

@@ -1,7 +1,7 @@
-"""Stage bookkeeping shared by the jobs that chain stages (pipeline, search).
+"""Step bookkeeping shared by the jobs that chain recipe steps (pipeline, search).
 
-A stage's output is complete when its checkpoint's ``minitron.json`` (written last, atomically) or
-its results file exists; complete stages are skipped, so an interrupted job resumes where it
+A step's output is complete when its checkpoint's ``minitron.json`` (written last, atomically) or
+its results file exists; complete steps are skipped, so an interrupted job resumes where it
 stopped. Results files are written by rank 0 only, then every rank waits and reads them.
 """
 
@@ -38,17 +38,17 @@ def write_json(path: Path, obj) -> None:
     on_rank0(lambda: atomic.write_json(path, obj, default=str))
 
 
-class Stages:
-    """Runs named stages unless done; records how long each one took in this invocation and,
-    with ``record`` (a JSON file), over every invocation of a resumed job: a job killed and
-    relaunched still reports what each of its stages took."""
+class Steps:
+    """Runs named recipe steps unless done; records how long each one took in this invocation
+    and, with ``record`` (a JSON file, ``stage_seconds.json``), over every invocation of a resumed
+    job: a job killed and relaunched still reports what each of its steps took."""
 
     def __init__(self, record: Path | None = None):
         self.seconds: dict[str, float] = {}
         self.record = None if record is None else Path(record)
 
     def recorded(self) -> dict[str, float]:
-        """Each completed stage's seconds, over all invocations (this one's included)."""
+        """Each completed step's seconds, over all invocations (this one's included)."""
         done = read_stage_seconds(self.record) if self.record else {}
         return {**done, **self.seconds}
 

@@ -407,7 +407,7 @@ def test_enough_distinct_cases_over_every_stage():
 def test_smollm2_data_defaults_accept_their_eod_token(tmp_path):
     """SmolLM2's unk token is <|endoftext|> itself, its eos: the check must not call it unknown."""
     from nemo_minitron import defaults
-    from nemo_minitron.cli import data
+    from nemo_minitron.data import run as data
 
     tok = data.load_tokenizer(str(defaults.checkpoint_dir()))
     assert tok.unk_token == "<|endoftext|>"
@@ -453,11 +453,11 @@ def test_shipped_defaults_pass_their_preflight(stage, teacher, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from nemo_minitron import preflight
-    from nemo_minitron.cli.main import conf_dir
+    from nemo_minitron.cli.main import STAGES, conf_dir
     from nemo_minitron.config import schema
 
     schema.register()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = compose(schema.SCHEMAS[stage][0], overrides=[f"output={tmp_path}/out"])
+        cfg = compose(STAGES[stage].config, overrides=[f"output={tmp_path}/out"])
     preflight.check(stage, schema.to_job(cfg))
     assert list(tmp_path.iterdir()) == []

@@ -20,7 +20,8 @@ def group_options(group):
 @pytest.mark.parametrize("stage", sorted(set(STAGES) - PLAIN_STAGES))
 def test_stage_config_composes_to_its_schema(stage):
     schema.register()
-    name, cls = schema.SCHEMAS[stage]
+    name = STAGES[stage].config
+    cls = schema.JOBS[name]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose(name, overrides=["model.source=x", "output=y"] if stage == "import" else [])
     OmegaConf.resolve(cfg)

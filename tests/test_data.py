@@ -220,8 +220,8 @@ def test_sources_parquet_and_arrow(tmp_path):
 def test_sources_missing_column_named_before_tokenizing(tmp_path):
     import pyarrow.parquet as pq
 
-    from nemo_minitron.cli.data import run
     from nemo_minitron.config.schema import DataJob
+    from nemo_minitron.data.run import run
 
     pq.write_table(_table({"content": ["x"], "n": [1]}), tmp_path / "a.parquet")
     job = DataJob(inputs=[str(tmp_path / "a.parquet")], tokenizer=str(tmp_path / "no_tokenizer"),

@@ -12,13 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from nemo_minitron import preflight
-from nemo_minitron.cli import distill as distill_cli
-from nemo_minitron.cli import teacher_cache as cache_cli
 from nemo_minitron.config.schema import CacheConfig, KDConfig, TeacherCacheJob
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.data.packed import PackedSequences, step_batches
 from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.distill import teacher_cache as tc
+from nemo_minitron.distill.trainer import run_distill
 
 from tests.helpers import metrics, tiny_hf, tiny_tokenizer, torchrun
 from tests.test_distill_run import models, one_thread  # noqa: F401 (the module fixture)
@@ -47,7 +46,7 @@ def cache(models):
     ckpt.save(t / "teacher2", arch_from_hf_config(other.config), other.state_dict(),
               tokenizer=tiny_tokenizer())
     with one_thread():
-        res = cache_cli.run(j)
+        res = tc.build(j)
     return t / "tcache", res, j
 
 
@@ -70,7 +69,7 @@ def test_cache_holds_the_runs_samples(cache):
     # a rerun finds every shard and writes nothing
     before = {f.name: f.stat().st_mtime_ns for f in path.glob("step_*")}
     with one_thread():
-        cache_cli.run(j)
+        tc.build(j)
     assert {f.name: f.stat().st_mtime_ns for f in path.glob("step_*")} == before
 
 
@@ -79,9 +78,9 @@ def test_cached_follows_online_topk_and_resumes_bitwise(models, cache):
     t = models
     path = str(cache[0])
     with one_thread():
-        distill_cli.run(_job(t, "online", top_k=K))
-        distill_cli.run(_job(t, "cached", teacher_cache=path, cache_residual=False))
-        distill_cli.run(_job(t, "bucket", teacher_cache=path))
+        run_distill(_job(t, "online", top_k=K))
+        run_distill(_job(t, "cached", teacher_cache=path, cache_residual=False))
+        run_distill(_job(t, "bucket", teacher_cache=path))
     online, cached = metrics(t / "online"), metrics(t / "cached")
     for key in ("loss", "kd", "grad_norm"):
         a, b = [r[key] for r in online if key in r], [r[key] for r in cached if key in r]
@@ -99,7 +98,7 @@ def test_cached_follows_online_topk_and_resumes_bitwise(models, cache):
     # resume: the bucket run's step-2 checkpoint, continued to step 3, gives the same weights
     shutil.copytree(t / "bucket", t / "bucket_resumed", ignore=shutil.ignore_patterns("final"))
     with one_thread():
-        res = distill_cli.run(_job(t, "bucket_resumed", teacher_cache=path))
+        res = run_distill(_job(t, "bucket_resumed", teacher_cache=path))
     assert res["steps"] == 3
     a = ckpt.Checkpoint(t / "bucket" / "final").tensors()
     b = ckpt.Checkpoint(t / "bucket_resumed" / "final").tensors()
@@ -144,7 +143,7 @@ def test_interrupted_cache_refused_then_finished(models, cache):
     with pytest.raises(ValueError, match=tc.shard_name(1)):
         preflight.check("distill", d)
     with one_thread():
-        cache_cli.run(dataclasses.replace(j, output=str(part)))
+        tc.build(dataclasses.replace(j, output=str(part)))
     assert torch.equal(load_file(str(part / tc.shard_name(1)))["logp"],
                        load_file(str(path / tc.shard_name(1)))["logp"])
     preflight.check("distill", d)

@@ -1,36 +1,68 @@
-"""`minitron` entry point: dispatch `minitron <stage> ...` to that stage's Hydra app.
+"""`minitron` entry point: dispatch `minitron <stage> ...` to that stage's run function.
 
-Each stage module has a pure ``run(job) -> dict`` (testable without Hydra) and is composed from
-``conf/<stage>.yaml``. Everything after the stage name is handed to Hydra unchanged: overrides,
-``--help``, ``--cfg job``, ``-m`` multirun. Works the same under ``torchrun ... -m nemo_minitron``.
+:data:`STAGES` is the one table of commands: each names the config it composes from
+``conf/<config>.yaml`` (validated into the schema's job dataclass), the pure ``run(job) -> dict``
+that does the work (in the package that does it, testable without Hydra), and a line of help.
+Everything after the stage name is handed to Hydra unchanged: overrides, ``--help``,
+``--cfg job``, ``-m`` multirun. Works the same under ``torchrun ... -m nemo_minitron``.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+
+@dataclass(frozen=True)
+class Command:
+    """One `minitron <stage>`. ``run`` is "module:function", imported only when the command runs
+    (`minitron --help` loads no torch): ``run(job) -> dict`` for a Hydra command, or, for a plain
+    one (``config=None``), a ``main()`` that parses ``sys.argv`` itself."""
+
+    config: str | None
+    run: str
+    help: str
+
+    def function(self):
+        module, _, name = self.run.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
 STAGES = {
-    "import": ("nemo_minitron.cli.import_", "Hugging Face model (dir, hub name, GGUF) -> checkpoint"),
-    "export": ("nemo_minitron.cli.export", "checkpoint -> Hugging Face directory"),
-    "data": ("nemo_minitron.cli.data", "text/JSONL/Wikipedia -> indexed dataset (.bin/.idx)"),
-    "evaluate": ("nemo_minitron.cli.evaluate", "validation loss and perplexity of a checkpoint"),
-    "prune": ("nemo_minitron.cli.prune", "activation-importance width/depth pruning to targets"),
-    "search": ("nemo_minitron.cli.search", "rank architectures at a parameter budget by short distillation"),
-    "distill": ("nemo_minitron.cli.distill", "train a student from a co-located frozen teacher"),
-    "teacher_cache": ("nemo_minitron.cli.teacher_cache", "teacher top-k log-probs of a run's tokens, once"),
-    "finetune": ("nemo_minitron.cli.finetune", "teacher correction: LM-loss training on the corpus"),
-    "pipeline": ("nemo_minitron.cli.pipeline", "correct -> prune -> distill -> evaluate -> export, in rounds"),
-    "report": ("nemo_minitron.cli.report", "compare runs side by side: Markdown table + loss curves"),
-    "lm_eval": ("nemo_minitron.evaluate.lm_eval_adapter", "lm-evaluation-harness tasks on a checkpoint"),
+    "import": Command("import", "nemo_minitron.convert.run:run_import",
+                      "Hugging Face model (dir, hub name, GGUF) -> checkpoint"),
+    "export": Command("export", "nemo_minitron.convert.run:run_export",
+                      "checkpoint -> Hugging Face directory"),
+    "data": Command("data_prep", "nemo_minitron.data.run:run",
+                    "text/JSONL/Wikipedia -> indexed dataset (.bin/.idx)"),
+    "evaluate": Command("evaluate", "nemo_minitron.evaluate.run:run",
+                        "validation loss and perplexity of a checkpoint"),
+    "prune": Command("prune", "nemo_minitron.pruning.run:prune",
+                     "activation-importance width/depth pruning to targets"),
+    "search": Command("search", "nemo_minitron.search.run:run_search",
+                      "rank architectures at a parameter budget by short distillation"),
+    "distill": Command("distill", "nemo_minitron.distill.trainer:run_distill",
+                       "train a student from a co-located frozen teacher"),
+    "teacher_cache": Command("teacher_cache", "nemo_minitron.distill.teacher_cache:build",
+                             "teacher top-k log-probs of a run's tokens, once"),
+    "finetune": Command("finetune", "nemo_minitron.distill.trainer:run_finetune",
+                        "teacher correction: LM-loss training on the corpus"),
+    "pipeline": Command("pipeline", "nemo_minitron.pipeline:run_pipeline",
+                        "correct -> prune -> distill -> evaluate -> export, in rounds"),
+    # not Hydra apps: they parse their own arguments (positional run directories; another tool's
+    # command line), and `minitron <stage> --help` prints their usage
+    "report": Command(None, "nemo_minitron.cli.report:main",
+                      "compare runs side by side: Markdown table + loss curves"),
+    "lm_eval": Command(None, "nemo_minitron.evaluate.lm_eval_adapter:main",
+                       "lm-evaluation-harness tasks on a checkpoint"),
 }
-# Stages that parse their own arguments instead of being Hydra apps (positional paths, or another
-# tool's command line); `minitron <stage> --help` prints their usage.
-PLAIN_STAGES = frozenset({"report", "lm_eval"})
+PLAIN_STAGES = frozenset(k for k, c in STAGES.items() if c.config is None)
 
 USAGE = """usage: minitron <stage> [key=value ...] [--help] [--cfg job] [-m]
        minitron report RUN_DIR [RUN_DIR ...] [output=FILE.md]
@@ -58,17 +90,18 @@ def conf_dir() -> Path:
 
 
 def usage() -> str:
-    return USAGE.format(stages="\n".join(f"  {k:<13} {v[1]}" for k, v in STAGES.items()))
+    return USAGE.format(stages="\n".join(f"  {k:<13} {c.help}" for k, c in STAGES.items()))
 
 
-def hydra_app(stage: str, run_fn):
-    """Compose conf/<stage>.yaml with Hydra (argv overrides), validate, call ``run_fn(job)``."""
+def hydra_app(stage: str):
+    """Compose the stage's config with Hydra (argv overrides), validate, call its ``run(job)``,
+    imported only then: `--help`, `--cfg job` and a refused job load no model code."""
     import hydra
 
     from ..config import schema
 
     schema.register()
-    config_name = schema.SCHEMAS[stage][0]
+    config_name = STAGES[stage].config
 
     @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
     def _main(cfg):
@@ -82,6 +115,7 @@ def hydra_app(stage: str, run_fn):
             preflight.check(stage, job)
         except (ValueError, OSError) as e:
             _fail(stage, e)
+        run_fn = STAGES[stage].function()
         if stage in RUN_DIR_STAGES:
             record_run(stage, cfg, job.output)
         ok = False
@@ -191,7 +225,7 @@ def check_overrides(stage: str, args: list[str]) -> None:
     schema.register()
     try:
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            compose(schema.SCHEMAS[stage][0], overrides=args)
+            compose(STAGES[stage].config, overrides=args)
     except (HydraException, OmegaConfBaseException) as e:
         _fail(stage, ValueError(one_line(f"{e}; {e.__cause__ or ''}")))
 
@@ -219,14 +253,14 @@ def main(argv: list[str] | None = None) -> None:
     if stage not in PLAIN_STAGES:
         check_overrides(stage, argv[1:])
     sys.argv = [f"minitron {stage}"] + argv[1:]
-    module = importlib.import_module(STAGES[stage][0])
+    command = STAGES[stage]
+    entry = command.function() if command.config is None else functools.partial(hydra_app, stage)
     if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # under torchrun / srun
         from ..runtime import dist
 
         if dist.launched_world_size() > 1:  # a failing rank exits at once, for the launcher to
-            return dist.exit_on_failure(module.main)  # stop the others (no hang in teardown)
-    module.main()
-
+            return dist.exit_on_failure(entry)  # stop the others (no hang in teardown)
+    entry()
 
 if __name__ == "__main__":
     main()

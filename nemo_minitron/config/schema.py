@@ -696,13 +696,11 @@ def _need_checkpoint(model: ModelConfig) -> None:
                          "`minitron import` (or a later stage)")
 
 
-# stage -> (primary config name in conf/, schema)
-SCHEMAS = {"import": ("import", ImportJob), "export": ("export", ExportJob),
-           "data": ("data_prep", DataJob), "evaluate": ("evaluate", EvaluateJob),
-           "prune": ("prune", PruneJob), "finetune": ("finetune", FinetuneJob),
-           "distill": ("distill", DistillJob), "search": ("search", SearchJob),
-           "pipeline": ("pipeline", PipelineJob),
-           "teacher_cache": ("teacher_cache", TeacherCacheJob)}
+# primary config in conf/ -> its schema (stored as <config>_job, which the YAML's defaults name);
+# which command composes which config is the CLI's table (cli.main.STAGES)
+JOBS = {"import": ImportJob, "export": ExportJob, "data_prep": DataJob, "evaluate": EvaluateJob,
+        "prune": PruneJob, "finetune": FinetuneJob, "distill": DistillJob, "search": SearchJob,
+        "pipeline": PipelineJob, "teacher_cache": TeacherCacheJob}
 
 
 def _cache(rel: str = "") -> str:
@@ -718,7 +716,7 @@ def register() -> None:
     if not OmegaConf.has_resolver("cache"):
         OmegaConf.register_new_resolver("cache", _cache)
     cs = ConfigStore.instance()
-    for config_name, schema in SCHEMAS.values():
+    for config_name, schema in JOBS.items():
         if f"{config_name}_job.yaml" not in cs.repo:  # storing converts the dataclass: ~50 ms each
             cs.store(name=f"{config_name}_job", node=schema)
 

@@ -100,6 +100,18 @@ def train(job, stage_name: str) -> dict:
         trainer.close()
 
 
+def run_distill(job) -> dict:
+    """`minitron distill`: a (pruned) student from a co-located, frozen teacher, or from the
+    teacher's cached top-k logits (kd.teacher_cache)."""
+    return train(job, "distill")
+
+
+def run_finetune(job) -> dict:
+    """`minitron finetune`: teacher correction, i.e. LM-loss training of the teacher on the
+    distillation corpus before it is pruned and distilled from (no teacher)."""
+    return train(job, "finetune")
+
+
 class Trainer:
     """One training run; :func:`train` calls build, resume, start, fit and close in that order."""
 

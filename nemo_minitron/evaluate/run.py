@@ -1,10 +1,16 @@
 """Evaluate one checkpoint at a given layout: held-out loss/perplexity (and, when asked,
-downstream tasks). Shared by `minitron evaluate` and the pipeline."""
+downstream tasks). :func:`evaluate_checkpoint` is shared by the pipeline and the search;
+:func:`run` is the `minitron evaluate` command (results JSON + Markdown report)."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
+from pathlib import Path
+
+from ..artifacts.evaluation import write_eval
+from ..report.stages import evaluate_report
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +59,24 @@ def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32"
         return result
     finally:
         dist.release()
+
+
+def run(job) -> dict:
+    from ..runtime import dist
+
+    result = evaluate_checkpoint(job.model.checkpoint, job.parallel, job.data, job.eval,
+                                 job.model.dtype)
+    if dist.is_rank0():
+        out = Path(job.output) if job.output else default_output()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_eval(out, result)  # whole or absent, never cut
+        md = evaluate_report(out.with_suffix(".md"), result)
+        log.info("results: %s (and %s)", out, md.name)
+    return result
+
+
+def default_output() -> Path:
+    """Without output=: outputs/evaluate/<time>/eval_results.json, made once results exist
+    (Hydra's own run directory is off, so a failed evaluation leaves nothing behind)."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return Path("outputs") / "evaluate" / stamp / "eval_results.json"

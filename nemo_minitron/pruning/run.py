@@ -1,4 +1,5 @@
-"""The prune stage: calibrate (or load/randomise scores), plan, slice, save — at any layout.
+"""The `minitron prune` command: calibrate (or load/randomise scores), plan, slice, save — at any
+layout.
 
 Every rank runs :func:`prune`; each pipeline stage slices its own layers and writes its own
 shard, so the full model never has to fit on one rank.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 from ..artifacts import atomic
 from ..convert import checkpoint as ckpt
@@ -19,19 +21,16 @@ log = logging.getLogger(__name__)
 
 
 def prune(job) -> dict:
-    from ..data.packed import PackedSequences
-    from ..report.plots import plot_depth_curve, plot_importance
-    from .depth import best_block, block_removal_accuracy, block_removal_losses
+    """The `minitron prune` command: check, calibrate, plan, slice and save; returns the output
+    checkpoint and the parameter counts."""
     from ..runtime import dist
-    from ..runtime.stage import load_checkpoint, save_checkpoint
-    from .apply import apply_plan
+    from ..runtime.stage import load_checkpoint
 
-    p = job.prune
     # Everything that can be wrong with the request is checked before any model is loaded.
     src = ckpt.Checkpoint(job.model.checkpoint)
     src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)
     check_moe_calibration(src.arch, job)
-    p.target.resolve(src.arch)
+    job.prune.target.resolve(src.arch)
     atomic.check_new_dir(job.output, job.overwrite)
     data = calibration_data(job)
 
@@ -42,62 +41,10 @@ def prune(job) -> dict:
         stage, _ = load_checkpoint(job.model.checkpoint, job.model.dtype)
         imp = importance_for(job, stage, src.arch, data, par)
         t_cal = time.time() - t0
-        keep_layers, curve = p.keep_layers, None
-        n_drop = src.arch.num_layers - (p.target.num_layers or src.arch.num_layers)
-        if keep_layers is None and p.depth == "lm_loss" and n_drop > 0:
-            valid = PackedSequences(job.data.prefix, job.data.seq_length, split="valid",
-                                    valid_fraction=job.data.valid_fraction)
-            vb = list(valid.batches(p.micro_batch_size, num_batches=p.depth_batches,
-                                    dp_rank=par.dp_rank, dp_size=par.dp))
-            curve = block_removal_losses(stage, vb, n_drop, par=par)
-            keep_layers = best_block(curve, n_drop, src.arch.num_layers)
-        elif keep_layers is None and p.depth == "accuracy" and n_drop > 0:
-            from ..evaluate.tasks import load_task
-
-            items = load_task(p.depth_task, limit=p.depth_task_limit)
-            accs = block_removal_accuracy(stage, src.tokenizer(), items, n_drop, par=par)
-            curve = [-a for a in accs]  # best block = the smallest accuracy drop
-            keep_layers = best_block(curve, n_drop, src.arch.num_layers)
-        plan = make_plan(src.arch, imp, p.target, keep_layers=keep_layers, contiguous=p.contiguous)
-        if curve is not None and p.depth == "lm_loss":
-            plan.meta["depth_lm_loss"] = {"block": n_drop, "loss_by_start": curve}
-        elif curve is not None:
-            plan.meta["depth_accuracy"] = {"block": n_drop, "task": p.depth_task,
-                                           "acc_norm_by_start": [-c for c in curve]}
-        plan.meta.update(parent=str(src.path), importance_mode="scores" if p.scores else p.importance)
-        kept = [i for i in stage.layers if i in plan.layers]
-
-        def transform(canonical):
-            return apply_plan(plan, canonical, layers=kept, include_embedding=stage.pre_process,
-                              include_head=stage.post_process)
-
-        tgt = plan.target
-        summary = {"source_params": src.arch.num_params(), "target_params": tgt.num_params(),
-                   "source_active": src.arch.num_active_params(),
-                   "target_active": tgt.num_active_params(),
-                   "source_non_embedding": src.arch.num_params(embeddings=False),
-                   "target_non_embedding": tgt.num_params(embeddings=False),
-                   "dropped_layers": plan.meta["dropped_layers"], "calibration_s": round(t_cal, 1)}
-        from ..report.stages import prune_report
-
-        plots = ["importance.png"] + (["depth_curve.png"] if curve is not None else [])
-        out = save_checkpoint(
-            stage, job.output, tokenizer=src.tokenizer() if par.is_rank0 else None,
-            overwrite=job.overwrite, arch=tgt, transform=transform,
-            provenance={"stage": "prune", "parent": str(src.path), "importance": imp.meta,
-                        "summary": summary},
-            extra_files={"plan.json": plan.save, "importance.pt": imp.save,
-                         **({"depth_curve.png": lambda f: plot_depth_curve(
-                             curve if p.depth == "lm_loss" else [-c for c in curve], n_drop, f,
-                             ylabel="validation loss" if p.depth == "lm_loss"
-                             else f"{p.depth_task} acc_norm")} if curve is not None else {}),
-                         "report.md": lambda f: prune_report(
-                             f, source_path=src.path, source=src.arch, target=tgt, summary=summary,
-                             plots=plots, importance_mode=plan.meta["importance_mode"]),
-                         "importance.png": lambda f: plot_importance(
-                             imp, f, dropped_layers=plan.meta["dropped_layers"],
-                             title=f"{job.model.name}: {src.arch.num_params() / 1e6:.1f}M -> "
-                                   f"{tgt.num_params() / 1e6:.1f}M")})
+        depth = choose_depth(job, stage, src, par)
+        plan = plan_for(job, src, imp, depth)
+        summary = summarize(src, plan, t_cal)
+        out = save_pruned(job, stage, src, imp, plan, depth, summary, par)
         if par.is_rank0:
             log.info("pruned %s -> %s: %.1fM -> %.1fM parameters (non-embedding %.1fM -> %.1fM)",
                      src.path, out, summary["source_params"] / 1e6, summary["target_params"] / 1e6,
@@ -105,6 +52,102 @@ def prune(job) -> dict:
         return {"checkpoint": str(out), **summary}
     finally:
         dist.release()
+
+
+@dataclass
+class Depth:
+    """Which layers depth pruning keeps: ``keep_layers`` given or chosen from ``curve``, the cost
+    (loss, or negated accuracy) of removing the ``n_drop``-layer block at each start; ``curve`` is
+    None when nothing was measured."""
+
+    keep_layers: list | None
+    curve: list | None
+    n_drop: int
+
+
+def choose_depth(job, stage, src, par) -> Depth:
+    """The kept layers, from prune.keep_layers or by scoring every contiguous block's removal
+    (prune.depth=lm_loss or accuracy); block_importance leaves the choice to make_plan."""
+    from ..data.packed import PackedSequences
+    from .depth import best_block, block_removal_accuracy, block_removal_losses
+
+    p = job.prune
+    n_drop = src.arch.num_layers - (p.target.num_layers or src.arch.num_layers)
+    if p.keep_layers is not None or n_drop <= 0 or p.depth not in ("lm_loss", "accuracy"):
+        return Depth(p.keep_layers, None, n_drop)
+    if p.depth == "lm_loss":
+        valid = PackedSequences(job.data.prefix, job.data.seq_length, split="valid",
+                                valid_fraction=job.data.valid_fraction)
+        vb = list(valid.batches(p.micro_batch_size, num_batches=p.depth_batches,
+                                dp_rank=par.dp_rank, dp_size=par.dp))
+        curve = block_removal_losses(stage, vb, n_drop, par=par)
+    else:
+        from ..evaluate.tasks import load_task
+
+        items = load_task(p.depth_task, limit=p.depth_task_limit)
+        accs = block_removal_accuracy(stage, src.tokenizer(), items, n_drop, par=par)
+        curve = [-a for a in accs]  # best block = the smallest accuracy drop
+    return Depth(best_block(curve, n_drop, src.arch.num_layers), curve, n_drop)
+
+
+def plan_for(job, src, imp, depth: Depth):
+    """The pruning plan, with the depth curve and where the scores came from in its meta."""
+    p = job.prune
+    plan = make_plan(src.arch, imp, p.target, keep_layers=depth.keep_layers,
+                     contiguous=p.contiguous)
+    if depth.curve is not None and p.depth == "lm_loss":
+        plan.meta["depth_lm_loss"] = {"block": depth.n_drop, "loss_by_start": depth.curve}
+    elif depth.curve is not None:
+        plan.meta["depth_accuracy"] = {"block": depth.n_drop, "task": p.depth_task,
+                                       "acc_norm_by_start": [-c for c in depth.curve]}
+    plan.meta.update(parent=str(src.path), importance_mode="scores" if p.scores else p.importance)
+    return plan
+
+
+def summarize(src, plan, t_cal: float) -> dict:
+    tgt = plan.target
+    return {"source_params": src.arch.num_params(), "target_params": tgt.num_params(),
+            "source_active": src.arch.num_active_params(),
+            "target_active": tgt.num_active_params(),
+            "source_non_embedding": src.arch.num_params(embeddings=False),
+            "target_non_embedding": tgt.num_params(embeddings=False),
+            "dropped_layers": plan.meta["dropped_layers"], "calibration_s": round(t_cal, 1)}
+
+
+def save_pruned(job, stage, src, imp, plan, depth: Depth, summary: dict, par):
+    """Each rank slices its own layers into the output checkpoint, with the plan, the scores, the
+    report and its plots beside it."""
+    from ..report.plots import plot_depth_curve, plot_importance
+    from ..report.stages import prune_report
+    from ..runtime.stage import save_checkpoint
+    from .apply import apply_plan
+
+    p, tgt, curve = job.prune, plan.target, depth.curve
+    kept = [i for i in stage.layers if i in plan.layers]
+
+    def transform(canonical):
+        return apply_plan(plan, canonical, layers=kept, include_embedding=stage.pre_process,
+                          include_head=stage.post_process)
+
+    plots = ["importance.png"] + (["depth_curve.png"] if curve is not None else [])
+    extra = {"plan.json": plan.save, "importance.pt": imp.save}
+    if curve is not None:
+        extra["depth_curve.png"] = lambda f: plot_depth_curve(
+            curve if p.depth == "lm_loss" else [-c for c in curve], depth.n_drop, f,
+            ylabel="validation loss" if p.depth == "lm_loss" else f"{p.depth_task} acc_norm")
+    extra["report.md"] = lambda f: prune_report(
+        f, source_path=src.path, source=src.arch, target=tgt, summary=summary, plots=plots,
+        importance_mode=plan.meta["importance_mode"])
+    extra["importance.png"] = lambda f: plot_importance(
+        imp, f, dropped_layers=plan.meta["dropped_layers"],
+        title=f"{job.model.name}: {src.arch.num_params() / 1e6:.1f}M -> "
+              f"{tgt.num_params() / 1e6:.1f}M")
+    return save_checkpoint(
+        stage, job.output, tokenizer=src.tokenizer() if par.is_rank0 else None,
+        overwrite=job.overwrite, arch=tgt, transform=transform,
+        provenance={"stage": "prune", "parent": str(src.path), "importance": imp.meta,
+                    "summary": summary},
+        extra_files=extra)
 
 
 def check_moe_calibration(arch, job) -> None:

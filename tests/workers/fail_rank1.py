@@ -1,7 +1,7 @@
 """A stage whose rank 1 fails: `python fail_rank1.py <stage> [hydra overrides]` on 2 ranks.
 
 Runs the real entry point (`nemo_minitron.cli.main.main`, Hydra config and validation included)
-with the stage's ``run`` replaced. FAIL_AT=collective (default): every rank starts the process
+with the stage's run function replaced. FAIL_AT=collective (default): every rank starts the process
 group, then rank 1 raises while rank 0 waits for it in a collective. FAIL_AT=init: rank 1 raises
 before joining the process group, so rank 0 waits in the rendezvous, where no peer connection
 breaks to wake it: only the launcher (torchrun's agent, ``srun --kill-on-bad-exit``) can end it
@@ -29,5 +29,6 @@ def run(job):
 
 
 if __name__ == "__main__":
-    importlib.import_module(cli.STAGES[sys.argv[1]][0]).run = run
+    module, _, name = cli.STAGES[sys.argv[1]].run.partition(":")
+    setattr(importlib.import_module(module), name, run)
     cli.main(sys.argv[1:])

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from nemo_minitron.cli import distill
+from nemo_minitron.distill.trainer import run_distill
 from nemo_minitron.config.schema import KDConfig
 
 from tests.helpers.metrics import metrics, series
@@ -17,7 +17,7 @@ def main(student, teacher, data, cache, out):
     for name, pp in (("pp2", 2), ("dp2", 1)):
         j = job(student, teacher, data, f"{out}/{name}", 1, pp)
         j.kd = KDConfig(teacher=teacher, lm_weight=0.0, chunk_tokens=16, teacher_cache=cache)
-        res = distill.run(j)
+        res = run_distill(j)
         if torch.distributed.get_rank() == 0:
             emit({"layout": name, "val_loss": res["val_loss"],
                   **series(metrics(j.output), ("loss", "kd", "grad_norm"))})

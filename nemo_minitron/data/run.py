@@ -1,16 +1,20 @@
-"""`minitron data`: tokenise text/JSONL/Wikipedia/parquet/arrow files into a megatron-core indexed dataset."""
+"""The `minitron data` command: tokenise text/JSONL/Wikipedia/parquet/arrow files into a
+megatron-core indexed dataset."""
+
+from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from .main import hydra_app
+from .indexed import build_indexed
+from .sources import check_columns, iter_documents
 
 log = logging.getLogger(__name__)
 
 
 def load_tokenizer(name: str):
     """A checkpoint directory's tokenizer/, or any Hugging Face tokenizer dir or name."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only once the inputs were checked
 
     p = Path(name)
     if (p / "tokenizer").is_dir():
@@ -23,9 +27,6 @@ def load_tokenizer(name: str):
 
 
 def run(job) -> dict:
-    from ..data.indexed import build_indexed
-    from ..data.sources import check_columns, iter_documents
-
     check_columns(job.inputs, job.json_key)  # a missing text column fails before the tokenizer loads
     tok = load_tokenizer(job.tokenizer)
     eod = None
@@ -41,7 +42,3 @@ def run(job) -> dict:
                           sources=job.inputs, overwrite=job.overwrite)
     log.info("wrote %s.{bin,idx}: %s", job.output, stats)
     return stats
-
-
-def main():
-    return hydra_app("data", run)
