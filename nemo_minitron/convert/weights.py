@@ -229,9 +229,12 @@ def to_megatron(get: Callable[[str], torch.Tensor], arch: Arch, *, tp_rank: int,
 
 
 def from_megatron(shards: list[dict[str, torch.Tensor]], arch: Arch, *, layers: Iterable[int],
-                  pre_process: bool, post_process: bool, te: bool = False) -> dict[str, torch.Tensor]:
-    """Canonical tensors of one pipeline stage from the state dicts of all its TP ranks (in order)."""
-    tp = len(shards)
+                  pre_process: bool, post_process: bool, te: bool = False,
+                  tp_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Canonical tensors of one pipeline stage from the state dicts of all its TP ranks (in order).
+    With ``tp_size`` and one rank's state dict: that rank's slices, under the canonical names
+    (what a sharded save writes, :mod:`.sharded`)."""
+    tp = tp_size or len(shards)
     out: dict[str, torch.Tensor] = {}
 
     def cat(key: str, dim: int) -> torch.Tensor:

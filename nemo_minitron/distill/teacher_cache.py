@@ -59,9 +59,8 @@ def checkpoint_fingerprint(path) -> str:
     hashing 16 GB of an 8B model would take minutes in every pre-flight) and different for any two
     models that differ beyond a handful of weights (training or pruning changes them all)."""
     p = Path(path)
-    index = ckpt.read_json(p / ckpt.INDEX)
     parts = [(p / ckpt.ARCH).read_bytes()]
-    for name in sorted(set(index["weight_map"].values())):
+    for name in ckpt.weight_files(p):
         f = p / name
         parts.append(json.dumps(ckpt.safetensors_header(f), sort_keys=True))
         size = f.stat().st_size

@@ -349,7 +349,7 @@ class Trainer:
             overwrite=final, provenance={"stage": self.stage_name, "parent": str(src.student.path),
                                          "teacher": src.teacher_path or src.cache_dir,
                                          "step": at_step},
-            per_rank=state)
+            per_rank=state, sharded=tr.sharded_save and not final)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:

@@ -22,6 +22,7 @@ from ..convert.weights import EMBED, from_megatron, to_megatron
 from . import dist
 from .collectives import all_gather, all_gather_objects
 from . import model as rmodel
+from . import sharded_save
 
 
 @dataclass
@@ -97,9 +98,7 @@ def gather_canonical(stage: Stage) -> dict[str, torch.Tensor] | None:
     """Canonical tensors of this stage on TP rank 0 (None elsewhere); all TP ranks must call."""
     from megatron.core import parallel_state as ps
 
-    sd = {k: v.detach() for k, v in stage.model.state_dict().items()
-          if not k.endswith("_extra_state") and v is not None}
-    sd = _gather_experts(sd)
+    sd = _gather_experts(sharded_save.local_state(stage))
     tp = stage.tp_size
     if tp == 1:
         shards = [sd]
@@ -139,20 +138,37 @@ def _gather_experts(sd: dict) -> dict:
     return out
 
 
+def _write_gathered(stage: Stage, tmp: Path, transform) -> dict[str, str]:
+    """The canonical layout: this stage's whole tensors, gathered over TP, written by TP and
+    DP rank 0 to the stage's file; returns its weight map ({} on other ranks)."""
+    from megatron.core import parallel_state as ps
+
+    canonical = gather_canonical(stage)
+    if canonical is not None and transform is not None:
+        canonical = transform(canonical)
+    if canonical is not None and not stage.pre_process:
+        canonical.pop(EMBED, None)  # a tied embedding is stored once, by the first stage
+    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    if canonical is None or ps.get_data_parallel_rank() != 0:
+        return {}
+    return ckpt.write_shard(tmp, ckpt.shard_name(pp_rank, pp), canonical)
+
+
 def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | None = None,
                     overwrite: bool = False, arch: Arch | None = None,
                     transform: Callable[[dict], dict] | None = None,
                     extra_files: dict[str, Callable[[Path], None]] | None = None,
-                    per_rank: Callable[[Path], None] | None = None) -> Path:
+                    per_rank: Callable[[Path], None] | None = None, sharded: bool = False) -> Path:
     """Collective save: every rank calls; each pipeline stage writes one shard file.
 
     ``transform`` maps this stage's canonical tensors to what is written (pruning passes the
     plan's slicing here, with ``arch`` the resulting architecture). ``extra_files``: name ->
     writer(path), called on rank 0 inside the temporary directory before it is committed.
     ``per_rank(tmp_dir)``: called on every rank before the commit (training state files).
+    ``sharded``: each TP rank writes its own slices, nothing gathered (periodic training
+    checkpoints; where :func:`.sharded_save.applies`, else the canonical layout is written).
     """
-    from megatron.core import parallel_state as ps
-
+    sharded = sharded and sharded_save.applies(transform)
     rank0 = dist.is_rank0()
     err = None
     if rank0:
@@ -164,22 +180,18 @@ def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | No
     if err:
         raise FileExistsError(err)
     try:
-        canonical = gather_canonical(stage)
-        if canonical is not None and transform is not None:
-            canonical = transform(canonical)
-        if canonical is not None and not stage.pre_process:
-            canonical.pop(EMBED, None)  # a tied embedding is stored once, by the first stage
-        pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-        wmap = {}
-        if canonical is not None and ps.get_data_parallel_rank() == 0:
-            wmap = ckpt.write_shard(tmp, ckpt.shard_name(pp_rank, pp), canonical)
+        wmap = sharded_save.write_local(stage, tmp) if sharded else \
+            _write_gathered(stage, tmp, transform)
         if per_rank is not None:
             per_rank(tmp)
         maps = all_gather_objects(wmap)
         if rank0:
-            merged = {k: v for m in maps for k, v in m.items()}
             ckpt.save_tokenizer(tmp, tokenizer)
-            ckpt.write_meta(tmp, arch or stage.arch, merged, provenance or {})
+            if sharded:
+                sharded_save.write_index(tmp, arch or stage.arch, maps, provenance or {})
+            else:
+                merged = {k: v for m in maps for k, v in m.items()}
+                ckpt.write_meta(tmp, arch or stage.arch, merged, provenance or {})
             for name, writer in (extra_files or {}).items():
                 writer(tmp / name)
             atomic.commit_dir(tmp, final)

@@ -76,12 +76,15 @@ def torchrun_cmd(module: str, nproc: int, *args) -> list[str]:
             f"--master-port={free_port()}", "-m", module, *map(str, args)]
 
 
-def torchrun(worker: str, nproc: int, *args, timeout: float = 600) -> list[dict]:
+def torchrun(worker: str, nproc: int, *args, timeout: float = 600,
+             check: bool = True) -> list[dict]:
     """Runs ``tests.workers.<worker>`` on ``nproc`` ranks (one thread each); returns the JSON
-    rows every rank emitted (``tests.workers._emit``), rank by rank."""
+    rows every rank emitted (``tests.workers._emit``), rank by rank; ``check=False`` for a launch
+    that is meant to die (rows emitted before are still returned)."""
     rdir = tempfile.mkdtemp(prefix="results-")
     env = child_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", RESULT_DIR=rdir)
-    run(torchrun_cmd(f"tests.workers.{worker}", nproc, *args), env=env, timeout=timeout)
+    run(torchrun_cmd(f"tests.workers.{worker}", nproc, *args), env=env, timeout=timeout,
+        check=check)
     rows = []
     for f in sorted(Path(rdir).glob("rank*.jsonl")):
         rows += [json.loads(line) for line in f.read_text().splitlines()]

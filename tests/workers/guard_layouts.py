@@ -2,7 +2,7 @@
 
 For TP=2 and PP=2, each with fp32 + the distributed optimizer and with bf16 + the plain one:
 4 steps saving at step 2, then a copy of the step-2 checkpoint resumed to the end; rank 0 emits
-whether the two final checkpoints are bitwise equal. Then PP=2 at train.lr=1e6 with
+whether the two final checkpoints are bitwise equal, and which were written sharded. Then PP=2 at train.lr=1e6 with
 train.skip_nonfinite_steps=1: every rank emits the TrainingDiverged message it got.
 """
 
@@ -17,6 +17,7 @@ import torch.distributed as tdist
 
 from nemo_minitron.config.schema import TrainConfig
 from nemo_minitron.convert import checkpoint as ckpt
+from nemo_minitron.convert import sharded as sharded_ckpt
 from nemo_minitron.distill.guard import TrainingDiverged
 from nemo_minitron.distill.trainer import train
 
@@ -49,6 +50,8 @@ def main(student, teacher, data, out):
                 a = ckpt.Checkpoint(out / name / "final")
                 b = ckpt.Checkpoint(res["final"])
                 emit({"case": name, "step": b.meta["step"],
+                      "sharded_step": sharded_ckpt.is_sharded(saved),
+                      "sharded_final": a.sharded is not None or b.sharded is not None,
                       "equal": sorted(a.keys()) == sorted(b.keys())
                       and all(torch.equal(a.get(k), b.get(k)) for k in a.keys())})
     message = None
