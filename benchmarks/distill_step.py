@@ -57,7 +57,7 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
     from nemo_minitron.config.schema import KDConfig
     from nemo_minitron.distill.objective import Objective
     from nemo_minitron.distill.pair import DistillPair
-    from nemo_minitron.runtime.stage import load_checkpoint
+    from nemo_minitron.runtime.shard import load_checkpoint
 
     teacher, _ = load_checkpoint(teacher_path, dtype)
     student, _ = load_checkpoint(student_path, dtype)

@@ -198,8 +198,8 @@ def import_megatron(source: str, output: str, *, arch_overrides: dict | None = N
     return ckpt.save(output, arch, tensors, tokenizer=tok, provenance=prov, overwrite=overwrite)
 
 
-def save_megatron(stage, output, *, overwrite: bool = False) -> Path:
-    """Collective: every rank of the job that built ``stage`` writes its shards with megatron-core's
+def save_megatron(shard, output, *, overwrite: bool = False) -> Path:
+    """Collective: every rank of the job that built ``shard`` writes its shards with megatron-core's
     ``dist_checkpointing.save``, into a temporary directory renamed when complete."""
     from megatron.core import dist_checkpointing
 
@@ -214,8 +214,8 @@ def save_megatron(stage, output, *, overwrite: bool = False) -> Path:
     final, tmp, err = dist.broadcast_from_rank0((final, tmp, err))
     if err:
         raise FileExistsError(err)
-    state = {"model": stage.model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0,
-             "minitron_arch": stage.arch.to_dict()}
+    state = {"model": shard.model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0,
+             "minitron_arch": shard.arch.to_dict()}
     try:
         dist_checkpointing.save(state, str(tmp / RELEASE))
         if rank0:
@@ -230,7 +230,7 @@ def export_megatron(checkpoint, output, *, dtype: str | None = None, tp: int = 1
                     overwrite: bool = False) -> Path:
     """Collective: our checkpoint built at ``tp`` x ``pp`` and saved by megatron-core."""
     from ..runtime import dist
-    from ..runtime.stage import load_checkpoint
+    from ..runtime.shard import load_checkpoint
 
     if dist.is_rank0():
         atomic.check_new_dir(output, overwrite)  # fail before building the model
@@ -240,7 +240,7 @@ def export_megatron(checkpoint, output, *, dtype: str | None = None, tp: int = 1
         dtype = {"BF16": "bf16", "F16": "fp16"}.get(stored, "fp32")
     dist.init(tp, pp)
     try:
-        stage, _ = load_checkpoint(checkpoint, dtype)
-        return save_megatron(stage, output, overwrite=overwrite)
+        shard, _ = load_checkpoint(checkpoint, dtype)
+        return save_megatron(shard, output, overwrite=overwrite)
     finally:
         dist.release()

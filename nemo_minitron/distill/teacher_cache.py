@@ -216,7 +216,7 @@ def build(job) -> dict:
     from ..data.packed import PackedSequences, step_batches
     from ..runtime import dist
     from ..runtime.forward import run_forward
-    from ..runtime.stage import load_checkpoint
+    from ..runtime.shard import load_checkpoint
     from .losses import teacher_topk
 
     kd, tr, data, c = job.kd, job.train, job.data, job.cache

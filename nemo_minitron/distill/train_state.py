@@ -42,7 +42,7 @@ def _rng_name(rank: int) -> str:
 def writer(par, optimizer, scheduler, step: int, samples: int, layout: dict,
            extra: dict | None = None, modules: dict | None = None,
            named_params: dict | None = None):
-    """A ``per_rank(tmp_dir)`` callback for :func:`~nemo_minitron.runtime.stage.save_checkpoint`.
+    """A ``per_rank(tmp_dir)`` callback for :func:`~nemo_minitron.runtime.shard.save_checkpoint`.
 
     ``par``: the run's ``Parallel`` context; ``extra``: JSON-able loop state kept in state.json
     (the same on every rank); ``modules``: name -> module whose state_dict is saved per

@@ -154,7 +154,7 @@ class Trainer:
 
     def _load_models(self) -> None:
         from ..runtime.routing import RoutingMonitor
-        from ..runtime.stage import load_checkpoint
+        from ..runtime.shard import load_checkpoint
 
         job, dtype = self.job, self.job.model.dtype
         self.student, _ = load_checkpoint(self.resume_from or job.model.checkpoint, dtype)
@@ -320,7 +320,7 @@ class Trainer:
 
     def save(self, at_step: int, final: bool = False) -> Path:
         """A resumable checkpoint (weights + training state), or the final student alone."""
-        from ..runtime.stage import save_checkpoint
+        from ..runtime.shard import save_checkpoint
 
         tr, par, src = self.tr, self.par, self.src
         self.guard.check_weights(at_step, self.ddp.module)

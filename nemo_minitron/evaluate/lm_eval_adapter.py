@@ -74,7 +74,7 @@ class MinitronLM(LM):
         super().__init__()
         from ..convert.checkpoint import Checkpoint
         from ..runtime import dist
-        from ..runtime.stage import load_checkpoint
+        from ..runtime.shard import load_checkpoint
 
         if not checkpoint:
             raise ValueError("--model_args checkpoint=DIR is required (a nemo_minitron checkpoint "
@@ -88,7 +88,7 @@ class MinitronLM(LM):
         dist.init(1, 1)
         self._released = False
         try:
-            self.stage, self.ckpt = load_checkpoint(checkpoint, dtype)
+            self.shard, self.ckpt = load_checkpoint(checkpoint, dtype)
             self.tokenizer = self.ckpt.tokenizer()
         except BaseException:
             self.close()
@@ -97,7 +97,7 @@ class MinitronLM(LM):
         self.dtype = dtype
         self.batch_size = _int_or_default(batch_size, 8, "batch_size")
         self.max_length = (_int_or_default(max_length, 0, "max_length")
-                           or self.stage.arch.max_position_embeddings)
+                           or self.shard.arch.max_position_embeddings)
         self.max_gen_toks = _int_or_default(max_gen_toks, 256, "max_gen_toks")
         self._warned_sampling = False
 
@@ -117,12 +117,12 @@ class MinitronLM(LM):
         return str(getattr(self.tokenizer, "name_or_path", None) or self.checkpoint)
 
     def get_model_info(self) -> dict:
-        a = self.stage.arch
+        a = self.shard.arch
         return {"model_checkpoint": self.checkpoint, "model_dtype": self.dtype,
                 "model_num_parameters": a.num_params(), "max_length": self.max_length}
 
     def _score(self, encoded, label: str) -> list[tuple[float, bool]]:
-        return score_continuations(self.stage, encoded, micro_batch_size=self.batch_size,
+        return score_continuations(self.shard, encoded, micro_batch_size=self.batch_size,
                                    max_length=self.max_length, dp_rank=0, dp_size=1,
                                    progress=label)
 
@@ -214,10 +214,10 @@ class MinitronLM(LM):
                  "position_ids": torch.arange(n, dtype=torch.long)[None]}
 
         def on_logits(logits, _batch):
-            last = gather_logits(logits[:, n - 1], self.stage.arch.vocab_size)
+            last = gather_logits(logits[:, n - 1], self.shard.arch.vocab_size)
             return {"next": last.float().argmax(-1)}
 
-        (res,) = run_forward(self.stage, [on_device(batch)], on_logits)
+        (res,) = run_forward(self.shard, [on_device(batch)], on_logits)
         return int(res["next"][0])
 
 

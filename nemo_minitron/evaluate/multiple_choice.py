@@ -131,7 +131,7 @@ def _not_argmax(sel: torch.Tensor, tgt: torch.Tensor, vocab_size: int,
     return mine < best
 
 
-def score_requests(stage, tokenizer, requests: Sequence[tuple[str, str]], *,
+def score_requests(shard, tokenizer, requests: Sequence[tuple[str, str]], *,
                    micro_batch_size: int = 8, max_length: int | None = None,
                    dp_rank: int | None = None, dp_size: int | None = None,
                    progress: bool | str = True, par: Parallel | None = None) -> list[float]:
@@ -142,13 +142,13 @@ def score_requests(stage, tokenizer, requests: Sequence[tuple[str, str]], *,
     """
     if not requests:
         return []
-    scored = score_continuations(stage, encode_requests(tokenizer, requests),
+    scored = score_continuations(shard, encode_requests(tokenizer, requests),
                                  micro_batch_size=micro_batch_size, max_length=max_length,
                                  dp_rank=dp_rank, dp_size=dp_size, progress=progress, par=par)
     return [lp for lp, _ in scored]
 
 
-def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *,
+def score_continuations(shard, encoded: Sequence[tuple[list[int], list[int]]], *,
                         micro_batch_size: int = 8, max_length: int | None = None,
                         dp_rank: int | None = None, dp_size: int | None = None,
                         progress: bool | str = True,
@@ -167,8 +167,8 @@ def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *
     dp_size = par.dp if dp_size is None else dp_size
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} not in [0, {dp_size})")
-    max_length = max_length or stage.arch.max_position_embeddings
-    vocab = stage.arch.vocab_size
+    max_length = max_length or shard.arch.max_position_embeddings
+    vocab = shard.arch.vocab_size
     if not encoded:
         return []
 
@@ -213,11 +213,11 @@ def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *
     label = (progress if isinstance(progress, str) else "multiple choice") if progress else None
     outs = []
     if len(groups) == 1:  # run_forward shows the bar (global rank 0)
-        outs = run_forward(stage, [on_device(b) for b in groups[0]], on_logits, progress=label)
+        outs = run_forward(shard, [on_device(b) for b in groups[0]], on_logits, progress=label)
     else:
         with par.progress(total=len(batches), desc=label, unit="batch", disable=not label) as bar:
             for g in groups:
-                outs += run_forward(stage, [on_device(b) for b in g], on_logits)
+                outs += run_forward(shard, [on_device(b) for b in g], on_logits)
                 bar.update(len(g))
 
     total = torch.zeros(3, len(encoded), dtype=torch.float64)  # logprob, n, misses
@@ -233,7 +233,7 @@ def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *
     return list(zip((total[0] / total[1]).tolist(), (total[2] == 0).tolist()))
 
 
-def score_items(stage, tokenizer, items: Sequence[Item], *, micro_batch_size: int = 8,
+def score_items(shard, tokenizer, items: Sequence[Item], *, micro_batch_size: int = 8,
                 max_length: int | None = None, dp_rank: int | None = None,
                 dp_size: int | None = None, progress: bool | str = True,
                 par: Parallel | None = None) -> list[list[float]]:
@@ -249,7 +249,7 @@ def score_items(stage, tokenizer, items: Sequence[Item], *, micro_batch_size: in
         r = it.requests()
         reqs += r
         sizes.append(len(r))
-    flat = score_requests(stage, tokenizer, reqs, micro_batch_size=micro_batch_size,
+    flat = score_requests(shard, tokenizer, reqs, micro_batch_size=micro_batch_size,
                           max_length=max_length, dp_rank=dp_rank, dp_size=dp_size,
                           progress=progress, par=par)
     out, k = [], 0
@@ -286,7 +286,7 @@ def accuracy(items: Sequence[Item], scores: Sequence[Sequence[float]]) -> dict:
             "chance": chance([len(it.choices) for it in items])}
 
 
-def evaluate_tasks(stage, tokenizer, tasks: Sequence[str], limit: int | None = None,
+def evaluate_tasks(shard, tokenizer, tasks: Sequence[str], limit: int | None = None,
                    num_fewshot: int = 0, *, seed: int = 1234, micro_batch_size: int = 8,
                    max_length: int | None = None, split: str | dict | None = None, data_dir=None,
                    dp_rank: int | None = None, dp_size: int | None = None,
@@ -301,7 +301,7 @@ def evaluate_tasks(stage, tokenizer, tasks: Sequence[str], limit: int | None = N
     from .tasks import load_task, resolved_split
 
     par = par or current()
-    max_length = max_length or stage.arch.max_position_embeddings
+    max_length = max_length or shard.arch.max_position_embeddings
     results = {}
     t_all = time.time()
     for name in tasks:
@@ -309,13 +309,13 @@ def evaluate_tasks(stage, tokenizer, tasks: Sequence[str], limit: int | None = N
         sp = split.get(name) if isinstance(split, dict) else split
         items = load_task(name, limit=limit, num_fewshot=num_fewshot, seed=seed, split=sp,
                           data_dir=data_dir)
-        scores = score_items(stage, tokenizer, items, micro_batch_size=micro_batch_size,
+        scores = score_items(shard, tokenizer, items, micro_batch_size=micro_batch_size,
                              max_length=max_length, dp_rank=dp_rank, dp_size=dp_size,
                              progress=name if progress else False, par=par)
         res = accuracy(items, scores)
         res.update(split=resolved_split(name, sp), seconds=round(time.time() - t0, 2))
         results[name] = res
-    dtype = str(getattr(stage.config, "params_dtype", "")).replace("torch.", "")
+    dtype = str(getattr(shard.config, "params_dtype", "")).replace("torch.", "")
     settings = {
         "tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot, "fewshot_seed": seed,
         "split": split, "micro_batch_size": micro_batch_size, "max_length": max_length,

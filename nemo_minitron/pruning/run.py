@@ -23,7 +23,7 @@ def prune(job) -> dict:
     from ..report.plots import plot_depth_curve, plot_importance
     from .depth import best_block, block_removal_accuracy, block_removal_losses
     from ..runtime import dist
-    from ..runtime.stage import load_checkpoint, save_checkpoint
+    from ..runtime.shard import load_checkpoint, save_checkpoint
     from .apply import apply_plan
 
     p = job.prune
@@ -152,7 +152,7 @@ def calibrate_to(job, path) -> Importance:
     """Calibrate the job's model once and save the scores to ``path`` (atomically, on rank 0):
     the architecture search prunes every candidate from these."""
     from ..runtime import dist
-    from ..runtime.stage import load_checkpoint
+    from ..runtime.shard import load_checkpoint
 
     src = ckpt.Checkpoint(job.model.checkpoint)
     src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)

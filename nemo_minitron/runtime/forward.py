@@ -44,7 +44,7 @@ def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return full[..., :vocab_size]
 
 
-def run_forward(stage, batches: Iterable[dict], on_logits: Callable[[torch.Tensor, dict], dict],
+def run_forward(shard, batches: Iterable[dict], on_logits: Callable[[torch.Tensor, dict], dict],
                 progress: str | None = None) -> list[dict]:
     """Forward every micro-batch through the pipeline; returns ``on_logits``' dicts (last stage).
 
@@ -71,10 +71,10 @@ def run_forward(stage, batches: Iterable[dict], on_logits: Callable[[torch.Tenso
         out = model(batch["tokens"], batch["position_ids"], None)
         return out, partial(loss_func, batch)
 
-    stage.model.eval()
+    shard.model.eval()
     with torch.no_grad():
         return get_forward_backward_func()(
-            forward_step_func=step, data_iterator=data, model=[stage.model],
+            forward_step_func=step, data_iterator=data, model=[shard.model],
             num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=True)
 
 
