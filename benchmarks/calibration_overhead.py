@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from nemo_minitron import defaults
+    from nemo_minitron import demo
     from nemo_minitron.data.packed import PackedSequences
     from nemo_minitron.importance.hooks import collecting
     from nemo_minitron.importance.reduce import reduce_stats
@@ -34,8 +34,8 @@ def main() -> None:
     from nemo_minitron.runtime.shard import load_checkpoint
 
     dist.init(1, 1)
-    shard, _ = load_checkpoint(defaults.checkpoint_dir())
-    data = PackedSequences(defaults.dataset_prefix(), args.seq, split="train")
+    shard, _ = load_checkpoint(demo.checkpoint_dir())
+    data = PackedSequences(demo.dataset_prefix(), args.seq, split="train")
     batches = list(data.batches(args.micro_batch, num_batches=args.batches))
 
     def plain():

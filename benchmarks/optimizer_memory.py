@@ -49,7 +49,7 @@ def main() -> None:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from nemo_minitron import defaults
+    from nemo_minitron import demo
     from nemo_minitron.distill.optim_state import gather
     from nemo_minitron.runtime import dist
     from nemo_minitron.runtime.forward import device
@@ -59,7 +59,7 @@ def main() -> None:
     dp, rank = ps.get_data_parallel_world_size(), tdist.get_rank()
     rows = []
     for sharded in (False, True):
-        shard, _ = load_checkpoint(args.model or defaults.checkpoint_dir(), args.dtype)
+        shard, _ = load_checkpoint(args.model or demo.checkpoint_dir(), args.dtype)
         ddp = DistributedDataParallel(shard.config, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=sharded), shard.model)
         opt = get_megatron_optimizer(OptimizerConfig(

@@ -79,9 +79,9 @@ def main() -> None:
     ap.add_argument("--worker", choices=["full", "sliced"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.checkpoint is None:
-        from nemo_minitron import defaults
+        from nemo_minitron import demo
 
-        a.checkpoint = str(defaults.checkpoint_dir())
+        a.checkpoint = str(demo.checkpoint_dir())
     if a.worker:
         return worker(a.checkpoint, a.worker)
     size = sum(f.stat().st_size for f in Path(a.checkpoint).glob("*.safetensors"))

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from nemo_minitron import defaults
+from nemo_minitron import demo
 from nemo_minitron.convert.hf import export_hf
 from nemo_minitron.data.packed import PackedSequences
 from nemo_minitron.evaluate.loss import validation_loss
@@ -37,7 +37,7 @@ def pruned(tmp_path_factory):
 
 def held_out_loss(path):
     shard, _ = load_checkpoint(path)
-    data = PackedSequences(defaults.dataset_prefix(), SEQ, split="valid")
+    data = PackedSequences(demo.dataset_prefix(), SEQ, split="valid")
     return validation_loss(shard, data.batches(4, num_batches=4))["loss"]
 
 
@@ -51,7 +51,7 @@ def test_half_width_architecture(pruned):
 
 
 def test_activation_importance_beats_random(pruned, single_rank):
-    teacher = held_out_loss(defaults.checkpoint_dir())
+    teacher = held_out_loss(demo.checkpoint_dir())
     act = held_out_loss(pruned / "act")
     rand = held_out_loss(pruned / "rand")
     print(f"held-out loss: teacher {teacher:.3f}, activation-pruned {act:.3f}, random {rand:.3f}")
@@ -66,7 +66,7 @@ def test_pruned_exports_with_identical_logits(pruned, tmp_path, single_rank):
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"  # 6*64 == 384
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     shard, c = load_checkpoint(pruned / "act")
-    b = next(PackedSequences(defaults.dataset_prefix(), SEQ, split="valid").batches(2, num_batches=1))
+    b = next(PackedSequences(demo.dataset_prefix(), SEQ, split="valid").batches(2, num_batches=1))
     ours = run_forward(shard, [b], lambda lg, _: {"l": gather_logits(lg, c.arch.vocab_size)})[0]["l"]
     with torch.no_grad():
         out = hf(b["tokens"], output_hidden_states=True)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from nemo_minitron import defaults
+from nemo_minitron import demo
 from nemo_minitron.convert.checkpoint import Checkpoint
 from nemo_minitron.data.packed import PackedSequences
 from nemo_minitron.evaluate.loss import validation_loss
@@ -25,7 +25,7 @@ SEQ = 128
 
 @pytest.fixture(scope="module")
 def valid_batches():
-    data = PackedSequences(defaults.dataset_prefix(), SEQ, split="valid")
+    data = PackedSequences(demo.dataset_prefix(), SEQ, split="valid")
     return list(data.batches(2, num_batches=2))
 
 

@@ -13,7 +13,8 @@ from typing import Any, Dict, Literal, Optional, get_args
 
 from omegaconf import OmegaConf
 
-from ..pruning.targets import Targets
+from .constants import BATCH_AGGS, SEQUENCE_AGGS, TASK_NAMES, cache_dir
+from .targets import Targets
 
 # The closed string settings. OmegaConf has no Literal fields, so the fields are typed ``str`` and
 # each __post_init__ checks its value with check_choice against one of these. Dtype names are
@@ -193,11 +194,9 @@ class EvalConfig:
     """Requests per micro-batch when scoring tasks."""
 
     def __post_init__(self):
-        from ..evaluate.tasks import TASKS
-
-        bad = [t for t in self.tasks if t not in TASKS and not t.startswith(("jsonl:", "mmlu_"))]
+        bad = [t for t in self.tasks if t not in TASK_NAMES and not t.startswith(("jsonl:", "mmlu_"))]
         if bad:  # MMLU subjects are checked against the data when the task loads
-            raise ValueError(f"eval.tasks: unknown {bad}; known: {sorted(TASKS)}, "
+            raise ValueError(f"eval.tasks: unknown {bad}; known: {sorted(TASK_NAMES)}, "
                              "mmlu_<subject> or jsonl:<path>")
         missing = [t for t in self.tasks if t.startswith("jsonl:") and not Path(t[6:]).is_file()]
         if missing:
@@ -251,8 +250,6 @@ class PruneConfig:
     """Seed of the random-importance mode."""
 
     def __post_init__(self):
-        from ..importance.scores import BATCH_AGGS, SEQUENCE_AGGS
-
         check_choice("prune.depth", self.depth, Depth)
         check_choice("prune.importance", self.importance, ImportanceMode)
         check_choice("prune.seq_agg", self.seq_agg, SEQUENCE_AGGS)
@@ -706,8 +703,6 @@ SCHEMAS = {"import": ("import", ImportJob), "export": ("export", ExportJob),
 
 
 def _cache(rel: str = "") -> str:
-    from ..assets import cache_dir
-
     return str(cache_dir() / rel)
 
 
