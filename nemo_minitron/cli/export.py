@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 def run(job) -> dict:
     if job.format == "megatron":
-        from ..convert.megatron_dist import export_megatron
+        from ..runtime.megatron_save import export_megatron
 
         path = export_megatron(job.model.checkpoint, job.output, dtype=job.dtype,
                                tp=job.parallel.tp, pp=job.parallel.pp, overwrite=job.overwrite)

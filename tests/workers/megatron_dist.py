@@ -82,8 +82,9 @@ def save_logits(model, path):
 def main(root):
     from megatron.core import dist_checkpointing
 
-    from nemo_minitron.convert.megatron_dist import export_megatron, import_megatron
+    from nemo_minitron.convert.megatron_dist import import_megatron
     from nemo_minitron.runtime import dist
+    from nemo_minitron.runtime.megatron_save import export_megatron
     from nemo_minitron.runtime.shard import load_checkpoint
 
     root = Path(root)
