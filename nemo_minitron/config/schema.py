@@ -18,7 +18,7 @@ from .targets import Targets
 
 # The closed string settings. OmegaConf has no Literal fields, so the fields are typed ``str`` and
 # each __post_init__ checks its value with check_choice against one of these. Dtype names are
-# those of runtime.precision.DTYPES, the one table that maps them to torch dtypes.
+# those of nemo_minitron.dtypes.DTYPES, the one table that maps them to torch dtypes.
 Dtype = Literal["fp32", "bf16"]
 """Compute dtypes a model trains and evaluates in (and checkpoints are stored in)."""
 CacheDtype = Literal["fp16", "bf16", "fp32"]

@@ -18,7 +18,7 @@ import torch
 
 from ..arch import Arch
 from ..artifacts import atomic
-from ..runtime.precision import torch_dtype
+from ..dtypes import torch_dtype
 from . import checkpoint as ckpt
 from .experts import per_expert
 from .hf_config import arch_from_hf_config, hf_config_from_arch

@@ -32,7 +32,7 @@ import torch
 
 from ..arch import Arch
 from ..artifacts import atomic
-from ..runtime.precision import torch_dtype
+from ..dtypes import torch_dtype
 from . import checkpoint as ckpt
 from .dcp_reader import DcpReader
 from .megatron_args import arch_fields_from_args, check_shapes, infer_from_shapes

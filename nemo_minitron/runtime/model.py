@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import Arch
+from ..dtypes import torch_dtype
 from ..families import NORMS
-from .precision import torch_dtype
 
 
 def te_available() -> bool:
