@@ -16,6 +16,10 @@ from omegaconf import OmegaConf
 from .constants import BATCH_AGGS, SEQUENCE_AGGS, TASK_NAMES, cache_dir
 from .targets import Targets
 
+# Imported on use: hydra (only when the schemas are registered, by the CLI) and the runtime's
+# hardware probe for model.dtype=auto (the one upward import, see tests/test_layering.py), so that
+# the schema itself imports neither torch nor hydra.
+
 # The closed string settings. OmegaConf has no Literal fields, so the fields are typed ``str`` and
 # each __post_init__ checks its value with check_choice against one of these. Dtype names are
 # those of nemo_minitron.dtypes.DTYPES, the one table that maps them to torch dtypes.

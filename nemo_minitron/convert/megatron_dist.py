@@ -38,6 +38,9 @@ from .dcp_reader import DcpReader
 from .megatron_args import arch_fields_from_args, check_shapes, infer_from_shapes
 from .weights import from_megatron
 
+# megatron-core and transformers are imported where used (see _args_types): importing a Hugging
+# Face model or reading the layout must not pay for them.
+
 log = logging.getLogger(__name__)
 
 MCORE_META, COMMON = "metadata.json", "common.pt"

@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .carry import plan_slots
-from .losses import hidden_state_loss, make_projection, project
+from .layer_map import plan_of
+from .losses import dynamic_weight, hidden_state_loss, make_projection, project
 
 
 @dataclass
@@ -75,8 +76,6 @@ class IntermediateSpec:
         """Dynamic ``alpha = L_logits / L_intermediate`` from globally reduced token means, with
         ``L_intermediate = hidden_weight * hidden + embedding_weight * emb`` (the weighted
         intermediate terms alpha multiplies)."""
-        from .losses import dynamic_weight
-
         inter = self.hidden_weight * (hidden_mean or 0.0) + self.embedding_weight * (emb_mean or 0.0)
         return float(dynamic_weight(kd_mean, inter))
 
@@ -96,8 +95,6 @@ def pruned_keep_index(student_dir, teacher_dir, h_s: int, h_t: int):
     """The teacher channels a pruned student kept (plan.json of `minitron prune`), when the
     student was pruned from this very teacher; None otherwise. Initialises the projections so the
     student's channels start in their teacher positions."""
-    from .layer_map import plan_of
-
     d = plan_of(student_dir, teacher_dir)
     keep = (d or {}).get("keep", {}).get("hidden")
     if keep is None or len(keep) != h_s or d.get("source", {}).get("hidden_size") != h_t:

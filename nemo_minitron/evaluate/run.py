@@ -6,16 +6,17 @@ from __future__ import annotations
 import logging
 import time
 
+from ..convert.checkpoint import Checkpoint
+from ..data.packed import PackedSequences
+from ..runtime import dist
+from ..runtime.shard import load_checkpoint
+from .loss import validation_loss
+from .multiple_choice import evaluate_tasks
+
 log = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32") -> dict:
-    from ..convert.checkpoint import Checkpoint
-    from ..data.packed import PackedSequences
-    from ..runtime import dist
-    from ..runtime.shard import load_checkpoint
-    from .loss import validation_loss
-
     Checkpoint(checkpoint).arch.check_parallel(parallel.tp, parallel.pp)
     valid = PackedSequences(data.prefix, data.seq_length, split="valid",
                             valid_fraction=data.valid_fraction, seed=parallel.seed)
@@ -33,11 +34,8 @@ def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32"
         batches = valid.batches(ev.micro_batch_size, num_batches=n, dp_rank=par.dp_rank, dp_size=dp)
         result = validation_loss(shard, batches, progress="evaluate")
         if ev.tasks:
-            from ..convert.checkpoint import Checkpoint as _C
-            from .multiple_choice import evaluate_tasks
-
             result["tasks"] = evaluate_tasks(
-                shard, _C(checkpoint).tokenizer(), list(ev.tasks), limit=ev.limit,
+                shard, Checkpoint(checkpoint).tokenizer(), list(ev.tasks), limit=ev.limit,
                 num_fewshot=ev.num_fewshot, seed=ev.fewshot_seed,
                 micro_batch_size=ev.task_batch_size, par=par)
             if par.is_rank0:

@@ -36,6 +36,9 @@ from typing import Callable
 from .. import assets
 from ..config.constants import TASK_NAMES
 
+# pyarrow is imported where the arrow files are read: an optional, heavy dependency that the
+# schema's and the CLI's use of the task table does not need.
+
 FEWSHOT_DELIMITER = "\n\n"
 TARGET_DELIMITER = " "
 

@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..evaluate.loss import validation_loss
+from ..evaluate.multiple_choice import accuracy, score_items
 from ..runtime.parallel import Parallel, current
 
 
@@ -51,8 +52,6 @@ def block_removal_losses(shard, batches: Sequence[dict], n: int, progress: bool 
 def block_removal_accuracy(shard, tokenizer, items, n: int, *, micro_batch_size: int = 8,
                            progress: bool = True, par: Parallel | None = None) -> list[float]:
     """Multiple-choice accuracy (acc_norm) with layers [s, s+n) removed, for s = 0 .. L-n."""
-    from ..evaluate.multiple_choice import accuracy, score_items
-
     L = shard.arch.num_layers
     if not 0 < n < L:
         raise ValueError(f"block size {n} must be in [1, {L - 1}]")

@@ -29,6 +29,9 @@ import types
 
 import torch
 
+# megatron-core modules are imported inside the patches that change them, which run only when a
+# CPU job starts (importing megatron-core takes seconds).
+
 _APPLIED = False
 
 

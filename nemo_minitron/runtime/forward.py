@@ -11,9 +11,13 @@ from functools import partial
 from typing import Callable, Iterable
 
 import torch
+from tqdm import tqdm
 
 from . import collectives
 from .dist import is_rank0
+
+# megatron-core is imported inside the functions that use it: importing it takes seconds, and this
+# module is imported (by the stages, preflight, the tests) long before a model is built.
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -58,8 +62,6 @@ def run_forward(shard, batches: Iterable[dict], on_logits: Callable[[torch.Tenso
     b, s = batches[0]["tokens"].shape
     data = iter(batches)
     if progress and is_rank0():
-        from tqdm import tqdm
-
         data = iter(tqdm(batches, desc=progress, unit="batch"))
 
     def loss_func(batch, output):

@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 
+# megatron-core is imported inside the functions that use it: importing it takes seconds, and this
+# module is imported (by the stages, preflight, the tests) long before a model is built.
+
 
 def load_balance(counts: torch.Tensor) -> dict[str, float]:
     """[layers, experts] routed-token counts -> worst max load, lowest min load, and the mean

@@ -25,6 +25,9 @@ from . import dist
 from .collectives import all_gather, all_gather_objects
 from . import model as rmodel
 
+# megatron-core is imported inside the functions that use it: importing it takes seconds, and this
+# module is imported (by the stages, preflight, the tests) long before a model is built.
+
 
 @dataclass
 class ModelShard:
