@@ -25,25 +25,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from nemo_minitron import defaults
+    from nemo_minitron import demo
     from nemo_minitron.data.packed import PackedSequences
     from nemo_minitron.importance.hooks import collecting
     from nemo_minitron.importance.reduce import reduce_stats
     from nemo_minitron.runtime import dist
     from nemo_minitron.runtime.forward import run_forward
-    from nemo_minitron.runtime.stage import load_checkpoint
+    from nemo_minitron.runtime.shard import load_checkpoint
 
     dist.init(1, 1)
-    stage, _ = load_checkpoint(defaults.checkpoint_dir())
-    data = PackedSequences(defaults.dataset_prefix(), args.seq, split="train")
+    shard, _ = load_checkpoint(demo.checkpoint_dir())
+    data = PackedSequences(demo.dataset_prefix(), args.seq, split="train")
     batches = list(data.batches(args.micro_batch, num_batches=args.batches))
 
     def plain():
-        run_forward(stage, batches, lambda _l, _b: {})
+        run_forward(shard, batches, lambda _l, _b: {})
 
     def hooked():
-        with torch.no_grad(), collecting(stage) as stats:
-            run_forward(stage, batches, lambda _l, _b: {})
+        with torch.no_grad(), collecting(shard) as stats:
+            run_forward(shard, batches, lambda _l, _b: {})
         return stats
 
     plain()  # warm-up
@@ -52,7 +52,7 @@ def main() -> None:
         t = time.perf_counter(); plain(); t_plain.append(time.perf_counter() - t)
         t = time.perf_counter(); stats = hooked(); t_hook.append(time.perf_counter() - t)
     t = time.perf_counter()
-    imp = reduce_stats(stats, stage)
+    imp = reduce_stats(stats, shard)
     t_reduce = time.perf_counter() - t
     stat_bytes = sum(m.flat().numel() * 8 for m in stats.moments.values())
     score_bytes = sum(x.numel() * x.element_size() for x in (imp.ffn, imp.heads, imp.hidden, imp.block))

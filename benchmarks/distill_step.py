@@ -57,7 +57,7 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
     from nemo_minitron.config.schema import KDConfig
     from nemo_minitron.distill.objective import Objective
     from nemo_minitron.distill.pair import DistillPair
-    from nemo_minitron.runtime.stage import load_checkpoint
+    from nemo_minitron.runtime.shard import load_checkpoint
 
     teacher, _ = load_checkpoint(teacher_path, dtype)
     student, _ = load_checkpoint(student_path, dtype)
@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--profile", help="directory for a torch.profiler table of the KD step")
     args = ap.parse_args()
 
-    from nemo_minitron import defaults
+    from nemo_minitron import demo
     from nemo_minitron.convert import checkpoint as ckpt
     from nemo_minitron.convert.hf import export_hf
     from nemo_minitron.data.packed import PackedSequences
@@ -171,7 +171,7 @@ def main() -> None:
     from nemo_minitron.runtime import dist
 
     tmp = tempfile.mkdtemp()
-    teacher_path = defaults.checkpoint_dir()
+    teacher_path = demo.checkpoint_dir()
     student_path = args.student
     if student_path is None:
         t = ckpt.Checkpoint(teacher_path)
@@ -179,7 +179,7 @@ def main() -> None:
                          Targets(hidden_size=384, ffn_hidden_size=1024, num_attention_heads=6))
         student_path = tmp + "/student"
         ckpt.save(student_path, plan.target, apply_plan(plan, t.get))
-    data = PackedSequences(defaults.dataset_prefix(), args.seq, split="train")
+    data = PackedSequences(demo.dataset_prefix(), args.seq, split="train")
     batch = next(data.batches(args.mbs, num_batches=1))
     tokens = args.mbs * args.seq
     dtypes = args.dtypes.split(",")

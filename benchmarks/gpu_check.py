@@ -17,7 +17,7 @@ CPU dry run "not applicable on CPU: <why>") or "failed: <error>", and the others
               overhead (distillation step / (teacher forward + student step))
   fp8_vs_bf16 the two loss curves compared step by step (same initial weights, same batches)
 
-Everything goes through the project's runtime: models from an Arch (runtime.stage), weights moved
+Everything goes through the project's runtime: models from an Arch (runtime.shard), weights moved
 between specs through the canonical weight map, calibration hooks (importance), the distillation
 pair and loss (distill.pair, distill.objective). Writes summary.json and summary.md under --out.
 """
@@ -61,7 +61,7 @@ from nemo_minitron.pruning.select import Targets, make_plan  # noqa: E402
 from nemo_minitron.runtime import dist  # noqa: E402
 from nemo_minitron.runtime.parallel import current  # noqa: E402
 from nemo_minitron.runtime.forward import gather_logits, on_device, run_forward  # noqa: E402
-from nemo_minitron.runtime.stage import build_stage, gather_canonical, load_state  # noqa: E402
+from nemo_minitron.runtime.shard import build_shard, gather_canonical, load_state  # noqa: E402
 
 
 PARTS = ("env", "parity", "importance", "distill_bf16", "distill_fp8", "fp8_vs_bf16")
@@ -118,29 +118,29 @@ def random_batch(sizes: Sizes, vocab: int, seed: int) -> dict:
                       "position_ids": torch.arange(sizes.seq).expand(sizes.mbs, -1).contiguous()})
 
 
-def canonical_weights(stage) -> dict:
-    """This stage's weights under canonical names, copied to the CPU (spec-independent)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in gather_canonical(stage).items()}
+def canonical_weights(shard) -> dict:
+    """This shard's weights under canonical names, copied to the CPU (spec-independent)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in gather_canonical(shard).items()}
 
 
 def random_weights(arch: Arch, dtype: str, seed: int) -> dict:
     torch.manual_seed(seed)
-    stage = build_stage(arch, dtype, use_te=False)
-    weights = canonical_weights(stage)
-    del stage
+    shard = build_shard(arch, dtype, use_te=False)
+    weights = canonical_weights(shard)
+    del shard
     free_memory()
     return weights
 
 
 def stage_with(arch: Arch, weights: dict, dtype: str, use_te: bool, fp8: str | None = None):
-    stage = build_stage(arch, dtype, use_te=use_te, init_weights=False, fp8=fp8)
-    load_state(stage, weights.__getitem__)
-    return stage
+    shard = build_shard(arch, dtype, use_te=use_te, init_weights=False, fp8=fp8)
+    load_state(shard, weights.__getitem__)
+    return shard
 
 
-def logits_of(stage, batches: list[dict]) -> list[torch.Tensor]:
-    vocab = stage.arch.vocab_size
-    out = run_forward(stage, batches, lambda lg, _b: {"logits": gather_logits(lg, vocab).float()})
+def logits_of(shard, batches: list[dict]) -> list[torch.Tensor]:
+    vocab = shard.arch.vocab_size
+    out = run_forward(shard, batches, lambda lg, _b: {"logits": gather_logits(lg, vocab).float()})
     return [o["logits"] for o in out]
 
 
@@ -170,14 +170,14 @@ def part_env(ctx, _deadline) -> dict:
 
 
 def spec_pair(ctx) -> tuple:
-    """The local stage and the same weights in the TE spec (on CPU: the local spec again, so the
+    """The local shard and the same weights in the TE spec (on CPU: the local spec again, so the
     dry run still exercises the weight round trip and every comparison)."""
     if torch.cuda.is_available():
         need_te("the TE spec")  # on a GPU, local vs local would prove nothing
     if ctx.spec_pair is None:
         s = ctx.sizes
         torch.manual_seed(1)
-        local = build_stage(s.student, s.dtype, use_te=False)
+        local = build_shard(s.student, s.dtype, use_te=False)
         other = stage_with(s.student, canonical_weights(local), s.dtype, ctx.use_te)
         batches = [random_batch(s, s.student.vocab_size, seed=100 + i)
                    for i in range(s.calib_batches)]

@@ -52,11 +52,11 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--calib", type=int, default=256, help="calibration samples for pruning")
     args = ap.parse_args()
-    from nemo_minitron import defaults
+    from nemo_minitron import demo
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    teacher = str(defaults.checkpoint_dir())
+    teacher = str(demo.checkpoint_dir())
     seq = [f"data.seq_length={args.seq}"]
     train = seq + [f"train.steps={args.steps}", f"train.global_batch_size={args.gbs}",
                    "train.micro_batch_size=2", "train.lr=3e-4", "train.min_lr=3e-5",

@@ -49,37 +49,37 @@ def main() -> None:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from nemo_minitron import defaults
+    from nemo_minitron import demo
     from nemo_minitron.distill.optim_state import gather
     from nemo_minitron.runtime import dist
     from nemo_minitron.runtime.forward import device
-    from nemo_minitron.runtime.stage import load_checkpoint
+    from nemo_minitron.runtime.shard import load_checkpoint
 
     dist.init(1, 1)
     dp, rank = ps.get_data_parallel_world_size(), tdist.get_rank()
     rows = []
     for sharded in (False, True):
-        stage, _ = load_checkpoint(args.model or defaults.checkpoint_dir(), args.dtype)
-        ddp = DistributedDataParallel(stage.config, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=sharded), stage.model)
+        shard, _ = load_checkpoint(args.model or demo.checkpoint_dir(), args.dtype)
+        ddp = DistributedDataParallel(shard.config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=sharded), shard.model)
         opt = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=1e-5, bf16=args.dtype == "bf16",
-            params_dtype=stage.config.params_dtype, use_distributed_optimizer=sharded), [ddp])
-        tokens = torch.randint(0, stage.arch.vocab_size, (1, args.seq), device=device())
+            params_dtype=shard.config.params_dtype, use_distributed_optimizer=sharded), [ddp])
+        tokens = torch.randint(0, shard.arch.vocab_size, (1, args.seq), device=device())
         pos = torch.arange(args.seq, device=device()).unsqueeze(0)
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        stage.model(tokens, pos, None).float().mean().backward()
+        shard.model(tokens, pos, None).float().mean().backward()
         ddp.finish_grad_sync()
         opt.step()
-        n = sum(p.numel() for p in stage.model.parameters())
-        held = state_bytes(opt, set(stage.model.parameters()))
+        n = sum(p.numel() for p in shard.model.parameters())
+        held = state_bytes(opt, set(shard.model.parameters()))
         t = time.perf_counter()
         if sharded:
             gather(opt, dict(ddp.module.named_parameters()))
         t_gather = time.perf_counter() - t
         rows.append((sharded, n, held, t_gather))
-        del opt, ddp, stage
+        del opt, ddp, shard
     every = [None] * tdist.get_world_size()
     tdist.all_gather_object(every, rows)
     if rank == 0:

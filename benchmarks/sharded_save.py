@@ -51,16 +51,16 @@ def worker(checkpoint: str, work: str, layout: str, mode: str) -> None:
 
     from nemo_minitron.convert import checkpoint as ckpt
     from nemo_minitron.runtime import dist
-    from nemo_minitron.runtime.stage import build_stage, load_checkpoint, load_state, save_checkpoint
+    from nemo_minitron.runtime.shard import build_shard, load_checkpoint, load_state, save_checkpoint
 
     dist.init(LAYOUTS[layout], 1)
-    stage, _ = load_checkpoint(checkpoint)
+    shard, _ = load_checkpoint(checkpoint)
     out = Path(work) / f"{layout}_{mode}"
     save_s, save_peak = _measured(lambda: save_checkpoint(
-        stage, out, provenance={"stage": "benchmark"}, overwrite=True, sharded=mode == "sharded"))
-    del stage
+        shard, out, provenance={"stage": "benchmark"}, overwrite=True, sharded=mode == "sharded"))
+    del shard
     c = ckpt.Checkpoint(out)
-    fresh = build_stage(c.arch, init_weights=False)
+    fresh = build_shard(c.arch, init_weights=False)
     load_s, load_peak = _measured(lambda: load_state(fresh, c.get, c.get_part))
     print("ROW " + json.dumps({"layout": layout, "mode": mode, "rank": torch.distributed.get_rank(),
                                "save_s": save_s, "save_peak": save_peak, "load_s": load_s,
@@ -110,9 +110,9 @@ def main() -> None:
         return worker(a.checkpoint, a.work, *a.worker)
     work = a.work or tempfile.mkdtemp(prefix="sharded_save-")
     if a.checkpoint is None:
-        from nemo_minitron import defaults
+        from nemo_minitron import demo
 
-        a.checkpoint = two_group_student(str(defaults.checkpoint_dir()), Path(work) / "model")
+        a.checkpoint = two_group_student(str(demo.checkpoint_dir()), Path(work) / "model")
     size = sum(f.stat().st_size for f in Path(a.checkpoint).glob("*.safetensors"))
     print(f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
           f"{a.checkpoint}: {size / 2**20:.0f} MiB of safetensors; 2 ranks")

@@ -6,7 +6,7 @@
 Default checkpoint: the embedded SmolLM2-135M teacher (fp32, 538 MB, one safetensors file), at
 TP=3 (its 9 heads and 3 query groups do not split over 2 ranks). Each
 mode runs in its own torchrun launch (``--tp`` ranks, gloo, one thread each), so peak figures do
-not carry over. Per rank: the model stage is built first (its parameters are not counted), then
+not carry over. Per rank: the model shard is built first (its parameters are not counted), then
 the load is measured: tensor bytes fetched from the file (``Checkpoint.bytes_read``), wall time,
 and the peak resident set over the load (Linux ``VmHWM`` after resetting it with
 ``/proc/self/clear_refs``) minus the resident set before it. The resident set counts the pages of
@@ -40,17 +40,17 @@ def worker(checkpoint: str, mode: str) -> None:
 
     from nemo_minitron.convert import checkpoint as ckpt
     from nemo_minitron.runtime import dist
-    from nemo_minitron.runtime.stage import build_stage, load_state
+    from nemo_minitron.runtime.shard import build_shard, load_state
 
     dist.init(int(os.environ["WORLD_SIZE"]), 1)
     c = ckpt.Checkpoint(checkpoint)
-    stage = build_stage(c.arch, init_weights=False)
+    shard = build_shard(c.arch, init_weights=False)
     dist.barrier()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     before, file_before = _status_kb("VmRSS"), _status_kb("RssFile")
     t0 = time.perf_counter()
-    load_state(stage, c.get, c.get_part if mode == "sliced" else None)
+    load_state(shard, c.get, c.get_part if mode == "sliced" else None)
     seconds = time.perf_counter() - t0
     peak, file_pages = _status_kb("VmHWM"), _status_kb("RssFile") - file_before
     print("ROW " + json.dumps({"mode": mode, "rank": torch.distributed.get_rank(),
@@ -79,9 +79,9 @@ def main() -> None:
     ap.add_argument("--worker", choices=["full", "sliced"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.checkpoint is None:
-        from nemo_minitron import defaults
+        from nemo_minitron import demo
 
-        a.checkpoint = str(defaults.checkpoint_dir())
+        a.checkpoint = str(demo.checkpoint_dir())
     if a.worker:
         return worker(a.checkpoint, a.worker)
     size = sum(f.stat().st_size for f in Path(a.checkpoint).glob("*.safetensors"))

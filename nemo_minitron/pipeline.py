@@ -19,7 +19,7 @@ from .artifacts.pipeline_files import STAGE_SECONDS, write_summary
 from .artifacts.search_files import CHOSEN, read_chosen
 from .config.schema import (DistillJob, FinetuneJob, PruneJob, RoundConfig, SearchJob)
 from .convert import checkpoint as ckpt
-from .evaluate.judge import mean_retained, task_rows
+from .report.judge import mean_retained, task_rows
 from .runs import Steps, complete, on_rank0, with_checkpoint
 
 log = logging.getLogger(__name__)

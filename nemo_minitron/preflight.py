@@ -20,8 +20,25 @@ from pathlib import Path
 from .arch import Arch
 from .artifacts import atomic
 from .artifacts.search_files import CHOSEN, read_chosen
+from .config.schema import RoundConfig
 from .convert import checkpoint as ckpt
+from .convert.hf import resolve_source
+from .convert.hf_config import arch_from_hf_config
+from .convert.megatron_dist import is_megatron_checkpoint
+from .data.packed import PackedSequences
+from .data.sources import expand_paths
+from .distill.intermediate import check_pairs
+from .distill.layer_map import auto_pairs
+from .distill.losses import check_vocab
+from .distill.teacher_cache import check_run
+from .evaluate.tasks import TASKS
+from .importance.reduce import Importance
 from .runtime import dist
+from .search.run import plan_candidates
+from .search.space import describe_empty, enumerate_candidates, select
+
+# huggingface_hub is imported where a hub name is checked against the local cache: it is heavy
+# and local paths do not need it.
 
 
 # ------------------------------------------------------------------ shared pieces
@@ -44,8 +61,6 @@ def data_parallel_size(parallel) -> int:
 
 def split_samples(data, split: str) -> int:
     """Samples of ``data.seq_length`` tokens in one split (reads only the dataset index)."""
-    from .data.packed import PackedSequences
-
     try:
         return len(PackedSequences(data.prefix, data.seq_length, split=split,
                                    valid_fraction=data.valid_fraction))
@@ -71,8 +86,6 @@ def not_inside(output, source, field: str = "output") -> None:
 
 def scores(path, arch: Arch, where: str = "") -> None:
     """``prune.scores`` holds importance of the shapes ``arch`` has (loaded as plain tensors)."""
-    from .importance.reduce import Importance
-
     try:
         imp = Importance.load(path)
     except Exception as e:  # not a torch file, a pickle with code, missing keys
@@ -106,9 +119,6 @@ def resolve_targets(target, arch: Arch, tp: int, pp: int, field: str = "prune",
 
 
 def kd_pairs(kd, student_dir, teacher_dir, student: Arch, teacher: Arch) -> None:
-    from .distill.intermediate import check_pairs
-    from .distill.layer_map import auto_pairs
-
     if kd.auto_hidden_pairs and student_dir is not None:
         auto_pairs(student_dir, teacher_dir, student.num_layers, teacher.num_layers)
     check_pairs([tuple(p) for p in kd.hidden_pairs], student.num_layers, teacher.num_layers)
@@ -142,8 +152,6 @@ def calibration_sizes(job, dp: int) -> None:
 
 
 def depth_task(prune) -> None:
-    from .evaluate.tasks import TASKS
-
     t = prune.depth_task
     if prune.depth == "accuracy" and t not in TASKS and not t.startswith(("jsonl:", "mmlu_")):
         raise ValueError(f"prune.depth_task={t!r} is unknown; known: {sorted(TASKS)}, "
@@ -176,8 +184,6 @@ def hub_reachable(name: str, field: str = "model.source") -> None:
 
 # ------------------------------------------------------------------ one check per stage
 def import_(job) -> None:
-    from .convert.hf import resolve_source
-
     atomic.check_new_dir(job.output or job.model.checkpoint, job.overwrite)
     where, gguf = resolve_source(job.model.source, job.model.gguf_file)
     local = Path(where)
@@ -187,8 +193,6 @@ def import_(job) -> None:
         if not (local / gguf).is_file():
             raise FileNotFoundError(f"model.gguf_file={gguf} not found in {local}")
         return
-    from .convert.megatron_dist import is_megatron_checkpoint
-
     if is_megatron_checkpoint(local):  # its reader checks the format and the architecture
         return
     if not (local / "config.json").is_file():
@@ -196,8 +200,6 @@ def import_(job) -> None:
         hint = f"pass model.gguf_file= one of {ggufs}" if ggufs else \
             "give a Hugging Face model directory (config.json + weights)"
         raise FileNotFoundError(f"model.source={local} has no config.json; {hint}")
-    from .convert.hf_config import arch_from_hf_config
-
     try:  # the plain JSON, as the importer reads it (stock config classes reject pruned shapes)
         arch_from_hf_config(json.loads((local / "config.json").read_text()))
     except (ValueError, KeyError, OSError) as e:
@@ -211,8 +213,6 @@ def export(job) -> None:
 
 
 def data(job) -> None:
-    from .data.sources import expand_paths
-
     expand_paths(job.inputs)  # every file exists and has a suffix we read
     if not Path(job.tokenizer).exists() and not job.tokenizer.startswith((".", "/", "~")):
         hub_reachable(job.tokenizer, "tokenizer")
@@ -248,8 +248,6 @@ def train(job) -> None:
     student.arch.check_parallel(job.parallel.tp, job.parallel.pp)
     kd = getattr(job, "kd", None)
     if kd is not None and kd.teacher_cache:
-        from .distill.teacher_cache import check_run
-
         if job.parallel.tp > 1:
             raise ValueError("kd.teacher_cache works at parallel.tp=1 for now; distill with a "
                              "live teacher (drop kd.teacher_cache) for tensor parallelism")
@@ -257,8 +255,6 @@ def train(job) -> None:
                   data=job.data, train=job.train, kd=kd)
         kd = None  # no teacher is built: nothing of it to check
     if kd is not None:
-        from .distill.losses import check_vocab
-
         teacher = checkpoint(kd.teacher, "kd.teacher")
         teacher.arch.check_parallel(job.parallel.tp, job.parallel.pp)
         try:
@@ -272,8 +268,6 @@ def train(job) -> None:
 
 
 def search(job) -> None:
-    from .search.run import plan_candidates
-
     src, _, chosen = plan_candidates(job)
     if job.prune.scores:
         scores(job.prune.scores, src.arch)
@@ -289,9 +283,6 @@ def search(job) -> None:
 def pipeline(job) -> None:
     """Every round, against the architecture that round's teacher will have, before the first
     stage (teacher correction) starts."""
-    from .config.schema import RoundConfig
-    from .search.space import describe_empty, enumerate_candidates, select
-
     src = checkpoint(job.model.checkpoint)
     tp, pp = job.parallel.tp, job.parallel.pp
     src.arch.check_parallel(tp, pp)

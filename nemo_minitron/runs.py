@@ -16,6 +16,8 @@ from .artifacts import atomic
 from .artifacts.evaluation import read_eval, write_eval
 from .artifacts.pipeline_files import read_stage_seconds, write_stage_seconds
 from .convert import checkpoint as ckpt
+from .evaluate.run import evaluate_checkpoint
+from .runtime import dist
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +28,6 @@ def complete(path: Path) -> bool:
 
 def on_rank0(write) -> None:
     """``write()`` on rank 0; every rank returns once it is done (and the file is there)."""
-    from .runtime import dist
-
     if dist.is_rank0():
         write()
     dist.barrier()
@@ -53,8 +53,6 @@ class Steps:
         return {**done, **self.seconds}
 
     def run(self, name: str, done: bool, fn) -> None:
-        from .runtime import dist
-
         if done:
             if dist.is_rank0():
                 log.info("[%s] complete, skipped", name)
@@ -69,8 +67,6 @@ class Steps:
 
     def evaluate(self, name: str, checkpoint, path: Path, job, ev=None) -> dict:
         """Validation loss (and tasks) of ``checkpoint`` into ``path``; returns the results."""
-        from .evaluate.run import evaluate_checkpoint
-
         path = Path(path)
 
         def evaluate():

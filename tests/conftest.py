@@ -46,9 +46,9 @@ def single_rank():
 @pytest.fixture(scope="session")
 def teacher():
     """The embedded SmolLM2-135M teacher checkpoint (installed by scripts/setup.sh)."""
-    from nemo_minitron import defaults
+    from nemo_minitron import demo
 
-    path = defaults.checkpoint_dir()
+    path = demo.checkpoint_dir()
     assert (path / "minitron.json").is_file(), (
         f"default teacher missing at {path}: run `python -m nemo_minitron.assets install`")
     return path

@@ -67,7 +67,7 @@ def test_launcher_environments():
 
 def test_bf16_forward_close_to_fp32(single_rank):
     from nemo_minitron.evaluate.loss import validation_loss
-    from nemo_minitron.runtime.stage import build_stage, load_state
+    from nemo_minitron.runtime.shard import build_shard, load_state
 
     hf = tiny_hf("gqa")
     arch = arch_from_hf_config(hf.config)
@@ -76,10 +76,10 @@ def test_bf16_forward_close_to_fp32(single_rank):
          "labels": torch.roll(ids, -1, 1), "loss_mask": torch.ones(2, 32)}
     losses = {}
     for dtype in ("fp32", "bf16"):
-        stage = build_stage(arch, dtype)
-        load_state(stage, hf.state_dict().__getitem__)
-        assert next(stage.model.parameters()).dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
-        losses[dtype] = validation_loss(stage, [b])["loss"]
+        shard = build_shard(arch, dtype)
+        load_state(shard, hf.state_dict().__getitem__)
+        assert next(shard.model.parameters()).dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+        losses[dtype] = validation_loss(shard, [b])["loss"]
     assert abs(losses["bf16"] - losses["fp32"]) < 0.02
 
 

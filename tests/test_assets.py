@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nemo_minitron import assets
+from nemo_minitron.assets import __main__ as command
 
 from tests.helpers import ROOT as REPO
 from tests.helpers.proc import python
@@ -171,10 +172,10 @@ def test_wheel_errors(cache, tmp_path):
 
 
 def test_cli(cache, wheels, capsys):
-    assert assets._main(["install", "wiki", "--wheel-dir", str(wheels)]) == 0
-    assert assets._main(["path", "wiki"]) == 0
+    assert command.main(["install", "wiki", "--wheel-dir", str(wheels)]) == 0
+    assert command.main(["path", "wiki"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(assets.path("wiki"))
-    assert assets._main(["path", "eval"]) == 1
+    assert command.main(["path", "eval"]) == 1
     assert "python -m nemo_minitron.assets install eval" in capsys.readouterr().err
     proc = python("-m", "nemo_minitron.assets", "install", "--help", cwd=REPO, check=False)
     assert proc.returncode == 0 and "--wheel-dir" in proc.stdout and "smollm2" in proc.stdout

@@ -406,10 +406,10 @@ def test_enough_distinct_cases_over_every_stage():
 @pytest.mark.real_model
 def test_smollm2_data_defaults_accept_their_eod_token(tmp_path):
     """SmolLM2's unk token is <|endoftext|> itself, its eos: the check must not call it unknown."""
-    from nemo_minitron import defaults
+    from nemo_minitron import demo
     from nemo_minitron.data import run as data
 
-    tok = data.load_tokenizer(str(defaults.checkpoint_dir()))
+    tok = data.load_tokenizer(str(demo.checkpoint_dir()))
     assert tok.unk_token == "<|endoftext|>"
     from nemo_minitron.config.schema import DataJob
 
@@ -418,7 +418,7 @@ def test_smollm2_data_defaults_accept_their_eod_token(tmp_path):
     texts = [tmp_path / "a.txt", tmp_path / "b.txt"]  # one document per text file
     texts[0].write_text("Hello world.")
     texts[1].write_text("A second document.")
-    job = DataJob(inputs=[str(t) for t in texts], tokenizer=str(defaults.checkpoint_dir()),
+    job = DataJob(inputs=[str(t) for t in texts], tokenizer=str(demo.checkpoint_dir()),
                   output=str(tmp_path / "ds"), eod_token="<|endoftext|>")
     stats = data.run(job)
     assert stats["eod_id"] == tok.unk_token_id and stats["documents"] == 2

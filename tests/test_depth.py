@@ -7,7 +7,7 @@ from nemo_minitron.evaluate.loss import validation_loss
 from nemo_minitron.pruning.apply import apply_plan
 from nemo_minitron.pruning.depth import best_block, block_removal_losses
 from nemo_minitron.pruning.plan import identity_plan, Plan
-from nemo_minitron.runtime.stage import build_stage, load_state
+from nemo_minitron.runtime.shard import build_shard, load_state
 
 from tests.helpers import tiny_hf
 
@@ -27,7 +27,7 @@ def rebuilt_without(arch, sd, start, n):
     full = identity_plan(arch)
     keep = [i for i in range(arch.num_layers) if not start <= i < start + n]
     plan = Plan(arch, full.hidden, full.ffn[0], full.groups[0], full.heads[0], keep)
-    small = build_stage(plan.target)
+    small = build_shard(plan.target)
     load_state(small, apply_plan(plan, sd).__getitem__)
     return small
 
@@ -35,16 +35,16 @@ def rebuilt_without(arch, sd, start, n):
 def test_block_removal_matches_rebuilt_models(single_rank):
     hf = tiny_hf("gqa")
     arch = arch_from_hf_config(hf.config)
-    stage = build_stage(arch)
+    shard = build_shard(arch)
     sd = hf.state_dict()
-    load_state(stage, sd.__getitem__)
+    load_state(shard, sd.__getitem__)
     b = batches(arch.vocab_size)
-    curve = block_removal_losses(stage, b, 2, progress=False)
+    curve = block_removal_losses(shard, b, 2, progress=False)
     assert len(curve) == 3
     for start, loss in enumerate(curve):
         assert abs(validation_loss(rebuilt_without(arch, sd, start, 2), b)["loss"] - loss) < 1e-5
     # the model is intact afterwards
-    assert len(stage.model.decoder.layers) == 4
+    assert len(shard.model.decoder.layers) == 4
 
 
 def test_best_block():
@@ -67,10 +67,10 @@ def test_block_removal_accuracy_matches_rebuilt_models(single_rank, tmp_path):
     hf = tiny_hf("gqa")
     arch = arch_from_hf_config(hf.config)
     sd = hf.state_dict()
-    stage = build_stage(arch)
-    load_state(stage, sd.__getitem__)
+    shard = build_shard(arch)
+    load_state(shard, sd.__getitem__)
     tok = tiny_tokenizer()
-    accs = block_removal_accuracy(stage, tok, items, 3, progress=False)
+    accs = block_removal_accuracy(shard, tok, items, 3, progress=False)
     assert len(accs) == 2
     for start, acc in enumerate(accs):
         small = rebuilt_without(arch, sd, start, 3)

@@ -18,7 +18,7 @@ from nemo_minitron.pruning.apply import apply_plan
 from nemo_minitron.pruning.plan import Plan
 from nemo_minitron.pruning.select import Targets, make_plan
 from nemo_minitron.runtime.forward import gather_logits, run_forward
-from nemo_minitron.runtime.stage import build_stage, gather_canonical, load_checkpoint, load_state
+from nemo_minitron.runtime.shard import build_shard, gather_canonical, load_checkpoint, load_state
 
 from tests.helpers import batch, exported, tiny_corpus, tiny_hf, tiny_tokenizer, torchrun
 
@@ -26,9 +26,9 @@ TOL = 1e-4
 
 
 def megatron_logits(arch, get, b):
-    stage = build_stage(arch)
-    load_state(stage, get)
-    return run_forward(stage, [b], lambda lg, _: {"logits": gather_logits(lg, arch.vocab_size)})[0]["logits"]
+    shard = build_shard(arch)
+    load_state(shard, get)
+    return run_forward(shard, [b], lambda lg, _: {"logits": gather_logits(lg, arch.vocab_size)})[0]["logits"]
 
 
 # family kind -> the model_type its pruned export (hidden != heads * head_dim) is written as
@@ -75,8 +75,8 @@ def test_llama_dir_that_stock_transformers_rejects_imports(hf_dir, tmp_path, sin
     b = batch(a.vocab_size)
     with torch.no_grad():
         ref = model(b["tokens"]).logits
-    stage, _ = load_checkpoint(c.path)
-    ours = run_forward(stage, [b], lambda lg, _: {"logits": gather_logits(lg, a.vocab_size)})[0]["logits"]
+    shard, _ = load_checkpoint(c.path)
+    ours = run_forward(shard, [b], lambda lg, _: {"logits": gather_logits(lg, a.vocab_size)})[0]["logits"]
     assert (ours - ref).abs().max().item() <= TOL
     out = export_hf(str(c.path), tmp_path / "hf")  # written back as a config class that loads
     back = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -89,12 +89,12 @@ def test_nemotron_weights_round_trip_through_model(single_rank):
     hf = tiny_hf("nemotron")
     arch = arch_from_hf_config(hf.config)
     assert (arch.norm, arch.mlp, arch.rotary_fraction) == ("layernorm1p", "relu2", 0.5)
-    stage = build_stage(arch)
+    shard = build_shard(arch)
     sd = hf.state_dict()
-    load_state(stage, sd.__getitem__)
-    w = stage.model.decoder.layers[0].input_layernorm.weight
+    load_state(shard, sd.__getitem__)
+    w = shard.model.decoder.layers[0].input_layernorm.weight
     assert torch.allclose(w, sd["model.layers.0.input_layernorm.weight"] + 1)
-    back = gather_canonical(stage)
+    back = gather_canonical(shard)
     assert set(back) == set(sd)
     for k, v in back.items():
         assert torch.allclose(v, sd[k], atol=1e-6), k
@@ -104,10 +104,10 @@ def test_nemotron_ffn_importance_is_the_down_projection_input(single_rank):
     """Squared-ReLU neurons are scored on relu(up(x))**2, the input of down_proj."""
     hf = tiny_hf("nemotron")
     arch = arch_from_hf_config(hf.config)
-    stage = build_stage(arch)
-    load_state(stage, hf.state_dict().__getitem__)
+    shard = build_shard(arch)
+    load_state(shard, hf.state_dict().__getitem__)
     batches = [batch(arch.vocab_size, seed=s) for s in (1, 2)]
-    imp = calibrate(stage, batches_forward_loop(stage, batches, None))
+    imp = calibrate(shard, batches_forward_loop(shard, batches, None))
     seen = []
     h = hf.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     with torch.no_grad():
@@ -177,10 +177,10 @@ def test_multi_rank_pruning_keeps_what_one_process_keeps(multi_rank, fam):
     tmp, _ = multi_rank
     hf = tiny_hf(fam)
     arch = arch_from_hf_config(hf.config)
-    stage = build_stage(arch)
-    load_state(stage, hf.state_dict().__getitem__)
+    shard = build_shard(arch)
+    load_state(shard, hf.state_dict().__getitem__)
     data = PackedSequences(tmp / "corpus", 32, split="train", valid_fraction=0.1)
-    imp = calibrate(stage, batches_forward_loop(stage, data.batches(2, num_batches=4), None))
+    imp = calibrate(shard, batches_forward_loop(shard, data.batches(2, num_batches=4), None))
     plan = make_plan(arch, imp, Targets(hidden_size=96, ffn_hidden_size=160,
                                         num_attention_heads=2, num_layers=3))
     got = Plan.load(tmp / f"{fam}_tp2" / "plan.json")

@@ -12,7 +12,7 @@ from nemo_minitron.importance.calibrate import batches_forward_loop, calibrate
 from nemo_minitron.importance.reduce import Importance
 from nemo_minitron.importance.scores import (Moments, batch_aggregate, block_importance,
                                              group_scores, head_norms, sequence_aggregate)
-from nemo_minitron.runtime.stage import build_stage, load_state
+from nemo_minitron.runtime.shard import build_shard, load_state
 
 from tests.helpers import tiny_hf, torchrun
 
@@ -89,10 +89,10 @@ def hf_reference(hf, batches):
 def test_hooks_match_transformers_statistics(single_rank):
     hf = tiny_hf("gqa")
     arch = arch_from_hf_config(hf.config)
-    stage = build_stage(arch)
-    load_state(stage, hf.state_dict().__getitem__)
+    shard = build_shard(arch)
+    load_state(shard, hf.state_dict().__getitem__)
     batches = calib_batches()
-    imp = calibrate(stage, batches_forward_loop(stage, batches, None))
+    imp = calibrate(shard, batches_forward_loop(shard, batches, None))
     ffn, heads, hidden, block = hf_reference(hf, batches)
     assert imp.meta["samples"] == 8
     assert torch.allclose(imp.ffn, ffn, rtol=1e-4, atol=1e-6)
@@ -110,9 +110,9 @@ def layouts(tmp_path_factory, single_rank):
     ckpt.save(tmp / "ckpt", arch, hf.state_dict())
     batches = calib_batches(n=4)
     torch.save(batches, tmp / "batches.pt")
-    stage = build_stage(arch)
-    load_state(stage, hf.state_dict().__getitem__)
-    ref = calibrate(stage, batches_forward_loop(stage, batches, None))
+    shard = build_shard(arch)
+    load_state(shard, hf.state_dict().__getitem__)
+    ref = calibrate(shard, batches_forward_loop(shard, batches, None))
     rows = torchrun("importance", 2, tmp / "ckpt", tmp / "batches.pt", tmp)
     return tmp, ref, rows
 
@@ -149,16 +149,16 @@ def test_hooks_capture_norms_fused_into_the_linear(single_rank):
     from megatron.core.transformer.identity_op import IdentityOp
 
     hf = tiny_hf("gqa")
-    stage = build_stage(arch_from_hf_config(hf.config))
-    load_state(stage, hf.state_dict().__getitem__)
+    shard = build_shard(arch_from_hf_config(hf.config))
+    load_state(shard, hf.state_dict().__getitem__)
     batches = calib_batches(n=2)
-    ref = calibrate(stage, batches_forward_loop(stage, batches, None))
-    for layer in stage.model.decoder.layers:
+    ref = calibrate(shard, batches_forward_loop(shard, batches, None))
+    for layer in shard.model.decoder.layers:
         attn, mlp = layer.self_attention, layer.mlp
-        attn.linear_qkv = _FusedNormLinear(layer.input_layernorm, attn.linear_qkv, stage.config)
-        mlp.linear_fc1 = _FusedNormLinear(layer.pre_mlp_layernorm, mlp.linear_fc1, stage.config)
+        attn.linear_qkv = _FusedNormLinear(layer.input_layernorm, attn.linear_qkv, shard.config)
+        mlp.linear_fc1 = _FusedNormLinear(layer.pre_mlp_layernorm, mlp.linear_fc1, shard.config)
         layer.input_layernorm, layer.pre_mlp_layernorm = IdentityOp(), IdentityOp()
-    fused = calibrate(stage, batches_forward_loop(stage, batches, None))
+    fused = calibrate(shard, batches_forward_loop(shard, batches, None))
     for axis in ("ffn", "heads", "hidden", "block"):
         assert torch.allclose(getattr(fused, axis), getattr(ref, axis), rtol=1e-5, atol=1e-6), axis
     assert ref.hidden.abs().sum() > 0

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from nemo_minitron.artifacts.evaluation import write_eval
-from nemo_minitron.evaluate import judge
+from nemo_minitron.report import judge
 from nemo_minitron.evaluate.multiple_choice import accuracy
 from nemo_minitron.evaluate.tasks import Item, load_task
 from nemo_minitron.report.compare import write_comparison

@@ -19,7 +19,7 @@ from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.evaluate.lm_eval_adapter import MinitronLM
 from nemo_minitron.evaluate.multiple_choice import evaluate_tasks, score_continuations
-from nemo_minitron.runtime.stage import load_checkpoint
+from nemo_minitron.runtime.shard import load_checkpoint
 
 from tests.helpers import minitron, read_jsonl, tiny_hf, tiny_tokenizer, torchrun
 from tests.helpers.proc import python
@@ -212,8 +212,8 @@ def test_greedy_flags_at_tp2_and_pp2(tmp_path, single_rank):
             with torch.no_grad():
                 greedy.append(int(hf(torch.tensor([ctx + greedy])).logits[0, -1].argmax()))
         encoded += [(ctx, greedy), (ctx, [rng.randrange(2, 1001) for _ in greedy])]
-    stage, _ = load_checkpoint(path)
-    single = score_continuations(stage, encoded, micro_batch_size=4, progress=False)
+    shard, _ = load_checkpoint(path)
+    single = score_continuations(shard, encoded, micro_batch_size=4, progress=False)
     assert [g for _, g in single] == [True, False] * 6
     (tmp_path / "requests.json").write_text(json.dumps(encoded))
     rows = torchrun("greedy_layouts", 2, path, tmp_path / "requests.json")
@@ -235,7 +235,7 @@ def test_harness_task_matches_our_scorer(tiny, tiny_lm, tmp_path, single_rank):
     res = simple_evaluate(model=tiny_lm, tasks=[TASK], task_manager=TaskManager(include_path=str(include)),
                           num_fewshot=0, bootstrap_iters=0, log_samples=True)
     harness = res["results"][TASK]
-    ours = evaluate_tasks(tiny_lm.stage, tok, [f"jsonl:{data}"], progress=False)["results"]
+    ours = evaluate_tasks(tiny_lm.shard, tok, [f"jsonl:{data}"], progress=False)["results"]
     ours = ours[f"jsonl:{data}"]
     assert ours["n"] == 16 and len(res["samples"][TASK]) == 16
     assert harness["acc,none"] == pytest.approx(ours["acc"], abs=1e-12)

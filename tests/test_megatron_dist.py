@@ -18,9 +18,9 @@ from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.dcp_reader import DcpReader, read_metadata
 from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.convert.megatron_args import arch_fields_from_args
-from nemo_minitron.convert.megatron_dist import (export_megatron, find_checkpoint, import_megatron,
-                                                 read_common)
+from nemo_minitron.convert.megatron_dist import find_checkpoint, import_megatron, read_common
 from nemo_minitron.convert.weights import canonical_keys
+from nemo_minitron.runtime.megatron_save import export_megatron
 
 from tests.helpers import tiny_hf, torchrun
 

@@ -26,7 +26,7 @@ from nemo_minitron.pruning.apply import apply_plan
 from nemo_minitron.pruning.plan import Plan, top_k
 from nemo_minitron.pruning.select import Targets, make_plan
 from nemo_minitron.runtime.forward import gather_logits, run_forward
-from nemo_minitron.runtime.stage import build_stage, load_checkpoint, load_state
+from nemo_minitron.runtime.shard import build_shard, load_checkpoint, load_state
 
 from tests.helpers import batch, exported, metrics, tiny_corpus, tiny_hf, tiny_tokenizer, torchrun
 from tests.workers.moe import prune_job
@@ -35,9 +35,9 @@ TOL = 1e-4
 KINDS = ("mixtral", "qwen3_moe")
 
 
-def logits_of(stage, b):
-    return run_forward(stage, [b], lambda lg, _: {
-        "logits": gather_logits(lg, stage.arch.vocab_size)})[0]["logits"]
+def logits_of(shard, b):
+    return run_forward(shard, [b], lambda lg, _: {
+        "logits": gather_logits(lg, shard.arch.vocab_size)})[0]["logits"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -58,8 +58,8 @@ def test_import_matches_transformers_and_exports_back(kind, hf_dir, tmp_path, si
     b = batch(arch.vocab_size)
     with torch.no_grad():
         ref = hf(b["tokens"]).logits
-    stage, _ = load_checkpoint(c.path)
-    delta = (logits_of(stage, b) - ref).abs().max().item()
+    shard, _ = load_checkpoint(c.path)
+    delta = (logits_of(shard, b) - ref).abs().max().item()
     assert delta <= TOL, f"{kind}: max |dlogit| = {delta}"
     out = export_hf(str(c.path), tmp_path / "hf")
     cfg = json.loads((out / "config.json").read_text())
@@ -76,14 +76,14 @@ def test_total_and_active_parameter_counts(kind, single_rank):
     each layer's experts (what one token passes through)."""
     hf = tiny_hf(kind)
     arch = arch_from_hf_config(hf.config)
-    stage = build_stage(arch)
-    total = sum(p.numel() for p in stage.model.parameters())
+    shard = build_shard(arch)
+    total = sum(p.numel() for p in shard.model.parameters())
     assert arch.num_params() == total == sum(p.numel() for p in hf.parameters())
-    experts = [layer.mlp.experts.local_experts for layer in stage.model.decoder.layers]
+    experts = [layer.mlp.experts.local_experts for layer in shard.model.decoder.layers]
     per_expert_params = [sum(p.numel() for p in e[0].parameters()) for e in experts]
     active = total - sum((len(e) - arch.moe_top_k) * n for e, n in zip(experts, per_expert_params))
     assert arch.num_active_params() == active < total
-    emb = sum(p.numel() for n, p in stage.model.named_parameters()
+    emb = sum(p.numel() for n, p in shard.model.named_parameters()
               if n.startswith(("embedding.", "output_layer.")))
     assert arch.num_active_params(embeddings=False) == active - emb
     dense = arch.replace(model_type="qwen3" if arch.qk_norm else "mistral", num_experts=0,
@@ -117,12 +117,12 @@ def test_moe_arch_and_layout_refusals():
         dense.check_parallel(1, 1, 2)
 
 
-def moe_stage(kind):
+def moe_shard(kind):
     hf = tiny_hf(kind)
     arch = arch_from_hf_config(hf.config)
-    stage = build_stage(arch)
-    load_state(stage, per_expert(hf.state_dict(), arch).__getitem__)
-    return hf, arch, stage
+    shard = build_shard(arch)
+    load_state(shard, per_expert(hf.state_dict(), arch).__getitem__)
+    return hf, arch, shard
 
 
 def reference_expert_stats(hf, arch, batches):
@@ -156,9 +156,9 @@ def reference_expert_stats(hf, arch, batches):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_expert_importance_matches_reference(kind, single_rank):
-    hf, arch, stage = moe_stage(kind)
+    hf, arch, shard = moe_shard(kind)
     batches = [batch(arch.vocab_size, seed=s) for s in (1, 2)]
-    imp = calibrate(stage, batches_forward_loop(stage, batches, None))
+    imp = calibrate(shard, batches_forward_loop(shard, batches, None))
     assert imp.experts.shape == (arch.num_layers, arch.num_experts)
     assert imp.meta["expert_score"] == "contribution"
     for i, (contribution, neurons) in enumerate(reference_expert_stats(hf, arch, batches)):
@@ -178,8 +178,8 @@ def test_expert_score_functions():
 def test_pruned_experts_and_width_export_with_the_pruned_logits(kind, single_rank, tmp_path):
     """Calibrate, prune 8 -> 4 experts, expert width 64 -> 32, hidden 128 -> 96, a query group
     and a layer; the megatron model of the plan and the export in stock from_pretrained agree."""
-    hf, arch, stage = moe_stage(kind)
-    imp = calibrate(stage, batches_forward_loop(stage, [batch(arch.vocab_size, seed=s)
+    hf, arch, shard = moe_shard(kind)
+    imp = calibrate(shard, batches_forward_loop(shard, [batch(arch.vocab_size, seed=s)
                                                         for s in (1, 2)], None))
     plan = make_plan(arch, imp, Targets(num_experts=4, ffn_hidden_size=32, hidden_size=96,
                                         num_attention_heads=2, num_query_groups=1, num_layers=3))
@@ -192,7 +192,7 @@ def test_pruned_experts_and_width_export_with_the_pruned_logits(kind, single_ran
     assert set(tensors) == set(canonical_keys(tgt))
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))).experts == plan.experts
     b = batch(arch.vocab_size)
-    pruned = build_stage(tgt)
+    pruned = build_shard(tgt)
     load_state(pruned, tensors.__getitem__)
     ours = logits_of(pruned, b)
     _, back, theirs = exported(tmp_path / "pruned", tgt, tensors, b["tokens"])
@@ -268,9 +268,9 @@ def test_expert_parallel_prune_keeps_what_one_process_keeps(multi_rank, kind, si
     tmp, rows = multi_rank
     job = prune_job(tmp, kind, tmp / "corpus", ep=1)
     c = ckpt.Checkpoint(tmp / kind)
-    hf, arch, stage = moe_stage(kind)
+    hf, arch, shard = moe_shard(kind)
     data = PackedSequences(tmp / "corpus", 32, split="train", valid_fraction=0.1)
-    imp = calibrate(stage, batches_forward_loop(stage, data.batches(2, num_batches=4), None))
+    imp = calibrate(shard, batches_forward_loop(shard, data.batches(2, num_batches=4), None))
     plan = make_plan(arch, imp, Targets(num_experts=4, ffn_hidden_size=32, hidden_size=96))
     got = Plan.load(Path(tmp) / f"{kind}_pruned_ep2" / "plan.json")
     assert (got.experts, got.ffn, got.hidden) == (plan.experts, plan.ffn, plan.hidden)

@@ -18,7 +18,7 @@ from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.evaluate.multiple_choice import accuracy, predictions, score_items
 from nemo_minitron.evaluate.tasks import Item, load_task
-from nemo_minitron.runtime.stage import load_checkpoint
+from nemo_minitron.runtime.shard import load_checkpoint
 
 from tests.helpers import tiny_hf, tiny_tokenizer, torchrun
 
@@ -115,11 +115,11 @@ def tiny_checkpoint(kind, tmp):
 @pytest.mark.parametrize("kind", ["gqa", "odd_vocab"])
 def test_tiny_scores_match_transformers(kind, jsonl_task, tmp_path, single_rank):
     hf, path = tiny_checkpoint(kind, tmp_path)
-    stage, c = load_checkpoint(path)
+    shard, c = load_checkpoint(path)
     tok = c.tokenizer()
     items = load_task(f"jsonl:{jsonl_task}")
     for max_length in (None, 24):  # 24 < the long items: exercises left truncation
-        ours = score_items(stage, tok, items, micro_batch_size=4, max_length=max_length,
+        ours = score_items(shard, tok, items, micro_batch_size=4, max_length=max_length,
                            progress=False)
         ref = hf_reference_scores(hf, tok, items, max_length=max_length)
         assert [len(s) for s in ours] == [len(it.choices) for it in items]
@@ -133,10 +133,10 @@ def test_tiny_scores_match_transformers(kind, jsonl_task, tmp_path, single_rank)
 
 def test_micro_batch_size_does_not_change_scores(jsonl_task, tmp_path, single_rank):
     _, path = tiny_checkpoint("gqa", tmp_path)
-    stage, c = load_checkpoint(path)
+    shard, c = load_checkpoint(path)
     items = load_task(f"jsonl:{jsonl_task}")
-    a = score_items(stage, c.tokenizer(), items, micro_batch_size=1, progress=False)
-    b = score_items(stage, c.tokenizer(), items, micro_batch_size=16, progress=False)
+    a = score_items(shard, c.tokenizer(), items, micro_batch_size=1, progress=False)
+    b = score_items(shard, c.tokenizer(), items, micro_batch_size=16, progress=False)
     assert max(abs(x - y) for r, s in zip(a, b) for x, y in zip(r, s)) <= 1e-5
 
 
@@ -158,12 +158,12 @@ REAL_LIMIT = 20
 @pytest.fixture(scope="module")
 def real_scores(teacher, hf_teacher, single_rank):
     hf = hf_teacher
-    stage, c = load_checkpoint(teacher)
+    shard, c = load_checkpoint(teacher)
     tok = c.tokenizer()
     res = {}
     for task in REAL_TASKS:
         items = load_task(task, limit=REAL_LIMIT)
-        ours = score_items(stage, tok, items, micro_batch_size=8, progress=False)
+        ours = score_items(shard, tok, items, micro_batch_size=8, progress=False)
         res[task] = (items, ours, hf_reference_scores(hf, tok, items))
     return res
 
@@ -286,10 +286,10 @@ def test_unknown_task():
 def layout_rows(jsonl_task, tmp_path_factory, single_rank):
     tmp = tmp_path_factory.mktemp("mc_layouts")
     hf, path = tiny_checkpoint("odd_vocab", tmp)  # tied, vocabulary padded under TP=2
-    stage, c = load_checkpoint(path)
+    shard, c = load_checkpoint(path)
     items = load_task(f"jsonl:{jsonl_task}")
-    single = {"scores": score_items(stage, c.tokenizer(), items, micro_batch_size=5, progress=False),
-              "scores_trunc": score_items(stage, c.tokenizer(), items, micro_batch_size=5,
+    single = {"scores": score_items(shard, c.tokenizer(), items, micro_batch_size=5, progress=False),
+              "scores_trunc": score_items(shard, c.tokenizer(), items, micro_batch_size=5,
                                           max_length=24, progress=False)}
     return single, torchrun("mc_layouts", 2, path, jsonl_task), items
 

@@ -5,7 +5,7 @@ import torch
 
 from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.runtime.forward import gather_logits, run_forward
-from nemo_minitron.runtime.stage import build_stage, gather_canonical, load_state
+from nemo_minitron.runtime.shard import build_shard, gather_canonical, load_state
 
 from tests.helpers import batch, tiny_hf
 
@@ -16,16 +16,16 @@ def loaded(kind):
     """A tiny HF model of ``kind``, its architecture, and our model holding its weights."""
     hf = tiny_hf(kind)
     arch = arch_from_hf_config(hf.config)
-    stage = build_stage(arch)
-    load_state(stage, hf.state_dict().__getitem__)
-    return hf, arch, stage
+    shard = build_shard(arch)
+    load_state(shard, hf.state_dict().__getitem__)
+    return hf, arch, shard
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_transformers(kind, single_rank):
-    hf, arch, stage = loaded(kind)
+    hf, arch, shard = loaded(kind)
     b = batch(arch.vocab_size)
-    ours = run_forward(stage, [b], lambda lg, _: {"logits": gather_logits(lg, arch.vocab_size)})
+    ours = run_forward(shard, [b], lambda lg, _: {"logits": gather_logits(lg, arch.vocab_size)})
     with torch.no_grad():
         ref = hf(b["tokens"]).logits
     delta = (ours[0]["logits"] - ref).abs().max().item()
@@ -34,9 +34,9 @@ def test_logits_match_transformers(kind, single_rank):
 
 @pytest.mark.parametrize("kind", ["gqa", "qwen2", "qwen3"])
 def test_weights_round_trip_through_model(kind, single_rank):
-    hf, arch, stage = loaded(kind)
+    hf, arch, shard = loaded(kind)
     sd = hf.state_dict()
-    back = gather_canonical(stage)
+    back = gather_canonical(shard)
     assert set(back) == {k for k in sd if not (arch.tie_embeddings and k == "lm_head.weight")}
     for k, v in back.items():
         assert torch.equal(v, sd[k]), k

@@ -13,7 +13,7 @@ from nemo_minitron.importance.calibrate import batches_forward_loop, calibrate
 from nemo_minitron.pruning.apply import apply_plan
 from nemo_minitron.pruning.plan import Plan
 from nemo_minitron.pruning.select import Targets, make_plan
-from nemo_minitron.runtime.stage import build_stage, load_state
+from nemo_minitron.runtime.shard import build_shard, load_state
 
 from tests.helpers import tiny_corpus, tiny_hf, tiny_tokenizer, torchrun
 
@@ -29,10 +29,10 @@ def pruned(tmp_path_factory, single_rank):
     tiny_corpus(tmp / "corpus")
     rows = torchrun("prune_layouts", 2, tmp / "ckpt", tmp / "corpus", tmp)
     # reference: one process, same calibration batches, same selection, plain slicing
-    stage = build_stage(arch)
-    load_state(stage, hf.state_dict().__getitem__)
+    shard = build_shard(arch)
+    load_state(shard, hf.state_dict().__getitem__)
     data = PackedSequences(tmp / "corpus", 32, split="train", valid_fraction=0.1)
-    imp = calibrate(stage, batches_forward_loop(stage, data.batches(2, num_batches=4), None))
+    imp = calibrate(shard, batches_forward_loop(shard, data.batches(2, num_batches=4), None))
     # one whole query group kept (both its heads), not one head per group: the two heads of a
     # group share K/V and score alike at random init (4e-7 apart, below the layouts' round-off
     # differences), while the groups' scores are >= 0.4% apart, so every layout picks the same

@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 
-from nemo_minitron import defaults
+from nemo_minitron import demo
 from nemo_minitron.convert.hf import export_hf
 from nemo_minitron.data.packed import PackedSequences
 from nemo_minitron.evaluate.loss import validation_loss
 from nemo_minitron.runtime.forward import gather_logits, run_forward
-from nemo_minitron.runtime.stage import load_checkpoint
+from nemo_minitron.runtime.shard import load_checkpoint
 
 from tests.helpers import minitron
 
@@ -36,9 +36,9 @@ def pruned(tmp_path_factory):
 
 
 def held_out_loss(path):
-    stage, _ = load_checkpoint(path)
-    data = PackedSequences(defaults.dataset_prefix(), SEQ, split="valid")
-    return validation_loss(stage, data.batches(4, num_batches=4))["loss"]
+    shard, _ = load_checkpoint(path)
+    data = PackedSequences(demo.dataset_prefix(), SEQ, split="valid")
+    return validation_loss(shard, data.batches(4, num_batches=4))["loss"]
 
 
 def test_half_width_architecture(pruned):
@@ -51,7 +51,7 @@ def test_half_width_architecture(pruned):
 
 
 def test_activation_importance_beats_random(pruned, single_rank):
-    teacher = held_out_loss(defaults.checkpoint_dir())
+    teacher = held_out_loss(demo.checkpoint_dir())
     act = held_out_loss(pruned / "act")
     rand = held_out_loss(pruned / "rand")
     print(f"held-out loss: teacher {teacher:.3f}, activation-pruned {act:.3f}, random {rand:.3f}")
@@ -65,9 +65,9 @@ def test_pruned_exports_with_identical_logits(pruned, tmp_path, single_rank):
     out = export_hf(str(pruned / "act"), tmp_path / "hf")
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"  # 6*64 == 384
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    stage, c = load_checkpoint(pruned / "act")
-    b = next(PackedSequences(defaults.dataset_prefix(), SEQ, split="valid").batches(2, num_batches=1))
-    ours = run_forward(stage, [b], lambda lg, _: {"l": gather_logits(lg, c.arch.vocab_size)})[0]["l"]
+    shard, c = load_checkpoint(pruned / "act")
+    b = next(PackedSequences(demo.dataset_prefix(), SEQ, split="valid").batches(2, num_batches=1))
+    ours = run_forward(shard, [b], lambda lg, _: {"l": gather_logits(lg, c.arch.vocab_size)})[0]["l"]
     with torch.no_grad():
         out = hf(b["tokens"], output_hidden_states=True)
     # Export itself is exact: the weights transformers loads are our tensors, bit for bit.

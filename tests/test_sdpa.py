@@ -7,7 +7,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.runtime.sdpa import SDPAttention
-from nemo_minitron.runtime.stage import build_stage
+from nemo_minitron.runtime.shard import build_shard
 
 from tests.helpers import tiny_hf
 
@@ -15,10 +15,10 @@ from tests.helpers import tiny_hf
 @pytest.mark.parametrize("dtype, tol", [("fp32", 1e-5), ("bf16", 2e-2)])
 def test_sdpa_matches_megatron_attention(single_rank, dtype, tol):
     arch = arch_from_hf_config(tiny_hf("gqa").config)  # GQA: 4 heads over 2 query groups
-    stage = build_stage(arch, dtype)
-    core = stage.model.decoder.layers[0].self_attention.core_attention
+    shard = build_shard(arch, dtype)
+    core = shard.model.decoder.layers[0].self_attention.core_attention
     assert type(core) is SDPAttention
-    s, b, dt = 24, 2, next(stage.model.parameters()).dtype
+    s, b, dt = 24, 2, next(shard.model.parameters()).dtype
     g = torch.Generator().manual_seed(0)
     q = torch.randn(s, b, arch.num_attention_heads, arch.head_dim, generator=g).to(dt)
     k, v = (torch.randn(s, b, arch.num_query_groups, arch.head_dim, generator=g).to(dt)

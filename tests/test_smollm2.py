@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from nemo_minitron import defaults
+from nemo_minitron import demo
 from nemo_minitron.convert.checkpoint import Checkpoint
 from nemo_minitron.data.packed import PackedSequences
 from nemo_minitron.evaluate.loss import validation_loss
 from nemo_minitron.runtime.forward import gather_logits, run_forward
-from nemo_minitron.runtime.stage import load_checkpoint
+from nemo_minitron.runtime.shard import load_checkpoint
 
 from tests.helpers import minitron
 
@@ -25,7 +25,7 @@ SEQ = 128
 
 @pytest.fixture(scope="module")
 def valid_batches():
-    data = PackedSequences(defaults.dataset_prefix(), SEQ, split="valid")
+    data = PackedSequences(demo.dataset_prefix(), SEQ, split="valid")
     return list(data.batches(2, num_batches=2))
 
 
@@ -37,9 +37,9 @@ def test_architecture_is_smollm2(teacher):
 
 
 def test_logits_match_transformers(teacher, hf_teacher, valid_batches, single_rank):
-    stage, c = load_checkpoint(teacher)
+    shard, c = load_checkpoint(teacher)
     b = valid_batches[0]
-    ours = run_forward(stage, [b], lambda lg, _: {"logits": gather_logits(lg, c.arch.vocab_size)})
+    ours = run_forward(shard, [b], lambda lg, _: {"logits": gather_logits(lg, c.arch.vocab_size)})
     with torch.no_grad():
         ref = hf_teacher(b["tokens"]).logits
     delta = (ours[0]["logits"] - ref).abs().max().item()
@@ -47,8 +47,8 @@ def test_logits_match_transformers(teacher, hf_teacher, valid_batches, single_ra
 
 
 def test_validation_loss_matches_transformers(teacher, hf_teacher, valid_batches, single_rank):
-    stage, _ = load_checkpoint(teacher)
-    ours = validation_loss(stage, valid_batches)
+    shard, _ = load_checkpoint(teacher)
+    ours = validation_loss(shard, valid_batches)
     with torch.no_grad():
         losses = [torch.nn.functional.cross_entropy(hf_teacher(b["tokens"]).logits.flatten(0, 1),
                                                     b["labels"].flatten(), reduction="sum")

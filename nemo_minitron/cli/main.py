@@ -35,9 +35,9 @@ class Command:
 
 
 STAGES = {
-    "import": Command("import", "nemo_minitron.convert.run:run_import",
+    "import": Command("import", "nemo_minitron.import_export:run_import",
                       "Hugging Face model (dir, hub name, GGUF) -> checkpoint"),
-    "export": Command("export", "nemo_minitron.convert.run:run_export",
+    "export": Command("export", "nemo_minitron.import_export:run_export",
                       "checkpoint -> Hugging Face directory"),
     "data": Command("data_prep", "nemo_minitron.data.run:run",
                     "text/JSONL/Wikipedia -> indexed dataset (.bin/.idx)"),

@@ -1,3 +1,2 @@
-"""Typed config schemas for every stage, registered in Hydra's ConfigStore (see :mod:`.schema`)."""
-
-from .schema import register  # noqa: F401
+"""Typed config schemas for every stage (:mod:`.schema`), the prune-target group (:mod:`.targets`)
+and the closed vocabularies they check (:mod:`.constants`); the bottom layer of the package."""

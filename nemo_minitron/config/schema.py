@@ -13,11 +13,16 @@ from typing import Any, Dict, Literal, Optional, get_args
 
 from omegaconf import OmegaConf
 
-from ..pruning.targets import Targets
+from .constants import BATCH_AGGS, SEQUENCE_AGGS, TASK_NAMES, cache_dir
+from .targets import Targets
+
+# Imported on use: hydra (only when the schemas are registered, by the CLI) and the runtime's
+# hardware probe for model.dtype=auto (the one upward import, see tests/test_layering.py), so that
+# the schema itself imports neither torch nor hydra.
 
 # The closed string settings. OmegaConf has no Literal fields, so the fields are typed ``str`` and
 # each __post_init__ checks its value with check_choice against one of these. Dtype names are
-# those of runtime.precision.DTYPES, the one table that maps them to torch dtypes.
+# those of nemo_minitron.dtypes.DTYPES, the one table that maps them to torch dtypes.
 Dtype = Literal["fp32", "bf16"]
 """Compute dtypes a model trains and evaluates in (and checkpoints are stored in)."""
 CacheDtype = Literal["fp16", "bf16", "fp32"]
@@ -193,11 +198,9 @@ class EvalConfig:
     """Requests per micro-batch when scoring tasks."""
 
     def __post_init__(self):
-        from ..evaluate.tasks import TASKS
-
-        bad = [t for t in self.tasks if t not in TASKS and not t.startswith(("jsonl:", "mmlu_"))]
+        bad = [t for t in self.tasks if t not in TASK_NAMES and not t.startswith(("jsonl:", "mmlu_"))]
         if bad:  # MMLU subjects are checked against the data when the task loads
-            raise ValueError(f"eval.tasks: unknown {bad}; known: {sorted(TASKS)}, "
+            raise ValueError(f"eval.tasks: unknown {bad}; known: {sorted(TASK_NAMES)}, "
                              "mmlu_<subject> or jsonl:<path>")
         missing = [t for t in self.tasks if t.startswith("jsonl:") and not Path(t[6:]).is_file()]
         if missing:
@@ -251,8 +254,6 @@ class PruneConfig:
     """Seed of the random-importance mode."""
 
     def __post_init__(self):
-        from ..importance.scores import BATCH_AGGS, SEQUENCE_AGGS
-
         check_choice("prune.depth", self.depth, Depth)
         check_choice("prune.importance", self.importance, ImportanceMode)
         check_choice("prune.seq_agg", self.seq_agg, SEQUENCE_AGGS)
@@ -710,8 +711,6 @@ JOBS = {"import": ImportJob, "export": ExportJob, "data_prep": DataJob, "evaluat
 
 
 def _cache(rel: str = "") -> str:
-    from ..assets import cache_dir
-
     return str(cache_dir() / rel)
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..arch import Arch
 from ..artifacts import atomic
@@ -34,6 +36,10 @@ from ..artifacts.checkpoint_meta import (FORMAT, META, CheckpointMeta, new_meta,
 # where the distillation run directory and tests look for unfinished saves (new code: atomic.*)
 from ..artifacts.atomic import partial_name, partials, remove_partials  # noqa: F401
 from . import sharded
+from .weights import canonical_keys, canonical_shapes
+
+# transformers (the tokenizer) is imported where a tokenizer is loaded: it is heavy, and most
+# readers of a checkpoint need only its tensors.
 
 ARCH, INDEX, TOKENIZER = "arch.json", "model.safetensors.index.json", "tokenizer"
 
@@ -123,8 +129,6 @@ def write_meta(tmp: Path, arch: Arch, weight_map: dict[str, str], provenance: di
 
 
 def write_shard(tmp: Path, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name),
               metadata={"format": "pt"})
     return {k: name for k in tensors}
@@ -138,8 +142,6 @@ def save_tokenizer(tmp: Path, tokenizer) -> None:
 def save(path, arch: Arch, tensors: dict[str, torch.Tensor], *, tokenizer=None,
          provenance: dict | None = None, overwrite: bool = False) -> Path:
     """Single-process save of a whole model's canonical tensors."""
-    from .weights import canonical_keys
-
     keys = canonical_keys(arch)
     missing = set(keys) - set(tensors)
     if missing:
@@ -179,8 +181,6 @@ class Checkpoint:
         """Check the safetensors headers against the index and arch.json (names and shapes), so a
         truncated shard or an arch.json that disagrees with the tensors is reported before a model
         is built. Reads only the headers."""
-        from .weights import canonical_shapes
-
         want = canonical_shapes(self.arch)
         missing = sorted(set(want) - set(self.weight_map))
         extra = sorted(set(self.weight_map) - set(want))
@@ -216,8 +216,6 @@ class Checkpoint:
             sorted(set(self.weight_map.values()))
 
     def _file(self, key: str):
-        from safetensors import safe_open
-
         if key not in self.weight_map:
             raise CheckpointError(f"{self.path} has no tensor {key!r}")
         f = self.weight_map[key]

@@ -15,14 +15,19 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..arch import Arch
 from ..artifacts import atomic
-from ..runtime.precision import torch_dtype
+from ..dtypes import torch_dtype
 from . import checkpoint as ckpt
 from .experts import per_expert
 from .hf_config import arch_from_hf_config, hf_config_from_arch
 from .weights import LM_HEAD, canonical_keys
+
+# transformers and huggingface_hub are imported where a Hugging Face model or hub download is
+# used: heavy, and reading GGUF or safetensors needs neither.
 
 
 
@@ -41,8 +46,6 @@ def resolve_source(source: str, gguf_file: str | None) -> tuple[str, str | None]
 
 def _read_tensors(where: Path, dtype: str) -> dict[str, torch.Tensor]:
     """Every tensor of a HF directory: sharded or single safetensors, else PyTorch .bin files."""
-    from safetensors import safe_open
-
     index = where / "model.safetensors.index.json"
     if index.is_file():  # only the shards it names (hub repos may also hold consolidated copies)
         files = [where / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
@@ -134,8 +137,6 @@ def _special_tokens(meta: dict, tok, vocab_size: int) -> dict:
 def export_hf(checkpoint: str, output: str, *, dtype: str | None = None,
               overwrite: bool = False) -> Path:
     """Write checkpoint ``checkpoint`` as a Hugging Face model directory at ``output``."""
-    from safetensors.torch import save_file
-
     src = ckpt.Checkpoint(checkpoint)
     arch: Arch = src.arch
     with atomic.new_dir(output, overwrite) as tmp:

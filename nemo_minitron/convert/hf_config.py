@@ -15,6 +15,9 @@ from __future__ import annotations
 from ..arch import Arch
 from ..families import export_family, family
 
+# transformers is imported where a Hugging Face config is built: it is heavy, and the arch
+# mapping itself needs none of it.
+
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "vocab_size")
 _ROPE_TYPES = ("default", "llama3")

@@ -1,5 +1,6 @@
 """megatron-core distributed checkpoints (``torch_dist``, what Megatron-LM and Megatron-Bridge
-write) into our checkpoints, and our models out as such checkpoints.
+write) into our checkpoints; the layout our models go out in, which
+:mod:`nemo_minitron.runtime.megatron_save` writes from a built model.
 
 Layouts read: a directory with megatron-core's ``metadata.json`` (plain ``dist_checkpointing.save``)
 or Megatron-LM's ``latest_checkpointed_iteration.txt`` + ``iter_NNNNNNN/`` (or ``release/``).
@@ -31,12 +32,14 @@ import torch
 
 from ..arch import Arch
 from ..artifacts import atomic
-from ..runtime import dist
-from ..runtime.precision import torch_dtype
+from ..dtypes import torch_dtype
 from . import checkpoint as ckpt
 from .dcp_reader import DcpReader
 from .megatron_args import arch_fields_from_args, check_shapes, infer_from_shapes
 from .weights import from_megatron
+
+# megatron-core and transformers are imported where used (see _args_types): importing a Hugging
+# Face model or reading the layout must not pay for them.
 
 log = logging.getLogger(__name__)
 
@@ -196,51 +199,3 @@ def import_megatron(source: str, output: str, *, arch_overrides: dict | None = N
         tok = AutoTokenizer.from_pretrained(tokenizer)
     prov["dtype"] = str(next(iter(tensors.values())).dtype)
     return ckpt.save(output, arch, tensors, tokenizer=tok, provenance=prov, overwrite=overwrite)
-
-
-def save_megatron(stage, output, *, overwrite: bool = False) -> Path:
-    """Collective: every rank of the job that built ``stage`` writes its shards with megatron-core's
-    ``dist_checkpointing.save``, into a temporary directory renamed when complete."""
-    from megatron.core import dist_checkpointing
-
-    rank0 = dist.is_rank0()
-    final = tmp = err = None
-    if rank0:
-        try:
-            final, tmp = atomic.begin_dir(output, overwrite)
-            (tmp / RELEASE).mkdir()
-        except (FileExistsError, OSError) as e:
-            err = str(e)
-    final, tmp, err = dist.broadcast_from_rank0((final, tmp, err))
-    if err:
-        raise FileExistsError(err)
-    state = {"model": stage.model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0,
-             "minitron_arch": stage.arch.to_dict()}
-    try:
-        dist_checkpointing.save(state, str(tmp / RELEASE))
-        if rank0:
-            (tmp / TRACKER).write_text(RELEASE)
-            atomic.commit_dir(tmp, final)
-    finally:
-        dist.end_collective_write(tmp, rank0)
-    return final
-
-
-def export_megatron(checkpoint, output, *, dtype: str | None = None, tp: int = 1, pp: int = 1,
-                    overwrite: bool = False) -> Path:
-    """Collective: our checkpoint built at ``tp`` x ``pp`` and saved by megatron-core."""
-    from ..runtime import dist
-    from ..runtime.stage import load_checkpoint
-
-    if dist.is_rank0():
-        atomic.check_new_dir(output, overwrite)  # fail before building the model
-    src = ckpt.Checkpoint(checkpoint)
-    if dtype is None:  # keep the stored precision (a bf16 student stays bf16); header only
-        stored = src.stored_dtype(next(iter(src.keys())))
-        dtype = {"BF16": "bf16", "F16": "fp16"}.get(stored, "fp32")
-    dist.init(tp, pp)
-    try:
-        stage, _ = load_checkpoint(checkpoint, dtype)
-        return save_megatron(stage, output, overwrite=overwrite)
-    finally:
-        dist.release()

@@ -13,10 +13,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..artifacts import atomic
 
@@ -34,8 +37,8 @@ def smallest_dtype(vocab_size: int) -> type:
 
 
 def _indexed_module():
-    import warnings
-
+    """megatron-core's indexed_dataset, imported on use so that reading this module (the data
+    schema, the CLI's help) does not pay for megatron-core."""
     with warnings.catch_warnings():  # megatron-core warns about missing TE/apex on import
         warnings.simplefilter("ignore")
         from megatron.core.datasets import indexed_dataset
@@ -60,6 +63,83 @@ def _batched(documents: Iterable[str], n: int) -> Iterable[List[str]]:
         yield batch
 
 
+def _end_of_document(tokenizer: Any, eod_id: Optional[int], append_eod: bool) -> Optional[int]:
+    if eod_id is None and append_eod:
+        eod_id = getattr(tokenizer, "eos_token_id", None)
+        if eod_id is None:
+            raise ValueError(
+                "the tokenizer has no eos_token_id to end documents with; pass eod_id=<token id> "
+                "or append_eod=False"
+            )
+    return eod_id
+
+
+@dataclass
+class _Counts:
+    documents: int = 0
+    tokens: int = 0
+    skipped_empty: int = 0
+
+
+def _tokenise_into(builder, documents: Iterable[str], tokenizer: Any, *, eod_id: Optional[int],
+                   append_eod: bool, dtype: type, desc: str, progress: bool) -> _Counts:
+    """Add every non-empty document (plus EOD) to ``builder``; raises on an id ``dtype`` cannot
+    hold."""
+    vocab_size, dtype_max = len(tokenizer), np.iinfo(dtype).max
+    counts = _Counts()
+    try:
+        total = len(documents)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    with tqdm(total=total, unit="doc", desc=desc, disable=not progress) as bar:
+        for batch in _batched(documents, BATCH_DOCS):
+            ids_batch = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+            for ids in ids_batch:
+                if not ids:
+                    counts.skipped_empty += 1
+                    continue
+                if append_eod:
+                    ids = list(ids) + [eod_id]
+                arr = np.asarray(ids, dtype=np.int64)
+                if arr.min() < 0 or arr.max() > dtype_max:
+                    raise ValueError(
+                        f"token id {int(arr.max())} does not fit the dataset dtype "
+                        f"{np.dtype(dtype).name} chosen from len(tokenizer)={vocab_size}"
+                    )
+                builder.add_document(arr.astype(dtype), [arr.size])
+                counts.documents += 1
+                counts.tokens += int(arr.size)
+            bar.update(len(batch))
+    return counts
+
+
+def _metadata(tokenizer: Any, eod_id: Optional[int], append_eod: bool, dtype: type,
+              counts: _Counts, sources) -> dict:
+    return {
+        "format": "megatron-core IndexedDataset (one sequence per document)",
+        "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
+        "tokenizer_class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "eod_id": eod_id,
+        "append_eod": append_eod,
+        "dtype": np.dtype(dtype).name,
+        "documents": counts.documents,
+        "tokens": counts.tokens,
+        "skipped_empty": counts.skipped_empty,
+        "sources": [str(s) for s in (sources or [])],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _install(tmp: dict, paths: dict) -> None:
+    """An old .idx goes first so a crash midway never pairs an old .idx with a new .bin
+    (IndexedDataset.exists needs both); the metadata comes last."""
+    if paths["idx"].exists():
+        paths["idx"].unlink()
+    for k in ("bin", "idx", "json"):
+        atomic.commit_file(tmp[k], paths[k])
+
+
 def build_indexed(
     documents: Iterable[str],
     tokenizer: Any,
@@ -79,88 +159,36 @@ def build_indexed(
     replace an existing dataset unless ``overwrite``. Returns the statistics (documents, tokens,
     skipped, dtype, eod_id, paths).
     """
-    from tqdm.auto import tqdm
-
     paths = _paths(out_prefix)
     if not overwrite and (paths["bin"].exists() or paths["idx"].exists()):
         raise FileExistsError(
             f"an indexed dataset already exists at {out_prefix} (.bin/.idx); pass overwrite=True "
             "or choose another out_prefix"
         )
-    if eod_id is None and append_eod:
-        eod_id = getattr(tokenizer, "eos_token_id", None)
-        if eod_id is None:
-            raise ValueError(
-                "the tokenizer has no eos_token_id to end documents with; pass eod_id=<token id> "
-                "or append_eod=False"
-            )
-    vocab_size = len(tokenizer)
-    cardinality = max(vocab_size, (eod_id + 1) if eod_id is not None else 0)
-    dtype = smallest_dtype(cardinality)
-    dtype_max = np.iinfo(dtype).max
+    eod_id = _end_of_document(tokenizer, eod_id, append_eod)
+    dtype = smallest_dtype(max(len(tokenizer), (eod_id + 1) if eod_id is not None else 0))
 
     mod = _indexed_module()
     parent = paths["bin"].parent
     new_dirs = [d for d in (parent, *parent.parents) if not d.exists()]  # removed on failure
     parent.mkdir(parents=True, exist_ok=True)
     tmp = {k: atomic.partial_name(v) for k, v in paths.items()}
-    n_docs = n_tokens = n_skipped = 0
     builder = None
     try:
         builder = mod.IndexedDatasetBuilder(str(tmp["bin"]), dtype=dtype)
-        try:
-            total = len(documents)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-        bar = tqdm(total=total, unit="doc", desc=f"tokenising -> {Path(out_prefix).name}",
-                   disable=not progress)
-        with bar:
-            for batch in _batched(documents, BATCH_DOCS):
-                ids_batch = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
-                for ids in ids_batch:
-                    if not ids:
-                        n_skipped += 1
-                        continue
-                    if append_eod:
-                        ids = list(ids) + [eod_id]
-                    arr = np.asarray(ids, dtype=np.int64)
-                    if arr.min() < 0 or arr.max() > dtype_max:
-                        raise ValueError(
-                            f"token id {int(arr.max())} does not fit the dataset dtype "
-                            f"{np.dtype(dtype).name} chosen from len(tokenizer)={vocab_size}"
-                        )
-                    builder.add_document(arr.astype(dtype), [arr.size])
-                    n_docs += 1
-                    n_tokens += int(arr.size)
-                bar.update(len(batch))
-        if n_docs == 0:
+        counts = _tokenise_into(builder, documents, tokenizer, eod_id=eod_id,
+                                append_eod=append_eod, dtype=dtype, progress=progress,
+                                desc=f"tokenising -> {Path(out_prefix).name}")
+        if counts.documents == 0:
             raise ValueError(
-                f"no non-empty documents to write to {out_prefix} ({n_skipped} empty); check the "
-                "data sources"
+                f"no non-empty documents to write to {out_prefix} ({counts.skipped_empty} empty); "
+                "check the data sources"
             )
         builder.finalize(str(tmp["idx"]))
         builder = None
-        meta = {
-            "format": "megatron-core IndexedDataset (one sequence per document)",
-            "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
-            "tokenizer_class": type(tokenizer).__name__,
-            "vocab_size": vocab_size,
-            "eod_id": eod_id,
-            "append_eod": append_eod,
-            "dtype": np.dtype(dtype).name,
-            "documents": n_docs,
-            "tokens": n_tokens,
-            "skipped_empty": n_skipped,
-            "sources": [str(s) for s in (sources or [])],
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
+        meta = _metadata(tokenizer, eod_id, append_eod, dtype, counts, sources)
         tmp["json"].write_text(json.dumps(meta, indent=2) + "\n")
-        # Install: an old .idx goes first so a crash midway never pairs an old .idx with a new .bin
-        # (IndexedDataset.exists needs both); the metadata comes last.
-        if paths["idx"].exists():
-            paths["idx"].unlink()
-        for k in ("bin", "idx", "json"):
-            atomic.commit_file(tmp[k], paths[k])
+        _install(tmp, paths)
         new_dirs = []  # complete: the directories stay
     finally:
         if builder is not None:
@@ -171,9 +199,9 @@ def build_indexed(
             with contextlib.suppress(OSError):  # unless something else was put there meanwhile
                 d.rmdir()
     return {
-        "documents": n_docs,
-        "tokens": n_tokens,
-        "skipped_empty": n_skipped,
+        "documents": counts.documents,
+        "tokens": counts.tokens,
+        "skipped_empty": counts.skipped_empty,
         "dtype": np.dtype(dtype).name,
         "eod_id": eod_id,
         "prefix": str(out_prefix),

@@ -27,6 +27,9 @@ from typing import Iterable, Iterator, List, Union
 
 from nemo_minitron.data.wiki import iter_articles
 
+# pyarrow is imported where parquet/arrow inputs are read: optional and heavy; text and JSONL
+# inputs do not need it.
+
 PathLike = Union[str, Path]
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".xml", ".xml.gz", ".bz2", ".parquet",
             ".arrow")

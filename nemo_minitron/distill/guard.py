@@ -16,6 +16,11 @@ import math
 
 import torch
 
+from ..runtime import dist
+from ..runtime.dist import read_env
+from ..runtime.forward import all_reduce_sum
+from .train_state import latest
+
 log = logging.getLogger(__name__)
 
 
@@ -37,8 +42,6 @@ def _local_sum(tensors) -> float:
 
 
 def _bad_ranks(local_ok: bool) -> int:
-    from ..runtime.forward import all_reduce_sum
-
     return int(all_reduce_sum(torch.tensor([0.0 if local_ok else 1.0], dtype=torch.float64))[0])
 
 
@@ -61,15 +64,11 @@ class Guard:
         losses = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
         if not bad and not losses:
             return True
-        from ..runtime.dist import read_env
-
         what = [f"{k} {v}" for k, v in losses.items()]
         what += [f"non-finite gradients on {bad} of {read_env().world_size} rank(s)"] if bad else []
         what = ", ".join(what)
         if self.skipped < self.tr.skip_nonfinite_steps:
             self.skipped += 1
-            from ..runtime import dist
-
             if dist.is_rank0():
                 log.warning("step %d skipped (%s): %d of train.skip_nonfinite_steps=%d used",
                             step, what, self.skipped, self.tr.skip_nonfinite_steps)
@@ -86,8 +85,6 @@ class Guard:
             raise TrainingDiverged(self.message(step, "weights became non-finite"))
 
     def message(self, step: int, what: str) -> str:
-        from .train_state import latest
-
         tr = self.tr
         good = latest(self.run_dir)
         where = (f"the last good checkpoint is {good} (a rerun resumes from it)" if good else

@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .carry import plan_slots
-from .losses import hidden_state_loss, make_projection, project
+from .layer_map import plan_of
+from .losses import dynamic_weight, hidden_state_loss, make_projection, project
 
 
 @dataclass
@@ -75,8 +76,6 @@ class IntermediateSpec:
         """Dynamic ``alpha = L_logits / L_intermediate`` from globally reduced token means, with
         ``L_intermediate = hidden_weight * hidden + embedding_weight * emb`` (the weighted
         intermediate terms alpha multiplies)."""
-        from .losses import dynamic_weight
-
         inter = self.hidden_weight * (hidden_mean or 0.0) + self.embedding_weight * (emb_mean or 0.0)
         return float(dynamic_weight(kd_mean, inter))
 
@@ -96,8 +95,6 @@ def pruned_keep_index(student_dir, teacher_dir, h_s: int, h_t: int):
     """The teacher channels a pruned student kept (plan.json of `minitron prune`), when the
     student was pruned from this very teacher; None otherwise. Initialises the projections so the
     student's channels start in their teacher positions."""
-    from .layer_map import plan_of
-
     d = plan_of(student_dir, teacher_dir)
     keep = (d or {}).get("keep", {}).get("hidden")
     if keep is None or len(keep) != h_s or d.get("source", {}).get("hidden_size") != h_t:
@@ -109,7 +106,7 @@ def projection_key(student_layer: int | None, teacher_layer: int | None = None) 
     return "embedding" if student_layer is None else f"layer{student_layer}_to_{teacher_layer}"
 
 
-def make_projections(spec: IntermediateSpec, student_stage, h_s: int, h_t: int, *, seed: int,
+def make_projections(spec: IntermediateSpec, student_shard, h_s: int, h_t: int, *, seed: int,
                      keep_index=None) -> torch.nn.ModuleDict:
     """This stage's projections (one per pair whose student layer is here, one for the embedding
     on the first stage), only when the hidden sizes differ; identical on every rank that builds
@@ -117,10 +114,10 @@ def make_projections(spec: IntermediateSpec, student_stage, h_s: int, h_t: int, 
     proj = torch.nn.ModuleDict()
     if h_s == h_t:
         return proj
-    keys = [projection_key(s, t) for s, t in spec.pairs if s in student_stage.layers]
-    if spec.embedding_weight > 0 and student_stage.pre_process:
+    keys = [projection_key(s, t) for s, t in spec.pairs if s in student_shard.layers]
+    if spec.embedding_weight > 0 and student_shard.pre_process:
         keys.append(projection_key(None))
-    p = next(student_stage.model.parameters())
+    p = next(student_shard.model.parameters())
     for key in keys:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + zlib.crc32(key.encode()))
@@ -172,7 +169,7 @@ class IntermediateLosses:
     """Hooks, losses and carried states (:mod:`.carry`) of one pipeline stage of a (student,
     teacher) pair."""
 
-    def __init__(self, spec: IntermediateSpec, student_stage, teacher_stage,
+    def __init__(self, spec: IntermediateSpec, student_shard, teacher_shard,
                  projections: torch.nn.ModuleDict):
         self.spec = spec
         self.proj = projections
@@ -187,19 +184,19 @@ class IntermediateLosses:
         self.weights = {"hidden": 0.0, "emb": 0.0}
         self.num_microbatches = 1
         self.sums: dict[str, torch.Tensor] = {}
-        s_layers, t_layers = list(student_stage.layers), list(teacher_stage.layers)
-        pp = student_stage.arch.num_layers // len(s_layers)
-        self.stage, self.last = s_layers[0] // len(s_layers), student_stage.post_process
-        self.ht = teacher_stage.arch.hidden_size
-        self.slots = plan_slots(spec.pairs, student_stage.arch.num_layers,
-                                teacher_stage.arch.num_layers, pp)
+        s_layers, t_layers = list(student_shard.layers), list(teacher_shard.layers)
+        pp = student_shard.arch.num_layers // len(s_layers)
+        self.stage, self.last = s_layers[0] // len(s_layers), student_shard.post_process
+        self.ht = teacher_shard.arch.hidden_size
+        self.slots = plan_slots(spec.pairs, student_shard.arch.num_layers,
+                                teacher_shard.arch.num_layers, pp)
         self.carry_width = self.ht * len(self.slots)  # extra channels of the p2p tensor
 
         def hook_s(s):
-            self._hook(student_stage.model.decoder.layers[s_layers.index(s)], ("s", s))
+            self._hook(student_shard.model.decoder.layers[s_layers.index(s)], ("s", s))
 
         def hook_t(t):
-            self._hook(teacher_stage.model.decoder.layers[t_layers.index(t)], ("t", t))
+            self._hook(teacher_shard.model.decoder.layers[t_layers.index(t)], ("t", t))
 
         slot_of = {slot.pair: i for i, slot in enumerate(self.slots)}
         for s, t in spec.pairs:
@@ -221,9 +218,9 @@ class IntermediateLosses:
             elif role == "use":  # teacher state arrives
                 hook_s(s)
                 self.terms.append(("hidden", ("s", s), ("in", i), projection_key(s, t)))
-        if spec.embedding_weight > 0 and student_stage.pre_process:
-            self._hook(student_stage.model.embedding, ("s", "emb"))
-            self._hook(teacher_stage.model.embedding, ("t", "emb"))
+        if spec.embedding_weight > 0 and student_shard.pre_process:
+            self._hook(student_shard.model.embedding, ("s", "emb"))
+            self._hook(teacher_shard.model.embedding, ("t", "emb"))
             self.terms.append(("emb", ("s", "emb"), ("t", "emb"), projection_key(None)))
 
     def _hook(self, module, key) -> None:

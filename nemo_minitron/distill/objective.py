@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..runtime.forward import all_reduce_sum, sum_from_last_stage
 from . import losses as L
 
 REPORTED = ("loss", "kd", "lm")
@@ -81,8 +82,6 @@ def reduce_reports(reports: list[dict], par, stage_sums: dict[str, float] | None
     data-parallel replicas (TP rank 0 counts, the others hold copies) and divided by the last
     stage's token count. Every rank passes the same names.
     """
-    from ..runtime.forward import all_reduce_sum, sum_from_last_stage
-
     def fill(t):
         for r in reports:
             for i, n in enumerate(REPORTED):

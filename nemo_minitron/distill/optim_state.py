@@ -17,6 +17,9 @@ import torch
 
 from ..runtime.collectives import reduce_sum_to_first
 
+# megatron-core is imported inside the functions that use it: importing it takes seconds, and this
+# module is imported (by the stages, preflight, the tests) long before a model is built.
+
 KEYS = ("param", "exp_avg", "exp_avg_sq")
 FORMAT = "model_space/1"
 

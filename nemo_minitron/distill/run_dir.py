@@ -18,7 +18,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifacts.atomic import write_text
 from ..convert import checkpoint as ckpt
+from ..runtime import dist
 from . import train_state
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,6 @@ class Plan:
 
 
 def _rank0() -> bool:
-    from ..runtime import dist
-
     return dist.read_env().rank == 0
 
 
@@ -106,8 +106,6 @@ def prepare(run_dir, steps: int, resume: bool, overwrite: bool, tp: int, pp: int
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop metrics.jsonl rows past ``step`` (rank 0): a resumed run logs those steps again."""
-    from ..artifacts.atomic import write_text
-
     f = Path(run_dir) / "metrics.jsonl"
     if not f.is_file():
         return

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 TREE = "nemo_minitron.tree"
 
@@ -63,8 +65,6 @@ def _decode(node, tensors: dict):
 
 
 def save(path, tree) -> None:
-    from safetensors.torch import save_file
-
     tensors, ids = {}, {}
     skeleton = json.dumps(_encode(tree, tensors, ids))
     save_file(tensors, str(path), metadata={TREE: skeleton})
@@ -76,8 +76,6 @@ def check(path) -> None:
 
 
 def _open(path):
-    from safetensors import safe_open
-
     try:
         f = safe_open(str(path), framework="pt")
         meta = f.metadata() or {}

@@ -28,9 +28,16 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from ..convert import checkpoint as ckpt
 from ..artifacts.atomic import write_file, write_text
+from ..convert import checkpoint as ckpt
+from ..data.packed import PackedSequences, step_batches
+from ..runtime import dist
+from ..runtime.forward import run_forward
+from ..runtime.shard import load_checkpoint
+from .losses import teacher_topk
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +179,6 @@ class TeacherCache:
     """Read side: the cached top-k of given sample numbers (shards opened lazily, memory-mapped)."""
 
     def __init__(self, path, steps: int, top_k: int | None = None):
-        from safetensors import safe_open
-
         self._open = safe_open
         self.path = Path(path)
         self.manifest = read_manifest(path)
@@ -212,12 +217,6 @@ class TeacherCache:
 
 def build(job) -> dict:
     """Run the teacher over the run's samples step by step; write missing shards (resumable)."""
-    from ..data.packed import PackedSequences, step_batches
-    from ..runtime import dist
-    from ..runtime.forward import run_forward
-    from ..runtime.stage import load_checkpoint
-    from .losses import teacher_topk
-
     kd, tr, data, c = job.kd, job.train, job.data, job.cache
     out = Path(job.output)
     teacher_arch = ckpt.Checkpoint(kd.teacher).arch
@@ -257,8 +256,6 @@ def build(job) -> dict:
                                            vocab_size=teacher_arch.vocab_size)
             return {"sample": batch["sample"], "ids": ids.cpu(), "logp": logp.to(dtype).cpu(),
                     "log_rest": rest.to(dtype).cpu()}
-
-        from safetensors.torch import save_file
 
         for s in par.progress(todo, desc="teacher cache", unit="step"):
             batches = step_batches(train_data, s, tr.global_batch_size, tr.micro_batch_size,

@@ -15,9 +15,13 @@ the whole checkpoint is committed.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from . import state_file
+from safetensors import safe_open
+
+from ..convert.checkpoint import Checkpoint
+from . import optim_state, state_file
 
 STATE = "train_state"
 
@@ -42,14 +46,12 @@ def _rng_name(rank: int) -> str:
 def writer(par, optimizer, scheduler, step: int, samples: int, layout: dict,
            extra: dict | None = None, modules: dict | None = None,
            named_params: dict | None = None):
-    """A ``per_rank(tmp_dir)`` callback for :func:`~nemo_minitron.runtime.stage.save_checkpoint`.
+    """A ``per_rank(tmp_dir)`` callback for :func:`~nemo_minitron.runtime.shard.save_checkpoint`.
 
     ``par``: the run's ``Parallel`` context; ``extra``: JSON-able loop state kept in state.json
     (the same on every rank); ``modules``: name -> module whose state_dict is saved per
     model-parallel shard; ``named_params``: the trained parameters by name (needed by the
     distributed optimizer's DP-independent form)."""
-    from . import optim_state
-
     def write(tmp: Path) -> None:
         d = tmp / STATE
         d.mkdir(exist_ok=True)
@@ -94,8 +96,6 @@ def load(par, path: Path, state: dict, optimizer, scheduler,
          named_params: dict | None = None) -> None:
     """Restore optimizer, scheduler and RNG from checkpoint ``path`` (``state``: its state.json,
     from :func:`check_resume`; ``par``: the run's ``Parallel`` context)."""
-    from . import optim_state
-
     d = Path(path) / STATE
     saved = state_file.load(d / _shard_name(par))
     if optim_state.is_distributed(optimizer):
@@ -135,10 +135,6 @@ def refuse_old_format(path: Path) -> None:
 def unreadable(path: Path) -> str | None:
     """Why checkpoint ``path`` cannot be resumed from (None if it can): incomplete, truncated or
     corrupt weights, state.json or training-state files. Reads headers only (no tensor data)."""
-    from safetensors import safe_open
-
-    from ..convert.checkpoint import Checkpoint
-
     path = Path(path)
     refuse_old_format(path)
     try:
@@ -182,8 +178,6 @@ def prune_old(run_dir: Path, keep: int) -> None:
 
     The loop saves only finite weights (:mod:`.guard`), so the newest kept one is the last
     finite one."""
-    import shutil
-
     done = saved(run_dir)
     for p in done[: max(len(done) - max(keep, 1), 0)]:
         shutil.rmtree(p, ignore_errors=True)

@@ -28,11 +28,25 @@ from pathlib import Path
 import torch
 
 from ..artifacts.metrics import METRICS, read_metrics
-from . import intermediate as inter_mod
-from . import run_dir as run_dir_mod
-from . import train_state
+from ..convert.checkpoint import Checkpoint
+from ..data.packed import PackedSequences, step_batches
+from ..evaluate.loss import validation_loss
+from ..report.stages import training_report
+from ..runtime import dist
+from ..runtime.forward import on_device
+from ..runtime.routing import RoutingMonitor
+from ..runtime.shard import load_checkpoint, save_checkpoint
+from . import intermediate as inter_mod, run_dir as run_dir_mod, train_state
+from .guard import Guard
+from .layer_map import auto_pairs
 from .logger import Logger, progress_line
+from .losses import check_vocab
 from .objective import Objective, reduce_reports
+from .pair import DistillPair
+from .teacher_cache import TeacherCache
+
+# megatron-core (DDP, optimizer, schedules) is imported where the trainer builds them: it takes
+# seconds to import, and preflight and the CLI read this module's helpers without training.
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +69,6 @@ class Sources:
 def check_sources(job) -> Sources:
     """Layouts, vocabularies and intermediate pairs, checked on the checkpoints' configs alone.
     The teacher is ``job.kd.teacher`` unless its top-k come from ``job.kd.teacher_cache``."""
-    from ..convert.checkpoint import Checkpoint
-    from .layer_map import auto_pairs
-    from .losses import check_vocab
-
     par, kd = job.parallel, getattr(job, "kd", None)
     student = Checkpoint(job.model.checkpoint)
     student.arch.check_parallel(par.tp, par.pp)
@@ -136,8 +146,6 @@ class Trainer:
         self._make_optimizer()
 
     def _open_data(self) -> None:
-        from ..data.packed import PackedSequences
-
         tr, data = self.tr, self.job.data
         self.train_data = PackedSequences(data.prefix, data.seq_length, split="train",
                                           valid_fraction=data.valid_fraction, seed=tr.seed)
@@ -145,13 +153,9 @@ class Trainer:
                                           valid_fraction=data.valid_fraction)
         self.cache = None
         if self.src.cache_dir:  # the checks ran in preflight; here only the shards are opened
-            from .teacher_cache import TeacherCache
-
             self.cache = TeacherCache(self.src.cache_dir, tr.steps, self.src.kd.top_k)
 
     def _start_groups(self) -> None:
-        from ..runtime import dist
-
         tr, p = self.tr, self.job.parallel
         self.par = par = dist.init(p.tp, p.pp, p.seed, p.timeout_s)
         if tr.global_batch_size % (tr.micro_batch_size * par.dp):
@@ -165,9 +169,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _load_models(self) -> None:
-        from ..runtime.routing import RoutingMonitor
-        from ..runtime.stage import load_checkpoint
-
         job, dtype = self.job, self.job.model.dtype
         self.student, _ = load_checkpoint(self.resume_from or job.model.checkpoint, dtype)
         self.routing = RoutingMonitor(self.student)  # MoE: expert load in the logs (dense: no-op)
@@ -191,8 +192,6 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        from .guard import Guard
 
         tr, student = self.tr, self.student
         trained = inter_mod.StudentWithProjections(student.model, self.projections) \
@@ -238,8 +237,6 @@ class Trainer:
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from .pair import DistillPair
-
         ispec, teacher, ddp = self.ispec, self.teacher, self.ddp
         if ispec is not None:
             self.inter = inter_mod.IntermediateLosses(ispec, self.student, teacher, self.projections)
@@ -267,9 +264,6 @@ class Trainer:
 
     def _batches(self, step_idx: int) -> list[dict]:
         """The micro-batches of global batch ``step_idx`` for this DP rank (deterministic order)."""
-        from ..data.packed import step_batches
-        from ..runtime.forward import on_device
-
         tr, par, cache = self.tr, self.par, self.cache
         out = step_batches(self.train_data, step_idx, tr.global_batch_size, tr.micro_batch_size,
                            seed=tr.seed, dp_rank=par.dp_rank, dp_size=par.dp,
@@ -323,8 +317,6 @@ class Trainer:
     # ------------------------------------------------------------------ evaluate, save
     def evaluate(self) -> float:
         """Validation loss of the student over ``train.eval_batches`` micro-batches."""
-        from ..evaluate.loss import validation_loss
-
         tr, par = self.tr, self.par
         vb = self.valid_data.batches(tr.micro_batch_size, num_batches=max(1, tr.eval_batches // par.dp),
                                      dp_rank=par.dp_rank, dp_size=par.dp)
@@ -332,8 +324,6 @@ class Trainer:
 
     def save(self, at_step: int, final: bool = False) -> Path:
         """A resumable checkpoint (weights + training state), or the final student alone."""
-        from ..runtime.stage import save_checkpoint
-
         tr, par, src = self.tr, self.par, self.src
         self.guard.check_weights(at_step, self.ddp.module)
         target = self.run_dir / ("final" if final else f"checkpoints/step_{at_step:07d}")
@@ -391,8 +381,6 @@ class Trainer:
         result = {"final": str(out), "steps": self.step_idx, "val_loss": final_val,
                   "train_loss": self.last_loss}
         if self.par.is_rank0:
-            from ..report.stages import training_report
-
             src = self.src
             training_report(self.run_dir, stage=self.stage_name, result=result,
                             student=str(src.student.path), teacher=src.teacher_path,
@@ -403,8 +391,6 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        from ..runtime import dist
-
         if self.inter is not None:
             self.inter.close()
         self.logger.close()
@@ -413,8 +399,6 @@ class Trainer:
 
 def _finished(run_dir: Path, meta: dict, steps: int) -> dict:
     """The result of a run that is already complete (nothing is trained or written)."""
-    from ..runtime import dist
-
     f = run_dir / METRICS
     rows = read_metrics(f) if f.is_file() else []
     val = next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None)

@@ -40,8 +40,16 @@ import sys
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from tqdm import tqdm
 
+from ..convert.checkpoint import Checkpoint
+from ..runtime import dist
+from ..runtime.forward import gather_logits, on_device, run_forward
+from ..runtime.shard import load_checkpoint
 from .multiple_choice import encode_requests, prefix_token, score_continuations
+
+# lm_eval's window helpers and its CLI are imported where used: the CLI module loads the whole
+# task registry, which only `minitron evaluate` through the harness needs.
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +80,6 @@ class MinitronLM(LM):
                  max_gen_toks: int | str = 256, max_batch_size=None, device=None, **unused):
         # max_batch_size and device come from the harness' CLI; megatron-core places the model
         super().__init__()
-        from ..convert.checkpoint import Checkpoint
-        from ..runtime import dist
-        from ..runtime.stage import load_checkpoint
-
         if not checkpoint:
             raise ValueError("--model_args checkpoint=DIR is required (a nemo_minitron checkpoint "
                              "directory, e.g. runs/pipeline/round1/distill/final)")
@@ -88,7 +92,7 @@ class MinitronLM(LM):
         dist.init(1, 1)
         self._released = False
         try:
-            self.stage, self.ckpt = load_checkpoint(checkpoint, dtype)
+            self.shard, self.ckpt = load_checkpoint(checkpoint, dtype)
             self.tokenizer = self.ckpt.tokenizer()
         except BaseException:
             self.close()
@@ -97,14 +101,12 @@ class MinitronLM(LM):
         self.dtype = dtype
         self.batch_size = _int_or_default(batch_size, 8, "batch_size")
         self.max_length = (_int_or_default(max_length, 0, "max_length")
-                           or self.stage.arch.max_position_embeddings)
+                           or self.shard.arch.max_position_embeddings)
         self.max_gen_toks = _int_or_default(max_gen_toks, 256, "max_gen_toks")
         self._warned_sampling = False
 
     def close(self) -> None:
         """Drop the model-parallel groups set up for this model (idempotent)."""
-        from ..runtime import dist
-
         if not self._released:
             self._released = True
             dist.release()
@@ -117,12 +119,12 @@ class MinitronLM(LM):
         return str(getattr(self.tokenizer, "name_or_path", None) or self.checkpoint)
 
     def get_model_info(self) -> dict:
-        a = self.stage.arch
+        a = self.shard.arch
         return {"model_checkpoint": self.checkpoint, "model_dtype": self.dtype,
                 "model_num_parameters": a.num_params(), "max_length": self.max_length}
 
     def _score(self, encoded, label: str) -> list[tuple[float, bool]]:
-        return score_continuations(self.stage, encoded, micro_batch_size=self.batch_size,
+        return score_continuations(self.shard, encoded, micro_batch_size=self.batch_size,
                                    max_length=self.max_length, dp_rank=0, dp_size=1,
                                    progress=label)
 
@@ -157,8 +159,6 @@ class MinitronLM(LM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from tqdm import tqdm
-
         out = []
         for r in tqdm(requests, desc="generate_until", disable=disable_tqdm or not requests):
             context, gen_kwargs = r.args
@@ -207,17 +207,15 @@ class MinitronLM(LM):
         return text
 
     def _next_token(self, ids: list[int]) -> int:
-        from ..runtime.forward import gather_logits, on_device, run_forward
-
         n = len(ids)
         batch = {"tokens": torch.tensor([ids], dtype=torch.long),
                  "position_ids": torch.arange(n, dtype=torch.long)[None]}
 
         def on_logits(logits, _batch):
-            last = gather_logits(logits[:, n - 1], self.stage.arch.vocab_size)
+            last = gather_logits(logits[:, n - 1], self.shard.arch.vocab_size)
             return {"next": last.float().argmax(-1)}
 
-        (res,) = run_forward(self.stage, [on_device(batch)], on_logits)
+        (res,) = run_forward(self.shard, [on_device(batch)], on_logits)
         return int(res["next"][0])
 
 
@@ -233,8 +231,6 @@ Runs lm-evaluation-harness with our checkpoints as the model `nemo_minitron` (th
 def main(argv: list[str] | None = None) -> None:
     """The harness CLI with the ``nemo_minitron`` model registered (and chosen by default)."""
     from lm_eval.__main__ import cli_evaluate
-
-    from ..runtime import dist
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args in (["-h"], ["--help"]):

@@ -1,4 +1,4 @@
-"""Validation loss and perplexity of a model stage over packed held-out batches, at any layout."""
+"""Validation loss and perplexity of a model shard over packed held-out batches, at any layout."""
 
 from __future__ import annotations
 
@@ -10,19 +10,19 @@ import torch
 from ..runtime.forward import on_device, run_forward, sum_from_last_stage, token_losses
 
 
-def validation_loss(stage, batches: Iterable[dict], progress: str | None = None) -> dict:
+def validation_loss(shard, batches: Iterable[dict], progress: str | None = None) -> dict:
     """Token-weighted mean cross entropy over ``batches``; every rank gets the same numbers.
 
     Each data-parallel rank passes its own batches; results are summed over DP replicas.
     """
-    vocab = stage.arch.vocab_size
+    vocab = shard.arch.vocab_size
 
     def on_logits(logits, batch):
         mask = batch["loss_mask"].float()
         losses = token_losses(logits, batch["labels"], vocab)
         return {"loss_sum": (losses * mask).sum().double(), "tokens": mask.sum().double()}
 
-    outs = run_forward(stage, (on_device(b) for b in batches), on_logits, progress=progress)
+    outs = run_forward(shard, (on_device(b) for b in batches), on_logits, progress=progress)
     def fill(total):
         for o in outs:
             total += torch.stack([o["loss_sum"].cpu(), o["tokens"].cpu()])

@@ -28,8 +28,8 @@ from ..runtime.collectives import all_reduce_max
 from ..runtime.forward import (all_reduce_sum, mask_padded_vocab, on_device, run_forward,
                                token_losses)
 from ..runtime.parallel import Parallel, current
-from .judge import chance, stderr
-from .tasks import Item
+from ..report.judge import chance, stderr
+from .tasks import Item, load_task, resolved_split
 
 PP_SEQ_BUCKET = 64  # under pipeline parallelism a run needs one micro-batch shape: round lengths
 
@@ -131,7 +131,7 @@ def _not_argmax(sel: torch.Tensor, tgt: torch.Tensor, vocab_size: int,
     return mine < best
 
 
-def score_requests(stage, tokenizer, requests: Sequence[tuple[str, str]], *,
+def score_requests(shard, tokenizer, requests: Sequence[tuple[str, str]], *,
                    micro_batch_size: int = 8, max_length: int | None = None,
                    dp_rank: int | None = None, dp_size: int | None = None,
                    progress: bool | str = True, par: Parallel | None = None) -> list[float]:
@@ -142,36 +142,16 @@ def score_requests(stage, tokenizer, requests: Sequence[tuple[str, str]], *,
     """
     if not requests:
         return []
-    scored = score_continuations(stage, encode_requests(tokenizer, requests),
+    scored = score_continuations(shard, encode_requests(tokenizer, requests),
                                  micro_batch_size=micro_batch_size, max_length=max_length,
                                  dp_rank=dp_rank, dp_size=dp_size, progress=progress, par=par)
     return [lp for lp, _ in scored]
 
 
-def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *,
-                        micro_batch_size: int = 8, max_length: int | None = None,
-                        dp_rank: int | None = None, dp_size: int | None = None,
-                        progress: bool | str = True,
-                        par: Parallel | None = None) -> list[tuple[float, bool]]:
-    """``(sum log-probability, greedy)`` of each ``(context_ids, continuation_ids)``: the
-    continuation's tokens scored after the context, the input left-truncated to ``max_length``
-    tokens; ``greedy`` is whether every continuation token is the argmax at its position.
-
-    Collective over all ranks: every rank calls with the same requests and gets every result.
-    ``dp_rank``/``dp_size`` default to ``par``'s data-parallel rank and size (``par``: the live
-    layout unless given).
-    """
-    par = par or current()
-    pp = par.pp
-    dp_rank = par.dp_rank if dp_rank is None else dp_rank
-    dp_size = par.dp if dp_size is None else dp_size
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank={dp_rank} not in [0, {dp_size})")
-    max_length = max_length or stage.arch.max_position_embeddings
-    vocab = stage.arch.vocab_size
-    if not encoded:
-        return []
-
+def _my_batches(encoded, max_length: int, dp_rank: int, dp_size: int, micro_batch_size: int,
+                pp: int) -> list[dict]:
+    """This data-parallel rank's micro-batches: the rows longest first, dealt round-robin; under
+    PP each padded to a bucketed length so that runs share a shape."""
     rows, owners = _rows(encoded, max_length)
     owners_of: list[list] = [[] for _ in rows]
     for req, (rid, cont) in enumerate(owners):
@@ -190,8 +170,11 @@ def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *
     for k in range(0, len(mine), micro_batch_size):
         ids = mine[k:k + micro_batch_size]
         batches.append(_make_batch(rows, owners_of, ids, seq_len_of(ids), pad_id))
+    return batches
 
-    # one pipeline run needs one micro-batch shape under PP; without PP, one run for all
+
+def _pipeline_runs(batches: list[dict], pp: int) -> list[list[dict]]:
+    """One pipeline run needs one micro-batch shape under PP; without PP, one run for all."""
     groups: list[list[dict]] = []
     for b in batches:
         if pp > 1 and groups and groups[-1][0]["tokens"].shape == b["tokens"].shape:
@@ -200,7 +183,12 @@ def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *
             groups[-1].append(b)
         else:
             groups.append([b])
+    return groups
 
+
+def _continuation_scorer(vocab: int, par: Parallel):
+    """``on_logits`` of :func:`run_forward`: per request, the summed log-probability of its
+    continuation tokens and how many of them are not the argmax."""
     def on_logits(logits, batch):
         sel = logits[batch["sel_row"], batch["sel_pos"]]  # [n_tok, V/tp]
         miss = _not_argmax(sel, batch["sel_tgt"], vocab, par)
@@ -210,17 +198,12 @@ def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *
         sums[1].index_add_(0, batch["owner"], miss.double())
         return {"reqs": batch["reqs"], "logprob": sums[0], "misses": sums[1]}
 
-    label = (progress if isinstance(progress, str) else "multiple choice") if progress else None
-    outs = []
-    if len(groups) == 1:  # run_forward shows the bar (global rank 0)
-        outs = run_forward(stage, [on_device(b) for b in groups[0]], on_logits, progress=label)
-    else:
-        with par.progress(total=len(batches), desc=label, unit="batch", disable=not label) as bar:
-            for g in groups:
-                outs += run_forward(stage, [on_device(b) for b in g], on_logits)
-                bar.update(len(g))
+    return on_logits
 
-    total = torch.zeros(3, len(encoded), dtype=torch.float64)  # logprob, n, misses
+
+def _gather_scores(outs: list[dict], n: int, par: Parallel) -> list[tuple[float, bool]]:
+    """Every rank's results summed into one (logprob, greedy) per request, on every rank."""
+    total = torch.zeros(3, n, dtype=torch.float64)  # logprob, n, misses
     if par.last_stage and par.tp_rank == 0:
         for o in outs:
             reqs = o["reqs"].to(total.device)
@@ -233,7 +216,43 @@ def score_continuations(stage, encoded: Sequence[tuple[list[int], list[int]]], *
     return list(zip((total[0] / total[1]).tolist(), (total[2] == 0).tolist()))
 
 
-def score_items(stage, tokenizer, items: Sequence[Item], *, micro_batch_size: int = 8,
+def score_continuations(shard, encoded: Sequence[tuple[list[int], list[int]]], *,
+                        micro_batch_size: int = 8, max_length: int | None = None,
+                        dp_rank: int | None = None, dp_size: int | None = None,
+                        progress: bool | str = True,
+                        par: Parallel | None = None) -> list[tuple[float, bool]]:
+    """``(sum log-probability, greedy)`` of each ``(context_ids, continuation_ids)``: the
+    continuation's tokens scored after the context, the input left-truncated to ``max_length``
+    tokens; ``greedy`` is whether every continuation token is the argmax at its position.
+
+    Collective over all ranks: every rank calls with the same requests and gets every result.
+    ``dp_rank``/``dp_size`` default to ``par``'s data-parallel rank and size (``par``: the live
+    layout unless given).
+    """
+    par = par or current()
+    dp_rank = par.dp_rank if dp_rank is None else dp_rank
+    dp_size = par.dp if dp_size is None else dp_size
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} not in [0, {dp_size})")
+    max_length = max_length or shard.arch.max_position_embeddings
+    if not encoded:
+        return []
+    batches = _my_batches(encoded, max_length, dp_rank, dp_size, micro_batch_size, par.pp)
+    groups = _pipeline_runs(batches, par.pp)
+    on_logits = _continuation_scorer(shard.arch.vocab_size, par)
+    label = (progress if isinstance(progress, str) else "multiple choice") if progress else None
+    outs = []
+    if len(groups) == 1:  # run_forward shows the bar (global rank 0)
+        outs = run_forward(shard, [on_device(b) for b in groups[0]], on_logits, progress=label)
+    else:
+        with par.progress(total=len(batches), desc=label, unit="batch", disable=not label) as bar:
+            for g in groups:
+                outs += run_forward(shard, [on_device(b) for b in g], on_logits)
+                bar.update(len(g))
+    return _gather_scores(outs, len(encoded), par)
+
+
+def score_items(shard, tokenizer, items: Sequence[Item], *, micro_batch_size: int = 8,
                 max_length: int | None = None, dp_rank: int | None = None,
                 dp_size: int | None = None, progress: bool | str = True,
                 par: Parallel | None = None) -> list[list[float]]:
@@ -249,7 +268,7 @@ def score_items(stage, tokenizer, items: Sequence[Item], *, micro_batch_size: in
         r = it.requests()
         reqs += r
         sizes.append(len(r))
-    flat = score_requests(stage, tokenizer, reqs, micro_batch_size=micro_batch_size,
+    flat = score_requests(shard, tokenizer, reqs, micro_batch_size=micro_batch_size,
                           max_length=max_length, dp_rank=dp_rank, dp_size=dp_size,
                           progress=progress, par=par)
     out, k = [], 0
@@ -286,7 +305,7 @@ def accuracy(items: Sequence[Item], scores: Sequence[Sequence[float]]) -> dict:
             "chance": chance([len(it.choices) for it in items])}
 
 
-def evaluate_tasks(stage, tokenizer, tasks: Sequence[str], limit: int | None = None,
+def evaluate_tasks(shard, tokenizer, tasks: Sequence[str], limit: int | None = None,
                    num_fewshot: int = 0, *, seed: int = 1234, micro_batch_size: int = 8,
                    max_length: int | None = None, split: str | dict | None = None, data_dir=None,
                    dp_rank: int | None = None, dp_size: int | None = None,
@@ -298,10 +317,8 @@ def evaluate_tasks(stage, tokenizer, tasks: Sequence[str], limit: int | None = N
     ``split``: one split for every task, or ``{task: split}`` (e.g. ``{"mmlu": "test"}``); tasks
     not named use their default (validation). ``par``: the layout (default: the live one).
     """
-    from .tasks import load_task, resolved_split
-
     par = par or current()
-    max_length = max_length or stage.arch.max_position_embeddings
+    max_length = max_length or shard.arch.max_position_embeddings
     results = {}
     t_all = time.time()
     for name in tasks:
@@ -309,13 +326,13 @@ def evaluate_tasks(stage, tokenizer, tasks: Sequence[str], limit: int | None = N
         sp = split.get(name) if isinstance(split, dict) else split
         items = load_task(name, limit=limit, num_fewshot=num_fewshot, seed=seed, split=sp,
                           data_dir=data_dir)
-        scores = score_items(stage, tokenizer, items, micro_batch_size=micro_batch_size,
+        scores = score_items(shard, tokenizer, items, micro_batch_size=micro_batch_size,
                              max_length=max_length, dp_rank=dp_rank, dp_size=dp_size,
                              progress=name if progress else False, par=par)
         res = accuracy(items, scores)
         res.update(split=resolved_split(name, sp), seconds=round(time.time() - t0, 2))
         results[name] = res
-    dtype = str(getattr(stage.config, "params_dtype", "")).replace("torch.", "")
+    dtype = str(getattr(shard.config, "params_dtype", "")).replace("torch.", "")
     settings = {
         "tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot, "fewshot_seed": seed,
         "split": split, "micro_batch_size": micro_batch_size, "max_length": max_length,

@@ -12,23 +12,24 @@ from pathlib import Path
 from ..artifacts.evaluation import write_eval
 from ..report.stages import evaluate_report
 
+from ..convert.checkpoint import Checkpoint
+from ..data.packed import PackedSequences
+from ..runtime import dist
+from ..runtime.shard import load_checkpoint
+from .loss import validation_loss
+from .multiple_choice import evaluate_tasks
+
 log = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32") -> dict:
-    from ..convert.checkpoint import Checkpoint
-    from ..data.packed import PackedSequences
-    from ..runtime import dist
-    from ..runtime.stage import load_checkpoint
-    from .loss import validation_loss
-
     Checkpoint(checkpoint).arch.check_parallel(parallel.tp, parallel.pp)
     valid = PackedSequences(data.prefix, data.seq_length, split="valid",
                             valid_fraction=data.valid_fraction, seed=parallel.seed)
     par = dist.init(parallel.tp, parallel.pp, parallel.seed, parallel.timeout_s)
     try:
         t0 = time.time()
-        stage, _ = load_checkpoint(checkpoint, dtype)
+        shard, _ = load_checkpoint(checkpoint, dtype)
         dp = par.dp
         full = len(valid) // (ev.micro_batch_size * dp)
         n = full if ev.num_batches is None else min(ev.num_batches, full)
@@ -37,13 +38,10 @@ def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32"
                              f"tokens, fewer than one global batch of {ev.micro_batch_size * dp}; "
                              "lower eval.micro_batch_size or data.seq_length")
         batches = valid.batches(ev.micro_batch_size, num_batches=n, dp_rank=par.dp_rank, dp_size=dp)
-        result = validation_loss(stage, batches, progress="evaluate")
+        result = validation_loss(shard, batches, progress="evaluate")
         if ev.tasks:
-            from ..convert.checkpoint import Checkpoint as _C
-            from .multiple_choice import evaluate_tasks
-
             result["tasks"] = evaluate_tasks(
-                stage, _C(checkpoint).tokenizer(), list(ev.tasks), limit=ev.limit,
+                shard, Checkpoint(checkpoint).tokenizer(), list(ev.tasks), limit=ev.limit,
                 num_fewshot=ev.num_fewshot, seed=ev.fewshot_seed,
                 micro_batch_size=ev.task_batch_size, par=par)
             if par.is_rank0:

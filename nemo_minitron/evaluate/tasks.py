@@ -33,6 +33,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+from .. import assets
+from ..config.constants import TASK_NAMES
+
+# pyarrow is imported where the arrow files are read: an optional, heavy dependency that the
+# schema's and the CLI's use of the task table does not need.
+
 FEWSHOT_DELIMITER = "\n\n"
 TARGET_DELIMITER = " "
 
@@ -65,8 +71,6 @@ class Item:
 
 def data_root() -> Path:
     """The embedded eval data: ``<cache>/eval/hf_datasets`` (raises naming the install command)."""
-    from .. import assets
-
     return assets.path("eval")
 
 
@@ -197,6 +201,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("openbookqa", "openbookqa/main", _openbookqa),
     TaskSpec("sciq", "sciq/none", _sciq),
 )}
+if tuple(TASKS) != TASK_NAMES:  # the schema checks task names against that table
+    raise ImportError(f"evaluate.tasks defines {tuple(TASKS)} but config.constants.TASK_NAMES "
+                      f"lists {TASK_NAMES}")
 
 
 def mmlu_subjects(root: Path | None = None) -> list[str]:

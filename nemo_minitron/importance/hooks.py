@@ -82,12 +82,12 @@ def fused_norm_output(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def collecting(stage, seq_agg: str = "mean_abs"):
-    """Register the hooks on ``stage.model`` for the duration of the block; yields the stats."""
+def collecting(shard, seq_agg: str = "mean_abs"):
+    """Register the hooks on ``shard.model`` for the duration of the block; yields the stats."""
     stats = ActivationStats(seq_agg)
     handles = []
-    d = stage.arch.head_dim
-    decoder = stage.model.decoder
+    d = shard.arch.head_dim
+    decoder = shard.model.decoder
 
     def pre_hook(axis, i, fn=None):
         def hook(_module, args):
@@ -134,7 +134,7 @@ def collecting(stage, seq_agg: str = "mean_abs"):
             handles.append(e.linear_fc2.register_forward_pre_hook(neurons(k)))
 
     for i, layer in enumerate(decoder.layers):
-        if stage.arch.is_moe:
+        if shard.arch.is_moe:
             expert_hooks(i, layer.mlp.experts.local_experts)
             handles.append(layer.pre_mlp_layernorm.register_forward_hook(out_hook("hidden_mlp", i)))
         else:
@@ -145,7 +145,7 @@ def collecting(stage, seq_agg: str = "mean_abs"):
         handles.append(norm_hooks(layer.input_layernorm, layer.self_attention.linear_qkv,
                                   "hidden_attn", i))
         handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
-    if stage.post_process and getattr(decoder, "final_layernorm", None) is not None:
+    if shard.post_process and getattr(decoder, "final_layernorm", None) is not None:
         handles.append(decoder.final_layernorm.register_forward_hook(out_hook("hidden_final", -1)))
     try:
         yield stats

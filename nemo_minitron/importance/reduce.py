@@ -59,24 +59,24 @@ def _gather_cat(group, t: torch.Tensor) -> torch.Tensor:
     return all_gather_cat(t, group) if size_rank(group)[0] > 1 else t
 
 
-def reduce_expert_stats(stats: ActivationStats, stage, how: str,
+def reduce_expert_stats(stats: ActivationStats, shard, how: str,
                         par: Parallel) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert scores [layers, experts], neuron scores [layers, ffn]) of an MoE model."""
-    arch, edp, ep = stage.arch, par.expert_dp_group, par.ep_group
-    if stage.tp_size > 1:
+    arch, edp, ep = shard.arch, par.expert_dp_group, par.ep_group
+    if shard.tp_size > 1:
         # each TP rank's expert output is a partial sum until the dispatcher reduces it
         raise ValueError("MoE importance at parallel.tp>1 is not supported; calibrate at tp=1 "
                          "(use parallel.ep and parallel.pp to split the model)")
     L, E, F = arch.num_layers, arch.num_experts, arch.ffn_hidden_size
     routed = torch.zeros(L, E, 3, dtype=torch.float64)
     sumsq = torch.zeros(L, E, F, dtype=torch.float64)
-    for local, g in enumerate(stage.layers):
+    for local, g in enumerate(shard.layers):
         routed[g] = _gather_cat(ep, _sum_over(edp, stats.sums[("expert", local)]))
         sumsq[g] = _gather_cat(ep, _sum_over(edp, stats.sums[("expert_ffn", local)]))
     return expert_scores(routed, how), expert_neuron_scores(sumsq)
 
 
-def reduce_stats(stats: ActivationStats, stage, batch_agg: str = "l2",
+def reduce_stats(stats: ActivationStats, shard, batch_agg: str = "l2",
                  expert_score: str = "contribution", par: Parallel | None = None) -> Importance:
     """Global :class:`Importance` from this rank's stats; a collective over all ranks of ``par``
     (default: the live layout)."""
@@ -91,7 +91,7 @@ def reduce_stats(stats: ActivationStats, stage, batch_agg: str = "l2",
         moments[k] = Moments.from_flat(flat[o:o + n])
         o += n
 
-    arch = stage.arch
+    arch = shard.arch
     L = arch.num_layers
     ffn = torch.zeros(L, arch.ffn_hidden_size, dtype=torch.float64)
     heads = torch.zeros(L, arch.num_attention_heads, dtype=torch.float64)
@@ -99,8 +99,8 @@ def reduce_stats(stats: ActivationStats, stage, batch_agg: str = "l2",
     hidden = torch.zeros(arch.hidden_size, dtype=torch.float64)
     experts = None
     if arch.is_moe:
-        experts, ffn = reduce_expert_stats(stats, stage, expert_score, par)
-    for local, g in enumerate(stage.layers):
+        experts, ffn = reduce_expert_stats(stats, shard, expert_score, par)
+    for local, g in enumerate(shard.layers):
         if not arch.is_moe:
             ffn[g] = _gather_cat(tp_group, batch_aggregate(moments[("ffn", local)], batch_agg))
         heads[g] = _gather_cat(tp_group, batch_aggregate(moments[("heads", local)], batch_agg))

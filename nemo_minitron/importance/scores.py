@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-SEQUENCE_AGGS = ("mean_abs", "mean", "l2", "var")
-BATCH_AGGS = ("l2", "mean", "var")
+from ..config.constants import BATCH_AGGS, SEQUENCE_AGGS
 
 
 def sequence_aggregate(x: torch.Tensor, how: str = "mean_abs") -> torch.Tensor:

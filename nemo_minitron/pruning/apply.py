@@ -78,6 +78,93 @@ def _take(w: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Te
     return out.contiguous()
 
 
+def _layers_to_do(plan: Plan, layers: Optional[Iterable[int]]) -> list[int]:
+    """The source layers to produce: all the plan keeps, or ``layers`` (each must be kept)."""
+    if layers is None:
+        return list(plan.layers)
+    todo = list(layers)
+    missing = [i for i in todo if i not in plan.layers]
+    if missing:
+        raise ValueError(f"layers {missing} are not kept by the plan (kept: {plan.layers}); "
+                         "pass source indices of kept layers")
+    if len(set(todo)) != len(todo):
+        raise ValueError(f"layers {todo} repeats a layer")
+    return todo
+
+
+def _shape_checked(tensors: Tensors) -> Callable[[str, tuple], torch.Tensor]:
+    """``get(key, shape)``: the source tensor, checked against the shape the plan expects."""
+    if callable(tensors) and not isinstance(tensors, Mapping):
+        fetch = tensors
+    else:
+        mapping = tensors
+
+        def fetch(key: str) -> torch.Tensor:
+            try:
+                return mapping[key]
+            except KeyError:
+                raise KeyError(f"source tensor {key!r} is missing") from None
+
+    def get(key: str, shape: tuple) -> torch.Tensor:
+        t = fetch(key)
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"source tensor {key!r} has shape {tuple(t.shape)}, the plan's source "
+                             f"architecture expects {tuple(shape)}")
+        return t
+
+    return get
+
+
+def _dense_rules(src, q_rows, kv_rows, mlp, hid) -> dict:
+    """suffix -> (source shape, kept rows, kept columns) of one layer's attention and MLP."""
+    h, d, ffn = src.hidden_size, src.head_dim, src.ffn_hidden_size
+    nq, ng = src.num_attention_heads * d, src.num_query_groups * d
+    return {
+        "self_attn.q_proj.weight": ((nq, h), q_rows, hid),
+        "self_attn.k_proj.weight": ((ng, h), kv_rows, hid),
+        "self_attn.v_proj.weight": ((ng, h), kv_rows, hid),
+        "self_attn.o_proj.weight": ((h, nq), hid, q_rows),
+        "self_attn.q_norm.weight": ((d,), None, None),
+        "self_attn.k_norm.weight": ((d,), None, None),
+        "mlp.gate_proj.weight": ((ffn, h), mlp, hid),
+        "mlp.up_proj.weight": ((ffn, h), mlp, hid),
+        "mlp.down_proj.weight": ((h, ffn), hid, mlp),
+        "self_attn.q_proj.bias": ((nq,), q_rows, None),
+        "self_attn.k_proj.bias": ((ng,), kv_rows, None),
+        "self_attn.v_proj.bias": ((ng,), kv_rows, None),
+    }
+
+
+def _prune_layer(plan: Plan, get, s: int, new: int, hid) -> dict[str, torch.Tensor]:
+    """Source layer ``s`` as the pruned model's layer ``new``: heads, query groups and MLP
+    neurons (or experts) along their axes, hidden channels along every hidden axis."""
+    src = plan.source
+    h, d, ffn = src.hidden_size, src.head_dim, src.ffn_hidden_size
+    p, n = LAYER.format(s), LAYER.format(new)
+    keep_ffn, keep_groups, keep_heads = plan.layer_keep(s)
+    mlp = _index(keep_ffn, ffn)
+    rules = _dense_rules(src, _block_index(keep_heads, d, src.num_attention_heads),
+                         _block_index(keep_groups, d, src.num_query_groups), mlp, hid)
+    moe_suffixes = set(mlp_suffixes(src)) if src.is_moe else set()
+    out = {}
+    for suffix in layer_suffixes(src):
+        if suffix in moe_suffixes:
+            continue
+        shape, rows, cols = rules.get(suffix, ((h,), hid, None))  # the rest: norms over hidden
+        out[n + suffix] = _take(get(p + suffix, shape), rows, cols)
+    if src.is_moe:
+        kept = plan.layer_experts(s)
+        out[n + router_key(src)] = _take(get(p + router_key(src), (src.num_experts, h)),
+                                         _index(kept, src.num_experts), hid)
+        # gate, up: rows ffn, columns hidden; down: rows hidden, columns ffn
+        how = (((ffn, h), mlp, hid), ((ffn, h), mlp, hid), ((h, ffn), hid, mlp))
+        for new_e, old in enumerate(kept):
+            pairs = zip(expert_keys(src, old), expert_keys(src, new_e), how)
+            for a, b, (shape, rows, cols) in pairs:
+                out[n + b] = _take(get(p + a, shape), rows, cols)
+    return out
+
+
 def apply_plan(plan: Plan, tensors: Tensors, *, layers: Optional[Iterable[int]] = None,
                include_embedding: Optional[bool] = None,
                include_head: Optional[bool] = None) -> dict[str, torch.Tensor]:
@@ -104,81 +191,17 @@ def apply_plan(plan: Plan, tensors: Tensors, *, layers: Optional[Iterable[int]] 
         include_embedding = layers is None
     if include_head is None:
         include_head = layers is None
-
-    if layers is None:
-        todo = list(plan.layers)
-    else:
-        todo = list(layers)
-        missing = [i for i in todo if i not in plan.layers]
-        if missing:
-            raise ValueError(f"layers {missing} are not kept by the plan (kept: {plan.layers}); "
-                             "pass source indices of kept layers")
-        if len(set(todo)) != len(todo):
-            raise ValueError(f"layers {todo} repeats a layer")
+    todo = _layers_to_do(plan, layers)
     new_index = {s: n for n, s in enumerate(plan.layers)}
-
-    if callable(tensors) and not isinstance(tensors, Mapping):
-        fetch = tensors
-    else:
-        mapping = tensors
-
-        def fetch(key: str) -> torch.Tensor:
-            try:
-                return mapping[key]
-            except KeyError:
-                raise KeyError(f"source tensor {key!r} is missing") from None
-
-    def get(key: str, shape: tuple) -> torch.Tensor:
-        t = fetch(key)
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"source tensor {key!r} has shape {tuple(t.shape)}, the plan's source "
-                             f"architecture expects {tuple(shape)}")
-        return t
-
-    h, d, ffn, V = src.hidden_size, src.head_dim, src.ffn_hidden_size, src.vocab_size
-    nq, ng = src.num_attention_heads * d, src.num_query_groups * d
+    get = _shape_checked(tensors)
+    h, V = src.hidden_size, src.vocab_size
     hid = _index(plan.hidden, h)
 
     out: dict[str, torch.Tensor] = {}
     if include_embedding or (include_head and tgt.tie_embeddings):
         out[EMBED] = _take(get(EMBED, (V, h)), None, hid)
-    suffixes = layer_suffixes(src)
-    moe_suffixes = set(mlp_suffixes(src)) if src.is_moe else set()
     for s in todo:
-        p, n = LAYER.format(s), LAYER.format(new_index[s])
-        keep_ffn, keep_groups, keep_heads = plan.layer_keep(s)
-        mlp = _index(keep_ffn, ffn)
-        q_rows = _block_index(keep_heads, d, src.num_attention_heads)
-        kv_rows = _block_index(keep_groups, d, src.num_query_groups)
-        # suffix -> (source shape, kept rows, kept columns)
-        rules = {
-            "self_attn.q_proj.weight": ((nq, h), q_rows, hid),
-            "self_attn.k_proj.weight": ((ng, h), kv_rows, hid),
-            "self_attn.v_proj.weight": ((ng, h), kv_rows, hid),
-            "self_attn.o_proj.weight": ((h, nq), hid, q_rows),
-            "self_attn.q_norm.weight": ((d,), None, None),
-            "self_attn.k_norm.weight": ((d,), None, None),
-            "mlp.gate_proj.weight": ((ffn, h), mlp, hid),
-            "mlp.up_proj.weight": ((ffn, h), mlp, hid),
-            "mlp.down_proj.weight": ((h, ffn), hid, mlp),
-            "self_attn.q_proj.bias": ((nq,), q_rows, None),
-            "self_attn.k_proj.bias": ((ng,), kv_rows, None),
-            "self_attn.v_proj.bias": ((ng,), kv_rows, None),
-        }
-        for suffix in suffixes:
-            if suffix in moe_suffixes:
-                continue
-            shape, rows, cols = rules.get(suffix, ((h,), hid, None))  # the rest: norms over hidden
-            out[n + suffix] = _take(get(p + suffix, shape), rows, cols)
-        if src.is_moe:
-            kept = plan.layer_experts(s)
-            out[n + router_key(src)] = _take(get(p + router_key(src), (src.num_experts, h)),
-                                             _index(kept, src.num_experts), hid)
-            # gate, up: rows ffn, columns hidden; down: rows hidden, columns ffn
-            how = (((ffn, h), mlp, hid), ((ffn, h), mlp, hid), ((h, ffn), hid, mlp))
-            for new, old in enumerate(kept):
-                for a, b, (shape, rows, cols) in zip(expert_keys(src, old), expert_keys(src, new), how):
-                    out[n + b] = _take(get(p + a, shape), rows, cols)
+        out.update(_prune_layer(plan, get, s, new_index[s], hid))
     if include_head:
         for key in final_norm_keys(src):
             out[key] = _take(get(key, (h,)), hid)

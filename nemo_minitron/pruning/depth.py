@@ -14,28 +14,29 @@ from typing import Iterable, Sequence
 import torch
 
 from ..evaluate.loss import validation_loss
+from ..evaluate.multiple_choice import accuracy, score_items
 from ..runtime.parallel import Parallel, current
 
 
 @contextmanager
-def skipping(stage, drop: Iterable[int]):
-    """Forward passes inside the block skip the global layers in ``drop`` held by ``stage``."""
+def skipping(shard, drop: Iterable[int]):
+    """Forward passes inside the block skip the global layers in ``drop`` held by ``shard``."""
     drop = set(drop)
-    decoder = stage.model.decoder
+    decoder = shard.model.decoder
     full = decoder.layers
     decoder.layers = torch.nn.ModuleList(
-        [m for g, m in zip(stage.layers, full) if g not in drop])
+        [m for g, m in zip(shard.layers, full) if g not in drop])
     try:
         yield
     finally:
         decoder.layers = full
 
 
-def block_removal_losses(stage, batches: Sequence[dict], n: int, progress: bool = True,
+def block_removal_losses(shard, batches: Sequence[dict], n: int, progress: bool = True,
                          par: Parallel | None = None) -> list[float]:
     """Loss with layers [s, s+n) removed, for s = 0 .. L-n (collective: every rank calls; ``par``
     shows the progress bar on rank 0, default: the live layout)."""
-    L = stage.arch.num_layers
+    L = shard.arch.num_layers
     if not 0 < n < L:
         raise ValueError(f"block size {n} must be in [1, {L - 1}]")
     batches = list(batches)
@@ -43,17 +44,15 @@ def block_removal_losses(stage, batches: Sequence[dict], n: int, progress: bool 
     starts = (par or current()).progress(range(L - n + 1), desc=f"depth: remove {n} layers",
                                          unit="block", disable=not progress)
     for s in starts:
-        with skipping(stage, range(s, s + n)):
-            losses.append(validation_loss(stage, batches)["loss"])
+        with skipping(shard, range(s, s + n)):
+            losses.append(validation_loss(shard, batches)["loss"])
     return losses
 
 
-def block_removal_accuracy(stage, tokenizer, items, n: int, *, micro_batch_size: int = 8,
+def block_removal_accuracy(shard, tokenizer, items, n: int, *, micro_batch_size: int = 8,
                            progress: bool = True, par: Parallel | None = None) -> list[float]:
     """Multiple-choice accuracy (acc_norm) with layers [s, s+n) removed, for s = 0 .. L-n."""
-    from ..evaluate.multiple_choice import accuracy, score_items
-
-    L = stage.arch.num_layers
+    L = shard.arch.num_layers
     if not 0 < n < L:
         raise ValueError(f"block size {n} must be in [1, {L - 1}]")
     par = par or current()
@@ -61,8 +60,8 @@ def block_removal_accuracy(stage, tokenizer, items, n: int, *, micro_batch_size:
                           unit="block", disable=not progress)
     accs = []
     for s in starts:
-        with skipping(stage, range(s, s + n)):
-            scores = score_items(stage, tokenizer, items, micro_batch_size=micro_batch_size,
+        with skipping(shard, range(s, s + n)):
+            scores = score_items(shard, tokenizer, items, micro_batch_size=micro_batch_size,
                                  progress=False, par=par)
         accs.append(accuracy(items, scores)["acc_norm"])
     return accs

@@ -24,7 +24,7 @@ def prune(job) -> dict:
     """The `minitron prune` command: check, calibrate, plan, slice and save; returns the output
     checkpoint and the parameter counts."""
     from ..runtime import dist
-    from ..runtime.stage import load_checkpoint
+    from ..runtime.shard import load_checkpoint
 
     # Everything that can be wrong with the request is checked before any model is loaded.
     src = ckpt.Checkpoint(job.model.checkpoint)
@@ -119,7 +119,7 @@ def save_pruned(job, stage, src, imp, plan, depth: Depth, summary: dict, par):
     report and its plots beside it."""
     from ..report.plots import plot_depth_curve, plot_importance
     from ..report.stages import prune_report
-    from ..runtime.stage import save_checkpoint
+    from ..runtime.shard import save_checkpoint
     from .apply import apply_plan
 
     p, tgt, curve = job.prune, plan.target, depth.curve
@@ -195,7 +195,7 @@ def calibrate_to(job, path) -> Importance:
     """Calibrate the job's model once and save the scores to ``path`` (atomically, on rank 0):
     the architecture search prunes every candidate from these."""
     from ..runtime import dist
-    from ..runtime.stage import load_checkpoint
+    from ..runtime.shard import load_checkpoint
 
     src = ckpt.Checkpoint(job.model.checkpoint)
     src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)

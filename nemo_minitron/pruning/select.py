@@ -19,7 +19,7 @@ from ..arch import Arch
 from ..importance.reduce import Importance
 from ..importance.scores import group_scores
 from .plan import Plan, top_k
-from .targets import Targets
+from ..config.targets import Targets
 
 
 def select_layers(block: torch.Tensor, keep: int, contiguous: bool = True) -> list[int]:

@@ -19,12 +19,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..arch import Arch
 from ..artifacts.checkpoint_meta import META, read_checkpoint_meta
 from ..artifacts.evaluation import EvalResults, read_eval
 from ..artifacts.metrics import METRICS, read_metrics
-from ..artifacts.pipeline_files import SUMMARY, PipelineSummary, RoundRecord, read_summary
+from ..artifacts.pipeline_files import PipelineSummary, RoundRecord, SUMMARY, read_summary
 from ..artifacts.reports import write_markdown
-from ..evaluate.judge import fmt_acc, fmt_ratio, mean_retained, task_rows
+from ..convert.checkpoint import ARCH
+from .judge import fmt_acc, fmt_ratio, mean_retained, task_rows
 from .plots import plot_loss_curves
 
 WHO = ("teacher", "pruned", "final")  # validation-loss columns
@@ -64,9 +66,6 @@ def _last_val_loss(rows: list[dict]) -> float | None:
 
 
 def _params_of(checkpoint) -> int | None:
-    from ..arch import Arch
-    from ..convert.checkpoint import ARCH
-
     if checkpoint is None:
         return None
     f = Path(checkpoint) / ARCH

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifacts.reports import write_markdown
-from ..evaluate.judge import fmt_acc, fmt_ratio, mean_retained
+from .judge import fmt_acc, fmt_ratio, mean_retained
 from .plots import plot_training
 
 WHO = ("teacher", "pruned", "distilled")

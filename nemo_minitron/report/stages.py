@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..artifacts.metrics import METRICS
 from ..artifacts.reports import write_markdown
-from ..evaluate.judge import fmt_acc
+from .judge import fmt_acc
+from .plots import plot_training
 
 AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 
@@ -33,9 +35,6 @@ def prune_report(path, *, source_path, source, target, summary: dict, plots: lis
 def training_report(run_dir, *, stage: str, result: dict, student: str, teacher: str | None,
                     student_params: int, teacher_params: int | None, tokens: int) -> Path:
     """Steps, tokens, final validation loss and the loss curves of a distill/finetune run."""
-    from ..artifacts.metrics import METRICS
-    from .plots import plot_training
-
     run_dir = Path(run_dir)
     lines = [f"# {'Distillation' if stage == 'distill' else 'Training'} report", "",
              f"Student: `{student}` ({student_params / 1e6:.2f}M parameters)  "]

@@ -16,7 +16,7 @@ Outside ``runtime/``, nothing touches ``torch.cuda`` or megatron-core's ``parall
 (``tests/test_layering.py`` checks it): inside, :mod:`.dist` chooses the device and sets up the
 groups, :mod:`.parallel` reads them into the ``Parallel`` context that code above runtime/ is
 handed, :mod:`.model` and :mod:`.forward` place models and tensors on the chosen device (and,
-with :mod:`.stage` and :mod:`.routing`, read their rank's shard from the groups), and
+with :mod:`.shard` and :mod:`.routing`, read their rank's shard from the groups), and
 :mod:`.precision` asks whether the GPU supports bf16.
 """
 
@@ -28,6 +28,9 @@ import os
 import types
 
 import torch
+
+# megatron-core modules are imported inside the patches that change them, which run only when a
+# CPU job starts (importing megatron-core takes seconds).
 
 _APPLIED = False
 

@@ -24,9 +24,13 @@ from dataclasses import dataclass
 import torch
 
 # the collectives callers reach as dist.barrier() etc. live in .collectives
+from . import cpu_compat
 from .collectives import (all_reduce_sum, barrier, broadcast_from_rank0,  # noqa: F401
                           end_collective_write)
 from .parallel import Parallel, current
+
+# megatron-core is imported inside the functions that use it: importing it takes seconds, and this
+# module is imported (by the stages, preflight, the tests) long before a model is built.
 
 
 @dataclass
@@ -167,8 +171,6 @@ def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, ep: i
     env = read_env()
     on_cuda = choose_device() == "cuda"
     if not on_cuda:
-        from . import cpu_compat
-
         cpu_compat.apply(hide_gpus=True)
     if env.world_size % (tp * pp):
         raise ValueError(f"world size {env.world_size} is not divisible by parallel.tp*parallel.pp="

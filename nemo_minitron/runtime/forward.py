@@ -11,9 +11,13 @@ from functools import partial
 from typing import Callable, Iterable
 
 import torch
+from tqdm import tqdm
 
 from . import collectives
 from .dist import is_rank0
+
+# megatron-core is imported inside the functions that use it: importing it takes seconds, and this
+# module is imported (by the stages, preflight, the tests) long before a model is built.
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -44,7 +48,7 @@ def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return full[..., :vocab_size]
 
 
-def run_forward(stage, batches: Iterable[dict], on_logits: Callable[[torch.Tensor, dict], dict],
+def run_forward(shard, batches: Iterable[dict], on_logits: Callable[[torch.Tensor, dict], dict],
                 progress: str | None = None) -> list[dict]:
     """Forward every micro-batch through the pipeline; returns ``on_logits``' dicts (last stage).
 
@@ -58,8 +62,6 @@ def run_forward(stage, batches: Iterable[dict], on_logits: Callable[[torch.Tenso
     b, s = batches[0]["tokens"].shape
     data = iter(batches)
     if progress and is_rank0():
-        from tqdm import tqdm
-
         data = iter(tqdm(batches, desc=progress, unit="batch"))
 
     def loss_func(batch, output):
@@ -71,10 +73,10 @@ def run_forward(stage, batches: Iterable[dict], on_logits: Callable[[torch.Tenso
         out = model(batch["tokens"], batch["position_ids"], None)
         return out, partial(loss_func, batch)
 
-    stage.model.eval()
+    shard.model.eval()
     with torch.no_grad():
         return get_forward_backward_func()(
-            forward_step_func=step, data_iterator=data, model=[stage.model],
+            forward_step_func=step, data_iterator=data, model=[shard.model],
             num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=True)
 
 

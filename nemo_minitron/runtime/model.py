@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import Arch
+from ..dtypes import torch_dtype
 from ..families import NORMS
-from .precision import torch_dtype
+
+# megatron-core is imported inside the functions that use it: importing it takes seconds, and this
+# module is imported (by the stages, preflight, the tests) long before a model is built.
 
 
 def te_available() -> bool:
@@ -128,7 +131,7 @@ def layer_spec(arch: Arch, use_te: bool | None = None):
         num_experts=experts, moe_grouped_gemm=False,
         normalization=NORMS[arch.norm], qk_layernorm=arch.qk_norm)
     # fused attention instead of megatron's unfused local one (see runtime/sdpa.py)
-    from .sdpa import SDPAttention
+    from .sdpa import SDPAttention  # subclasses megatron-core's attention: see the module note
 
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec

@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
+from tqdm import tqdm
+
+# megatron-core is imported inside the functions that use it: importing it takes seconds, and this
+# module is imported (by the stages, preflight, the tests) long before a model is built.
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,6 @@ class Parallel:
 
     def progress(self, iterable: Iterable | None = None, **kw):
         """A tqdm bar shown on rank 0 only (every rank still iterates)."""
-        from tqdm import tqdm
-
         kw["disable"] = kw.get("disable", False) or not self.is_rank0
         return tqdm(iterable, **kw)
 

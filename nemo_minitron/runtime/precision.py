@@ -1,7 +1,5 @@
-"""The dtype names of this toolkit, and which compute dtype ``model.dtype=auto`` means here.
-
-:data:`DTYPES` is the one table from our names (fp32, bf16, fp16: what configs and files say) to
-torch dtypes; :func:`torch_dtype` also takes torch's own names (float32, bfloat16...).
+"""Which compute dtype ``model.dtype=auto`` means here (the names themselves, and the table to
+torch dtypes, are :mod:`nemo_minitron.dtypes`; re-exported for the runtime's users).
 
 bf16 (bf16 weights, fp32 main weights and gradients in megatron's optimizer, fp32 losses) is the
 default wherever the hardware multiplies bf16 natively: GPUs that support it, and CPUs with AMX
@@ -15,16 +13,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_TORCH_NAMES = {str(t).removeprefix("torch."): t for t in DTYPES.values()}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of ``name``: ours (bf16) or torch's (bfloat16)."""
-    try:
-        return DTYPES.get(name) or _TORCH_NAMES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted({*DTYPES, *_TORCH_NAMES})}") from None
+from ..dtypes import DTYPES, torch_dtype  # noqa: F401
 
 
 # /proc/cpuinfo flags of native bf16 matmul units (Intel AMX, Intel/AMD AVX512-BF16)

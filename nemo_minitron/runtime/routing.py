@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 
+# megatron-core is imported inside the functions that use it: importing it takes seconds, and this
+# module is imported (by the stages, preflight, the tests) long before a model is built.
+
 
 def load_balance(counts: torch.Tensor) -> dict[str, float]:
     """[layers, experts] routed-token counts -> worst max load, lowest min load, and the mean
@@ -24,15 +27,15 @@ def load_balance(counts: torch.Tensor) -> dict[str, float]:
 
 
 class RoutingMonitor:
-    """Counts routed tokens per (layer, expert) of a :class:`~.stage.Stage` while it runs."""
+    """Counts routed tokens per (layer, expert) of a :class:`~.shard.ModelShard` while it runs."""
 
-    def __init__(self, stage):
-        self.arch, self.layers = stage.arch, list(stage.layers)
-        self.counts = torch.zeros(stage.arch.num_layers, stage.arch.num_experts, dtype=torch.float64)
+    def __init__(self, shard):
+        self.arch, self.layers = shard.arch, list(shard.layers)
+        self.counts = torch.zeros(shard.arch.num_layers, shard.arch.num_experts, dtype=torch.float64)
         self.handles = []
-        if not stage.arch.is_moe:
+        if not shard.arch.is_moe:
             return
-        for local, layer in enumerate(stage.model.decoder.layers):
+        for local, layer in enumerate(shard.model.decoder.layers):
             self.handles.append(layer.mlp.router.register_forward_hook(self._hook(self.layers[local])))
 
     def _hook(self, layer: int):

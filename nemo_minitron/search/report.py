@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifacts.reports import write_markdown, write_png
+from ..report.plots import _plt
 
 
 def _f(v, fmt="{:.3f}"):
@@ -12,8 +13,6 @@ def _f(v, fmt="{:.3f}"):
 
 
 def plot_search(results: list[dict], path: Path, title: str = "") -> Path:
-    from ..report.plots import _plt
-
     plt = _plt()
     done = [r for r in results if r.get("val_loss") is not None]
     conf = [r for r in done if r.get("confirm_loss") is not None]

@@ -21,7 +21,7 @@ from typing import Optional
 
 from ..arch import Arch
 from ..config.schema import SearchConfig
-from ..pruning.targets import Targets
+from ..config.targets import Targets
 
 Space = SearchConfig
 """The space is the search settings themselves (budget, tolerance, count, axes, explicit values,

@@ -10,7 +10,7 @@ from nemo_minitron.config.schema import (DataConfig, ModelConfig, ParallelConfig
 from nemo_minitron.pruning.run import prune
 from nemo_minitron.runtime import dist
 from nemo_minitron.runtime.forward import gather_logits, run_forward
-from nemo_minitron.runtime.stage import load_checkpoint
+from nemo_minitron.runtime.shard import load_checkpoint
 
 from tests.workers._emit import emit
 
@@ -22,8 +22,8 @@ def main(root, data_prefix):
         dist.init(tp, pp)
         for fam in FAMILIES:
             ref = torch.load(f"{root}/{fam}.pt")
-            stage, c = load_checkpoint(f"{root}/{fam}")
-            outs = run_forward(stage, ref["batches"],
+            shard, c = load_checkpoint(f"{root}/{fam}")
+            outs = run_forward(shard, ref["batches"],
                                lambda lg, _: {"logits": gather_logits(lg, c.arch.vocab_size)})
             emit({"layout": name, "family": fam, "rank": torch.distributed.get_rank(),
                   "max_dlogit": (outs[0]["logits"] - ref["logits"]).abs().max().item()

@@ -8,7 +8,7 @@ import torch
 
 from nemo_minitron.evaluate.multiple_choice import score_continuations
 from nemo_minitron.runtime import dist
-from nemo_minitron.runtime.stage import load_checkpoint
+from nemo_minitron.runtime.shard import load_checkpoint
 
 from tests.workers._emit import emit
 
@@ -17,8 +17,8 @@ def main(ckpt_dir, requests_json):
     encoded = [tuple(r) for r in json.loads(open(requests_json).read())]
     for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2)):
         dist.init(tp, pp)
-        stage, _ = load_checkpoint(ckpt_dir)
-        out = score_continuations(stage, encoded, micro_batch_size=3, progress=False)
+        shard, _ = load_checkpoint(ckpt_dir)
+        out = score_continuations(shard, encoded, micro_batch_size=3, progress=False)
         emit({"layout": name, "rank": torch.distributed.get_rank(), "scored": out})
     dist.shutdown()
 

@@ -9,7 +9,7 @@ import torch
 
 from nemo_minitron.importance.calibrate import batches_forward_loop, calibrate
 from nemo_minitron.runtime import dist
-from nemo_minitron.runtime.stage import load_checkpoint
+from nemo_minitron.runtime.shard import load_checkpoint
 
 from tests.workers._emit import emit
 
@@ -20,9 +20,9 @@ def main(ckpt_dir, batches_path, out):
         dist.init(tp, pp)
         from megatron.core import parallel_state as ps
 
-        stage, _ = load_checkpoint(ckpt_dir)
+        shard, _ = load_checkpoint(ckpt_dir)
         dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        imp = calibrate(stage, batches_forward_loop(stage, batches[r::dp], None))
+        imp = calibrate(shard, batches_forward_loop(shard, batches[r::dp], None))
         rank = torch.distributed.get_rank()
         imp.save(f"{out}/{name}-rank{rank}.pt")
         emit({"layout": name, "rank": rank, "samples": imp.meta["samples"]})

@@ -16,7 +16,7 @@ from nemo_minitron.evaluate.loss import validation_loss
 from nemo_minitron.runtime import dist
 from nemo_minitron.runtime.forward import gather_logits, run_forward
 from nemo_minitron.runtime.parallel import current
-from nemo_minitron.runtime.stage import load_checkpoint, save_checkpoint
+from nemo_minitron.runtime.shard import load_checkpoint, save_checkpoint
 
 from tests.workers._emit import emit
 
@@ -66,17 +66,17 @@ def odd_vocab(ckpt_dir, ref_path, out_root):
     ref = torch.load(ref_path)
     for name, tp, pp in (("tp2_odd_vocab", 2, 1), ("pp2_tied", 1, 2)):
         dist.init(tp, pp)
-        stage, c = load_checkpoint(ckpt_dir)
-        outs = run_forward(stage, ref["batches"][:1],
+        shard, c = load_checkpoint(ckpt_dir)
+        outs = run_forward(shard, ref["batches"][:1],
                            lambda lg, _: {"logits": gather_logits(lg, c.arch.vocab_size)})
-        val = validation_loss(stage, ref["batches"])
-        emb = stage.model.embedding.word_embeddings.weight if stage.pre_process else \
-            stage.model.output_layer.weight
+        val = validation_loss(shard, ref["batches"])
+        emb = shard.model.embedding.word_embeddings.weight if shard.pre_process else \
+            shard.model.output_layer.weight
         row = {"layout": name, "rank": torch.distributed.get_rank(), "val": val,
                "max_dlogit": (outs[0]["logits"] - ref["logits"]).abs().max().item() if outs else None,
                "padded_rows": emb.shape[0] * tp}
         if tp == 2:
-            row["gathers"] = both_saves(stage, f"{out_root}/{name}")
+            row["gathers"] = both_saves(shard, f"{out_root}/{name}")
         else:  # the TP=2 sharded save of the padded, tied vocabulary, at PP=2
             got = logits_of(f"{out_root}/tp2_odd_vocab_sharded", ref["batches"][0],
                             c.arch.vocab_size)
@@ -101,19 +101,19 @@ def main(ckpt_dir, ref_path, out_root, odd_ckpt, odd_ref):
     ref = torch.load(ref_path)
     for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)):
         par = dist.init(tp, pp)
-        stage, c = load_checkpoint(ckpt_dir)
+        shard, c = load_checkpoint(ckpt_dir)
         batches = ref["batches"]
-        outs = run_forward(stage, batches[:1],
+        outs = run_forward(shard, batches[:1],
                            lambda lg, _: {"logits": gather_logits(lg, c.arch.vocab_size)})
         delta = (outs[0]["logits"] - ref["logits"]).abs().max().item() if outs else None
         mine = batches[par.dp_rank::par.dp]
-        val = validation_loss(stage, mine)
+        val = validation_loss(shard, mine)
         row = {"layout": name, "rank": torch.distributed.get_rank(), "max_dlogit": delta,
                "val": val, "par": context(par)}
         if tp == 2:
-            row["gathers"] = both_saves(stage, f"{out_root}/{name}")
+            row["gathers"] = both_saves(shard, f"{out_root}/{name}")
         else:
-            save_checkpoint(stage, f"{out_root}/{name}", provenance={"stage": "test"})
+            save_checkpoint(shard, f"{out_root}/{name}", provenance={"shard": "test"})
             got = logits_of(f"{out_root}/tp2_sharded", batches[0], c.arch.vocab_size)
             row["sharded_dlogit"] = max_delta(got, outs[0]["logits"] if outs else None)
         emit(row)

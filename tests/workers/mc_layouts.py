@@ -11,7 +11,7 @@ import torch
 from nemo_minitron.evaluate.multiple_choice import accuracy, evaluate_tasks, score_items
 from nemo_minitron.evaluate.tasks import load_task
 from nemo_minitron.runtime import dist
-from nemo_minitron.runtime.stage import load_checkpoint
+from nemo_minitron.runtime.shard import load_checkpoint
 
 from tests.workers._emit import emit
 
@@ -21,14 +21,14 @@ def main(ckpt_dir, jsonl):
     items = load_task(task)
     for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)):
         dist.init(tp, pp)
-        stage, c = load_checkpoint(ckpt_dir)
+        shard, c = load_checkpoint(ckpt_dir)
         tok = c.tokenizer()
-        scores = score_items(stage, tok, items, micro_batch_size=3, progress=False)
-        trunc = score_items(stage, tok, items, micro_batch_size=3, max_length=24, progress=False)
+        scores = score_items(shard, tok, items, micro_batch_size=3, progress=False)
+        trunc = score_items(shard, tok, items, micro_batch_size=3, max_length=24, progress=False)
         row = {"layout": name, "rank": torch.distributed.get_rank(), "scores": scores,
                "scores_trunc": trunc, "acc": accuracy(items, scores)}
         if name == "dp2":
-            row["evaluate"] = evaluate_tasks(stage, tok, [task], micro_batch_size=3,
+            row["evaluate"] = evaluate_tasks(shard, tok, [task], micro_batch_size=3,
                                              progress=False)
         emit(row)
     dist.shutdown()

@@ -82,18 +82,19 @@ def save_logits(model, path):
 def main(root):
     from megatron.core import dist_checkpointing
 
-    from nemo_minitron.convert.megatron_dist import export_megatron, import_megatron
+    from nemo_minitron.convert.megatron_dist import import_megatron
     from nemo_minitron.runtime import dist
-    from nemo_minitron.runtime.stage import load_checkpoint
+    from nemo_minitron.runtime.megatron_save import export_megatron
+    from nemo_minitron.runtime.shard import load_checkpoint
 
     root = Path(root)
     rank0 = lambda: torch.distributed.get_rank() == 0  # noqa: E731
 
     # A. TP=2, PP=2
     dist.init(2, 2)
-    stage, c = load_checkpoint(root / "src")
+    shard, c = load_checkpoint(root / "src")
     emit({"rank": torch.distributed.get_rank(), "src_bytes_read": c.bytes_read})
-    save_logits(stage.model, root / "logits_src.pt")
+    save_logits(shard.model, root / "logits_src.pt")
     export_megatron(root / "src", root / "ours", tp=2, pp=2)
     model = plain_gpt(2, 2)
     save_logits(model, root / "logits_plain.pt")
@@ -116,8 +117,8 @@ def main(root):
         import_megatron(str(root / "mlm"), root / "mlm_imported")
     dist.barrier()
     for name in ("ours", "plain", "mlm"):
-        stage, _ = load_checkpoint(root / f"{name}_imported")
-        save_logits(stage.model, root / f"logits_{name}_tp1.pt")
+        shard, _ = load_checkpoint(root / f"{name}_imported")
+        save_logits(shard.model, root / f"logits_{name}_tp1.pt")
     export_megatron(root / "plain_imported", root / "student")
 
     # C. TP=2, PP=2: plain megatron-core loads the exported student

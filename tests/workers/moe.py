@@ -12,7 +12,7 @@ from nemo_minitron.config.schema import (DataConfig, ModelConfig, ParallelConfig
 from nemo_minitron.pruning.run import prune
 from nemo_minitron.runtime import dist
 from nemo_minitron.runtime.forward import gather_logits, run_forward
-from nemo_minitron.runtime.stage import load_checkpoint, save_checkpoint
+from nemo_minitron.runtime.shard import load_checkpoint, save_checkpoint
 
 from tests.workers._emit import emit
 
@@ -34,18 +34,18 @@ def main(root, data_prefix):
         dist.init(tp, pp, ep=ep)
         for fam in FAMILIES:
             ref = torch.load(f"{root}/{fam}.pt")
-            stage, c = load_checkpoint(f"{root}/{fam}")
-            n_local = sum(1 for k in stage.model.state_dict()
+            shard, c = load_checkpoint(f"{root}/{fam}")
+            n_local = sum(1 for k in shard.model.state_dict()
                           if k.startswith("decoder.layers.0.mlp.experts.local_experts.")
                           and k.endswith("linear_fc1.weight"))
-            outs = run_forward(stage, ref["batches"],
+            outs = run_forward(shard, ref["batches"],
                                lambda lg, _: {"logits": gather_logits(lg, c.arch.vocab_size)})
             emit({"layout": name, "family": fam, "rank": torch.distributed.get_rank(),
                   "local_experts": n_local,
                   "max_dlogit": (outs[0]["logits"] - ref["logits"]).abs().max().item()
                   if outs else None})
             if name == "ep2":
-                save_checkpoint(stage, f"{root}/{fam}_ep2")
+                save_checkpoint(shard, f"{root}/{fam}_ep2")
     for fam in FAMILIES:
         res = prune(prune_job(root, fam, data_prefix, ep=2))
         emit({"layout": "prune_ep2", "family": fam,

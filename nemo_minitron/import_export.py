@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from .hf import export_hf, import_hf
-from .megatron_dist import export_megatron, import_megatron, is_megatron_checkpoint
+from .convert.hf import export_hf, import_hf
+from .convert.megatron_dist import import_megatron, is_megatron_checkpoint
+from .runtime.megatron_save import export_megatron
 
 log = logging.getLogger(__name__)
 

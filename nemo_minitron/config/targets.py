@@ -1,9 +1,10 @@
 """What a pruned model keeps: the one representation of prune targets.
 
 The same dataclass is the ``prune.target`` / ``pipeline.rounds[].target`` config group, what
-:func:`~.select.make_plan` resolves against the source architecture, and a search candidate's
-architecture; only ``candidates.json`` and ``chosen.json`` hold it as a plain dict (:meth:`as_dict`).
-Torch-free, so the config schema can use it.
+:func:`~nemo_minitron.pruning.select.make_plan` resolves against the source architecture, and a
+search candidate's architecture; only ``candidates.json`` and ``chosen.json`` hold it as a plain
+dict (:meth:`as_dict`). Torch-free and in ``config/``, so the schema uses it without importing
+pruning.
 """
 
 from __future__ import annotations

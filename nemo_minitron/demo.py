@@ -1,11 +1,13 @@
-"""The embedded default run's derived artifacts, made once from the installed assets.
+"""The embedded demo run's derived artifacts (the default teacher and data), made once from the
+installed assets.
 
 * the SmolLM2-135M-Instruct teacher converted from GGUF into our checkpoint format
   (dequantising takes ~25 s, so it is done once, at setup);
 * the Wikipedia sample tokenised with its tokenizer into an indexed dataset.
 
-``python -m nemo_minitron.assets install`` calls :func:`prepare` after fetching the assets; the
-paths here are the ones ``conf/model/smollm2_135m.yaml`` and ``conf/data/wiki_smollm2.yaml`` use.
+``python -m nemo_minitron.assets install`` (:mod:`.assets.__main__`) calls :func:`prepare` after
+fetching the assets; the paths here are the ones ``conf/model/smollm2_135m.yaml`` and
+``conf/data/wiki_smollm2.yaml`` use.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import assets
+from .convert.checkpoint import Checkpoint
+from .convert.hf import import_hf
+from .data.indexed import build_indexed
+from .data.sources import iter_documents
 
 CHECKPOINT = "checkpoints/smollm2-135m-instruct"
 DATASET = "data/wiki_smollm2"
@@ -33,8 +39,6 @@ def prepare() -> None:
 
     Steps whose inputs are not installed are skipped with a note.
     """
-    from .convert.hf import import_hf
-
     ckpt = checkpoint_dir()
     have = {n for n in ("smollm2", "wiki") if (assets.cache_dir() / assets.ASSETS[n].target).exists()}
     if "smollm2" not in have:
@@ -53,10 +57,6 @@ def prepare() -> None:
 
 
 def build_wiki_dataset(ckpt: Path, prefix: Path, overwrite: bool = False) -> dict:
-    from .convert.checkpoint import Checkpoint
-    from .data.indexed import build_indexed
-    from .data.sources import iter_documents
-
     wiki = assets.path("wiki")
     tok = Checkpoint(ckpt).tokenizer()
     eod = tok.convert_tokens_to_ids(EOD_TOKEN)

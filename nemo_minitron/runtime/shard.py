@@ -1,9 +1,11 @@
-"""This rank's pipeline stage of a model: build it, fill it from a checkpoint, save it back.
+"""This rank's shard of a model (its pipeline stage's layers, its tensor- and expert-parallel
+slices): build it, fill it from a checkpoint, save it back.
 
-A :class:`Stage` is the narrow interface the rest of the package uses: the megatron-core module,
-the :class:`Arch` it was built from and which global layers it holds. Loading reads only this
-stage's tensors from the checkpoint and slices this rank's tensor-parallel shard; saving gathers
-TP shards, and every pipeline stage writes its own safetensors file (data-parallel rank 0 only).
+A :class:`ModelShard` is the narrow interface the rest of the package uses: the megatron-core
+module, the :class:`Arch` it was built from and which global layers it holds. Loading reads only
+this pipeline stage's tensors from the checkpoint and slices this rank's tensor-parallel part;
+saving gathers TP parts, and every pipeline stage writes its own safetensors file (data-parallel
+rank 0 only).
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from .collectives import all_gather, all_gather_objects
 from . import model as rmodel
 from . import sharded_save
 
+# megatron-core is imported inside the functions that use it: importing it takes seconds, and this
+# module is imported (by the stages, preflight, the tests) long before a model is built.
+
 
 @dataclass
-class Stage:
+class ModelShard:
     model: torch.nn.Module
     arch: Arch
     config: object
@@ -40,8 +45,8 @@ class Stage:
         return self.config.tensor_model_parallel_size
 
 
-def build_stage(arch: Arch, dtype: str = "fp32", use_te: bool | None = None,
-                init_weights: bool = True, fp8: str | None = None) -> Stage:
+def build_shard(arch: Arch, dtype: str = "fp32", use_te: bool | None = None,
+                init_weights: bool = True, fp8: str | None = None) -> ModelShard:
     """``fp8``: TransformerConfig's FP8 format ("hybrid", "e4m3"); megatron-core applies it only
     through Transformer Engine modules, so it needs the TE spec."""
     from megatron.core import parallel_state as ps
@@ -61,20 +66,20 @@ def build_stage(arch: Arch, dtype: str = "fp32", use_te: bool | None = None,
     model = rmodel.build_gpt(arch, config, pre, post, use_te=te)
     offset = get_transformer_layer_offset(config)
     layers = range(offset, offset + arch.num_layers // pp)
-    return Stage(model, arch, config, layers, pre, post, te)
+    return ModelShard(model, arch, config, layers, pre, post, te)
 
 
-def load_state(stage: Stage, get, get_part=None) -> None:
-    """Fill ``stage`` from canonical tensors fetched by ``get(name)`` (TP shards by
+def load_state(shard: ModelShard, get, get_part=None) -> None:
+    """Fill ``shard`` from canonical tensors fetched by ``get(name)`` (TP shards by
     ``get_part(name, dim, rank, parts)`` when given: a checkpoint's sliced reads)."""
     from megatron.core import parallel_state as ps
 
-    sd = to_megatron(get, stage.arch, tp_rank=ps.get_tensor_model_parallel_rank(),
-                     tp_size=stage.tp_size, layers=stage.layers, pre_process=stage.pre_process,
-                     post_process=stage.post_process, te=stage.te, get_part=get_part,
+    sd = to_megatron(get, shard.arch, tp_rank=ps.get_tensor_model_parallel_rank(),
+                     tp_size=shard.tp_size, layers=shard.layers, pre_process=shard.pre_process,
+                     post_process=shard.post_process, te=shard.te, get_part=get_part,
                      ep_rank=ps.get_expert_model_parallel_rank(),
                      ep_size=ps.get_expert_model_parallel_world_size())
-    own = stage.model.state_dict()
+    own = shard.model.state_dict()
     missing = [k for k in own if k not in sd and not k.endswith("_extra_state")]
     if missing:
         raise RuntimeError(f"weight map left model tensors unset: {missing[:5]}")
@@ -87,19 +92,19 @@ def load_state(stage: Stage, get, get_part=None) -> None:
             own[k].copy_(v)
 
 
-def load_checkpoint(path, dtype: str = "fp32", use_te: bool | None = None) -> tuple[Stage, ckpt.Checkpoint]:
+def load_checkpoint(path, dtype: str = "fp32", use_te: bool | None = None) -> tuple[ModelShard, ckpt.Checkpoint]:
     c = ckpt.Checkpoint(path).verify()  # a damaged checkpoint fails here, before building
-    stage = build_stage(c.arch, dtype, use_te, init_weights=False)
-    load_state(stage, c.get, c.get_part)  # each TP rank reads only its slices
-    return stage, c
+    shard = build_shard(c.arch, dtype, use_te, init_weights=False)
+    load_state(shard, c.get, c.get_part)  # each TP rank reads only its slices
+    return shard, c
 
 
-def gather_canonical(stage: Stage) -> dict[str, torch.Tensor] | None:
-    """Canonical tensors of this stage on TP rank 0 (None elsewhere); all TP ranks must call."""
+def gather_canonical(shard: ModelShard) -> dict[str, torch.Tensor] | None:
+    """Canonical tensors of this shard on TP rank 0 (None elsewhere); all TP ranks must call."""
     from megatron.core import parallel_state as ps
 
-    sd = _gather_experts(sharded_save.local_state(stage))
-    tp = stage.tp_size
+    sd = _gather_experts(sharded_save.local_state(shard))
+    tp = shard.tp_size
     if tp == 1:
         shards = [sd]
     else:
@@ -111,8 +116,8 @@ def gather_canonical(stage: Stage) -> dict[str, torch.Tensor] | None:
                 shards[r][k] = parts[r]
     if ps.get_tensor_model_parallel_rank() != 0:
         return None
-    return from_megatron(shards, stage.arch, layers=stage.layers, pre_process=stage.pre_process,
-                         post_process=stage.post_process, te=stage.te)
+    return from_megatron(shards, shard.arch, layers=shard.layers, pre_process=shard.pre_process,
+                         post_process=shard.post_process, te=shard.te)
 
 
 _LOCAL_EXPERT = re.compile(r"(.*\.local_experts\.)(\d+)(\..*)")
@@ -138,30 +143,30 @@ def _gather_experts(sd: dict) -> dict:
     return out
 
 
-def _write_gathered(stage: Stage, tmp: Path, transform) -> dict[str, str]:
+def _write_gathered(shard: ModelShard, tmp: Path, transform) -> dict[str, str]:
     """The canonical layout: this stage's whole tensors, gathered over TP, written by TP and
     DP rank 0 to the stage's file; returns its weight map ({} on other ranks)."""
     from megatron.core import parallel_state as ps
 
-    canonical = gather_canonical(stage)
+    canonical = gather_canonical(shard)
     if canonical is not None and transform is not None:
         canonical = transform(canonical)
-    if canonical is not None and not stage.pre_process:
-        canonical.pop(EMBED, None)  # a tied embedding is stored once, by the first stage
+    if canonical is not None and not shard.pre_process:
+        canonical.pop(EMBED, None)  # a tied embedding is stored once, by the first shard
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     if canonical is None or ps.get_data_parallel_rank() != 0:
         return {}
     return ckpt.write_shard(tmp, ckpt.shard_name(pp_rank, pp), canonical)
 
 
-def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | None = None,
+def save_checkpoint(shard: ModelShard, path, *, tokenizer=None, provenance: dict | None = None,
                     overwrite: bool = False, arch: Arch | None = None,
                     transform: Callable[[dict], dict] | None = None,
                     extra_files: dict[str, Callable[[Path], None]] | None = None,
                     per_rank: Callable[[Path], None] | None = None, sharded: bool = False) -> Path:
     """Collective save: every rank calls; each pipeline stage writes one shard file.
 
-    ``transform`` maps this stage's canonical tensors to what is written (pruning passes the
+    ``transform`` maps this shard's canonical tensors to what is written (pruning passes the
     plan's slicing here, with ``arch`` the resulting architecture). ``extra_files``: name ->
     writer(path), called on rank 0 inside the temporary directory before it is committed.
     ``per_rank(tmp_dir)``: called on every rank before the commit (training state files).
@@ -180,18 +185,18 @@ def save_checkpoint(stage: Stage, path, *, tokenizer=None, provenance: dict | No
     if err:
         raise FileExistsError(err)
     try:
-        wmap = sharded_save.write_local(stage, tmp) if sharded else \
-            _write_gathered(stage, tmp, transform)
+        wmap = sharded_save.write_local(shard, tmp) if sharded else \
+            _write_gathered(shard, tmp, transform)
         if per_rank is not None:
             per_rank(tmp)
         maps = all_gather_objects(wmap)
         if rank0:
             ckpt.save_tokenizer(tmp, tokenizer)
             if sharded:
-                sharded_save.write_index(tmp, arch or stage.arch, maps, provenance or {})
+                sharded_save.write_index(tmp, arch or shard.arch, maps, provenance or {})
             else:
                 merged = {k: v for m in maps for k, v in m.items()}
-                ckpt.write_meta(tmp, arch or stage.arch, merged, provenance or {})
+                ckpt.write_meta(tmp, arch or shard.arch, merged, provenance or {})
             for name, writer in (extra_files or {}).items():
                 writer(tmp / name)
             atomic.commit_dir(tmp, final)
