@@ -24,21 +24,15 @@ from tqdm import tqdm
 
 @dataclass(frozen=True)
 class Parallel:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    ep: int = 1
-    rank: int = 0
-    world_size: int = 1
-    tp_rank: int = 0
-    pp_rank: int = 0
-    dp_rank: int = 0
+    """Sizes and this process's ranks (tensor, pipeline, data, expert parallel), its device and
+    the process groups collectives run over (``None`` in a single process)."""
+
+    tp: int = 1; pp: int = 1; dp: int = 1; ep: int = 1  # noqa: E702 - the layout, one line
+    rank: int = 0; world_size: int = 1  # noqa: E702
+    tp_rank: int = 0; pp_rank: int = 0; dp_rank: int = 0  # noqa: E702
     device: str = "cpu"
-    tp_group: Any = None
-    pp_group: Any = None
-    dp_group: Any = None
-    expert_dp_group: Any = None
-    ep_group: Any = None
+    tp_group: Any = None; pp_group: Any = None; dp_group: Any = None  # noqa: E702
+    expert_dp_group: Any = None; ep_group: Any = None  # noqa: E702
 
     @property
     def is_rank0(self) -> bool:
