@@ -33,11 +33,6 @@ def on_rank0(write) -> None:
     dist.barrier()
 
 
-def write_json(path: Path, obj) -> None:
-    """Atomic JSON write on rank 0; all ranks return once the file is there."""
-    on_rank0(lambda: atomic.write_json(path, obj, default=str))
-
-
 class Steps:
     """Runs named recipe steps unless done; records how long each one took in this invocation
     and, with ``record`` (a JSON file, ``stage_seconds.json``), over every invocation of a resumed
