@@ -12,7 +12,6 @@ import logging
 import time
 from pathlib import Path
 
-from .artifacts import atomic
 from .artifacts.evaluation import read_eval, write_eval
 from .artifacts.pipeline_files import read_stage_seconds, write_stage_seconds
 from .convert import checkpoint as ckpt
