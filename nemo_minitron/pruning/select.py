@@ -6,7 +6,8 @@ inside each kept group (the same count per group, so GQA stays valid). Depth: dr
 the lowest Block Importance, either as one contiguous block (the minimum-sum window, as the
 paper's depth study removes contiguous blocks) or scattered; or an explicit list. Mixture of
 experts: per layer the highest-scoring experts (:func:`~..importance.scores.expert_scores`), and
-one set of neurons for all of a layer's experts by their scores aggregated over experts.
+one set of neurons for all of a layer's experts by their scores aggregated over experts, and the
+shared expert's neurons (if any) by their own scores, like a dense MLP's.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def random_importance(arch: Arch, seed: int) -> Importance:
                      {"random_seed": seed})
     if arch.is_moe:
         imp.experts = torch.rand(L, arch.num_experts, generator=g)
+    if arch.has_shared_expert:
+        imp.shared_ffn = torch.rand(L, arch.moe_shared_expert_intermediate_size, generator=g)
     return imp
 
 
@@ -75,6 +78,12 @@ def make_plan(arch: Arch, imp: Importance, targets: Targets, *, keep_layers: Opt
             raise ValueError("these importance scores have no expert scores (computed before MoE "
                              "support, or for another model); calibrate again")
         experts = [top_k(imp.experts[i], tgt.num_experts) for i in layers]
+    shared = []
+    if arch.has_shared_expert:
+        if imp.shared_ffn is None:
+            raise ValueError("these importance scores have no shared-expert scores (computed "
+                             "before shared-expert support, or for another model); calibrate again")
+        shared = [top_k(imp.shared_ffn[i], tgt.moe_shared_expert_intermediate_size) for i in layers]
     meta = {"importance": imp.meta, "contiguous": contiguous,
             "dropped_layers": [i for i in range(arch.num_layers) if i not in layers]}
-    return Plan(arch, hidden, ffn, groups, heads, layers, meta, experts)
+    return Plan(arch, hidden, ffn, groups, heads, layers, meta, experts, shared)
