@@ -42,16 +42,14 @@ def test_import_matches_transformers_and_exports_back(hf_dir, tmp_path, single_r
     on_disk = per_expert(hf.state_dict(), arch)
     assert set(c.keys()) == set(on_disk) and all(torch.equal(c.get(k), v) for k, v in on_disk.items())
     b = batch(arch.vocab_size)
+    shard, _ = load_checkpoint(c.path)
     with torch.no_grad():
         ref = hf(b["tokens"]).logits
-    shard, _ = load_checkpoint(c.path)
-    delta = (logits_of(shard, b) - ref).abs().max().item()
-    assert delta <= TOL, f"max |dlogit| = {delta}"
-    out = export_hf(str(c.path), tmp_path / "hf")
-    cfg = json.loads((out / "config.json").read_text())
+        assert (logits_of(shard, b) - ref).abs().max().item() <= TOL
+    cfg = json.loads((export_hf(str(c.path), tmp_path / "hf") / "config.json").read_text())
     assert (cfg["model_type"], cfg["shared_expert_intermediate_size"], cfg["norm_topk_prob"],
             cfg["mlp_only_layers"], cfg["decoder_sparse_step"]) == (KIND, 96, True, [], 1)
-    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(back(b["tokens"]).logits, ref)
 

@@ -99,8 +99,7 @@ class Plan:
             if len({len(x) for x in per}) != 1:
                 raise ValueError(f"plan.{name} keeps a different count in different layers; "
                                  "megatron-core layers must be uniform")
-        self._validate_experts()
-        self._validate_shared()
+        self._validate_moe_axes()
         hpg = s.heads_per_group
         for pos, (ffn, groups, heads) in enumerate(zip(self.ffn, self.groups, self.heads)):
             check("ffn", ffn, s.ffn_hidden_size)
@@ -112,24 +111,19 @@ class Plan:
             if len({len(v) for v in per_group.values()}) != 1:
                 raise ValueError(f"plan keeps an unequal number of heads per query group: {per_group}")
 
-    def _validate_experts(self) -> None:
+    def _validate_moe_axes(self) -> None:
         s = self.source
-        if not s.is_moe:
-            if self.experts:
-                raise ValueError("plan.experts given for a model without experts")
-            return
-        self._check_uniform("experts", self.experts, s.num_experts)
-        if len(self.experts[0]) < s.moe_top_k:
+        for name, present, n, what in (
+                ("experts", s.is_moe, s.num_experts, "experts"),
+                ("shared_ffn", s.has_shared_expert, s.moe_shared_expert_intermediate_size,
+                 "a shared expert")):
+            if present:
+                self._check_uniform(name, getattr(self, name), n)
+            elif getattr(self, name):
+                raise ValueError(f"plan.{name} given for a model without {what}")
+        if s.is_moe and len(self.experts[0]) < s.moe_top_k:
             raise ValueError(f"plan keeps {len(self.experts[0])} experts per layer but tokens are "
                              f"routed to moe_top_k={s.moe_top_k}; keep at least that many")
-
-    def _validate_shared(self) -> None:
-        s = self.source
-        if not s.has_shared_expert:
-            if self.shared_ffn:
-                raise ValueError("plan.shared_ffn given for a model without a shared expert")
-            return
-        self._check_uniform("shared_ffn", self.shared_ffn, s.moe_shared_expert_intermediate_size)
 
     def _check_uniform(self, name: str, per: list, n: int) -> None:
         """``per``: one sorted index list in [0, n) per kept layer, the same count in each."""

@@ -51,6 +51,14 @@ def random_importance(arch: Arch, seed: int) -> Importance:
     return imp
 
 
+def _per_layer(scores: Optional[torch.Tensor], what: str, layers: list[int], keep: int) -> list:
+    """The ``keep`` best indices of every kept layer by an MoE axis's [layers, n] scores."""
+    if scores is None:
+        raise ValueError(f"these importance scores have no {what} scores (computed before this "
+                         "axis was supported, or for another model); calibrate again")
+    return [top_k(scores[i], keep) for i in layers]
+
+
 def make_plan(arch: Arch, imp: Importance, targets: Targets, *, keep_layers: Optional[Sequence[int]] = None,
               contiguous: bool = True) -> Plan:
     tgt = targets.resolve(arch)
@@ -72,18 +80,9 @@ def make_plan(arch: Arch, imp: Importance, targets: Targets, *, keep_layers: Opt
             local = top_k(imp.heads[i][gi * hpg_src:(gi + 1) * hpg_src], hpg)
             kept += [gi * hpg_src + h for h in local]
         heads.append(kept)
-    experts = []
-    if arch.is_moe:
-        if imp.experts is None:
-            raise ValueError("these importance scores have no expert scores (computed before MoE "
-                             "support, or for another model); calibrate again")
-        experts = [top_k(imp.experts[i], tgt.num_experts) for i in layers]
-    shared = []
-    if arch.has_shared_expert:
-        if imp.shared_ffn is None:
-            raise ValueError("these importance scores have no shared-expert scores (computed "
-                             "before shared-expert support, or for another model); calibrate again")
-        shared = [top_k(imp.shared_ffn[i], tgt.moe_shared_expert_intermediate_size) for i in layers]
+    experts = _per_layer(imp.experts, "expert", layers, tgt.num_experts) if arch.is_moe else []
+    shared = _per_layer(imp.shared_ffn, "shared-expert", layers,
+                        tgt.moe_shared_expert_intermediate_size) if arch.has_shared_expert else []
     meta = {"importance": imp.meta, "contiguous": contiguous,
             "dropped_layers": [i for i in range(arch.num_layers) if i not in layers]}
     return Plan(arch, hidden, ffn, groups, heads, layers, meta, experts, shared)
