@@ -52,6 +52,9 @@ class Arch:
     """Experts each token is sent to: the k largest of the softmax over all experts."""
     moe_renorm: bool = False
     """The k routing weights are rescaled to sum to one (Mixtral; Qwen3-MoE's norm_topk_prob)."""
+    moe_shared_expert_intermediate_size: int = 0
+    """Width of the one shared expert every MoE layer adds for every token, its output scaled by
+    a per-token sigmoid gate (Qwen2-MoE's shared_expert_intermediate_size); 0: none."""
 
     def __post_init__(self):
         self.validate()
@@ -79,13 +82,15 @@ class Arch:
             raise ValueError(f"arch.rotary_fraction={self.rotary_fraction} must be in (0, 1] and "
                              f"rotate an even number of head_dim={self.head_dim} dims")
         fam = FAMILIES[self.model_type]
-        if fam.features() != (self.norm, self.mlp, self.qkv_bias, self.qk_norm, self.is_moe):
+        if fam.features() != (self.norm, self.mlp, self.qkv_bias, self.qk_norm, self.is_moe,
+                              self.has_shared_expert):
             raise ValueError(
                 f"arch.model_type={self.model_type!r} has norm={fam.norm}, mlp={fam.mlp}, "
-                f"qkv_bias={fam.qkv_bias}, qk_norm={fam.qk_norm}, experts={fam.moe}, but the arch "
-                f"says norm={self.norm}, mlp={self.mlp}, qkv_bias={self.qkv_bias}, qk_norm="
-                f"{self.qk_norm}, num_experts={self.num_experts}; set the fields as the family has "
-                "them (nemo_minitron/families.py)")
+                f"qkv_bias={fam.qkv_bias}, qk_norm={fam.qk_norm}, experts={fam.moe}, shared "
+                f"expert={fam.shared_expert}, but the arch says norm={self.norm}, mlp={self.mlp}, "
+                f"qkv_bias={self.qkv_bias}, qk_norm={self.qk_norm}, num_experts={self.num_experts}"
+                f", moe_shared_expert_intermediate_size={self.moe_shared_expert_intermediate_size}"
+                "; set the fields as the family has them (nemo_minitron/families.py)")
         if self.is_moe:
             self._validate_moe(fam)
         if self.rotary_fraction != 1.0 and not fam.partial_rotary:
@@ -113,6 +118,10 @@ class Arch:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def has_shared_expert(self) -> bool:
+        return self.moe_shared_expert_intermediate_size > 0
+
     def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
         """Raise if this architecture cannot be laid out over ``tp`` x ``pp`` (x ``ep``) ranks."""
         if ep > 1 and not self.is_moe:
@@ -126,9 +135,10 @@ class Arch:
         if self.num_query_groups % tp:
             raise ValueError(f"num_query_groups={self.num_query_groups} is not divisible by "
                              f"parallel.tp={tp}; pick a tp that divides it")
-        if self.ffn_hidden_size % tp:
-            raise ValueError(f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by "
-                             f"parallel.tp={tp}; pick a tp that divides it")
+        for name in ("ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            if getattr(self, name) % tp:
+                raise ValueError(f"{name}={getattr(self, name)} is not divisible by "
+                                 f"parallel.tp={tp}; pick a tp that divides it")
         if self.num_layers % pp:
             raise ValueError(f"num_layers={self.num_layers} is not divisible by parallel.pp={pp}; "
                              "pick a pp that divides it")
@@ -150,8 +160,9 @@ class Arch:
         return self._count(self.num_experts, embeddings)
 
     def num_active_params(self, embeddings: bool = True) -> int:
-        """Parameters one token passes through: the router and ``moe_top_k`` experts of each
-        layer instead of all experts (= :meth:`num_params` for a dense model)."""
+        """Parameters one token passes through: the router, ``moe_top_k`` experts and the shared
+        expert (with its gate) of each layer instead of all experts (= :meth:`num_params` for a
+        dense model)."""
         return self._count(self.moe_top_k, embeddings)
 
     def _count(self, experts: int, embeddings: bool) -> int:
@@ -162,6 +173,8 @@ class Arch:
         mlp = (3 if self.mlp == "swiglu" else 2) * h * self.ffn_hidden_size
         if self.is_moe:  # experts of the same width, plus the router's [experts, hidden]
             mlp = experts * mlp + self.num_experts * h
+        if self.has_shared_expert:  # gate/up/down and the gate score's [1, hidden]
+            mlp += 3 * h * self.moe_shared_expert_intermediate_size + h
         norm = 2 * h if self.norm == "layernorm1p" else h  # LayerNorm carries a bias
         per_layer = attn + mlp + 2 * norm
         total = self.num_layers * per_layer + norm  # final norm

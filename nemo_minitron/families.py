@@ -1,7 +1,7 @@
 """The model families we read and write: one table that arch, weight maps and HF configs consult.
 
 A family is a Hugging Face ``model_type`` and the pieces of the decoder it fixes. Everything else
-(sizes, GQA, RoPE base and scaling, tied embeddings, expert counts) is a free
+(sizes, GQA, RoPE base and scaling, tied embeddings, expert counts and widths) is a free
 :class:`~nemo_minitron.arch.Arch` field. Adding a family is a row here, its config class in :mod:`.convert.hf_config`, and a
 tiny random model in ``tests/conftest.py``.
 
@@ -21,6 +21,9 @@ MoE families route every token to ``moe_top_k`` of ``num_experts`` SwiGLU expert
 (softmax over all experts, top-k; Mixtral renormalises the k weights to sum to one, Qwen3-MoE when
 its ``norm_topk_prob`` says so). Their checkpoints keep one tensor per expert under the hub's names
 (``expert_keys``), which is what ``save_pretrained`` writes and ``from_pretrained`` reads.
+Qwen2-MoE adds to every MoE layer one shared expert, a SwiGLU MLP of its own width that every
+token passes through, its output scaled by ``sigmoid(shared_expert_gate(x))`` per token
+(``shared_keys``); megatron-core's ``SharedExpertMLP`` with ``moe_shared_expert_gate`` is the same.
 """
 
 from __future__ import annotations
@@ -70,6 +73,13 @@ class Family:
     expert_width_field: str = "intermediate_size"
     """The config field of each expert's width (Qwen3-MoE's dense intermediate_size builds
     nothing when every layer is MoE)."""
+    shared_keys: tuple = ()
+    """Per-layer names of the sigmoid-gated shared expert's (gate, up, down, gate-score)
+    weights; empty: the family has no shared expert."""
+
+    @property
+    def shared_expert(self) -> bool:
+        return bool(self.shared_keys)
 
     @property
     def hidden_act(self) -> str:
@@ -80,12 +90,14 @@ class Family:
         return copy.deepcopy(dict(self.hf_fields))
 
     def features(self) -> tuple:
-        return (self.norm, self.mlp, self.qkv_bias, self.qk_norm, self.moe)
+        return (self.norm, self.mlp, self.qkv_bias, self.qk_norm, self.moe, self.shared_expert)
 
 
 _NO_BIAS = (("attention_bias", False), ("mlp_bias", False))
 # every layer is MoE and the exported config asks for no auxiliary loss (output_router_logits)
 _ALL_MOE = (("decoder_sparse_step", 1), ("mlp_only_layers", []), ("output_router_logits", False))
+_QWEN_EXPERTS = ("mlp.gate.weight", "mlp.experts.{}.gate_proj.weight",
+                 "mlp.experts.{}.up_proj.weight", "mlp.experts.{}.down_proj.weight")
 
 
 FAMILIES = {f.model_type: f for f in (
@@ -105,8 +117,13 @@ FAMILIES = {f.model_type: f for f in (
     Family("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True, moe=True,
            expert_width_field="moe_intermediate_size",
            hf_fields=(("use_sliding_window", False), ("attention_bias", False), *_ALL_MOE),
-           expert_keys=("mlp.gate.weight", "mlp.experts.{}.gate_proj.weight",
-                        "mlp.experts.{}.up_proj.weight", "mlp.experts.{}.down_proj.weight")),
+           expert_keys=_QWEN_EXPERTS),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", qkv_bias=True, moe=True,
+           expert_width_field="moe_intermediate_size",
+           hf_fields=(("use_sliding_window", False), ("qkv_bias", True), *_ALL_MOE),
+           expert_keys=_QWEN_EXPERTS, shared_keys=(
+               "mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight",
+               "mlp.shared_expert.down_proj.weight", "mlp.shared_expert_gate.weight")),
 )}
 
 
@@ -123,7 +140,7 @@ def export_family(arch) -> Family:
     shape, else the first family with the same pieces whose config accepts an explicit head_dim
     (a pruned Llama, hidden != heads * head_dim, loads as Mistral)."""
     own = family(arch.model_type)
-    want = (arch.norm, arch.mlp, arch.qkv_bias, arch.qk_norm, arch.num_experts > 0)
+    want = (arch.norm, arch.mlp, arch.qkv_bias, arch.qk_norm, arch.is_moe, arch.has_shared_expert)
     square = arch.hidden_size == arch.num_attention_heads * arch.head_dim
     for f in (own, *FAMILIES.values()):
         if f.features() == want and (square or f.explicit_head_dim) and (

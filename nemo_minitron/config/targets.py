@@ -38,12 +38,17 @@ class Targets(Mapping):
     num_experts: Optional[int] = None
     """MoE experts per layer to keep (at least the model's moe_top_k); ffn_hidden_size is then
     each expert's width."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Neurons of the MoE layers' shared expert to keep (Qwen2-MoE)."""
 
     @classmethod
     def of(cls, arch: Arch) -> "Targets":
-        """Every size of ``arch`` (the experts only for a mixture-of-experts model)."""
+        """Every size of ``arch`` (the experts, and the shared expert's width, only for a
+        mixture-of-experts model that has them)."""
+        shared = arch.moe_shared_expert_intermediate_size
         return cls(**{k: getattr(arch, k) for k in _SIZES},
-                   num_experts=arch.num_experts if arch.is_moe else None)
+                   num_experts=arch.num_experts if arch.is_moe else None,
+                   moe_shared_expert_intermediate_size=shared if shared else None)
 
     def as_dict(self) -> dict:
         """The set fields, as candidates.json and chosen.json store them."""
@@ -75,6 +80,7 @@ class Targets(Mapping):
                     f"{arch.moe_top_k}, {arch.num_experts}]: every token is routed to "
                     f"{arch.moe_top_k} experts, and pruning cannot add experts")
             out["num_experts"] = self.num_experts
+        out.update(self._resolve_shared(arch))
         for name in _SIZES:
             src, tgt = getattr(arch, name), getattr(self, name)
             tgt = src if tgt is None else tgt
@@ -92,3 +98,16 @@ class Targets(Mapping):
                 f"but the source has {arch.heads_per_group}: keep more groups "
                 f"(num_query_groups >= {-(-heads // arch.heads_per_group)}) or fewer heads")
         return arch.replace(**out)
+
+    def _resolve_shared(self, arch: Arch) -> dict:
+        want, src = self.moe_shared_expert_intermediate_size, arch.moe_shared_expert_intermediate_size
+        if want is None:
+            return {}
+        if not src:
+            raise ValueError(f"prune.target.moe_shared_expert_intermediate_size={want}: the source "
+                             "model has no shared expert; leave it unset")
+        if not 0 < want <= src:
+            raise ValueError(f"prune.target.moe_shared_expert_intermediate_size={want} must be in "
+                             f"[1, {src}] (the source's shared expert width); pruning cannot grow "
+                             "a model")
+        return {"moe_shared_expert_intermediate_size": want}

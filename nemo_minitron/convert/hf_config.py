@@ -79,8 +79,16 @@ def _refuse_unsupported(d: dict, model_type: str) -> None:
         raise ValueError(f"config mlp_only_layers={d.get('mlp_only_layers')}, decoder_sparse_step="
                          f"{d.get('decoder_sparse_step', 1)}: dense layers between MoE layers are "
                          "not supported; every layer must be MoE (mlp_only_layers=[], step 1)")
-    if fam.moe and d.get("shared_expert_intermediate_size"):
-        raise ValueError("config shared_expert_intermediate_size: shared experts are not supported")
+    if fam.moe and not fam.shared_expert and d.get("shared_expert_intermediate_size"):
+        raise ValueError(f"config shared_expert_intermediate_size: {model_type} has no shared "
+                         "expert; remove the field")
+    if fam.shared_expert and not d.get("shared_expert_intermediate_size", 0) > 0:
+        raise ValueError(f"config shared_expert_intermediate_size="
+                         f"{d.get('shared_expert_intermediate_size')}: {model_type} needs a "
+                         "positive shared expert width")
+    if fam.qkv_bias and d.get("qkv_bias", True) is False:
+        raise ValueError(f"config qkv_bias=false is not supported for {model_type}; only "
+                         "checkpoints with q/k/v biases (qkv_bias=true) import")
 
 
 def _moe_fields(d: dict, fam) -> dict:
@@ -93,7 +101,9 @@ def _moe_fields(d: dict, fam) -> dict:
                          "num_experts_per_tok")
     renorm = fam.moe_renorm if fam.moe_renorm is not None else bool(d.get("norm_topk_prob", False))
     return dict(num_experts=experts, moe_top_k=d["num_experts_per_tok"], moe_renorm=renorm,
-                ffn_hidden_size=d.get("moe_intermediate_size") or d["intermediate_size"])
+                ffn_hidden_size=d.get("moe_intermediate_size") or d["intermediate_size"],
+                moe_shared_expert_intermediate_size=d.get("shared_expert_intermediate_size", 0)
+                if fam.shared_expert else 0)
 
 
 def _moe_config(arch: Arch, fam) -> dict:
@@ -105,6 +115,8 @@ def _moe_config(arch: Arch, fam) -> dict:
            fam.expert_width_field: arch.ffn_hidden_size}
     if fam.moe_renorm is None:
         out["norm_topk_prob"] = arch.moe_renorm
+    if fam.shared_expert:
+        out["shared_expert_intermediate_size"] = arch.moe_shared_expert_intermediate_size
     return out
 
 

@@ -18,6 +18,8 @@ names (:attr:`~nemo_minitron.families.Family.expert_keys`); in megatron each exp
 specs (the router needs its output). With expert parallelism rank ``e`` holds experts
 ``e*E/ep .. (e+1)*E/ep - 1`` as its local experts ``0..E/ep-1``. :func:`from_megatron` expects
 every expert of a layer in its shards (EP ranks gathered first, local numbers made global).
+A shared expert (Qwen2-MoE) is ``mlp.shared_experts``: a TP-sharded SwiGLU MLP like a dense one,
+on every EP rank, with its sigmoid gate's [1, hidden] ``gate_weight`` replicated.
 These functions are pure: tensors in, tensors out.
 """
 
@@ -58,9 +60,15 @@ def expert_keys(arch: Arch, j: int) -> tuple[str, str, str]:
     return tuple(k.format(j) for k in family(arch.model_type).expert_keys[1:])
 
 
+def shared_keys(arch: Arch) -> tuple[str, ...]:
+    """Canonical suffixes of the shared expert's (gate, up, down, gate score); () without one."""
+    return family(arch.model_type).shared_keys if arch.has_shared_expert else ()
+
+
 def mlp_suffixes(arch: Arch) -> list[str]:
     if arch.is_moe:
-        return [router_key(arch)] + [k for j in range(arch.num_experts) for k in expert_keys(arch, j)]
+        return [router_key(arch)] + [k for j in range(arch.num_experts) for k in expert_keys(arch, j)
+                                     ] + list(shared_keys(arch))
     return (["mlp.gate_proj.weight"] if arch.mlp == "swiglu" else []) + [
         "mlp.up_proj.weight", "mlp.down_proj.weight"]
 
@@ -116,6 +124,9 @@ def canonical_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
         for j in range(arch.num_experts):
             gate, up, down = expert_keys(arch, j)
             per_layer.update({gate: (f, h), up: (f, h), down: (h, f)})
+    if arch.has_shared_expert:
+        fs = arch.moe_shared_expert_intermediate_size
+        per_layer.update(zip(shared_keys(arch), ((fs, h), (fs, h), (h, fs), (1, h))))
     fixed = {EMBED: (v, h), FINAL_NORM: (h,), FINAL_NORM_BIAS: (h,), LM_HEAD: (v, h)}
     return {k: fixed[k] if k in fixed else per_layer[k.split(".", 3)[3]]
             for k in canonical_keys(arch)}
@@ -155,6 +166,13 @@ def split_qkv(fused: torch.Tensor, arch: Arch, groups: int | None = None):
 def _norm_name(arch: Arch, names: tuple, te: bool) -> str:
     # an MoE layer keeps its pre-MLP norm separate under the TE spec too
     return names[0] if arch.is_moe and names[0].startswith("pre_mlp") else names[int(te)]
+
+
+def _swiglu_to(shard: Callable[[str, int], torch.Tensor], prefix: str, names) -> dict:
+    """The SwiGLU MLP at ``prefix`` of one TP rank from canonical (gate, up, down)."""
+    gate, up, down = names
+    return {prefix + "linear_fc1.weight": torch.cat([shard(gate, 0), shard(up, 0)]),
+            prefix + "linear_fc2.weight": shard(down, 1)}
 
 
 def to_megatron(get: Callable[[str], torch.Tensor], arch: Arch, *, tp_rank: int, tp_size: int,
@@ -208,10 +226,12 @@ def to_megatron(get: Callable[[str], torch.Tensor], arch: Arch, *, tp_rank: int,
             out[m + "mlp.router.weight"] = get(p + router_key(arch))
             per_rank = arch.num_experts // ep_size
             for k in range(per_rank):
-                gate, up, down = (p + x for x in expert_keys(arch, ep_rank * per_rank + k))
-                e = m + f"mlp.experts.local_experts.{k}."
-                out[e + "linear_fc1.weight"] = torch.cat([shard(gate, 0), shard(up, 0)])
-                out[e + "linear_fc2.weight"] = shard(down, 1)
+                out.update(_swiglu_to(shard, m + f"mlp.experts.local_experts.{k}.",
+                                      [p + x for x in expert_keys(arch, ep_rank * per_rank + k)]))
+            if arch.has_shared_expert:
+                gate, up, down, score = (p + x for x in shared_keys(arch))
+                out.update(_swiglu_to(shard, m + "mlp.shared_experts.", (gate, up, down)))
+                out[m + "mlp.shared_experts.gate_weight"] = get(score)
             continue
         up = shard(p + "mlp.up_proj.weight", 0)
         if arch.mlp == "swiglu":
@@ -226,6 +246,15 @@ def to_megatron(get: Callable[[str], torch.Tensor], arch: Arch, *, tp_rank: int,
         if not (arch.tie_embeddings and pre_process):
             out["output_layer.weight"] = vocab_shard(EMBED if arch.tie_embeddings else LM_HEAD)
     return out
+
+
+def _swiglu_from(shards: list[dict], prefix: str, names) -> dict[str, torch.Tensor]:
+    """Canonical (gate, up, down) of the SwiGLU MLP at ``prefix`` from its TP shards."""
+    gate, up, down = names
+    halves = [torch.chunk(s[prefix + "linear_fc1.weight"], 2, dim=0) for s in shards]
+    return {gate: torch.cat([h[0] for h in halves], dim=0),
+            up: torch.cat([h[1] for h in halves], dim=0),
+            down: torch.cat([s[prefix + "linear_fc2.weight"] for s in shards], dim=1)}
 
 
 def from_megatron(shards: list[dict[str, torch.Tensor]], arch: Arch, *, layers: Iterable[int],
@@ -266,12 +295,12 @@ def from_megatron(shards: list[dict[str, torch.Tensor]], arch: Arch, *, layers: 
         if arch.is_moe:
             out[p + router_key(arch)] = shards[0][m + "mlp.router.weight"].clone()
             for j in range(arch.num_experts):
-                gate, up, down = (p + x for x in expert_keys(arch, j))
-                e = m + f"mlp.experts.local_experts.{j}."
-                halves = [torch.chunk(s[e + "linear_fc1.weight"], 2, dim=0) for s in shards]
-                out[gate] = torch.cat([h[0] for h in halves], dim=0)
-                out[up] = torch.cat([h[1] for h in halves], dim=0)
-                out[down] = cat(e + "linear_fc2.weight", 1)
+                out.update(_swiglu_from(shards, m + f"mlp.experts.local_experts.{j}.",
+                                        (p + x for x in expert_keys(arch, j))))
+            if arch.has_shared_expert:
+                gate, up, down, score = (p + x for x in shared_keys(arch))
+                out.update(_swiglu_from(shards, m + "mlp.shared_experts.", (gate, up, down)))
+                out[score] = shards[0][m + "mlp.shared_experts.gate_weight"].clone()
         elif arch.mlp == "swiglu":
             halves = [torch.chunk(s[m + "mlp.linear_fc1.weight"], 2, dim=0) for s in shards]
             out[p + "mlp.gate_proj.weight"] = torch.cat([h[0] for h in halves], dim=0)

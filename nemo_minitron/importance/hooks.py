@@ -12,7 +12,10 @@ as additive :class:`~.scores.Moments`, so micro-batches and ranks combine by sum
 A mixture-of-experts layer has no single MLP: per local expert its routed tokens' statistics
 (:func:`~.scores.expert_token_stats`, from the expert's routing-weighted output) and the sums of
 squares of its down-projection inputs, as plain additive tensors in ``stats.sums``; its pre-MLP
-norm (the router's and the experts' input) is scored for the hidden channels.
+norm (the router's and the experts' input) is scored for the hidden channels. A shared expert's
+neurons (``shared_ffn``) are scored like a dense MLP's, from its down-projection input times the
+token's sigmoid gate: the gate scales all neurons of a token alike, so it weighs tokens by how
+much the shared expert adds to them, as routing weights do for the routed experts' neurons.
 megatron-core activations are [seq, batch, ...]; they are transposed to [batch, seq, ...] here.
 """
 
@@ -133,9 +136,21 @@ def collecting(shard, seq_agg: str = "mean_abs"):
             handles.append(e.register_forward_hook(routed(k)))
             handles.append(e.linear_fc2.register_forward_pre_hook(neurons(k)))
 
+    def shared_hooks(i, shared):
+        gates = []
+
+        def gate(module, args):  # runs first: the gate score of every token, [s, b, 1]
+            gates[:] = [torch.sigmoid(torch.nn.functional.linear(args[0], module.gate_weight))]
+
+        handles.append(shared.register_forward_pre_hook(gate))
+        handles.append(shared.linear_fc2.register_forward_pre_hook(
+            pre_hook("shared_ffn", i, lambda x: x * _bsk(gates.pop()))))
+
     for i, layer in enumerate(decoder.layers):
         if shard.arch.is_moe:
             expert_hooks(i, layer.mlp.experts.local_experts)
+            if shard.arch.has_shared_expert:
+                shared_hooks(i, layer.mlp.shared_experts)
             handles.append(layer.pre_mlp_layernorm.register_forward_hook(out_hook("hidden_mlp", i)))
         else:
             handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(pre_hook("ffn", i)))

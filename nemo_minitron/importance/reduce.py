@@ -35,18 +35,20 @@ class Importance:
     meta: dict = field(default_factory=dict)
     experts: Optional[torch.Tensor] = None  # [layers, num_experts] (MoE; ffn then scores the
     # experts' common neurons, aggregated over experts)
+    shared_ffn: Optional[torch.Tensor] = None  # [layers, moe_shared_expert_intermediate_size]
 
     def save(self, path) -> None:
         """Atomically: the search calibrates once and every candidate reads this file."""
         state = {"ffn": self.ffn, "heads": self.heads, "hidden": self.hidden,
-                 "block": self.block, "meta": self.meta, "experts": self.experts}
+                 "block": self.block, "meta": self.meta, "experts": self.experts,
+                 "shared_ffn": self.shared_ffn}
         write_file(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
     def load(cls, path) -> "Importance":
         d = torch.load(path, weights_only=True)
         return cls(d["ffn"], d["heads"], d["hidden"], d["block"], d.get("meta", {}),
-                   d.get("experts"))
+                   d.get("experts"), d.get("shared_ffn"))
 
 
 # A group of None (no torch.distributed) holds complete statistics: nothing to combine.
@@ -98,20 +100,26 @@ def reduce_stats(stats: ActivationStats, shard, batch_agg: str = "l2",
     block = torch.zeros(L, dtype=torch.float64)
     hidden = torch.zeros(arch.hidden_size, dtype=torch.float64)
     experts = None
+    shared = torch.zeros(L, arch.moe_shared_expert_intermediate_size, dtype=torch.float64)
     if arch.is_moe:
         experts, ffn = reduce_expert_stats(stats, shard, expert_score, par)
     for local, g in enumerate(shard.layers):
         if not arch.is_moe:
             ffn[g] = _gather_cat(tp_group, batch_aggregate(moments[("ffn", local)], batch_agg))
+        if arch.has_shared_expert:
+            shared[g] = _gather_cat(tp_group, batch_aggregate(moments[("shared_ffn", local)],
+                                                              batch_agg))
         heads[g] = _gather_cat(tp_group, batch_aggregate(moments[("heads", local)], batch_agg))
         block[g] = batch_aggregate(moments[("block", local)], "mean")[0]
     for (axis, _), m in moments.items():
         if axis in HIDDEN_AXES:
             hidden += batch_aggregate(m, batch_agg)
-    ffn, heads, block, hidden = (_sum_over(pp_group, t) for t in (ffn, heads, block, hidden))
+    ffn, heads, block, hidden, shared = (_sum_over(pp_group, t)
+                                         for t in (ffn, heads, block, hidden, shared))
     samples = int(_sum_over(dp_group, torch.tensor([float(stats.samples)]))[0])
     meta = {"seq_agg": stats.seq_agg, "batch_agg": batch_agg, "samples": samples}
     if experts is not None:
         experts = _sum_over(pp_group, experts).float()
         meta["expert_score"] = expert_score
-    return Importance(ffn.float(), heads.float(), hidden.float(), block.float(), meta, experts)
+    return Importance(ffn.float(), heads.float(), hidden.float(), block.float(), meta, experts,
+                      shared.float() if arch.has_shared_expert else None)

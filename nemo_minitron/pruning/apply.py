@@ -29,6 +29,8 @@ neurons are the rows of ``up_proj``. LayerNorm biases are sliced like their weig
 Mixture of experts: the router's rows are the kept experts (columns ``hidden``); each kept
 expert's gate/up/down are sliced like a dense MLP with the layer's ``ffn``, and experts are
 renumbered ``0..E'-1`` in the order kept, so router row ``e'`` still belongs to expert ``e'``.
+A shared expert is sliced like a dense MLP with the layer's ``shared_ffn``; its gate score
+``[1, hidden]`` keeps the ``hidden`` columns.
 
 Kept layers are renumbered ``0..L'-1`` in the order of ``plan.layers``.
 """
@@ -40,7 +42,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 import torch
 
 from ..convert.weights import (EMBED, LAYER, LM_HEAD, canonical_keys, expert_keys, final_norm_keys,
-                               layer_suffixes, mlp_suffixes, router_key)
+                               layer_suffixes, mlp_suffixes, router_key, shared_keys)
 from .plan import Plan
 
 Tensors = Union[Mapping[str, torch.Tensor], Callable[[str], torch.Tensor]]
@@ -156,13 +158,22 @@ def _prune_layer(plan: Plan, get, s: int, new: int, hid) -> dict[str, torch.Tens
         kept = plan.layer_experts(s)
         out[n + router_key(src)] = _take(get(p + router_key(src), (src.num_experts, h)),
                                          _index(kept, src.num_experts), hid)
-        # gate, up: rows ffn, columns hidden; down: rows hidden, columns ffn
-        how = (((ffn, h), mlp, hid), ((ffn, h), mlp, hid), ((h, ffn), hid, mlp))
         for new_e, old in enumerate(kept):
-            pairs = zip(expert_keys(src, old), expert_keys(src, new_e), how)
+            pairs = zip(expert_keys(src, old), expert_keys(src, new_e), _swiglu_rules(ffn, h, mlp, hid))
             for a, b, (shape, rows, cols) in pairs:
                 out[n + b] = _take(get(p + a, shape), rows, cols)
+    if src.has_shared_expert:
+        fs = src.moe_shared_expert_intermediate_size
+        rules = (*_swiglu_rules(fs, h, _index(plan.layer_shared(s), fs), hid), ((1, h), None, hid))
+        for key, (shape, rows, cols) in zip(shared_keys(src), rules):
+            out[n + key] = _take(get(p + key, shape), rows, cols)
     return out
+
+
+def _swiglu_rules(ffn: int, h: int, neurons, hid) -> tuple:
+    """(source shape, kept rows, kept columns) of a SwiGLU MLP's gate and up (rows: neurons,
+    columns: hidden) and down (rows: hidden, columns: neurons)."""
+    return (((ffn, h), neurons, hid), ((ffn, h), neurons, hid), ((h, ffn), hid, neurons))
 
 
 def apply_plan(plan: Plan, tensors: Tensors, *, layers: Optional[Iterable[int]] = None,

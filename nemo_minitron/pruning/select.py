@@ -6,7 +6,8 @@ inside each kept group (the same count per group, so GQA stays valid). Depth: dr
 the lowest Block Importance, either as one contiguous block (the minimum-sum window, as the
 paper's depth study removes contiguous blocks) or scattered; or an explicit list. Mixture of
 experts: per layer the highest-scoring experts (:func:`~..importance.scores.expert_scores`), and
-one set of neurons for all of a layer's experts by their scores aggregated over experts.
+one set of neurons for all of a layer's experts by their scores aggregated over experts, and the
+shared expert's neurons (if any) by their own scores, like a dense MLP's.
 """
 
 from __future__ import annotations
@@ -45,7 +46,17 @@ def random_importance(arch: Arch, seed: int) -> Importance:
                      {"random_seed": seed})
     if arch.is_moe:
         imp.experts = torch.rand(L, arch.num_experts, generator=g)
+    if arch.has_shared_expert:
+        imp.shared_ffn = torch.rand(L, arch.moe_shared_expert_intermediate_size, generator=g)
     return imp
+
+
+def _per_layer(scores: Optional[torch.Tensor], what: str, layers: list[int], keep: int) -> list:
+    """The ``keep`` best indices of every kept layer by an MoE axis's [layers, n] scores."""
+    if scores is None:
+        raise ValueError(f"these importance scores have no {what} scores (computed before this "
+                         "axis was supported, or for another model); calibrate again")
+    return [top_k(scores[i], keep) for i in layers]
 
 
 def make_plan(arch: Arch, imp: Importance, targets: Targets, *, keep_layers: Optional[Sequence[int]] = None,
@@ -69,12 +80,9 @@ def make_plan(arch: Arch, imp: Importance, targets: Targets, *, keep_layers: Opt
             local = top_k(imp.heads[i][gi * hpg_src:(gi + 1) * hpg_src], hpg)
             kept += [gi * hpg_src + h for h in local]
         heads.append(kept)
-    experts = []
-    if arch.is_moe:
-        if imp.experts is None:
-            raise ValueError("these importance scores have no expert scores (computed before MoE "
-                             "support, or for another model); calibrate again")
-        experts = [top_k(imp.experts[i], tgt.num_experts) for i in layers]
+    experts = _per_layer(imp.experts, "expert", layers, tgt.num_experts) if arch.is_moe else []
+    shared = _per_layer(imp.shared_ffn, "shared-expert", layers,
+                        tgt.moe_shared_expert_intermediate_size) if arch.has_shared_expert else []
     meta = {"importance": imp.meta, "contiguous": contiguous,
             "dropped_layers": [i for i in range(arch.num_layers) if i not in layers]}
-    return Plan(arch, hidden, ffn, groups, heads, layers, meta, experts)
+    return Plan(arch, hidden, ffn, groups, heads, layers, meta, experts, shared)

@@ -40,7 +40,8 @@ def moe_config(arch: Arch, ep: int = 1, aux_loss_coeff: float = 0.0) -> dict:
     probabilities as they are. Auxiliary load-balancing losses are off unless
     ``aux_loss_coeff`` > 0 (distillation and pruning should not reshape routing). Tokens move
     with the all-gather dispatcher on CPU (gloo): the all-to-all one allocates a CUDA stream in
-    its constructor; on GPUs all-to-all is megatron's choice for expert parallelism.
+    its constructor; on GPUs all-to-all is megatron's choice for expert parallelism. A shared
+    expert (Qwen2-MoE) is megatron's ``SharedExpertMLP`` with its sigmoid gate.
     """
     if not arch.is_moe:
         return {}
@@ -56,6 +57,8 @@ def moe_config(arch: Arch, ep: int = 1, aux_loss_coeff: float = 0.0) -> dict:
         moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
         moe_grouped_gemm=False,
         expert_model_parallel_size=ep,
+        moe_shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size or None,
+        moe_shared_expert_gate=arch.has_shared_expert,
     )
 
 

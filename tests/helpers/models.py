@@ -8,8 +8,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, MixtralConfig, MixtralForCausalLM, NemotronConfig,
                           NemotronForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
-                          Qwen3MoeForCausalLM)
+                          Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.hf import export_hf
@@ -70,6 +70,15 @@ def tiny_hf(kind: str = "gqa", seed: int = 0):
                                                    num_experts_per_tok=2, moe_intermediate_size=64,
                                                    norm_topk_prob=False, use_sliding_window=False))
         _moe_randomize(model)
+    elif kind == "qwen2_moe":  # q/k/v biases, 8 experts of width 64, top-2 renormalised, and a
+        # sigmoid-gated shared expert of width 96
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**base, num_experts=8, num_experts_per_tok=2,
+                                                   moe_intermediate_size=64, norm_topk_prob=True,
+                                                   shared_expert_intermediate_size=96,
+                                                   use_sliding_window=False))
+        _moe_randomize(model)  # and biases and the shared gate away from zero: token-dependent
+        _randomize([p for n, p in model.named_parameters()
+                    if n.endswith(("proj.bias", "shared_expert_gate.weight"))], 0.0, 0.5)
     elif kind == "llama_pruned":  # hidden 512 with 6 heads of 64, as ModelOpt/Bridge export it;
         # stock LlamaConfig rejects it, so it is written as Mistral (same weights and math) and
         # hf_dir() relabels config.json as llama
