@@ -34,6 +34,7 @@ class Parallel:
     device: str = "cpu"
     tp_group: Any = None; pp_group: Any = None; dp_group: Any = None  # noqa: E702
     expert_dp_group: Any = None; ep_group: Any = None  # noqa: E702
+    expert_tp_group: Any = None  # the ranks that split each expert's width (megatron: = tp)
 
     @property
     def is_rank0(self) -> bool:
@@ -99,4 +100,5 @@ def current() -> Parallel:
         device=device, tp_group=ps.get_tensor_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
         expert_dp_group=ps.get_expert_data_parallel_group(),
-        ep_group=ps.get_expert_model_parallel_group())
+        ep_group=ps.get_expert_model_parallel_group(),
+        expert_tp_group=ps.get_expert_tensor_parallel_group())
