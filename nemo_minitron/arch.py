@@ -204,3 +204,18 @@ class Arch:
 
     def replace(self, **changes) -> "Arch":
         return dataclasses.replace(self, **changes)
+
+
+def check_layout(archs: dict, tp: int, pp: int, ep: int = 1) -> None:
+    """``archs`` (job field -> Arch: the models one job builds together, e.g. a student and its
+    teacher) laid out over ``tp`` x ``pp`` x ``ep``: every model at tp/pp, the experts of each
+    MoE model over ep (a dense model in the same job stays replicated over the expert-parallel
+    ranks), and ep > 1 only when some model has experts to split."""
+    if ep > 1 and not any(a.is_moe for a in archs.values()):
+        raise ValueError(f"parallel.ep={ep} needs a mixture-of-experts model ({', '.join(archs)} "
+                         "dense); set parallel.ep=1")
+    for name, a in archs.items():
+        try:
+            a.check_parallel(tp, pp, ep if a.is_moe else 1)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .arch import Arch
+from .arch import Arch, check_layout
 from .artifacts import atomic
 from .artifacts.search_files import CHOSEN, read_chosen
 from .config.schema import RoundConfig
@@ -31,6 +31,8 @@ from .distill.intermediate import check_pairs
 from .distill.layer_map import auto_pairs
 from .distill.losses import check_vocab
 from .distill.teacher_cache import check_run
+from .distill.trainer import check_expert_optimizer
+from .evaluate.run import check_evaluate
 from .evaluate.tasks import TASKS
 from .importance.reduce import Importance
 from .runtime import dist
@@ -224,7 +226,7 @@ def data(job) -> None:
 
 def evaluate(job) -> None:
     src = checkpoint(job.model.checkpoint)
-    src.arch.check_parallel(job.parallel.tp, job.parallel.pp)
+    check_evaluate(src.arch, job.parallel, job.eval)
     eval_sizes(job, data_parallel_size(job.parallel))
 
 
@@ -245,8 +247,12 @@ def prune(job) -> None:
 def train(job) -> None:
     """finetune and distill."""
     student = checkpoint(job.model.checkpoint)
-    student.arch.check_parallel(job.parallel.tp, job.parallel.pp)
     kd = getattr(job, "kd", None)
+    live = kd is not None and not kd.teacher_cache
+    check_layout({"model.checkpoint": student.arch,
+                  **({"kd.teacher": checkpoint(kd.teacher, "kd.teacher").arch} if live else {})},
+                 job.parallel.tp, job.parallel.pp, job.parallel.ep)
+    check_expert_optimizer(job)
     if kd is not None and kd.teacher_cache:
         if job.parallel.tp > 1:
             raise ValueError("kd.teacher_cache works at parallel.tp=1 for now; distill with a "
@@ -256,7 +262,6 @@ def train(job) -> None:
         kd = None  # no teacher is built: nothing of it to check
     if kd is not None:
         teacher = checkpoint(kd.teacher, "kd.teacher")
-        teacher.arch.check_parallel(job.parallel.tp, job.parallel.pp)
         try:
             check_vocab(student.arch.vocab_size, teacher.arch.vocab_size)
         except ValueError as e:

@@ -262,9 +262,12 @@ def test_expert_parallel_save_gathers_every_expert(multi_rank, kind):
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("kind", KINDS)
-def test_expert_parallel_prune_keeps_what_one_process_keeps(multi_rank, kind, single_rank):
+@pytest.mark.parametrize("layout", ["ep2", "tp2"])
+def test_parallel_prune_keeps_what_one_process_keeps(multi_rank, kind, layout, single_rank):
     """`prune` at EP=2 (calibration batches split over the two data-parallel ranks, experts over
-    the two expert-parallel ranks) plans and writes what one process does with all batches."""
+    the two expert-parallel ranks) and at TP=2 (each expert's width split over the two ranks: its
+    output norms taken from the summed partial outputs, its neurons gathered) plans and writes
+    what one process does with all batches."""
     tmp, rows = multi_rank
     job = prune_job(tmp, kind, tmp / "corpus", ep=1)
     c = ckpt.Checkpoint(tmp / kind)
@@ -272,14 +275,15 @@ def test_expert_parallel_prune_keeps_what_one_process_keeps(multi_rank, kind, si
     data = PackedSequences(tmp / "corpus", 32, split="train", valid_fraction=0.1)
     imp = calibrate(shard, batches_forward_loop(shard, data.batches(2, num_batches=4), None))
     plan = make_plan(arch, imp, Targets(num_experts=4, ffn_hidden_size=32, hidden_size=96))
-    got = Plan.load(Path(tmp) / f"{kind}_pruned_ep2" / "plan.json")
+    got = Plan.load(Path(tmp) / f"{kind}_pruned_{layout}" / "plan.json")
     assert (got.experts, got.ffn, got.hidden) == (plan.experts, plan.ffn, plan.hidden)
-    out = ckpt.Checkpoint(job.output.replace("ep1", "ep2"))
+    assert got.experts != [list(range(4))] * arch.num_layers  # chosen, not the first four
+    out = ckpt.Checkpoint(job.output.replace("ep1", layout))
     ref = apply_plan(plan, c.get)
     assert out.arch == plan.target and set(out.keys()) == set(ref)
     for k, v in ref.items():
         assert torch.allclose(out.get(k), v, atol=1e-6), k
-    row = next(r for r in rows if r["layout"] == "prune_ep2" and r["family"] == kind)
+    row = next(r for r in rows if r["layout"] == f"prune_{layout}" and r["family"] == kind)
     assert row["target_active"] == plan.target.num_active_params() < row["target_params"]
 
 
@@ -341,17 +345,3 @@ def test_load_balance_figures():
     assert (skew["moe_max_load"], skew["moe_min_load"]) == (2.0, 0.0)
     assert skew["moe_load_cv"] == pytest.approx(torch.tensor([10.0, 6, 4, 0]).std(unbiased=False).item() / 5 / 2)
 
-
-def test_moe_prune_at_tp2_is_refused_before_any_model(tmp_path):
-    """Experts' outputs are partial sums under TP until the dispatcher reduces them, so MoE
-    calibration runs at tp=1; the job says so before loading anything."""
-    from nemo_minitron.pruning.run import prune
-
-    hf = tiny_hf("qwen3_moe")
-    arch = arch_from_hf_config(hf.config)
-    ckpt.save(tmp_path / "q", arch, per_expert(hf.state_dict(), arch))
-    job = prune_job(tmp_path, "q", tmp_path / "corpus", ep=1)
-    job.parallel.tp = 2
-    with pytest.raises(ValueError, match=re.escape("parallel.tp=2: MoE importance is collected at tp=1")):
-        prune(job)
-    assert not (tmp_path / "q_pruned_ep1").exists()

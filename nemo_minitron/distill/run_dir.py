@@ -77,7 +77,7 @@ def final_meta(run_dir: Path) -> dict | None:
 
 
 def prepare(run_dir, steps: int, resume: bool, overwrite: bool, tp: int, pp: int,
-            distributed_optimizer: bool) -> Plan:
+            distributed_optimizer: bool, ep: int = 1) -> Plan:
     """Decide how this run starts (see the module docstring); raises ValueError with the fix."""
     run_dir = Path(run_dir)
     if overwrite:
@@ -100,7 +100,7 @@ def prepare(run_dir, steps: int, resume: bool, overwrite: bool, tp: int, pp: int
                          "overwrite=true to retrain, or continue from its weights in a new run "
                          f"(model.checkpoint={run_dir}/final output=<new dir>)")
     state = None if resume_from is None else train_state.check_resume(
-        resume_from, tp, pp, distributed_optimizer)
+        resume_from, tp, pp, distributed_optimizer, ep)
     return Plan(resume_from=resume_from, state=state)
 
 

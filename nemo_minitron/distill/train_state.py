@@ -35,8 +35,16 @@ def _mp_name(prefix: str, tp_rank: int, pp_rank: int) -> str:
 
 
 def _shard_name(par, prefix: str = "optim") -> str:
-    """This rank's model-parallel shard file (``par``: the run's ``Parallel`` context)."""
-    return _mp_name(prefix, par.tp_rank, par.pp_rank)
+    """This rank's model-parallel shard file (``par``: the run's ``Parallel`` context); under
+    expert parallelism each EP rank's optimizer holds other experts, so its file is its own."""
+    name = _mp_name(prefix, par.tp_rank, par.pp_rank)
+    return name.replace(EXT, f"-ep{par.ep_rank}{EXT}") if par.ep > 1 else name
+
+
+def _writes_shard(par) -> bool:
+    """One writer per model-parallel shard: DP rank 0, or under expert parallelism the first
+    replica of each EP rank's experts (expert-data-parallel rank 0)."""
+    return par.expert_dp_rank == 0 if par.ep > 1 else par.dp_rank == 0
 
 
 def _rng_name(rank: int) -> str:
@@ -55,7 +63,7 @@ def writer(par, optimizer, scheduler, step: int, samples: int, layout: dict,
     def write(tmp: Path) -> None:
         d = tmp / STATE
         d.mkdir(exist_ok=True)
-        dp0 = par.dp_rank == 0
+        dp0 = _writes_shard(par)
         if optim_state.is_distributed(optimizer):
             blob = optim_state.gather(optimizer, named_params)  # collective over DP
         else:
@@ -73,16 +81,17 @@ def writer(par, optimizer, scheduler, step: int, samples: int, layout: dict,
     return write
 
 
-def check_resume(path: Path, tp: int, pp: int, distributed_optimizer: bool) -> dict:
+def check_resume(path: Path, tp: int, pp: int, distributed_optimizer: bool, ep: int = 1) -> dict:
     """state.json of checkpoint ``path``, checked against this run's layout and optimizer before
     any model is loaded (the weights alone load at any layout; the training state does not)."""
     refuse_old_format(path)
     state = json.loads((Path(path) / STATE / "state.json").read_text())
     layout = state["layout"]
-    if (layout["tp"], layout["pp"]) != (tp, pp):
-        raise ValueError(f"{path} was written at tp={layout['tp']}, pp={layout['pp']}; optimizer "
-                         f"state resumes only at the same tp/pp (now tp={tp}, pp={pp}); the "
-                         "weights alone load at any layout")
+    saved = (layout["tp"], layout["pp"], layout.get("ep", 1))
+    if saved != (tp, pp, ep):
+        raise ValueError(f"{path} was written at tp={saved[0]}, pp={saved[1]}, ep={saved[2]}; "
+                         f"optimizer state resumes only at the same tp/pp/ep (now tp={tp}, "
+                         f"pp={pp}, ep={ep}); the weights alone load at any layout")
     saved = bool(layout.get("distributed_optimizer", False))
     if saved != distributed_optimizer:
         was, now = ("with", "without") if saved else ("without", "with")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..arch import check_layout
 from ..artifacts.metrics import METRICS, read_metrics
 from ..convert.checkpoint import Checkpoint
 from ..data.packed import PackedSequences, step_batches
@@ -71,12 +72,13 @@ def check_sources(job) -> Sources:
     The teacher is ``job.kd.teacher`` unless its top-k come from ``job.kd.teacher_cache``."""
     par, kd = job.parallel, getattr(job, "kd", None)
     student = Checkpoint(job.model.checkpoint)
-    student.arch.check_parallel(par.tp, par.pp)
     teacher_path = kd.teacher if kd is not None and not kd.teacher_cache else None
-    if teacher_path is None:
+    teacher = Checkpoint(teacher_path) if teacher_path else None
+    check_layout({"model.checkpoint": student.arch,
+                  **({"kd.teacher": teacher.arch} if teacher else {})}, par.tp, par.pp, par.ep)
+    check_expert_optimizer(job)
+    if teacher is None:
         return Sources(student, None, None, kd, None)
-    teacher = Checkpoint(teacher_path)
-    teacher.arch.check_parallel(par.tp, par.pp)
     check_vocab(student.arch.vocab_size, teacher.arch.vocab_size,
                 student.arch.padded_vocab_size(par.tp), teacher.arch.padded_vocab_size(par.tp))
     ispec = inter_mod.IntermediateSpec.from_kd(kd)
@@ -89,6 +91,15 @@ def check_sources(job) -> Sources:
     return Sources(student, teacher, teacher_path, kd, ispec if ispec.enabled else None)
 
 
+def check_expert_optimizer(job) -> None:
+    """The distributed optimizer's DP-independent checkpoints (:mod:`.optim_state`) cut its
+    shards along the data-parallel ranks; expert parameters are sharded over the smaller
+    expert-data-parallel group instead, which that format does not describe."""
+    if job.parallel.ep > 1 and job.train.distributed_optimizer:
+        raise ValueError(f"train.distributed_optimizer=true with parallel.ep={job.parallel.ep} "
+                         "is not supported; set train.distributed_optimizer=false (or ep=1)")
+
+
 def train(job, stage_name: str) -> dict:
     """Run (or resume) training of ``job`` (a DistillJob, or a FinetuneJob: no teacher, LM loss);
     writes checkpoints and the final student under job.output. ``stage_name`` goes into the
@@ -97,7 +108,7 @@ def train(job, stage_name: str) -> dict:
     src = check_sources(job)
     start = run_dir_mod.prepare(Path(job.output), tr.steps, job.resume,
                                 getattr(job, "overwrite", False), par.tp, par.pp,
-                                tr.distributed_optimizer)
+                                tr.distributed_optimizer, par.ep)
     if start.finished is not None:
         return _finished(Path(job.output), start.finished, tr.steps)
     trainer = Trainer(job, stage_name, src, start)
@@ -157,7 +168,7 @@ class Trainer:
 
     def _start_groups(self) -> None:
         tr, p = self.tr, self.job.parallel
-        self.par = par = dist.init(p.tp, p.pp, p.seed, p.timeout_s)
+        self.par = par = dist.init(p.tp, p.pp, p.seed, p.timeout_s, ep=p.ep)
         if tr.global_batch_size % (tr.micro_batch_size * par.dp):
             raise ValueError(f"train.global_batch_size={tr.global_batch_size} is not divisible by "
                              f"micro_batch_size*dp={tr.micro_batch_size}*{par.dp}")
@@ -329,7 +340,7 @@ class Trainer:
         target = self.run_dir / ("final" if final else f"checkpoints/step_{at_step:07d}")
         state = None if final else train_state.writer(
             par, self.opt, self.sched, at_step, at_step * tr.global_batch_size,
-            {"tp": par.tp, "pp": par.pp, "dp": par.dp,
+            {"tp": par.tp, "pp": par.pp, "dp": par.dp, "ep": par.ep,
              "distributed_optimizer": tr.distributed_optimizer},
             extra={"alpha": self.alpha, "skipped_steps": self.guard.skipped},
             modules={"projections": self.projections} if len(self.projections) else None,

@@ -9,6 +9,7 @@ import logging
 import time
 from pathlib import Path
 
+from ..arch import check_layout
 from ..artifacts.evaluation import write_eval
 from ..report.stages import evaluate_report
 
@@ -22,11 +23,21 @@ from .multiple_choice import evaluate_tasks
 log = logging.getLogger(__name__)
 
 
+def check_evaluate(arch, parallel, ev) -> None:
+    """The layout, checked before any model is built; downstream tasks need ep=1: their
+    micro-batches differ in number and length between data-parallel ranks, and the expert
+    dispatcher gathers tokens of equal shape from every expert-parallel rank."""
+    check_layout({"model.checkpoint": arch}, parallel.tp, parallel.pp, parallel.ep)
+    if parallel.ep > 1 and ev.tasks:
+        raise ValueError(f"eval.tasks with parallel.ep={parallel.ep} is not supported; evaluate "
+                         "tasks at parallel.ep=1 (the validation loss works at any ep)")
+
+
 def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32") -> dict:
-    Checkpoint(checkpoint).arch.check_parallel(parallel.tp, parallel.pp)
+    check_evaluate(Checkpoint(checkpoint).arch, parallel, ev)
     valid = PackedSequences(data.prefix, data.seq_length, split="valid",
                             valid_fraction=data.valid_fraction, seed=parallel.seed)
-    par = dist.init(parallel.tp, parallel.pp, parallel.seed, parallel.timeout_s)
+    par = dist.init(parallel.tp, parallel.pp, parallel.seed, parallel.timeout_s, ep=parallel.ep)
     try:
         t0 = time.time()
         shard, _ = load_checkpoint(checkpoint, dtype)

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ..runtime.collectives import all_reduce_sum
+from ..runtime.parallel import current
 from .scores import (EXPERT_STATS, Moments, block_importance, expert_token_stats, head_norms,
                      sequence_aggregate)
 
@@ -84,6 +86,15 @@ def fused_norm_output(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def whole_output(partial: torch.Tensor, expert_tp_group) -> torch.Tensor:
+    """An expert's output as one process would compute it. When tensor parallelism splits the
+    expert's width, each rank's down-projection returns a partial sum that megatron reduces only
+    after the tokens go back (in the dispatcher); a token's output norm needs the whole sum. Every
+    rank of the group runs the same experts on the same gathered tokens in the same order, so the
+    sum is taken here, per expert, on each of them."""
+    return all_reduce_sum(partial.detach().clone(), expert_tp_group)
+
+
 @contextmanager
 def collecting(shard, seq_agg: str = "mean_abs"):
     """Register the hooks on ``shard.model`` for the duration of the block; yields the stats."""
@@ -121,10 +132,12 @@ def collecting(shard, seq_agg: str = "mean_abs"):
 
     def expert_hooks(i, experts):
         n, ffn = len(experts), experts[0].linear_fc2.weight.shape[1]
+        etp = current().expert_tp_group
 
         def routed(k):
             def hook(_module, args, out):
-                stats.add_sum("expert", i, (n, EXPERT_STATS), k, expert_token_stats(out[0], args[1]))
+                stats.add_sum("expert", i, (n, EXPERT_STATS), k,
+                              expert_token_stats(whole_output(out[0], etp), args[1]))
             return hook
 
         def neurons(k):

@@ -7,7 +7,10 @@
   stages' tensors are summed, as are the per-stage sums of hidden-channel scores;
 * expert parallel: expert statistics are summed over the expert-data-parallel group (ranks
   holding the same experts; token dispatch already brings every EP rank's tokens to an expert)
-  and concatenated in global expert order over the expert-parallel group.
+  and concatenated in global expert order over the expert-parallel group; under tensor
+  parallelism an expert's neurons are split over the expert-TP group and concatenated like the
+  dense ones, while its routed-token statistics are taken from whole outputs
+  (:func:`.hooks.whole_output`) and so are the same on every rank of that group.
 """
 
 from __future__ import annotations
@@ -64,17 +67,14 @@ def _gather_cat(group, t: torch.Tensor) -> torch.Tensor:
 def reduce_expert_stats(stats: ActivationStats, shard, how: str,
                         par: Parallel) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert scores [layers, experts], neuron scores [layers, ffn]) of an MoE model."""
-    arch, edp, ep = shard.arch, par.expert_dp_group, par.ep_group
-    if shard.tp_size > 1:
-        # each TP rank's expert output is a partial sum until the dispatcher reduces it
-        raise ValueError("MoE importance at parallel.tp>1 is not supported; calibrate at tp=1 "
-                         "(use parallel.ep and parallel.pp to split the model)")
+    arch, edp, ep, etp = shard.arch, par.expert_dp_group, par.ep_group, par.expert_tp_group
     L, E, F = arch.num_layers, arch.num_experts, arch.ffn_hidden_size
     routed = torch.zeros(L, E, 3, dtype=torch.float64)
     sumsq = torch.zeros(L, E, F, dtype=torch.float64)
     for local, g in enumerate(shard.layers):
         routed[g] = _gather_cat(ep, _sum_over(edp, stats.sums[("expert", local)]))
-        sumsq[g] = _gather_cat(ep, _sum_over(edp, stats.sums[("expert_ffn", local)]))
+        neurons = _sum_over(edp, stats.sums[("expert_ffn", local)])  # [local experts, F/tp]
+        sumsq[g] = _gather_cat(ep, all_gather_cat(neurons, etp, dim=-1))
     return expert_scores(routed, how), expert_neuron_scores(sumsq)
 
 

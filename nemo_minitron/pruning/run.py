@@ -29,7 +29,6 @@ def prune(job) -> dict:
     # Everything that can be wrong with the request is checked before any model is loaded.
     src = ckpt.Checkpoint(job.model.checkpoint)
     src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)
-    check_moe_calibration(src.arch, job)
     job.prune.target.resolve(src.arch)
     atomic.check_new_dir(job.output, job.overwrite)
     data = calibration_data(job)
@@ -150,15 +149,6 @@ def save_pruned(job, stage, src, imp, plan, depth: Depth, summary: dict, par):
         extra_files=extra)
 
 
-def check_moe_calibration(arch, job) -> None:
-    """Refuse, before any model is built, layouts whose MoE statistics we cannot collect."""
-    calibrating = not job.prune.scores and job.prune.importance == "activation"
-    if arch.is_moe and job.parallel.tp > 1 and calibrating:
-        raise ValueError(f"parallel.tp={job.parallel.tp}: MoE importance is collected at tp=1 "
-                         "(experts' outputs are partial sums under TP); use parallel.ep/pp, or "
-                         "prune.scores from a tp=1 calibration")
-
-
 def calibration_data(job):
     """The training split calibration reads, or None when the scores come from elsewhere."""
     from ..data.packed import PackedSequences
@@ -199,7 +189,6 @@ def calibrate_to(job, path) -> Importance:
 
     src = ckpt.Checkpoint(job.model.checkpoint)
     src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)
-    check_moe_calibration(src.arch, job)
     data = calibration_data(job)
     par = dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s,
                     ep=job.parallel.ep)

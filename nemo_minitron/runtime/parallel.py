@@ -30,9 +30,11 @@ class Parallel:
     tp: int = 1; pp: int = 1; dp: int = 1; ep: int = 1  # noqa: E702 - the layout, one line
     rank: int = 0; world_size: int = 1  # noqa: E702
     tp_rank: int = 0; pp_rank: int = 0; dp_rank: int = 0  # noqa: E702
+    ep_rank: int = 0; expert_dp_rank: int = 0  # noqa: E702 - experts: split, replicated
     device: str = "cpu"
     tp_group: Any = None; pp_group: Any = None; dp_group: Any = None  # noqa: E702
     expert_dp_group: Any = None; ep_group: Any = None  # noqa: E702
+    expert_tp_group: Any = None  # the ranks that split each expert's width (megatron: = tp)
 
     @property
     def is_rank0(self) -> bool:
@@ -48,8 +50,8 @@ class Parallel:
 
     @property
     def layout(self) -> dict:
-        """The sizes as reports record them."""
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
+        """The sizes as reports record them (ep when experts are split)."""
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, **({"ep": self.ep} if self.ep > 1 else {})}
 
     @property
     def torch_device(self) -> torch.device | None:
@@ -93,7 +95,10 @@ def current() -> Parallel:
         dp=ps.get_data_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size(),
         rank=rank, world_size=world, tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        expert_dp_rank=ps.get_expert_data_parallel_rank(),
         device=device, tp_group=ps.get_tensor_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
         expert_dp_group=ps.get_expert_data_parallel_group(),
-        ep_group=ps.get_expert_model_parallel_group())
+        ep_group=ps.get_expert_model_parallel_group(),
+        expert_tp_group=ps.get_expert_tensor_parallel_group())

@@ -53,7 +53,8 @@ def build_shard(arch: Arch, dtype: str = "fp32", use_te: bool | None = None,
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    ep = ps.get_expert_model_parallel_world_size()
+    # a dense model (a teacher or student next to an MoE one) runs replicated over the EP ranks
+    ep = ps.get_expert_model_parallel_world_size() if arch.is_moe else 1
     arch.check_parallel(tp, pp, ep)
     te = rmodel.te_available() if use_te is None else use_te
     if fp8 and not te:

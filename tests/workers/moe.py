@@ -1,7 +1,8 @@
 """Run under torchrun with 2 ranks: tiny Mixtral and Qwen3-MoE at EP=2 (experts split over the
 two data-parallel ranks, all-gather token dispatcher on gloo), TP=2 and PP=2, logits against
 transformers' reference; each saved back from EP=2 into <root>/<family>_ep2; then `prune` of
-each (8 -> 4 experts, half the expert width) at EP=2 into <root>/<family>_pruned_ep2."""
+each (8 -> 4 experts, half the expert width) at EP=2 into <root>/<family>_pruned_ep2 and at TP=2
+(experts' width split over the two ranks) into <root>/<family>_pruned_tp2."""
 
 import sys
 
@@ -19,14 +20,14 @@ from tests.workers._emit import emit
 FAMILIES = ("mixtral", "qwen3_moe")
 
 
-def prune_job(root, fam, data_prefix, ep):
+def prune_job(root, fam, data_prefix, ep, tp=1):
     return PruneJob(model=ModelConfig(name=fam, checkpoint=f"{root}/{fam}"),
-                    parallel=ParallelConfig(ep=ep),
+                    parallel=ParallelConfig(ep=ep, tp=tp),
                     data=DataConfig(prefix=data_prefix, seq_length=32, valid_fraction=0.1),
                     prune=PruneConfig(target=Targets(num_experts=4, ffn_hidden_size=32,
                                                                hidden_size=96),
                                       calib_samples=8, micro_batch_size=2),
-                    output=f"{root}/{fam}_pruned_ep{ep}")
+                    output=f"{root}/{fam}_pruned_" + (f"tp{tp}" if tp > 1 else f"ep{ep}"))
 
 
 def main(root, data_prefix):
@@ -47,9 +48,10 @@ def main(root, data_prefix):
             if name == "ep2":
                 save_checkpoint(shard, f"{root}/{fam}_ep2")
     for fam in FAMILIES:
-        res = prune(prune_job(root, fam, data_prefix, ep=2))
-        emit({"layout": "prune_ep2", "family": fam,
-              **{k: v for k, v in res.items() if k != "checkpoint"}})
+        for ep, tp in ((2, 1), (1, 2)):
+            res = prune(prune_job(root, fam, data_prefix, ep=ep, tp=tp))
+            emit({"layout": "prune_tp2" if tp > 1 else "prune_ep2", "family": fam,
+                  **{k: v for k, v in res.items() if k != "checkpoint"}})
     dist.shutdown()
 
 

@@ -1,0 +1,164 @@
+"""Expert pruning of a tiny mixture-of-experts model: activation-ranked vs random expert choice.
+
+    python benchmarks/moe_expert_pruning.py --out runs/moe_prune [--teacher-steps 150]
+        [--steps 40] [--seeds 3]
+
+The embedded Wikipedia sample, tokenised with a word-level vocabulary of its most frequent words
+(a tiny model cannot afford SmolLM2's 49k-row embedding), trains a Mixtral-style teacher from
+scratch (8 experts, top-2, hidden 128) long enough for the router to specialise; its expert load
+over the last training steps is printed. Each layer is then pruned 8 -> 4 experts, once by
+activation importance (each expert's summed routing-weighted output norm over calibration
+tokens) and once per seed by random choice, and every pruned student is distilled from the
+teacher for the same steps on the same batches. The table holds the held-out loss of the teacher,
+of each student before distillation and after it. One process, in-process library calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import time
+from pathlib import Path
+
+DIMS = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, num_local_experts=8,
+            num_experts_per_tok=2)
+# integer options: vocabulary, tokens per sample, samples per step, teacher training steps,
+# distillation steps per student, random expert choices, held-out batches of 8 samples
+OPTIONS = {"--vocab": 2048, "--seq": 128, "--gbs": 8, "--teacher-steps": 150, "--steps": 40,
+           "--seeds": 3, "--eval-batches": 8}
+WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def word_tokenizer(docs: list[str], vocab_size: int):
+    """A lower-cased word-level tokenizer of the ``vocab_size - 2`` most frequent words (plus
+    end-of-text and unknown); words and single punctuation marks, as ``WORD`` counts them."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    counts = collections.Counter(w for d in docs for w in WORD.findall(d.lower()))
+    vocab = {"<eos>": 0, "<unk>": 1}
+    vocab.update({w: i + 2 for i, (w, _) in enumerate(counts.most_common(vocab_size - 2))})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+def prepare(out: Path, vocab_size: int) -> None:
+    """The corpus (``out/corpus``) and a randomly initialised teacher (``out/init``)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from nemo_minitron import assets
+    from nemo_minitron.convert import checkpoint as ckpt
+    from nemo_minitron.convert.experts import per_expert
+    from nemo_minitron.convert.hf_config import arch_from_hf_config
+    from nemo_minitron.data.indexed import build_indexed
+    from nemo_minitron.data.sources import iter_documents
+
+    if (out / "init").exists():
+        return
+    docs = list(iter_documents([assets.path("wiki")]))
+    tok = word_tokenizer(docs, vocab_size)
+    build_indexed(docs, tok, out / "corpus", progress=False, overwrite=True)
+    torch.manual_seed(0)
+    hf = MixtralForCausalLM(MixtralConfig(vocab_size=vocab_size, sliding_window=None,
+                                          tie_word_embeddings=False, **DIMS))
+    arch = arch_from_hf_config(hf.config)
+    ckpt.save(out / "init", arch, per_expert(hf.state_dict(), arch), tokenizer=tok)
+
+
+def common(out: Path, checkpoint: Path, seq: int) -> dict:
+    from nemo_minitron.config.schema import DataConfig, ModelConfig
+
+    return dict(model=ModelConfig(name="moe", checkpoint=str(checkpoint)),
+                data=DataConfig(prefix=str(out / "corpus"), seq_length=seq, valid_fraction=0.05))
+
+
+def training(steps: int, lr: float, gbs: int):
+    from nemo_minitron.config.schema import TrainConfig
+
+    return TrainConfig(steps=steps, global_batch_size=gbs, micro_batch_size=gbs, lr=lr,
+                       min_lr=lr / 10, warmup_steps=max(1, steps // 20), log_interval=10,
+                       eval_interval=0, save_interval=0, eval_batches=8, tensorboard=False)
+
+
+def train_teacher(out: Path, args) -> dict:
+    """LM-loss training of the random teacher; the expert load of its last ten steps."""
+    from nemo_minitron.config.schema import FinetuneJob
+    from nemo_minitron.distill.trainer import train
+
+    run = out / "teacher"
+    if not (run / "final").exists():
+        train(FinetuneJob(**common(out, out / "init", args.seq), output=str(run),
+                          train=training(args.teacher_steps, 3e-3, args.gbs)), "finetune")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "moe_max_load" in r][-10:]
+    return {k: sum(r[k] for r in last) / len(last) for k in ("moe_max_load", "moe_min_load",
+                                                              "moe_load_cv")}
+
+
+def prune(out: Path, name: str, importance: str, seed: int, args) -> Path:
+    from nemo_minitron.config.schema import PruneConfig, PruneJob, Targets
+    from nemo_minitron.pruning.run import prune as run_prune
+
+    dst = out / name
+    if not dst.exists():
+        run_prune(PruneJob(**common(out, out / "teacher" / "final", args.seq), output=str(dst),
+                           prune=PruneConfig(target=Targets(num_experts=4), importance=importance,
+                                             seed=seed, calib_samples=64, micro_batch_size=8)))
+    return dst
+
+
+def distill(out: Path, name: str, student: Path, args) -> float:
+    from nemo_minitron.config.schema import DistillJob, KDConfig
+    from nemo_minitron.distill.trainer import train
+
+    res = train(DistillJob(**common(out, student, args.seq), output=str(out / f"{name}_kd"),
+                           train=training(args.steps, 1e-3, args.gbs),
+                           kd=KDConfig(teacher=str(out / "teacher" / "final"))), "distill")
+    return res["val_loss"]
+
+
+def held_out(out: Path, checkpoint: Path, args) -> float:
+    from nemo_minitron.config.schema import EvalConfig, ParallelConfig
+    from nemo_minitron.evaluate.run import evaluate_checkpoint
+
+    c = common(out, checkpoint, args.seq)
+    return evaluate_checkpoint(str(checkpoint), ParallelConfig(), c["data"],
+                               EvalConfig(micro_batch_size=8, num_batches=args.eval_batches))["loss"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/moe_prune")
+    for flag, default in OPTIONS.items():
+        ap.add_argument(flag, type=int, default=default)
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    prepare(out, args.vocab)
+    load = train_teacher(out, args)
+    rows = [("teacher", held_out(out, out / "teacher" / "final", args), None)]
+    students = [("activation", "activation", 0)] + \
+        [(f"random_seed{s}", "random", s) for s in range(args.seeds)]
+    for name, importance, seed in students:
+        pruned = prune(out, name, importance, seed, args)
+        rows.append((name, held_out(out, pruned, args), distill(out, name, pruned, args)))
+    print(f"\nteacher expert load over its last 10 steps: max {load['moe_max_load']:.2f}, "
+          f"min {load['moe_min_load']:.2f}, cv {load['moe_load_cv']:.2f} (1 / 1 / 0: even)")
+    print(f"\n| {'experts kept (8 -> 4)':<22} | pruned loss | after {args.steps} KD steps |")
+    print(f"|{'-' * 24}|-------------|------------------|")
+    for name, before, after in rows:
+        print(f"| {name:<22} | {before:11.3f} | " + (f"{after:16.3f} |" if after else f"{'':16} |"))
+    rand = [a for n, _, a in rows if n.startswith("random")]
+    print(f"\nrandom mean after KD {sum(rand) / len(rand):.3f}; total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

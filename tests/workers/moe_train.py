@@ -1,0 +1,71 @@
+"""Run under torchrun with 2 ranks: distillation and evaluation of a tiny Mixtral student at
+parallel.ep=1 and ep=2 (both with the two ranks as data-parallel replicas: at ep=2 the experts
+are split over them, the dense weights replicated), from a Mixtral teacher and from a dense Llama
+teacher with hidden-state pairs; the ep=2 run continues from its step-2 checkpoint after final/
+is removed; then `evaluate` of the MoE student at ep=1 and ep=2.
+
+Emits per run: its per-step metrics (rank 0), layout sizes and final val loss; per evaluation
+its loss and token count.
+"""
+
+import shutil
+import sys
+
+import torch
+
+from nemo_minitron.config.schema import DataConfig, EvalConfig, ParallelConfig
+from nemo_minitron.distill.trainer import train
+from nemo_minitron.evaluate.run import evaluate_checkpoint
+from nemo_minitron.runtime import dist
+from nemo_minitron.runtime.parallel import current
+
+from tests.helpers.metrics import metrics, series
+from tests.workers._emit import emit
+from tests.workers.distill_layouts import job as distill_job
+
+KEYS = ("loss", "grad_norm", "hidden", "moe_max_load", "moe_min_load", "moe_load_cv")
+# student layers 0, 1 against teacher layers 1, 3: both tiny models have hidden size 128
+DENSE_KD = dict(hidden_pairs=[[0, 1], [1, 3]], hidden_dynamic=False)
+
+
+def job(root, teacher, name, ep, **kw):
+    j = distill_job(f"{root}/student", f"{root}/{teacher}", f"{root}/corpus", f"{root}/{name}",
+                    1, 1, **kw.pop("kd", {}))
+    j.parallel.ep = ep
+    for k, v in kw.items():
+        setattr(j.train, k, v)
+    return j
+
+
+def run(name, j):
+    res = train(j, "distill")
+    par = current()
+    if par.is_rank0:
+        emit({"run": name, "val_loss": res["val_loss"], **series(metrics(j.output), KEYS)})
+    return res
+
+
+def main(root):
+    for name, teacher, ep, kd in (("moe_ep1", "teacher", 1, {}), ("moe_ep2", "teacher", 2, {}),
+                                  ("dense_ep1", "dense", 1, DENSE_KD),
+                                  ("dense_ep2", "dense", 2, DENSE_KD)):
+        run(name, job(root, teacher, name, ep, kd=kd, save_interval=2))
+    dist.init(1, 1, ep=2)
+    par = current()
+    emit({"run": "layout", "rank": par.rank, "dp": par.dp, "ep": par.ep, "ep_rank": par.ep_rank,
+          "expert_dp": torch.distributed.get_world_size(par.expert_dp_group)})
+    if par.is_rank0:  # the ep=2 run again from its step-2 checkpoint (ep-named optimizer files)
+        shutil.rmtree(f"{root}/moe_ep2/final")
+    torch.distributed.barrier()
+    run("moe_ep2_resumed", job(root, "teacher", "moe_ep2", 2, save_interval=2))
+    data = DataConfig(prefix=f"{root}/corpus", seq_length=32, valid_fraction=0.1)
+    for ep in (1, 2):
+        res = evaluate_checkpoint(f"{root}/moe_ep1/final", ParallelConfig(ep=ep), data,
+                                  EvalConfig(micro_batch_size=2, num_batches=2))
+        emit({"run": f"eval_ep{ep}", "rank": par.rank, "loss": res["loss"],
+              "tokens": res["tokens"], "layout": res["layout"]})
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
