@@ -248,9 +248,6 @@ def train(job) -> None:
     student.arch.check_parallel(job.parallel.tp, job.parallel.pp)
     kd = getattr(job, "kd", None)
     if kd is not None and kd.teacher_cache:
-        if job.parallel.tp > 1:
-            raise ValueError("kd.teacher_cache works at parallel.tp=1 for now; distill with a "
-                             "live teacher (drop kd.teacher_cache) for tensor parallelism")
         check_run(kd.teacher_cache, teacher=kd.teacher, student=job.model.checkpoint,
                   data=job.data, train=job.train, kd=kd)
         kd = None  # no teacher is built: nothing of it to check
@@ -333,14 +330,11 @@ def pipeline(job) -> None:
 def teacher_cache(job) -> None:
     teacher = checkpoint(job.kd.teacher, "kd.teacher")
     teacher.arch.check_parallel(job.parallel.tp, job.parallel.pp)
-    if dist.launched_world_size() > 1 or job.parallel.tp * job.parallel.pp > 1:
-        raise ValueError("minitron teacher_cache runs in one process (parallel.tp=1, pp=1, no "
-                         "torchrun) for now; a distillation at any layout reads its cache")
     if job.cache.k > teacher.arch.vocab_size:
         raise ValueError(f"cache.k={job.cache.k} exceeds the teacher's vocabulary "
                          f"({teacher.arch.vocab_size})")
     not_inside(job.output, job.kd.teacher)
-    train_sizes(job, 1)
+    train_sizes(job, data_parallel_size(job.parallel))
 
 
 CHECKS = {"import": import_, "export": export, "data": data, "evaluate": evaluate,
