@@ -34,6 +34,7 @@ from .distill.teacher_cache import check_run
 from .evaluate.tasks import TASKS
 from .importance.reduce import Importance
 from .runtime import dist
+from .search import shared_cache
 from .search.run import plan_candidates
 from .search.space import describe_empty, enumerate_candidates, select
 
@@ -275,6 +276,7 @@ def search(job) -> None:
     train_sizes(job, dp)
     eval_sizes(job, dp)
     calibration_sizes(job, dp)
+    shared_cache.check(job)
 
 
 def pipeline(job) -> None:

@@ -539,6 +539,12 @@ class SearchConfig:
     `-m 'search.only=[0],[1],[2]'`; a later plain run ranks them all."""
     plan_only: bool = False
     """Write candidates.json (the enumeration) and stop: no calibration, no training."""
+    teacher_cache: str = "auto"
+    """Teacher outputs for the candidates' distillations: auto builds one offline teacher cache
+    (`minitron teacher_cache`, settings in `cache`) under output/teacher_cache, covering the short
+    and the confirmation runs, when the kd settings allow one (forward KL, no hidden-state or
+    embedding loss; otherwise the live teacher); off runs the live teacher in every candidate; a
+    directory builds or reuses the cache there. kd.teacher_cache, when set, is used as given."""
 
     def __post_init__(self):
         check_budget(self.budget, "search.budget")
@@ -571,6 +577,8 @@ class RecipeJob(ModelJob):
     kd: KDConfig = field(default_factory=KDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The search's offline teacher cache (search.teacher_cache)."""
     output: Optional[str] = None
     """Run directory; stages whose outputs are complete there are skipped (resume)."""
 

@@ -216,17 +216,33 @@ class TeacherCache:
         return {"cache_ids": ids, "cache_logp": logp, "cache_rest": rest}
 
 
-def _check_output(out: Path, manifest: dict, overwrite: bool) -> None:
+def other_settings(have: dict, want: dict) -> str | None:
+    """The first manifest field (``steps`` aside: a cache may grow) in which ``have`` differs
+    from ``want``, as ``field: have vs want``; None when it is a cache of the same settings."""
+    for key in sorted(set(have) | set(want)):
+        if key != "steps" and have.get(key) != want.get(key):
+            return f"{key}: {have.get(key)} vs {want.get(key)}"
+    return None
+
+
+def complete(path, steps: int) -> bool:
+    """A manifest and the shards of steps 0..steps-1 are all in ``path``."""
+    p = Path(path)
+    return (p / MANIFEST).is_file() and all((p / shard_name(s)).is_file() for s in range(steps))
+
+
+def check_output(out: Path, manifest: dict, overwrite: bool, field: str = "output",
+                 fix: str = "pass overwrite=true to replace it") -> None:
     """Refuse an output holding something else than (part of) this cache; reads only."""
     old = out / MANIFEST
     if old.is_file() and not overwrite:
-        have = ckpt.read_json(old)
-        if {k: v for k, v in have.items() if k != "steps"} != {k: v for k, v in manifest.items() if k != "steps"}:
-            raise FileExistsError(f"output={out} holds a teacher cache of other settings; choose "
-                                  "another output or pass overwrite=true to replace it")
+        differs = other_settings(ckpt.read_json(old), manifest)
+        if differs:
+            raise FileExistsError(f"{field}={out} holds a teacher cache of other settings "
+                                  f"({differs}); choose another directory or {fix}")
     elif out.exists() and any(out.iterdir()) and not old.is_file() and not overwrite:
-        raise FileExistsError(f"output {out} already exists and is not empty; choose another "
-                              "output directory or pass overwrite=true to replace it")
+        raise FileExistsError(f"{field}={out} already exists, is not empty and holds no teacher "
+                              f"cache; choose another directory or {fix}")
 
 
 def _start_output(out: Path, manifest: dict, overwrite: bool) -> None:
@@ -270,7 +286,7 @@ def build(job) -> dict:
     out = Path(job.output)
     teacher_arch = ckpt.Checkpoint(kd.teacher).arch
     manifest = describe(kd.teacher, data, tr, kd.temperature, c.k, c.dtype, teacher_arch.vocab_size)
-    _check_output(out, manifest, job.overwrite)
+    check_output(out, manifest, job.overwrite)
     tokens = _log_size(tr, data, c)
     train_data = PackedSequences(data.prefix, data.seq_length, split="train",
                                  valid_fraction=data.valid_fraction, seed=tr.seed)
