@@ -291,6 +291,7 @@ def pipeline(job) -> None:
     train_sizes(job, dp)
     eval_sizes(job, dp)
     calibration_sizes(job, dp)
+    round_cache(job, src.arch)
     rounds = job.pipeline.rounds or [RoundConfig(target=job.prune.target)]
     teachers = [src.arch]  # the architectures this round's teacher may have (several after a
     for i, rnd in enumerate(rounds, 1):  # search: any selected candidate may win)
@@ -327,6 +328,18 @@ def pipeline(job) -> None:
                 for s in students[before:]:
                     kd_pairs(job.kd, None, None, s, arch)
         teachers = students
+
+
+def round_cache(job, arch) -> None:
+    """pipeline.teacher_cache=round: the kd settings a cache serves, sizes that fit (the rounds'
+    teachers share the source's vocabulary)."""
+    if job.pipeline.teacher_cache != "round" or job.kd.teacher_cache:
+        return
+    why = shared_cache.live_teacher_needed(job.kd)
+    if why:
+        raise ValueError(f"pipeline.teacher_cache=round: {why} needs the live teacher, which a "
+                         "cache does not hold; set pipeline.teacher_cache=off")
+    shared_cache.check_sizes(job, arch.vocab_size, "pipeline.teacher_cache")
 
 
 def teacher_cache(job) -> None:

@@ -337,6 +337,13 @@ CASES = [
      ["pipeline.rounds[0].budget=0.1", "no candidate architecture"]),
     ("pipeline_round_budget_percent", "pipeline", TRAIN + ["pipeline.rounds=[{budget:60}]"],
      ["pipeline.rounds[].budget=60", "read as 60 parameters"]),
+    ("pipeline_teacher_cache_word", "pipeline", TRAIN + ["pipeline.teacher_cache=yes"],
+     ["pipeline.teacher_cache='yes'", "round"]),
+    ("pipeline_round_cache_reverse_kl", "pipeline",
+     TRAIN + ["pipeline.teacher_cache=round", "kd.kind=reverse"],
+     ["pipeline.teacher_cache=round", "kd.kind=reverse", "pipeline.teacher_cache=off"]),
+    ("search_cache_k_above_vocab", "search", SEARCH + ["cache.k=100000"],
+     ["cache.k=100000", "vocabulary", "search.teacher_cache=off"]),
     ("pipeline_duplicate_round_names", "pipeline",
      TRAIN + ["pipeline.rounds=[{name:a,target:{hidden_size:96}},"
               "{name:a,target:{hidden_size:64}}]"],

@@ -129,15 +129,26 @@ def test_subset_then_rank(tiny, single_rank):
     assert "candidate 0: distill 2 steps" not in final["stage_seconds"]  # done by the first run
 
 
-def test_pipeline_round_with_a_budget(tiny, single_rank):
+def test_pipeline_round_with_a_budget(tiny, single_rank, monkeypatch):
+    """A round given a budget searches; with pipeline.teacher_cache=round its teacher runs once,
+    into one cache the search candidates and the round's distillation all read."""
+    from nemo_minitron.distill import trainer
     from nemo_minitron.pipeline import run_pipeline
 
+    read, real_train = [], trainer.train
+    monkeypatch.setattr(trainer, "train", lambda j, *a, **k: (read.append(j.kd.teacher_cache),
+                                                              real_train(j, *a, **k))[1])
     base = common(tiny)
     base["train"] = TrainConfig(**{**vars(base["train"]), "steps": 3})
     job = PipelineJob(**base, search=SearchConfig(**{**SPACE, "max_candidates": 2}),
-                      pipeline=PipelineConfig(rounds=[RoundConfig(budget=0.6)], export=False),
+                      pipeline=PipelineConfig(rounds=[RoundConfig(budget=0.6)], export=False,
+                                              teacher_cache="round"),
                       output=str(tiny / "pipe"))
     summary = run_pipeline(job)
+    cache = tiny / "pipe" / "round1" / "teacher_cache"
+    assert read == [str(cache)] * 3  # two candidates and the round's distillation
+    assert json.loads((cache / "manifest.json").read_text())["steps"] == 3
+    assert not (tiny / "pipe" / "round1" / "search" / "teacher_cache").exists()
     r = summary["rounds"][0]
     chosen = json.loads((tiny / "pipe" / "round1" / "search" / "chosen.json").read_text())
     assert r["search"]["index"] == chosen["index"]

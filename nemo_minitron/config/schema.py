@@ -639,6 +639,11 @@ class PipelineConfig:
     """LM-loss steps on the corpus for the first teacher before pruning (0: skip)."""
     export: bool = True
     """Write each round's distilled student as a Hugging Face directory."""
+    teacher_cache: str = "off"
+    """round: each round runs its teacher once into an offline teacher cache (round/teacher_cache,
+    settings in `cache`) covering train.steps (and the round's search), which the round's search
+    candidates and its distillation read instead of the live teacher; off: the live teacher
+    (the search still shares one cache among its candidates, see search.teacher_cache)."""
 
 
 @dataclass
@@ -655,6 +660,7 @@ class PipelineJob(RecipeJob):
         if len(set(names)) != len(names):
             raise ValueError(f"pipeline.rounds: names {names} repeat; each round needs its own "
                              "directory (give distinct name: values)")
+        check_choice("pipeline.teacher_cache", self.pipeline.teacher_cache, ("off", "round"))
         if self.pipeline.teacher_correction_steps < 0:
             raise ValueError(f"pipeline.teacher_correction_steps="
                              f"{self.pipeline.teacher_correction_steps} must be >= 0 (0: skip)")

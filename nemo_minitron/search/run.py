@@ -33,7 +33,6 @@ from ..artifacts.search_files import (DIVERGED, Chosen, Diverged, read_diverged,
 from ..config.schema import DistillJob, PruneJob
 from ..convert import checkpoint as ckpt
 from ..distill.guard import TrainingDiverged
-from ..distill.teacher_cache import check_run
 from ..runs import Steps, complete, on_rank0, with_checkpoint
 from . import shared_cache
 from .rank import kendall_tau, rank_results
@@ -184,9 +183,7 @@ def distill_candidate(job, steps: Steps, pruned: Path, run_dir: Path, train_step
         if dist.is_rank0():  # other settings (a lower train.lr ...): try again
             marker.unlink()
     def distill():
-        if dj.kd.teacher_cache:  # the cache is of this teacher, data and order (fingerprints)
-            check_run(dj.kd.teacher_cache, teacher=dj.kd.teacher, student=str(pruned),
-                      data=dj.data, train=dj.train, kd=dj.kd)
+        shared_cache.check_before_distill(dj, pruned)
         return train(dj, "search")
 
     try:

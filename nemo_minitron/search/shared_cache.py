@@ -17,6 +17,7 @@ from pathlib import Path
 from ..config.schema import TeacherCacheJob
 from ..convert import checkpoint as ckpt
 from ..distill import teacher_cache as tc
+from ..runs import with_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,33 @@ def steps_covered(search) -> int:
     return max(search.steps, search.confirm_steps if search.confirm_top else 0)
 
 
-def cache_job(job, path: Path) -> TeacherCacheJob:
-    """The `minitron teacher_cache` job of the search's teacher over its candidates' tokens."""
+def cache_job(job, path: Path, teacher=None, steps: int | None = None) -> TeacherCacheJob:
+    """The `minitron teacher_cache` job of ``teacher`` (the job's model by default) over the
+    tokens of ``steps`` training steps (by default those the search's runs read)."""
+    teacher = str(teacher or job.model.checkpoint)
     return TeacherCacheJob(
-        model=job.model, parallel=job.parallel, data=job.data,
-        train=dataclasses.replace(job.train, steps=steps_covered(job.search)),
-        kd=dataclasses.replace(job.kd, teacher=str(job.model.checkpoint), top_k=None,
-                               teacher_cache=None),
+        model=with_checkpoint(job.model, teacher), parallel=job.parallel, data=job.data,
+        train=dataclasses.replace(job.train, steps=steps or steps_covered(job.search)),
+        kd=dataclasses.replace(job.kd, teacher=teacher, top_k=None, teacher_cache=None),
         cache=job.cache, output=str(path))
+
+
+def check_sizes(job, vocab: int, field: str) -> None:
+    """cache.k fits the vocabulary and kd.top_k fits in cache.k (one line naming the field)."""
+    if job.cache.k > vocab:
+        raise ValueError(f"cache.k={job.cache.k} exceeds the teacher's vocabulary ({vocab}); "
+                         f"lower cache.k or set {field}=off")
+    if job.kd.top_k is not None and job.kd.top_k > job.cache.k:
+        raise ValueError(f"kd.top_k={job.kd.top_k} is more than cache.k={job.cache.k} ids per "
+                         f"token of the teacher cache; raise cache.k or set {field}=off")
+
+
+def check_before_distill(dj, student) -> None:
+    """A distillation about to read kd.teacher_cache: the cache is of its teacher, tokenizer,
+    data and order, and covers its steps (fingerprints; reads small files only)."""
+    if dj.kd.teacher_cache:
+        tc.check_run(dj.kd.teacher_cache, teacher=dj.kd.teacher, student=str(student),
+                     data=dj.data, train=dj.train, kd=dj.kd)
 
 
 def check(job) -> None:
@@ -74,12 +94,7 @@ def check(job) -> None:
     if path is None:
         return
     vocab = ckpt.Checkpoint(job.model.checkpoint).arch.vocab_size
-    if job.cache.k > vocab:
-        raise ValueError(f"cache.k={job.cache.k} exceeds the teacher's vocabulary ({vocab}); "
-                         f"lower cache.k or set {FIELD}=off")
-    if kd.top_k is not None and kd.top_k > job.cache.k:
-        raise ValueError(f"kd.top_k={kd.top_k} is more than cache.k={job.cache.k} ids per token "
-                         f"of the search's teacher cache; raise cache.k or set {FIELD}=off")
+    check_sizes(job, vocab, FIELD)
     cj = cache_job(job, path)
     want = tc.describe(cj.kd.teacher, cj.data, cj.train, kd.temperature, cj.cache.k,
                        cj.cache.dtype, vocab)
