@@ -14,8 +14,10 @@ Layout of a cache directory (safetensors and JSON only; nothing is unpickled)::
     step_0000000.safetensors ...   one shard per training step: sample [G] int64 (packed sample
                                    numbers), ids [G, L, k] int32, logp [G, L, k], log_rest [G, L]
 
-Shards are written atomically (temporary name, then rename), so an interrupted build resumes at
-the first missing shard. Readers look samples up by number, so any micro-batch size and data-
+The build runs at any TP/PP/DP layout and writes the same files as a one-process build (the top-k
+merged from the TP shards' candidates, the DP replicas' rows gathered for one writer). Shards are
+written atomically (temporary name, then rename), so an interrupted build resumes at the first
+missing shard, at any layout. Readers look samples up by number, so any micro-batch size and data-
 parallel split of the same global batches finds its rows; a sample read again in a later epoch is
 served from its first shard.
 """
