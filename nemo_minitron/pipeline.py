@@ -21,6 +21,7 @@ from .config.schema import (DistillJob, FinetuneJob, PruneJob, RoundConfig, Sear
 from .convert import checkpoint as ckpt
 from .report.judge import mean_retained, task_rows
 from .runs import Steps, complete, on_rank0, with_checkpoint
+from .search import shared_cache
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,18 @@ def run_round(job, i: int, rd: Path, rnd: RoundConfig, teacher: Path, steps: Ste
     from .distill.trainer import train
     from .runtime import dist
 
+    job = round_cache(job, i, rd, rnd, teacher, steps)
     pruned, searched = prune_round(job, i, rd, rnd, teacher, steps)
     distilled = rd / "distill"
     dj = DistillJob(model=with_checkpoint(job.model, pruned), parallel=job.parallel,
                     data=job.data, train=job.train,
                     kd=dataclasses.replace(job.kd, teacher=str(teacher)), output=str(distilled))
-    steps.run(f"round {i}: distill", complete(distilled / "final"), lambda: train(dj, "distill"))
+
+    def distill():
+        shared_cache.check_before_distill(dj, pruned)
+        return train(dj, "distill")
+
+    steps.run(f"round {i}: distill", complete(distilled / "final"), distill)
     student = distilled / "final"
     evals = {name: steps.evaluate(f"round {i}: evaluate {name}", ck, rd / f"eval_{name}.json", job)
              for name, ck in (("teacher", teacher), ("pruned", pruned), ("distilled", student))}
@@ -116,6 +123,21 @@ def run_round(job, i: int, rd: Path, rnd: RoundConfig, teacher: Path, steps: Ste
         "task_table": task_rows({k: v for k, v in evals.items() if "tasks" in v})}
 
 
+def round_cache(job, i: int, rd: Path, rnd: RoundConfig, teacher: Path, steps: Steps):
+    """With pipeline.teacher_cache=round: ``job`` whose kd.teacher_cache is the round's teacher
+    cache (built now unless complete), covering the round's distillation and its search, whose
+    candidates then read it too (search.teacher_cache). Otherwise ``job`` itself."""
+    from .distill import teacher_cache as tc
+
+    if job.pipeline.teacher_cache != "round" or job.kd.teacher_cache:
+        return job
+    n = max(job.train.steps, shared_cache.steps_covered(job.search) if rnd.budget else 0)
+    path = rd / "teacher_cache"
+    cj = shared_cache.cache_job(job, path, teacher, n)
+    steps.run(f"round {i}: teacher cache", tc.complete(path, n), lambda: tc.build(cj))
+    return dataclasses.replace(job, kd=dataclasses.replace(job.kd, teacher_cache=str(path)))
+
+
 def prune_round(job, i: int, rd: Path, rnd: RoundConfig, teacher: Path, steps: Steps):
     """The round's pruned student: searched at the round's budget, or pruned to its target.
     Returns (its checkpoint, the search's chosen.json as on disk or None)."""
@@ -131,7 +153,7 @@ def prune_round(job, i: int, rd: Path, rnd: RoundConfig, teacher: Path, steps: S
         return pruned, None
     sj = SearchJob(model=with_checkpoint(job.model, teacher), parallel=job.parallel,
                    data=job.data, prune=job.prune, train=job.train, kd=job.kd,
-                   eval=job.eval,
+                   eval=job.eval, cache=job.cache,
                    search=dataclasses.replace(job.search, budget=rnd.budget, only=None,
                                               plan_only=False),
                    output=str(rd / "search"))

@@ -36,6 +36,7 @@ from .evaluate.run import check_evaluate
 from .evaluate.tasks import TASKS
 from .importance.reduce import Importance
 from .runtime import dist
+from .search import shared_cache
 from .search.run import plan_candidates
 from .search.space import describe_empty, enumerate_candidates, select
 
@@ -254,9 +255,6 @@ def train(job) -> None:
                  job.parallel.tp, job.parallel.pp, job.parallel.ep)
     check_expert_optimizer(job)
     if kd is not None and kd.teacher_cache:
-        if job.parallel.tp > 1:
-            raise ValueError("kd.teacher_cache works at parallel.tp=1 for now; distill with a "
-                             "live teacher (drop kd.teacher_cache) for tensor parallelism")
         check_run(kd.teacher_cache, teacher=kd.teacher, student=job.model.checkpoint,
                   data=job.data, train=job.train, kd=kd)
         kd = None  # no teacher is built: nothing of it to check
@@ -283,6 +281,7 @@ def search(job) -> None:
     train_sizes(job, dp)
     eval_sizes(job, dp)
     calibration_sizes(job, dp)
+    shared_cache.check(job)
 
 
 def pipeline(job) -> None:
@@ -297,6 +296,7 @@ def pipeline(job) -> None:
     train_sizes(job, dp)
     eval_sizes(job, dp)
     calibration_sizes(job, dp)
+    round_cache(job, src.arch)
     rounds = job.pipeline.rounds or [RoundConfig(target=job.prune.target)]
     teachers = [src.arch]  # the architectures this round's teacher may have (several after a
     for i, rnd in enumerate(rounds, 1):  # search: any selected candidate may win)
@@ -335,17 +335,26 @@ def pipeline(job) -> None:
         teachers = students
 
 
+def round_cache(job, arch) -> None:
+    """pipeline.teacher_cache=round: the kd settings a cache serves, sizes that fit (the rounds'
+    teachers share the source's vocabulary)."""
+    if job.pipeline.teacher_cache != "round" or job.kd.teacher_cache:
+        return
+    why = shared_cache.live_teacher_needed(job.kd)
+    if why:
+        raise ValueError(f"pipeline.teacher_cache=round: {why} needs the live teacher, which a "
+                         "cache does not hold; set pipeline.teacher_cache=off")
+    shared_cache.check_sizes(job, arch.vocab_size, "pipeline.teacher_cache")
+
+
 def teacher_cache(job) -> None:
     teacher = checkpoint(job.kd.teacher, "kd.teacher")
     teacher.arch.check_parallel(job.parallel.tp, job.parallel.pp)
-    if dist.launched_world_size() > 1 or job.parallel.tp * job.parallel.pp > 1:
-        raise ValueError("minitron teacher_cache runs in one process (parallel.tp=1, pp=1, no "
-                         "torchrun) for now; a distillation at any layout reads its cache")
     if job.cache.k > teacher.arch.vocab_size:
         raise ValueError(f"cache.k={job.cache.k} exceeds the teacher's vocabulary "
                          f"({teacher.arch.vocab_size})")
     not_inside(job.output, job.kd.teacher)
-    train_sizes(job, 1)
+    train_sizes(job, data_parallel_size(job.parallel))
 
 
 CHECKS = {"import": import_, "export": export, "data": data, "evaluate": evaluate,

@@ -2,6 +2,7 @@
 target and briefly distilled, ranked, confirmed; resume and candidate subsets; a pipeline round
 given a budget instead of targets."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from nemo_minitron.config.schema import (KDConfig, PipelineConfig, PipelineJob,
                                          Targets, RoundConfig, SearchConfig, SearchJob,
                                          TrainConfig)
+from nemo_minitron import preflight
 from nemo_minitron.convert import checkpoint as ckpt
+from nemo_minitron.distill import teacher_cache as tc
 
 from tests.helpers import metrics, minitron, tiny_workspace
 from tests.helpers.jobs import tiny_job_parts
@@ -42,6 +45,7 @@ def test_search_ranks_confirms_and_resumes(tiny, single_rank, monkeypatch):
 
     def count_train(job, *a, **k):
         calls["train"].append((job.output, job.train.steps))
+        calls.setdefault("teacher_cache", set()).add(job.kd.teacher_cache)
         return real_train(job, *a, **k)
 
     monkeypatch.setattr(prune_run, "calibrate_to", count_cal)
@@ -74,8 +78,23 @@ def test_search_ranks_confirms_and_resumes(tiny, single_rank, monkeypatch):
         assert (out / f"cand_{r['index']}" / "distill" / "training.png").stat().st_size > 1000
         # every candidate was pruned from the same saved scores
         assert json.loads((out / f"cand_{r['index']}" / "pruned" / "plan.json").read_text())
-    # short distillations of 2 steps, then the best 2 confirmed with 3
+    # short distillations of 2 steps, then the best 2 confirmed with 3, all from one teacher
+    # cache (search.teacher_cache=auto) of the 3 steps the longest of them reads
     assert sorted(s for _, s in calls["train"]) == [2, 2, 2, 3, 3]
+    cache = out / "teacher_cache"
+    assert calls["teacher_cache"] == {str(cache)}
+    assert json.loads((cache / "manifest.json").read_text())["steps"] == 3
+    assert sorted(f.name for f in cache.glob("step_*")) == [tc.shard_name(i) for i in range(3)]
+    assert "teacher cache" in summary["stage_seconds"]
+    # a cache of other settings where the search keeps its own is refused in pre-flight
+    other = dataclasses.replace(job, data=dataclasses.replace(job.data, seq_length=16))
+    with pytest.raises(FileExistsError, match=r"search\.teacher_cache=.*seq_length: 32 vs 16"):
+        preflight.check("search", other)
+    # an explicit cache directory with settings a cache cannot serve: one line naming both
+    rev = dataclasses.replace(job, kd=dataclasses.replace(job.kd, kind="reverse"),
+                              search=dataclasses.replace(job.search, teacher_cache=str(cache)))
+    with pytest.raises(ValueError, match=r"search\.teacher_cache=.*kd\.kind=reverse"):
+        preflight.check("search", rev)
     confirmed = [r for r in results if "confirm_rank" in r]
     assert [r["rank"] for r in confirmed] == [1, 2]
     assert "tau_short_vs_confirm" in summary and "tau_pruned_vs_short" in summary
@@ -110,15 +129,26 @@ def test_subset_then_rank(tiny, single_rank):
     assert "candidate 0: distill 2 steps" not in final["stage_seconds"]  # done by the first run
 
 
-def test_pipeline_round_with_a_budget(tiny, single_rank):
+def test_pipeline_round_with_a_budget(tiny, single_rank, monkeypatch):
+    """A round given a budget searches; with pipeline.teacher_cache=round its teacher runs once,
+    into one cache the search candidates and the round's distillation all read."""
+    from nemo_minitron.distill import trainer
     from nemo_minitron.pipeline import run_pipeline
 
+    read, real_train = [], trainer.train
+    monkeypatch.setattr(trainer, "train", lambda j, *a, **k: (read.append(j.kd.teacher_cache),
+                                                              real_train(j, *a, **k))[1])
     base = common(tiny)
     base["train"] = TrainConfig(**{**vars(base["train"]), "steps": 3})
     job = PipelineJob(**base, search=SearchConfig(**{**SPACE, "max_candidates": 2}),
-                      pipeline=PipelineConfig(rounds=[RoundConfig(budget=0.6)], export=False),
+                      pipeline=PipelineConfig(rounds=[RoundConfig(budget=0.6)], export=False,
+                                              teacher_cache="round"),
                       output=str(tiny / "pipe"))
     summary = run_pipeline(job)
+    cache = tiny / "pipe" / "round1" / "teacher_cache"
+    assert read == [str(cache)] * 3  # two candidates and the round's distillation
+    assert json.loads((cache / "manifest.json").read_text())["steps"] == 3
+    assert not (tiny / "pipe" / "round1" / "search" / "teacher_cache").exists()
     r = summary["rounds"][0]
     chosen = json.loads((tiny / "pipe" / "round1" / "search" / "chosen.json").read_text())
     assert r["search"]["index"] == chosen["index"]
@@ -150,6 +180,7 @@ def test_candidates_get_hidden_pairs_of_their_own_depth(tiny, single_rank, caplo
         rows = metrics(cd / "distill")
         assert all(x["hidden"] > 0 for x in rows if "loss" in x)
     assert len(depths) >= 2  # the search spreads candidates over depths
+    assert not (out / "teacher_cache").exists()  # hidden-state losses: the live teacher (auto)
     assert sorted(m.split("layers ")[1] for m in logged) == sorted(want)
 
 

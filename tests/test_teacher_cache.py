@@ -73,6 +73,12 @@ def test_cache_holds_the_runs_samples(cache):
     assert {f.name: f.stat().st_mtime_ns for f in path.glob("step_*")} == before
 
 
+def _rows_by_sample(path, step):
+    shard = load_file(str(Path(path) / tc.shard_name(step)))
+    return {s: {n: shard[n][i] for n in ("ids", "logp", "log_rest")}
+            for i, s in enumerate(shard["sample"].tolist())}
+
+
 @pytest.mark.multirank
 def test_cached_follows_online_topk_and_resumes_bitwise(models, cache):
     t = models
@@ -86,23 +92,36 @@ def test_cached_follows_online_topk_and_resumes_bitwise(models, cache):
         a, b = [r[key] for r in online if key in r], [r[key] for r in cached if key in r]
         assert len(a) == 3 and b == pytest.approx(a, rel=1e-5, abs=1e-7), key
     bucket = [r["kd"] for r in metrics(t / "bucket") if "kd" in r]
-    # PP=2 and DP=2 under torchrun (one launch) read their samples' rows and follow TP=PP=DP=1
-    rows = {r["layout"]: r for r in torchrun("teacher_cache_layouts", 2, t / "student",
-                                             t / "teacher", t / "corpus", path, t / "layouts")}
-    ref = metrics(t / "bucket")
-    for name in ("pp2", "dp2"):
-        for key in ("loss", "kd", "grad_norm"):
-            want = [r[key] for r in ref if key in r]
-            assert rows[name][key] == pytest.approx(want, rel=1e-4, abs=1e-5), (name, key)
     assert len(bucket) == 3 and bucket[0] != pytest.approx(online[0]["kd"], rel=1e-3)
-    # resume: the bucket run's step-2 checkpoint, continued to step 3, gives the same weights
+    # one 2-rank launch: builds at TP=2, PP=2, DP=2; distillations from the cache at PP=2, DP=2
+    # and TP=2 (renormalised and bucket), and the TP=2 bucket run resumed from step 2
+    out = t / "layouts"
+    rows = {r["layout"]: r for r in torchrun("teacher_cache_layouts", 2, t / "student",
+                                             t / "teacher", t / "corpus", path, out, K)}
+    for name in ("tp2", "pp2", "dp2"):  # the same rows as the one-process build, per sample
+        for step in range(3):
+            want, got = _rows_by_sample(path, step), _rows_by_sample(out / f"build_{name}", step)
+            assert got.keys() == want.keys(), (name, step)
+            for s, w in want.items():
+                assert torch.equal(got[s]["ids"], w["ids"]), (name, step, s)
+                for n in ("logp", "log_rest"):
+                    assert torch.allclose(got[s][n], w[n], rtol=1e-5, atol=1e-5), (name, step, n)
+    ref = {"pp2": metrics(t / "bucket"), "dp2": metrics(t / "bucket"),
+           "tp2_bucket": metrics(t / "bucket"), "tp2_renorm": online}
+    for name, want_rows in ref.items():
+        for key in ("loss", "kd", "grad_norm"):
+            want = [r[key] for r in want_rows if key in r]
+            assert rows[name][key] == pytest.approx(want, rel=1e-4, abs=1e-5), (name, key)
+    # resume: the step-2 checkpoints, continued to step 3, give the same weights (TP=1, TP=2)
     shutil.copytree(t / "bucket", t / "bucket_resumed", ignore=shutil.ignore_patterns("final"))
     with one_thread():
         res = run_distill(_job(t, "bucket_resumed", teacher_cache=path))
     assert res["steps"] == 3
-    a = ckpt.Checkpoint(t / "bucket" / "final").tensors()
-    b = ckpt.Checkpoint(t / "bucket_resumed" / "final").tensors()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for a_dir, b_dir in ((t / "bucket", t / "bucket_resumed"),
+                         (out / "tp2_bucket", out / "tp2_bucket_resumed")):
+        a = ckpt.Checkpoint(a_dir / "final").tensors()
+        b = ckpt.Checkpoint(b_dir / "final").tensors()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), b_dir
 
 
 @pytest.mark.parametrize("change, field", [

@@ -539,6 +539,12 @@ class SearchConfig:
     `-m 'search.only=[0],[1],[2]'`; a later plain run ranks them all."""
     plan_only: bool = False
     """Write candidates.json (the enumeration) and stop: no calibration, no training."""
+    teacher_cache: str = "auto"
+    """Teacher outputs for the candidates' distillations: auto builds one offline teacher cache
+    (`minitron teacher_cache`, settings in `cache`) under output/teacher_cache, covering the short
+    and the confirmation runs, when the kd settings allow one (forward KL, no hidden-state or
+    embedding loss; otherwise the live teacher); off runs the live teacher in every candidate; a
+    directory builds or reuses the cache there. kd.teacher_cache, when set, is used as given."""
 
     def __post_init__(self):
         check_budget(self.budget, "search.budget")
@@ -571,6 +577,8 @@ class RecipeJob(ModelJob):
     kd: KDConfig = field(default_factory=KDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The search's offline teacher cache (search.teacher_cache)."""
     output: Optional[str] = None
     """Run directory; stages whose outputs are complete there are skipped (resume)."""
 
@@ -631,6 +639,11 @@ class PipelineConfig:
     """LM-loss steps on the corpus for the first teacher before pruning (0: skip)."""
     export: bool = True
     """Write each round's distilled student as a Hugging Face directory."""
+    teacher_cache: str = "off"
+    """round: each round runs its teacher once into an offline teacher cache (round/teacher_cache,
+    settings in `cache`) covering train.steps (and the round's search), which the round's search
+    candidates and its distillation read instead of the live teacher; off: the live teacher
+    (the search still shares one cache among its candidates, see search.teacher_cache)."""
 
 
 @dataclass
@@ -647,6 +660,7 @@ class PipelineJob(RecipeJob):
         if len(set(names)) != len(names):
             raise ValueError(f"pipeline.rounds: names {names} repeat; each round needs its own "
                              "directory (give distinct name: values)")
+        check_choice("pipeline.teacher_cache", self.pipeline.teacher_cache, ("off", "round"))
         if self.pipeline.teacher_correction_steps < 0:
             raise ValueError(f"pipeline.teacher_correction_steps="
                              f"{self.pipeline.teacher_correction_steps} must be >= 0 (0: skip)")

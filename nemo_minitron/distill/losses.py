@@ -121,29 +121,56 @@ def _log_softmax_(xs: list[torch.Tensor], keep: Optional[torch.Tensor], group) -
     return tmp
 
 
-def _topk_keep(t: torch.Tensor, valid: Optional[torch.Tensor], k: int, group) -> torch.Tensor:
-    """Bool ``[c, V_local]``: this shard's columns among the teacher's global top-k per token.
-
-    Each rank takes its local top-min(k, V_local) (padding columns at -inf), the candidates
-    (values and global ids, ``k`` per rank) are all-gathered, the global top-k is selected and each
-    rank marks the winners that fall in its shard. Nothing vocabulary-sized crosses ranks.
-    """
+def _global_topk(y: torch.Tensor, valid: Optional[torch.Tensor], k: int, group):
+    """``(values, global ids)`` ``[c, k]`` of the k largest entries per row over every TP shard
+    (descending). Each rank takes its local top-min(k, V_local) (padding columns at -inf), the
+    ``k`` candidates per rank (values and global ids) are all-gathered and the top-k of the
+    ``k * tp`` candidates taken: nothing vocabulary-sized crosses ranks."""
     size, rank = _tp(group)
-    c, v_local = t.shape
-    tt = t if valid is None else t.masked_fill(~valid, float("-inf"))
-    vals, idx = tt.topk(min(k, v_local), dim=-1)
-    del tt
+    v_local = y.shape[-1]
+    yy = y if valid is None else y.masked_fill(~valid, float("-inf"))
+    vals, idx = yy.topk(min(k, v_local), dim=-1)
+    del yy
     gid = idx + rank * v_local
     if size > 1:
         vals, gid = all_gather_cat(vals, group, dim=-1), all_gather_cat(gid, group, dim=-1)
-        sel = vals.topk(min(k, vals.shape[-1]), dim=-1).indices
+        vals, sel = vals.topk(min(k, vals.shape[-1]), dim=-1)
         gid = gid.gather(-1, sel)
-    local = gid - rank * v_local
-    inside = (local >= 0) & (local < v_local)
-    local = torch.where(inside, local, torch.full_like(local, v_local))  # outsiders -> dummy column
-    keep = torch.zeros(c, v_local + 1, dtype=torch.bool, device=t.device)
-    keep.scatter_(1, local, True)
-    keep = keep[:, :v_local]
+    return vals, gid
+
+
+def _owned(gid: torch.Tensor, v_local: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(local column, mine)`` of global ids ``[c, k]``: ``mine`` marks the ids in this rank's
+    vocabulary shard; the others point at column 0 (callers mask them with ``mine``)."""
+    local = gid - _tp(group)[1] * v_local
+    mine = (local >= 0) & (local < v_local)
+    return torch.where(mine, local, torch.zeros_like(local)), mine
+
+
+def _owned_mask(gid: torch.Tensor, v_local: int, group) -> torch.Tensor:
+    """Bool ``[c, V_local]``: this shard's columns among the global ids ``gid [c, k]``."""
+    local, mine = _owned(gid, v_local, group)
+    rows, pos = mine.nonzero(as_tuple=True)
+    keep = torch.zeros(gid.shape[0], v_local, dtype=torch.bool, device=gid.device)
+    keep[rows, local[rows, pos]] = True
+    return keep
+
+
+def _logsumexp_over_shards(x: torch.Tensor, group) -> torch.Tensor:
+    """``log sum_r exp(x_r)`` of per-row values ``x [c]`` that each TP rank holds for its shard
+    (a MAX and a SUM all-reduce of ``[c]``); ``-inf`` rows on every rank stay ``-inf``."""
+    if _tp(group)[0] == 1:
+        return x
+    m = _all_reduce_(x.clone(), group, maximum=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m + _all_reduce_((x - m).exp(), group).log()
+
+
+def _topk_keep(t: torch.Tensor, valid: Optional[torch.Tensor], k: int, group) -> torch.Tensor:
+    """Bool ``[c, V_local]``: this shard's columns among the teacher's global top-k per token
+    (:func:`_global_topk`; each rank marks the winners that fall in its shard)."""
+    _, gid = _global_topk(t, valid, k, group)
+    keep = _owned_mask(gid, t.shape[-1], group)
     return keep if valid is None else keep & valid
 
 
@@ -481,80 +508,97 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, mask: Optional[torch.
 # An offline teacher cache (:mod:`.teacher_cache`) holds, per token, the teacher's k largest
 # log-probabilities at temperature T (over the true vocabulary), their vocabulary ids and the log of
 # the mass left outside them. The two functions below are the two halves: what the cache stores, and
-# the loss a student takes from it. TP=1 only for now (the student's full vocabulary is local).
+# the loss a student takes from it. Both work per TP vocabulary shard: only k candidates (build) or
+# the k cached log-probabilities (loss) and per-token sums cross ranks.
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0,
-                 vocab_size: Optional[int] = None, chunk_tokens: Optional[int] = 256):
+                 vocab_size: Optional[int] = None, chunk_tokens: Optional[int] = 256,
+                 tp_group=None):
     """``(ids int32 [..., k], logp fp32 [..., k], log_rest fp32 [...])`` of ``log_softmax(z / T)``
-    over the true vocabulary: the k largest log-probabilities (descending), their ids, and
-    ``log(1 - sum exp(logp))`` computed as the log-sum-exp over the other ids (no cancellation)."""
+    over the true vocabulary: the k largest log-probabilities (descending), their global ids, and
+    ``log(1 - sum exp(logp))`` computed as the log-sum-exp over the other ids (no cancellation).
+    Under TP (``teacher_logits`` this rank's vocabulary shard) the top-k is merged from each
+    shard's k candidates and the rest summed over shards; every rank returns the same result."""
     lead, v = teacher_logits.shape[:-1], teacher_logits.shape[-1]
-    if not 1 <= k <= (vocab_size or v):
-        raise ValueError(f"k={k} must lie in [1, vocabulary size {vocab_size or v}]")
+    full = vocab_size or v * _tp(tp_group)[0]
+    if not 1 <= k <= full:
+        raise ValueError(f"k={k} must lie in [1, vocabulary size {full}]")
     n = math.prod(lead)
     z = teacher_logits.detach().reshape(n, v)
-    valid = _valid_columns(v, vocab_size, None, z.device)
+    valid = _valid_columns(v, vocab_size, tp_group, z.device)
     ids = torch.empty(n, k, dtype=torch.int32, device=z.device)
     logp = torch.empty(n, k, dtype=torch.float32, device=z.device)
     rest = torch.empty(n, dtype=torch.float32, device=z.device)
     for i, j in _chunks(n, chunk_tokens):
         y = z[i:j].to(torch.float32, copy=True).div_(temperature)  # never the caller's tensor
-        _log_softmax_([y], valid, None)
-        vals, idx = y.topk(k, dim=-1)
-        ids[i:j], logp[i:j] = idx, vals
-        rest[i:j] = torch.logsumexp(y.scatter_(-1, idx, float("-inf")), dim=-1)
+        _log_softmax_([y], valid, tp_group)  # padding columns are -inf from here on
+        vals, gid = _global_topk(y, None, k, tp_group)
+        ids[i:j], logp[i:j] = gid, vals
+        y.masked_fill_(_owned_mask(gid, v, tp_group), float("-inf"))
+        rest[i:j] = _logsumexp_over_shards(torch.logsumexp(y, dim=-1), tp_group)
     return ids.reshape(*lead, k), logp.reshape(*lead, k), rest.reshape(lead)
 
 
 def _cached_kl_chunk(s, ids, logp_t, rest_t, w, *, temperature: float, residual: bool,
-                     valid: Optional[torch.Tensor], want_grad: bool, owned: bool = False):
-    """Forward KL of one chunk from cached teacher top-k, and ``d loss / d s`` (see
-    :func:`cached_topk_kl`). With ``x = s / T`` and ``p = softmax(x)``:
+                     valid: Optional[torch.Tensor], group, want_grad: bool, owned: bool = False):
+    """Forward KL of one chunk from cached teacher top-k, and ``d loss / d s`` of this rank's
+    vocabulary shard (see :func:`cached_topk_kl`). With ``x = s / T`` and ``p = softmax(x)``:
 
     * residual: ``L = sum_j q_j (lq_j - lp_j) + q_r (lq_r - lp_r)`` over the k ids and the rest
       bucket; ``dL/dx_v = Q p_v - q_v`` on the ids and ``Q p_v - q_r p_v / p_r`` elsewhere
       (``Q = sum_j q_j + q_r``, 1 up to the cache's rounding, kept exact here).
     * renormalised: both restricted to the k ids and renormalised there (what online ``top_k``
       does): ``dL/dx_v = p~_v - q~_v`` on the ids, 0 elsewhere.
+
+    Under TP each rank reads the student log-probabilities of the cached ids in its shard; one
+    ``[c, k]`` all-reduce gives every rank all k of them, and ``p_r`` is each shard's mass outside
+    the ids summed over shards. The per-token loss is then the same on every rank: rank 0 reports
+    it (the driver sums the ranks' partial losses).
     """
     x = _fp32(s, owned)
     if temperature != 1.0:
         x.div_(temperature)
-    _log_softmax_([x], valid, None)  # x = log p_S over the true vocabulary
-    ids = ids.long()
+    _log_softmax_([x], valid, group)  # x = log p_S over the true vocabulary
+    local, mine = _owned(ids.long(), x.shape[-1], group)
+    lp = _all_reduce_(torch.where(mine, x.gather(-1, local), 0.0), group)
+    rows, pos = mine.nonzero(as_tuple=True)
+    cols = local[rows, pos]
     lq = logp_t.float()
-    lp = x.gather(-1, ids)
+    grad = None
     if residual:
         lq_r = rest_t.float()
-        lp_r = torch.logsumexp(x.scatter(-1, ids, float("-inf")), dim=-1)
+        outside = x.clone()
+        outside[rows, cols] = float("-inf")
+        lp_r = _logsumexp_over_shards(torch.logsumexp(outside, dim=-1), group)
+        del outside
         q, q_r = lq.exp(), lq_r.exp()
         # an empty bucket (k = the whole vocabulary) adds nothing (not 0 * (-inf - -inf))
         tok = (q * (lq - lp)).sum(-1) + torch.where(q_r > 0, q_r * (lq_r - lp_r), 0.0)
-        grad = None
         if want_grad:
             big_q = (q.sum(-1) + q_r).unsqueeze(-1)
             # q_r p_v / p_r in log space: p_r may underflow where the teacher's top-k hold it all
             off = x.add(torch.where(q_r > 0, lq_r - lp_r, -float("inf")).unsqueeze(-1)).exp_()
             grad = x.exp_().mul_(big_q).sub_(off)
             del off
-            grad.scatter_(-1, ids, lp.exp() * big_q - q)
+            grad[rows, cols] = (lp.exp() * big_q - q)[rows, pos]
     else:
         lq = lq - torch.logsumexp(lq, dim=-1, keepdim=True)
         lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
         q = lq.exp()
         tok = (q * (lq - lp)).sum(-1)
-        grad = None
         if want_grad:
-            grad = x.zero_().scatter_(-1, ids, lp.exp() - q)
+            grad = x.zero_()
+            grad[rows, cols] = (lp.exp() - q)[rows, pos]
     if grad is not None:
         grad.mul_((w * temperature).unsqueeze(-1))
-    return (tok * w).sum() * (temperature * temperature), grad
+    share = 1.0 if _tp(group)[1] == 0 else 0.0  # the same tok on every rank: counted once
+    return (tok * w).sum() * (temperature * temperature * share), grad
 
 
 def cached_topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor,
                    log_rest: Optional[torch.Tensor], *, temperature: float = 1.0,
                    mask: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None,
-                   residual: bool = True,
+                   residual: bool = True, tp_group=None,
                    chunk_tokens: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``T^2 KL(p_T || p_S)`` per token from a cached teacher (:func:`teacher_topk` outputs, any
     float dtype); returns ``(loss_sum, count)`` like :func:`logits_kl`.
@@ -563,8 +607,9 @@ def cached_topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, logp: torch.
     ids (teacher mass ``exp(log_rest)``, student mass ``1 - sum_{v in K} p_S(v)``): the student is
     also told how much mass lies outside the top-k. ``residual=False``: both distributions
     restricted to the k ids and renormalised, equal to :func:`logits_kl` with the same ``top_k``.
-    ``student_logits [..., V]`` hold the full (padded) vocabulary (TP=1); ``ids``/``logp``
-    ``[..., k]``, ``log_rest [...]``. Gradients reach ``student_logits`` only.
+    ``student_logits [..., V_local]``: this rank's vocabulary shard (the whole padded vocabulary
+    without ``tp_group``); ``ids`` (global) / ``logp`` ``[..., k]``, ``log_rest [...]``, the same
+    on every TP rank. Gradients reach ``student_logits`` only.
     """
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0")
@@ -576,11 +621,12 @@ def cached_topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, logp: torch.
         raise ValueError("residual=True needs log_rest with the logits' leading shape")
     n, k = math.prod(lead), ids.shape[-1]
     w = _token_weights(mask, lead, n, student_logits.device)
-    valid = _valid_columns(v, vocab_size, None, student_logits.device)
+    valid = _valid_columns(v, vocab_size, tp_group, student_logits.device)
     rest = log_rest.reshape(n) if residual else torch.zeros(n, device=student_logits.device)
     fn = functools.partial(_cached_kl_chunk, temperature=float(temperature), residual=residual,
-                           valid=valid)
-    loss_sum = _ChunkedLoss.apply(fn, chunk_tokens, None, _grad_or_const(student_logits.reshape(n, v)),
+                           valid=valid, group=tp_group)
+    loss_sum = _ChunkedLoss.apply(fn, chunk_tokens, tp_group,
+                                  _grad_or_const(student_logits.reshape(n, v)),
                                   ids.reshape(n, k), logp.reshape(n, k), rest, w)
     return loss_sum, w.sum()
 

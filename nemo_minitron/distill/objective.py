@@ -41,6 +41,7 @@ class Objective:
             return L.cached_topk_kl(student, batch["cache_ids"], batch["cache_logp"],
                                     batch["cache_rest"], temperature=kd.temperature, mask=mask,
                                     vocab_size=self.vocab_size, residual=kd.cache_residual,
+                                    tp_group=self.tp_group,
                                     chunk_tokens=kd.chunk_tokens)[0]
         return L.logits_kl(student, teacher, temperature=kd.temperature, mask=mask,
                            tp_group=self.tp_group, vocab_size=self.vocab_size, top_k=kd.top_k,

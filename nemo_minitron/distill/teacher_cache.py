@@ -14,8 +14,10 @@ Layout of a cache directory (safetensors and JSON only; nothing is unpickled)::
     step_0000000.safetensors ...   one shard per training step: sample [G] int64 (packed sample
                                    numbers), ids [G, L, k] int32, logp [G, L, k], log_rest [G, L]
 
-Shards are written atomically (temporary name, then rename), so an interrupted build resumes at
-the first missing shard. Readers look samples up by number, so any micro-batch size and data-
+The build runs at any TP/PP/DP layout and writes the same files as a one-process build (the top-k
+merged from the TP shards' candidates, the DP replicas' rows gathered for one writer). Shards are
+written atomically (temporary name, then rename), so an interrupted build resumes at the first
+missing shard, at any layout. Readers look samples up by number, so any micro-batch size and data-
 parallel split of the same global batches finds its rows; a sample read again in a later epoch is
 served from its first shard.
 """
@@ -35,7 +37,8 @@ from ..artifacts.atomic import write_file, write_text
 from ..convert import checkpoint as ckpt
 from ..data.packed import PackedSequences, step_batches
 from ..runtime import dist
-from ..runtime.forward import run_forward
+from ..runtime.collectives import all_gather_cat
+from ..runtime.forward import on_device, run_forward
 from ..runtime.shard import load_checkpoint
 from .losses import teacher_topk
 
@@ -215,55 +218,106 @@ class TeacherCache:
         return {"cache_ids": ids, "cache_logp": logp, "cache_rest": rest}
 
 
-def build(job) -> dict:
-    """Run the teacher over the run's samples step by step; write missing shards (resumable)."""
-    kd, tr, data, c = job.kd, job.train, job.data, job.cache
-    out = Path(job.output)
-    teacher_arch = ckpt.Checkpoint(kd.teacher).arch
-    manifest = describe(kd.teacher, data, tr, kd.temperature, c.k, c.dtype, teacher_arch.vocab_size)
+def other_settings(have: dict, want: dict) -> str | None:
+    """The first manifest field (``steps`` aside: a cache may grow) in which ``have`` differs
+    from ``want``, as ``field: have vs want``; None when it is a cache of the same settings."""
+    for key in sorted(set(have) | set(want)):
+        if key != "steps" and have.get(key) != want.get(key):
+            return f"{key}: {have.get(key)} vs {want.get(key)}"
+    return None
+
+
+def complete(path, steps: int) -> bool:
+    """A manifest and the shards of steps 0..steps-1 are all in ``path``."""
+    p = Path(path)
+    return (p / MANIFEST).is_file() and all((p / shard_name(s)).is_file() for s in range(steps))
+
+
+def check_output(out: Path, manifest: dict, overwrite: bool, field: str = "output",
+                 fix: str = "pass overwrite=true to replace it") -> None:
+    """Refuse an output holding something else than (part of) this cache; reads only."""
     old = out / MANIFEST
-    if old.is_file() and not job.overwrite:
-        have = ckpt.read_json(old)
-        if {k: v for k, v in have.items() if k != "steps"} != {k: v for k, v in manifest.items() if k != "steps"}:
-            raise FileExistsError(f"output={out} holds a teacher cache of other settings; choose "
-                                  "another output or pass overwrite=true to replace it")
-    elif out.exists() and any(out.iterdir()) and not old.is_file() and not job.overwrite:
-        raise FileExistsError(f"output {out} already exists and is not empty; choose another "
-                              "output directory or pass overwrite=true to replace it")
+    if old.is_file() and not overwrite:
+        differs = other_settings(ckpt.read_json(old), manifest)
+        if differs:
+            raise FileExistsError(f"{field}={out} holds a teacher cache of other settings "
+                                  f"({differs}); choose another directory or {fix}")
+    elif out.exists() and any(out.iterdir()) and not old.is_file() and not overwrite:
+        raise FileExistsError(f"{field}={out} already exists, is not empty and holds no teacher "
+                              f"cache; choose another directory or {fix}")
+
+
+def _start_output(out: Path, manifest: dict, overwrite: bool) -> None:
+    """Rank 0: clear a replaced cache and write the manifest (before any shard)."""
+    if overwrite and out.is_dir():
+        for f in list(out.glob("step_*.safetensors")) + [out / MANIFEST]:
+            f.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+
+
+def _step_rows(outs: list[dict], par) -> dict | None:
+    """The whole global batch's rows on the writer (last pipeline stage, TP rank 0, DP rank 0),
+    None elsewhere: each DP replica's rows are all-gathered over the data-parallel group of the
+    last stage's TP rank 0 (all TP ranks hold the same top-k)."""
+    if not (par.last_stage and par.tp_rank == 0):
+        return None
+    rows = {n: torch.cat([o[n] for o in outs]) for n in ("sample", "ids", "logp", "log_rest")}
+    if par.dp > 1:
+        rows = {n: all_gather_cat(t.contiguous(), par.dp_group) for n, t in rows.items()}
+    if par.dp_rank != 0:
+        return None
+    return {n: t.cpu().contiguous() for n, t in rows.items()}
+
+
+def _log_size(tr, data, c) -> int:
     tokens = tr.steps * tr.global_batch_size * data.seq_length
     per = bytes_per_token(c.k, c.dtype)
     log.info("teacher cache: %d steps x %d samples x %d tokens = %d tokens, k=%d %s: %d bytes/token, "
              "about %.1f MB", tr.steps, tr.global_batch_size, data.seq_length, tokens, c.k, c.dtype,
              per, tokens * per / 1e6)
-    if job.overwrite and out.is_dir():
-        for f in list(out.glob("step_*.safetensors")) + [old]:
-            f.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(old, json.dumps(manifest, indent=2))
+    return tokens
 
+
+def build(job) -> dict:
+    """Run the teacher over the run's samples step by step at ``job.parallel``'s layout; write
+    the missing shards (resumable). Every DP replica runs its share of each global batch (the
+    samples a distillation's DP rank reads); the last stage computes the top-k per TP vocabulary
+    shard and one rank writes the step's shard."""
+    kd, tr, data, c = job.kd, job.train, job.data, job.cache
+    out = Path(job.output)
+    teacher_arch = ckpt.Checkpoint(kd.teacher).arch
+    manifest = describe(kd.teacher, data, tr, kd.temperature, c.k, c.dtype, teacher_arch.vocab_size)
+    check_output(out, manifest, job.overwrite)
+    tokens = _log_size(tr, data, c)
     train_data = PackedSequences(data.prefix, data.seq_length, split="train",
                                  valid_fraction=data.valid_fraction, seed=tr.seed)
     par = dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s)
     try:
-        teacher, _ = load_checkpoint(kd.teacher, job.model.dtype)
-        todo = [s for s in range(tr.steps) if not (out / shard_name(s)).is_file()]
+        if par.is_rank0:
+            _start_output(out, manifest, job.overwrite)
+        todo = dist.broadcast_from_rank0(
+            [s for s in range(tr.steps) if not (out / shard_name(s)).is_file()])
         if len(todo) < tr.steps:
             log.info("resuming: %d of %d shards already written", tr.steps - len(todo), tr.steps)
+        teacher, _ = load_checkpoint(kd.teacher, job.model.dtype)
         dtype = DTYPES[c.dtype]
 
         def on_logits(logits, batch):
             ids, logp, rest = teacher_topk(logits, c.k, temperature=kd.temperature,
-                                           vocab_size=teacher_arch.vocab_size)
-            return {"sample": batch["sample"], "ids": ids.cpu(), "logp": logp.to(dtype).cpu(),
-                    "log_rest": rest.to(dtype).cpu()}
+                                           vocab_size=teacher_arch.vocab_size,
+                                           tp_group=par.tp_group)
+            return {"sample": batch["sample"], "ids": ids, "logp": logp.to(dtype),
+                    "log_rest": rest.to(dtype)}
 
         for s in par.progress(todo, desc="teacher cache", unit="step"):
             batches = step_batches(train_data, s, tr.global_batch_size, tr.micro_batch_size,
-                                   seed=tr.seed, with_index=True)
-            outs = run_forward(teacher, batches, on_logits)
-            tensors = {n: torch.cat([o[n] for o in outs]).contiguous()
-                       for n in ("sample", "ids", "logp", "log_rest")}
-            write_file(out / shard_name(s), lambda tmp: save_file(tensors, str(tmp)))
+                                   seed=tr.seed, dp_rank=par.dp_rank, dp_size=par.dp,
+                                   with_index=True)
+            rows = _step_rows(run_forward(teacher, [on_device(b) for b in batches], on_logits), par)
+            if rows is not None:
+                write_file(out / shard_name(s), lambda tmp: save_file(rows, str(tmp)))
+        dist.barrier()  # every shard is on disk before any rank reports the size
     finally:
         dist.release()
     size = sum(f.stat().st_size for f in out.glob("step_*.safetensors"))

@@ -6,7 +6,7 @@ evaluated again; candidates are ranked by that validation loss (or a task's accu
 ``search.confirm_top`` the best few are also distilled for ``search.confirm_steps``, and the table
 shows whether the short ranking held. Everything lands under ``output/``::
 
-    importance.pt  candidates.json  search.md  search.png  chosen.json
+    importance.pt  candidates.json  search.md  search.png  chosen.json  teacher_cache/
     cand_<i>/pruned  cand_<i>/distill  cand_<i>/eval_pruned.json  cand_<i>/eval.json
     cand_<i>/confirm  cand_<i>/eval_confirm.json
 
@@ -34,6 +34,7 @@ from ..config.schema import DistillJob, PruneJob
 from ..convert import checkpoint as ckpt
 from ..distill.guard import TrainingDiverged
 from ..runs import Steps, complete, on_rank0, with_checkpoint
+from . import shared_cache
 from .rank import kendall_tau, rank_results
 from .report import write_search_report
 from .space import counted, describe_empty, enumerate_candidates, select
@@ -81,6 +82,7 @@ def run_search(job) -> dict:
 
     steps = Steps()
     scores = calibrate_once(job, out, steps)
+    job = shared_cache.build(job, steps)  # kd.teacher_cache: the candidates' shared teacher
     for c in chosen:
         if s.only is None or c.index in s.only:
             train_candidate(job, c, out, scores, steps)
@@ -180,8 +182,12 @@ def distill_candidate(job, steps: Steps, pruned: Path, run_dir: Path, train_step
         dist.barrier()  # every rank has read it before rank 0 removes it
         if dist.is_rank0():  # other settings (a lower train.lr ...): try again
             marker.unlink()
+    def distill():
+        shared_cache.check_before_distill(dj, pruned)
+        return train(dj, "search")
+
     try:
-        steps.run(label, complete(run_dir / "final"), lambda: train(dj, "search"))
+        steps.run(label, complete(run_dir / "final"), distill)
     except TrainingDiverged as e:  # raised alike on every rank
         if dist.is_rank0():
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -93,8 +93,40 @@ def main():
               "grad_scale": ref_gw[lo:hi].abs().max().item(),
               "grad2_err": (tp_gh - ref_gh).abs().max().item(),  # replicated hidden
               "grad2_scale": ref_gh.abs().max().item()})
+    cached(rank, group, s, t, mask, lo, hi)
     tdist.barrier()
     tdist.destroy_process_group()
+
+
+def cached(rank, group, s, t, mask, lo, hi):
+    """Offline cache at TP=2: the teacher's top-k built from each rank's shard equal the TP=1
+    ones; the cached KL (residual bucket or renormalised) and its gradient shard equal TP=1."""
+    for case, k, temp, chunk in (("cache_build_k7", 7, 1.5, 5), ("cache_build_k60", 60, 1.0, None)):
+        ref = L.teacher_topk(t, k, temperature=temp, vocab_size=VOCAB, chunk_tokens=chunk)
+        got = L.teacher_topk(t[..., lo:hi], k, temperature=temp, vocab_size=VOCAB,
+                             chunk_tokens=chunk, tp_group=group)
+        emit({"case": case, "rank": rank, "ids_equal": torch.equal(got[0], ref[0]),
+              "logp_err": (got[1] - ref[1]).abs().max().item(),
+              "rest_err": (got[2] - ref[2]).abs().max().item()})
+    for case, k, temp, residual, chunk in (("cached_residual_k7", 7, 1.5, True, 6),
+                                           ("cached_renorm_k60", 60, 1.0, False, None),
+                                           ("cached_residual_all", VOCAB, 2.0, True, 9)):
+        ids, logp, rest = L.teacher_topk(t, k, temperature=temp, vocab_size=VOCAB)
+
+        def run(shard, group_):
+            x = (s[..., lo:hi] if shard else s).detach().clone().requires_grad_()
+            val, cnt = L.cached_topk_kl(x, ids, logp, rest, temperature=temp, mask=mask,
+                                        vocab_size=VOCAB, residual=residual, tp_group=group_,
+                                        chunk_tokens=chunk)
+            val.backward()
+            return val.item(), cnt.item(), x.grad
+
+        ref_v, ref_c, ref_g = run(False, None)
+        tp_v, tp_c, tp_g = run(True, group)
+        ref_shard = ref_g[..., lo:hi]
+        emit({"case": case, "rank": rank, "tp_value": tp_v, "ref_value": ref_v,
+              "count": [tp_c, ref_c], "grad_err": (tp_g - ref_shard).abs().max().item(),
+              "grad_scale": ref_shard.abs().max().item()})
 
 
 if __name__ == "__main__":
