@@ -93,3 +93,62 @@ def test_rank_and_kendall():
     assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
     assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+
+
+# A tiny Qwen2-MoE's shape: 8 routed experts of width 64 (top-2) and a shared expert of width 96.
+QWEN2_MOE = Arch(num_layers=4, hidden_size=128, ffn_hidden_size=64, num_attention_heads=4,
+                 num_query_groups=2, head_dim=32, vocab_size=1000, qkv_bias=True,
+                 model_type="qwen2_moe", num_experts=8, moe_top_k=2, moe_renorm=True,
+                 moe_shared_expert_intermediate_size=96)
+
+
+MOE_AXES = ["ffn_hidden_size", "num_experts"]
+SHARED = "moe_shared_expert_intermediate_size"
+
+
+@pytest.mark.parametrize("count", ["active", "total"])
+def test_shared_expert_width_is_a_search_axis(count):
+    """Candidates of a source with a shared expert vary its width (in the name and the target,
+    so prune slices it); their total and active counts are the analytic ones of the pruned
+    shape, and one shared neuron fewer costs 3 * hidden parameters per layer in both."""
+    space = Space(budget=0.8, count=count, ffn_multiple=16, axes=MOE_AXES + [SHARED])
+    assert axis_values(QWEN2_MOE, space)[SHARED] == [32, 48, 64, 80, 96]  # down to a quarter
+    cands = enumerate_candidates(QWEN2_MOE, space)
+    budget = 0.8 * (QWEN2_MOE.num_active_params() if count == "active" else QWEN2_MOE.num_params())
+    assert {c.target.moe_shared_expert_intermediate_size for c in cands} == {32, 48, 64, 80, 96}
+    for c in cands:
+        a = QWEN2_MOE.replace(**c.target)
+        s = a.moe_shared_expert_intermediate_size
+        assert c.name().endswith(f"-S{s}") and (c.params, c.active) == (
+            a.num_params(), a.num_active_params())
+        assert abs((c.active if count == "active" else c.params) - budget) <= 0.05 * budget
+        full = a.replace(moe_shared_expert_intermediate_size=96)
+        for n in (Arch.num_params, Arch.num_active_params):
+            assert n(full) - n(a) == 4 * 3 * 128 * (96 - s)
+    fixed = enumerate_candidates(QWEN2_MOE, Space(budget=0.8, count=count, ffn_multiple=16,
+                                                  axes=MOE_AXES))
+    assert fixed and {c.target.moe_shared_expert_intermediate_size for c in fixed} == {96}
+
+
+def test_shared_expert_width_reaches_active_budgets_experts_cannot():
+    """Every token passes through the shared expert: at 70% of the active parameters, expert
+    count and width alone find no candidate, the shared width axis does."""
+    def found(axes):
+        return enumerate_candidates(QWEN2_MOE, Space(budget=0.7, count="active", ffn_multiple=16,
+                                                     axes=axes))
+    assert found(MOE_AXES) == [] and found(MOE_AXES + [SHARED])
+
+
+def test_shared_expert_width_refusals():
+    """Explicit widths: within the source's; refused for a source without a shared expert."""
+    moe = QWEN2_MOE.replace(model_type="mixtral", qkv_bias=False,
+                            moe_shared_expert_intermediate_size=0)
+    assert axis_values(moe, Space(budget=0.7))["moe_shared_expert_intermediate_size"] == [0]
+    assert all(c.target.moe_shared_expert_intermediate_size is None
+               for c in enumerate_candidates(moe, Space(budget=0.8, ffn_multiple=16)))
+    with pytest.raises(ValueError, match="search.moe_shared_expert_intermediate_size=.*no shared"):
+        axis_values(moe, Space(budget=0.7, moe_shared_expert_intermediate_size=[48]))
+    with pytest.raises(ValueError, match=r"search.moe_shared_expert_intermediate_size=\[48, 128\]"):
+        axis_values(QWEN2_MOE, Space(budget=0.7, moe_shared_expert_intermediate_size=[48, 128]))
+    assert axis_values(QWEN2_MOE, Space(budget=0.7, moe_shared_expert_intermediate_size=[
+        96, 48]))["moe_shared_expert_intermediate_size"] == [48, 96]

@@ -32,7 +32,8 @@ Depth = Literal["block_importance", "lm_loss", "accuracy"]
 ImportanceMode = Literal["activation", "random"]
 Count = Literal["total", "active"]
 """What a search budget counts: every parameter, or those one token passes through."""
-Axis = Literal["num_layers", "hidden_size", "ffn_hidden_size", "attention", "num_experts"]
+Axis = Literal["num_layers", "hidden_size", "ffn_hidden_size", "attention", "num_experts",
+               "moe_shared_expert_intermediate_size"]
 """Search axes (attention: heads and query groups together)."""
 AXES = get_args(Axis)
 DTYPES = get_args(Dtype)
@@ -316,9 +317,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Resumable checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
     sharded_save: bool = True
-    """Resumable checkpoints at tensor parallelism > 1 are written sharded: each TP rank writes
-    its own slices in parallel, no tensor is gathered onto one rank (``model.sharded.json``
-    indexes them; they load at any layout). ``final/`` is always whole, HF-named tensors."""
+    """Resumable checkpoints at tensor or expert parallelism > 1 are written sharded: each TP
+    (and EP) rank writes its own slices in parallel, no tensor is gathered onto one rank
+    (``model.sharded.json`` indexes them; they load at any layout). ``final/`` is always whole,
+    HF-named tensors."""
     skip_nonfinite_steps: int = 0
     """Steps with a non-finite loss or gradient skipped (no update) before training stops; 0: stop at the first."""
     seed: int = 1234
@@ -508,22 +510,26 @@ class SearchConfig:
     """total parameters, or active: those one token passes through (MoE: router + top-k experts)."""
     axes: list[str] = field(default_factory=lambda: list(AXES))
     """Axes the search may shrink (attention = heads and query groups together; num_experts
-    only for MoE models)."""
+    only for MoE models, moe_shared_expert_intermediate_size only for those with a shared
+    expert)."""
     num_layers: Optional[list[int]] = None
     hidden_size: Optional[list[int]] = None
     ffn_hidden_size: Optional[list[int]] = None
     num_attention_heads: Optional[list[int]] = None
     num_query_groups: Optional[list[int]] = None
     num_experts: Optional[list[int]] = None
+    moe_shared_expert_intermediate_size: Optional[list[int]] = None
     """Explicit allowed values of an axis (default: generated from the steps and limits; experts
-    in steps of an eighth of the source's, never below its top-k)."""
+    in steps of an eighth of the source's, never below its top-k; the shared expert's width in
+    multiples of ffn_multiple)."""
     layer_step: int = 2
     hidden_multiple: int = 64
     """Hidden sizes tried are multiples of this (hardware-friendly; 128 or 256 on GPUs)."""
     ffn_multiple: int = 128
     min_fraction: dict[str, float] = field(default_factory=lambda: {
         "num_layers": 0.5, "hidden_size": 0.5, "ffn_hidden_size": 0.25,
-        "num_attention_heads": 0.5, "num_experts": 0.5})
+        "num_attention_heads": 0.5, "num_experts": 0.5,
+        "moe_shared_expert_intermediate_size": 0.25})
     """How far each axis may shrink, as a fraction of the source."""
     max_candidates: int = 6
     """Candidates to prune and distill (nearest the budget, spread over depths)."""
@@ -558,7 +564,8 @@ class SearchConfig:
         unknown = sorted(set(self.axes) - set(AXES))
         if unknown:
             raise ValueError(f"search.axes: unknown {unknown}; choose from {list(AXES)}")
-        limits = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_experts")
+        limits = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                  "num_experts", "moe_shared_expert_intermediate_size")
         bad = {k: v for k, v in self.min_fraction.items() if k not in limits or not 0 < v <= 1}
         if bad:
             raise ValueError(f"search.min_fraction={dict(self.min_fraction)}: {bad} must be axes "

@@ -13,9 +13,14 @@ parallel; a small index says where the pieces of every tensor lie::
                                                              "dim": split dim (null: whole),
                                                              "pieces": [{"file", "start", "stop"}]}}}
       model-tp{t}-pp{p}.safetensors      rank (t, p)'s pieces: rows [start, stop) of ``dim``
+      model-tp{t}-pp{p}-ep{e}.safetensors  the same under expert parallelism: a file per EP rank
 
 A tensor replicated over TP (norms, router) is one whole piece written by TP rank 0; a vocabulary
-split over TP drops its padded rows (pieces cover the real vocabulary only). The save is atomic
+split over TP drops its padded rows (pieces cover the real vocabulary only). Under expert
+parallelism (EP > 1, MoE models) each EP rank's first replica (expert-data-parallel rank 0) writes
+the experts it holds under their global canonical numbers, and the dense tensors, the same on
+every EP rank, are written once, by data-parallel rank 0 (EP rank 0). The index format is the same
+at every layout: pieces name their files, so readers never parse file names. The save is atomic
 like any other (the same temporary directory, committed by rank 0 after every rank has written),
 so a save killed midway leaves the previous checkpoint as the one a run resumes from.
 
@@ -26,9 +31,9 @@ export, pre-flight's header checks) accepts a sharded checkpoint.
 
 Why only periodic checkpoints: ``final/`` is what people share, export and continue from, so it
 stays canonical (one name, one whole tensor, layout-free, HF-named); its one gather per run is
-cheap next to a save every few hundred steps. Why only at TP > 1: at TP = 1 a stage's tensors are
-already whole on the rank that writes them (no gather happens) and the canonical layout is what
-every tool reads, so it is kept. Expert-parallel MoE models (EP > 1) keep the gather path too.
+cheap next to a save every few hundred steps. Why only at TP > 1 or EP > 1: at TP = EP = 1 a
+stage's tensors are already whole on the rank that writes them (no gather happens) and the
+canonical layout is what every tool reads, so it is kept.
 """
 
 from __future__ import annotations
@@ -37,15 +42,36 @@ from pathlib import Path
 
 import torch
 
+from ..arch import Arch
 from ..artifacts import atomic
 from . import checkpoint as ckpt
+from .weights import EMBED, LAYER, expert_keys, from_megatron
 
 INDEX = "model.sharded.json"
 FORMAT = "nemo_minitron.sharded/1"
 
 
-def piece_file(tp_rank: int, pp_rank: int) -> str:
-    return f"model-tp{tp_rank}-pp{pp_rank}.safetensors"
+def piece_file(tp_rank: int, pp_rank: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """The file rank (tp, pp[, ep]) writes; the EP rank is named only when experts are split."""
+    return f"model-tp{tp_rank}-pp{pp_rank}{f'-ep{ep_rank}' if ep > 1 else ''}.safetensors"
+
+
+def rank_tensors(state: dict[str, torch.Tensor], arch: Arch, *, layers: range, pre_process: bool,
+                 post_process: bool, te: bool, tp_size: int, ep_rank: int = 0, ep: int = 1,
+                 dense: bool = True, experts: bool = True) -> dict[str, torch.Tensor]:
+    """One rank's megatron-core ``state`` as the canonical-named slices it writes: its local
+    experts under their global numbers (EP rank ``ep_rank`` of ``ep`` holds a contiguous block),
+    only the experts when ``dense`` is false (another rank writes the tensors every EP rank
+    holds), only the dense tensors when ``experts`` is false (another replica writes them). A
+    tied embedding is stored once, by the first pipeline stage."""
+    held = range(ep_rank * arch.num_experts // ep, (ep_rank + 1) * arch.num_experts // ep) \
+        if arch.is_moe else range(0)
+    local = from_megatron([state], arch, layers=layers, pre_process=pre_process,
+                          post_process=post_process, te=te, tp_size=tp_size, experts=held)
+    if not pre_process:
+        local.pop(EMBED, None)
+    names = {LAYER.format(i) + x for i in layers for j in held for x in expert_keys(arch, j)}
+    return {k: v for k, v in local.items() if (experts if k in names else dense)}
 
 
 # ----------------------------------------------------------------------------------------------

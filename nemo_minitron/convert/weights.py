@@ -259,10 +259,12 @@ def _swiglu_from(shards: list[dict], prefix: str, names) -> dict[str, torch.Tens
 
 def from_megatron(shards: list[dict[str, torch.Tensor]], arch: Arch, *, layers: Iterable[int],
                   pre_process: bool, post_process: bool, te: bool = False,
-                  tp_size: int | None = None) -> dict[str, torch.Tensor]:
+                  tp_size: int | None = None,
+                  experts: range | None = None) -> dict[str, torch.Tensor]:
     """Canonical tensors of one pipeline stage from the state dicts of all its TP ranks (in order).
     With ``tp_size`` and one rank's state dict: that rank's slices, under the canonical names
-    (what a sharded save writes, :mod:`.sharded`)."""
+    (what a sharded save writes, :mod:`.sharded`). ``experts``: the global numbers of the
+    experts the state dicts hold as local ``0, 1, ...`` (one EP rank's; default: all of them)."""
     tp = tp_size or len(shards)
     out: dict[str, torch.Tensor] = {}
 
@@ -294,8 +296,8 @@ def from_megatron(shards: list[dict[str, torch.Tensor]], arch: Arch, *, layers: 
         out[p + "self_attn.o_proj.weight"] = cat(m + "self_attention.linear_proj.weight", 1)
         if arch.is_moe:
             out[p + router_key(arch)] = shards[0][m + "mlp.router.weight"].clone()
-            for j in range(arch.num_experts):
-                out.update(_swiglu_from(shards, m + f"mlp.experts.local_experts.{j}.",
+            for k, j in enumerate(range(arch.num_experts) if experts is None else experts):
+                out.update(_swiglu_from(shards, m + f"mlp.experts.local_experts.{k}.",
                                         (p + x for x in expert_keys(arch, j))))
             if arch.has_shared_expert:
                 gate, up, down, score = (p + x for x in shared_keys(arch))

@@ -130,10 +130,10 @@ def _gather_experts(sd: dict) -> dict:
     from megatron.core import parallel_state as ps
 
     ep = ps.get_expert_model_parallel_world_size()
-    if ep == 1:
+    local = {k: v for k, v in sd.items() if _LOCAL_EXPERT.match(k)}
+    if ep == 1 or not local:  # a dense model is built whole on every EP rank
         return sd
     group = ps.get_expert_model_parallel_group()
-    local = {k: v for k, v in sd.items() if _LOCAL_EXPERT.match(k)}
     per_rank = 1 + max(int(_LOCAL_EXPERT.match(k).group(2)) for k in local)
     out = {k: v for k, v in sd.items() if k not in local}
     for k in sorted(local):
@@ -171,10 +171,10 @@ def save_checkpoint(shard: ModelShard, path, *, tokenizer=None, provenance: dict
     plan's slicing here, with ``arch`` the resulting architecture). ``extra_files``: name ->
     writer(path), called on rank 0 inside the temporary directory before it is committed.
     ``per_rank(tmp_dir)``: called on every rank before the commit (training state files).
-    ``sharded``: each TP rank writes its own slices, nothing gathered (periodic training
+    ``sharded``: each TP/EP rank writes its own slices, nothing gathered (periodic training
     checkpoints; where :func:`.sharded_save.applies`, else the canonical layout is written).
     """
-    sharded = sharded and sharded_save.applies(transform)
+    sharded = sharded and sharded_save.applies(shard, transform)
     rank0 = dist.is_rank0()
     err = None
     if rank0:

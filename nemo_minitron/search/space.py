@@ -8,8 +8,10 @@ groups and FFN; PP the layers) and by a band around the budget, measured with th
 :meth:`~nemo_minitron.arch.Arch.num_params`. When more candidates survive than may be trained, the
 ones nearest the budget are taken round-robin over depths, so deep-narrow and shallow-wide shapes
 are both tried rather than ten neighbours of one shape. A mixture-of-experts source adds the
-experts per layer as an axis (``ffn_hidden_size`` is then each expert's width), and the budget
-may count total parameters or the active ones a token passes through (``count="active"``).
+experts per layer as an axis (``ffn_hidden_size`` is then each expert's width), one with a shared
+expert (Qwen2-MoE) its width (``moe_shared_expert_intermediate_size``: every token passes through
+it, so it weighs on active parameters as much as a dense FFN), and the budget may count total
+parameters or the active ones a token passes through (``count="active"``).
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ class Candidate:
     def name(self) -> str:
         t = self.target
         experts = f"-E{t.num_experts}" if t.num_experts is not None else ""
+        shared = t.moe_shared_expert_intermediate_size
         return (f"L{t.num_layers}-H{t.hidden_size}-F{t.ffn_hidden_size}-"
-                f"A{t.num_attention_heads}g{t.num_query_groups}{experts}")
+                f"A{t.num_attention_heads}g{t.num_query_groups}{experts}"
+                f"{f'-S{shared}' if shared is not None else ''}")
 
     def to_dict(self) -> dict:
         out = {"index": self.index, "name": self.name(), "target": self.target.as_dict(),
@@ -101,14 +105,27 @@ def _expert_values(src: Arch, space: Space) -> list[int]:
     return [e for e in _multiples(E, max(1, E // 8), 0.0) if e >= lo]
 
 
+def _shared_absent(src: Arch, space: Space) -> bool:
+    """True when the source has no shared expert (its width axis then stays 0); explicit widths
+    for such a source are refused."""
+    if src.has_shared_expert:
+        return False
+    if space.moe_shared_expert_intermediate_size is not None:
+        raise ValueError(f"search.moe_shared_expert_intermediate_size="
+                         f"{list(space.moe_shared_expert_intermediate_size)}: the source model "
+                         "has no shared expert; leave it unset")
+    return True
+
+
 def axis_values(src: Arch, space: Space) -> dict[str, list]:
     """Allowed values of every axis; attention as (heads, groups) pairs."""
     mf = space.min_fraction
     out = {}
+    shared = "moe_shared_expert_intermediate_size"
     for name, step in (("num_layers", space.layer_step), ("hidden_size", space.hidden_multiple),
-                       ("ffn_hidden_size", space.ffn_multiple)):
+                       ("ffn_hidden_size", space.ffn_multiple), (shared, space.ffn_multiple)):
         s = getattr(src, name)
-        if name not in space.axes:
+        if name not in space.axes or (name == shared and _shared_absent(src, space)):
             out[name] = [s]
         elif getattr(space, name) is not None:
             out[name] = _explicit(name, getattr(space, name), s)
@@ -138,11 +155,8 @@ def enumerate_candidates(src: Arch, space: Space, tp: int = 1, pp: int = 1,
     lo, hi = budget * (1 - space.tolerance), budget * (1 + space.tolerance)
     vals = axis_values(src, space)
     found = []
-    for L, h, f, (heads, groups), e in itertools.product(
-            vals["num_layers"], vals["hidden_size"], vals["ffn_hidden_size"], vals["attention"],
-            vals["num_experts"]):
-        arch = src.replace(num_layers=L, hidden_size=h, ffn_hidden_size=f,
-                           num_attention_heads=heads, num_query_groups=groups, num_experts=e)
+    for combo in itertools.product(*vals.values()):
+        arch = _arch_at(src, dict(zip(vals, combo)))
         try:
             arch.check_parallel(tp, pp, ep)
         except ValueError:
@@ -154,6 +168,13 @@ def enumerate_candidates(src: Arch, space: Space, tp: int = 1, pp: int = 1,
     return [Candidate(i, Targets.of(a), a.num_params(), a.num_params(embeddings=False),
                       a.num_active_params() if a.is_moe else None)
             for i, (_, a) in enumerate(found)]
+
+
+def _arch_at(src: Arch, point: dict) -> Arch:
+    """``src`` with one value of every axis (:func:`axis_values`' keys)."""
+    sizes = dict(point)
+    heads, groups = sizes.pop("attention")
+    return src.replace(num_attention_heads=heads, num_query_groups=groups, **sizes)
 
 
 def select(candidates: list[Candidate], k: int) -> list[Candidate]:
@@ -175,11 +196,7 @@ def select(candidates: list[Candidate], k: int) -> list[Candidate]:
 def describe_empty(src: Arch, space: Space, tp: int, pp: int) -> str:
     """Why no candidate fits: the smallest and largest counts the axes can reach."""
     vals = axis_values(src, space)
-    small = src.replace(num_layers=vals["num_layers"][0], hidden_size=vals["hidden_size"][0],
-                        ffn_hidden_size=vals["ffn_hidden_size"][0],
-                        num_attention_heads=min(vals["attention"])[0],
-                        num_query_groups=min(vals["attention"])[1],
-                        num_experts=vals["num_experts"][0])
+    small = _arch_at(src, {k: min(v) for k, v in vals.items()})
     n_small = counted(small, space)
     budget = budget_params(src, space)
     return (f"no candidate architecture within {space.tolerance:.0%} of {budget / 1e6:.2f}M "
