@@ -57,6 +57,7 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
     from nemo_minitron.config.schema import KDConfig
     from nemo_minitron.distill.objective import Objective
     from nemo_minitron.distill.pair import DistillPair
+    from nemo_minitron.runtime.adam import use_fused_adam
     from nemo_minitron.runtime.shard import load_checkpoint
 
     teacher, _ = load_checkpoint(teacher_path, dtype)
@@ -65,6 +66,7 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
         grad_reduce_in_fp32=True), student.model)
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, bf16=dtype == "bf16",
                                                  params_dtype=student.config.params_dtype), [ddp])
+    use_fused_adam(opt)  # as the trainer does
     vocab = student.arch.vocab_size
 
     def run(pair, objective):
