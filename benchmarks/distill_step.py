@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 
 
-def interleaved(runners: dict, steps: int) -> dict:
+def interleaved(runners: dict, steps: int, clock=time.perf_counter) -> dict:
     """Best time of every (runner, phase) over ``steps`` rounds, each round running every
     configuration once in turn: on a shared machine, whose load drifts over minutes, the
-    configurations then see the same conditions and their ratios stay meaningful."""
+    configurations then see the same conditions and their ratios stay meaningful. ``clock``
+    ``time.process_time`` counts this process's CPU seconds instead (all threads): a process
+    that waits for a core is not charged, so figures taken under heavy load stay comparable."""
     for fns in runners.values():  # warm-up
         for fn in fns.values():
             fn()
@@ -41,9 +43,9 @@ def interleaved(runners: dict, steps: int) -> dict:
     for r in range(steps):
         for key, fns in runners.items():
             for ph, fn in fns.items():
-                t = time.perf_counter()
+                t = clock()
                 fn()
-                times[(key, ph)].append(time.perf_counter() - t)
+                times[(key, ph)].append(clock() - t)
         print(f"round {r + 1}/{steps} done (load {os.getloadavg()[0]:.2f})", flush=True)
     out = {key: {ph: min(times[(key, ph)]) for ph in fns} for key, fns in runners.items()}
     return out
@@ -57,6 +59,7 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
     from nemo_minitron.config.schema import KDConfig
     from nemo_minitron.distill.objective import Objective
     from nemo_minitron.distill.pair import DistillPair
+    from nemo_minitron.runtime.adam import use_fused_adam
     from nemo_minitron.runtime.shard import load_checkpoint
 
     teacher, _ = load_checkpoint(teacher_path, dtype)
@@ -65,6 +68,7 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
         grad_reduce_in_fp32=True), student.model)
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, bf16=dtype == "bf16",
                                                  params_dtype=student.config.params_dtype), [ddp])
+    use_fused_adam(opt)  # as the trainer does
     vocab = student.arch.vocab_size
 
     def run(pair, objective):
@@ -160,6 +164,9 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--no-hf", action="store_true", help="skip the plain transformers loop")
     ap.add_argument("--profile", help="directory for a torch.profiler table of the KD step")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU seconds, robust to load (with 1 thread: spinning "
+                         "OpenMP threads count as busy)")
     args = ap.parse_args()
 
     from nemo_minitron import demo
@@ -198,7 +205,8 @@ def main() -> None:
             for dt in dtypes:
                 runners[("plain", dt)] = plain(tmp + "/teacher_hf", tmp + "/student_hf", batch,
                                                args, dt)
-        results = interleaved(runners, args.steps)
+        results = interleaved(runners, args.steps,
+                              time.process_time if args.clock == "cpu" else time.perf_counter)
     finally:
         dist.shutdown()
 
@@ -212,7 +220,7 @@ def main() -> None:
           f"threads {torch.get_num_threads()}, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, load {os.getloadavg()[0]:.2f}")
     print(f"teacher {ta.num_params() / 1e6:.1f}M -> student {sa.num_params() / 1e6:.1f}M, "
-          f"{args.mbs} x {args.seq} tokens, best of {args.steps}")
+          f"{args.mbs} x {args.seq} tokens, best of {args.steps}, {args.clock} clock")
     print(f"{'loop':6s} {'dtype':5s} {'teacher fwd':>12s} {'student step':>13s} {'KD step':>9s} "
           f"{'KD tok/s':>9s} {'GFLOP/s':>8s} {'overhead':>9s}")
     for (who, dt), r in results.items():

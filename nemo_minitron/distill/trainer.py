@@ -34,6 +34,7 @@ from ..data.packed import PackedSequences, step_batches
 from ..evaluate.loss import validation_loss
 from ..report.stages import training_report
 from ..runtime import dist
+from ..runtime.adam import use_fused_adam
 from ..runtime.forward import on_device
 from ..runtime.routing import RoutingMonitor
 from ..runtime.shard import load_checkpoint, save_checkpoint
@@ -216,6 +217,7 @@ class Trainer:
             adam_beta1=0.9, adam_beta2=tr.adam_beta2, clip_grad=tr.clip_grad,
             bf16=self.job.model.dtype == "bf16", params_dtype=student.config.params_dtype,
             use_distributed_optimizer=tr.distributed_optimizer), [self.ddp])
+        use_fused_adam(self.opt)
         self.named_params = dict(self.ddp.module.named_parameters())
         self.sched = OptimizerParamScheduler(
             self.opt, init_lr=0.0, max_lr=tr.lr, min_lr=tr.min_lr, lr_warmup_steps=tr.warmup_steps,
@@ -234,6 +236,7 @@ class Trainer:
             st = self.resume_state
             train_state.load(self.par, self.resume_from, st, self.opt, self.sched,
                              self.named_params)
+            use_fused_adam(self.opt)  # the loaded state brings its own flag
             self.step_idx = st["step"]
             self.alpha = st.get("extra", {}).get("alpha", self.alpha)
             self.guard.skipped = st.get("extra", {}).get("skipped_steps", 0)

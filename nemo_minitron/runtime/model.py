@@ -137,6 +137,10 @@ def layer_spec(arch: Arch, use_te: bool | None = None):
     from .sdpa import SDPAttention  # subclasses megatron-core's attention: see the module note
 
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    # rotary tables once per forward instead of per layer (see runtime/rope.py)
+    from . import rope
+
+    rope.install()
     return spec
 
 

@@ -32,12 +32,12 @@ class SDPAttention(DotProductAttention):
         if not self._fused_ok(attention_mask, attn_mask_type, attention_bias, packed_seq_params):
             return super().forward(query, key, value, attention_mask, attn_mask_type,
                                    attention_bias, packed_seq_params)
-        rep = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if rep > 1:  # GQA: the fused CPU kernel wants as many key/value heads as query heads
-            key = key.repeat_interleave(rep, dim=2)
-            value = value.repeat_interleave(rep, dim=2)
+        # GQA in the kernel (enable_gqa): no repeated key/value heads to write, and no sum of
+        # their gradients in the backward (which zero-filled and added [s, b, heads, d] buffers)
+        gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                             enable_gqa=gqa)
         sq, b = query.size(0), query.size(1)
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)

@@ -1,0 +1,103 @@
+"""Rotary position embedding with its cos/sin tables made once per forward, not once per layer.
+
+megatron-core's unfused RoPE (``apply_rotary_pos_emb``, what every attention layer of the local
+spec calls when Transformer Engine's fused kernel is absent) recomputes ``cos``/``sin`` of the
+frequencies and casts them to the activation dtype for the query *and* the key of *every* layer,
+builds the rotated half with ``neg`` + ``cat`` and concatenates the result once more with the
+(usually empty) unrotated dims. On CPU that is ~35% of a bf16 forward: memory-bound passes over
+[s, b, heads, d], more in the backward. Here the tables are cached per frequency tensor (megatron
+caches that tensor per sequence length, so one entry per length, dtype and scale) and the
+rotation is one autograd function over the two halves, whose backward is the inverse rotation:
+no activations saved, three passes over the tensor each way.
+
+The arithmetic is megatron's, operation for operation (each product rounded to the activation
+dtype, then the sum), so results are bitwise equal to its path in fp32 and bf16. Only the plain
+case goes here (one sequence layout ``[s, b, heads, d]``, halves not interleaved, no packed
+sequences, no multi-latent attention, no fused kernel); anything else calls megatron's function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_ORIGINAL = None
+_TABLES: dict = {}
+_MAX_TABLES = 8
+
+
+def _tables(freqs: torch.Tensor, dtype: torch.dtype, mscale: float):
+    """(cos, sin) of one half of ``freqs`` [s, 1, 1, r] in ``dtype`` (as megatron rounds them), or
+    None when the two halves differ (a layout this kernel does not cover)."""
+    key = (id(freqs), dtype, float(mscale))
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] is freqs:
+        return hit[1]
+    h = freqs.shape[-1] // 2
+    tables = None
+    if torch.equal(freqs[..., :h], freqs[..., h:]):
+        # of the whole tensor, as megatron computes them (a vectorised cos of a strided half could
+        # round differently)
+        tables = tuple((f(freqs) * mscale).to(dtype)[..., :h].contiguous()
+                       for f in (torch.cos, torch.sin))
+    if len(_TABLES) >= _MAX_TABLES:
+        _TABLES.pop(next(iter(_TABLES)))
+    _TABLES[key] = (freqs, tables)  # holding freqs keeps its id from being reused
+    return tables
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] (the inverse flips the sign of sin); dims
+    past the rotary ones are copied."""
+    h = cos.shape[-1]
+    r = 2 * h
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    x1, x2, o1, o2 = t[..., :h], t[..., h:r], out[..., :h], out[..., h:r]
+    tmp = torch.empty(x1.shape, dtype=t.dtype, device=t.device)
+    torch.mul(x1, cos, out=o1)
+    torch.mul(x2, sin, out=tmp)
+    (o1.add_ if inverse else o1.sub_)(tmp)
+    torch.mul(x2, cos, out=o2)
+    torch.mul(x1, sin, out=tmp)
+    (o2.sub_ if inverse else o2.add_)(tmp)
+    if r < t.shape[-1]:
+        out[..., r:].copy_(t[..., r:])
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(t, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, inverse=True), None, None
+
+
+def _plain_case(t, freqs, config, cu_seqlens) -> bool:
+    return (cu_seqlens is None and not config.apply_rope_fusion and not config.rotary_interleaved
+            and not config.multi_latent_attention and t.dim() == 4 and freqs.dim() == 4
+            and freqs.shape[0] == t.shape[0] and freqs.shape[1:3] == (1, 1)
+            and freqs.shape[-1] % 2 == 0 and freqs.shape[-1] <= t.shape[-1])
+
+
+def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
+    """Drop-in for megatron-core's function of the same name (same arguments, same result)."""
+    if _plain_case(t, freqs, config, cu_seqlens):
+        tables = _tables(freqs, t.dtype, mscale)
+        if tables is not None:
+            return _Rotary.apply(t, *tables)
+    return _ORIGINAL(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+
+
+def install() -> None:
+    """Route megatron-core's attention layers through :func:`apply_rotary_pos_emb` (idempotent;
+    process-wide, which is safe: the plain case computes what megatron's own path computes)."""
+    global _ORIGINAL
+    from megatron.core.transformer import attention
+
+    if _ORIGINAL is None:
+        _ORIGINAL = attention.apply_rotary_pos_emb
+        attention.apply_rotary_pos_emb = apply_rotary_pos_emb
