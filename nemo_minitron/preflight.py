@@ -91,9 +91,11 @@ def scores(path, arch: Arch, where: str = "") -> None:
     """``prune.scores`` holds importance of the shapes ``arch`` has (loaded as plain tensors)."""
     try:
         imp = Importance.load(path)
+    except ValueError:
+        raise  # names the field and the fix already
     except Exception as e:  # not a torch file, a pickle with code, missing keys
         raise ValueError(f"prune.scores={path} is not an importance file ({type(e).__name__}); "
-                         "give the importance.pt an earlier `minitron prune` wrote") from None
+                         "give the importance.safetensors an earlier `minitron prune` wrote") from None
     want = {"ffn": (arch.num_layers, arch.ffn_hidden_size),
             "heads": (arch.num_layers, arch.num_attention_heads),
             "hidden": (arch.hidden_size,), "block": (arch.num_layers,)}

@@ -81,12 +81,14 @@ def assets(tmp_path_factory):
         a[name] = root / name
 
     arch = teacher.arch
-    a["scores"] = root / "importance.pt"
+    a["scores"] = root / "importance.safetensors"
     random_importance(arch, 0).save(a["scores"])
-    a["scores_other"] = root / "importance_other.pt"
+    a["scores_other"] = root / "importance_other.safetensors"
     random_importance(arch.replace(num_layers=6), 0).save(a["scores_other"])
-    a["not_scores"] = root / "notes.pt"
-    a["not_scores"].write_text("not a torch file")
+    a["not_scores"] = root / "notes.safetensors"
+    a["not_scores"].write_text("not a safetensors file")
+    a["pickled_scores"] = root / "importance.pt"  # what versions before safetensors scores wrote
+    a["pickled_scores"].write_bytes(b"\x80\x02}q\x00.")
     a["bad_jsonl"] = root / "bad.jsonl"
     a["bad_jsonl"].write_text('{"text": "w2 w3"}\n{oops\n')
     a["table_csv"] = root / "table.csv"
@@ -222,13 +224,15 @@ CASES = [
      ["prune.keep_layers=[1, 1]", "twice"]),
     ("prune_keep_no_layers", "prune", PRUNE + ["prune.keep_layers=[]"],
      ["prune.keep_layers=[]", "keeps no layer"]),
-    ("prune_scores_missing", "prune", PRUNE + ["prune.scores=/nonexistent/importance.pt"],
-     ["prune.scores=/nonexistent/importance.pt not found"]),
+    ("prune_scores_missing", "prune", PRUNE + ["prune.scores=/nonexistent/importance.safetensors"],
+     ["prune.scores=/nonexistent/importance.safetensors not found"]),
     ("prune_scores_wrong_shape", "prune", PRUNE + ["prune.scores={scores_other}",
                                                    "prune.target.ffn_hidden_size=128"],
-     ["prune.scores=", "importance_other.pt", "another model"]),
+     ["prune.scores=", "importance_other.safetensors", "another model"]),
     ("prune_scores_not_torch", "prune", PRUNE + ["prune.scores={not_scores}"],
-     ["prune.scores=", "notes.pt is not an importance file"]),
+     ["prune.scores=", "notes.safetensors is not an importance file"]),
+    ("prune_scores_pickle", "prune", PRUNE + ["prune.scores={pickled_scores}"],
+     ["prune.scores=", "importance.pt", "are not read", "re-run"]),
     ("prune_target_grows", "prune", PRUNE + ["prune.target.hidden_size=4096"],
      ["prune.target.hidden_size=4096", "cannot grow"]),
     ("prune_target_breaks_gqa", "prune", PRUNE + ["prune.target.num_attention_heads=3"],

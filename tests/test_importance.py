@@ -123,7 +123,7 @@ def test_same_importance_at_every_layout(layouts, layout):
     tmp, ref, rows = layouts
     assert all(r["samples"] == 8 for r in rows if r["layout"] == layout)
     for rank in (0, 1):
-        got = Importance.load(tmp / f"{layout}-rank{rank}.pt")
+        got = Importance.load(tmp / f"{layout}-rank{rank}.safetensors")
         for axis in ("ffn", "heads", "hidden", "block"):
             assert torch.allclose(getattr(got, axis), getattr(ref, axis), rtol=1e-4, atol=1e-6), \
                 f"{layout} rank {rank}: {axis}"

@@ -204,7 +204,7 @@ def test_cli_plan_only_multirun(tmp_path):
     listed = json.loads((tmp_path / "s" / "candidates.json").read_text())["candidates"]
     assert [c["index"] for c in listed] == list(range(len(listed)))
     assert [c["selected"] for c in listed[:6]] == [True] * 6 and not listed[6]["selected"]
-    assert not (tmp_path / "s" / "importance.pt").exists()
+    assert not (tmp_path / "s" / "importance.safetensors").exists()
     p = minitron("search", "search.budget=0.05", f"output={tmp_path}/s2",
                  f"hydra.run.dir={tmp_path}/h")
     assert p.returncode == 2 and "no candidate architecture within 5%" in p.stderr

@@ -255,7 +255,7 @@ def check_pruned(out: Path, **expected):
     arch = ckpt.Checkpoint(out).arch
     for k, v in expected.items():
         assert getattr(arch, k) == v, (k, getattr(arch, k), v)
-    assert (out / "plan.json").is_file() and (out / "importance.pt").is_file()
+    assert (out / "plan.json").is_file() and (out / "importance.safetensors").is_file()
 
 
 # (a) ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@
   :mod:`.pipeline_files` (``summary.json``, ``stage_seconds.json``), :mod:`.search_files`
   (``candidates.json``, ``chosen.json``, ``diverged.json``), :mod:`.reports` (Markdown, PNG).
 
-``arch.json``, ``plan.json`` and ``importance.pt`` belong to their typed classes (``Arch``,
+``arch.json``, ``plan.json`` and ``importance.safetensors`` belong to their typed classes (``Arch``,
 ``pruning.plan.Plan``, ``importance.reduce.Importance``), whose save methods write through
 :mod:`.atomic`. This package imports nothing else of nemo_minitron, so every layer may use it.
 """

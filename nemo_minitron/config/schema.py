@@ -250,7 +250,7 @@ class PruneConfig:
     micro_batch_size: int = 4
     """Calibration micro-batch size per data-parallel rank."""
     scores: Optional[str] = None
-    """Reuse importance scores saved by an earlier prune (importance.pt): no calibration."""
+    """Reuse importance scores saved by an earlier prune (importance.safetensors): no calibration."""
     seed: int = 1234
     """Seed of the random-importance mode."""
 
@@ -267,15 +267,16 @@ class PruneConfig:
         if self.keep_layers is not None and len(set(self.keep_layers)) != len(self.keep_layers):
             raise ValueError(f"prune.keep_layers={list(self.keep_layers)} lists a layer twice")
         if self.scores and not Path(self.scores).is_file():
-            raise ValueError(f"prune.scores={self.scores} not found: give the importance.pt an "
-                             "earlier `minitron prune` wrote, or unset it to calibrate")
+            raise ValueError(f"prune.scores={self.scores} not found: give the "
+                             "importance.safetensors an earlier `minitron prune` wrote, or unset "
+                             "it to calibrate")
 
 
 @dataclass
 class PruneJob(ModelJob):
     prune: PruneConfig = field(default_factory=PruneConfig)
     output: Optional[str] = None
-    """Directory of the pruned checkpoint (also holds plan.json, importance.pt, report)."""
+    """Directory of the pruned checkpoint (also holds plan.json, importance.safetensors, report)."""
     overwrite: bool = False
 
     def __post_init__(self):

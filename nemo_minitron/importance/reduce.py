@@ -15,10 +15,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..artifacts.atomic import write_file
 from ..runtime.collectives import all_gather_cat, all_reduce_sum, size_rank
@@ -27,6 +31,10 @@ from .hooks import ActivationStats
 from .scores import Moments, batch_aggregate, expert_neuron_scores, expert_scores
 
 HIDDEN_AXES = ("hidden_attn", "hidden_mlp", "hidden_final")
+
+
+SCORES_FILE = "importance.safetensors"
+SCORES_FORMAT = "nemo_minitron.importance/1"
 
 
 @dataclass
@@ -41,17 +49,31 @@ class Importance:
     shared_ffn: Optional[torch.Tensor] = None  # [layers, moe_shared_expert_intermediate_size]
 
     def save(self, path) -> None:
-        """Atomically: the search calibrates once and every candidate reads this file."""
-        state = {"ffn": self.ffn, "heads": self.heads, "hidden": self.hidden,
-                 "block": self.block, "meta": self.meta, "experts": self.experts,
-                 "shared_ffn": self.shared_ffn}
-        write_file(path, lambda tmp: torch.save(state, tmp))
+        """Atomically, as safetensors with the meta as JSON (nothing read back is unpickled): the
+        search calibrates once and every candidate reads this file."""
+        tensors = {k: v.detach().contiguous() for k, v in self._tensors().items() if v is not None}
+        meta = {"meta": json.dumps(self.meta), "format": SCORES_FORMAT}
+        write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def _tensors(self) -> dict[str, Optional[torch.Tensor]]:
+        return {"ffn": self.ffn, "heads": self.heads, "hidden": self.hidden, "block": self.block,
+                "experts": self.experts, "shared_ffn": self.shared_ffn}
 
     @classmethod
     def load(cls, path) -> "Importance":
-        d = torch.load(path, weights_only=True)
-        return cls(d["ffn"], d["heads"], d["hidden"], d["block"], d.get("meta", {}),
-                   d.get("experts"), d.get("shared_ffn"))
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"prune.scores={path}: importance scores are read from the "
+                             f"{SCORES_FILE} a `minitron prune` writes (older .pt files are "
+                             "pickles and are not read); re-run the prune that made it")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != SCORES_FORMAT:
+                raise ValueError(f"prune.scores={path} is not a {SCORES_FILE} of this tool "
+                                 f"(format {meta.get('format')!r}); re-run `minitron prune`")
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(t["ffn"], t["heads"], t["hidden"], t["block"], json.loads(meta["meta"]),
+                   t.get("experts"), t.get("shared_ffn"))
 
 
 # A group of None (no torch.distributed) holds complete statistics: nothing to combine.

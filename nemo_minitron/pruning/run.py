@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..artifacts import atomic
 from ..convert import checkpoint as ckpt
-from ..importance.reduce import Importance
+from ..importance.reduce import SCORES_FILE, Importance
 from .select import make_plan, random_importance
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def save_pruned(job, stage, src, imp, plan, depth: Depth, summary: dict, par):
                           include_head=stage.post_process)
 
     plots = ["importance.png"] + (["depth_curve.png"] if curve is not None else [])
-    extra = {"plan.json": plan.save, "importance.pt": imp.save}
+    extra = {"plan.json": plan.save, SCORES_FILE: imp.save}
     if curve is not None:
         extra["depth_curve.png"] = lambda f: plot_depth_curve(
             curve if p.depth == "lm_loss" else [-c for c in curve], depth.n_drop, f,

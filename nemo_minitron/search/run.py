@@ -6,7 +6,7 @@ evaluated again; candidates are ranked by that validation loss (or a task's accu
 ``search.confirm_top`` the best few are also distilled for ``search.confirm_steps``, and the table
 shows whether the short ranking held. Everything lands under ``output/``::
 
-    importance.pt  candidates.json  search.md  search.png  chosen.json  teacher_cache/
+    importance.safetensors  candidates.json  search.md  search.png  chosen.json  teacher_cache/
     cand_<i>/pruned  cand_<i>/distill  cand_<i>/eval_pruned.json  cand_<i>/eval.json
     cand_<i>/confirm  cand_<i>/eval_confirm.json
 
@@ -33,6 +33,7 @@ from ..artifacts.search_files import (DIVERGED, Chosen, Diverged, read_diverged,
 from ..config.schema import DistillJob, PruneJob
 from ..convert import checkpoint as ckpt
 from ..distill.guard import TrainingDiverged
+from ..importance.reduce import SCORES_FILE
 from ..runs import Steps, complete, on_rank0, with_checkpoint
 from . import shared_cache
 from .rank import kendall_tau, rank_results
@@ -130,10 +131,10 @@ def write_plan(job, out: Path, src, found, chosen) -> dict:
 
 def calibrate_once(job, out: Path, steps: Steps) -> Path:
     """The importance scores every candidate is pruned from: prune.scores, or one calibration
-    saved as importance.pt."""
+    saved as importance.safetensors."""
     from ..pruning.run import calibrate_to
 
-    scores = Path(job.prune.scores) if job.prune.scores else out / "importance.pt"
+    scores = Path(job.prune.scores) if job.prune.scores else out / SCORES_FILE
     calib = PruneJob(model=job.model, parallel=job.parallel, data=job.data, prune=job.prune,
                      output=str(out / "unused"))
     steps.run("calibrate", scores.is_file(), lambda: calibrate_to(calib, scores))

@@ -24,7 +24,7 @@ def main(ckpt_dir, batches_path, out):
         dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         imp = calibrate(shard, batches_forward_loop(shard, batches[r::dp], None))
         rank = torch.distributed.get_rank()
-        imp.save(f"{out}/{name}-rank{rank}.pt")
+        imp.save(f"{out}/{name}-rank{rank}.safetensors")
         emit({"layout": name, "rank": rank, "samples": imp.meta["samples"]})
     dist.shutdown()
 
