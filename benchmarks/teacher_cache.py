@@ -25,29 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from cache_bench import smol_jobs
+
 
 def jobs(args, work: Path):
-    from nemo_minitron.assets import cache_dir
-    from nemo_minitron.config.schema import (CacheConfig, DataConfig, DistillJob, KDConfig,
-                                             ModelConfig, TeacherCacheJob, TrainConfig)
+    from nemo_minitron.config.schema import TrainConfig
 
-    teacher = str(cache_dir() / "checkpoints" / "smollm2-135m-instruct")
-    data = DataConfig(prefix=str(cache_dir() / "data" / "wiki_smollm2"), seq_length=args.seq)
     train = TrainConfig(steps=args.steps, global_batch_size=args.gbs, micro_batch_size=args.mbs,
                         warmup_steps=1, log_interval=1, eval_interval=0, eval_batches=1,
                         save_interval=0, tensorboard=False)
-    model = ModelConfig(name="smollm2", checkpoint=args.student or str(work / "student"),
-                        dtype=args.dtype)
-
-    def cache_job(k):
-        return TeacherCacheJob(model=model, data=data, train=train, kd=KDConfig(teacher=teacher),
-                               cache=CacheConfig(k=k, dtype="fp16"), output=str(work / f"cache{k}"))
-
-    def distill_job(name, **kd):
-        return DistillJob(model=model, data=data, train=train, output=str(work / name),
-                          kd=KDConfig(teacher=teacher, **kd))
-
-    return teacher, cache_job, distill_job
+    return smol_jobs(work, args.student or str(work / "student"), train, args.seq, args.dtype)
 
 
 def one(args, what: str, work: Path) -> dict:
@@ -60,7 +47,7 @@ def one(args, what: str, work: Path) -> dict:
     k = int(what.lstrip("acdehilv"))
     t = time.perf_counter()
     if what.startswith("cache") and not what.startswith("cached"):
-        res = teacher_cache.build(cache_job(k))
+        res = teacher_cache.build(cache_job(k, f"cache{k}"))
         out = {"bytes_per_token": res["bytes_per_token"], "build_s": time.perf_counter() - t,
                "tokens": res["tokens"]}
     else:
@@ -111,7 +98,7 @@ def main():
     print(f"\nSmolLM2-135M teacher, student {'copy of teacher' if not args.student else args.student}, "
           f"{args.dtype}, {args.steps} steps x {args.gbs} x {args.seq} tokens, "
           f"{os.cpu_count()} cores, torch threads default")
-    print("| k | bytes/token (fp16 logp + int32 ids) | cache build s | build peak RSS MB |")
+    print("| k | bytes/token (fp16 logp + manifest ids_dtype ids) | cache build s | build peak RSS MB |")
     print("|---|---|---|---|")
     for k in ks:
         r = res[f"cache{k}"]

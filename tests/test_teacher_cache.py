@@ -4,12 +4,13 @@ distillation (loss and gradient norm, fp32 round-off), resumes bitwise, and mism
 before any model is built, naming the field."""
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from nemo_minitron import preflight
 from nemo_minitron.config.schema import CacheConfig, KDConfig, TeacherCacheJob
@@ -59,13 +60,15 @@ def test_cache_holds_the_runs_samples(cache):
             with_index=True) for s in b["sample"])
         shard = load_file(str(path / tc.shard_name(step)))
         assert sorted(shard["sample"].tolist()) == want
-        assert shard["ids"].shape == (4, 32, K) and shard["ids"].dtype == torch.int32
+        assert shard["ids"].shape == (4, 32, K) and shard["ids"].dtype == torch.uint16
         total = shard["logp"].exp().sum(-1) + shard["log_rest"].exp()
         assert torch.allclose(total, torch.ones(()), atol=1e-5)
     tokens = j.train.steps * 4 * 32
     assert res["tokens"] == tokens
     # stored bytes: k ids + k logprobs + 1 rest, plus a small safetensors header per shard
-    assert tokens * tc.bytes_per_token(K, "fp32") <= res["bytes"] < tokens * tc.bytes_per_token(K, "fp32") + 3 * 1024
+    per = tc.bytes_per_token(K, "fp32", "uint16")  # the tiny vocabulary fits uint16 ids
+    assert tc.read_manifest(path)["ids_dtype"] == "uint16" and per == 6 * K + 4
+    assert tokens * per <= res["bytes"] < tokens * per + 3 * 1024
     # a rerun finds every shard and writes nothing
     before = {f.name: f.stat().st_mtime_ns for f in path.glob("step_*")}
     with one_thread():
@@ -77,6 +80,18 @@ def _rows_by_sample(path, step):
     shard = load_file(str(Path(path) / tc.shard_name(step)))
     return {s: {n: shard[n][i] for n in ("ids", "logp", "log_rest")}
             for i, s in enumerate(shard["sample"].tolist())}
+
+
+def _as_int32_cache(path, out):
+    """A copy of the cache at ``path`` as the format wrote it before uint16 ids."""
+    shutil.copytree(path, out)
+    for f in out.glob("step_*.safetensors"):
+        rows = load_file(str(f))
+        save_file(dict(rows, ids=rows["ids"].to(torch.int32)), str(f))
+    m = tc.read_manifest(out)
+    del m["ids_dtype"]
+    (out / tc.MANIFEST).write_text(json.dumps(m))
+    return out
 
 
 @pytest.mark.multirank
@@ -93,6 +108,19 @@ def test_cached_follows_online_topk_and_resumes_bitwise(models, cache):
         assert len(a) == 3 and b == pytest.approx(a, rel=1e-5, abs=1e-7), key
     bucket = [r["kd"] for r in metrics(t / "bucket") if "kd" in r]
     assert len(bucket) == 3 and bucket[0] != pytest.approx(online[0]["kd"], rel=1e-3)
+    # a cache written before uint16 ids (int32 ids, no ids_dtype in the manifest) gives the same
+    # losses bit for bit, and resuming it keeps int32 for the new shards
+    old = _as_int32_cache(path, t / "tcache_int32")
+    with one_thread():
+        run_distill(_job(t, "bucket_int32", teacher_cache=str(old)))
+    for key in ("loss", "kd", "grad_norm"):
+        assert [r[key] for r in metrics(t / "bucket_int32") if key in r] == \
+            [r[key] for r in metrics(t / "bucket") if key in r], key
+    (old / tc.shard_name(2)).unlink()
+    with one_thread():
+        tc.build(dataclasses.replace(cache[2], output=str(old)))
+    assert load_file(str(old / tc.shard_name(2)))["ids"].dtype == torch.int32
+    assert tc.read_manifest(old)["ids_dtype"] == "int32"
     # one 2-rank launch: builds at TP=2, PP=2, DP=2; distillations from the cache at PP=2, DP=2
     # and TP=2 (renormalised and bucket), and the TP=2 bucket run resumed from step 2
     out = t / "layouts"

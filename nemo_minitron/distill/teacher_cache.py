@@ -10,9 +10,15 @@ log-probabilities at ``kd.temperature``, their vocabulary ids and the log of the
 Layout of a cache directory (safetensors and JSON only; nothing is unpickled)::
 
     manifest.json                  what the cache is of (teacher/tokenizer/data fingerprints, seq
-                                   length, k, temperature, seed, global batch, steps, dtype)
+                                   length, k, temperature, seed, global batch, steps, dtype,
+                                   ids_dtype)
     step_0000000.safetensors ...   one shard per training step: sample [G] int64 (packed sample
-                                   numbers), ids [G, L, k] int32, logp [G, L, k], log_rest [G, L]
+                                   numbers), ids [G, L, k] uint16 or int32, logp [G, L, k],
+                                   log_rest [G, L]
+
+Ids are stored as uint16 when the vocabulary fits (at most 65536 ids: SmolLM2, Llama 2, Mistral),
+else int32: ``4k + 2`` instead of ``6k + 2`` bytes per token at fp16. Caches written before the
+manifest named ``ids_dtype`` hold int32 ids; the reader takes either and hands the loss int32.
 
 The build runs at any TP/PP/DP layout and writes the same files as a one-process build (the top-k
 merged from the TP shards' candidates, the DP replicas' rows gathered for one writer). Shards are
@@ -47,6 +53,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = "nemo_minitron.teacher_cache/1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ID_DTYPES = {"uint16": torch.uint16, "int32": torch.int32}
 # fields a distillation must agree on with the cache (the data order and what the tokens are)
 RUN_FIELDS = ("teacher_fingerprint", "data", "seq_length", "valid_fraction", "seed",
               "global_batch_size", "temperature")
@@ -98,6 +105,11 @@ def data_fingerprint(prefix) -> dict:
             "bin_bytes": bin_.stat().st_size}
 
 
+def ids_dtype(vocab_size: int) -> str:
+    """The narrowest stored id type that holds ids ``0 .. vocab_size - 1``."""
+    return "uint16" if vocab_size <= 65536 else "int32"
+
+
 def describe(teacher: str, data, train, temperature: float, k: int, dtype: str,
              vocab_size: int) -> dict:
     """The manifest of a cache of ``teacher`` for a run with these data/train settings."""
@@ -107,13 +119,15 @@ def describe(teacher: str, data, train, temperature: float, k: int, dtype: str,
             "data": data_fingerprint(data.prefix), "seq_length": data.seq_length,
             "valid_fraction": data.valid_fraction, "seed": train.seed,
             "global_batch_size": train.global_batch_size, "steps": train.steps,
-            "temperature": float(temperature), "k": k, "dtype": dtype}
+            "temperature": float(temperature), "k": k, "dtype": dtype,
+            "ids_dtype": ids_dtype(vocab_size)}
 
 
-def bytes_per_token(k: int, dtype: str) -> int:
-    """Stored bytes per token: k int32 ids, k log-probabilities and one log-rest in ``dtype``."""
+def bytes_per_token(k: int, dtype: str, ids: str = "int32") -> int:
+    """Stored bytes per token: k ids of type ``ids``, k log-probabilities and one log-rest in
+    ``dtype``."""
     item = DTYPES[dtype].itemsize
-    return k * (4 + item) + item
+    return k * (ID_DTYPES[ids].itemsize + item) + item
 
 
 def read_manifest(path) -> dict:
@@ -211,6 +225,7 @@ class TeacherCache:
             for name in rows:
                 rows[name].append(self._shard(f).get_slice(name)[row])
         ids, logp, rest = (torch.stack(rows[n]) for n in ("ids", "logp", "log_rest"))
+        ids = ids.to(torch.int32)  # uint16 or (older caches) int32 on disk: one type for the loss
         if self.top_k is not None and self.top_k < ids.shape[-1]:  # fold the dropped ids into
             k = self.top_k  # the rest bucket: log(rest + sum of their probabilities)
             rest = torch.logsumexp(torch.cat([rest.float().unsqueeze(-1), logp[..., k:].float()], -1), -1)
@@ -219,10 +234,11 @@ class TeacherCache:
 
 
 def other_settings(have: dict, want: dict) -> str | None:
-    """The first manifest field (``steps`` aside: a cache may grow) in which ``have`` differs
-    from ``want``, as ``field: have vs want``; None when it is a cache of the same settings."""
+    """The first manifest field in which ``have`` differs from ``want``, as ``field: have vs
+    want``; None when it is a cache of the same settings. ``steps`` (a cache may grow) and
+    ``ids_dtype`` (how ids are stored, not what they are) are left out."""
     for key in sorted(set(have) | set(want)):
-        if key != "steps" and have.get(key) != want.get(key):
+        if key not in ("steps", "ids_dtype") and have.get(key) != want.get(key):
             return f"{key}: {have.get(key)} vs {want.get(key)}"
     return None
 
@@ -256,10 +272,20 @@ def _start_output(out: Path, manifest: dict, overwrite: bool) -> None:
     write_text(out / MANIFEST, json.dumps(manifest, indent=2))
 
 
-def _step_rows(outs: list[dict], par) -> dict | None:
+def _resumed_manifest(out: Path, manifest: dict, overwrite: bool) -> dict:
+    """``manifest``, keeping the id type of a cache being resumed (one written before uint16 ids
+    holds int32 ids: its new shards must match)."""
+    old = out / MANIFEST
+    if overwrite or not old.is_file():
+        return manifest
+    return dict(manifest, ids_dtype=ckpt.read_json(old).get("ids_dtype", "int32"))
+
+
+def _step_rows(outs: list[dict], par, ids_dtype: torch.dtype) -> dict | None:
     """The whole global batch's rows on the writer (last pipeline stage, TP rank 0, DP rank 0),
     None elsewhere: each DP replica's rows are all-gathered over the data-parallel group of the
-    last stage's TP rank 0 (all TP ranks hold the same top-k)."""
+    last stage's TP rank 0 (all TP ranks hold the same top-k). Ids are narrowed to the stored
+    type only here (gloo gathers no uint16)."""
     if not (par.last_stage and par.tp_rank == 0):
         return None
     rows = {n: torch.cat([o[n] for o in outs]) for n in ("sample", "ids", "logp", "log_rest")}
@@ -267,12 +293,13 @@ def _step_rows(outs: list[dict], par) -> dict | None:
         rows = {n: all_gather_cat(t.contiguous(), par.dp_group) for n, t in rows.items()}
     if par.dp_rank != 0:
         return None
+    rows["ids"] = rows["ids"].to(ids_dtype)
     return {n: t.cpu().contiguous() for n, t in rows.items()}
 
 
-def _log_size(tr, data, c) -> int:
+def _log_size(tr, data, c, ids: str) -> int:
     tokens = tr.steps * tr.global_batch_size * data.seq_length
-    per = bytes_per_token(c.k, c.dtype)
+    per = bytes_per_token(c.k, c.dtype, ids)
     log.info("teacher cache: %d steps x %d samples x %d tokens = %d tokens, k=%d %s: %d bytes/token, "
              "about %.1f MB", tr.steps, tr.global_batch_size, data.seq_length, tokens, c.k, c.dtype,
              per, tokens * per / 1e6)
@@ -289,7 +316,8 @@ def build(job) -> dict:
     teacher_arch = ckpt.Checkpoint(kd.teacher).arch
     manifest = describe(kd.teacher, data, tr, kd.temperature, c.k, c.dtype, teacher_arch.vocab_size)
     check_output(out, manifest, job.overwrite)
-    tokens = _log_size(tr, data, c)
+    manifest = _resumed_manifest(out, manifest, job.overwrite)
+    tokens = _log_size(tr, data, c, manifest["ids_dtype"])
     train_data = PackedSequences(data.prefix, data.seq_length, split="train",
                                  valid_fraction=data.valid_fraction, seed=tr.seed)
     par = dist.init(job.parallel.tp, job.parallel.pp, job.parallel.seed, job.parallel.timeout_s)
@@ -314,7 +342,8 @@ def build(job) -> dict:
             batches = step_batches(train_data, s, tr.global_batch_size, tr.micro_batch_size,
                                    seed=tr.seed, dp_rank=par.dp_rank, dp_size=par.dp,
                                    with_index=True)
-            rows = _step_rows(run_forward(teacher, [on_device(b) for b in batches], on_logits), par)
+            rows = _step_rows(run_forward(teacher, [on_device(b) for b in batches], on_logits),
+                              par, ID_DTYPES[manifest["ids_dtype"]])
             if rows is not None:
                 write_file(out / shard_name(s), lambda tmp: save_file(rows, str(tmp)))
         dist.barrier()  # every shard is on disk before any rank reports the size
