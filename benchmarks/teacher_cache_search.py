@@ -1,7 +1,7 @@
 """`minitron search` with the shared teacher cache (search.teacher_cache=auto) vs without (off):
 CPU seconds and how often the teacher runs.
 
-    python benchmarks/teacher_cache_search.py --scores runs/half/importance.pt [--steps 2]
+    python benchmarks/teacher_cache_search.py --scores runs/half/importance.safetensors [--steps 2]
         [--gbs 2] [--mbs 1] [--seq 128] [--candidates 6] [--out DIR] [extra key=value ...]
 
 Both modes run side by side, each `minitron search` in its own process with one torch thread,
@@ -68,7 +68,7 @@ def one(args, mode: str, extra: list[str]) -> dict:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--scores", required=True, help="importance.pt of a `minitron prune` run")
+    p.add_argument("--scores", required=True, help="importance.safetensors of a `minitron prune` run")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--gbs", type=int, default=2)
     p.add_argument("--mbs", type=int, default=1)
