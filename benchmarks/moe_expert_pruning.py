@@ -179,7 +179,7 @@ def held_out(out: Path, checkpoint: Path, args) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/moe_prune")
-    ap.add_argument("--aux", type=float, default=0.01,
+    ap.add_argument("--aux", type=float, default=0.02,
                     help="the teacher's train.moe_aux_loss_coeff (0: no load balancing)")
     for flag, default in OPTIONS.items():
         ap.add_argument(flag, type=int, default=default)
