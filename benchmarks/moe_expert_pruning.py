@@ -5,12 +5,17 @@
 
 The embedded Wikipedia sample, tokenised with a word-level vocabulary of its most frequent words
 (a tiny model cannot afford SmolLM2's 49k-row embedding), trains a Mixtral-style teacher from
-scratch (8 experts, top-2, hidden 128) long enough for the router to specialise; its expert load
-over the last training steps is printed. Each layer is then pruned 8 -> 4 experts, once by
+scratch (8 experts, top-2, hidden 128) with the routers' load-balancing loss (``--aux``, i.e.
+``train.moe_aux_loss_coeff``: without it the random init's routers send nearly every token to two
+experts per layer, and pruning the idle ones costs nothing whichever way they are chosen). Its
+routing over the held-out tokens is printed: expert load (max, min, coefficient of variation),
+the entropy of the load (1 = even) and of each token's router distribution (nats; lower = more
+decided routing). Each layer is then pruned 8 -> 4 experts, once by
 activation importance (each expert's summed routing-weighted output norm over calibration
 tokens) and once per seed by random choice, and every pruned student is distilled from the
-teacher for the same steps on the same batches. The table holds the held-out loss of the teacher,
-of each student before distillation and after it. One process, in-process library calls.
+teacher for the same steps on the same batches, without the balancing loss (distillation keeps
+the routing). The table holds the held-out loss of the teacher, of each student before
+distillation and after it. One process, in-process library calls.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -79,27 +85,64 @@ def common(out: Path, checkpoint: Path, seq: int) -> dict:
                 data=DataConfig(prefix=str(out / "corpus"), seq_length=seq, valid_fraction=0.05))
 
 
-def training(steps: int, lr: float, gbs: int):
+def training(steps: int, lr: float, gbs: int, aux: float = 0.0):
     from nemo_minitron.config.schema import TrainConfig
 
     return TrainConfig(steps=steps, global_batch_size=gbs, micro_batch_size=gbs, lr=lr,
                        min_lr=lr / 10, warmup_steps=max(1, steps // 20), log_interval=10,
-                       eval_interval=0, save_interval=0, eval_batches=8, tensorboard=False)
+                       eval_interval=0, save_interval=0, eval_batches=8, tensorboard=False,
+                       moe_aux_loss_coeff=aux)
 
 
-def train_teacher(out: Path, args) -> dict:
-    """LM-loss training of the random teacher; the expert load of its last ten steps."""
+def train_teacher(out: Path, args) -> float:
+    """LM-loss (plus load-balancing) training of the random teacher; the mean balancing loss
+    of its last ten steps (per layer, 1 = even; nan without it)."""
     from nemo_minitron.config.schema import FinetuneJob
     from nemo_minitron.distill.trainer import train
 
     run = out / "teacher"
     if not (run / "final").exists():
         train(FinetuneJob(**common(out, out / "init", args.seq), output=str(run),
-                          train=training(args.teacher_steps, 3e-3, args.gbs)), "finetune")
+                          train=training(args.teacher_steps, 3e-3, args.gbs, args.aux)),
+              "finetune")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if "moe_max_load" in r][-10:]
-    return {k: sum(r[k] for r in last) / len(last) for k in ("moe_max_load", "moe_min_load",
-                                                              "moe_load_cv")}
+    last = [r["moe_aux_loss"] for r in rows if "moe_aux_loss" in r][-10:]
+    return sum(last) / len(last) if last else float("nan")
+
+
+def routing(out: Path, checkpoint: Path, args) -> dict:
+    """Expert load and routing entropies of ``checkpoint`` over the held-out batches."""
+    import torch
+
+    from nemo_minitron.data.packed import PackedSequences
+    from nemo_minitron.runtime import dist
+    from nemo_minitron.runtime.forward import run_forward
+    from nemo_minitron.runtime.routing import load_balance
+    from nemo_minitron.runtime.shard import load_checkpoint
+
+    dist.init(1, 1)
+    shard, c = load_checkpoint(checkpoint)
+    counts = torch.zeros(c.arch.num_layers, c.arch.num_experts, dtype=torch.float64)
+    token_h = []
+
+    def hook(i):
+        def fn(module, args_, out_):
+            counts[i] += out_[1].sum(0).double()  # routing map [tokens, experts]
+            p = module.gating(args_[0]).float().softmax(-1)
+            token_h.append(-(p * p.clamp_min(1e-12).log()).sum(-1).mean().item())
+        return fn
+
+    handles = [layer.mlp.router.register_forward_hook(hook(i))
+               for i, layer in enumerate(shard.model.decoder.layers)]
+    data = PackedSequences(out / "corpus", args.seq, split="valid", valid_fraction=0.05)
+    with torch.no_grad():
+        run_forward(shard, data.batches(8, num_batches=args.eval_batches), lambda lg, _: {})
+    for h in handles:
+        h.remove()
+    share = counts / counts.sum(1, keepdim=True)
+    load_h = -(share * share.clamp_min(1e-12).log()).sum(1) / math.log(c.arch.num_experts)
+    return {**load_balance(counts), "load_entropy": float(load_h.mean()),
+            "token_entropy": sum(token_h) / len(token_h)}
 
 
 def prune(out: Path, name: str, importance: str, seed: int, args) -> Path:
@@ -136,6 +179,8 @@ def held_out(out: Path, checkpoint: Path, args) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/moe_prune")
+    ap.add_argument("--aux", type=float, default=0.02,
+                    help="the teacher's train.moe_aux_loss_coeff (0: no load balancing)")
     for flag, default in OPTIONS.items():
         ap.add_argument(flag, type=int, default=default)
     args = ap.parse_args()
@@ -143,15 +188,19 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     prepare(out, args.vocab)
-    load = train_teacher(out, args)
+    aux_loss = train_teacher(out, args)
+    load = routing(out, out / "teacher" / "final", args)
     rows = [("teacher", held_out(out, out / "teacher" / "final", args), None)]
     students = [("activation", "activation", 0)] + \
         [(f"random_seed{s}", "random", s) for s in range(args.seeds)]
     for name, importance, seed in students:
         pruned = prune(out, name, importance, seed, args)
         rows.append((name, held_out(out, pruned, args), distill(out, name, pruned, args)))
-    print(f"\nteacher expert load over its last 10 steps: max {load['moe_max_load']:.2f}, "
-          f"min {load['moe_min_load']:.2f}, cv {load['moe_load_cv']:.2f} (1 / 1 / 0: even)")
+    print(f"\nteacher (aux coeff {args.aux}, balancing loss over its last 10 steps "
+          f"{aux_loss:.3f}) routing of the held-out tokens: load max {load['moe_max_load']:.2f}, "
+          f"min {load['moe_min_load']:.2f}, cv {load['moe_load_cv']:.2f} (1 / 1 / 0: even); "
+          f"load entropy {load['load_entropy']:.3f} (1: even); token router entropy "
+          f"{load['token_entropy']:.3f} nats (uniform {math.log(8):.3f})")
     print(f"\n| {'experts kept (8 -> 4)':<22} | pruned loss | after {args.steps} KD steps |")
     print(f"|{'-' * 24}|-------------|------------------|")
     for name, before, after in rows:

@@ -2,8 +2,9 @@
 student distilled from a Mixtral teacher and from a dense Llama teacher (logits plus hidden-state
 pairs) follows the same losses, gradient norms, expert load and final weights at parallel.ep=2
 as at ep=1 (the same two data-parallel ranks), resumes at ep=2 from its own checkpoint, and
-evaluates to the same held-out loss; refusals of what ep does not support come before any model.
-(One torchrun launch: tests/workers/moe_train.py.)"""
+evaluates to the same held-out loss and multiple-choice scores; refusals of what ep does not
+support come before any model. (One torchrun launch: tests/workers/moe_train.py.) The routers'
+load-balancing loss (train.moe_aux_loss_coeff) in one process."""
 
 import re
 
@@ -19,6 +20,7 @@ from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.runtime import model as rmodel
 
 from tests.helpers import tiny_corpus, tiny_hf, tiny_tokenizer, torchrun
+from tests.test_multiple_choice import write_jsonl_task
 
 RTOL = 1e-4
 
@@ -36,6 +38,7 @@ def root(tmp_path_factory):
     save_hf(tmp / "teacher", tiny_hf("mixtral", seed=0))
     save_hf(tmp / "dense", tiny_hf("gqa"))
     tiny_corpus(tmp / "corpus", n_docs=60)
+    write_jsonl_task(tmp / "task.jsonl")
     return tmp
 
 
@@ -100,11 +103,29 @@ def test_evaluate_at_ep2_matches_ep1(rows):
     assert ev["eval_ep2"]["layout"] == {"tp": 1, "pp": 1, "dp": 2, "ep": 2}
 
 
+@pytest.mark.multirank
+def test_multiple_choice_at_ep2_matches_ep1(rows, root):
+    """Task scoring at ep=2 pads every rank's micro-batches to common shapes (the dispatcher
+    gathers equal-shaped tokens): every rank gets back the scores of ep=1, and `evaluate`
+    with the task at ep=2 reports their accuracy."""
+    from nemo_minitron.evaluate.multiple_choice import accuracy
+    from nemo_minitron.evaluate.tasks import load_task
+
+    _, ranked = rows
+    one = [r["scores"] for r in ranked if r["run"] == "mc_ep1"]
+    two = [r["scores"] for r in ranked if r["run"] == "mc_ep2"]
+    assert len(one) == len(two) == 2
+    for a, b in zip(one + two, [one[0]] * 4):
+        assert [x for s in a for x in s] == pytest.approx([x for s in b for x in s], rel=RTOL)
+    acc = accuracy(load_task(f"jsonl:{root}/task.jsonl"), one[0])["acc"]
+    assert [r["acc"] for r in ranked if r["run"] == "eval_tasks_ep2"] == [acc, acc]
+
+
 def test_expert_parallel_refusals_come_before_any_model(root):
-    """ep > 1 with only dense models, with the distributed optimizer, and with downstream
-    tasks: one line naming the field, before a model is built."""
+    """ep > 1 with only dense models, with the distributed optimizer, with experts that do not
+    split, and a balancing loss for a dense model: one line naming the field, before a model
+    is built (evaluate's preflight too)."""
     from nemo_minitron.distill.trainer import train
-    from nemo_minitron.evaluate.run import evaluate_checkpoint
     from tests.workers.moe_train import job
 
     built = rmodel.models_built
@@ -116,14 +137,103 @@ def test_expert_parallel_refusals_come_before_any_model(root):
         train(job(root, "teacher", "refused", 2, distributed_optimizer=True), "distill")
     with pytest.raises(ValueError, match=re.escape("model.checkpoint: num_experts=8 is not divisible by parallel.ep=3")):
         train(job(root, "teacher", "refused", 3), "distill")
-    data = DataConfig(prefix=str(root / "corpus"), seq_length=32, valid_fraction=0.1)
-    with pytest.raises(ValueError, match=re.escape("eval.tasks with parallel.ep=2 is not supported")):
-        evaluate_checkpoint(str(root / "student"), ParallelConfig(ep=2), data,
-                            EvalConfig(tasks=["arc_easy"]))
+    aux = job(root, "dense", "refused", 1, moe_aux_loss_coeff=0.01)
+    aux.model.checkpoint = str(root / "dense")
+    with pytest.raises(ValueError, match=re.escape("train.moe_aux_loss_coeff=0.01 needs a mixture-of-experts model")):
+        train(aux, "distill")
     assert rmodel.models_built == built and not (root / "refused").exists()
     from nemo_minitron import preflight
 
-    with pytest.raises(ValueError, match=re.escape("eval.tasks with parallel.ep=2")):
+    data = DataConfig(prefix=str(root / "corpus"), seq_length=32, valid_fraction=0.1)
+    with pytest.raises(ValueError, match=re.escape("num_experts=8 is not divisible by parallel.ep=3")):
         preflight.evaluate(EvaluateJob(model=ModelConfig(name="s", checkpoint=str(root / "student")),
-                                       parallel=ParallelConfig(ep=2), data=data,
+                                       parallel=ParallelConfig(ep=3), data=data,
                                        eval=EvalConfig(tasks=["arc_easy"])))
+
+
+# ------------------------------------------------------------------ router load-balancing loss
+def switch_loss(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss of one layer's router logits [tokens, experts]:
+    experts x sum over experts of (share of the top-k choices) x (mean softmax probability)."""
+    p = logits.float().softmax(-1)
+    chosen = torch.zeros_like(p).scatter(1, p.topk(k, dim=-1).indices, 1.0)
+    return p.shape[1] * (chosen.mean(0) / k * p.mean(0)).sum()
+
+
+def test_load_balancing_loss_reaches_the_router(single_rank):
+    """With a coefficient the forward is unchanged, megatron's tracker holds each layer's Switch
+    loss, and the last router's gradient gains exactly coefficient x d(loss)/d(weight) (no
+    other layer's loss depends on that router); at 0 nothing is tracked."""
+    from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker,
+                                                         get_moe_layer_wise_logging_tracker)
+    from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+
+    from nemo_minitron.runtime.shard import build_shard, load_state
+    from tests.helpers import batch
+
+    hf = tiny_hf("mixtral")
+    arch = arch_from_hf_config(hf.config)
+    sd, b, coeff = per_expert(hf.state_dict(), arch), batch(arch.vocab_size), 0.1
+    got = {}
+    for c in (0.0, coeff):
+        clear_aux_losses_tracker()
+        shard = build_shard(arch, aux_loss_coeff=c)
+        load_state(shard, sd.__getitem__)
+        shard.model.train()
+        seen = []
+        handles = [layer.mlp.router.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+                   for layer in shard.model.decoder.layers]
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))  # one micro-batch, no loss scaling
+        logits = shard.model(b["tokens"], b["position_ids"], None)
+        logits.pow(2).mean().backward()
+        for h in handles:
+            h.remove()
+        tracked = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+        got[c] = (logits.detach(), shard.model.decoder.layers[-1].mlp.router.weight, seen,
+                  None if tracked is None else tracked["values"].clone())
+    (l0, _, _, none), (l1, router, inputs, tracked) = got[0.0], got[coeff]
+    assert torch.equal(l0, l1) and (none is None or not none.any())
+    weights = [layer.mlp.router.weight.detach() for layer in shard.model.decoder.layers]
+    ref = [switch_loss(x.detach().reshape(-1, arch.hidden_size) @ w.T, arch.moe_top_k)
+           for x, w in zip(inputs, weights)]
+    assert torch.allclose(tracked, torch.stack(ref), rtol=1e-5), (tracked, ref)
+    w = router.detach().clone().requires_grad_()
+    switch_loss(inputs[-1].detach().reshape(-1, arch.hidden_size) @ w.T, arch.moe_top_k).backward()
+    added = router.grad - got[0.0][1].grad
+    assert added.abs().max() > 0
+    assert torch.allclose(added, coeff * w.grad, rtol=1e-4, atol=1e-7)
+    clear_aux_losses_tracker()
+
+
+def test_load_balancing_loss_in_training_objective_and_logs(root, single_rank):
+    """train.moe_aux_loss_coeff: the step's loss is the LM loss plus coefficient x the layers'
+    summed balancing loss (logged as moe_aux_loss, the mean over layers), the first step's LM
+    loss is unchanged, its gradient and so the next step's loss are not; at 0 no term and no
+    log key."""
+    from nemo_minitron.config.schema import FinetuneJob, TrainConfig
+    from nemo_minitron.distill.trainer import train
+
+    from tests.helpers.metrics import metrics
+
+    coeff, rows = 0.05, {}
+    for c in (0.0, coeff):
+        out = root / f"aux_{c}"
+        train(FinetuneJob(model=ModelConfig(name="s", checkpoint=str(root / "student")),
+                          data=DataConfig(prefix=str(root / "corpus"), seq_length=32,
+                                          valid_fraction=0.1), output=str(out),
+                          train=TrainConfig(steps=2, global_batch_size=4, micro_batch_size=2,
+                                            lr=1e-3, warmup_steps=0, log_interval=1,
+                                            eval_interval=0, eval_batches=1, tensorboard=False,
+                                            moe_aux_loss_coeff=c)), "finetune")
+        rows[c] = [r for r in metrics(out) if "lm" in r]
+    plain, aux = rows[0.0], rows[coeff]
+    assert len(plain) == len(aux) == 2
+    layers = ckpt.Checkpoint(root / "student").arch.num_layers
+    for r in plain:
+        assert "moe_aux_loss" not in r and r["loss"] == r["lm"]
+    for r in aux:
+        assert 0 < r["moe_aux_loss"] < 8  # 1 when even; at most the number of experts
+        assert r["loss"] == pytest.approx(r["lm"] + coeff * layers * r["moe_aux_loss"], rel=1e-6)
+    assert aux[0]["lm"] == pytest.approx(plain[0]["lm"], rel=1e-6)
+    assert aux[0]["grad_norm"] != pytest.approx(plain[0]["grad_norm"], rel=1e-6)
+    assert aux[1]["lm"] != pytest.approx(plain[1]["lm"], rel=1e-7)

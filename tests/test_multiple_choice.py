@@ -319,3 +319,24 @@ def test_evaluate_tasks_records_settings(layout_rows):
     s = ev[0]["settings"]
     assert s["layout"] == {"tp": 1, "pp": 1, "dp": 2}
     assert (s["limit"], s["num_fewshot"], s["fewshot_seed"], s["micro_batch_size"]) == (None, 0, 1234, 3)
+
+
+def test_expert_parallel_batches_share_shapes_across_ranks(jsonl_task):
+    """Under expert parallelism (``same_shapes``) every data-parallel rank gets as many
+    micro-batches as the busiest, each of the same shape at the same position; the rows each
+    rank scores are the ones it scores without padding, the extra batches score nothing."""
+    from nemo_minitron.evaluate.multiple_choice import _my_batches, encode_requests
+
+    items = load_task(f"jsonl:{jsonl_task}")
+    enc = encode_requests(tiny_tokenizer(), [(it.context, c) for it in items for c in it.choices])
+    plain = [_my_batches(enc, 256, r, 3, 4, pp=1) for r in range(3)]
+    padded = [_my_batches(enc, 256, r, 3, 4, pp=1, same_shapes=True) for r in range(3)]
+    shapes = lambda bs: [tuple(b["tokens"].shape) for b in bs]  # noqa: E731
+    assert len({tuple(shapes(p)) for p in plain}) > 1  # the ranks' shapes differ unpadded
+    assert len({tuple(shapes(p)) for p in padded}) == 1
+    for p, q in zip(plain, padded):
+        assert [b["reqs"].tolist() for b in q] == [b["reqs"].tolist() for b in p] + \
+            [[]] * (len(q) - len(p))
+        for a, b in zip(p, q):
+            r, s = a["tokens"].shape
+            assert torch.equal(b["tokens"][:r, :s], a["tokens"]) and (b["tokens"][r:] == 0).all()

@@ -3,7 +3,7 @@ megatron-core's SharedExpertMLP. Import from what save_pretrained writes and log
 transformers computes them, export that stock from_pretrained loads, total/active parameter
 counts with the shared expert, its neuron importance against a reference from transformers'
 tensors, pruning experts, expert width and shared width (export loads with the pruned model's
-logits), refusals; EP=2 and TP=2 parity, an EP=2 save and an EP=2 prune in one launch."""
+logits), refusals; EP=2 and TP=2 parity, an EP=2 save, EP=2 and TP=2 prunes in one launch."""
 
 import json
 import re
@@ -202,22 +202,24 @@ def test_expert_parallel_save_gathers_experts_and_the_shared_expert(multi_rank):
 
 
 @pytest.mark.multirank
-def test_expert_parallel_prune_keeps_what_one_process_keeps(multi_rank, single_rank):
+@pytest.mark.parametrize("layout", ["ep2", "tp2"])
+def test_parallel_prune_keeps_what_one_process_keeps(multi_rank, layout, single_rank):
     """`prune` at EP=2 (calibration batches over the two data-parallel ranks, experts over the
-    two expert-parallel ranks, the shared expert on both) plans and writes what one process
-    does with all batches, shared-expert neurons included."""
+    two expert-parallel ranks, the shared expert on both) and at TP=2 (routed and shared
+    experts' neurons split over the two ranks, routed outputs summed before their norms) plans
+    and writes what one process does with all batches, shared-expert neurons included."""
     tmp, rows = multi_rank
     hf, arch, shard = moe_shard(KIND)
     data = PackedSequences(tmp / "corpus", 32, split="train", valid_fraction=0.1)
     imp = calibrate(shard, batches_forward_loop(shard, data.batches(2, num_batches=4), None))
     plan = make_plan(arch, imp, Targets(**TARGET))
-    got = Plan.load(Path(tmp) / "pruned_ep2" / "plan.json")
+    got = Plan.load(Path(tmp) / f"pruned_{layout}" / "plan.json")
     assert (got.experts, got.ffn, got.shared_ffn, got.hidden) == (
         plan.experts, plan.ffn, plan.shared_ffn, plan.hidden)
-    out = ckpt.Checkpoint(tmp / "pruned_ep2")
+    out = ckpt.Checkpoint(tmp / f"pruned_{layout}")
     ref = apply_plan(plan, ckpt.Checkpoint(tmp / "src").get)
     assert out.arch == plan.target and set(out.keys()) == set(ref)
     for k, v in ref.items():
         assert torch.allclose(out.get(k), v, atol=1e-6), k
-    row = next(r for r in rows if r["layout"] == "prune_ep2")
+    row = next(r for r in rows if r["layout"] == f"prune_{layout}")
     assert row["target_active"] == plan.target.num_active_params() < row["target_params"]

@@ -324,6 +324,12 @@ class TrainConfig:
     HF-named tensors."""
     skip_nonfinite_steps: int = 0
     """Steps with a non-finite loss or gradient skipped (no update) before training stops; 0: stop at the first."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the routers' load-balancing loss (Switch Transformer's: experts x the sum over
+    experts of token share x mean router probability, 1 when even), summed over layers, in the
+    objective of a mixture-of-experts model. 0 (no term) for distillation and teacher
+    correction, which keep the routing the model learned; e.g. 0.01 to train an MoE so that
+    its experts share the tokens. Logged per step as moe_aux_loss (the mean over layers)."""
     seed: int = 1234
     """Seed of the data order."""
     tensorboard: bool = True
@@ -335,7 +341,7 @@ class TrainConfig:
         _at_least("train", self, ("steps", "global_batch_size", "micro_batch_size", "log_interval",
                                   "eval_batches", "keep_checkpoints"), 1)
         _at_least("train", self, ("warmup_steps", "eval_interval", "save_interval", "weight_decay",
-                                  "clip_grad"), 0)
+                                  "clip_grad", "moe_aux_loss_coeff"), 0)
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr} must be > 0 (the peak learning rate, e.g. 1e-4)")
         if not 0 < self.adam_beta2 < 1:

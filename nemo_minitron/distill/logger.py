@@ -10,7 +10,7 @@ from ..artifacts.metrics import METRICS, append_metrics
 
 log = logging.getLogger(__name__)
 
-LINE_KEYS = ("loss", "kd", "lm", "hidden", "emb", "val_loss", "moe_max_load")
+LINE_KEYS = ("loss", "kd", "lm", "hidden", "emb", "val_loss", "moe_max_load", "moe_aux_loss")
 
 
 def progress_line(step: int, steps: int, metrics: dict, tokens_per_s: float, eta_s: float) -> str:

@@ -78,6 +78,9 @@ def check_sources(job) -> Sources:
     check_layout({"model.checkpoint": student.arch,
                   **({"kd.teacher": teacher.arch} if teacher else {})}, par.tp, par.pp, par.ep)
     check_expert_optimizer(job)
+    if job.train.moe_aux_loss_coeff > 0 and not student.arch.is_moe:
+        raise ValueError(f"train.moe_aux_loss_coeff={job.train.moe_aux_loss_coeff} needs a "
+                         "mixture-of-experts model (model.checkpoint is dense); set it to 0")
     if teacher is None:
         return Sources(student, None, None, kd, None)
     check_vocab(student.arch.vocab_size, teacher.arch.vocab_size,
@@ -182,8 +185,11 @@ class Trainer:
 
     def _load_models(self) -> None:
         job, dtype = self.job, self.job.model.dtype
-        self.student, _ = load_checkpoint(self.resume_from or job.model.checkpoint, dtype)
-        self.routing = RoutingMonitor(self.student)  # MoE: expert load in the logs (dense: no-op)
+        aux = self.tr.moe_aux_loss_coeff
+        self.student, _ = load_checkpoint(self.resume_from or job.model.checkpoint, dtype,
+                                          aux_loss_coeff=aux)
+        # MoE: expert load (and the load-balancing loss) in the logs; dense: no-op
+        self.routing = RoutingMonitor(self.student, aux)
         self.teacher = load_checkpoint(self.src.teacher_path, dtype)[0] \
             if self.src.teacher_path else None
         self.projections = torch.nn.ModuleDict()
@@ -297,7 +303,7 @@ class Trainer:
                                num_microbatches=self.n_micro, seq_length=self.job.data.seq_length,
                                micro_batch_size=tr.micro_batch_size, forward_only=False)
         if inter is None:
-            return reduce_reports(reports, self.par)
+            return self._with_router_loss(reduce_reports(reports, self.par))
         sums = inter.take_sums()
         metrics = reduce_reports(reports, self.par, {k: sums.get(k, 0.0) for k in self.inter_names})
         # the schedule's loss covers the logit/LM terms; add this step's weighted intermediate
@@ -305,6 +311,14 @@ class Trainer:
         metrics["loss"] += self.alpha * (ispec.hidden_weight * metrics.get("hidden", 0.0)
                                          + ispec.embedding_weight * metrics.get("emb", 0.0))
         metrics["alpha"] = self.alpha
+        return self._with_router_loss(metrics)
+
+    def _with_router_loss(self, metrics: dict) -> dict:
+        """The routers' load-balancing term (train.moe_aux_loss_coeff) in the step's total."""
+        aux = self.routing.take_aux_loss(self.n_micro)
+        if aux:
+            metrics["loss"] += aux.pop("moe_aux_term")
+            metrics.update(aux)
         return metrics
 
     def step(self) -> dict:

@@ -10,7 +10,11 @@ from the last stage's logits (only the continuation positions, never the full vo
 Requests that feed the model the very same tokens (``" A"``..``" D"`` after one MMLU prompt) share
 one row. Rows are sorted longest first, each data-parallel rank forwards a strided slice of them
 in micro-batches padded on the right (causal attention: padding never reaches a scored position),
-and the per-request sums are all-reduced so every rank returns every score.
+and the per-request sums are all-reduced so every rank returns every score. Under expert
+parallelism the dispatcher gathers equal-shaped tokens from every expert-parallel rank, so every
+data-parallel rank then forwards as many micro-batches as the busiest one, each padded to the
+longest of that position over the ranks (extra micro-batches are padding alone, scoring nothing);
+each rank works the other ranks' shapes out from the same requests, without a collective.
 
 :func:`score_continuations` is the token-level core (also used by the lm-evaluation-harness
 adapter, :mod:`.lm_eval_adapter`): it takes ``(context_ids, continuation_ids)`` pairs and returns
@@ -93,8 +97,9 @@ def _rows(encoded, max_length: int):
     return rows, owners
 
 
-def _make_batch(rows, owners_of, row_ids, seq_len: int, pad_id: int) -> dict:
-    b = len(row_ids)
+def _make_batch(rows, owners_of, row_ids, seq_len: int, pad_id: int, b: int = 0) -> dict:
+    """The micro-batch of ``row_ids``, padded to ``seq_len`` tokens and to ``b`` rows."""
+    b = max(b, len(row_ids))
     tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
     sel_row, sel_pos, sel_tgt, owner, reqs = [], [], [], [], []
     for r, rid in enumerate(row_ids):
@@ -149,16 +154,15 @@ def score_requests(shard, tokenizer, requests: Sequence[tuple[str, str]], *,
 
 
 def _my_batches(encoded, max_length: int, dp_rank: int, dp_size: int, micro_batch_size: int,
-                pp: int) -> list[dict]:
+                pp: int, same_shapes: bool = False) -> list[dict]:
     """This data-parallel rank's micro-batches: the rows longest first, dealt round-robin; under
-    PP each padded to a bucketed length so that runs share a shape."""
+    PP each padded to a bucketed length so that runs share a shape; with ``same_shapes`` (expert
+    parallelism) as many and as shaped as every other rank's (see the module note)."""
     rows, owners = _rows(encoded, max_length)
     owners_of: list[list] = [[] for _ in rows]
     for req, (rid, cont) in enumerate(owners):
         owners_of[rid].append((req, cont))
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), rows[i]))
-    mine = order[dp_rank::dp_size]
-    pad_id = 0
 
     def seq_len_of(ids):
         s = max(len(rows[i]) for i in ids)
@@ -166,11 +170,18 @@ def _my_batches(encoded, max_length: int, dp_rank: int, dp_size: int, micro_batc
             s = min(-(-s // PP_SEQ_BUCKET) * PP_SEQ_BUCKET, max_length)
         return s
 
-    batches = []
-    for k in range(0, len(mine), micro_batch_size):
-        ids = mine[k:k + micro_batch_size]
-        batches.append(_make_batch(rows, owners_of, ids, seq_len_of(ids), pad_id))
-    return batches
+    def chunks(rank):
+        ids = order[rank::dp_size]
+        return [ids[k:k + micro_batch_size] for k in range(0, len(ids), micro_batch_size)]
+
+    mine = chunks(dp_rank)
+    if not same_shapes:
+        return [_make_batch(rows, owners_of, ids, seq_len_of(ids), 0) for ids in mine]
+    every = [chunks(r) for r in range(dp_size)]
+    lens = [max(seq_len_of(c[k]) for c in every if k < len(c))
+            for k in range(max(len(c) for c in every))]
+    return [_make_batch(rows, owners_of, mine[k] if k < len(mine) else [], n, 0,
+                        micro_batch_size) for k, n in enumerate(lens)]
 
 
 def _pipeline_runs(batches: list[dict], pp: int) -> list[list[dict]]:
@@ -237,7 +248,8 @@ def score_continuations(shard, encoded: Sequence[tuple[list[int], list[int]]], *
     max_length = max_length or shard.arch.max_position_embeddings
     if not encoded:
         return []
-    batches = _my_batches(encoded, max_length, dp_rank, dp_size, micro_batch_size, par.pp)
+    batches = _my_batches(encoded, max_length, dp_rank, dp_size, micro_batch_size, par.pp,
+                          same_shapes=par.ep > 1 and shard.arch.is_moe)
     groups = _pipeline_runs(batches, par.pp)
     on_logits = _continuation_scorer(shard.arch.vocab_size, par)
     label = (progress if isinstance(progress, str) else "multiple choice") if progress else None

@@ -24,13 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def check_evaluate(arch, parallel, ev) -> None:
-    """The layout, checked before any model is built; downstream tasks need ep=1: their
-    micro-batches differ in number and length between data-parallel ranks, and the expert
-    dispatcher gathers tokens of equal shape from every expert-parallel rank."""
+    """The layout, checked before any model is built."""
     check_layout({"model.checkpoint": arch}, parallel.tp, parallel.pp, parallel.ep)
-    if parallel.ep > 1 and ev.tasks:
-        raise ValueError(f"eval.tasks with parallel.ep={parallel.ep} is not supported; evaluate "
-                         "tasks at parallel.ep=1 (the validation loss works at any ep)")
 
 
 def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32") -> dict:

@@ -72,9 +72,10 @@ def _route_without_te() -> None:
 
 
 def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: str | None = None,
-                       init_weights: bool = True, ep: int = 1):
+                       init_weights: bool = True, ep: int = 1, aux_loss_coeff: float = 0.0):
     """megatron-core config for ``arch``; ``init_weights=False`` skips random init (weights are
-    about to be loaded, and initialising a large embedding on CPU costs seconds)."""
+    about to be loaded, and initialising a large embedding on CPU costs seconds);
+    ``aux_loss_coeff``: the MoE routers' load-balancing loss (see :func:`moe_config`)."""
     from megatron.core.activations import squared_relu
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -114,7 +115,7 @@ def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: s
         use_cpu_initialization=on_cpu,
         perform_initialization=init_weights,
         fp8=fp8,
-        **moe_config(arch, ep),
+        **moe_config(arch, ep, aux_loss_coeff),
     )
 
 

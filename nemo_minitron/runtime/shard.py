@@ -46,9 +46,11 @@ class ModelShard:
 
 
 def build_shard(arch: Arch, dtype: str = "fp32", use_te: bool | None = None,
-                init_weights: bool = True, fp8: str | None = None) -> ModelShard:
+                init_weights: bool = True, fp8: str | None = None,
+                aux_loss_coeff: float = 0.0) -> ModelShard:
     """``fp8``: TransformerConfig's FP8 format ("hybrid", "e4m3"); megatron-core applies it only
-    through Transformer Engine modules, so it needs the TE spec."""
+    through Transformer Engine modules, so it needs the TE spec. ``aux_loss_coeff``: weight of
+    the MoE routers' load-balancing loss while the model trains (0: none)."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -62,7 +64,7 @@ def build_shard(arch: Arch, dtype: str = "fp32", use_te: bool | None = None,
                          "ignores fp8 with the local spec); install transformer_engine on a GPU "
                          "host or drop fp8")
     config = rmodel.transformer_config(arch, tp, pp, dtype, fp8=fp8, init_weights=init_weights,
-                                       ep=ep)
+                                       ep=ep, aux_loss_coeff=aux_loss_coeff)
     pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     model = rmodel.build_gpt(arch, config, pre, post, use_te=te)
     offset = get_transformer_layer_offset(config)
@@ -93,9 +95,10 @@ def load_state(shard: ModelShard, get, get_part=None) -> None:
             own[k].copy_(v)
 
 
-def load_checkpoint(path, dtype: str = "fp32", use_te: bool | None = None) -> tuple[ModelShard, ckpt.Checkpoint]:
+def load_checkpoint(path, dtype: str = "fp32", use_te: bool | None = None,
+                    aux_loss_coeff: float = 0.0) -> tuple[ModelShard, ckpt.Checkpoint]:
     c = ckpt.Checkpoint(path).verify()  # a damaged checkpoint fails here, before building
-    shard = build_shard(c.arch, dtype, use_te, init_weights=False)
+    shard = build_shard(c.arch, dtype, use_te, init_weights=False, aux_loss_coeff=aux_loss_coeff)
     load_state(shard, c.get, c.get_part)  # each TP rank reads only its slices
     return shard, c
 

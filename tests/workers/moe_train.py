@@ -2,10 +2,11 @@
 parallel.ep=1 and ep=2 (both with the two ranks as data-parallel replicas: at ep=2 the experts
 are split over them, the dense weights replicated), from a Mixtral teacher and from a dense Llama
 teacher with hidden-state pairs; the ep=2 run continues from its step-2 checkpoint after final/
-is removed; then `evaluate` of the MoE student at ep=1 and ep=2.
+is removed; then `evaluate` of the MoE student at ep=1 and ep=2, and its multiple-choice scores
+of <root>/task.jsonl at ep=1 and ep=2 (and `evaluate` with that task at ep=2).
 
 Emits per run: its per-step metrics (rank 0), layout sizes and final val loss; per evaluation
-its loss and token count.
+its loss and token count; per rank the task scores it got back.
 """
 
 import shutil
@@ -15,9 +16,12 @@ import torch
 
 from nemo_minitron.config.schema import DataConfig, EvalConfig, ParallelConfig
 from nemo_minitron.distill.trainer import train
+from nemo_minitron.evaluate.multiple_choice import score_items
 from nemo_minitron.evaluate.run import evaluate_checkpoint
+from nemo_minitron.evaluate.tasks import load_task
 from nemo_minitron.runtime import dist
 from nemo_minitron.runtime.parallel import current
+from nemo_minitron.runtime.shard import load_checkpoint
 
 from tests.helpers.metrics import metrics, series
 from tests.workers._emit import emit
@@ -64,7 +68,26 @@ def main(root):
                                   EvalConfig(micro_batch_size=2, num_batches=2))
         emit({"run": f"eval_ep{ep}", "rank": par.rank, "loss": res["loss"],
               "tokens": res["tokens"], "layout": res["layout"]})
+    tasks(root, data)
     dist.shutdown()
+
+
+def tasks(root, data):
+    """Multiple-choice scores at ep=1 and ep=2 (micro-batches of 3 rows: the two ranks' batches
+    differ in number and length), then `evaluate` with the task at ep=2."""
+    task = f"jsonl:{root}/task.jsonl"
+    items = load_task(task)
+    for ep in (1, 2):
+        par = dist.init(1, 1, ep=ep)
+        shard, c = load_checkpoint(f"{root}/moe_ep1/final")
+        emit({"run": f"mc_ep{ep}", "rank": par.rank,
+              "scores": score_items(shard, c.tokenizer(), items, micro_batch_size=3,
+                                    progress=False)})
+    res = evaluate_checkpoint(f"{root}/moe_ep1/final", ParallelConfig(ep=2), data,
+                              EvalConfig(micro_batch_size=2, num_batches=1, tasks=[task],
+                                         task_batch_size=3))
+    emit({"run": "eval_tasks_ep2", "rank": current().rank,
+          "acc": res["tasks"]["results"][task]["acc"]})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Run under torchrun with 2 ranks: a tiny Qwen2-MoE (routed experts and a gated shared expert)
 at EP=2 (experts split, the shared expert on both ranks) and TP=2 (the shared expert split like a
 dense MLP), logits against transformers' reference; saved back from EP=2 into <root>/ep2; then
-`prune` at EP=2 (8 -> 4 experts, expert width and shared width halved) into <root>/pruned_ep2."""
+`prune` (8 -> 4 experts, expert width and shared width halved) at EP=2 into <root>/pruned_ep2 and
+at TP=2 (expert and shared-expert neurons split over the two ranks) into <root>/pruned_tp2."""
 
 import sys
 
@@ -20,13 +21,13 @@ TARGET = dict(num_experts=4, ffn_hidden_size=32, moe_shared_expert_intermediate_
               hidden_size=96)
 
 
-def prune_job(root, data_prefix, ep):
+def prune_job(root, data_prefix, ep, tp=1):
     return PruneJob(model=ModelConfig(name="qwen2_moe", checkpoint=f"{root}/src"),
-                    parallel=ParallelConfig(ep=ep),
+                    parallel=ParallelConfig(ep=ep, tp=tp),
                     data=DataConfig(prefix=data_prefix, seq_length=32, valid_fraction=0.1),
                     prune=PruneConfig(target=Targets(**TARGET), calib_samples=8,
                                       micro_batch_size=2),
-                    output=f"{root}/pruned_ep{ep}")
+                    output=f"{root}/pruned_" + (f"tp{tp}" if tp > 1 else f"ep{ep}"))
 
 
 def main(root, data_prefix):
@@ -40,8 +41,9 @@ def main(root, data_prefix):
               "max_dlogit": (outs[0]["logits"] - ref["logits"]).abs().max().item()})
         if name == "ep2":
             save_checkpoint(shard, f"{root}/ep2")
-    res = prune(prune_job(root, data_prefix, ep=2))
-    emit({"layout": "prune_ep2", **{k: v for k, v in res.items() if k != "checkpoint"}})
+    for layout, ep, tp in (("prune_ep2", 2, 1), ("prune_tp2", 1, 2)):
+        res = prune(prune_job(root, data_prefix, ep=ep, tp=tp))
+        emit({"layout": layout, **{k: v for k, v in res.items() if k != "checkpoint"}})
     dist.shutdown()
 
 
