@@ -170,7 +170,8 @@ def test_candidates_get_hidden_pairs_of_their_own_depth(tiny, single_rank, caplo
     base["kd"] = KDConfig(chunk_tokens=16, auto_hidden_pairs=True)
     with caplog.at_level(logging.INFO, logger="nemo_minitron.distill.trainer"):
         summary = run_search(SearchJob(**base, search=SearchConfig(**SPACE), output=str(out)))
-    logged = [r.getMessage() for r in caplog.records if "auto_hidden_pairs" in r.getMessage()]
+    logged = [r.getMessage() for r in caplog.records  # the trainer's line per candidate
+              if r.name.endswith("distill.trainer") and "auto_hidden_pairs" in r.getMessage()]
     want, depths = [], set()
     for r in sorted(summary["results"], key=lambda r: r["index"]):
         cd = out / f"cand_{r['index']}"

@@ -140,6 +140,17 @@ def test_cached_follows_online_topk_and_resumes_bitwise(models, cache):
         for key in ("loss", "kd", "grad_norm"):
             want = [r[key] for r in want_rows if key in r]
             assert rows[name][key] == pytest.approx(want, rel=1e-4, abs=1e-5), (name, key)
+    # one 4-rank launch: TP=2 x PP=2 at once, the build and a distillation from the cache
+    rows4 = {r["layout"]: r for r in torchrun("teacher_cache_layouts", 4, t / "student",
+                                              t / "teacher", t / "corpus", path, out, K)}
+    for step in range(3):
+        want, got = _rows_by_sample(path, step), _rows_by_sample(out / "build_tp2pp2", step)
+        assert got.keys() == want.keys() and all(
+            torch.equal(got[s]["ids"], w["ids"]) and
+            torch.allclose(got[s]["logp"], w["logp"], rtol=1e-5, atol=1e-5) for s, w in want.items())
+    for key in ("loss", "kd", "grad_norm"):
+        want = [r[key] for r in metrics(t / "bucket") if key in r]
+        assert rows4["tp2pp2_bucket"][key] == pytest.approx(want, rel=1e-4, abs=1e-5), key
     # resume: the step-2 checkpoints, continued to step 3, give the same weights (TP=1, TP=2)
     shutil.copytree(t / "bucket", t / "bucket_resumed", ignore=shutil.ignore_patterns("final"))
     with one_thread():

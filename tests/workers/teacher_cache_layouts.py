@@ -1,4 +1,5 @@
-"""Run under torchrun with 2 ranks: the offline teacher cache at other layouts.
+"""Run under torchrun with 2 ranks (or 4: TP=2 x PP=2 only): the offline teacher cache at other
+layouts.
 
 Builds the cache at TP=2, PP=2 and DP=2 (each into ``out/build_<layout>``, to be compared with the
 one-process build), then distils from the one-process cache at PP=2, DP=2 and TP=2 (renormalised
@@ -6,6 +7,7 @@ top-k and residual bucket; each rank looks its samples up by number, the KL runs
 shard), and resumes the TP=2 bucket run from its step-2 checkpoint (``tp2_bucket_resumed``).
 Emits each distillation's per-step metrics (rank 0)."""
 
+import os
 import shutil
 import sys
 
@@ -22,10 +24,11 @@ from tests.workers._emit import emit
 from tests.workers.distill_layouts import job
 
 BUILDS = {"tp2": (2, 1), "pp2": (1, 2), "dp2": (1, 1)}
+BUILDS_4 = {"tp2pp2": (2, 2)}  # with 4 ranks: both splits at once, the layout a node would use
 
 
-def build(student, teacher, data, out, k):
-    for name, (tp, pp) in BUILDS.items():
+def build(student, teacher, data, out, k, builds):
+    for name, (tp, pp) in builds.items():
         d = job(student, teacher, data, "unused", tp, pp)
         j = TeacherCacheJob(model=d.model, parallel=ParallelConfig(tp=tp, pp=pp), data=d.data,
                             train=d.train, kd=KDConfig(teacher=teacher),
@@ -46,7 +49,11 @@ def distill(name, student, teacher, data, cache, out, tp, pp, **kd):
 
 
 def main(student, teacher, data, cache, out, k):
-    build(student, teacher, data, out, int(k))
+    if int(os.environ["WORLD_SIZE"]) == 4:  # torchrun's; the process group starts in build
+        build(student, teacher, data, out, int(k), BUILDS_4)
+        distill("tp2pp2_bucket", student, teacher, data, cache, out, 2, 2)
+        return
+    build(student, teacher, data, out, int(k), BUILDS)
     for name, tp, pp, kd in (("pp2", 1, 2, {}), ("dp2", 1, 1, {}),
                              ("tp2_renorm", 2, 1, {"cache_residual": False}),
                              ("tp2_bucket", 2, 1, {})):
