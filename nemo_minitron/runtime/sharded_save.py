@@ -34,9 +34,7 @@ def expert_layout(stage) -> tuple[int, int]:
     ep = getattr(stage.config, "expert_model_parallel_size", 1) or 1
     if ep == 1 or not stage.arch.is_moe:
         return 0, 1
-    from megatron.core import parallel_state as ps
-
-    return ps.get_expert_model_parallel_rank(), ep
+    return current().ep_rank, ep
 
 
 def writes(stage) -> tuple[bool, bool]:
@@ -46,9 +44,7 @@ def writes(stage) -> tuple[bool, bool]:
     dense = current().dp_rank == 0
     if expert_layout(stage)[1] == 1:
         return dense, dense
-    from megatron.core import parallel_state as ps
-
-    return dense, ps.get_expert_data_parallel_rank() == 0
+    return dense, current().expert_dp_rank == 0
 
 
 def local_state(stage) -> dict[str, torch.Tensor]:
