@@ -31,3 +31,35 @@ def test_config_dtype_names_are_the_precision_table():
     assert set(typing.get_args(schema.CacheDtype)) == set(precision.DTYPES)
     assert set(typing.get_args(schema.Dtype)) <= set(precision.DTYPES)
     assert precision.torch_dtype("bfloat16") is precision.torch_dtype("bf16")
+
+
+@pytest.mark.parametrize("kind", ["gqa", "qwen3", "nemotron"])
+def test_bf16_model_has_no_fp32_stray_weights(single_rank, kind):
+    """A bf16 model is bf16 throughout, norms (and QK-norms, LayerNorm biases) included, as
+    megatron's Float16Module makes it on GPUs; a forward then takes PyTorch's fused norm kernel
+    (no "Mismatch dtype" warning) and stays close to the fp32 model's."""
+    import warnings
+
+    import torch
+
+    from nemo_minitron.convert.hf_config import arch_from_hf_config
+    from nemo_minitron.runtime.shard import build_shard
+    from tests.helpers.models import tiny_hf
+
+    arch = arch_from_hf_config(tiny_hf(kind).config)
+    torch.manual_seed(0)
+    fp32 = build_shard(arch, "fp32")
+    torch.manual_seed(0)
+    bf16 = build_shard(arch, "bf16")
+    dtypes = {n: p.dtype for n, p in bf16.model.named_parameters()}
+    assert set(dtypes.values()) == {torch.bfloat16}, dtypes
+    assert any("layernorm" in n or "norm" in n for n in dtypes)
+    ids = torch.randint(0, arch.vocab_size, (2, 16))
+    pos = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            warnings.filterwarnings("ignore", message=".*(Apex|full scope).*")
+            got = bf16.model(ids, pos, None).float()
+        want = fp32.model(ids, pos, None)
+    assert torch.allclose(got.softmax(-1), want.softmax(-1), atol=2e-2)

@@ -235,6 +235,8 @@ def _quiet_dependencies() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
+    # TransformerConfig's CUDA-graph scope default, deprecated in megatron-core: no graphs here
+    warnings.filterwarnings("ignore", message=r"full scope is deprecated")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("megatron").setLevel(logging.WARNING)

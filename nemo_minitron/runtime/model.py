@@ -190,6 +190,22 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
             set_tensor_model_parallel_attributes(w, True, 1, 1)
 
 
+def cast_stray_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters still fp32 in a bf16/fp16 model, cast to it.
+
+    megatron-core's torch-norm fallback (no Apex, no TE: the CPU spec) builds its RMSNorm and
+    LayerNorm weights in fp32 whatever ``params_dtype`` says; on GPUs ``Float16Module`` casts the
+    whole model, norms included. A bf16 input with an fp32 norm weight misses PyTorch's fused
+    ``rms_norm`` kernel (and warns about it on every call). The optimizer's fp32 main weights
+    keep the precision of the update, as for every other weight.
+    """
+    if dtype == torch.float32:
+        return
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 # GPTModels this process has built: a cheap marker that lets tests assert a bad request was
 # refused before any model existed (the checks must come first, not merely fail eventually).
 models_built = 0
@@ -219,6 +235,7 @@ def build_gpt(arch: Arch, config, pre_process: bool, post_process: bool, use_te:
     model.rotary_pos_emb.inv_freq = rope_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
     if not config.perform_initialization:
         mark_tensor_parallel_weights(model)
+    cast_stray_params(model, config.params_dtype)
     if not torch.cuda.is_available():
         model.to(torch.device("cpu"))
     else:
