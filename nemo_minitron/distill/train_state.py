@@ -4,7 +4,9 @@
 optimizer kind), ``optim-tp{t}-pp{p}.safetensors`` (the optimizer state of each model-parallel
 shard, written by data-parallel rank 0: without the distributed optimizer it is replicated across
 DP; with it, the DP shards are first gathered per parameter name by :mod:`.optim_state`, so
-either way a run resumes at another DP size), ``rng-rank{r}.safetensors`` and, for trainable
+either way a run resumes at another DP size; under expert parallelism one
+``optim-tp{t}-pp{p}-ep{e}.safetensors`` per EP rank, written by expert-DP rank 0, each holding
+its experts and the dense state), ``rng-rank{r}.safetensors`` and, for trainable
 modules that are not part of the student checkpoint (the projections of intermediate
 distillation losses), ``<name>-tp{t}-pp{p}.safetensors``. All are :mod:`.state_file`s (tensors
 plus a JSON tree, never pickle); checkpoints of the earlier pickle format (``*.pt``) are refused,
