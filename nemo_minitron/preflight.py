@@ -31,7 +31,6 @@ from .distill.intermediate import check_pairs
 from .distill.layer_map import auto_pairs
 from .distill.losses import check_vocab
 from .distill.teacher_cache import check_run
-from .distill.trainer import check_expert_optimizer
 from .evaluate.run import check_evaluate
 from .evaluate.tasks import TASKS
 from .importance.reduce import Importance
@@ -255,7 +254,6 @@ def train(job) -> None:
     check_layout({"model.checkpoint": student.arch,
                   **({"kd.teacher": checkpoint(kd.teacher, "kd.teacher").arch} if live else {})},
                  job.parallel.tp, job.parallel.pp, job.parallel.ep)
-    check_expert_optimizer(job)
     if kd is not None and kd.teacher_cache:
         check_run(kd.teacher_cache, teacher=kd.teacher, student=job.model.checkpoint,
                   data=job.data, train=job.train, kd=kd)

@@ -1,8 +1,8 @@
 """Training and evaluating mixture-of-experts models under expert parallelism: a tiny Mixtral
 student distilled from a Mixtral teacher and from a dense Llama teacher (logits plus hidden-state
 pairs) follows the same losses, gradient norms, expert load and final weights at parallel.ep=2
-as at ep=1 (the same two data-parallel ranks), resumes at ep=2 from its own checkpoint, and
-evaluates to the same held-out loss and multiple-choice scores; refusals of what ep does not
+as at ep=1 (the same two data-parallel ranks), at ep=2 with the distributed optimizer as without
+it, resumes at ep=2 from its own checkpoint (with either optimizer), and evaluates to the same held-out loss and multiple-choice scores; refusals of what ep does not
 support come before any model. (One torchrun launch: tests/workers/moe_train.py.) The routers'
 load-balancing loss (train.moe_aux_loss_coeff) in one process."""
 
@@ -17,6 +17,7 @@ from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert import sharded
 from nemo_minitron.convert.experts import per_expert
 from nemo_minitron.convert.hf_config import arch_from_hf_config
+from nemo_minitron.distill import state_file
 from nemo_minitron.runtime import model as rmodel
 
 from tests.helpers import tiny_corpus, tiny_hf, tiny_tokenizer, torchrun
@@ -80,18 +81,69 @@ def test_ep2_layout_is_carved_from_data_parallel(rows):
         [(2, 2, 0, 1), (2, 2, 1, 1)]
 
 
+def assert_resumed_bitwise(runs, root, name):
+    """Run ``name`` again from its step-2 checkpoint (taken, not set aside as unreadable): the
+    same metrics and final weights, bit for bit, as the uninterrupted run."""
+    again, first = runs[f"{name}_resumed"], runs[name]
+    assert not list((root / name / "checkpoints").glob(".*unreadable"))
+    assert again["loss"] == first["loss"] and again["grad_norm"] == first["grad_norm"]
+    assert again["val_loss"] == first["val_loss"]
+    a, b = ckpt.Checkpoint(root / f"{name}.first_final"), ckpt.Checkpoint(root / name / "final")
+    assert set(a.keys()) == set(b.keys())
+    assert all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
+
+
 @pytest.mark.multirank
 def test_ep2_run_resumes_from_its_checkpoint(rows, root):
     runs, _ = rows
     state = root / "moe_ep2" / "checkpoints" / "step_0000002" / "train_state"
     assert sorted(p.name for p in state.glob("optim-*")) == \
         ["optim-tp0-pp0-ep0.safetensors", "optim-tp0-pp0-ep1.safetensors"]
-    again, first = runs["moe_ep2_resumed"], runs["moe_ep2"]
     # steps 1-2 kept, 3 rerun from the sharded step-2 checkpoint (one file per EP rank): bitwise
     step = root / "moe_ep2" / "checkpoints" / "step_0000002"
     assert sharded.is_sharded(step) and (step / "model-tp0-pp0-ep1.safetensors").exists()
-    assert again["loss"] == first["loss"] and again["grad_norm"] == first["grad_norm"]
-    assert again["val_loss"] == first["val_loss"]
+    assert_resumed_bitwise(runs, root, "moe_ep2")
+
+
+@pytest.mark.multirank
+def test_ep2_distributed_optimizer_follows_plain_and_resumes_bitwise(rows, root):
+    """At ep=2 on two ranks the distributed optimizer splits the dense state over both (DP 2) and
+    keeps each rank's experts whole (expert-DP 1); its losses and weights follow the plain
+    optimizer's, each EP rank's file holds the dense state and its own experts in parameter space,
+    the run resumes bit-identical, and a plain-optimizer resume of it is refused before a model."""
+    import shutil
+
+    from nemo_minitron.distill.trainer import train
+    from tests.workers.moe_train import job
+
+    runs, ranked = rows
+    zero, plain = runs["moe_ep2_zero"], runs["moe_ep2"]
+    for k in ("loss", "grad_norm"):
+        assert zero[k] == pytest.approx(plain[k], rel=1e-6), k
+    assert zero["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
+    a, b = ckpt.Checkpoint(root / "moe_ep2.first_final"), ckpt.Checkpoint(root / "moe_ep2_zero.first_final")
+    assert all(torch.allclose(a.get(k), b.get(k), atol=1e-6) for k in a.keys())
+    shards = [r for r in ranked if r["run"] == "zero_shards"]
+    dense = [r for r in shards if not r["expert"]]
+    expert = [r for r in shards if r["expert"]]
+    assert len(dense) == len(expert) == 2
+    assert all(r["group"] == 2 and 0 < r["owned"] < r["total"] for r in dense)
+    assert sum(r["owned"] for r in dense) == dense[0]["total"]
+    assert all(r["group"] == 1 and r["owned"] == r["total"] > 0 for r in expert)
+    state = root / "moe_ep2_zero" / "checkpoints" / "step_0000002" / "train_state"
+    files = [state_file.load(state / f"optim-tp0-pp0-ep{e}.safetensors") for e in (0, 1)]
+    assert files[0]["format"] == "model_space/1" and files[0]["params"].keys() == files[1]["params"].keys()
+    for name, s0 in files[0]["params"].items():  # dense: the same in both; experts: each its own
+        same = torch.equal(s0["exp_avg"], files[1]["params"][name]["exp_avg"])
+        assert same == ("experts" not in name) and s0["exp_avg"].abs().sum() > 0, name
+    assert_resumed_bitwise(runs, root, "moe_ep2_zero")
+
+    built = rmodel.models_built
+    (root / "zero_to_plain" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(state.parent, root / "zero_to_plain" / "checkpoints" / state.parent.name)
+    with pytest.raises(ValueError, match=re.escape("resume with train.distributed_optimizer=true")):
+        train(job(root, "teacher", "zero_to_plain", 2, save_interval=2), "distill")
+    assert rmodel.models_built == built and not (root / "zero_to_plain" / "final").exists()
 
 
 @pytest.mark.multirank
@@ -122,8 +174,7 @@ def test_multiple_choice_at_ep2_matches_ep1(rows, root):
 
 
 def test_expert_parallel_refusals_come_before_any_model(root):
-    """ep > 1 with only dense models, with the distributed optimizer, with experts that do not
-    split, and a balancing loss for a dense model: one line naming the field, before a model
+    """ep > 1 with only dense models, with experts that do not split, and a balancing loss for a dense model: one line naming the field, before a model
     is built (evaluate's preflight too)."""
     from nemo_minitron.distill.trainer import train
     from tests.workers.moe_train import job
@@ -133,8 +184,6 @@ def test_expert_parallel_refusals_come_before_any_model(root):
     dense.model.checkpoint = str(root / "dense")
     with pytest.raises(ValueError, match=re.escape("parallel.ep=2 needs a mixture-of-experts model (model.checkpoint, kd.teacher dense)")):
         train(dense, "distill")
-    with pytest.raises(ValueError, match=re.escape("train.distributed_optimizer=true with parallel.ep=2")):
-        train(job(root, "teacher", "refused", 2, distributed_optimizer=True), "distill")
     with pytest.raises(ValueError, match=re.escape("model.checkpoint: num_experts=8 is not divisible by parallel.ep=3")):
         train(job(root, "teacher", "refused", 3), "distill")
     aux = job(root, "dense", "refused", 1, moe_aux_loss_coeff=0.01)

@@ -9,13 +9,20 @@ reduction per parameter, so peak extra memory is one parameter, not the model), 
 :func:`scatter` cuts them again along the ranges of whatever DP size the resumed run has. The
 non-sharded state (step count, hyper-parameters per group, loss scaler) is the optimizer's own
 ``state_dict()``, identical on every DP rank.
+
+Under expert parallelism megatron builds two parts: the dense parameters, sharded over the
+data-parallel group, and the expert parameters, sharded over the smaller expert-data-parallel
+group (the DP ranks that hold the same experts). Each part is gathered over its own group. The
+training state is then one file per EP rank (its experts, written by expert-DP rank 0), and every
+such file must hold the dense state too, so that a rank resumes from its own file alone: the
+dense part is summed onto every DP rank instead of the first.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..runtime.collectives import reduce_sum_to_first
+from ..runtime.collectives import all_reduce_sum, reduce_sum_to_first
 
 # megatron-core is imported inside the functions that use it: importing it takes seconds, and this
 # module is imported (by the stages, preflight, the tests) long before a model is built.
@@ -35,6 +42,11 @@ def is_distributed(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in parts(optimizer))
 
 
+def _is_expert(o) -> bool:
+    """A part of expert-parallel parameters (megatron marks them ``allreduce=False``)."""
+    return any(not getattr(p, "allreduce", True) for b in o.buffers for p in b.param_index_map)
+
+
 def _owned(o) -> dict:
     """model param -> its range (start, end) within the flattened param owned by this DP rank."""
     owned = {}
@@ -44,6 +56,16 @@ def _owned(o) -> dict:
                 for p, r in bucket["param_map"].items():
                     owned[p] = (r["param"].start, r["param"].end)
     return owned
+
+
+def shards(optimizer) -> list[dict]:
+    """How this rank's distributed optimizer cuts the state, per part: ``expert`` (expert
+    parameters), ``group`` (the ranks sharing the part), ``owned`` (elements this rank keeps)
+    and ``total`` (elements of the part); for the log and the tests."""
+    return [{"expert": _is_expert(o), "group": o.data_parallel_group.size(),
+             "owned": sum(end - start for start, end in _owned(o).values()),
+             "total": sum(p.numel() for b in o.buffers for p in b.param_index_map)}
+            for o in parts(optimizer)]
 
 
 def _main_and_moments(o, p) -> dict:
@@ -63,17 +85,22 @@ def _check(o) -> None:
 
 
 def gather(optimizer, named_params: dict[str, torch.nn.Parameter]) -> dict | None:
-    """Collective over each optimizer's data-parallel group; the whole state on DP rank 0.
+    """Collective over each optimizer's data-parallel group; the whole state on DP rank 0 (under
+    expert parallelism: on expert-DP rank 0, this EP rank's experts and all dense parameters).
 
-    Returns ``{"format", "common": [state_dict per part], "params": {name: {key: tensor}}}`` on DP
-    rank 0 (tensors on the CPU, fp32, shaped like the parameter) and None elsewhere.
+    Returns ``{"format", "common": [state_dict per part], "params": {name: {key: tensor}}}`` there
+    (tensors on the CPU, fp32, shaped like the parameter) and None elsewhere.
     """
     out = {"format": FORMAT, "common": [], "params": {}}
     roots = []
-    for o in parts(optimizer):
+    ps = parts(optimizer)
+    expert_parallel = any(_is_expert(o) for o in ps)
+    for o in ps:
         _check(o)
         group = o.data_parallel_group
-        roots.append(group.rank() == 0)
+        # the dense part goes to every EP rank's file: summed onto all its DP ranks
+        everywhere = expert_parallel and not _is_expert(o)
+        roots.append(everywhere or group.rank() == 0)
         owned = _owned(o)
         out["common"].append(o.state_dict())
         # every rank walks the same parameters in the same order (by name; a rank's own maps
@@ -89,7 +116,7 @@ def gather(optimizer, named_params: dict[str, torch.nn.Parameter]) -> dict | Non
                 for i, k in enumerate(KEYS):
                     full[i, start:end] = shard[k].detach().float()
             if group.size() > 1:  # ranges are disjoint: the sum assembles the parameter
-                reduce_sum_to_first(full, group)
+                (all_reduce_sum if everywhere else reduce_sum_to_first)(full, group)
             if roots[-1]:
                 out["params"][name] = {k: full[i].cpu().view(p.shape).clone()
                                        for i, k in enumerate(KEYS)}

@@ -4,7 +4,9 @@
 optimizer kind), ``optim-tp{t}-pp{p}.safetensors`` (the optimizer state of each model-parallel
 shard, written by data-parallel rank 0: without the distributed optimizer it is replicated across
 DP; with it, the DP shards are first gathered per parameter name by :mod:`.optim_state`, so
-either way a run resumes at another DP size), ``rng-rank{r}.safetensors`` and, for trainable
+either way a run resumes at another DP size; under expert parallelism one
+``optim-tp{t}-pp{p}-ep{e}.safetensors`` per EP rank, written by expert-DP rank 0, each holding
+its experts and the dense state), ``rng-rank{r}.safetensors`` and, for trainable
 modules that are not part of the student checkpoint (the projections of intermediate
 distillation losses), ``<name>-tp{t}-pp{p}.safetensors``. All are :mod:`.state_file`s (tensors
 plus a JSON tree, never pickle); checkpoints of the earlier pickle format (``*.pt``) are refused,
@@ -30,15 +32,15 @@ EXT = ".safetensors"
 OLD_EXT = ".pt"  # the pickle format of earlier versions: refused, never unpickled
 
 
-def _mp_name(prefix: str, tp_rank: int, pp_rank: int) -> str:
-    return f"{prefix}-tp{tp_rank}-pp{pp_rank}{EXT}"
+def _mp_name(prefix: str, tp_rank: int, pp_rank: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """A model-parallel shard's file; under expert parallelism each EP rank's optimizer holds
+    other experts, so its file is its own."""
+    return f"{prefix}-tp{tp_rank}-pp{pp_rank}" + (f"-ep{ep_rank}" if ep > 1 else "") + EXT
 
 
 def _shard_name(par, prefix: str = "optim") -> str:
-    """This rank's model-parallel shard file (``par``: the run's ``Parallel`` context); under
-    expert parallelism each EP rank's optimizer holds other experts, so its file is its own."""
-    name = _mp_name(prefix, par.tp_rank, par.pp_rank)
-    return name.replace(EXT, f"-ep{par.ep_rank}{EXT}") if par.ep > 1 else name
+    """This rank's model-parallel shard file (``par``: the run's ``Parallel`` context)."""
+    return _mp_name(prefix, par.tp_rank, par.pp_rank, par.ep_rank, par.ep)
 
 
 def _writes_shard(par) -> bool:
@@ -157,7 +159,9 @@ def unreadable(path: Path) -> str | None:
         layout = state["layout"]
         int(state["step"])
         d = path / STATE
-        need = [d / _mp_name("optim", t, p) for t in range(layout["tp"]) for p in range(layout["pp"])]
+        ep = layout.get("ep", 1)
+        need = [d / _mp_name("optim", t, p, e, ep) for t in range(layout["tp"])
+                for p in range(layout["pp"]) for e in range(ep)]
         need += [d / _rng_name(r) for r in range(layout["tp"] * layout["pp"] * layout.get("dp", 1))]
         for f in need:
             if not f.is_file():

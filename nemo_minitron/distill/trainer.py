@@ -38,7 +38,7 @@ from ..runtime.adam import use_fused_adam
 from ..runtime.forward import on_device
 from ..runtime.routing import RoutingMonitor
 from ..runtime.shard import load_checkpoint, save_checkpoint
-from . import intermediate as inter_mod, run_dir as run_dir_mod, train_state
+from . import intermediate as inter_mod, optim_state, run_dir as run_dir_mod, train_state
 from .guard import Guard
 from .layer_map import auto_pairs
 from .logger import Logger, progress_line
@@ -77,7 +77,6 @@ def check_sources(job) -> Sources:
     teacher = Checkpoint(teacher_path) if teacher_path else None
     check_layout({"model.checkpoint": student.arch,
                   **({"kd.teacher": teacher.arch} if teacher else {})}, par.tp, par.pp, par.ep)
-    check_expert_optimizer(job)
     if job.train.moe_aux_loss_coeff > 0 and not student.arch.is_moe:
         raise ValueError(f"train.moe_aux_loss_coeff={job.train.moe_aux_loss_coeff} needs a "
                          "mixture-of-experts model (model.checkpoint is dense); set it to 0")
@@ -93,15 +92,6 @@ def check_sources(job) -> Sources:
     if ispec.enabled:  # (kd.hidden_dynamic needs the logit loss: KDConfig checks that)
         inter_mod.check_pairs(ispec.pairs, student.arch.num_layers, teacher.arch.num_layers)
     return Sources(student, teacher, teacher_path, kd, ispec if ispec.enabled else None)
-
-
-def check_expert_optimizer(job) -> None:
-    """The distributed optimizer's DP-independent checkpoints (:mod:`.optim_state`) cut its
-    shards along the data-parallel ranks; expert parameters are sharded over the smaller
-    expert-data-parallel group instead, which that format does not describe."""
-    if job.parallel.ep > 1 and job.train.distributed_optimizer:
-        raise ValueError(f"train.distributed_optimizer=true with parallel.ep={job.parallel.ep} "
-                         "is not supported; set train.distributed_optimizer=false (or ep=1)")
 
 
 def train(job, stage_name: str) -> dict:
@@ -225,6 +215,10 @@ class Trainer:
             use_distributed_optimizer=tr.distributed_optimizer), [self.ddp])
         use_fused_adam(self.opt)
         self.named_params = dict(self.ddp.module.named_parameters())
+        if tr.distributed_optimizer and self.par.is_rank0:
+            log.info("distributed optimizer: %s", "; ".join(
+                f"{'expert' if s['expert'] else 'dense'} state {s['owned']}/{s['total']} "
+                f"elements here ({s['group']} ranks)" for s in optim_state.shards(self.opt)))
         self.sched = OptimizerParamScheduler(
             self.opt, init_lr=0.0, max_lr=tr.lr, min_lr=tr.min_lr, lr_warmup_steps=tr.warmup_steps,
             lr_decay_steps=tr.steps, lr_decay_style="cosine", start_wd=tr.weight_decay,

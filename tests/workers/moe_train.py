@@ -1,12 +1,15 @@
 """Run under torchrun with 2 ranks: distillation and evaluation of a tiny Mixtral student at
 parallel.ep=1 and ep=2 (both with the two ranks as data-parallel replicas: at ep=2 the experts
 are split over them, the dense weights replicated), from a Mixtral teacher and from a dense Llama
-teacher with hidden-state pairs; the ep=2 run continues from its step-2 checkpoint after final/
-is removed; then `evaluate` of the MoE student at ep=1 and ep=2, and its multiple-choice scores
+teacher with hidden-state pairs, and at ep=2 with the distributed optimizer (how it cuts its
+state on each rank: dense over both ranks, experts over each expert's one); both ep=2 runs from the
+Mixtral teacher continue from their step-2 checkpoints after final/ is moved aside to
+<name>.first_final; then `evaluate` of the MoE student at ep=1 and ep=2, and its multiple-choice scores
 of <root>/task.jsonl at ep=1 and ep=2 (and `evaluate` with that task at ep=2).
 
 Emits per run: its per-step metrics (rank 0), layout sizes and final val loss; per evaluation
-its loss and token count; per rank the task scores it got back.
+its loss and token count; per rank the task scores it got back and the distributed optimizer's
+shards.
 """
 
 import shutil
@@ -15,7 +18,9 @@ import sys
 import torch
 
 from nemo_minitron.config.schema import DataConfig, EvalConfig, ParallelConfig
-from nemo_minitron.distill.trainer import train
+from nemo_minitron.distill import optim_state
+from nemo_minitron.distill.run_dir import Plan
+from nemo_minitron.distill.trainer import Trainer, check_sources, train
 from nemo_minitron.evaluate.multiple_choice import score_items
 from nemo_minitron.evaluate.run import evaluate_checkpoint
 from nemo_minitron.evaluate.tasks import load_task
@@ -54,14 +59,19 @@ def main(root):
                                   ("dense_ep1", "dense", 1, DENSE_KD),
                                   ("dense_ep2", "dense", 2, DENSE_KD)):
         run(name, job(root, teacher, name, ep, kd=kd, save_interval=2))
+    run("moe_ep2_zero", job(root, "teacher", "moe_ep2_zero", 2, save_interval=2,
+                            distributed_optimizer=True))
+    optimizer_shards(root)
     dist.init(1, 1, ep=2)
     par = current()
     emit({"run": "layout", "rank": par.rank, "dp": par.dp, "ep": par.ep, "ep_rank": par.ep_rank,
           "expert_dp": torch.distributed.get_world_size(par.expert_dp_group)})
-    if par.is_rank0:  # the ep=2 run again from its step-2 checkpoint (ep-named optimizer files)
-        shutil.rmtree(f"{root}/moe_ep2/final")
-    torch.distributed.barrier()
-    run("moe_ep2_resumed", job(root, "teacher", "moe_ep2", 2, save_interval=2))
+    for name, zero in (("moe_ep2", False), ("moe_ep2_zero", True)):
+        if par.is_rank0:  # again from the step-2 checkpoint (ep-named optimizer files)
+            shutil.move(f"{root}/{name}/final", f"{root}/{name}.first_final")
+        torch.distributed.barrier()
+        run(f"{name}_resumed", job(root, "teacher", name, 2, save_interval=2,
+                                   distributed_optimizer=zero))
     data = DataConfig(prefix=f"{root}/corpus", seq_length=32, valid_fraction=0.1)
     for ep in (1, 2):
         res = evaluate_checkpoint(f"{root}/moe_ep1/final", ParallelConfig(ep=ep), data,
@@ -70,6 +80,17 @@ def main(root):
               "tokens": res["tokens"], "layout": res["layout"]})
     tasks(root, data)
     dist.shutdown()
+
+
+def optimizer_shards(root):
+    """Build (not train) the ep=2 student with the distributed optimizer; emit per rank how each
+    optimizer part (dense, experts) cuts its state."""
+    j = job(root, "teacher", "shards", 2, distributed_optimizer=True)
+    trainer = Trainer(j, "distill", check_sources(j), Plan())
+    trainer.build()
+    for s in optim_state.shards(trainer.opt):
+        emit({"run": "zero_shards", "rank": current().rank, **s})
+    dist.release()
 
 
 def tasks(root, data):
