@@ -299,6 +299,10 @@ CASES = [
     ("distill_keep_no_checkpoints", "distill", DISTILL + ["train.keep_checkpoints=0"],
      ["train.keep_checkpoints=0"]),
     ("distill_temperature_0", "distill", DISTILL + ["kd.temperature=0"], ["kd.temperature=0"]),
+    # NaN passes every > / < check and inf trains into a diverged first step: both refused first
+    ("distill_temperature_inf", "distill", DISTILL + ["kd.temperature=inf"],
+     ["kd.temperature=inf must be a finite number"]),
+    ("distill_lr_nan", "distill", DISTILL + ["train.lr=nan"], ["train.lr=nan must be a finite"]),
     ("distill_student_is_teacher", "distill", TRAIN + ["kd.teacher={ck}"],
      ["model.checkpoint is the teacher itself"]),
     # --- search

@@ -7,6 +7,7 @@ so Hydra rejects a mistyped override at merge time, and ``OmegaConf.to_object`` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, get_args
@@ -756,4 +757,18 @@ def register() -> None:
 
 def to_job(cfg):
     """Typed, validated job object from a composed config (runs every __post_init__ check)."""
+    check_finite(OmegaConf.to_container(cfg, resolve=True))
     return OmegaConf.to_object(cfg)
+
+
+def check_finite(tree, path: str = "") -> None:
+    """No setting is NaN or infinite: ``train.lr=nan`` would otherwise pass every ``>``/``<``
+    check (each comparison with NaN is false) or fail in a neighbouring field's message, and
+    ``kd.temperature=inf`` would surface as a diverged first step after pruning."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) \
+        if isinstance(tree, list) else ()
+    for k, v in items:
+        name = f"{path}.{k}" if path and isinstance(k, str) else f"{path}[{k}]" if path else str(k)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{name}={v} must be a finite number")
+        check_finite(v, name)
