@@ -32,7 +32,7 @@ from .distill.layer_map import auto_pairs
 from .distill.losses import check_vocab
 from .distill.teacher_cache import check_run
 from .evaluate.run import check_evaluate
-from .evaluate.tasks import TASKS
+from .evaluate.tasks import TASKS, load_task
 from .importance.reduce import Importance
 from .runtime import dist
 from .search import shared_cache
@@ -143,6 +143,9 @@ def train_sizes(job, dp: int) -> None:
 def eval_sizes(job, dp: int) -> None:
     need_samples(job.data, "valid", job.eval.micro_batch_size * dp,
                  "eval.micro_batch_size x ranks needs")
+    for name in job.eval.tasks or ():  # a user's task file: every line read, no model needed
+        if name.startswith("jsonl:"):
+            load_task(name, job.eval.limit, job.eval.num_fewshot, job.eval.fewshot_seed)
 
 
 def calibration_sizes(job, dp: int) -> None:
@@ -236,7 +239,7 @@ def prune(job) -> None:
     src = checkpoint(job.model.checkpoint)
     p = job.prune
     resolve_targets(p.target, src.arch, job.parallel.tp, job.parallel.pp)
-    src.arch.check_parallel(job.parallel.tp, job.parallel.pp)
+    src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)
     keep_layers(p.keep_layers, src.arch)
     if p.scores:
         scores(p.scores, src.arch)
@@ -289,7 +292,7 @@ def pipeline(job) -> None:
     stage (teacher correction) starts."""
     src = checkpoint(job.model.checkpoint)
     tp, pp = job.parallel.tp, job.parallel.pp
-    src.arch.check_parallel(tp, pp)
+    src.arch.check_parallel(tp, pp, job.parallel.ep)
     depth_task(job.prune)
     not_inside(job.output, job.model.checkpoint)
     dp = data_parallel_size(job.parallel)

@@ -91,6 +91,8 @@ def assets(tmp_path_factory):
     a["pickled_scores"].write_bytes(b"\x80\x02}q\x00.")
     a["bad_jsonl"] = root / "bad.jsonl"
     a["bad_jsonl"].write_text('{"text": "w2 w3"}\n{oops\n')
+    a["mc_not_json"] = root / "items.jsonl"  # a multiple-choice task file that is not JSON
+    a["mc_not_json"].write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\nb, c, 0\n')
     a["table_csv"] = root / "table.csv"
     a["table_csv"].write_text("a,b\n1,2\n")
     a["empty_dir"] = root / "empty_dir"
@@ -189,6 +191,19 @@ CASES = [
     ("evaluate_jsonl_task_missing", "evaluate",
      COMMON + ["eval.tasks=[jsonl:/nonexistent/items.jsonl]", "output={out}"],
      ["eval.tasks", "/nonexistent/items.jsonl", "not found"]),
+    # a user's task file is read whole before the model loads (not after the held-out loss)
+    ("evaluate_jsonl_task_fields", "evaluate",
+     COMMON + ["eval.tasks=[jsonl:{bad_jsonl}]", "output={out}"],
+     ["bad.jsonl:1", "missing field(s) ['choices', 'context', 'label']"]),
+    ("evaluate_jsonl_task_not_json", "evaluate",
+     COMMON + ["eval.tasks=[jsonl:{mc_not_json}]", "output={out}"],
+     ["items.jsonl:2", "not a JSON object"]),
+    ("pipeline_jsonl_task_fields", "pipeline",
+     TRAIN + ["prune=none", "eval.tasks=[jsonl:{bad_jsonl}]"], ["bad.jsonl:1", "missing field"]),
+    ("prune_ep_on_dense", "prune", PRUNE + ["parallel.ep=2"],
+     ["parallel.ep=2", "mixture-of-experts"]),
+    ("pipeline_ep_on_dense", "pipeline", TRAIN + ["parallel.ep=2"],
+     ["parallel.ep=2", "mixture-of-experts"]),
     ("evaluate_dataset_missing", "evaluate", ["model.checkpoint={ck}",
                                               "data.prefix=/nonexistent/ds", "output={out}"],
      ["data.prefix=/nonexistent/ds", "no indexed dataset"]),

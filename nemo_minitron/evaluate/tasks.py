@@ -282,7 +282,14 @@ def _load_jsonl(path: str, limit, num_fewshot, seed) -> list[Item]:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            d = json.loads(line)
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg}); one item per "
+                                 'line: {"context": ..., "choices": [...], "label": N}') from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{path}:{lineno}: not a JSON object; one item per line: "
+                                 '{"context": ..., "choices": [...], "label": N}')
             missing = {"context", "choices", "label"} - set(d)
             if missing:
                 raise ValueError(f"{path}:{lineno}: missing field(s) {sorted(missing)}")
