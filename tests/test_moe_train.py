@@ -3,7 +3,9 @@ student distilled from a Mixtral teacher and from a dense Llama teacher (logits 
 pairs) follows the same losses, gradient norms, expert load and final weights at parallel.ep=2
 as at ep=1 (the same two data-parallel ranks), at ep=2 with the distributed optimizer as without
 it, resumes at ep=2 from its own checkpoint (with either optimizer), and evaluates to the same held-out loss and multiple-choice scores; refusals of what ep does not
-support come before any model. (One torchrun launch: tests/workers/moe_train.py.) The routers'
+support come before any model; its distributed-optimizer checkpoint continues at world 4 (expert
+state split over two ranks). (torchrun launches: tests/workers/moe_train.py, 2 ranks, and
+moe_zero_dp4.py, 4.) The routers'
 load-balancing loss (train.moe_aux_loss_coeff) in one process."""
 
 import re
@@ -144,6 +146,34 @@ def test_ep2_distributed_optimizer_follows_plain_and_resumes_bitwise(rows, root)
     with pytest.raises(ValueError, match=re.escape("resume with train.distributed_optimizer=true")):
         train(job(root, "teacher", "zero_to_plain", 2, save_interval=2), "distill")
     assert rmodel.models_built == built and not (root / "zero_to_plain" / "final").exists()
+
+
+@pytest.mark.multirank
+def test_ep2_distributed_optimizer_resumes_at_another_dp_size(rows, root):
+    """The world-2 checkpoint of the ep=2 distributed-optimizer run continues at world 4, where
+    each expert's state is split over two ranks (expert-DP 2) and the dense state over four: the
+    checkpoint is taken (not set aside), step 3 repeats the world-2 loss and the final weights
+    follow the world-2 run's within fp32 round-off (a sum over more ranks)."""
+    import shutil
+
+    runs, _ = rows
+    step = root / "moe_ep2_zero" / "checkpoints" / "step_0000002"
+    shutil.copytree(step, root / "zero_dp4" / "checkpoints" / step.name)
+    out = torchrun("moe_zero_dp4", 4, root)
+    shards = [r for r in out if r.get("run") == "zero_shards"]
+    dense = [r for r in shards if not r["expert"]]
+    expert = [r for r in shards if r["expert"]]
+    assert len(dense) == len(expert) == 4
+    assert all(r["group"] == 4 and 0 < r["owned"] < r["total"] for r in dense)
+    assert all(r["group"] == 2 and 0 < r["owned"] < r["total"] for r in expert)
+    got = next(r for r in out if r.get("run") == "zero_dp4" and "rank" not in r)
+    assert not list((root / "zero_dp4" / "checkpoints").glob(".*unreadable"))
+    assert len(got["loss"]) == 1  # steps 1-2 came from the checkpoint
+    assert got["loss"][0] == pytest.approx(runs["moe_ep2_zero"]["loss"][-1], rel=1e-6)
+    a = ckpt.Checkpoint(root / "moe_ep2_zero.first_final")
+    b = ckpt.Checkpoint(root / "zero_dp4" / "final")
+    assert set(a.keys()) == set(b.keys())
+    assert all(torch.allclose(a.get(k), b.get(k), atol=1e-6, rtol=0) for k in a.keys())
 
 
 @pytest.mark.multirank
