@@ -31,6 +31,7 @@ from .distill.intermediate import check_pairs
 from .distill.layer_map import auto_pairs
 from .distill.losses import check_vocab
 from .distill.teacher_cache import check_run
+from .distill.trainer import check_aux_loss
 from .evaluate.run import check_evaluate
 from .evaluate.tasks import TASKS, load_task
 from .importance.reduce import Importance
@@ -293,6 +294,7 @@ def pipeline(job) -> None:
     src = checkpoint(job.model.checkpoint)
     tp, pp = job.parallel.tp, job.parallel.pp
     src.arch.check_parallel(tp, pp, job.parallel.ep)
+    check_aux_loss(job.train, src.arch)  # every round's student has the source's family
     depth_task(job.prune)
     not_inside(job.output, job.model.checkpoint)
     dp = data_parallel_size(job.parallel)

@@ -204,6 +204,8 @@ CASES = [
      ["parallel.ep=2", "mixture-of-experts"]),
     ("pipeline_ep_on_dense", "pipeline", TRAIN + ["parallel.ep=2"],
      ["parallel.ep=2", "mixture-of-experts"]),
+    ("pipeline_aux_loss_on_dense", "pipeline", TRAIN + ["train.moe_aux_loss_coeff=0.01"],
+     ["train.moe_aux_loss_coeff=0.01", "mixture-of-experts"]),
     ("evaluate_dataset_missing", "evaluate", ["model.checkpoint={ck}",
                                               "data.prefix=/nonexistent/ds", "output={out}"],
      ["data.prefix=/nonexistent/ds", "no indexed dataset"]),

@@ -77,9 +77,7 @@ def check_sources(job) -> Sources:
     teacher = Checkpoint(teacher_path) if teacher_path else None
     check_layout({"model.checkpoint": student.arch,
                   **({"kd.teacher": teacher.arch} if teacher else {})}, par.tp, par.pp, par.ep)
-    if job.train.moe_aux_loss_coeff > 0 and not student.arch.is_moe:
-        raise ValueError(f"train.moe_aux_loss_coeff={job.train.moe_aux_loss_coeff} needs a "
-                         "mixture-of-experts model (model.checkpoint is dense); set it to 0")
+    check_aux_loss(job.train, student.arch)
     if teacher is None:
         return Sources(student, None, None, kd, None)
     check_vocab(student.arch.vocab_size, teacher.arch.vocab_size,
@@ -92,6 +90,13 @@ def check_sources(job) -> Sources:
     if ispec.enabled:  # (kd.hidden_dynamic needs the logit loss: KDConfig checks that)
         inter_mod.check_pairs(ispec.pairs, student.arch.num_layers, teacher.arch.num_layers)
     return Sources(student, teacher, teacher_path, kd, ispec if ispec.enabled else None)
+
+
+def check_aux_loss(tr, arch) -> None:
+    """train.moe_aux_loss_coeff balances routers: a dense student has none."""
+    if tr.moe_aux_loss_coeff > 0 and not arch.is_moe:
+        raise ValueError(f"train.moe_aux_loss_coeff={tr.moe_aux_loss_coeff} needs a "
+                         "mixture-of-experts model (model.checkpoint is dense); set it to 0")
 
 
 def train(job, stage_name: str) -> dict:
