@@ -141,10 +141,12 @@ def train_sizes(job, dp: int) -> None:
                  "train.micro_batch_size x ranks needs")
 
 
-def eval_sizes(job, dp: int) -> None:
+def eval_inputs(job, dp: int) -> None:
+    """The held-out split holds one evaluation batch, and a user's task files (``jsonl:``) read
+    whole: every line an item (no model is needed to read them)."""
     need_samples(job.data, "valid", job.eval.micro_batch_size * dp,
                  "eval.micro_batch_size x ranks needs")
-    for name in job.eval.tasks or ():  # a user's task file: every line read, no model needed
+    for name in job.eval.tasks or ():
         if name.startswith("jsonl:"):
             load_task(name, job.eval.limit, job.eval.num_fewshot, job.eval.fewshot_seed)
 
@@ -233,7 +235,7 @@ def data(job) -> None:
 def evaluate(job) -> None:
     src = checkpoint(job.model.checkpoint)
     check_evaluate(src.arch, job.parallel, job.eval)
-    eval_sizes(job, data_parallel_size(job.parallel))
+    eval_inputs(job, data_parallel_size(job.parallel))
 
 
 def prune(job) -> None:
@@ -283,7 +285,7 @@ def search(job) -> None:
     not_inside(job.output, job.model.checkpoint)
     dp = data_parallel_size(job.parallel)
     train_sizes(job, dp)
-    eval_sizes(job, dp)
+    eval_inputs(job, dp)
     calibration_sizes(job, dp)
     shared_cache.check(job)
 
@@ -299,7 +301,7 @@ def pipeline(job) -> None:
     not_inside(job.output, job.model.checkpoint)
     dp = data_parallel_size(job.parallel)
     train_sizes(job, dp)
-    eval_sizes(job, dp)
+    eval_inputs(job, dp)
     calibration_sizes(job, dp)
     round_cache(job, src.arch)
     rounds = job.pipeline.rounds or [RoundConfig(target=job.prune.target)]

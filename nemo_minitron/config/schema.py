@@ -765,10 +765,11 @@ def check_finite(tree, path: str = "") -> None:
     """No setting is NaN or infinite: ``train.lr=nan`` would otherwise pass every ``>``/``<``
     check (each comparison with NaN is false) or fail in a neighbouring field's message, and
     ``kd.temperature=inf`` would surface as a diverged first step after pruning."""
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) \
-        if isinstance(tree, list) else ()
-    for k, v in items:
-        name = f"{path}.{k}" if path and isinstance(k, str) else f"{path}[{k}]" if path else str(k)
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError(f"{name}={v} must be a finite number")
-        check_finite(v, name)
+    if isinstance(tree, float) and not math.isfinite(tree):
+        raise ValueError(f"{path}={tree} must be a finite number")
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            check_finite(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            check_finite(v, f"{path}[{i}]")
