@@ -14,7 +14,8 @@ exported Hugging Face models, teacher forward under no_grad, student forward, fu
 KL in fp32, torch AdamW on the student's parameters (in bf16 they are bf16 and there are no
 fp32 main weights: less work than ours, which keeps them).
 FLOPs per token: 2*N_teacher (forward) + 6*N_student (forward+backward), N = non-embedding params
-plus the output layer. --profile DIR writes a torch.profiler table of one bf16 distillation step.
+plus the output layer. --profile DIR writes torch.profiler tables of one distillation step of
+each loop and dtype.
 """
 
 from __future__ import annotations
@@ -49,6 +50,22 @@ def interleaved(runners: dict, steps: int, clock=time.perf_counter) -> dict:
         print(f"round {r + 1}/{steps} done (load {os.getloadavg()[0]:.2f})", flush=True)
     out = {key: {ph: min(times[(key, ph)]) for ph in fns} for key, fns in runners.items()}
     return out
+
+
+def profile_table(fn, path: str) -> None:
+    """A torch.profiler table of one call of ``fn`` (after one warm-up call), by op and by shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+        f.write("\n\nby input shape\n")
+        f.write(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=40))
+    print(f"profile: {path}")
 
 
 def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) -> dict:
@@ -103,24 +120,12 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
 
     out = {"teacher": teacher_forward, "student": student_step, "kd": distill_step}
     if profile_dir:
-        distill_step()  # warm-up
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            distill_step()
-        os.makedirs(profile_dir, exist_ok=True)
-        path = os.path.join(profile_dir, f"distill_step_{dtype}.txt")
-        with open(path, "w") as f:
-            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
-            f.write("\n\nby input shape\n")
-            f.write(prof.key_averages(group_by_input_shape=True).table(
-                sort_by="self_cpu_time_total", row_limit=40))
-        print(f"profile: {path}")
+        profile_table(distill_step, os.path.join(profile_dir, f"distill_step_{dtype}.txt"))
     out["arch"] = (teacher.arch, student.arch)
     return out
 
 
-def plain(teacher_hf, student_hf, batch, args, dtype: str) -> dict:
+def plain(teacher_hf, student_hf, batch, args, dtype: str, profile_dir=None) -> dict:
     """The textbook loop: what a user would write with transformers alone."""
     from transformers import AutoModelForCausalLM
 
@@ -151,6 +156,8 @@ def plain(teacher_hf, student_hf, batch, args, dtype: str) -> dict:
         loss.backward()
         opt.step()
 
+    if profile_dir:
+        profile_table(distill_step, os.path.join(profile_dir, f"distill_step_plain_{dtype}.txt"))
     return {"teacher": teacher_forward, "student": student_step, "kd": distill_step}
 
 
@@ -163,7 +170,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--no-hf", action="store_true", help="skip the plain transformers loop")
-    ap.add_argument("--profile", help="directory for a torch.profiler table of the KD step")
+    ap.add_argument("--profile", help="directory for torch.profiler tables of the KD steps")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU seconds, robust to load (with 1 thread: spinning "
                          "OpenMP threads count as busy)")
@@ -197,14 +204,14 @@ def main() -> None:
         archs = None
         for dt in dtypes:
             runners[("ours", dt)] = r = ours(teacher_path, student_path, batch, args, dt,
-                                             args.profile if dt == "bf16" else None)
+                                             args.profile)
             archs = r.pop("arch")
         if not args.no_hf:
             export_hf(teacher_path, tmp + "/teacher_hf")
             export_hf(student_path, tmp + "/student_hf")
             for dt in dtypes:
                 runners[("plain", dt)] = plain(tmp + "/teacher_hf", tmp + "/student_hf", batch,
-                                               args, dt)
+                                               args, dt, args.profile)
         results = interleaved(runners, args.steps,
                               time.process_time if args.clock == "cpu" else time.perf_counter)
     finally:
