@@ -120,7 +120,8 @@ def run_round(job, i: int, rd: Path, rnd: RoundConfig, teacher: Path, steps: Ste
         "pruned_dir": str(pruned),
         "val_loss": {k: v["loss"] for k, v in evals.items()},
         "tasks": {k: task_scores(v) for k, v in evals.items() if "tasks" in v},
-        "task_table": task_rows({k: v for k, v in evals.items() if "tasks" in v})}
+        "task_table": task_rows({k: v for k, v in evals.items() if "tasks" in v}),
+        "task_table_acc": task_rows({k: v for k, v in evals.items() if "tasks" in v}, "acc")}
 
 
 def round_cache(job, i: int, rd: Path, rnd: RoundConfig, teacher: Path, steps: Steps):
@@ -174,6 +175,9 @@ def write_pipeline_report(out: Path, summary: dict) -> None:
     for r in summary["rounds"]:
         m = mean_retained(r["task_table"], "distilled")
         if m is not None:
+            a = mean_retained(r.get("task_table_acc") or [], "distilled")
             log.info("%s: distilled student keeps %.2f of the teacher's above-chance accuracy "
-                     "(mean over %s)", r["name"], m, ", ".join(t["task"] for t in r["task_table"]))
+                     "(acc_norm, mean over %s%s)", r["name"], m,
+                     ", ".join(t["task"] for t in r["task_table"]),
+                     "" if a is None else f"; {a:.2f} on plain acc")
     log.info("pipeline done in %.0f s; report: %s", summary["seconds"], out / "report.md")

@@ -113,6 +113,41 @@ def test_pipeline_report_shows_retained(tmp_path):
     assert by["**mean**"]["retained (pruned)"] == "**-0.16**"  # (-0.125 - 0.2) / 2
 
 
+def apart(acc_right: int, norm_right: int, n: int, k: int = 4) -> dict:
+    """accuracy() of ``n`` items on which ``acc`` gets ``acc_right`` and ``acc_norm``
+    ``norm_right <= acc_right`` right: between the two counts the answer is a short option that
+    wins on the sum of log-probs but loses per character to a long distractor."""
+    items, scores = [], []
+    for i in range(n):
+        label, long = i % k, (i + 1) % k
+        items.append(Item("q", [" " + "x" * 9 if j == long else f" {chr(97 + j)}"
+                                for j in range(k)], label))
+        right, wrong = (-1.0, -10.0) if i < acc_right else (-10.0, -1.0)
+        far = -2.0 if norm_right <= i < acc_right else wrong
+        scores.append([right if j == label else far if j == long else -10.0 for j in range(k)])
+    return accuracy(items, scores)
+
+
+def test_pipeline_report_shows_retained_on_plain_acc(tmp_path):
+    """acc and acc_norm can disagree on a small model; the report gives the ratio on both."""
+    evals = {who: {"loss": 3.0, "tasks": {"results": {"arc_easy": apart(a, m, 40)}}}
+             for who, (a, m) in {"teacher": (32, 26), "distilled": (25, 18)}.items()}
+    assert (evals["distilled"]["tasks"]["results"]["arc_easy"]["acc"],
+            evals["distilled"]["tasks"]["results"]["arc_easy"]["acc_norm"]) == (25 / 40, 18 / 40)
+    summary = {"teacher": "t", "seconds": 1.0, "rounds": [{
+        "name": "round1", "arch": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
+                                   "num_attention_heads": 4, "num_query_groups": 2, "head_dim": 16},
+        "params": {"teacher": 2e6, "student": 1e6}, "val_loss": {"teacher": 3.0, "pruned": 4.0,
+                                                                "distilled": 3.5},
+        "task_table": judge.task_rows(evals), "task_table_acc": judge.task_rows(evals, "acc")}]}
+    text = write_report(tmp_path, summary).read_text()
+    by = {r["task"]: r for r in table(text) if "task" in r}
+    assert by["arc_easy"]["retained (distilled)"] == "0.50"  # (0.45 - 0.25) / (0.65 - 0.25)
+    # (0.625 - 0.25) / (0.8 - 0.25) = 0.68 on acc
+    assert "Retained on plain acc (no length normalisation): distilled arc_easy 0.68, mean " \
+           "**0.68**." in text
+
+
 def test_minitron_report_task_table(tmp_path):
     rd = tmp_path / "pipe" / "round1"
     rd.mkdir(parents=True)

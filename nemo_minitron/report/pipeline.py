@@ -34,6 +34,19 @@ def task_section(rows: list[dict]) -> list[str]:
     return lines
 
 
+def acc_line(rows: list[dict] | None) -> list[str]:
+    """The retained ratios on plain ``acc`` (no length normalisation), which can tell a different
+    story from acc_norm on a small model: one line under the table, or nothing."""
+    students = [w for w in WHO[1:] if rows and any(w in r["retained"] for r in rows)]
+    if not students:
+        return []
+    parts = []
+    for w in students:
+        per = ", ".join(f"{r['task']} {fmt_ratio(r['retained'].get(w))}" for r in rows)
+        parts.append(f"{w} {per}, mean **{fmt_ratio(mean_retained(rows, w))}**")
+    return ["Retained on plain acc (no length normalisation): " + "; ".join(parts) + ".", ""]
+
+
 def write_report(out: Path, summary: dict) -> Path:
     lines = ["# Compression report", "",
              f"Teacher: `{summary['teacher']}`  ", f"Wall time: {summary['seconds']:.0f} s", ""]
@@ -57,7 +70,7 @@ def write_report(out: Path, summary: dict) -> Path:
                   f"| distilled | {r['params']['student'] / 1e6:.1f}M | "
                   f"{r['val_loss']['distilled']:.3f} |", ""]
         if r.get("task_table"):
-            lines += task_section(r["task_table"])
+            lines += task_section(r["task_table"]) + acc_line(r.get("task_table_acc"))
         elif r.get("tasks"):  # a summary written before task_table was recorded
             names = sorted(next(iter(r["tasks"].values())))
             lines += ["| model | " + " | ".join(f"{t} (acc_norm)" for t in names) + " |",
