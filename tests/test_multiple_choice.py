@@ -140,6 +140,36 @@ def test_micro_batch_size_does_not_change_scores(jsonl_task, tmp_path, single_ra
     assert max(abs(x - y) for r, s in zip(a, b) for x, y in zip(r, s)) <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["gqa", "odd_vocab"])
+def test_output_layer_runs_only_at_scored_positions(kind, jsonl_task, tmp_path, single_rank,
+                                                    monkeypatch):
+    """Scoring skips the output layer's full [b, s, vocab] logits: inside ``final_hidden`` the
+    model returns hidden states, the selected rows become the same logits as the full layer's,
+    and the model is itself again afterwards; scores equal those of the full output layer."""
+    from nemo_minitron.runtime import selected_logits as S
+
+    _, path = tiny_checkpoint(kind, tmp_path)
+    shard, c = load_checkpoint(path)
+    shard.model.eval()
+    tokens = torch.randint(0, 50, (2, 9))
+    pos = torch.arange(9).expand(2, 9)
+    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([8, 0, 5])
+    with torch.no_grad():
+        full = shard.model(tokens, pos, None)
+        with S.final_hidden(shard.model) as picked:
+            hidden = shard.model(tokens, pos, None)
+        after = shard.model(tokens, pos, None)
+    assert full.shape[-1] >= shard.arch.vocab_size and hidden.shape[-1] == shard.arch.hidden_size
+    assert torch.allclose(picked.logits_at(hidden, rows, cols), full[rows, cols], atol=1e-5)
+    assert torch.equal(after, full)
+
+    items = load_task(f"jsonl:{jsonl_task}")
+    fast = score_items(shard, c.tokenizer(), items, micro_batch_size=4, progress=False)
+    monkeypatch.setattr(S, "_can_skip", lambda gpt: False)  # the full output layer
+    slow = score_items(shard, c.tokenizer(), items, micro_batch_size=4, progress=False)
+    assert max(abs(x - y) for r, q in zip(fast, slow) for x, y in zip(r, q)) <= 1e-5
+
+
 def test_accuracy_and_norm_definition():
     items = [Item("q", [" a", " bbbb"], 1), Item("q", [" a", " bbbb"], 0), Item("q", [" x", " y"], 1)]
     scores = [[-1.0, -2.0], [-1.0, -2.0], [-3.0, -3.0]]  # tie: first index wins

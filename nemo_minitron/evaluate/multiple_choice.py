@@ -5,7 +5,8 @@ the context moves to the continuation, the continuation's tokens are those of
 ``context + continuation`` after the context's own tokens, an empty context becomes the BOS (else
 EOS) token, and the model reads ``(context + continuation)[:-1]`` left-truncated to ``max_length``.
 The score of a continuation is the sum of its tokens' log-probabilities, computed vocab-parallel
-from the last stage's logits (only the continuation positions, never the full vocabulary gathered).
+from the last stage's logits (only the continuation positions, never the full vocabulary gathered;
+the output layer itself runs on those positions alone, :mod:`..runtime.selected_logits`).
 
 Requests that feed the model the very same tokens (``" A"``..``" D"`` after one MMLU prompt) share
 one row. Rows are sorted longest first, each data-parallel rank forwards a strided slice of them
@@ -32,6 +33,7 @@ from ..runtime.collectives import all_reduce_max
 from ..runtime.forward import (all_reduce_sum, mask_padded_vocab, on_device, run_forward,
                                token_losses)
 from ..runtime.parallel import Parallel, current
+from ..runtime.selected_logits import Selected, final_hidden
 from ..report.judge import chance, stderr
 from .tasks import Item, load_task, resolved_split
 
@@ -197,11 +199,12 @@ def _pipeline_runs(batches: list[dict], pp: int) -> list[list[dict]]:
     return groups
 
 
-def _continuation_scorer(vocab: int, par: Parallel):
+def _continuation_scorer(vocab: int, par: Parallel, picked: Selected):
     """``on_logits`` of :func:`run_forward`: per request, the summed log-probability of its
-    continuation tokens and how many of them are not the argmax."""
-    def on_logits(logits, batch):
-        sel = logits[batch["sel_row"], batch["sel_pos"]]  # [n_tok, V/tp]
+    continuation tokens and how many of them are not the argmax. ``picked`` makes the logits of
+    the selected positions from the model's output (hidden states under ``final_hidden``)."""
+    def on_logits(output, batch):
+        sel = picked.logits_at(output, batch["sel_row"], batch["sel_pos"])  # [n_tok, V/tp]
         miss = _not_argmax(sel, batch["sel_tgt"], vocab, par)
         lp = -token_losses(sel.unsqueeze(0), batch["sel_tgt"].unsqueeze(0), vocab)[0]
         sums = torch.zeros(2, batch["reqs"].numel(), dtype=torch.float64, device=lp.device)
@@ -251,16 +254,19 @@ def score_continuations(shard, encoded: Sequence[tuple[list[int], list[int]]], *
     batches = _my_batches(encoded, max_length, dp_rank, dp_size, micro_batch_size, par.pp,
                           same_shapes=par.ep > 1 and shard.arch.is_moe)
     groups = _pipeline_runs(batches, par.pp)
-    on_logits = _continuation_scorer(shard.arch.vocab_size, par)
     label = (progress if isinstance(progress, str) else "multiple choice") if progress else None
     outs = []
-    if len(groups) == 1:  # run_forward shows the bar (global rank 0)
-        outs = run_forward(shard, [on_device(b) for b in groups[0]], on_logits, progress=label)
-    else:
-        with par.progress(total=len(batches), desc=label, unit="batch", disable=not label) as bar:
-            for g in groups:
-                outs += run_forward(shard, [on_device(b) for b in g], on_logits)
-                bar.update(len(g))
+    with final_hidden(shard.model) as picked:  # the output layer only where a score reads it
+        on_logits = _continuation_scorer(shard.arch.vocab_size, par, picked)
+        if len(groups) == 1:  # run_forward shows the bar (global rank 0)
+            outs = run_forward(shard, [on_device(b) for b in groups[0]], on_logits,
+                               progress=label)
+        else:
+            with par.progress(total=len(batches), desc=label, unit="batch",
+                              disable=not label) as bar:
+                for g in groups:
+                    outs += run_forward(shard, [on_device(b) for b in g], on_logits)
+                    bar.update(len(g))
     return _gather_scores(outs, len(encoded), par)
 
 
