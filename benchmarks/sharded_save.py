@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,6 +110,14 @@ def main() -> None:
     if a.worker:
         return worker(a.checkpoint, a.work, *a.worker)
     work = a.work or tempfile.mkdtemp(prefix="sharded_save-")
+    try:
+        run(a, work)
+    finally:
+        if a.work is None:  # our own temporary directory: a model and its checkpoints, GBs
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(a, work: str) -> None:
     if a.checkpoint is None:
         from nemo_minitron import demo
 
