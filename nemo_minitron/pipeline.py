@@ -111,6 +111,7 @@ def run_round(job, i: int, rd: Path, rnd: RoundConfig, teacher: Path, steps: Ste
                   lambda: export_hf(str(student), hf) if dist.is_rank0() else None)
         dist.barrier()
     student_arch = ckpt.Checkpoint(student).arch
+    scored = {k: v for k, v in evals.items() if "tasks" in v}
     return student, {
         "name": rd.name, "teacher": str(teacher), "student": str(student),
         "params": {"teacher": ckpt.Checkpoint(teacher).arch.num_params(),
@@ -119,9 +120,9 @@ def run_round(job, i: int, rd: Path, rnd: RoundConfig, teacher: Path, steps: Ste
         "search": searched,
         "pruned_dir": str(pruned),
         "val_loss": {k: v["loss"] for k, v in evals.items()},
-        "tasks": {k: task_scores(v) for k, v in evals.items() if "tasks" in v},
-        "task_table": task_rows({k: v for k, v in evals.items() if "tasks" in v}),
-        "task_table_acc": task_rows({k: v for k, v in evals.items() if "tasks" in v}, "acc")}
+        "tasks": {k: task_scores(v) for k, v in scored.items()},
+        "task_table": task_rows(scored),
+        "task_table_acc": task_rows(scored, "acc")}
 
 
 def round_cache(job, i: int, rd: Path, rnd: RoundConfig, teacher: Path, steps: Steps):

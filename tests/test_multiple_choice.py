@@ -170,6 +170,19 @@ def test_output_layer_runs_only_at_scored_positions(kind, jsonl_task, tmp_path, 
     assert max(abs(x - y) for r, q in zip(fast, slow) for x, y in zip(r, q)) <= 1e-5
 
 
+def test_selected_logits_follow_the_output_weight_dtype():
+    """Hidden states handed back upcast (as megatron's Float16Module does on GPUs) are cast to
+    the output weight's dtype, as the output layer itself would see them."""
+    from nemo_minitron.runtime.selected_logits import Selected
+
+    sel = Selected()
+    sel.weight = torch.randn(10, 4).bfloat16()
+    hidden = torch.randn(2, 3, 4)
+    got = sel.logits_at(hidden, torch.tensor([1, 0]), torch.tensor([2, 0]))
+    want = torch.nn.functional.linear(hidden[[1, 0], [2, 0]].bfloat16(), sel.weight)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 def test_accuracy_and_norm_definition():
     items = [Item("q", [" a", " bbbb"], 1), Item("q", [" a", " bbbb"], 0), Item("q", [" x", " y"], 1)]
     scores = [[-1.0, -2.0], [-1.0, -2.0], [-3.0, -3.0]]  # tie: first index wins

@@ -46,7 +46,10 @@ class Selected:
         """Logits [n, V/tp] at (rows[i], pos[i]) of a forward's output ``out`` ([b, s, h] hidden
         states inside :func:`final_hidden`, else already [b, s, V/tp] logits)."""
         picked = out[rows, pos]
-        return picked if self.weight is None else F.linear(picked, self.weight)
+        if self.weight is None:
+            return picked
+        # a wrapper may hand the hidden states back upcast (megatron's Float16Module does)
+        return F.linear(picked.to(self.weight.dtype), self.weight)
 
 
 @contextlib.contextmanager
