@@ -174,6 +174,10 @@ def write_pipeline_report(out: Path, summary: dict) -> None:
         return
     write_report(out, summary)
     for r in summary["rounds"]:
+        v = r["val_loss"]
+        log.info("%s: held-out loss teacher %.3f -> pruned %.3f -> distilled %.3f (%d -> %d M "
+                 "parameters)", r["name"], v["teacher"], v["pruned"], v["distilled"],
+                 round(r["params"]["teacher"] / 1e6), round(r["params"]["student"] / 1e6))
         m = mean_retained(r["task_table"], "distilled")
         if m is not None:
             a = mean_retained(r.get("task_table_acc") or [], "distilled")

@@ -2,6 +2,7 @@
 interruption between stages (completed stages are skipped, results unchanged)."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ def setup(tmp_path):
     return tiny_workspace(tmp_path)
 
 
-def test_two_rounds_resume_after_interruption(setup, single_rank, monkeypatch):
+def test_two_rounds_resume_after_interruption(setup, single_rank, monkeypatch, caplog):
     from nemo_minitron import pipeline
     from nemo_minitron.distill import trainer
 
@@ -51,6 +52,7 @@ def test_two_rounds_resume_after_interruption(setup, single_rank, monkeypatch):
           for k in ckpt.Checkpoint(run / "round1" / "distill" / "final").keys()}
 
     monkeypatch.setattr(trainer, "train", real_train)
+    caplog.set_level(logging.INFO, logger="nemo_minitron.pipeline")
     summary = pipeline.run_pipeline(job)
     assert [k for k in summary["stage_seconds"] if k.startswith("round 1")] == []  # all skipped
     assert "round 2: distill" in summary["stage_seconds"]
@@ -70,3 +72,6 @@ def test_two_rounds_resume_after_interruption(setup, single_rank, monkeypatch):
     report = (run / "report.md").read_text()
     assert "round2" in report and "distilled" in report and (run / "round1" / "training.png").is_file()
     assert json.loads((run / "summary.json").read_text())["rounds"][1]["name"] == "round2"
+    v = r2s["val_loss"]  # the log ends with each round's losses, as the report gives them
+    assert (f"round2: held-out loss teacher {v['teacher']:.3f} -> pruned {v['pruned']:.3f} -> "
+            f"distilled {v['distilled']:.3f}") in caplog.text
