@@ -150,3 +150,18 @@ def test_prune_recipes_and_experiments_compose():
             job = schema.to_job(compose("pipeline", overrides=[f"+experiment={option}", *data]))
             assert job.pipeline.rounds and job.model.name != "smollm2_135m" and job.parallel.tp >= 4
     assert {"nemotron4_15b_chain", "qwen3_8b_to_4b"} <= set(experiments)
+
+
+def test_lm_eval_without_the_extra_says_how_to_install_it():
+    """`minitron lm_eval` where the eval extra is not installed (scripts/setup.sh leaves it out
+    unless EXTRAS names it): one line with the install command, not an ImportError traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['lm_eval'] = None; sys.argv = ['minitron', 'lm_eval', "
+            "'--tasks', 'piqa']; from nemo_minitron.cli.main import main; main()")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == [
+        "minitron lm_eval: error: lm-evaluation-harness is not installed: pip install -e "
+        "'.[eval]' (or EXTRAS=slurm,eval bash scripts/setup.sh)"]

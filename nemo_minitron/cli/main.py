@@ -256,7 +256,15 @@ def main(argv: list[str] | None = None) -> None:
         check_overrides(stage, argv[1:])
     sys.argv = [f"minitron {stage}"] + argv[1:]
     command = STAGES[stage]
-    entry = command.function() if command.config is None else functools.partial(hydra_app, stage)
+    try:
+        entry = (command.function() if command.config is None
+                 else functools.partial(hydra_app, stage))
+    except ModuleNotFoundError as e:  # an optional extra that this install left out
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        print(f"minitron {stage}: error: lm-evaluation-harness is not installed: pip install -e "
+              "'.[eval]' (or EXTRAS=slurm,eval bash scripts/setup.sh)", file=sys.stderr)
+        sys.exit(2)
     if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # under torchrun / srun
         from ..runtime import dist
 
