@@ -142,13 +142,19 @@ def train_sizes(job, dp: int) -> None:
 
 
 def eval_inputs(job, dp: int) -> None:
-    """The held-out split holds one evaluation batch, and a user's task files (``jsonl:``) read
-    whole: every line an item (no model is needed to read them)."""
+    """The held-out split holds one evaluation batch, and every task's items load: a user's task
+    file (``jsonl:``) read whole, every line an item; the installed data of the others, an MMLU
+    subject named by ``mmlu_<subject>`` included (no model is needed to read them, and the
+    stage reads them again from the same cache)."""
     need_samples(job.data, "valid", job.eval.micro_batch_size * dp,
                  "eval.micro_batch_size x ranks needs")
     for name in job.eval.tasks or ():
-        if name.startswith("jsonl:"):
+        try:
             load_task(name, job.eval.limit, job.eval.num_fewshot, job.eval.fewshot_seed)
+        except (ValueError, OSError) as e:
+            if name.startswith("jsonl:"):  # its messages name the file and line already
+                raise
+            raise type(e)(f"eval.tasks: {name}: {e}") from e
 
 
 def calibration_sizes(job, dp: int) -> None:

@@ -188,6 +188,13 @@ CASES = [
                                                "output={out}"], ["eval.limit=0", ">= 1"]),
     ("evaluate_unknown_task", "evaluate", COMMON + ["eval.tasks=[arcc]", "output={out}"],
      ["eval.tasks: unknown ['arcc']"]),
+    ("evaluate_task_twice", "evaluate", COMMON + ["eval.tasks=[piqa,arc_easy,piqa]",
+                                                  "output={out}"],
+     ["eval.tasks: ['piqa'] listed more than once"]),
+    # an MMLU subject is checked against the installed data before the model loads
+    ("evaluate_unknown_mmlu_subject", "evaluate",
+     COMMON + ["eval.tasks=[mmlu_astrologyy]", "output={out}"],
+     ["eval.tasks: mmlu_astrologyy: unknown MMLU subject 'astrologyy'"]),
     ("evaluate_jsonl_task_missing", "evaluate",
      COMMON + ["eval.tasks=[jsonl:/nonexistent/items.jsonl]", "output={out}"],
      ["eval.tasks", "/nonexistent/items.jsonl", "not found"]),

@@ -204,6 +204,10 @@ class EvalConfig:
         if bad:  # MMLU subjects are checked against the data when the task loads
             raise ValueError(f"eval.tasks: unknown {bad}; known: {sorted(TASK_NAMES)}, "
                              "mmlu_<subject> or jsonl:<path>")
+        twice = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if twice:
+            raise ValueError(f"eval.tasks: {twice} listed more than once; each task is scored "
+                             "once, so name it once")
         missing = [t for t in self.tasks if t.startswith("jsonl:") and not Path(t[6:]).is_file()]
         if missing:
             raise ValueError(f"eval.tasks: {missing} not found; jsonl:<path> needs an existing "
