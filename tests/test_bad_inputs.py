@@ -194,7 +194,8 @@ CASES = [
     # an MMLU subject is checked against the installed data before the model loads
     ("evaluate_unknown_mmlu_subject", "evaluate",
      COMMON + ["eval.tasks=[mmlu_astrologyy]", "output={out}"],
-     ["eval.tasks: mmlu_astrologyy: unknown MMLU subject 'astrologyy'"]),
+     ["eval.tasks: mmlu_astrologyy: unknown MMLU subject 'astrologyy' (did you mean "
+      "mmlu_astronomy?)"]),
     ("evaluate_jsonl_task_missing", "evaluate",
      COMMON + ["eval.tasks=[jsonl:/nonexistent/items.jsonl]", "output={out}"],
      ["eval.tasks", "/nonexistent/items.jsonl", "not found"]),

@@ -25,6 +25,7 @@ items, and is identical across processes.
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 import re
@@ -229,8 +230,10 @@ def _spec(name: str, root: Path) -> tuple[TaskSpec, list[str]]:
     if name.startswith("mmlu_"):
         subject = name[len("mmlu_"):]
         if not (root / MMLU_DIR / subject).is_dir():
-            raise ValueError(f"unknown MMLU subject {subject!r}; known: "
-                             f"{', '.join(mmlu_subjects(root))}")
+            known = mmlu_subjects(root)
+            near = difflib.get_close_matches(subject, known, n=1)
+            hint = f" (did you mean mmlu_{near[0]}?)" if near else ""
+            raise ValueError(f"unknown MMLU subject {subject!r}{hint}; known: {', '.join(known)}")
         return TASKS["mmlu"], [subject]
     raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}, mmlu_<subject>, "
                      "jsonl:<path>")
