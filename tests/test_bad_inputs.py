@@ -188,6 +188,8 @@ CASES = [
                                                "output={out}"], ["eval.limit=0", ">= 1"]),
     ("evaluate_unknown_task", "evaluate", COMMON + ["eval.tasks=[arcc]", "output={out}"],
      ["eval.tasks: unknown ['arcc']"]),
+    ("evaluate_misspelt_task", "evaluate", COMMON + ["eval.tasks=[hellaswg]", "output={out}"],
+     ["eval.tasks: unknown ['hellaswg'] (did you mean hellaswag?)"]),
     ("evaluate_task_twice", "evaluate", COMMON + ["eval.tasks=[piqa,arc_easy,piqa]",
                                                   "output={out}"],
      ["eval.tasks: ['piqa'] listed more than once"]),

@@ -7,6 +7,7 @@ so Hydra rejects a mistyped override at merge time, and ``OmegaConf.to_object`` 
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,7 +203,9 @@ class EvalConfig:
     def __post_init__(self):
         bad = [t for t in self.tasks if t not in TASK_NAMES and not t.startswith(("jsonl:", "mmlu_"))]
         if bad:  # MMLU subjects are checked against the data when the task loads
-            raise ValueError(f"eval.tasks: unknown {bad}; known: {sorted(TASK_NAMES)}, "
+            near = [m for t in bad for m in difflib.get_close_matches(t, TASK_NAMES, n=1)]
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise ValueError(f"eval.tasks: unknown {bad}{hint}; known: {sorted(TASK_NAMES)}, "
                              "mmlu_<subject> or jsonl:<path>")
         twice = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if twice:
