@@ -21,12 +21,6 @@ import torch
 import torch.nn.functional as F
 
 
-def _inner(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _can_skip(gpt) -> bool:
     layer = getattr(gpt, "output_layer", None)
     return (layer is not None and getattr(gpt, "post_process", False)
@@ -58,8 +52,10 @@ def final_hidden(model: torch.nn.Module):
     instead of logits on the last stage; yields a :class:`Selected` that turns selected positions
     into logits. Where the shortcut does not apply, the model is left alone and the yielded
     object passes logits through."""
+    from megatron.core.utils import unwrap_model  # DDP, FSDP, Float16Module
+
     sel = Selected()
-    gpt = _inner(model)
+    gpt = unwrap_model(model)
     if not _can_skip(gpt):
         yield sel
         return
