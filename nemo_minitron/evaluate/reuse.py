@@ -82,27 +82,33 @@ def key(checkpoint, data, ev, dtype: str, layout) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def entry(k: str) -> Path:
+    """The file that keeps the results of key ``k``."""
+    return store_dir() / f"{k}.json"
+
+
 def lookup(k: str) -> Optional[dict]:
-    """The stored results for key ``k``, or None (absent, unreadable or not ours)."""
-    path = store_dir() / f"{k}.json"
+    """The stored results for key ``k`` (exactly what the evaluation returned: the results
+    files of a reused and a fresh evaluation are the same), or None (absent, unreadable, not
+    ours)."""
+    path = entry(k)
     if not path.is_file():
         return None
     try:
-        entry = read_json(path)
-        if entry.get("format") != FORMAT or entry.get("key") != k:
+        kept = read_json(path)
+        if kept.get("format") != FORMAT or kept.get("key") != k:
             raise ValueError("not an evaluation results entry for this key")
-        result = dict(entry["result"])
+        result = dict(kept["result"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("ignoring the unreadable cached evaluation %s (%s); evaluating again", path, e)
         return None
-    result["reused_from"] = str(path)
     return result
 
 
 def store(k: str, result: dict) -> Optional[Path]:
     """Keep ``result`` under key ``k`` (whole or absent); drop the oldest beyond :data:`KEEP`.
     A cache that cannot be written costs a warning, never the evaluation."""
-    path = store_dir() / f"{k}.json"
+    path = entry(k)
     try:
         store_dir().mkdir(parents=True, exist_ok=True)
         write_json(path, {"format": FORMAT, "key": k, "result": result}, default=str)

@@ -40,7 +40,7 @@ def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32"
         if earlier is not None:  # rank 0 decides: every rank skips the model, or none does
             if par.is_rank0:
                 log.info("reusing the results of an identical evaluation of %s: %s "
-                         "(eval.reuse=false evaluates again)", checkpoint, earlier["reused_from"])
+                         "(eval.reuse=false evaluates again)", checkpoint, reuse.entry(k))
             return earlier
         t0 = time.time()
         shard, _ = load_checkpoint(checkpoint, dtype)
