@@ -199,6 +199,10 @@ class EvalConfig:
     fewshot_seed: int = 1234
     task_batch_size: int = 8
     """Requests per micro-batch when scoring tasks."""
+    reuse: bool = True
+    """Reuse the results of an identical earlier evaluation (same checkpoint files, data,
+    settings, dtype, layout and code; kept under <cache>/eval_results) instead of running it
+    again: a pipeline re-run skips its teacher's evaluation. false: always evaluate."""
 
     def __post_init__(self):
         bad = [t for t in self.tasks if t not in TASK_NAMES and not t.startswith(("jsonl:", "mmlu_"))]

@@ -17,6 +17,7 @@ from ..convert.checkpoint import Checkpoint
 from ..data.packed import PackedSequences
 from ..runtime import dist
 from ..runtime.shard import load_checkpoint
+from . import reuse
 from .loss import validation_loss
 from .multiple_choice import evaluate_tasks
 
@@ -34,6 +35,13 @@ def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32"
                             valid_fraction=data.valid_fraction, seed=parallel.seed)
     par = dist.init(parallel.tp, parallel.pp, parallel.seed, parallel.timeout_s, ep=parallel.ep)
     try:
+        k = reuse.key(checkpoint, data, ev, dtype, par.layout) if ev.reuse else None
+        earlier = dist.broadcast_from_rank0(reuse.lookup(k) if k and par.is_rank0 else None)
+        if earlier is not None:  # rank 0 decides: every rank skips the model, or none does
+            if par.is_rank0:
+                log.info("reusing the results of an identical evaluation of %s: %s "
+                         "(eval.reuse=false evaluates again)", checkpoint, reuse.entry(k))
+            return earlier
         t0 = time.time()
         shard, _ = load_checkpoint(checkpoint, dtype)
         dp = par.dp
@@ -60,6 +68,8 @@ def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32"
         if par.is_rank0:
             log.info("validation loss %.4f | perplexity %.2f | %d tokens | %.1f s",
                      result["loss"], result["perplexity"], result["tokens"], result["seconds"])
+            if k:
+                reuse.store(k, result)
         return result
     finally:
         dist.release()

@@ -1,0 +1,121 @@
+"""Reuse the results of an identical earlier evaluation instead of running it again.
+
+Every pipeline run evaluates its teacher, and the teacher rarely changes between runs: on the
+embedded default that is two of the pipeline's twelve minutes, and on an 8B teacher with MMLU it
+is GPU-hours. An evaluation's results are kept under ``<cache>/eval_results/<key>.json`` and
+reused when the key matches, i.e. when everything that decides the numbers is the same:
+
+- the checkpoint's files (names, sizes, modification times; its ``minitron.json`` carries the
+  time it was written, so a re-import or re-save is a new checkpoint);
+- the held-out data files, sequence length, validation fraction and seed;
+- the evaluation settings (batches, tasks, items, few-shot, batch sizes) and JSONL task files;
+- the dtype, the parallel layout, and the versions of this package's code (a digest of its
+  sources), torch and megatron-core.
+
+A damaged or foreign cache file is ignored (with a warning) and the evaluation runs. Only the
+newest :data:`KEEP` results are kept. ``eval.reuse=false`` always evaluates.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from ..artifacts.atomic import read_json, write_json
+from ..config.constants import cache_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT = "nemo_minitron.eval_results/1"
+KEEP = 64
+"""Cached results kept (newest first); each is a few kilobytes."""
+
+
+def store_dir() -> Path:
+    return cache_dir() / "eval_results"
+
+
+def _files(root: Path) -> list:
+    """(relative name, size, mtime in ns) of every file under ``root`` (or of ``root`` itself)."""
+    root = Path(root)
+    paths = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    return [[str(p.relative_to(root)) if root.is_dir() else p.name, p.stat().st_size,
+             p.stat().st_mtime_ns] for p in paths if p.exists()]
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 over this package's Python sources: any change of code is a new key."""
+    pkg = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(pkg.rglob("*.py")):
+        h.update(str(p.relative_to(pkg)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def key(checkpoint, data, ev, dtype: str, layout) -> str:
+    """The hex key of one evaluation: equal keys mean equal inputs, settings and code."""
+    prefix = Path(data.prefix)
+    tasks = [[t, _files(Path(t[6:]))] if t.startswith("jsonl:") else t for t in ev.tasks]
+    what = {
+        "format": FORMAT,
+        "checkpoint": [str(Path(checkpoint).resolve()), _files(Path(checkpoint))],
+        "data": [str(prefix.resolve()), _files(prefix.with_suffix(".idx")),
+                 _files(prefix.with_suffix(".bin")), data.seq_length, data.valid_fraction],
+        "eval": [ev.micro_batch_size, ev.num_batches, tasks, ev.limit, ev.num_fewshot,
+                 ev.fewshot_seed, ev.task_batch_size],
+        "dtype": dtype, "layout": layout,
+        "code": [code_digest(), _version("torch"), _version("megatron-core")],
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def entry(k: str) -> Path:
+    """The file that keeps the results of key ``k``."""
+    return store_dir() / f"{k}.json"
+
+
+def lookup(k: str) -> Optional[dict]:
+    """The stored results for key ``k`` (exactly what the evaluation returned: the results
+    files of a reused and a fresh evaluation are the same), or None (absent, unreadable, not
+    ours)."""
+    path = entry(k)
+    if not path.is_file():
+        return None
+    try:
+        kept = read_json(path)
+        if kept.get("format") != FORMAT or kept.get("key") != k:
+            raise ValueError("not an evaluation results entry for this key")
+        result = dict(kept["result"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring the unreadable cached evaluation %s (%s); evaluating again", path, e)
+        return None
+    return result
+
+
+def store(k: str, result: dict) -> Optional[Path]:
+    """Keep ``result`` under key ``k`` (whole or absent); drop the oldest beyond :data:`KEEP`.
+    A cache that cannot be written costs a warning, never the evaluation."""
+    path = entry(k)
+    try:
+        store_dir().mkdir(parents=True, exist_ok=True)
+        write_json(path, {"format": FORMAT, "key": k, "result": result}, default=str)
+        entries = sorted(store_dir().glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+        for old in entries[:-KEEP]:
+            old.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not keep the evaluation results in %s (%s)", store_dir(), e)
+        return None
+    return path
