@@ -20,7 +20,7 @@ from nemo_minitron.evaluate import reuse
 from nemo_minitron.evaluate import run as erun
 
 from tests.helpers import torchrun
-from tests.helpers.corpus import tiny_workspace
+from tests.helpers.corpus import tiny_corpus, tiny_workspace
 from tests.helpers.jobs import tiny_job_parts
 from tests.test_multiple_choice import write_jsonl_task
 
@@ -32,12 +32,14 @@ def ws(tmp_path, monkeypatch):
     parts = tiny_job_parts(tmp_path)
     task = write_jsonl_task(tmp_path / "task.jsonl")
     ev = dataclasses.replace(parts["eval"], tasks=[f"jsonl:{task}"])
-    return tmp_path, parts["data"], ev
+    tiny_corpus(tmp_path / "corpus.v2", n_docs=50)  # a dot in the prefix, as versioned corpora have
+    data = dataclasses.replace(parts["data"], prefix=str(tmp_path / "corpus.v2"))
+    return tmp_path, data, ev
 
 
-def evaluate(root, data, ev, dtype="fp32", checkpoint=None):
-    return erun.evaluate_checkpoint(str(checkpoint or root / "teacher"), ParallelConfig(), data,
-                                    ev, dtype)
+def evaluate(root, data, ev, dtype="fp32", checkpoint=None, seed=1234):
+    return erun.evaluate_checkpoint(str(checkpoint or root / "teacher"), ParallelConfig(seed=seed),
+                                    data, ev, dtype)
 
 
 @pytest.fixture
@@ -62,11 +64,11 @@ def test_identical_evaluation_is_reused(ws, no_model, caplog):
 
 
 @pytest.mark.parametrize("change", ["limit", "num_batches", "dtype", "task_file", "resaved",
-                                    "code", "reuse_off"])
+                                    "code", "seed", "corpus_rebuilt", "reuse_off"])
 def test_a_change_evaluates_again(ws, monkeypatch, change):
     root, data, ev = ws
     first = evaluate(root, data, ev)
-    dtype, checkpoint = "fp32", None
+    dtype, checkpoint, seed = "fp32", None, 1234
     if change == "limit":
         ev = dataclasses.replace(ev, limit=5)
     elif change == "num_batches":
@@ -80,12 +82,18 @@ def test_a_change_evaluates_again(ws, monkeypatch, change):
         checkpoint = ckpt.save(root / "copy", c.arch, c.tensors(), tokenizer=c.tokenizer())
     elif change == "code":
         monkeypatch.setattr(reuse, "code_digest", lambda: "another version")
+    elif change == "seed":  # other held-out documents
+        seed = 7
+    elif change == "corpus_rebuilt":  # the same prefix, other documents
+        for suffix in (".bin", ".idx", ".json"):
+            Path(data.prefix + suffix).unlink()
+        tiny_corpus(data.prefix, n_docs=50, seed=3)
     elif change == "reuse_off":
         ev = dataclasses.replace(ev, reuse=False)
     calls = []
     load = erun.load_checkpoint
     monkeypatch.setattr(erun, "load_checkpoint", lambda *a, **k: calls.append(1) or load(*a, **k))
-    again = evaluate(root, data, ev, dtype, checkpoint)
+    again = evaluate(root, data, ev, dtype, checkpoint, seed)
     assert calls == [1]
     if change == "limit":
         assert next(iter(again["tasks"]["results"].values()))["n"] == 5

@@ -7,7 +7,7 @@ reused when the key matches, i.e. when everything that decides the numbers is th
 
 - the checkpoint's files (names, sizes, modification times; its ``minitron.json`` carries the
   time it was written, so a re-import or re-save is a new checkpoint);
-- the held-out data files, sequence length, validation fraction and seed;
+- the held-out data files, sequence length, validation fraction and the seed that splits them;
 - the evaluation settings (batches, tasks, items, few-shot, batch sizes) and JSONL task files;
 - the dtype, the parallel layout, and the versions of this package's code (a digest of its
   sources), torch and megatron-core.
@@ -65,15 +65,16 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
-def key(checkpoint, data, ev, dtype: str, layout) -> str:
-    """The hex key of one evaluation: equal keys mean equal inputs, settings and code."""
-    prefix = Path(data.prefix)
+def key(checkpoint, data, ev, dtype: str, layout, seed: int) -> str:
+    """The hex key of one evaluation: equal keys mean equal inputs, settings and code
+    (``seed`` chooses the held-out documents)."""
+    prefix = str(data.prefix)  # a prefix, not a file name: "corpus.v2" + ".idx"
     tasks = [[t, _files(Path(t[6:]))] if t.startswith("jsonl:") else t for t in ev.tasks]
     what = {
         "format": FORMAT,
         "checkpoint": [str(Path(checkpoint).resolve()), _files(Path(checkpoint))],
-        "data": [str(prefix.resolve()), _files(prefix.with_suffix(".idx")),
-                 _files(prefix.with_suffix(".bin")), data.seq_length, data.valid_fraction],
+        "data": [str(Path(prefix).resolve()), _files(Path(prefix + ".idx")),
+                 _files(Path(prefix + ".bin")), data.seq_length, data.valid_fraction, seed],
         "eval": [ev.micro_batch_size, ev.num_batches, tasks, ev.limit, ev.num_fewshot,
                  ev.fewshot_seed, ev.task_batch_size],
         "dtype": dtype, "layout": layout,
