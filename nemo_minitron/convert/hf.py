@@ -152,7 +152,7 @@ def export_hf(checkpoint: str, output: str, *, dtype: str | None = None,
             (tmp / shards[0]).rename(tmp / "model.safetensors")
         else:
             shutil.copy(src.path / ckpt.INDEX, tmp / ckpt.INDEX)
-        tok = src.tokenizer() if (src.path / ckpt.TOKENIZER).is_dir() else None
+        tok = src.tokenizer(required=False)
         if tok is not None:
             tok.save_pretrained(str(tmp))
         cfg = hf_config_from_arch(arch, torch_dtype=str(tdtype).replace("torch.", ""),
