@@ -686,6 +686,11 @@ class PipelineJob(RecipeJob):
         if len(set(names)) != len(names):
             raise ValueError(f"pipeline.rounds: names {names} repeat; each round needs its own "
                              "directory (give distinct name: values)")
+        empty = [i for i, r in enumerate(rounds) if r.budget is None and not r.target]
+        if empty and self.prune.keep_layers is None:  # it would distill an unpruned copy
+            raise ValueError(f"pipeline.rounds[{empty[0]}] sets neither target nor budget, so it "
+                             "prunes nothing; give it target:{...} (e.g. {target:{hidden_size:"
+                             "96}}) or budget: (e.g. {budget:0.6})")
         check_choice("pipeline.teacher_cache", self.pipeline.teacher_cache, ("off", "round"))
         if self.pipeline.teacher_correction_steps < 0:
             raise ValueError(f"pipeline.teacher_correction_steps="
