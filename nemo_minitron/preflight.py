@@ -157,6 +157,19 @@ def eval_inputs(job, dp: int) -> None:
             raise type(e)(f"eval.tasks: {name}: {e}") from e
 
 
+def task_tokenizer(src: ckpt.Checkpoint, job) -> None:
+    """Scoring tasks turns their text into tokens with the checkpoint's tokenizer: one imported
+    without it (a megatron checkpoint without model.tokenizer) fails only after the model loaded
+    and the held-out loss ran."""
+    ev, p = getattr(job, "eval", None), getattr(job, "prune", None)
+    field = f"eval.tasks={list(ev.tasks)}" if ev is not None and ev.tasks else \
+        f"prune.depth_task={p.depth_task!r}" if p is not None and p.depth == "accuracy" else None
+    if field and not src.has_tokenizer:
+        raise ValueError(f"{field} needs the tokenizer of model.checkpoint={src.path}, which has "
+                         "no tokenizer/ directory; re-import it with one (a megatron checkpoint: "
+                         "model.tokenizer=<Hugging Face tokenizer>) or drop the tasks")
+
+
 def calibration_sizes(job, dp: int) -> None:
     p = job.prune
     if p.scores is None and p.importance == "activation":
@@ -241,6 +254,7 @@ def data(job) -> None:
 def evaluate(job) -> None:
     src = checkpoint(job.model.checkpoint)
     check_evaluate(src.arch, job.parallel, job.eval)
+    task_tokenizer(src, job)
     eval_inputs(job, data_parallel_size(job.parallel))
 
 
@@ -253,6 +267,7 @@ def prune(job) -> None:
     if p.scores:
         scores(p.scores, src.arch)
     depth_task(p)
+    task_tokenizer(src, job)
     not_inside(job.output, job.model.checkpoint)
     atomic.check_new_dir(job.output, job.overwrite)
     calibration_sizes(job, data_parallel_size(job.parallel))
@@ -286,6 +301,8 @@ def search(job) -> None:
     src, _, chosen = plan_candidates(job)
     if job.prune.scores:
         scores(job.prune.scores, src.arch)
+    if not job.search.plan_only:
+        task_tokenizer(src, job)
     for c in chosen:
         kd_pairs(job.kd, None, None, c.target.resolve(src.arch), src.arch)
     not_inside(job.output, job.model.checkpoint)
@@ -304,6 +321,7 @@ def pipeline(job) -> None:
     src.arch.check_parallel(tp, pp, job.parallel.ep)
     check_aux_loss(job.train, src.arch)  # every round's student has the source's family
     depth_task(job.prune)
+    task_tokenizer(src, job)
     not_inside(job.output, job.model.checkpoint)
     dp = data_parallel_size(job.parallel)
     train_sizes(job, dp)
@@ -377,4 +395,29 @@ CHECKS = {"import": import_, "export": export, "data": data, "evaluate": evaluat
 
 def check(stage: str, job) -> None:
     """Raise ValueError/OSError naming the field or file when ``job`` cannot run."""
+    out = getattr(job, "output", None) or (job.model.checkpoint if stage == "import" else None)
+    if out:
+        output_place(out, OUTPUT_KINDS.get(stage, "dir"))
     CHECKS[stage](job)
+
+
+# what output= names, where it is not a directory to create: data writes <output>.bin/.idx,
+# evaluate the results JSON itself
+OUTPUT_KINDS = {"data": "prefix", "evaluate": "file"}
+
+
+def output_place(output, kind: str = "dir") -> None:
+    """``output`` can be created: nothing of the wrong kind stands where it or a parent directory
+    would go (else the stage fails with a bare errno after its work, the model loaded)."""
+    path = Path(output).expanduser()
+    if kind == "dir" and path.is_file():
+        raise NotADirectoryError(f"output={output} is a file; give a directory to create")
+    if kind == "file" and path.is_dir():
+        raise IsADirectoryError(f"output={output} is a directory; give the results file to "
+                                f"write, e.g. output={Path(output) / 'eval_results.json'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"output={output}: {parent} is a file, not a directory; "
+                                         "choose another output")
+            return
