@@ -93,6 +93,12 @@ def assets(tmp_path_factory):
     a["bad_jsonl"].write_text('{"text": "w2 w3"}\n{oops\n')
     a["mc_not_json"] = root / "items.jsonl"  # a multiple-choice task file that is not JSON
     a["mc_not_json"].write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\nb, c, 0\n')
+    a["mc_label_text"] = root / "label_text.jsonl"  # the right choice's text, not its index
+    a["mc_label_text"].write_text('{"context": "a", "choices": ["b", "c"], "label": "c"}\n')
+    a["mc_empty"] = root / "no_items.jsonl"
+    a["mc_empty"].write_text("\n")
+    a["latin1"] = root / "latin1.txt"
+    a["latin1"].write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     a["table_csv"] = root / "table.csv"
     a["table_csv"].write_text("a,b\n1,2\n")
     a["empty_dir"] = root / "empty_dir"
@@ -181,6 +187,11 @@ CASES = [
      ["tokenizer=org/some-tokenizer", "no network"], {"HF_HUB_OFFLINE": "1"}),
     ("data_bad_jsonl_line", "data", DATA + ["inputs=[{bad_jsonl}]"],
      ["bad.jsonl, line 2", "not valid JSON"]),
+    ("data_not_utf8", "data", DATA + ["inputs=[{latin1}]"],
+     ["latin1.txt is not UTF-8", "iconv"]),
+    ("data_output_under_a_file", "data", ["inputs=[{text}]", "tokenizer={ck}",
+                                          "output={text}/ds", "eod_token=null"],
+     ["output=", "corpus.txt is a file, not a directory"]),
     # --- evaluate
     ("evaluate_micro_batch_0", "evaluate", COMMON + ["eval.micro_batch_size=0", "output={out}"],
      ["eval.micro_batch_size=0"]),
@@ -208,6 +219,19 @@ CASES = [
     ("evaluate_jsonl_task_not_json", "evaluate",
      COMMON + ["eval.tasks=[jsonl:{mc_not_json}]", "output={out}"],
      ["items.jsonl:2", "not a JSON object"]),
+    ("evaluate_jsonl_task_label_text", "evaluate",
+     COMMON + ["eval.tasks=[jsonl:{mc_label_text}]", "output={out}"],
+     ["label_text.jsonl:1", "label 'c'", "0-based index"]),
+    ("evaluate_jsonl_task_empty", "evaluate",
+     COMMON + ["eval.tasks=[jsonl:{mc_empty}]", "output={out}"], ["no_items.jsonl holds no items"]),
+    # a checkpoint imported without its tokenizer (megatron, no model.tokenizer) cannot score text
+    ("evaluate_tasks_without_tokenizer", "evaluate",
+     ["model.checkpoint={student}", "data.prefix={ds}", f"data.seq_length={SEQ}",
+      "eval.tasks=[piqa]", "output={out}"], ["eval.tasks=['piqa'] needs the tokenizer",
+                                             "no tokenizer/", "model.tokenizer="]),
+    # evaluate's output is the results file: a directory there failed after the evaluation
+    ("evaluate_output_is_a_directory", "evaluate", COMMON + ["output={empty_dir}"],
+     ["output=", "is a directory", "eval_results.json"]),
     ("pipeline_jsonl_task_fields", "pipeline",
      TRAIN + ["prune=none", "eval.tasks=[jsonl:{bad_jsonl}]"], ["bad.jsonl:1", "missing field"]),
     ("prune_ep_on_dense", "prune", PRUNE + ["parallel.ep=2"],
@@ -276,6 +300,13 @@ CASES = [
      ["train split holds", "prune.micro_batch_size"]),
     ("prune_bad_seq_agg", "prune", PRUNE + ["prune.seq_agg=max"], ["prune.seq_agg='max'"]),
     ("prune_no_output", "prune", COMMON, ["output=<dir> is required"]),
+    ("prune_output_is_a_file", "prune", COMMON + ["prune=none", "output={text}",
+                                                  "prune.target.ffn_hidden_size=128"],
+     ["output=", "corpus.txt is a file"]),
+    ("prune_depth_accuracy_without_tokenizer", "prune",
+     ["model.checkpoint={student}", "data.prefix={ds}", f"data.seq_length={SEQ}", "prune=none",
+      "output={out}", "prune.depth=accuracy", "prune.target.num_layers=2"],
+     ["prune.depth_task='winogrande' needs the tokenizer", "no tokenizer/"]),
     # --- finetune
     ("finetune_micro_batch_0", "finetune", TRAIN + ["train.micro_batch_size=0"],
      ["train.micro_batch_size=0"]),
@@ -383,6 +414,8 @@ CASES = [
      TRAIN + ["pipeline.rounds=[{name:a,target:{hidden_size:96}},"
               "{name:a,target:{hidden_size:64}}]"],
      ["pipeline.rounds", "repeat"]),
+    ("pipeline_round_without_target", "pipeline", TRAIN + ["pipeline.rounds=[{name:a}]"],
+     ["pipeline.rounds[0] sets neither target nor budget", "prunes nothing"]),
     ("pipeline_prune_target_grows", "pipeline", TRAIN + ["prune=none",
                                                           "prune.target.ffn_hidden_size=1024"],
      ["prune.target.ffn_hidden_size=1024", "cannot grow"]),
@@ -502,3 +535,24 @@ def test_shipped_defaults_pass_their_preflight(stage, teacher, tmp_path):
         cfg = compose(STAGES[stage].config, overrides=[f"output={tmp_path}/out"])
     preflight.check(stage, schema.to_job(cfg))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_without_tokenizer_prunes_and_trains(assets, cwd, tmp_path, monkeypatch):
+    """A checkpoint imported without a tokenizer (a megatron checkpoint, no model.tokenizer) is
+    accepted where no text is scored: prune and finetune complete (they failed at their save,
+    after the work), and their outputs have no tokenizer either."""
+    from nemo_minitron.convert.checkpoint import Checkpoint
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    root_log = logging.getLogger()
+    monkeypatch.setattr(root_log, "handlers", list(root_log.handlers))
+    data = [f"data.prefix={assets['ds']}", f"data.seq_length={SEQ}", "data.valid_fraction=0.2"]
+    pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
+    cli_main(["prune", f"model.checkpoint={assets['student']}", *data, "prune=none",
+              "prune.target.ffn_hidden_size=128", "prune.calib_samples=4", f"output={pruned}"])
+    cli_main(["finetune", f"model.checkpoint={pruned}", *data, "train.steps=2",
+              "train.warmup_steps=1", "train.global_batch_size=2", "train.eval_interval=0",
+              "train.eval_batches=1", "train.tensorboard=false", f"output={tuned}"])
+    final = Checkpoint(tuned / "final")
+    assert final.arch.ffn_hidden_size == 128 and final.info.provenance["step"] == 2
+    assert not Checkpoint(pruned).has_tokenizer and not final.has_tokenizer
