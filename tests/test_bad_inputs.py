@@ -10,6 +10,7 @@ done to those files.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import re
@@ -99,6 +100,10 @@ def assets(tmp_path_factory):
     a["mc_empty"].write_text("\n")
     a["latin1"] = root / "latin1.txt"
     a["latin1"].write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    a["cut_gz"] = root / "cut.txt.gz"  # a download cut short
+    a["cut_gz"].write_bytes(gzip.compress(text.read_bytes())[:40])
+    a["mc_one_choice"] = root / "one_choice.jsonl"
+    a["mc_one_choice"].write_text('{"context": "a", "choices": ["b"], "label": 0}\n')
     a["table_csv"] = root / "table.csv"
     a["table_csv"].write_text("a,b\n1,2\n")
     a["empty_dir"] = root / "empty_dir"
@@ -189,6 +194,8 @@ CASES = [
      ["bad.jsonl, line 2", "not valid JSON"]),
     ("data_not_utf8", "data", DATA + ["inputs=[{latin1}]"],
      ["latin1.txt is not UTF-8", "iconv"]),
+    ("data_gzip_cut_short", "data", DATA + ["inputs=[{cut_gz}]"],
+     ["cut.txt.gz cannot be read", "cut short"]),
     ("data_output_under_a_file", "data", ["inputs=[{text}]", "tokenizer={ck}",
                                           "output={text}/ds", "eod_token=null"],
      ["output=", "corpus.txt is a file, not a directory"]),
@@ -222,6 +229,9 @@ CASES = [
     ("evaluate_jsonl_task_label_text", "evaluate",
      COMMON + ["eval.tasks=[jsonl:{mc_label_text}]", "output={out}"],
      ["label_text.jsonl:1", "label 'c'", "0-based index"]),
+    ("evaluate_jsonl_task_one_choice", "evaluate",
+     COMMON + ["eval.tasks=[jsonl:{mc_one_choice}]", "output={out}"],
+     ["one_choice.jsonl:1", "at least two answers"]),
     ("evaluate_jsonl_task_empty", "evaluate",
      COMMON + ["eval.tasks=[jsonl:{mc_empty}]", "output={out}"], ["no_items.jsonl holds no items"]),
     # a checkpoint imported without its tokenizer (megatron, no model.tokenizer) cannot score text
@@ -266,6 +276,8 @@ CASES = [
     ("evaluate_valid_fraction", "evaluate", COMMON + ["data.valid_fraction=1.5"],
      ["data.valid_fraction=1.5"]),
     ("evaluate_tp_0", "evaluate", COMMON + ["parallel.tp=0"], ["parallel.tp=0"]),
+    ("evaluate_timeout_0", "evaluate", COMMON + ["parallel.timeout_s=0"],
+     ["parallel.timeout_s=0", ">= 1"]),
     ("evaluate_negative_fewshot", "evaluate", COMMON + ["eval.num_fewshot=-1"],
      ["eval.num_fewshot=-1"]),
     # --- prune
@@ -379,6 +391,8 @@ CASES = [
     ("search_only_unknown", "search", SEARCH + ["search.only=[99]"],
      ["search.only=[99]", "not selected"]),
     ("search_tolerance", "search", SEARCH + ["search.tolerance=1.5"], ["search.tolerance=1.5"]),
+    ("search_empty_axis_values", "search", SEARCH + ["search.hidden_size=[]"],
+     ["search.hidden_size=[] allows no value", "unset"]),
     ("search_min_fraction", "search", SEARCH + ["search.min_fraction.hidden_size=0"],
      ["search.min_fraction"]),
     # --- pipeline

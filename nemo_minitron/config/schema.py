@@ -85,7 +85,7 @@ class ParallelConfig:
     """Collective timeout: a hung or dead rank fails the job after this many seconds."""
 
     def __post_init__(self):
-        _at_least("parallel", self, ("tp", "pp", "ep"), 1)
+        _at_least("parallel", self, ("tp", "pp", "ep", "timeout_s"), 1)
 
 
 @dataclass
@@ -589,6 +589,12 @@ class SearchConfig:
         if bad:
             raise ValueError(f"search.min_fraction={dict(self.min_fraction)}: {bad} must be axes "
                              f"of {list(limits)} with fractions in (0, 1]")
+        empty = [k for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                             "num_query_groups", "num_experts",
+                             "moe_shared_expert_intermediate_size") if getattr(self, k) == []]
+        if empty:  # an empty list allows no value at all (unset: values generated from the steps)
+            raise ValueError(f"search.{empty[0]}=[] allows no value; list the values to try, or "
+                             f"leave it unset (null) for the default steps")
         if self.only is not None and any(i < 0 for i in self.only):
             raise ValueError(f"search.only={list(self.only)}: candidate numbers are >= 0")
 

@@ -290,6 +290,8 @@ def _label(value, n_choices: int, where: str) -> int:
                          "(an integer)")
     if not 0 <= int(value) < n_choices:
         raise ValueError(f"{where}: label {int(value)} out of range for {n_choices} choices")
+    if n_choices < 2:  # always right: it would only raise the task's accuracy
+        raise ValueError(f"{where}: choices must list at least two answers (found {n_choices})")
     return int(value)
 
 
