@@ -129,6 +129,15 @@ def kd_pairs(kd, student_dir, teacher_dir, student: Arch, teacher: Arch) -> None
     check_pairs([tuple(p) for p in kd.hidden_pairs], student.num_layers, teacher.num_layers)
 
 
+def positions(arch: Arch, data, field: str = "model.checkpoint") -> None:
+    """A sample fits the model's context: megatron's rotary embedding runs at any length, so
+    longer samples train and evaluate at positions the model never saw, silently."""
+    if data.seq_length > arch.max_position_embeddings:
+        raise ValueError(f"data.seq_length={data.seq_length} exceeds the context of {field} "
+                         f"(max_position_embeddings={arch.max_position_embeddings}); lower "
+                         "data.seq_length")
+
+
 def train_sizes(job, dp: int) -> None:
     """Batches the training loop will ask for exist in the data (and divide over the ranks)."""
     tr = job.train
@@ -256,6 +265,7 @@ def evaluate(job) -> None:
     check_evaluate(src.arch, job.parallel, job.eval)
     task_tokenizer(src, job)
     eval_inputs(job, data_parallel_size(job.parallel))
+    positions(src.arch, job.data)
 
 
 def prune(job) -> None:
@@ -271,6 +281,7 @@ def prune(job) -> None:
     not_inside(job.output, job.model.checkpoint)
     atomic.check_new_dir(job.output, job.overwrite)
     calibration_sizes(job, data_parallel_size(job.parallel))
+    positions(src.arch, job.data)
 
 
 def train(job) -> None:
@@ -293,8 +304,10 @@ def train(job) -> None:
             raise ValueError(f"kd.teacher={kd.teacher}: {e}") from None
         kd_pairs(kd, job.model.checkpoint, kd.teacher, student.arch, teacher.arch)
         not_inside(job.output, kd.teacher)
+        positions(teacher.arch, job.data, "kd.teacher")
     not_inside(job.output, job.model.checkpoint)
     train_sizes(job, data_parallel_size(job.parallel))
+    positions(student.arch, job.data)
 
 
 def search(job) -> None:
@@ -310,6 +323,7 @@ def search(job) -> None:
     train_sizes(job, dp)
     eval_inputs(job, dp)
     calibration_sizes(job, dp)
+    positions(src.arch, job.data)
     shared_cache.check(job)
 
 
@@ -327,6 +341,7 @@ def pipeline(job) -> None:
     train_sizes(job, dp)
     eval_inputs(job, dp)
     calibration_sizes(job, dp)
+    positions(src.arch, job.data)
     round_cache(job, src.arch)
     rounds = job.pipeline.rounds or [RoundConfig(target=job.prune.target)]
     teachers = [src.arch]  # the architectures this round's teacher may have (several after a
@@ -386,6 +401,7 @@ def teacher_cache(job) -> None:
                          f"({teacher.arch.vocab_size})")
     not_inside(job.output, job.kd.teacher)
     train_sizes(job, data_parallel_size(job.parallel))
+    positions(teacher.arch, job.data, "kd.teacher")
 
 
 CHECKS = {"import": import_, "export": export, "data": data, "evaluate": evaluate,

@@ -366,6 +366,8 @@ class TrainConfig:
             raise ValueError(f"train.sharded_save={self.sharded_save!r} must be true or false")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
+        if not 0 <= self.seed < 2**32:  # numpy's range: else it fails after the model loaded
+            raise ValueError(f"train.seed={self.seed} must be in [0, 2**32)")
         if self.skip_nonfinite_steps < 0:
             raise ValueError(f"train.skip_nonfinite_steps={self.skip_nonfinite_steps} must be "
                              ">= 0 (0 stops at the first non-finite step)")
