@@ -225,6 +225,7 @@ def import_(job) -> None:
     atomic.check_new_dir(job.output or job.model.checkpoint, job.overwrite)
     where, gguf = resolve_source(job.model.source, job.model.gguf_file)
     local = Path(where)
+    megatron_only(job.model, local)
     if not local.is_dir():
         return hub_reachable(where)
     if gguf:
@@ -242,6 +243,16 @@ def import_(job) -> None:
         arch_from_hf_config(json.loads((local / "config.json").read_text()))
     except (ValueError, KeyError, OSError) as e:
         raise ValueError(f"model.source={local}/config.json: {e}") from None
+
+
+def megatron_only(model, local: Path) -> None:
+    """model.arch and model.tokenizer describe a megatron checkpoint, which records neither; a
+    Hugging Face or GGUF source has its own, and the importer would ignore them silently."""
+    given = [f"model.{k}" for k in ("arch", "tokenizer") if getattr(model, k)]
+    if given and not (local.is_dir() and is_megatron_checkpoint(local)):
+        raise ValueError(f"{' and '.join(given)}: only for a megatron checkpoint source; "
+                         f"model.source={model.source} brings its own config and tokenizer, so "
+                         f"drop {'them' if len(given) > 1 else 'it'}")
 
 
 def export(job) -> None:

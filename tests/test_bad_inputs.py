@@ -149,6 +149,12 @@ CASES = [
      ["config.json", "gpt2", "supported"]),
     ("import_output_exists", "import", ["model.source={hf}", "output={ck}"],
      ["already exists", "overwrite=true"]),
+    ("import_source_is_text_file", "import", ["model.source={text}", "output={out}"],
+     ["model.source=", "corpus.txt is a file but not a .gguf"]),
+    # the megatron-only settings were ignored silently on a Hugging Face import
+    ("import_arch_on_hf_source", "import",
+     ["model.source={hf}", "output={out}", "+model.arch.num_query_groups=1"],
+     ["model.arch: only for a megatron checkpoint", "drop it"]),
     ("import_bad_dtype", "import", ["model.source={hf}", "output={out}", "dtype=fp16"],
      ["dtype='fp16'"]),
     # --- export
@@ -253,6 +259,9 @@ CASES = [
     ("evaluate_dataset_missing", "evaluate", ["model.checkpoint={ck}",
                                               "data.prefix=/nonexistent/ds", "output={out}"],
      ["data.prefix=/nonexistent/ds", "no indexed dataset"]),
+    ("evaluate_prefix_with_suffix", "evaluate", ["model.checkpoint={ck}", "data.prefix={ds}.bin",
+                                                 "output={out}"],
+     ["data.prefix=", "ds.bin", "without their suffix", "use "]),
     ("evaluate_dataset_empty", "evaluate", ["model.checkpoint={ck}", "data.prefix={ds_empty}",
                                             "output={out}"], ["ds_empty is empty"]),
     ("evaluate_dataset_truncated", "evaluate", ["model.checkpoint={ck}",

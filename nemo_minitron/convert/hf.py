@@ -38,6 +38,9 @@ def resolve_source(source: str, gguf_file: str | None) -> tuple[str, str | None]
         return str(p.parent), p.name
     if p.is_dir():
         return str(p), gguf_file
+    if p.is_file():
+        raise FileNotFoundError(f"model.source={source} is a file but not a .gguf model; give a "
+                                "Hugging Face model directory, a .gguf file or a hub name")
     if p.suffix == ".gguf" or source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model source {source} does not exist; give a local directory, "
                                 "a .gguf file or a Hugging Face hub name")
