@@ -424,27 +424,10 @@ def check(stage: str, job) -> None:
     """Raise ValueError/OSError naming the field or file when ``job`` cannot run."""
     out = getattr(job, "output", None) or (job.model.checkpoint if stage == "import" else None)
     if out:
-        output_place(out, OUTPUT_KINDS.get(stage, "dir"))
+        atomic.check_output_place(out, OUTPUT_KINDS.get(stage, "dir"))
     CHECKS[stage](job)
 
 
 # what output= names, where it is not a directory to create: data writes <output>.bin/.idx,
 # evaluate the results JSON itself
 OUTPUT_KINDS = {"data": "prefix", "evaluate": "file"}
-
-
-def output_place(output, kind: str = "dir") -> None:
-    """``output`` can be created: nothing of the wrong kind stands where it or a parent directory
-    would go (else the stage fails with a bare errno after its work, the model loaded)."""
-    path = Path(output).expanduser()
-    if kind == "dir" and path.is_file():
-        raise NotADirectoryError(f"output={output} is a file; give a directory to create")
-    if kind == "file" and path.is_dir():
-        raise IsADirectoryError(f"output={output} is a directory; give the results file to "
-                                f"write, e.g. output={Path(output) / 'eval_results.json'}")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(f"output={output}: {parent} is a file, not a directory; "
-                                         "choose another output")
-            return

@@ -113,6 +113,9 @@ def assets(tmp_path_factory):
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100).save_pretrained(gpt2)
     a["gpt2"] = gpt2
+    from nemo_minitron.artifacts.evaluation import write_eval
+
+    a["eval_results"] = write_eval(root / "eval_results.json", {"loss": 3.0, "perplexity": 20.1})
     a["results_not_json"] = root / "results.json"
     a["results_not_json"].write_text("{loss: 1")
     return a
@@ -452,6 +455,9 @@ CASES = [
     ("report_missing_run", "report", ["/nonexistent/run", "output={out}"],
      ["/nonexistent/run does not exist"]),
     ("report_not_a_run", "report", ["{empty_dir}", "output={out}"], ["is neither kind of run"]),
+    # the loss-curve plot beside output= was written before the report failed on a directory
+    ("report_output_is_a_directory", "report", ["{eval_results}", "output={empty_dir}"],
+     ["output=", "is a directory", "report.md"]),
     ("report_results_not_json", "report", ["{results_not_json}", "output={out}"],
      ["results.json: not a JSON file"]),
 ]
