@@ -265,6 +265,9 @@ def data(job) -> None:
     expand_paths(job.inputs)  # every file exists and has a suffix we read
     if not Path(job.tokenizer).exists() and not job.tokenizer.startswith((".", "/", "~")):
         hub_reachable(job.tokenizer, "tokenizer")
+    if str(job.output).endswith((".bin", ".idx")):  # it would write <output>.bin.bin
+        raise ValueError(f"output={job.output} is the prefix of the files to write, without "
+                         f"their suffix; use output={str(job.output)[:-4]}")
     out = [Path(f"{job.output}.{s}") for s in ("bin", "idx")]
     if not job.overwrite and any(p.exists() for p in out):
         raise FileExistsError(f"output={job.output}: an indexed dataset is already there; "
