@@ -299,6 +299,9 @@ CASES = [
     ("evaluate_valid_fraction", "evaluate", COMMON + ["data.valid_fraction=1.5"],
      ["data.valid_fraction=1.5"]),
     ("evaluate_tp_0", "evaluate", COMMON + ["parallel.tp=0"], ["parallel.tp=0"]),
+    ("evaluate_cache_env_is_a_file", "evaluate", COMMON + ["output={out}"],
+     ["NEMO_MINITRON_CACHE=", "corpus.txt is a file", "directory"],
+     {"NEMO_MINITRON_CACHE": "{text}"}),
     ("evaluate_timeout_0", "evaluate", COMMON + ["parallel.timeout_s=0"],
      ["parallel.timeout_s=0", ">= 1"]),
     ("evaluate_negative_fewshot", "evaluate", COMMON + ["eval.num_fewshot=-1"],
@@ -486,9 +489,12 @@ def test_bad_input_is_refused_in_one_line(assets, stage, args, words, env, cwd, 
                                           monkeypatch, capsys):
     out = tmp_path / "out" / "result"
     paths = {k: str(v) for k, v in assets.items()} | {"out": str(out)}
-    argv = [stage] + [re.sub(r"\{(\w+)\}", lambda m: paths.get(m[1], m[0]), a) for a in args]
+    def fill(a):
+        return re.sub(r"\{(\w+)\}", lambda m: paths.get(m[1], m[0]), a)
+
+    argv = [stage] + [fill(a) for a in args]
     for k, v in env.items():
-        monkeypatch.setenv(k, v)
+        monkeypatch.setenv(k, fill(v))
     before = {p: sorted(Path(p).iterdir()) if Path(p).is_dir() else None
               for p in (assets["ck"], assets["root"])}
     built = rmodel.models_built
