@@ -71,6 +71,8 @@ def assets(tmp_path_factory):
     build_indexed(iter(words), tiny_tokenizer(), a["ds"], progress=False)
     a["ds_small"] = root / "ds_small"  # 3 documents: one valid doc of 61 tokens
     build_indexed(iter(words[:3]), tiny_tokenizer(), a["ds_small"], progress=False)
+    a["ds_one"] = root / "ds_one"  # what one short text file makes: a single document
+    build_indexed(iter(words[:1]), tiny_tokenizer(), a["ds_one"], progress=False)
     a["ds_empty"] = root / "ds_empty"  # a foreign (megatron-written) dataset with no documents
     builder = _indexed_module().IndexedDatasetBuilder(str(a["ds_empty"]) + ".bin")
     builder.finalize(str(a["ds_empty"]) + ".idx")
@@ -273,6 +275,10 @@ CASES = [
      ["data.prefix=", "ds.bin", "without their suffix", "use "]),
     ("evaluate_dataset_empty", "evaluate", ["model.checkpoint={ck}", "data.prefix={ds_empty}",
                                             "output={out}"], ["ds_empty is empty"]),
+    # the hint was valid_fraction=0, which the CLI refuses
+    ("evaluate_dataset_one_document", "evaluate", ["model.checkpoint={ck}", "data.prefix={ds_one}",
+                                                   "output={out}"],
+     ["ds_one has 1 document(s)", "one per JSONL line"]),
     ("evaluate_dataset_truncated", "evaluate", ["model.checkpoint={ck}",
                                                 "data.prefix={ds_truncated}", "output={out}"],
      ["ds_truncated.bin is truncated"]),
