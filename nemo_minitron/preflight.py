@@ -129,6 +129,15 @@ def kd_pairs(kd, student_dir, teacher_dir, student: Arch, teacher: Arch) -> None
     check_pairs([tuple(p) for p in kd.hidden_pairs], student.num_layers, teacher.num_layers)
 
 
+def positions(arch: Arch, data, field: str = "model.checkpoint") -> None:
+    """A sample fits the model's context: megatron's rotary embedding runs at any length, so
+    longer samples train and evaluate at positions the model never saw, silently."""
+    if data.seq_length > arch.max_position_embeddings:
+        raise ValueError(f"data.seq_length={data.seq_length} exceeds the context of {field} "
+                         f"(max_position_embeddings={arch.max_position_embeddings}); lower "
+                         "data.seq_length")
+
+
 def train_sizes(job, dp: int) -> None:
     """Batches the training loop will ask for exist in the data (and divide over the ranks)."""
     tr = job.train
@@ -155,6 +164,19 @@ def eval_inputs(job, dp: int) -> None:
             if name.startswith("jsonl:"):  # its messages name the file and line already
                 raise
             raise type(e)(f"eval.tasks: {name}: {e}") from e
+
+
+def task_tokenizer(src: ckpt.Checkpoint, job) -> None:
+    """Scoring tasks turns their text into tokens with the checkpoint's tokenizer: one imported
+    without it (a megatron checkpoint without model.tokenizer) fails only after the model loaded
+    and the held-out loss ran."""
+    ev, p = getattr(job, "eval", None), getattr(job, "prune", None)
+    field = f"eval.tasks={list(ev.tasks)}" if ev is not None and ev.tasks else \
+        f"prune.depth_task={p.depth_task!r}" if p is not None and p.depth == "accuracy" else None
+    if field and not src.has_tokenizer:
+        raise ValueError(f"{field} needs the tokenizer of model.checkpoint={src.path}, which has "
+                         "no tokenizer/ directory; re-import it with one (a megatron checkpoint: "
+                         "model.tokenizer=<Hugging Face tokenizer>) or drop the tasks")
 
 
 def calibration_sizes(job, dp: int) -> None:
@@ -203,6 +225,7 @@ def import_(job) -> None:
     atomic.check_new_dir(job.output or job.model.checkpoint, job.overwrite)
     where, gguf = resolve_source(job.model.source, job.model.gguf_file)
     local = Path(where)
+    megatron_only(job.model, local)
     if not local.is_dir():
         return hub_reachable(where)
     if gguf:
@@ -222,6 +245,16 @@ def import_(job) -> None:
         raise ValueError(f"model.source={local}/config.json: {e}") from None
 
 
+def megatron_only(model, local: Path) -> None:
+    """model.arch and model.tokenizer describe a megatron checkpoint, which records neither; a
+    Hugging Face or GGUF source has its own, and the importer would ignore them silently."""
+    given = [f"model.{k}" for k in ("arch", "tokenizer") if getattr(model, k)]
+    if given and not (local.is_dir() and is_megatron_checkpoint(local)):
+        raise ValueError(f"{' and '.join(given)}: only for a megatron checkpoint source; "
+                         f"model.source={model.source} brings its own config and tokenizer, so "
+                         f"drop {'them' if len(given) > 1 else 'it'}")
+
+
 def export(job) -> None:
     checkpoint(job.model.checkpoint)
     not_inside(job.output, job.model.checkpoint)
@@ -232,6 +265,9 @@ def data(job) -> None:
     expand_paths(job.inputs)  # every file exists and has a suffix we read
     if not Path(job.tokenizer).exists() and not job.tokenizer.startswith((".", "/", "~")):
         hub_reachable(job.tokenizer, "tokenizer")
+    if str(job.output).endswith((".bin", ".idx")):  # it would write <output>.bin.bin
+        raise ValueError(f"output={job.output} is the prefix of the files to write, without "
+                         f"their suffix; use output={str(job.output)[:-4]}")
     out = [Path(f"{job.output}.{s}") for s in ("bin", "idx")]
     if not job.overwrite and any(p.exists() for p in out):
         raise FileExistsError(f"output={job.output}: an indexed dataset is already there; "
@@ -241,7 +277,9 @@ def data(job) -> None:
 def evaluate(job) -> None:
     src = checkpoint(job.model.checkpoint)
     check_evaluate(src.arch, job.parallel, job.eval)
+    task_tokenizer(src, job)
     eval_inputs(job, data_parallel_size(job.parallel))
+    positions(src.arch, job.data)
 
 
 def prune(job) -> None:
@@ -253,9 +291,11 @@ def prune(job) -> None:
     if p.scores:
         scores(p.scores, src.arch)
     depth_task(p)
+    task_tokenizer(src, job)
     not_inside(job.output, job.model.checkpoint)
     atomic.check_new_dir(job.output, job.overwrite)
     calibration_sizes(job, data_parallel_size(job.parallel))
+    positions(src.arch, job.data)
 
 
 def train(job) -> None:
@@ -278,14 +318,18 @@ def train(job) -> None:
             raise ValueError(f"kd.teacher={kd.teacher}: {e}") from None
         kd_pairs(kd, job.model.checkpoint, kd.teacher, student.arch, teacher.arch)
         not_inside(job.output, kd.teacher)
+        positions(teacher.arch, job.data, "kd.teacher")
     not_inside(job.output, job.model.checkpoint)
     train_sizes(job, data_parallel_size(job.parallel))
+    positions(student.arch, job.data)
 
 
 def search(job) -> None:
     src, _, chosen = plan_candidates(job)
     if job.prune.scores:
         scores(job.prune.scores, src.arch)
+    if not job.search.plan_only:
+        task_tokenizer(src, job)
     for c in chosen:
         kd_pairs(job.kd, None, None, c.target.resolve(src.arch), src.arch)
     not_inside(job.output, job.model.checkpoint)
@@ -293,6 +337,7 @@ def search(job) -> None:
     train_sizes(job, dp)
     eval_inputs(job, dp)
     calibration_sizes(job, dp)
+    positions(src.arch, job.data)
     shared_cache.check(job)
 
 
@@ -304,11 +349,13 @@ def pipeline(job) -> None:
     src.arch.check_parallel(tp, pp, job.parallel.ep)
     check_aux_loss(job.train, src.arch)  # every round's student has the source's family
     depth_task(job.prune)
+    task_tokenizer(src, job)
     not_inside(job.output, job.model.checkpoint)
     dp = data_parallel_size(job.parallel)
     train_sizes(job, dp)
     eval_inputs(job, dp)
     calibration_sizes(job, dp)
+    positions(src.arch, job.data)
     round_cache(job, src.arch)
     rounds = job.pipeline.rounds or [RoundConfig(target=job.prune.target)]
     teachers = [src.arch]  # the architectures this round's teacher may have (several after a
@@ -368,6 +415,7 @@ def teacher_cache(job) -> None:
                          f"({teacher.arch.vocab_size})")
     not_inside(job.output, job.kd.teacher)
     train_sizes(job, data_parallel_size(job.parallel))
+    positions(teacher.arch, job.data, "kd.teacher")
 
 
 CHECKS = {"import": import_, "export": export, "data": data, "evaluate": evaluate,
@@ -377,4 +425,12 @@ CHECKS = {"import": import_, "export": export, "data": data, "evaluate": evaluat
 
 def check(stage: str, job) -> None:
     """Raise ValueError/OSError naming the field or file when ``job`` cannot run."""
+    out = getattr(job, "output", None) or (job.model.checkpoint if stage == "import" else None)
+    if out:
+        atomic.check_output_place(out, OUTPUT_KINDS.get(stage, "dir"))
     CHECKS[stage](job)
+
+
+# what output= names, where it is not a directory to create: data writes <output>.bin/.idx,
+# evaluate the results JSON itself
+OUTPUT_KINDS = {"data": "prefix", "evaluate": "file"}

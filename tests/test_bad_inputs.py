@@ -10,6 +10,7 @@ done to those files.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import re
@@ -70,6 +71,8 @@ def assets(tmp_path_factory):
     build_indexed(iter(words), tiny_tokenizer(), a["ds"], progress=False)
     a["ds_small"] = root / "ds_small"  # 3 documents: one valid doc of 61 tokens
     build_indexed(iter(words[:3]), tiny_tokenizer(), a["ds_small"], progress=False)
+    a["ds_one"] = root / "ds_one"  # what one short text file makes: a single document
+    build_indexed(iter(words[:1]), tiny_tokenizer(), a["ds_one"], progress=False)
     a["ds_empty"] = root / "ds_empty"  # a foreign (megatron-written) dataset with no documents
     builder = _indexed_module().IndexedDatasetBuilder(str(a["ds_empty"]) + ".bin")
     builder.finalize(str(a["ds_empty"]) + ".idx")
@@ -93,6 +96,16 @@ def assets(tmp_path_factory):
     a["bad_jsonl"].write_text('{"text": "w2 w3"}\n{oops\n')
     a["mc_not_json"] = root / "items.jsonl"  # a multiple-choice task file that is not JSON
     a["mc_not_json"].write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\nb, c, 0\n')
+    a["mc_label_text"] = root / "label_text.jsonl"  # the right choice's text, not its index
+    a["mc_label_text"].write_text('{"context": "a", "choices": ["b", "c"], "label": "c"}\n')
+    a["mc_empty"] = root / "no_items.jsonl"
+    a["mc_empty"].write_text("\n")
+    a["latin1"] = root / "latin1.txt"
+    a["latin1"].write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    a["cut_gz"] = root / "cut.txt.gz"  # a download cut short
+    a["cut_gz"].write_bytes(gzip.compress(text.read_bytes())[:40])
+    a["mc_one_choice"] = root / "one_choice.jsonl"
+    a["mc_one_choice"].write_text('{"context": "a", "choices": ["b"], "label": 0}\n')
     a["table_csv"] = root / "table.csv"
     a["table_csv"].write_text("a,b\n1,2\n")
     a["empty_dir"] = root / "empty_dir"
@@ -102,6 +115,9 @@ def assets(tmp_path_factory):
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100).save_pretrained(gpt2)
     a["gpt2"] = gpt2
+    from nemo_minitron.artifacts.evaluation import write_eval
+
+    a["eval_results"] = write_eval(root / "eval_results.json", {"loss": 3.0, "perplexity": 20.1})
     a["results_not_json"] = root / "results.json"
     a["results_not_json"].write_text("{loss: 1")
     return a
@@ -138,6 +154,12 @@ CASES = [
      ["config.json", "gpt2", "supported"]),
     ("import_output_exists", "import", ["model.source={hf}", "output={ck}"],
      ["already exists", "overwrite=true"]),
+    ("import_source_is_text_file", "import", ["model.source={text}", "output={out}"],
+     ["model.source=", "corpus.txt is a file but not a .gguf"]),
+    # the megatron-only settings were ignored silently on a Hugging Face import
+    ("import_arch_on_hf_source", "import",
+     ["model.source={hf}", "output={out}", "+model.arch.num_query_groups=1"],
+     ["model.arch: only for a megatron checkpoint", "drop it"]),
     ("import_bad_dtype", "import", ["model.source={hf}", "output={out}", "dtype=fp16"],
      ["dtype='fp16'"]),
     # --- export
@@ -176,11 +198,24 @@ CASES = [
      ["output=", "already there", "overwrite=true"]),
     ("data_tokenizer_missing", "data", ["inputs=[{text}]", "tokenizer=/nonexistent/tok",
                                         "output={out}"], ["tokenizer /nonexistent/tok not found"]),
+    ("data_tokenizer_without_one", "data", ["inputs=[{text}]", "tokenizer={student}",
+                                            "output={out}", "eod_token=null"],
+     ["tokenizer=", "student holds no tokenizer"]),
+    ("data_output_with_suffix", "data", ["inputs=[{text}]", "tokenizer={ck}",
+                                         "output={out}.bin", "eod_token=null"],
+     ["output=", "without their suffix", "use output="]),
     ("data_tokenizer_hub_offline", "data", ["inputs=[{text}]", "tokenizer=org/some-tokenizer",
                                             "output={out}", "eod_token=null"],
      ["tokenizer=org/some-tokenizer", "no network"], {"HF_HUB_OFFLINE": "1"}),
     ("data_bad_jsonl_line", "data", DATA + ["inputs=[{bad_jsonl}]"],
      ["bad.jsonl, line 2", "not valid JSON"]),
+    ("data_not_utf8", "data", DATA + ["inputs=[{latin1}]"],
+     ["latin1.txt is not UTF-8", "iconv"]),
+    ("data_gzip_cut_short", "data", DATA + ["inputs=[{cut_gz}]"],
+     ["cut.txt.gz cannot be read", "cut short"]),
+    ("data_output_under_a_file", "data", ["inputs=[{text}]", "tokenizer={ck}",
+                                          "output={text}/ds", "eod_token=null"],
+     ["output=", "corpus.txt is a file, not a directory"]),
     # --- evaluate
     ("evaluate_micro_batch_0", "evaluate", COMMON + ["eval.micro_batch_size=0", "output={out}"],
      ["eval.micro_batch_size=0"]),
@@ -208,6 +243,22 @@ CASES = [
     ("evaluate_jsonl_task_not_json", "evaluate",
      COMMON + ["eval.tasks=[jsonl:{mc_not_json}]", "output={out}"],
      ["items.jsonl:2", "not a JSON object"]),
+    ("evaluate_jsonl_task_label_text", "evaluate",
+     COMMON + ["eval.tasks=[jsonl:{mc_label_text}]", "output={out}"],
+     ["label_text.jsonl:1", "label 'c'", "0-based index"]),
+    ("evaluate_jsonl_task_one_choice", "evaluate",
+     COMMON + ["eval.tasks=[jsonl:{mc_one_choice}]", "output={out}"],
+     ["one_choice.jsonl:1", "at least two answers"]),
+    ("evaluate_jsonl_task_empty", "evaluate",
+     COMMON + ["eval.tasks=[jsonl:{mc_empty}]", "output={out}"], ["no_items.jsonl holds no items"]),
+    # a checkpoint imported without its tokenizer (megatron, no model.tokenizer) cannot score text
+    ("evaluate_tasks_without_tokenizer", "evaluate",
+     ["model.checkpoint={student}", "data.prefix={ds}", f"data.seq_length={SEQ}",
+      "eval.tasks=[piqa]", "output={out}"], ["eval.tasks=['piqa'] needs the tokenizer",
+                                             "no tokenizer/", "model.tokenizer="]),
+    # evaluate's output is the results file: a directory there failed after the evaluation
+    ("evaluate_output_is_a_directory", "evaluate", COMMON + ["output={empty_dir}"],
+     ["output=", "is a directory", "eval_results.json"]),
     ("pipeline_jsonl_task_fields", "pipeline",
      TRAIN + ["prune=none", "eval.tasks=[jsonl:{bad_jsonl}]"], ["bad.jsonl:1", "missing field"]),
     ("prune_ep_on_dense", "prune", PRUNE + ["parallel.ep=2"],
@@ -219,8 +270,15 @@ CASES = [
     ("evaluate_dataset_missing", "evaluate", ["model.checkpoint={ck}",
                                               "data.prefix=/nonexistent/ds", "output={out}"],
      ["data.prefix=/nonexistent/ds", "no indexed dataset"]),
+    ("evaluate_prefix_with_suffix", "evaluate", ["model.checkpoint={ck}", "data.prefix={ds}.bin",
+                                                 "output={out}"],
+     ["data.prefix=", "ds.bin", "without their suffix", "use "]),
     ("evaluate_dataset_empty", "evaluate", ["model.checkpoint={ck}", "data.prefix={ds_empty}",
                                             "output={out}"], ["ds_empty is empty"]),
+    # the hint was valid_fraction=0, which the CLI refuses
+    ("evaluate_dataset_one_document", "evaluate", ["model.checkpoint={ck}", "data.prefix={ds_one}",
+                                                   "output={out}"],
+     ["ds_one has 1 document(s)", "one per JSONL line"]),
     ("evaluate_dataset_truncated", "evaluate", ["model.checkpoint={ck}",
                                                 "data.prefix={ds_truncated}", "output={out}"],
      ["ds_truncated.bin is truncated"]),
@@ -230,6 +288,11 @@ CASES = [
     ("evaluate_seq_longer_than_data", "evaluate", ["model.checkpoint={ck}", "data.prefix={ds}",
                                                    "data.seq_length=100000", "output={out}"],
      ["data.prefix=", "fewer than one sample", "seq_length"]),
+    # rotary positions run at any length: beyond the trained context they are silently wrong
+    ("evaluate_seq_beyond_context", "evaluate",
+     ["model.checkpoint={ck}", "data.prefix={ds}", "data.seq_length=300",
+      "data.valid_fraction=0.5", "eval.micro_batch_size=1", "output={out}"],
+     ["data.seq_length=300", "max_position_embeddings=256"]),
     ("evaluate_batch_larger_than_split", "evaluate",
      ["model.checkpoint={ck}", "data.prefix={ds_small}", f"data.seq_length={SEQ}",
       "eval.micro_batch_size=4", "output={out}"],
@@ -242,6 +305,11 @@ CASES = [
     ("evaluate_valid_fraction", "evaluate", COMMON + ["data.valid_fraction=1.5"],
      ["data.valid_fraction=1.5"]),
     ("evaluate_tp_0", "evaluate", COMMON + ["parallel.tp=0"], ["parallel.tp=0"]),
+    ("evaluate_cache_env_is_a_file", "evaluate", COMMON + ["output={out}"],
+     ["NEMO_MINITRON_CACHE=", "corpus.txt is a file", "directory"],
+     {"NEMO_MINITRON_CACHE": "{text}"}),
+    ("evaluate_timeout_0", "evaluate", COMMON + ["parallel.timeout_s=0"],
+     ["parallel.timeout_s=0", ">= 1"]),
     ("evaluate_negative_fewshot", "evaluate", COMMON + ["eval.num_fewshot=-1"],
      ["eval.num_fewshot=-1"]),
     # --- prune
@@ -276,6 +344,13 @@ CASES = [
      ["train split holds", "prune.micro_batch_size"]),
     ("prune_bad_seq_agg", "prune", PRUNE + ["prune.seq_agg=max"], ["prune.seq_agg='max'"]),
     ("prune_no_output", "prune", COMMON, ["output=<dir> is required"]),
+    ("prune_output_is_a_file", "prune", COMMON + ["prune=none", "output={text}",
+                                                  "prune.target.ffn_hidden_size=128"],
+     ["output=", "corpus.txt is a file"]),
+    ("prune_depth_accuracy_without_tokenizer", "prune",
+     ["model.checkpoint={student}", "data.prefix={ds}", f"data.seq_length={SEQ}", "prune=none",
+      "output={out}", "prune.depth=accuracy", "prune.target.num_layers=2"],
+     ["prune.depth_task='winogrande' needs the tokenizer", "no tokenizer/"]),
     # --- finetune
     ("finetune_micro_batch_0", "finetune", TRAIN + ["train.micro_batch_size=0"],
      ["train.micro_batch_size=0"]),
@@ -286,6 +361,7 @@ CASES = [
      ["train.global_batch_size=5", "train.micro_batch_size=2"]),
     ("finetune_gbs_larger_than_data", "finetune", TRAIN + ["train.global_batch_size=100000"],
      ["train split holds", "train.global_batch_size"]),
+    ("finetune_seed_negative", "finetune", TRAIN + ["train.seed=-1"], ["train.seed=-1"]),
     ("finetune_log_interval_0", "finetune", TRAIN + ["train.log_interval=0"],
      ["train.log_interval=0"]),
     ("finetune_adam_beta2", "finetune", TRAIN + ["train.adam_beta2=1.5"], ["train.adam_beta2=1.5"]),
@@ -348,6 +424,8 @@ CASES = [
     ("search_only_unknown", "search", SEARCH + ["search.only=[99]"],
      ["search.only=[99]", "not selected"]),
     ("search_tolerance", "search", SEARCH + ["search.tolerance=1.5"], ["search.tolerance=1.5"]),
+    ("search_empty_axis_values", "search", SEARCH + ["search.hidden_size=[]"],
+     ["search.hidden_size=[] allows no value", "unset"]),
     ("search_min_fraction", "search", SEARCH + ["search.min_fraction.hidden_size=0"],
      ["search.min_fraction"]),
     # --- pipeline
@@ -383,6 +461,8 @@ CASES = [
      TRAIN + ["pipeline.rounds=[{name:a,target:{hidden_size:96}},"
               "{name:a,target:{hidden_size:64}}]"],
      ["pipeline.rounds", "repeat"]),
+    ("pipeline_round_without_target", "pipeline", TRAIN + ["pipeline.rounds=[{name:a}]"],
+     ["pipeline.rounds[0] sets neither target nor budget", "prunes nothing"]),
     ("pipeline_prune_target_grows", "pipeline", TRAIN + ["prune=none",
                                                           "prune.target.ffn_hidden_size=1024"],
      ["prune.target.ffn_hidden_size=1024", "cannot grow"]),
@@ -390,6 +470,9 @@ CASES = [
     ("report_missing_run", "report", ["/nonexistent/run", "output={out}"],
      ["/nonexistent/run does not exist"]),
     ("report_not_a_run", "report", ["{empty_dir}", "output={out}"], ["is neither kind of run"]),
+    # the loss-curve plot beside output= was written before the report failed on a directory
+    ("report_output_is_a_directory", "report", ["{eval_results}", "output={empty_dir}"],
+     ["output=", "is a directory", "report.md"]),
     ("report_results_not_json", "report", ["{results_not_json}", "output={out}"],
      ["results.json: not a JSON file"]),
 ]
@@ -412,9 +495,12 @@ def test_bad_input_is_refused_in_one_line(assets, stage, args, words, env, cwd, 
                                           monkeypatch, capsys):
     out = tmp_path / "out" / "result"
     paths = {k: str(v) for k, v in assets.items()} | {"out": str(out)}
-    argv = [stage] + [re.sub(r"\{(\w+)\}", lambda m: paths.get(m[1], m[0]), a) for a in args]
+    def fill(a):
+        return re.sub(r"\{(\w+)\}", lambda m: paths.get(m[1], m[0]), a)
+
+    argv = [stage] + [fill(a) for a in args]
     for k, v in env.items():
-        monkeypatch.setenv(k, v)
+        monkeypatch.setenv(k, fill(v))
     before = {p: sorted(Path(p).iterdir()) if Path(p).is_dir() else None
               for p in (assets["ck"], assets["root"])}
     built = rmodel.models_built
@@ -502,3 +588,24 @@ def test_shipped_defaults_pass_their_preflight(stage, teacher, tmp_path):
         cfg = compose(STAGES[stage].config, overrides=[f"output={tmp_path}/out"])
     preflight.check(stage, schema.to_job(cfg))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_without_tokenizer_prunes_and_trains(assets, cwd, tmp_path, monkeypatch):
+    """A checkpoint imported without a tokenizer (a megatron checkpoint, no model.tokenizer) is
+    accepted where no text is scored: prune and finetune complete (they failed at their save,
+    after the work), and their outputs have no tokenizer either."""
+    from nemo_minitron.convert.checkpoint import Checkpoint
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    root_log = logging.getLogger()
+    monkeypatch.setattr(root_log, "handlers", list(root_log.handlers))
+    data = [f"data.prefix={assets['ds']}", f"data.seq_length={SEQ}", "data.valid_fraction=0.2"]
+    pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
+    cli_main(["prune", f"model.checkpoint={assets['student']}", *data, "prune=none",
+              "prune.target.ffn_hidden_size=128", "prune.calib_samples=4", f"output={pruned}"])
+    cli_main(["finetune", f"model.checkpoint={pruned}", *data, "train.steps=2",
+              "train.warmup_steps=1", "train.global_batch_size=2", "train.eval_interval=0",
+              "train.eval_batches=1", "train.tensorboard=false", f"output={tuned}"])
+    final = Checkpoint(tuned / "final")
+    assert final.arch.ffn_hidden_size == 128 and final.info.provenance["step"] == 2
+    assert not Checkpoint(pruned).has_tokenizer and not final.has_tokenizer

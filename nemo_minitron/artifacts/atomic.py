@@ -113,6 +113,25 @@ def check_new_dir(path, overwrite: bool = False) -> Path:
     return final
 
 
+def check_output_place(output, kind: str = "dir", file_name: str = "eval_results.json") -> None:
+    """``output`` can be created: nothing of the wrong kind stands where it or a parent directory
+    would go (else the stage fails with a bare errno after its work, the model loaded). ``kind``:
+    dir (created whole), file (``file_name`` is the example the message gives) or prefix (of
+    files written beside it: only the parents must be directories)."""
+    path = Path(output).expanduser()
+    if kind == "dir" and path.is_file():
+        raise NotADirectoryError(f"output={output} is a file; give a directory to create")
+    if kind == "file" and path.is_dir():
+        raise IsADirectoryError(f"output={output} is a directory; give the file to write, "
+                                f"e.g. output={Path(output) / file_name}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"output={output}: {parent} is a file, not a directory; "
+                                         "choose another output")
+            return
+
+
 def begin_dir(path, overwrite: bool = False) -> tuple[Path, Path]:
     """(final, temporary) of a new directory, the temporary one created. Collective saves, whose
     ranks all write into it, use this with :func:`commit_dir`; one process uses :func:`new_dir`."""

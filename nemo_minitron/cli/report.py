@@ -33,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None):
+    from ..artifacts.atomic import check_output_place
     from ..report.compare import write_comparison
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None):
                                       if a.startswith("output=") else [a])]
     ns = parser().parse_args(args)
     try:
+        check_output_place(ns.output, "file", "report.md")  # before the plot is written beside it
         md, png = write_comparison(ns.runs, ns.output)
     except (ValueError, OSError) as e:  # bad runs; an output path that cannot be written
         print(f"minitron report: error: {e}", file=sys.stderr)

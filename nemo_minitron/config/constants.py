@@ -26,4 +26,7 @@ def cache_dir() -> Path:
     """Where assets and the demo run's derived files live: ``$NEMO_MINITRON_CACHE`` or
     ``~/.cache/nemo_minitron`` (the ``${cache:...}`` resolver of the YAML configs)."""
     env = os.environ.get(CACHE_ENV)
+    if env and Path(env).expanduser().is_file():  # else every asset reads as "not installed"
+        raise ValueError(f"{CACHE_ENV}={env} is a file; point it at a directory (or unset it "
+                         "for ~/.cache/nemo_minitron)")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "nemo_minitron"

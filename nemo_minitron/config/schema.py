@@ -85,7 +85,7 @@ class ParallelConfig:
     """Collective timeout: a hung or dead rank fails the job after this many seconds."""
 
     def __post_init__(self):
-        _at_least("parallel", self, ("tp", "pp", "ep"), 1)
+        _at_least("parallel", self, ("tp", "pp", "ep", "timeout_s"), 1)
 
 
 @dataclass
@@ -366,6 +366,8 @@ class TrainConfig:
             raise ValueError(f"train.sharded_save={self.sharded_save!r} must be true or false")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
+        if not 0 <= self.seed < 2**32:  # numpy's range: else it fails after the model loaded
+            raise ValueError(f"train.seed={self.seed} must be in [0, 2**32)")
         if self.skip_nonfinite_steps < 0:
             raise ValueError(f"train.skip_nonfinite_steps={self.skip_nonfinite_steps} must be "
                              ">= 0 (0 stops at the first non-finite step)")
@@ -589,6 +591,12 @@ class SearchConfig:
         if bad:
             raise ValueError(f"search.min_fraction={dict(self.min_fraction)}: {bad} must be axes "
                              f"of {list(limits)} with fractions in (0, 1]")
+        empty = [k for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                             "num_query_groups", "num_experts",
+                             "moe_shared_expert_intermediate_size") if getattr(self, k) == []]
+        if empty:  # an empty list allows no value at all (unset: values generated from the steps)
+            raise ValueError(f"search.{empty[0]}=[] allows no value; list the values to try, or "
+                             f"leave it unset (null) for the default steps")
         if self.only is not None and any(i < 0 for i in self.only):
             raise ValueError(f"search.only={list(self.only)}: candidate numbers are >= 0")
 
@@ -686,6 +694,11 @@ class PipelineJob(RecipeJob):
         if len(set(names)) != len(names):
             raise ValueError(f"pipeline.rounds: names {names} repeat; each round needs its own "
                              "directory (give distinct name: values)")
+        empty = [i for i, r in enumerate(rounds) if r.budget is None and not r.target]
+        if empty and self.prune.keep_layers is None:  # it would distill an unpruned copy
+            raise ValueError(f"pipeline.rounds[{empty[0]}] sets neither target nor budget, so it "
+                             "prunes nothing; give it target:{...} (e.g. {target:{hidden_size:"
+                             "96}}) or budget: (e.g. {budget:0.6})")
         check_choice("pipeline.teacher_cache", self.pipeline.teacher_cache, ("off", "round"))
         if self.pipeline.teacher_correction_steps < 0:
             raise ValueError(f"pipeline.teacher_correction_steps="

@@ -254,10 +254,19 @@ class Checkpoint:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: self.get(k) for k in self.keys()}
 
-    def tokenizer(self):
+    @property
+    def has_tokenizer(self) -> bool:
+        return (self.path / TOKENIZER).is_dir()
+
+    def tokenizer(self, required: bool = True):
+        """The checkpoint's tokenizer. ``required=False``: None when it has none (a megatron
+        checkpoint imported without model.tokenizer), for the stages that only carry it forward
+        into their output: their runs must not fail at the save after hours of work."""
         from transformers import AutoTokenizer
 
         tdir = self.path / TOKENIZER
+        if not tdir.is_dir() and not required:
+            return None
         if not tdir.is_dir():
             raise CheckpointError(f"{self.path} has no tokenizer/ directory; re-import the model "
                                   "with its tokenizer")

@@ -38,6 +38,9 @@ def resolve_source(source: str, gguf_file: str | None) -> tuple[str, str | None]
         return str(p.parent), p.name
     if p.is_dir():
         return str(p), gguf_file
+    if p.is_file():
+        raise FileNotFoundError(f"model.source={source} is a file but not a .gguf model; give a "
+                                "Hugging Face model directory, a .gguf file or a hub name")
     if p.suffix == ".gguf" or source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model source {source} does not exist; give a local directory, "
                                 "a .gguf file or a Hugging Face hub name")
@@ -152,7 +155,7 @@ def export_hf(checkpoint: str, output: str, *, dtype: str | None = None,
             (tmp / shards[0]).rename(tmp / "model.safetensors")
         else:
             shutil.copy(src.path / ckpt.INDEX, tmp / ckpt.INDEX)
-        tok = src.tokenizer() if (src.path / ckpt.TOKENIZER).is_dir() else None
+        tok = src.tokenizer(required=False)
         if tok is not None:
             tok.save_pretrained(str(tmp))
         cfg = hf_config_from_arch(arch, torch_dtype=str(tdtype).replace("torch.", ""),

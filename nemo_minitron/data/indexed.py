@@ -208,10 +208,19 @@ def build_indexed(
     }
 
 
+def _missing_files(prefix) -> list[str]:
+    return [str(p) for k, p in _paths(prefix).items() if k != "json" and not p.exists()]
+
+
 def open_indexed(prefix: Union[str, Path]):
-    """megatron-core ``IndexedDataset`` at ``prefix`` (a clear error when it is not there)."""
+    """megatron-core ``IndexedDataset`` at ``prefix`` (a clear error when it is not there, and
+    the fix when the prefix was given with the .bin or .idx of one of its files)."""
     paths = _paths(prefix)
-    missing = [str(p) for k, p in paths.items() if k != "json" and not p.exists()]
+    missing = _missing_files(prefix)
+    stem = str(prefix)[:-4]
+    if missing and str(prefix).endswith((".bin", ".idx")) and not _missing_files(stem):
+        raise FileNotFoundError(f"no indexed dataset at {prefix}: the prefix names both files "
+                                f"without their suffix; use {stem}")
     if missing:
         raise FileNotFoundError(
             f"no indexed dataset at {prefix}: missing {', '.join(missing)}; build one with "

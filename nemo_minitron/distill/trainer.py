@@ -362,7 +362,7 @@ class Trainer:
             modules={"projections": self.projections} if len(self.projections) else None,
             named_params=self.named_params)
         return save_checkpoint(
-            self.student, target, tokenizer=src.student.tokenizer() if par.is_rank0 else None,
+            self.student, target, tokenizer=src.student.tokenizer(required=False) if par.is_rank0 else None,
             overwrite=final, provenance={"stage": self.stage_name, "parent": str(src.student.path),
                                          "teacher": src.teacher_path or src.cache_dir,
                                          "step": at_step},

@@ -279,6 +279,22 @@ def _fewshot(pool: list[Example], n: int, rng_key: str, exclude: int | None,
     return [pool[i] for i in random.Random(rng_key).sample(candidates, n)]
 
 
+def _label(value, n_choices: int, where: str) -> int:
+    """The 0-based index of the right choice. A choice's text or a fractional number would
+    otherwise fail in int() with a message naming neither the file nor the field, or be
+    truncated silently to another choice."""
+    ok = isinstance(value, int) and not isinstance(value, bool) or \
+        isinstance(value, str) and value.strip().isdigit()
+    if not ok:
+        raise ValueError(f"{where}: label {value!r} must be the 0-based index of the right choice "
+                         "(an integer)")
+    if not 0 <= int(value) < n_choices:
+        raise ValueError(f"{where}: label {int(value)} out of range for {n_choices} choices")
+    if n_choices < 2:  # always right: it would only raise the task's accuracy
+        raise ValueError(f"{where}: choices must list at least two answers (found {n_choices})")
+    return int(value)
+
+
 def _load_jsonl(path: str, limit, num_fewshot, seed) -> list[Item]:
     rows = []
     with open(path) as f:
@@ -299,11 +315,11 @@ def _load_jsonl(path: str, limit, num_fewshot, seed) -> list[Item]:
             if not isinstance(d["choices"], list):
                 raise ValueError(f"{path}:{lineno}: choices must be a list of strings")
             choices = [str(c) for c in d["choices"]]
-            label = int(d["label"])
-            if not choices or not 0 <= label < len(choices):
-                raise ValueError(f"{path}:{lineno}: label {label} out of range for "
-                                 f"{len(choices)} choices")
+            label = _label(d["label"], len(choices), f"{path}:{lineno}")
             rows.append((str(d["context"]), choices, label))
+    if not rows:
+        raise ValueError(f"{path} holds no items; one item per line: "
+                         '{"context": ..., "choices": [...], "label": N}')
     n = len(rows) if limit is None else min(limit, len(rows))
     items = []
     for i in range(n):

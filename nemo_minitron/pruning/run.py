@@ -142,7 +142,7 @@ def save_pruned(job, stage, src, imp, plan, depth: Depth, summary: dict, par):
         title=f"{job.model.name}: {src.arch.num_params() / 1e6:.1f}M -> "
               f"{tgt.num_params() / 1e6:.1f}M")
     return save_checkpoint(
-        stage, job.output, tokenizer=src.tokenizer() if par.is_rank0 else None,
+        stage, job.output, tokenizer=src.tokenizer(required=False) if par.is_rank0 else None,
         overwrite=job.overwrite, arch=tgt, transform=transform,
         provenance={"stage": "prune", "parent": str(src.path), "importance": imp.meta,
                     "summary": summary},
