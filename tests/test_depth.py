@@ -75,3 +75,44 @@ def test_block_removal_accuracy_matches_rebuilt_models(single_rank, tmp_path):
     for start, acc in enumerate(accs):
         small = rebuilt_without(arch, sd, start, 3)
         assert accuracy(items, score_items(small, tok, items, progress=False))["acc_norm"] == acc
+
+
+def test_prune_stage_scores_blocks_by_lm_loss_on_one_pass(tmp_path, monkeypatch, caplog):
+    """prune.depth=lm_loss through the stage: every contiguous block is scored on the held-out
+    split, at most one pass of it however large prune.depth_batches is (more would repeat the
+    same batches), and the cheapest block is the one dropped."""
+    import logging
+
+    from nemo_minitron.config.schema import PruneConfig, PruneJob
+    from nemo_minitron.convert import checkpoint as ckpt
+    from nemo_minitron.data.packed import PackedSequences
+    from nemo_minitron.pruning import depth as depth_mod
+    from nemo_minitron.pruning.plan import Plan
+    from nemo_minitron.pruning.run import prune
+    from nemo_minitron.pruning.select import Targets
+    from tests.helpers.corpus import tiny_workspace
+    from tests.helpers.jobs import tiny_job_parts
+
+    tiny_workspace(tmp_path)
+    parts = tiny_job_parts(tmp_path)
+    seen = []
+    original = depth_mod.block_removal_losses
+    monkeypatch.setattr(depth_mod, "block_removal_losses",
+                        lambda stage, vb, *a, **k: seen.append(len(vb)) or original(stage, vb, *a, **k))
+    job = PruneJob(model=parts["model"], data=parts["data"], output=str(tmp_path / "pruned"),
+                   prune=PruneConfig(calib_samples=8, micro_batch_size=2, depth="lm_loss",
+                                     depth_batches=1000, target=Targets(num_layers=2)))
+    with caplog.at_level(logging.INFO, logger="nemo_minitron.pruning.run"):
+        prune(job)
+    d = parts["data"]
+    one_pass = len(PackedSequences(d.prefix, d.seq_length, split="valid",
+                                   valid_fraction=d.valid_fraction)) // 2
+    assert seen == [one_pass] and 1 <= one_pass < 1000
+    assert f"prune.depth_batches=1000: the held-out split holds {one_pass}" in caplog.text
+    plan = Plan.load(tmp_path / "pruned" / "plan.json")
+    layers = ckpt.Checkpoint(tmp_path / "teacher").arch.num_layers
+    meta = plan.meta["depth_lm_loss"]
+    curve = meta["loss_by_start"]
+    assert meta["block"] == layers - 2 and len(curve) == 3  # every start of a block of layers-2
+    start = curve.index(min(curve))
+    assert plan.layers == [i for i in range(layers) if not start <= i < start + layers - 2]

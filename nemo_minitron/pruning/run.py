@@ -77,7 +77,11 @@ def choose_depth(job, stage, src, par) -> Depth:
     if p.depth == "lm_loss":
         valid = PackedSequences(job.data.prefix, job.data.seq_length, split="valid",
                                 valid_fraction=job.data.valid_fraction)
-        vb = list(valid.batches(p.micro_batch_size, num_batches=p.depth_batches,
+        n = min(p.depth_batches, len(valid) // (p.micro_batch_size * par.dp))
+        if n < p.depth_batches and par.is_rank0:  # more would repeat the same batches
+            log.info("prune.depth_batches=%d: the held-out split holds %d; each block is scored "
+                     "on those", p.depth_batches, n)
+        vb = list(valid.batches(p.micro_batch_size, num_batches=n,
                                 dp_rank=par.dp_rank, dp_size=par.dp))
         curve = block_removal_losses(stage, vb, n_drop, par=par)
     else:
