@@ -150,20 +150,37 @@ def train_sizes(job, dp: int) -> None:
                  "train.micro_batch_size x ranks needs")
 
 
-def eval_inputs(job, dp: int) -> None:
+def eval_inputs(job, dp: int, src: ckpt.Checkpoint | None = None) -> None:
     """The held-out split holds one evaluation batch, and every task's items load: a user's task
     file (``jsonl:``) read whole, every line an item; the installed data of the others, an MMLU
     subject named by ``mmlu_<subject>`` included (no model is needed to read them, and the
-    stage reads them again from the same cache)."""
+    stage reads them again from the same cache). A user's items are also tokenised with
+    ``src``'s tokenizer, when it has one: a choice that tokenises to nothing cannot be scored."""
     need_samples(job.data, "valid", job.eval.micro_batch_size * dp,
                  "eval.micro_batch_size x ranks needs")
     for name in job.eval.tasks or ():
         try:
-            load_task(name, job.eval.limit, job.eval.num_fewshot, job.eval.fewshot_seed)
+            items = load_task(name, job.eval.limit, job.eval.num_fewshot, job.eval.fewshot_seed)
         except (ValueError, OSError) as e:
             if name.startswith("jsonl:"):  # its messages name the file and line already
                 raise
             raise type(e)(f"eval.tasks: {name}: {e}") from e
+        if name.startswith("jsonl:") and src is not None and src.has_tokenizer:
+            scorable(name, items, src)
+
+
+def scorable(name: str, items, src: ckpt.Checkpoint) -> None:
+    """Every choice of a user's task adds at least one token after its context (a file is
+    small: tokenising it costs less than a second; the built-in tasks are known to pass)."""
+    from .evaluate.multiple_choice import encode_requests
+
+    tok = src.tokenizer()
+    for i, item in enumerate(items):
+        try:
+            encode_requests(tok, item.requests())
+        except ValueError as e:
+            raise ValueError(f"eval.tasks: {name}: item {i}: {e}; give every choice some "
+                             "text") from None
 
 
 def task_tokenizer(src: ckpt.Checkpoint, job) -> None:
@@ -278,7 +295,7 @@ def evaluate(job) -> None:
     src = checkpoint(job.model.checkpoint)
     check_evaluate(src.arch, job.parallel, job.eval)
     task_tokenizer(src, job)
-    eval_inputs(job, data_parallel_size(job.parallel))
+    eval_inputs(job, data_parallel_size(job.parallel), src)
     positions(src.arch, job.data)
 
 
@@ -335,7 +352,7 @@ def search(job) -> None:
     not_inside(job.output, job.model.checkpoint)
     dp = data_parallel_size(job.parallel)
     train_sizes(job, dp)
-    eval_inputs(job, dp)
+    eval_inputs(job, dp, src)
     calibration_sizes(job, dp)
     positions(src.arch, job.data)
     shared_cache.check(job)
@@ -353,7 +370,7 @@ def pipeline(job) -> None:
     not_inside(job.output, job.model.checkpoint)
     dp = data_parallel_size(job.parallel)
     train_sizes(job, dp)
-    eval_inputs(job, dp)
+    eval_inputs(job, dp, src)
     calibration_sizes(job, dp)
     positions(src.arch, job.data)
     round_cache(job, src.arch)

@@ -104,6 +104,9 @@ def assets(tmp_path_factory):
     a["latin1"].write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     a["cut_gz"] = root / "cut.txt.gz"  # a download cut short
     a["cut_gz"].write_bytes(gzip.compress(text.read_bytes())[:40])
+    a["mc_empty_choice"] = root / "empty_choice.jsonl"  # a choice with no text to score
+    a["mc_empty_choice"].write_text('{"context": "w2 w3", "choices": [" w4", " w5"], "label": 0}\n'
+                                    '{"context": "w2 w3", "choices": [" w4", ""], "label": 0}\n')
     a["mc_one_choice"] = root / "one_choice.jsonl"
     a["mc_one_choice"].write_text('{"context": "a", "choices": ["b"], "label": 0}\n')
     a["table_csv"] = root / "table.csv"
@@ -249,6 +252,9 @@ CASES = [
     ("evaluate_jsonl_task_one_choice", "evaluate",
      COMMON + ["eval.tasks=[jsonl:{mc_one_choice}]", "output={out}"],
      ["one_choice.jsonl:1", "at least two answers"]),
+    ("evaluate_jsonl_task_choice_without_tokens", "evaluate",
+     COMMON + ["eval.tasks=[jsonl:{mc_empty_choice}]", "output={out}"],
+     ["empty_choice.jsonl", "item 1", "tokenises to nothing"]),
     ("evaluate_jsonl_task_empty", "evaluate",
      COMMON + ["eval.tasks=[jsonl:{mc_empty}]", "output={out}"], ["no_items.jsonl holds no items"]),
     # a checkpoint imported without its tokenizer (megatron, no model.tokenizer) cannot score text
