@@ -265,9 +265,9 @@ class Checkpoint:
         from transformers import AutoTokenizer
 
         tdir = self.path / TOKENIZER
-        if not tdir.is_dir() and not required:
-            return None
         if not tdir.is_dir():
+            if not required:
+                return None
             raise CheckpointError(f"{self.path} has no tokenizer/ directory; re-import the model "
                                   "with its tokenizer")
         return AutoTokenizer.from_pretrained(str(tdir))

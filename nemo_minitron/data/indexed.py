@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -210,6 +211,15 @@ def build_indexed(
 
 def _missing_files(prefix) -> list[str]:
     return [str(p) for k, p in _paths(prefix).items() if k != "json" and not p.exists()]
+
+
+def data_fingerprint(prefix) -> dict:
+    """The dataset as a cache saw it: its absolute prefix, the sha256 of the (small) .idx and
+    the size of the .bin (a rebuilt or appended dataset changes one of them)."""
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    return {"prefix": str(Path(prefix).resolve()),
+            "idx_sha256": hashlib.sha256(idx.read_bytes()).hexdigest(),
+            "bin_bytes": bin_.stat().st_size}
 
 
 def open_indexed(prefix: Union[str, Path]):

@@ -12,6 +12,12 @@ from .sources import check_columns, iter_documents
 log = logging.getLogger(__name__)
 
 
+# a directory holding none of these is no tokenizer (transformers' own error then lists the
+# converters it tried, and names neither the setting nor the directory)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")
+
+
 def load_tokenizer(name: str):
     """A checkpoint directory's tokenizer/, or any Hugging Face tokenizer dir or name."""
     from transformers import AutoTokenizer  # heavy: only once the inputs were checked
@@ -28,12 +34,6 @@ def load_tokenizer(name: str):
                                 f"none of {', '.join(TOKENIZER_FILES)}); give a checkpoint "
                                 "imported with its tokenizer or a Hugging Face tokenizer")
     return AutoTokenizer.from_pretrained(str(p))
-
-
-# a directory holding none of these is no tokenizer (transformers' own error then lists the
-# converters it tried, and names neither the setting nor the directory)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                   "vocab.txt", "spiece.model")
 
 
 def run(job) -> dict:

@@ -30,7 +30,6 @@ served from its first shard.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -41,6 +40,8 @@ from safetensors.torch import save_file
 
 from ..artifacts.atomic import write_file, write_text
 from ..convert import checkpoint as ckpt
+from ..convert.fingerprint import checkpoint_fingerprint, tokenizer_fingerprint
+from ..data.indexed import data_fingerprint
 from ..data.packed import PackedSequences, step_batches
 from ..runtime import dist
 from ..runtime.collectives import all_gather_cat
@@ -61,48 +62,6 @@ RUN_FIELDS = ("teacher_fingerprint", "data", "seq_length", "valid_fraction", "se
 
 def shard_name(step: int) -> str:
     return f"step_{step:07d}.safetensors"
-
-
-def _sha(parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else str(p).encode())
-    return h.hexdigest()
-
-
-def checkpoint_fingerprint(path) -> str:
-    """sha256 of arch.json, every weight shard's safetensors header (names, dtypes, shapes) and
-    16 blocks of 4 KiB spread over each shard's data: cheap for any model size (reading and
-    hashing 16 GB of an 8B model would take minutes in every pre-flight) and different for any two
-    models that differ beyond a handful of weights (training or pruning changes them all)."""
-    p = Path(path)
-    parts = [(p / ckpt.ARCH).read_bytes()]
-    for name in ckpt.weight_files(p):
-        f = p / name
-        parts.append(json.dumps(ckpt.safetensors_header(f), sort_keys=True))
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            for i in range(16):
-                fh.seek(size * i // 16)
-                parts.append(fh.read(4096))
-    return _sha(parts)
-
-
-def tokenizer_fingerprint(path) -> str | None:
-    """sha256 of a checkpoint's tokenizer/tokenizer.json vocabulary and merges, or None."""
-    f = Path(path) / ckpt.TOKENIZER / "tokenizer.json"
-    if not f.is_file():
-        return None
-    return _sha([json.dumps(json.loads(f.read_text()).get("model"), sort_keys=True)])
-
-
-def data_fingerprint(prefix) -> dict:
-    """The dataset as the cache saw it: its absolute prefix, the sha256 of the (small) .idx and
-    the size of the .bin (a rebuilt or appended dataset changes one of them)."""
-    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
-    return {"prefix": str(Path(prefix).resolve()),
-            "idx_sha256": hashlib.sha256(idx.read_bytes()).hexdigest(),
-            "bin_bytes": bin_.stat().st_size}
 
 
 def ids_dtype(vocab_size: int) -> str:

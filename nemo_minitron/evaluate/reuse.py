@@ -5,10 +5,13 @@ embedded default that is two of the pipeline's twelve minutes, and on an 8B teac
 is GPU-hours. An evaluation's results are kept under ``<cache>/eval_results/<key>.json`` and
 reused when the key matches, i.e. when everything that decides the numbers is the same:
 
-- the checkpoint's files (names, sizes, modification times; its ``minitron.json`` carries the
-  time it was written, so a re-import or re-save is a new checkpoint);
-- the held-out data files, sequence length, validation fraction and the seed that splits them;
-- the evaluation settings (batches, tasks, items, few-shot, batch sizes) and JSONL task files;
+- the checkpoint: the fingerprints of its weights and tokenizer (the ones the offline teacher
+  cache checks, :mod:`..convert.fingerprint`) and its ``minitron.json``, which carries the time
+  it was written, so a re-import or re-save is a new checkpoint;
+- the held-out data (:func:`..data.indexed.data_fingerprint`), sequence length, validation
+  fraction and the seed that splits them;
+- the evaluation settings (batches, tasks, items, few-shot, batch sizes) and the contents of
+  JSONL task files;
 - the dtype, the parallel layout, and the versions of this package's code (a digest of its
   sources), torch and megatron-core.
 
@@ -28,6 +31,9 @@ from typing import Optional
 
 from ..artifacts.atomic import read_json, write_json
 from ..config.constants import cache_dir
+from ..convert.checkpoint import META
+from ..convert.fingerprint import checkpoint_fingerprint, sha, tokenizer_fingerprint
+from ..data.indexed import data_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +44,6 @@ KEEP = 64
 
 def store_dir() -> Path:
     return cache_dir() / "eval_results"
-
-
-def _files(root: Path) -> list:
-    """(relative name, size, mtime in ns) of every file under ``root`` (or of ``root`` itself)."""
-    root = Path(root)
-    paths = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    return [[str(p.relative_to(root)) if root.is_dir() else p.name, p.stat().st_size,
-             p.stat().st_mtime_ns] for p in paths if p.exists()]
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,19 +66,20 @@ def _version(dist: str) -> Optional[str]:
 def key(checkpoint, data, ev, dtype: str, layout, seed: int) -> str:
     """The hex key of one evaluation: equal keys mean equal inputs, settings and code
     (``seed`` chooses the held-out documents)."""
-    prefix = str(data.prefix)  # a prefix, not a file name: "corpus.v2" + ".idx"
-    tasks = [[t, _files(Path(t[6:]))] if t.startswith("jsonl:") else t for t in ev.tasks]
+    ck = Path(checkpoint)
+    tasks = [[t, sha([Path(t[6:]).read_bytes()])] if t.startswith("jsonl:") else t
+             for t in ev.tasks]
     what = {
         "format": FORMAT,
-        "checkpoint": [str(Path(checkpoint).resolve()), _files(Path(checkpoint))],
-        "data": [str(Path(prefix).resolve()), _files(Path(prefix + ".idx")),
-                 _files(Path(prefix + ".bin")), data.seq_length, data.valid_fraction, seed],
+        "checkpoint": [str(ck.resolve()), (ck / META).read_text(), checkpoint_fingerprint(ck),
+                       tokenizer_fingerprint(ck)],
+        "data": [data_fingerprint(data.prefix), data.seq_length, data.valid_fraction, seed],
         "eval": [ev.micro_batch_size, ev.num_batches, tasks, ev.limit, ev.num_fewshot,
                  ev.fewshot_seed, ev.task_batch_size],
         "dtype": dtype, "layout": layout,
         "code": [code_digest(), _version("torch"), _version("megatron-core")],
     }
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    return sha([json.dumps(what, sort_keys=True, default=str)])
 
 
 def entry(k: str) -> Path:

@@ -35,8 +35,10 @@ def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32"
                             valid_fraction=data.valid_fraction, seed=parallel.seed)
     par = dist.init(parallel.tp, parallel.pp, parallel.seed, parallel.timeout_s, ep=parallel.ep)
     try:
-        k = reuse.key(checkpoint, data, ev, dtype, par.layout, parallel.seed) if ev.reuse else None
-        earlier = dist.broadcast_from_rank0(reuse.lookup(k) if k and par.is_rank0 else None)
+        # rank 0 alone keys, looks up and stores (the key reads the data index and weight samples)
+        k = reuse.key(checkpoint, data, ev, dtype, par.layout, parallel.seed) \
+            if ev.reuse and par.is_rank0 else None
+        earlier = dist.broadcast_from_rank0(reuse.lookup(k) if k else None)
         if earlier is not None:  # rank 0 decides: every rank skips the model, or none does
             if par.is_rank0:
                 log.info("reusing the results of an identical evaluation of %s: %s "
