@@ -9,7 +9,9 @@ Default student: SmolLM2-135M width-pruned to ~68M (made here with random import
 --student is given; speed does not depend on the weights). One process.
 
 Ours: megatron-core models as the training loop builds them (bf16 = bf16 weights with fp32 main
-weights and grads in megatron's optimizer, as on GPUs), the chunked logit KL. Plain: the
+weights and grads in megatron's optimizer, as on GPUs), the chunked logit KL with both output
+layers folded into its chunks (kd.fused_output; --kd-output logits|both for the materialised
+logits path). Plain: the
 exported Hugging Face models, teacher forward under no_grad, student forward, full-vocabulary
 KL in fp32, torch AdamW on the student's parameters (in bf16 they are bf16 and there are no
 fp32 main weights: less work than ours, which keeps them).
@@ -69,7 +71,8 @@ def profile_table(fn, path: str) -> None:
     print(f"profile: {path}")
 
 
-def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) -> dict:
+def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None,
+         fused: bool = True) -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -102,10 +105,11 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
                                            model=[pair], num_microbatches=1, seq_length=args.seq,
                                            micro_batch_size=args.mbs, forward_only=False)
 
+    kd_objective = Objective(KDConfig(logit_weight=1.0, lm_weight=0.0, chunk_tokens=args.chunk,
+                                      fused_output=fused), vocab)
     kd_pair = DistillPair(ddp, teacher.model, student.arch.hidden_size, teacher.arch.hidden_size,
-                          student.config)
+                          student.config, fused_output=kd_objective.fused_output)
     lm_pair = DistillPair(ddp, None, student.arch.hidden_size, 0, student.config)
-    kd_objective = Objective(KDConfig(logit_weight=1.0, lm_weight=0.0, chunk_tokens=args.chunk), vocab)
     lm_objective = Objective(None, vocab)  # the LM loss alone
 
     def teacher_forward():
@@ -121,7 +125,8 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None) 
 
     out = {"teacher": teacher_forward, "student": student_step, "kd": distill_step}
     if profile_dir:
-        profile_table(distill_step, os.path.join(profile_dir, f"distill_step_{dtype}.txt"))
+        profile_table(distill_step, os.path.join(
+            profile_dir, f"distill_step_{dtype}{'' if fused else '_logits'}.txt"))
     out["arch"] = (teacher.arch, student.arch)
     return out
 
@@ -171,6 +176,10 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--no-hf", action="store_true", help="skip the plain transformers loop")
+    ap.add_argument("--kd-output", choices=("fused", "logits", "both"), default="fused",
+                    help="our logit loss with the output layers folded into its chunks "
+                         "(kd.fused_output=true, the default), on materialised logits, or both "
+                         "(the latter as 'logits' rows)")
     ap.add_argument("--profile", help="directory for torch.profiler tables of the KD steps")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU seconds, robust to load (with 1 thread: spinning "
@@ -203,10 +212,13 @@ def main() -> None:
     dist.init(1, 1)
     try:
         archs = None
+        variants = {"fused": [("ours", True)], "logits": [("ours", False)],
+                    "both": [("ours", True), ("logits", False)]}[args.kd_output]
         for dt in dtypes:
-            runners[("ours", dt)] = r = ours(teacher_path, student_path, batch, args, dt,
-                                             args.profile)
-            archs = r.pop("arch")
+            for who, fused in variants:
+                runners[(who, dt)] = r = ours(teacher_path, student_path, batch, args, dt,
+                                              args.profile, fused)
+                archs = r.pop("arch")
         if not args.no_hf:
             export_hf(teacher_path, tmp + "/teacher_hf")
             export_hf(student_path, tmp + "/student_hf")
@@ -236,13 +248,16 @@ def main() -> None:
         print(f"{who:6s} {dt:5s} {r['teacher']:11.2f}s {r['student']:12.2f}s {r['kd']:8.2f}s "
               f"{tokens / r['kd']:9.0f} {flops / r['kd'] / 1e9:8.1f} "
               f"{r['kd'] / (r['teacher'] + r['student']):9.3f}")
-    for who in ("ours", "plain"):
+    for who in ("ours", "logits", "plain"):
         if (who, "fp32") in results and (who, "bf16") in results:
             f, b = results[(who, "fp32")], results[(who, "bf16")]
             print(f"{who}: bf16 speed-up  teacher {f['teacher'] / b['teacher']:.2f}x, student "
                   f"{f['student'] / b['student']:.2f}x, KD step {f['kd'] / b['kd']:.2f}x "
                   "(goal >= 2.5x)")
     for dt in dtypes:
+        if ("logits", dt) in results:
+            print(f"{dt}: fused output layer vs materialised logits, KD step "
+                  f"{results[('logits', dt)]['kd'] / results[('ours', dt)]['kd']:.2f}x")
         if ("plain", dt) in results:
             print(f"{dt}: ours vs plain transformers KD step "
                   f"{results[('plain', dt)]['kd'] / results[('ours', dt)]['kd']:.2f}x (goal >= 1.2x)")

@@ -239,11 +239,11 @@ def distill_run(ctx, deadline: float, fp8: str | None) -> dict:
         optimizer="adam", lr=s.lr, clip_grad=1.0, bf16=s.dtype == "bf16",
         params_dtype=student.config.params_dtype), [ddp])
     vocab = s.student.vocab_size
-    pairs = {"kd": DistillPair(ddp, teacher.model, s.student.hidden_size, s.teacher.hidden_size,
-                               student.config),
-             "lm": DistillPair(ddp, None, s.student.hidden_size, 0, student.config)}
     specs = {"kd": Objective(KDConfig(logit_weight=1.0, lm_weight=0.0, chunk_tokens=1024), vocab),
              "lm": Objective(None, vocab)}  # the LM loss alone
+    pairs = {"kd": DistillPair(ddp, teacher.model, s.student.hidden_size, s.teacher.hidden_size,
+                               student.config, fused_output=specs["kd"].fused_output),
+             "lm": DistillPair(ddp, None, s.student.hidden_size, 0, student.config)}
     par = current()  # tp=1: no vocabulary group
     for pair in pairs.values():
         pair.config.no_sync_func = ddp.no_sync

@@ -16,7 +16,7 @@ from nemo_minitron.convert.hf_config import arch_from_hf_config
 from nemo_minitron.pruning.apply import apply_plan
 from nemo_minitron.pruning.select import Targets, make_plan, random_importance
 
-from tests.helpers import metrics, tiny_corpus, tiny_hf, tiny_tokenizer, torchrun
+from tests.helpers import metrics, series, tiny_corpus, tiny_hf, tiny_tokenizer, torchrun
 from tests.helpers.proc import minitron_popen as minitron
 
 
@@ -140,6 +140,51 @@ def test_cross_stage_pairs_follow_single_process_at_pp2(models, layout_rows, sin
         ref, ref_val = reference(models, f"ref_{name}", **kd)
         assert all(r["hidden"] > 0.1 for r in ref if "hidden" in r)
         assert_follows(layout_rows[name], ref, ref_val, keys)
+
+
+def fused_vs_logits(t, student, monkeypatch):
+    """Single-process runs of the logit loss alone with kd.fused_output off and on (default):
+    (logits rows, logits val loss, fused row in layout form); asserts which path each one took."""
+    from nemo_minitron.distill import losses as L
+
+    calls = []
+    real = L.fused_output_kl
+    monkeypatch.setattr(L, "fused_output_kl", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ref, ref_val = reference(t, f"ref_{student}_logits", student, lm_weight=0.0,
+                             fused_output=False)
+    assert not calls
+    rows, val = reference(t, f"ref_{student}_fused", student, lm_weight=0.0)
+    assert len(calls) == 3 * 4  # every micro-batch (3 steps x 4) went through the fused loss
+    return ref, ref_val, {"layout": f"{student}_fused", "val_loss": val,
+                          **series(rows, ("loss", "grad_norm"))}
+
+
+@pytest.mark.multirank
+def test_fused_output_layer_follows_the_logits_path(models, layout_rows, single_rank, monkeypatch):
+    """kd.fused_output (the default with the logit loss alone): both output layers run inside the
+    KL chunks and no [tokens, vocab] logits exist. One process follows the materialised-logits
+    path in the losses, the gradient norm and the validation loss; so do TP=2 (the vocabulary
+    split, the loss all-reducing its hidden-state gradient as the bypassed layer would) and PP=2
+    (the output layer on the last stage)."""
+    ref, ref_val, fused = fused_vs_logits(models, "student", monkeypatch)
+    assert [r["loss"] for r in ref if "loss" in r][-1] < ref[0]["loss"]
+    for row in (fused, layout_rows["tp2_fused"], layout_rows["pp2_fused"]):
+        assert_follows(row, ref, ref_val)
+
+
+def test_fused_output_layer_with_tied_embeddings_and_padded_vocabulary(tmp_path, monkeypatch):
+    """A tied output layer (the gradient of the KL reaches the embedding table through the
+    fused loss) over a vocabulary of 1001 padded rows: the fused path follows the logits path."""
+    hf = tiny_hf("odd_vocab")
+    arch = arch_from_hf_config(hf.config)
+    ckpt.save(tmp_path / "teacher", arch, hf.state_dict(), tokenizer=tiny_tokenizer())
+    plan = make_plan(arch, random_importance(arch, 1), Targets(ffn_hidden_size=128, num_layers=2))
+    ckpt.save(tmp_path / "tied", plan.target, apply_plan(plan, hf.state_dict()),
+              tokenizer=tiny_tokenizer())
+    tiny_corpus(tmp_path / "corpus", n_docs=60)
+    assert plan.target.tie_embeddings and plan.target.vocab_size == 1001
+    ref, ref_val, fused = fused_vs_logits(tmp_path, "tied", monkeypatch)
+    assert_follows(fused, ref, ref_val)
 
 
 @pytest.mark.multirank

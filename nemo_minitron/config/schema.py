@@ -389,6 +389,12 @@ class KDConfig:
     logit_weight: float = 1.0
     lm_weight: float = 0.0
     """Weight of an added LM (next-token cross-entropy) loss on the student."""
+    fused_output: bool = True
+    """Fold both models' output layers into the logit-loss chunks: the [tokens, vocab] logits of
+    neither model are ever materialised (nor transposed, nor their gradient), only chunk_tokens
+    rows at a time. Same loss and gradients to round-off. Applies with a live teacher and
+    kd.lm_weight=0; elsewhere (and where the output layer cannot be bypassed: sequence
+    parallelism, a biased or gathering output layer) the logits path runs."""
     hidden_pairs: list[list[int]] = field(default_factory=list)
     """Intermediate-state losses between [student_layer, teacher_layer] pairs: 0-based layer
     numbers of each model, the output of that transformer layer. Any pipeline layout works: a
@@ -422,6 +428,8 @@ class KDConfig:
         if self.kind not in ("forward", "reverse", "jsd"):
             raise ValueError(f"kd.kind={self.kind!r}: use forward, reverse or jsd")
         _at_least("kd", self, ("top_k", "chunk_tokens"), 1)
+        if not isinstance(self.fused_output, bool):
+            raise ValueError(f"kd.fused_output={self.fused_output!r} must be true or false")
         if self.temperature <= 0:
             raise ValueError(f"kd.temperature={self.temperature} must be > 0")
         for i, pair in enumerate(self.hidden_pairs):

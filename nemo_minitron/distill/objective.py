@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..runtime.forward import all_reduce_sum, sum_from_last_stage
+from ..runtime.selected_logits import OutputHidden
 from . import losses as L
 
 REPORTED = ("loss", "kd", "lm")
@@ -35,8 +36,24 @@ class Objective:
         """The teacher's top-k come with each batch (kd.teacher_cache): no teacher is built."""
         return self.kd is not None and bool(self.kd.teacher_cache)
 
+    @property
+    def fused_output(self) -> bool:
+        """Whether the pair should hand over final hidden states and output weights instead of
+        logits (kd.fused_output, with a live teacher and no LM term)."""
+        kd = self.kd
+        return (kd is not None and kd.fused_output and bool(kd.logit_weight)
+                and not kd.lm_weight and not self.cached)
+
     def _logit_term(self, student, teacher, batch, mask):
         kd = self.kd
+        if isinstance(student, OutputHidden):  # both output layers folded into the chunks
+            w_s, w_t = student.weight, teacher.weight
+            return L.fused_output_kl(student.states.to(w_s.dtype), w_s,
+                                     teacher.states.to(w_t.dtype), w_t,
+                                     temperature=kd.temperature, mask=mask,
+                                     tp_group=self.tp_group, vocab_size=self.vocab_size,
+                                     top_k=kd.top_k, kind=kd.kind,
+                                     chunk_tokens=kd.chunk_tokens or 0)[0]
         if self.cached:
             return L.cached_topk_kl(student, batch["cache_ids"], batch["cache_logp"],
                                     batch["cache_rest"], temperature=kd.temperature, mask=mask,
@@ -54,7 +71,7 @@ class Objective:
         student, teacher, extra = (output + (None,) * 3)[:3] if isinstance(output, tuple) \
             else (output, None, None)
         mask = batch["loss_mask"].float()
-        total = student.new_zeros((), dtype=torch.float32)
+        total = mask.new_zeros((), dtype=torch.float32)
         report = {}
         ntok = mask.sum()
         kd = self.kd
@@ -64,6 +81,8 @@ class Objective:
             report["kd"] = torch.stack([kd_sum.detach().float(), ntok])
         lm_weight = 1.0 if kd is None else kd.lm_weight
         if lm_weight:
+            if isinstance(student, OutputHidden):
+                student = student.logits()
             lm_sum, _ = L.lm_loss(student, batch["labels"], mask=mask, tp_group=self.tp_group,
                                   vocab_size=self.vocab_size)
             total = total + lm_weight * lm_sum

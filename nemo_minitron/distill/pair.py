@@ -23,8 +23,12 @@ import torch
 
 class DistillPair(torch.nn.Module):
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None,
-                 student_hidden: int, teacher_hidden: int, student_config, intermediate=None):
+                 student_hidden: int, teacher_hidden: int, student_config, intermediate=None,
+                 fused_output: bool = False):
         super().__init__()
+        # the last stage hands both models' final hidden states and output weights to the loss
+        # (kd.fused_output), which applies the output layers chunk by chunk
+        self.fused_output = fused_output and teacher is not None
         self.intermediate = intermediate  # IntermediateLosses of this stage, or None
         self.module = student  # DDP-wrapped student: what get_attr_wrapped_model unwraps to
         self.teacher = teacher
@@ -61,7 +65,11 @@ class DistillPair(torch.nn.Module):
 
     def forward(self, tokens, position_ids, attention_mask=None, loss_mask=None):
         inter = self.intermediate if self.teacher is not None else None
-        with inter.capturing() if inter is not None else contextlib.nullcontext():
+        last = self._unwrapped_student().post_process
+        fuse = self.fused_output and last
+        with inter.capturing() if inter is not None else contextlib.nullcontext(), \
+                _final_hidden(self.module, fuse) as s_sel, \
+                _final_hidden(self.teacher, fuse) as t_sel:
             student_out = self.module(tokens, position_ids, attention_mask)
             if self.teacher is None:
                 return student_out
@@ -69,9 +77,32 @@ class DistillPair(torch.nn.Module):
                 teacher_out = self.teacher(tokens, position_ids, attention_mask)
         extra = inter.local_loss(loss_mask) if inter is not None else None
         carry = inter.carry_out(student_out) if inter is not None else None
-        if self._unwrapped_student().post_process:
+        if last:
+            if fuse:
+                student_out, teacher_out = _both_or_logits(student_out, s_sel, teacher_out, t_sel)
             return student_out, teacher_out, extra
         if extra is not None:  # no loss function on this stage: the gradient rides on the output
             student_out = inter.attach(student_out, extra, self.config, loss_mask)
         parts = [student_out, teacher_out.to(student_out.dtype)]
         return torch.cat(parts + ([carry] if carry is not None else []), dim=-1)
+
+
+def _final_hidden(model, on: bool):
+    from ..runtime.selected_logits import final_hidden
+    return final_hidden(model) if on and model is not None else contextlib.nullcontext()
+
+
+def _both_or_logits(student_out, s_sel, teacher_out, t_sel):
+    """Both outputs as :class:`OutputHidden` where both output layers were bypassed; else both
+    as logits (a model whose output layer could not be bypassed keeps its logits)."""
+    from ..runtime.selected_logits import OutputHidden, hidden_or_logits
+
+    s, t = hidden_or_logits(student_out, s_sel), hidden_or_logits(teacher_out, t_sel)
+    if isinstance(s, OutputHidden) and isinstance(t, OutputHidden):
+        return s, t
+    if isinstance(s, OutputHidden):
+        s = s.logits()
+    if isinstance(t, OutputHidden):
+        with torch.no_grad():
+            t = t.logits()
+    return s, t

@@ -261,16 +261,16 @@ class Trainer:
             self.inter = inter_mod.IntermediateLosses(ispec, self.student, teacher, self.projections)
         self.inter_names = [] if ispec is None else \
             (["hidden"] if ispec.pairs else []) + (["emb"] if ispec.embedding_weight > 0 else [])
+        self.objective = Objective(self.src.kd, self.src.student.arch.vocab_size,
+                                   self.par.tp_group if self.par.tp > 1 else None)
         self.pair = DistillPair(ddp, teacher.model if teacher else None,
                                 self.student.arch.hidden_size,
                                 teacher.arch.hidden_size if teacher else 0, self.student.config,
-                                self.inter)
+                                self.inter, fused_output=self.objective.fused_output)
         cfg = self.pair.config
         cfg.no_sync_func = ddp.no_sync
         cfg.finalize_model_grads_func = lambda _chunks, *a, **k: finalize_model_grads([ddp], *a, **k)
         cfg.grad_scale_func = self.opt.scale_loss
-        self.objective = Objective(self.src.kd, self.src.student.arch.vocab_size,
-                                   self.par.tp_group if self.par.tp > 1 else None)
         self.fwd_bwd = get_forward_backward_func()
         self.logger = Logger(self.run_dir, self.tr.tensorboard, self.tr.wandb,
                              {"train": vars(self.tr)}, on=self.par.is_rank0)

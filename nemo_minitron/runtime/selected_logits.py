@@ -46,6 +46,25 @@ class Selected:
         return F.linear(picked.to(self.weight.dtype), self.weight)
 
 
+class OutputHidden:
+    """A last stage's output under :func:`final_hidden` when the output layer was bypassed:
+    ``states`` [b, s, h] (the output layer's input, possibly upcast by a wrapper) and the
+    ``weight`` [V/tp, h] the layer would have applied."""
+
+    def __init__(self, states: torch.Tensor, weight: torch.Tensor):
+        self.states, self.weight = states, weight
+
+    def logits(self) -> torch.Tensor:
+        """The [b, s, V/tp] logits the output layer would have returned (no gather)."""
+        return F.linear(self.states.to(self.weight.dtype), self.weight)
+
+
+def hidden_or_logits(out: torch.Tensor, sel: Selected):
+    """``out`` of a forward under :func:`final_hidden` as an :class:`OutputHidden` where the
+    output layer was bypassed, else as the logits it already is."""
+    return out if sel.weight is None else OutputHidden(out, sel.weight)
+
+
 @contextlib.contextmanager
 def final_hidden(model: torch.nn.Module):
     """While active, ``model`` (a megatron GPTModel, possibly wrapped) returns final hidden states
