@@ -279,7 +279,12 @@ def test_fused_output_kl_matches_materialised_logits(kw):
         assert cnt.item() == mask.sum().item()
 
 
-def test_fused_bf16_accumulates_weight_grad_in_fp32():
+@pytest.mark.parametrize("group_bytes", [None, 2 * V * 7])
+def test_fused_bf16_weight_grad_follows_fp32(group_bytes, monkeypatch):
+    """bf16 weights: the chunks' logit gradients go into one bf16 weight-gradient matmul, or (a
+    small buffer of 7 rows against chunks of 3) into several whose products are summed in fp32."""
+    if group_bytes is not None:
+        monkeypatch.setattr(L, "_GRAD_W_BYTES", group_bytes)
     hs, ws, ht, wt, mask = _fused_setup(13, dtype=torch.bfloat16)
     val, _ = L.fused_output_kl(hs, ws, ht, wt, mask=mask, chunk_tokens=3)
     val.backward()
@@ -290,6 +295,7 @@ def test_fused_bf16_accumulates_weight_grad_in_fp32():
     r.backward()
     assert abs(val.item() - r.item()) < 0.02 * r.item()
     assert_close(ws.grad, ws32.grad, 2e-2, "bf16 weight grad")
+    assert_close(hs.grad, hs32.grad, 2e-2, "bf16 hidden grad")
 
 
 @pytest.mark.parametrize("kind", ["cosine", "mse"])

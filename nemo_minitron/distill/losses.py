@@ -307,20 +307,77 @@ class _ChunkedLoss(torch.autograd.Function):
         return (None, None, None, grad.mul_(g.to(grad.dtype))) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
+_GRAD_W_BYTES = 1 << 28
+"""Lower-precision output weights: the chunks' logit gradients are gathered, up to this many bytes,
+into one weight-gradient matmul (a chunk's [V, c] @ [c, h] product alone is memory-bound)."""
+
+
+class _WeightGrad:
+    """``grad_W = sum over chunks of g_z.T @ h`` of the fused output layer.
+
+    fp32 (or wider) weights: one ``addmm_`` per chunk into the gradient. Lower precision: the
+    chunks' ``g_z`` are copied into a buffer in the weight's dtype, up to :data:`_GRAD_W_BYTES`,
+    and each full buffer is one matmul in that dtype (fp32 accumulation inside the kernel, as the
+    output layer's own backward does); the products of several buffers are summed in fp32.
+    """
+
+    def __init__(self, weight: torch.Tensor, hidden: torch.Tensor, chunk_rows: int):
+        self.dtype, self.h = weight.dtype, hidden
+        self.acc = torch.promote_types(weight.dtype, torch.float32)
+        self.low = self.acc != weight.dtype
+        self.sum, self.parts = None, 0
+        if self.low:
+            v = weight.shape[0]
+            rows = min(hidden.shape[0], max(chunk_rows, _GRAD_W_BYTES // (v * weight.element_size())))
+            self.buf = torch.empty(rows, v, dtype=weight.dtype, device=weight.device)
+            self.start = self.fill = 0
+        else:
+            self.sum = torch.zeros(weight.shape, dtype=self.acc, device=weight.device)
+
+    def add(self, i: int, j: int, gz: torch.Tensor) -> None:
+        """The chunk of tokens [i, j) (chunks come in order) with its logit gradient ``gz``."""
+        if not self.low:
+            self.sum.addmm_(gz.t().to(self.acc), self.h[i:j].to(self.acc))
+            return
+        if self.fill + (j - i) > self.buf.shape[0]:
+            self._flush()
+        self.buf[self.fill:self.fill + j - i].copy_(gz)
+        self.fill += j - i
+
+    def _flush(self) -> None:
+        if not self.fill:
+            return
+        part = self.buf[:self.fill].t() @ self.h[self.start:self.start + self.fill]
+        self.parts += 1
+        if self.sum is None:
+            self.sum = part
+        else:
+            self.sum = (self.sum.to(self.acc) if self.parts == 2 else self.sum).add_(part)
+        self.start += self.fill
+        self.fill = 0
+
+    def result(self) -> torch.Tensor:
+        if self.low:
+            self._flush()
+            self.buf = None
+        return self.sum.to(self.dtype)
+
+
 class _FusedOutputLoss(torch.autograd.Function):
     """Chunked ``fn(h_s[chunk] @ W_s.T, h_t[chunk] @ W_t.T, w[chunk])``; gradients for h_s and W_s
-    accumulated chunk by chunk (``grad_W += g_z.T @ h``), the h_s one all-reduced over ``group``
+    accumulated chunk by chunk (``grad_W += g_z.T @ h``, see :class:`_WeightGrad`), the h_s one
+    all-reduced over ``group``
     (h_s is replicated over TP ranks, as the input of megatron's ColumnParallelLinear is)."""
 
     @staticmethod
     def forward(ctx, fn, chunk, group, h_s, w_s, h_t, w_t, w):
         need_h, need_w = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         need = need_h or need_w
-        acc = torch.promote_types(w_s.dtype, torch.float32)
         grad_h = torch.empty_like(h_s) if need_h else None
-        grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if need_w else None
+        steps = list(_chunks(h_s.shape[0], chunk))
+        grad_w = _WeightGrad(w_s, h_s, max((j - i for i, j in steps), default=1)) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        for i, j in _chunks(h_s.shape[0], chunk):
+        for i, j in steps:
             zt = h_t[i:j] @ w_t.t()
             zs = h_s[i:j] @ w_s.t()
             val, gz = fn(zs, zt, w[i:j], want_grad=need, owned=True)
@@ -328,13 +385,13 @@ class _FusedOutputLoss(torch.autograd.Function):
             if need_h:
                 grad_h[i:j].copy_(gz.to(w_s.dtype) @ w_s)
             if need_w:
-                grad_w.addmm_(gz.t().to(acc), h_s[i:j].to(acc))
+                grad_w.add(i, j, gz)
             del gz
             total += val
         _all_reduce_(total, group)
         if need_h:
             _all_reduce_(grad_h, group)
-        ctx.grads = (grad_h, grad_w.to(w_s.dtype) if need_w else None)
+        ctx.grads = (grad_h, grad_w.result() if need_w else None)
         return total
 
     @staticmethod
@@ -454,8 +511,9 @@ def fused_output_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     ``teacher_weight [V_local, h_t]``: this rank's vocabulary shard of the output layers (same
     padding for both). Gradients reach ``student_hidden`` (all-reduced over ``tp_group``, as
     megatron's ColumnParallelLinear does for its replicated input) and ``student_weight`` (this
-    rank's shard, accumulated in fp32 when the weight is in lower precision); the matmuls run in
-    the inputs' dtype, the loss in fp32. ``chunk_tokens=None`` picks ``2^22 / V_local`` tokens
+    rank's shard; in lower precision the logit gradients of up to 256 MiB of chunks go into one
+    matmul in the weight's dtype, and several such products are summed in fp32); the matmuls run
+    in the inputs' dtype, the loss in fp32. ``chunk_tokens=None`` picks ``2^22 / V_local`` tokens
     (at least 16): about 16 MiB per fp32 chunk buffer, 85 tokens for a 49152 vocabulary. The other
     arguments are those of :func:`logits_kl`.
     """
