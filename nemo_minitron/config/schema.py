@@ -391,8 +391,9 @@ class KDConfig:
     """Weight of an added LM (next-token cross-entropy) loss on the student."""
     fused_output: bool = True
     """Fold both models' output layers into the logit-loss chunks: the [tokens, vocab] logits of
-    neither model are ever materialised (nor transposed, nor their gradient), only chunk_tokens
-    rows at a time. Same loss and gradients to round-off. Applies with a live teacher and
+    neither model are ever materialised (nor transposed), only chunk_tokens rows at a time (bf16
+    weights: their logit gradients are gathered, at most 256 MiB, for one weight-gradient
+    matmul). Same loss and gradients to round-off. Applies with a live teacher and
     kd.lm_weight=0; elsewhere (and where the output layer cannot be bypassed: sequence
     parallelism, a biased or gathering output layer) the logits path runs."""
     hidden_pairs: list[list[int]] = field(default_factory=list)
