@@ -142,21 +142,22 @@ def test_cross_stage_pairs_follow_single_process_at_pp2(models, layout_rows, sin
         assert_follows(layout_rows[name], ref, ref_val, keys)
 
 
-def fused_vs_logits(t, student, monkeypatch):
-    """Single-process runs of the logit loss alone with kd.fused_output off and on (default):
-    (logits rows, logits val loss, fused row in layout form); asserts which path each one took."""
+def fused_vs_logits(t, student, monkeypatch, keys=("loss", "grad_norm"), tag="", **kd):
+    """Single-process runs of the logit loss alone (plus ``kd``) with kd.fused_output off and on
+    (default): (logits rows, logits val loss, fused row in layout form); asserts which path each
+    one took."""
     from nemo_minitron.distill import losses as L
 
     calls = []
     real = L.fused_output_kl
     monkeypatch.setattr(L, "fused_output_kl", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ref, ref_val = reference(t, f"ref_{student}_logits", student, lm_weight=0.0,
-                             fused_output=False)
+    ref, ref_val = reference(t, f"ref_{student}{tag}_logits", student, lm_weight=0.0,
+                             fused_output=False, **kd)
     assert not calls
-    rows, val = reference(t, f"ref_{student}_fused", student, lm_weight=0.0)
+    rows, val = reference(t, f"ref_{student}{tag}_fused", student, lm_weight=0.0, **kd)
     assert len(calls) == 3 * 4  # every micro-batch (3 steps x 4) went through the fused loss
-    return ref, ref_val, {"layout": f"{student}_fused", "val_loss": val,
-                          **series(rows, ("loss", "grad_norm"))}
+    return ref, ref_val, {"layout": f"{student}{tag}_fused", "val_loss": val,
+                          **series(rows, keys)}
 
 
 @pytest.mark.multirank
@@ -170,6 +171,18 @@ def test_fused_output_layer_follows_the_logits_path(models, layout_rows, single_
     assert [r["loss"] for r in ref if "loss" in r][-1] < ref[0]["loss"]
     for row in (fused, layout_rows["tp2_fused"], layout_rows["pp2_fused"]):
         assert_follows(row, ref, ref_val)
+
+
+def test_fused_output_layer_with_intermediate_losses(models, monkeypatch):
+    """Hidden-state and embedding losses next to the fused logit loss (dynamic alpha reads the
+    logit term): the same losses, gradient norm and alpha as on the logits path."""
+    from tests.workers.distill_layouts import DYNAMIC_KD
+
+    keys = ("loss", "grad_norm", "hidden", "emb", "alpha")
+    ref, ref_val, fused = fused_vs_logits(models, "student", monkeypatch, keys, "_hidden",
+                                          **DYNAMIC_KD)
+    assert all(r["hidden"] > 0.1 for r in ref if "hidden" in r)
+    assert_follows(fused, ref, ref_val, keys)
 
 
 def test_fused_output_layer_with_tied_embeddings_and_padded_vocabulary(tmp_path, monkeypatch):
