@@ -68,7 +68,7 @@ class DistillPair(torch.nn.Module):
         last = self._unwrapped_student().post_process
         fuse = self.fused_output and last
         with inter.capturing() if inter is not None else contextlib.nullcontext(), \
-                _final_hidden(self.module, fuse) as s_sel, \
+                _final_hidden(self._unwrapped_student(), fuse) as s_sel, \
                 _final_hidden(self.teacher, fuse) as t_sel:
             student_out = self.module(tokens, position_ids, attention_mask)
             if self.teacher is None:
