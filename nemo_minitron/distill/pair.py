@@ -3,7 +3,9 @@
 Both models have the same TP/PP layout, so pipeline stage k of the pair holds stage k of each.
 Between stages the pair passes one tensor, ``cat([student_hidden, teacher_hidden], dim=-1)``
 (the schedule sizes its p2p buffers from ``config.hidden_size``, which is set to the sum); the
-last stage returns both models' logits. The teacher runs under ``no_grad`` in eval mode, so
+last stage returns both models' logits, or with ``fused_output`` (kd.fused_output) their final
+hidden states and output weights as :class:`~..runtime.selected_logits.OutputHidden`, which the
+logit loss multiplies chunk by chunk. The teacher runs under ``no_grad`` in eval mode, so
 backward only reaches the student and the teacher's slice of every received gradient is zero.
 
 With intermediate losses (:mod:`.intermediate`) each stage also computes the hidden-state losses
