@@ -158,6 +158,7 @@ def eval_inputs(job, dp: int, src: ckpt.Checkpoint | None = None) -> None:
     ``src``'s tokenizer, when it has one: a choice that tokenises to nothing cannot be scored."""
     need_samples(job.data, "valid", job.eval.micro_batch_size * dp,
                  "eval.micro_batch_size x ranks needs")
+    tok = None  # loaded once, for the first user task
     for name in job.eval.tasks or ():
         try:
             items = load_task(name, job.eval.limit, job.eval.num_fewshot, job.eval.fewshot_seed)
@@ -166,15 +167,16 @@ def eval_inputs(job, dp: int, src: ckpt.Checkpoint | None = None) -> None:
                 raise
             raise type(e)(f"eval.tasks: {name}: {e}") from e
         if name.startswith("jsonl:") and src is not None and src.has_tokenizer:
-            scorable(name, items, src)
+            tok = tok or src.tokenizer()
+            scorable(name, items, tok)
 
 
-def scorable(name: str, items, src: ckpt.Checkpoint) -> None:
-    """Every choice of a user's task adds at least one token after its context (a file is
-    small: tokenising it costs less than a second; the built-in tasks are known to pass)."""
+def scorable(name: str, items, tok) -> None:
+    """Every choice of a user's task adds at least one token after its context with tokenizer
+    ``tok`` (a file is small: tokenising it costs less than a second; the built-in tasks are
+    known to pass)."""
     from .evaluate.multiple_choice import encode_requests
 
-    tok = src.tokenizer()
     for i, item in enumerate(items):
         try:
             encode_requests(tok, item.requests())
@@ -440,14 +442,14 @@ CHECKS = {"import": import_, "export": export, "data": data, "evaluate": evaluat
           "pipeline": pipeline, "teacher_cache": teacher_cache}
 
 
+# what output= names, where it is not a directory to create: data writes <output>.bin/.idx,
+# evaluate the results JSON itself
+OUTPUT_KINDS = {"data": "prefix", "evaluate": "file"}
+
+
 def check(stage: str, job) -> None:
     """Raise ValueError/OSError naming the field or file when ``job`` cannot run."""
     out = getattr(job, "output", None) or (job.model.checkpoint if stage == "import" else None)
     if out:
         atomic.check_output_place(out, OUTPUT_KINDS.get(stage, "dir"))
     CHECKS[stage](job)
-
-
-# what output= names, where it is not a directory to create: data writes <output>.bin/.idx,
-# evaluate the results JSON itself
-OUTPUT_KINDS = {"data": "prefix", "evaluate": "file"}

@@ -325,7 +325,7 @@ class _WeightGrad:
         self.dtype, self.h = weight.dtype, hidden
         self.acc = torch.promote_types(weight.dtype, torch.float32)
         self.low = self.acc != weight.dtype
-        self.sum, self.parts = None, 0
+        self.sum = None
         if self.low:
             v = weight.shape[0]
             rows = min(hidden.shape[0], max(chunk_rows, _GRAD_W_BYTES // (v * weight.element_size())))
@@ -348,11 +348,10 @@ class _WeightGrad:
         if not self.fill:
             return
         part = self.buf[:self.fill].t() @ self.h[self.start:self.start + self.fill]
-        self.parts += 1
-        if self.sum is None:
+        if self.sum is None:  # one buffer's product is the gradient as it is
             self.sum = part
-        else:
-            self.sum = (self.sum.to(self.acc) if self.parts == 2 else self.sum).add_(part)
+        else:  # from the second on, summed in fp32
+            self.sum = self.sum.to(self.acc).add_(part)
         self.start += self.fill
         self.fill = 0
 
@@ -374,10 +373,9 @@ class _FusedOutputLoss(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         need = need_h or need_w
         grad_h = torch.empty_like(h_s) if need_h else None
-        steps = list(_chunks(h_s.shape[0], chunk))
-        grad_w = _WeightGrad(w_s, h_s, max((j - i for i, j in steps), default=1)) if need_w else None
+        grad_w = _WeightGrad(w_s, h_s, chunk or h_s.shape[0]) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        for i, j in steps:
+        for i, j in _chunks(h_s.shape[0], chunk):
             zt = h_t[i:j] @ w_t.t()
             zs = h_s[i:j] @ w_s.t()
             val, gz = fn(zs, zt, w[i:j], want_grad=need, owned=True)

@@ -47,9 +47,8 @@ class Objective:
     def _logit_term(self, student, teacher, batch, mask):
         kd = self.kd
         if isinstance(student, OutputHidden):  # both output layers folded into the chunks
-            w_s, w_t = student.weight, teacher.weight
-            return L.fused_output_kl(student.states.to(w_s.dtype), w_s,
-                                     teacher.states.to(w_t.dtype), w_t,
+            return L.fused_output_kl(student.hidden, student.weight,
+                                     teacher.hidden, teacher.weight,
                                      temperature=kd.temperature, mask=mask,
                                      tp_group=self.tp_group, vocab_size=self.vocab_size,
                                      top_k=kd.top_k, kind=kd.kind,

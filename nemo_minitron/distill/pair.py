@@ -67,10 +67,11 @@ class DistillPair(torch.nn.Module):
 
     def forward(self, tokens, position_ids, attention_mask=None, loss_mask=None):
         inter = self.intermediate if self.teacher is not None else None
-        last = self._unwrapped_student().post_process
+        gpt = self._unwrapped_student()
+        last = gpt.post_process
         fuse = self.fused_output and last
         with inter.capturing() if inter is not None else contextlib.nullcontext(), \
-                _final_hidden(self._unwrapped_student(), fuse) as s_sel, \
+                _final_hidden(gpt, fuse) as s_sel, \
                 _final_hidden(self.teacher, fuse) as t_sel:
             student_out = self.module(tokens, position_ids, attention_mask)
             if self.teacher is None:

@@ -54,9 +54,14 @@ class OutputHidden:
     def __init__(self, states: torch.Tensor, weight: torch.Tensor):
         self.states, self.weight = states, weight
 
+    @property
+    def hidden(self) -> torch.Tensor:
+        """``states`` in the weight's dtype, as the output layer would read them."""
+        return self.states.to(self.weight.dtype)
+
     def logits(self) -> torch.Tensor:
         """The [b, s, V/tp] logits the output layer would have returned (no gather)."""
-        return F.linear(self.states.to(self.weight.dtype), self.weight)
+        return F.linear(self.hidden, self.weight)
 
 
 def hidden_or_logits(out: torch.Tensor, sel: Selected):
