@@ -19,7 +19,7 @@ from .artifacts.pipeline_files import STAGE_SECONDS, write_summary
 from .artifacts.search_files import CHOSEN, read_chosen
 from .config.schema import (DistillJob, FinetuneJob, PruneJob, RoundConfig, SearchJob)
 from .convert import checkpoint as ckpt
-from .report.judge import mean_retained, task_rows
+from .report.judge import mean_retained, mean_retained_stderr, task_rows
 from .runs import Steps, complete, on_rank0, with_checkpoint
 from .search import shared_cache
 
@@ -181,8 +181,10 @@ def write_pipeline_report(out: Path, summary: dict) -> None:
         m = mean_retained(r["task_table"], "distilled")
         if m is not None:
             a = mean_retained(r.get("task_table_acc") or [], "distilled")
-            log.info("%s: distilled student keeps %.2f of the teacher's above-chance accuracy "
+            e = mean_retained_stderr(r["task_table"], "distilled")
+            log.info("%s: distilled student keeps %.2f%s of the teacher's above-chance accuracy "
                      "(acc_norm, mean over %s%s)", r["name"], m,
+                     "" if e is None else f" ± {e:.2f}",
                      ", ".join(t["task"] for t in r["task_table"]),
                      "" if a is None else f"; {a:.2f} on plain acc")
     log.info("pipeline done in %.0f s; report: %s", summary["seconds"], out / "report.md")

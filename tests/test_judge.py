@@ -5,6 +5,7 @@ project's own scorer (`multiple_choice.accuracy`) from items with known answers.
 import math
 
 import pytest
+import torch
 
 from nemo_minitron.artifacts.evaluation import write_eval
 from nemo_minitron.report import judge
@@ -87,6 +88,41 @@ def test_task_rows_retained_ratio():
     assert piqa["stderr"]["teacher"] == pytest.approx(math.sqrt(0.75 * 0.25 / 39))
 
 
+def err(p: float, n: int = 40) -> float:
+    return math.sqrt(p * (1 - p) / (n - 1))
+
+
+def rse(s: float, t: float, c: float) -> float:
+    """First-order standard error of (s - c) / (t - c) over 40 items each."""
+    return math.sqrt(err(s) ** 2 + ((s - c) / (t - c) * err(t)) ** 2) / (t - c)
+
+
+def test_retained_stderr_matches_resampling():
+    """The ratio's first-order error against its spread over 4000 independent draws of both
+    accuracies (binomial, 300 items, a teacher 0.15 above chance, as on the embedded default)."""
+    gen = torch.Generator().manual_seed(0)
+    n, c, pt, ps = 300, 0.25, 0.40, 0.32
+    t = torch.binomial(torch.full((4000,), float(n)), torch.full((4000,), pt), generator=gen) / n
+    s = torch.binomial(torch.full((4000,), float(n)), torch.full((4000,), ps), generator=gen) / n
+    spread = ((s - c) / (t - c)).std().item()
+    got = judge.retained_stderr(ps, judge.stderr(ps, n), pt, judge.stderr(pt, n), c)
+    assert got == pytest.approx(spread, rel=0.15)
+    assert 0.15 < got < 0.3  # what makes 300 items a coarse measure of retention
+    assert judge.retained_stderr(0.3, None, 0.4, 0.02, 0.25) is None
+    assert judge.retained_stderr(0.3, 0.02, 0.25, 0.02, 0.25) is None  # teacher at chance
+
+
+def test_mean_retained_stderr():
+    rows = judge.task_rows(EVALS)
+    one = [rse(18 / 40, 26 / 40, 0.25), rse(25 / 40, 30 / 40, 0.5)]
+    by = {r["task"]: r for r in rows}
+    assert by["arc_easy"]["retained_stderr"]["distilled"] == pytest.approx(one[0])
+    assert judge.mean_retained_stderr(rows, "distilled") == pytest.approx(
+        math.sqrt(one[0] ** 2 + one[1] ** 2) / 2)
+    assert judge.mean_retained_stderr(rows, "teacher") is None
+    assert judge.fmt_ratio(0.354, 0.1049) == "0.35 ± 0.10"
+
+
 def test_evaluate_report_shows_stderr_and_chance(tmp_path):
     r = EVALS["distilled"]
     text = evaluate_report(tmp_path / "report.md", r).read_text()
@@ -106,11 +142,12 @@ def test_pipeline_report_shows_retained(tmp_path):
     text = write_report(tmp_path, summary).read_text()
     rows = [r for r in table(text) if "retained (distilled)" in r]
     by = {r["task"]: r for r in rows}
-    assert by["arc_easy"]["retained (distilled)"] == "0.50"
+    assert by["arc_easy"]["retained (distilled)"] == f"0.50 ± {rse(18 / 40, 26 / 40, 0.25):.2f}"
     assert by["piqa"]["teacher acc_norm"] == f"0.750 ± {math.sqrt(0.75 * 0.25 / 39):.3f}"
     assert by["piqa"]["chance"] == "0.50"
-    assert by["**mean**"]["retained (distilled)"] == "**0.50**"
-    assert by["**mean**"]["retained (pruned)"] == "**-0.16**"  # (-0.125 - 0.2) / 2
+    mean_err = judge.mean_retained_stderr(summary["rounds"][0]["task_table"], "distilled")
+    assert by["**mean**"]["retained (distilled)"] == f"**0.50 ± {mean_err:.2f}**"
+    assert by["**mean**"]["retained (pruned)"].startswith("**-0.16 ± ")  # (-0.125 - 0.2) / 2
 
 
 def apart(acc_right: int, norm_right: int, n: int, k: int = 4) -> dict:
@@ -142,10 +179,12 @@ def test_pipeline_report_shows_retained_on_plain_acc(tmp_path):
         "task_table": judge.task_rows(evals), "task_table_acc": judge.task_rows(evals, "acc")}]}
     text = write_report(tmp_path, summary).read_text()
     by = {r["task"]: r for r in table(text) if "task" in r}
-    assert by["arc_easy"]["retained (distilled)"] == "0.50"  # (0.45 - 0.25) / (0.65 - 0.25)
+    # (0.45 - 0.25) / (0.65 - 0.25)
+    assert by["arc_easy"]["retained (distilled)"] == f"0.50 ± {rse(18 / 40, 26 / 40, 0.25):.2f}"
     # (0.625 - 0.25) / (0.8 - 0.25) = 0.68 on acc
+    acc_err = rse(25 / 40, 32 / 40, 0.25)
     assert "Retained on plain acc (no length normalisation): distilled arc_easy 0.68, mean " \
-           "**0.68**." in text
+           f"**0.68 ± {acc_err:.2f}**." in text
 
 
 def test_minitron_report_task_table(tmp_path):
@@ -159,6 +198,8 @@ def test_minitron_report_task_table(tmp_path):
     tasks = [r for r in table(text) if "retained" in r]
     by = {r["task"]: r for r in tasks}
     assert by["arc_easy"]["acc_norm (final)"] == f"0.450 ± {math.sqrt(0.45 * 0.55 / 39):.3f}"
+    pair = [rse(18 / 40, 26 / 40, 0.25), rse(25 / 40, 30 / 40, 0.5)]
     assert (by["arc_easy"]["retained"], by["piqa"]["retained"], by["**mean**"]["retained"]) == \
-        ("0.50", "0.50", "**0.50**")
+        (f"0.50 ± {pair[0]:.2f}", f"0.50 ± {pair[1]:.2f}",
+         f"**0.50 ± {math.sqrt(pair[0] ** 2 + pair[1] ** 2) / 2:.2f}**")
     assert by["piqa"]["acc_norm (pruned)"].startswith("0.450 ± ")

@@ -26,7 +26,7 @@ from ..artifacts.metrics import METRICS, read_metrics
 from ..artifacts.pipeline_files import PipelineSummary, RoundRecord, SUMMARY, read_summary
 from ..artifacts.reports import write_markdown
 from ..convert.checkpoint import ARCH
-from .judge import fmt_acc, fmt_ratio, mean_retained, task_rows
+from .judge import fmt_acc, fmt_ratio, mean_retained, mean_retained_stderr, task_rows
 from .plots import plot_loss_curves
 
 WHO = ("teacher", "pruned", "final")  # validation-loss columns
@@ -230,11 +230,13 @@ def task_table(rows: list[Row]) -> str:
             lines.append("| " + " | ".join(
                 [r.run.replace("|", "\\|"), t["task"], str(t["n"] or "—"), fmt_ratio(t["chance"])]
                 + [fmt_acc(t["acc"].get(w), t["stderr"].get(w)) for w in who]
-                + [fmt_ratio(t["retained"].get("final"))]) + " |")
+                + [fmt_ratio(t["retained"].get("final"),
+                             t.get("retained_stderr", {}).get("final"))]) + " |")
         m = mean_retained(r.task_table, "final")
         if m is not None:
+            mean = fmt_ratio(m, mean_retained_stderr(r.task_table, "final"))
             lines.append("| " + " | ".join([r.run.replace("|", "\\|"), "**mean**", "", ""]
-                                           + [""] * len(who) + [f"**{fmt_ratio(m)}**"]) + " |")
+                                           + [""] * len(who) + [f"**{mean}**"]) + " |")
     return "\n".join(lines)
 
 
@@ -256,8 +258,8 @@ def write_comparison(paths, output="report_compare.md") -> tuple[Path, Path | No
     if _judged(rows):
         lines += ["## Downstream tasks", "", task_table(rows), "",
                   "acc_norm ± its standard error over the items; chance: accuracy of guessing "
-                  "(mean of 1/choices); retained = (acc_final − chance) / (acc_teacher − chance), "
-                  "for runs that evaluated their teacher.", ""]
+                  "(mean of 1/choices); retained = (acc_final − chance) / (acc_teacher − chance) ± "
+                  "its standard error, for runs that evaluated their teacher.", ""]
     if curves:
         png = plot_loss_curves(curves, out.with_suffix(".png"),
                                title="training (lines) and validation (markers) loss")

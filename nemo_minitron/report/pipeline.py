@@ -5,10 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifacts.reports import write_markdown
-from .judge import fmt_acc, fmt_ratio, mean_retained
+from .judge import fmt_acc, fmt_ratio, mean_retained, mean_retained_stderr
 from .plots import plot_training
 
 WHO = ("teacher", "pruned", "distilled")
+
+
+def mean_text(rows: list[dict], who: str) -> str:
+    """``0.35 ± 0.10``: the mean retained ratio over the tasks and its standard error."""
+    return fmt_ratio(mean_retained(rows, who), mean_retained_stderr(rows, who))
 
 
 def task_section(rows: list[dict]) -> list[str]:
@@ -22,15 +27,17 @@ def task_section(rows: list[dict]) -> list[str]:
     for r in rows:
         cells = ([r["task"], str(r["n"] or "—"), fmt_ratio(r["chance"])]
                  + [fmt_acc(r["acc"].get(w), r["stderr"].get(w)) for w in who]
-                 + [fmt_ratio(r["retained"].get(w)) for w in students])
+                 + [fmt_ratio(r["retained"].get(w), r.get("retained_stderr", {}).get(w))
+                    for w in students])
         lines.append("| " + " | ".join(cells) + " |")
     if students:
         cells = (["**mean**", "", ""] + [""] * len(who)
-                 + [f"**{fmt_ratio(mean_retained(rows, w))}**" for w in students])
+                 + [f"**{mean_text(rows, w)}**" for w in students])
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "acc_norm ± its standard error over the items; chance: accuracy of guessing "
                   "(mean of 1/choices); retained = (acc − chance) / (acc_teacher − chance): 1 keeps "
-                  "the teacher's skill, 0 is guessing.", ""]
+                  "the teacher's skill, 0 is guessing; ± its standard error (the two accuracies' "
+                  "errors carried through the ratio), which on a few hundred items is wide.", ""]
     return lines
 
 
@@ -43,7 +50,7 @@ def acc_line(rows: list[dict] | None) -> list[str]:
     parts = []
     for w in students:
         per = ", ".join(f"{r['task']} {fmt_ratio(r['retained'].get(w))}" for r in rows)
-        parts.append(f"{w} {per}, mean **{fmt_ratio(mean_retained(rows, w))}**")
+        parts.append(f"{w} {per}, mean **{mean_text(rows, w)}**")
     return ["Retained on plain acc (no length normalisation): " + "; ".join(parts) + ".", ""]
 
 
