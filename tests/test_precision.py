@@ -15,6 +15,28 @@ def test_auto_dtype_from_cpu_flags(cpuinfo, want):
     assert precision.auto_dtype(cuda=False, cpuinfo=cpuinfo) == want
 
 
+def test_auto_reason_names_what_decided():
+    assert "natively" in precision.auto_reason(cuda=False, cpuinfo=ZEN4)
+    assert "twice the time" in precision.auto_reason(cuda=False, cpuinfo=SKYLAKE)
+
+
+def test_the_cli_says_what_auto_became(caplog):
+    """A user whose laptop runs the default pipeline in fp32 learns why it is slow, up front."""
+    import logging
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from nemo_minitron.cli.main import say_auto_dtype
+
+    job = SimpleNamespace(model=ModelConfig(dtype="auto"))
+    with caplog.at_level(logging.INFO, logger="nemo_minitron"):
+        say_auto_dtype(OmegaConf.create({"model": {"dtype": "auto"}}), job)
+        say_auto_dtype(OmegaConf.create({"model": {"dtype": "fp32"}}), job)  # chosen: no line
+    assert caplog.messages == [f"model.dtype=auto -> {precision.auto_dtype()}: "
+                               f"{precision.auto_reason()}"]
+
+
 def test_model_config_resolves_auto_to_this_machine():
     assert ModelConfig(dtype="auto").dtype == precision.auto_dtype()
     assert ModelConfig(dtype="fp32").dtype == "fp32"

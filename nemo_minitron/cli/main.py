@@ -116,6 +116,7 @@ def hydra_app(stage: str):
         except (ValueError, OSError) as e:
             _fail(stage, e)
         run_fn = STAGES[stage].function()
+        say_auto_dtype(cfg, job)
         if stage in RUN_DIR_STAGES:
             record_run(stage, cfg, job.output)
         ok = False
@@ -141,6 +142,20 @@ def hydra_app(stage: str):
                 dist.shutdown()
 
     return _main()
+
+
+def say_auto_dtype(cfg, job) -> None:
+    """One line (rank 0) on what ``model.dtype=auto`` became here and why: the same command runs
+    bf16 on one machine and fp32, about twice as long, on another."""
+    model = cfg.get("model") if hasattr(cfg, "get") else None
+    if model is None or model.get("dtype") != "auto":
+        return
+    from ..runtime import dist
+    from ..runtime.precision import auto_reason
+
+    if dist.read_env().rank == 0:
+        logging.getLogger("nemo_minitron").info("model.dtype=auto -> %s: %s", job.model.dtype,
+                                                auto_reason())
 
 
 # Stages whose output is a run directory that grows over resumed invocations: each invocation's

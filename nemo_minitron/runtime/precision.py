@@ -48,6 +48,18 @@ def auto_dtype(cuda: bool | None = None, cpuinfo: str | None = None) -> str:
     return "bf16" if cpu_has_fast_bf16(cpuinfo) else "fp32"
 
 
+def auto_reason(cuda: bool | None = None, cpuinfo: str | None = None) -> str:
+    """Why :func:`auto_dtype` chose what it did, in words a user can act on."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda:
+        return ("the GPU multiplies bf16 natively" if torch.cuda.is_bf16_supported()
+                else "the GPU has no native bf16")
+    if cpu_has_fast_bf16(cpuinfo):
+        return "this CPU multiplies bf16 natively (AMX or AVX512-BF16)"
+    return ("this CPU has no bf16 matmul units (AMX, AVX512-BF16), where bf16 is emulated and "
+            "slower than fp32; expect about twice the time of a CPU that has them")
+
+
 def resolve(dtype: str) -> str:
     """``auto`` -> :func:`auto_dtype`; an explicit dtype is kept."""
     return auto_dtype() if dtype == "auto" else dtype
