@@ -9,7 +9,9 @@ from the last stage's logits (only the continuation positions, never the full vo
 the output layer itself runs on those positions alone, :mod:`..runtime.selected_logits`).
 
 Requests that feed the model the very same tokens (``" A"``..``" D"`` after one MMLU prompt) share
-one row. Rows are sorted longest first, each data-parallel rank forwards a strided slice of them
+one row; where the model allows it, so do all continuations of one context (the context read once,
+each continuation after it with its own positions and a mask that keeps the others out of sight:
+:mod:`.rows`, :mod:`..runtime.shared_context`). Rows are sorted longest first, each data-parallel rank forwards a strided slice of them
 in micro-batches padded on the right (causal attention: padding never reaches a scored position),
 and the per-request sums are all-reduced so every rank returns every score. Under expert
 parallelism the dispatcher gathers equal-shaped tokens from every expert-parallel rank, so every
@@ -24,6 +26,7 @@ each continuation's log-probability and whether greedy decoding would have produ
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Sequence
 
@@ -35,6 +38,8 @@ from ..runtime.forward import (all_reduce_sum, mask_padded_vocab, on_device, run
 from ..runtime.parallel import Parallel, current
 from ..runtime.selected_logits import Selected, final_hidden
 from ..report.judge import chance, stderr
+from ..runtime.shared_context import rope_follows_position_ids, supported
+from .rows import build_rows, make_batch
 from .tasks import Item, load_task, resolved_split
 
 PP_SEQ_BUCKET = 64  # under pipeline parallelism a run needs one micro-batch shape: round lengths
@@ -82,45 +87,6 @@ def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]
     return out
 
 
-def _rows(encoded, max_length: int):
-    """Deduplicate model inputs: returns (rows: list[list[int]], per request (row, cont_ids))."""
-    index: dict[tuple, int] = {}
-    rows, owners = [], []
-    for ctx_ids, cont_ids in encoded:
-        if len(cont_ids) > max_length:
-            raise ValueError(f"a continuation of {len(cont_ids)} tokens exceeds max_length="
-                             f"{max_length}")
-        inp = (ctx_ids + cont_ids)[-(max_length + 1):][:-1]
-        key = tuple(inp)
-        if key not in index:
-            index[key] = len(rows)
-            rows.append(inp)
-        owners.append((index[key], cont_ids))
-    return rows, owners
-
-
-def _make_batch(rows, owners_of, row_ids, seq_len: int, pad_id: int, b: int = 0) -> dict:
-    """The micro-batch of ``row_ids``, padded to ``seq_len`` tokens and to ``b`` rows."""
-    b = max(b, len(row_ids))
-    tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
-    sel_row, sel_pos, sel_tgt, owner, reqs = [], [], [], [], []
-    for r, rid in enumerate(row_ids):
-        inp = rows[rid]
-        tokens[r, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-        for req, cont in owners_of[rid]:
-            start = len(inp) - len(cont)
-            k = len(reqs)
-            reqs.append(req)
-            sel_row += [r] * len(cont)
-            sel_pos += range(start, len(inp))
-            sel_tgt += cont
-            owner += [k] * len(cont)
-    t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return {"tokens": tokens, "position_ids": torch.arange(seq_len).expand(b, seq_len).contiguous(),
-            "sel_row": t(sel_row), "sel_pos": t(sel_pos), "sel_tgt": t(sel_tgt),
-            "owner": t(owner), "reqs": t(reqs)}
-
-
 def _not_argmax(sel: torch.Tensor, tgt: torch.Tensor, vocab_size: int,
                 par: Parallel) -> torch.Tensor:
     """Per selected position: is the target token *not* the argmax of the (vocab-parallel)
@@ -156,18 +122,16 @@ def score_requests(shard, tokenizer, requests: Sequence[tuple[str, str]], *,
 
 
 def _my_batches(encoded, max_length: int, dp_rank: int, dp_size: int, micro_batch_size: int,
-                pp: int, same_shapes: bool = False) -> list[dict]:
+                pp: int, same_shapes: bool = False, share: bool = False) -> list[dict]:
     """This data-parallel rank's micro-batches: the rows longest first, dealt round-robin; under
     PP each padded to a bucketed length so that runs share a shape; with ``same_shapes`` (expert
-    parallelism) as many and as shaped as every other rank's (see the module note)."""
-    rows, owners = _rows(encoded, max_length)
-    owners_of: list[list] = [[] for _ in rows]
-    for req, (rid, cont) in enumerate(owners):
-        owners_of[rid].append((req, cont))
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), rows[i]))
+    parallelism) as many and as shaped as every other rank's (see the module note). ``share``:
+    a context's continuations in one row (:mod:`.rows`)."""
+    rows = build_rows(encoded, max_length, share)
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), rows[i].tokens))
 
     def seq_len_of(ids):
-        s = max(len(rows[i]) for i in ids)
+        s = max(len(rows[i].tokens) for i in ids)
         if pp > 1:
             s = min(-(-s // PP_SEQ_BUCKET) * PP_SEQ_BUCKET, max_length)
         return s
@@ -178,12 +142,12 @@ def _my_batches(encoded, max_length: int, dp_rank: int, dp_size: int, micro_batc
 
     mine = chunks(dp_rank)
     if not same_shapes:
-        return [_make_batch(rows, owners_of, ids, seq_len_of(ids), 0) for ids in mine]
+        return [make_batch(rows, ids, seq_len_of(ids), 0) for ids in mine]
     every = [chunks(r) for r in range(dp_size)]
     lens = [max(seq_len_of(c[k]) for c in every if k < len(c))
             for k in range(max(len(c) for c in every))]
-    return [_make_batch(rows, owners_of, mine[k] if k < len(mine) else [], n, 0,
-                        micro_batch_size) for k, n in enumerate(lens)]
+    return [make_batch(rows, mine[k] if k < len(mine) else [], n, 0, micro_batch_size)
+            for k, n in enumerate(lens)]
 
 
 def _pipeline_runs(batches: list[dict], pp: int) -> list[list[dict]]:
@@ -233,15 +197,17 @@ def _gather_scores(outs: list[dict], n: int, par: Parallel) -> list[tuple[float,
 def score_continuations(shard, encoded: Sequence[tuple[list[int], list[int]]], *,
                         micro_batch_size: int = 8, max_length: int | None = None,
                         dp_rank: int | None = None, dp_size: int | None = None,
-                        progress: bool | str = True,
-                        par: Parallel | None = None) -> list[tuple[float, bool]]:
+                        progress: bool | str = True, par: Parallel | None = None,
+                        share_context: bool | None = None) -> list[tuple[float, bool]]:
     """``(sum log-probability, greedy)`` of each ``(context_ids, continuation_ids)``: the
     continuation's tokens scored after the context, the input left-truncated to ``max_length``
     tokens; ``greedy`` is whether every continuation token is the argmax at its position.
 
     Collective over all ranks: every rank calls with the same requests and gets every result.
     ``dp_rank``/``dp_size`` default to ``par``'s data-parallel rank and size (``par``: the live
-    layout unless given).
+    layout unless given). ``share_context``: the continuations of one context in one row
+    (:mod:`.rows`); default: wherever the model supports it
+    (:func:`..runtime.shared_context.supported`).
     """
     par = par or current()
     dp_rank = par.dp_rank if dp_rank is None else dp_rank
@@ -251,12 +217,16 @@ def score_continuations(shard, encoded: Sequence[tuple[list[int], list[int]]], *
     max_length = max_length or shard.arch.max_position_embeddings
     if not encoded:
         return []
+    if share_context is None:
+        share_context = supported(shard.model)
     batches = _my_batches(encoded, max_length, dp_rank, dp_size, micro_batch_size, par.pp,
-                          same_shapes=par.ep > 1 and shard.arch.is_moe)
+                          same_shapes=par.ep > 1 and shard.arch.is_moe, share=share_context)
     groups = _pipeline_runs(batches, par.pp)
     label = (progress if isinstance(progress, str) else "multiple choice") if progress else None
     outs = []
-    with final_hidden(shard.model) as picked:  # the output layer only where a score reads it
+    rope = rope_follows_position_ids(shard.model) if share_context else contextlib.nullcontext()
+    # the output layer only where a score reads it
+    with final_hidden(shard.model) as picked, rope:
         on_logits = _continuation_scorer(shard.arch.vocab_size, par, picked)
         if len(groups) == 1:  # run_forward shows the bar (global rank 0)
             outs = run_forward(shard, [on_device(b) for b in groups[0]], on_logits,

@@ -70,7 +70,7 @@ def run_forward(shard, batches: Iterable[dict], on_logits: Callable[[torch.Tenso
 
     def step(data_iterator, model):
         batch = next(data_iterator)
-        out = model(batch["tokens"], batch["position_ids"], None)
+        out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
         return out, partial(loss_func, batch)
 
     shard.model.eval()

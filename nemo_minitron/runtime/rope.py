@@ -12,7 +12,8 @@ no activations saved, three passes over the tensor each way.
 
 The arithmetic is megatron's, operation for operation (each product rounded to the activation
 dtype, then the sum), so results are bitwise equal to its path in fp32 and bf16. Only the plain
-case goes here (one sequence layout ``[s, b, heads, d]``, halves not interleaved, no packed
+case goes here (one sequence layout ``[s, b, heads, d]``, one table for every row ``[s, 1, 1, r]``
+or one per row ``[s, b, 1, r]`` (:mod:`.shared_context`), halves not interleaved, no packed
 sequences, no multi-latent attention, no fused kernel); anything else calls megatron's function.
 """
 
@@ -79,7 +80,8 @@ class _Rotary(torch.autograd.Function):
 def _plain_case(t, freqs, config, cu_seqlens) -> bool:
     return (cu_seqlens is None and not config.apply_rope_fusion and not config.rotary_interleaved
             and not config.multi_latent_attention and t.dim() == 4 and freqs.dim() == 4
-            and freqs.shape[0] == t.shape[0] and freqs.shape[1:3] == (1, 1)
+            and freqs.shape[0] == t.shape[0] and freqs.shape[1] in (1, t.shape[1])
+            and freqs.shape[2] == 1
             and freqs.shape[-1] % 2 == 0 and freqs.shape[-1] <= t.shape[-1])
 
 

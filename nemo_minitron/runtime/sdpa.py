@@ -4,8 +4,10 @@ megatron-core's local ``DotProductAttention`` materialises the [b, heads, s, s] 
 them to fp32 for the softmax and back, masks with a full boolean matrix and multiplies with two
 batched matmuls: on CPU that is ~15% of a distillation step, more in bf16, where the copies cost
 as much as the matmuls. PyTorch's fused kernel (flash attention on CPU and GPU) does the same
-causal attention in one pass with fp32 accumulation. Used for the causal, unmasked, dropout-free
-case every stage here runs; anything else (an explicit mask, dropout, packed sequences,
+causal attention in one pass with fp32 accumulation. Used for the causal, dropout-free case every
+stage here runs, and for an explicit boolean mask (True = hidden, megatron's convention; it then
+stands in for the causal one, as in megatron's softmax: :mod:`.shared_context` builds such masks
+for scoring); anything else (a non-boolean mask, dropout, packed sequences,
 query-key layer scaling, a learnable softmax offset) goes to megatron's implementation.
 The Transformer Engine spec (GPUs with TE) has its own fused attention and does not use this.
 """
@@ -21,7 +23,8 @@ from megatron.core.transformer.enums import AttnMaskType
 class SDPAttention(DotProductAttention):
     def _fused_ok(self, attention_mask, attn_mask_type, attention_bias, packed_seq_params) -> bool:
         cfg = self.config
-        return (attention_mask is None and attention_bias is None and packed_seq_params is None
+        mask_ok = attention_mask is None or attention_mask.dtype == torch.bool
+        return (mask_ok and attention_bias is None and packed_seq_params is None
                 and (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
                 and not cfg.apply_query_key_layer_scaling
                 and getattr(cfg, "softmax_type", "vanilla") == "vanilla"
@@ -37,7 +40,11 @@ class SDPAttention(DotProductAttention):
         gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
-                                             enable_gqa=gqa)
+        if attention_mask is None:
+            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                 scale=self.softmax_scale, enable_gqa=gqa)
+        else:  # megatron's mask hides where True, and replaces the causal one (as in its softmax)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask,
+                                                 scale=self.softmax_scale, enable_gqa=gqa)
         sq, b = query.size(0), query.size(1)
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
