@@ -40,24 +40,28 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def auto_dtype(cuda: bool | None = None, cpuinfo: str | None = None) -> str:
-    """``bf16`` where bf16 matmuls are native (see the module docstring), else ``fp32``."""
+def auto_choice(cuda: bool | None = None, cpuinfo: str | None = None) -> tuple[str, str]:
+    """``(dtype, why)``: ``bf16`` where bf16 matmuls are native (see the module docstring), else
+    ``fp32``, and the reason in words a user can act on."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cuda:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_fast_bf16(cpuinfo) else "fp32"
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "the GPU multiplies bf16 natively"
+        return "fp32", "the GPU has no native bf16"
+    if cpu_has_fast_bf16(cpuinfo):
+        return "bf16", "this CPU multiplies bf16 natively (AMX or AVX512-BF16)"
+    return "fp32", ("this CPU has no bf16 matmul units (AMX, AVX512-BF16), where bf16 is emulated "
+                    "and slower than fp32; expect about twice the time of a CPU that has them")
+
+
+def auto_dtype(cuda: bool | None = None, cpuinfo: str | None = None) -> str:
+    """What ``model.dtype=auto`` means here (:func:`auto_choice`)."""
+    return auto_choice(cuda, cpuinfo)[0]
 
 
 def auto_reason(cuda: bool | None = None, cpuinfo: str | None = None) -> str:
-    """Why :func:`auto_dtype` chose what it did, in words a user can act on."""
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    if cuda:
-        return ("the GPU multiplies bf16 natively" if torch.cuda.is_bf16_supported()
-                else "the GPU has no native bf16")
-    if cpu_has_fast_bf16(cpuinfo):
-        return "this CPU multiplies bf16 natively (AMX or AVX512-BF16)"
-    return ("this CPU has no bf16 matmul units (AMX, AVX512-BF16), where bf16 is emulated and "
-            "slower than fp32; expect about twice the time of a CPU that has them")
+    """Why :func:`auto_dtype` chose what it did (:func:`auto_choice`)."""
+    return auto_choice(cuda, cpuinfo)[1]
 
 
 def resolve(dtype: str) -> str:
