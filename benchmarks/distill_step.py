@@ -173,7 +173,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--mbs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--chunk", type=int, default=256, help="kd.chunk_tokens (default: the config's)")
+    ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                    help="keep: freed host memory reused, as `minitron` sets it "
+                         "(nemo_minitron/runtime/host_alloc.py), for both loops; default: glibc's")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--no-hf", action="store_true", help="skip the plain transformers loop")
     ap.add_argument("--kd-output", choices=("fused", "logits", "both"), default="fused",
@@ -185,6 +188,11 @@ def main() -> None:
                     help="cpu: process CPU seconds, robust to load (with 1 thread: spinning "
                          "OpenMP threads count as busy)")
     args = ap.parse_args()
+    if args.malloc == "default":
+        os.environ["NEMO_MINITRON_MALLOC"] = "default"
+    from nemo_minitron.runtime.host_alloc import keep_freed_memory
+
+    malloc = keep_freed_memory()
 
     from nemo_minitron import demo
     from nemo_minitron.convert import checkpoint as ckpt
@@ -239,7 +247,8 @@ def main() -> None:
     flops = (2 * n_compute(ta) + 6 * n_compute(sa)) * tokens
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, load {os.getloadavg()[0]:.2f}")
+          f"{torch.backends.cpu.get_cpu_capability()}, load {os.getloadavg()[0]:.2f}, "
+          f"freed host memory {malloc}")
     print(f"teacher {ta.num_params() / 1e6:.1f}M -> student {sa.num_params() / 1e6:.1f}M, "
           f"{args.mbs} x {args.seq} tokens, best of {args.steps}, {args.clock} clock")
     print(f"{'loop':6s} {'dtype':5s} {'teacher fwd':>12s} {'student step':>13s} {'KD step':>9s} "

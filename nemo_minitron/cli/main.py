@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"minitron: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     _quiet_dependencies()
+    from ..runtime.host_alloc import keep_freed_memory
+
+    keep_freed_memory()  # CPU steps reuse freed pages (see the module)
     if stage not in PLAIN_STAGES:
         check_overrides(stage, argv[1:])
     sys.argv = [f"minitron {stage}"] + argv[1:]
