@@ -20,6 +20,7 @@ from .artifacts.search_files import CHOSEN, read_chosen
 from .config.schema import (DistillJob, FinetuneJob, PruneJob, RoundConfig, SearchJob)
 from .convert import checkpoint as ckpt
 from .report.judge import mean_retained, mean_retained_stderr, task_rows
+from . import recipe_record
 from .runs import Steps, complete, on_rank0, with_checkpoint
 from .search import shared_cache
 
@@ -33,6 +34,7 @@ def run_pipeline(job) -> dict:
 
     preflight.pipeline(job)  # every round, before teacher correction trains anything
     out = Path(job.output)
+    recipe_record.check(job, out)  # a relaunch resumes the same recipe, or stops here
     clear_partials(out)
     t0 = time.time()
     steps = Steps(out / STAGE_SECONDS)

@@ -16,6 +16,7 @@ from .artifacts.evaluation import read_eval, write_eval
 from .artifacts.pipeline_files import read_stage_seconds, write_stage_seconds
 from .convert import checkpoint as ckpt
 from .evaluate.run import evaluate_checkpoint
+from .recipe_record import eval_settings
 from .runtime import dist
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,40 @@ class Steps:
             write_stage_seconds(self.record, self.recorded())
 
     def evaluate(self, name: str, checkpoint, path: Path, job, ev=None) -> dict:
-        """Validation loss (and tasks) of ``checkpoint`` into ``path``; returns the results."""
+        """Validation loss (and tasks) of ``checkpoint`` into ``path``; returns the results. A
+        results file made with other evaluation settings (``eval.limit``, ``eval.tasks``...; kept
+        in it as ``asked``) is made again."""
         path = Path(path)
+        asked = eval_settings(job, ev)
 
         def evaluate():
             result = evaluate_checkpoint(str(checkpoint), job.parallel, job.data, ev or job.eval,
                                          job.model.dtype)
-            on_rank0(lambda: write_eval(path, result))
+            on_rank0(lambda: write_eval(path, {**result, "asked": asked}))
 
-        self.run(name, path.is_file(), evaluate)
+        done = path.is_file()
+        if done:
+            was = _asked(read_eval(path).raw)
+            diff = ", ".join(f"{k} {was[k]} -> {asked[k]}" for k in asked
+                             if k in was and was[k] != asked[k])
+            if diff:
+                done = False
+                if dist.is_rank0():
+                    log.info("[%s] made with other settings (%s): evaluating again", name, diff)
+        self.run(name, done, evaluate)
         return read_eval(path).raw
+
+
+def _asked(result: dict) -> dict:
+    """The settings a results file was made with: its ``asked`` record, or for a file written
+    before there was one, the task settings it carries."""
+    if "asked" in result:
+        return result["asked"]
+    if not result.get("tasks"):
+        return {"tasks": []}
+    settings = result["tasks"].get("settings") or {}
+    return {k: settings[k] for k in ("tasks", "limit", "num_fewshot", "fewshot_seed")
+            if k in settings}
 
 
 def with_checkpoint(model, checkpoint):

@@ -1,6 +1,7 @@
 """`minitron pipeline` on tiny models: two chained rounds, report, and resume after an
 interruption between stages (completed stages are skipped, results unchanged)."""
 
+import dataclasses
 import json
 import logging
 
@@ -75,3 +76,21 @@ def test_two_rounds_resume_after_interruption(setup, single_rank, monkeypatch, c
     v = r2s["val_loss"]  # the log ends with each round's losses, as the report gives them
     assert (f"round2: held-out loss teacher {v['teacher']:.3f} -> pruned {v['pruned']:.3f} -> "
             f"distilled {v['distilled']:.3f}") in caplog.text
+
+    # relaunched with other settings: what only logs may change; another recipe stops before any
+    # step runs; other evaluation settings evaluate again (and nothing else)
+    monkeypatch.setattr(trainer, "train", failing_train)  # any training now would fail the test
+    calls.clear()
+    logged = dataclasses.replace(job, train=dataclasses.replace(job.train, log_interval=1))
+    assert pipeline.run_pipeline(logged)["stage_seconds"] == {}
+    longer = dataclasses.replace(job, train=dataclasses.replace(job.train, steps=6))
+    with pytest.raises(ValueError, match=r"train\.steps=4 \(now 6\).*new output="):
+        pipeline.run_pipeline(longer)
+    fewer = dataclasses.replace(job, eval=dataclasses.replace(job.eval, num_batches=1))
+    again = pipeline.run_pipeline(fewer)["stage_seconds"]
+    assert sorted(again) == sorted(f"round {i}: evaluate {m}" for i in (1, 2)
+                                   for m in ("teacher", "pruned", "distilled"))
+    assert calls == []
+    asked = json.loads((run / "round1" / "eval_distilled.json").read_text())["asked"]
+    assert asked["num_batches"] == 1
+    assert pipeline.run_pipeline(fewer)["stage_seconds"] == {}

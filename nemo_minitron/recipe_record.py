@@ -1,0 +1,95 @@
+"""What a chained job's run directory was made with, so that a resumed job cannot mix recipes.
+
+``minitron pipeline`` skips every step whose output is complete, so a relaunch with another
+``train.steps`` or ``prune.target`` would silently report the old student under the new
+settings. The first invocation writes ``recipe.json`` (every setting that decides a step's output,
+flattened to dotted keys); a later one with other values stops before anything is loaded, naming
+the settings that differ and the fix.
+
+Left out, free to change between invocations: how the job runs (``parallel.*``, ``model.dtype``,
+which ``auto`` resolves per machine), what it logs and how often it saves (``train.log_interval``
+and the like), ``output`` itself, and ``eval.*``: an evaluation made with other settings is run
+again instead (:func:`eval_settings`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from .artifacts.atomic import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+RECORD = "recipe.json"
+FORMAT = "nemo_minitron.recipe/1"
+
+FREE = ("parallel.tp", "parallel.pp", "parallel.ep", "parallel.timeout_s", "output", "model.dtype",
+        "eval.", "train.log_interval", "train.eval_interval", "train.eval_batches", "train.save_interval",
+        "train.keep_checkpoints", "train.sharded_save", "train.tensorboard", "train.wandb",
+        "train.skip_nonfinite_steps", "search.only", "search.plan_only")
+
+
+def _flat(value, prefix: str, out: dict) -> dict:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(v, f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix] = json.loads(json.dumps(value, default=str))  # lists and tuples alike
+    return out
+
+
+def recipe(job) -> dict:
+    """The settings of ``job`` that decide what its steps write (see the module note)."""
+    return {k: v for k, v in _flat(job, "", {}).items()
+            if not any(k == f.rstrip(".") or k.startswith(f) for f in FREE)}
+
+
+def _show(v) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def check(job, out: Path) -> None:
+    """Raise ``ValueError`` (one line) when ``out`` holds a run made with another recipe; write
+    the record when there is none yet (rank 0; every rank checks the same file)."""
+    from .runtime import dist
+
+    out = Path(out)
+    path = out / RECORD
+    now = recipe(job)
+    if path.is_file():
+        try:
+            kept = read_json(path)
+            if kept.get("format") != FORMAT:
+                raise ValueError("not a recipe record")
+            was = kept["recipe"]
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise ValueError(f"{path}: unreadable ({e}); remove it to resume with this "
+                             "command's settings, or pass a new output=") from None
+        changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        if changed:
+            shown = ", ".join(f"{k}={_show(was.get(k))} (now {_show(now.get(k))})"
+                              for k in changed[:4])
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise ValueError(
+                f"output={out} holds a run made with {shown}{more}; its completed steps would be "
+                f"kept under the new settings. Pass a new output= (or remove {out}) to start "
+                f"over, or resume with the old values")
+        return
+    if dist.is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"format": FORMAT, "recipe": now})
+    dist.barrier()
+
+
+def eval_settings(job, ev=None) -> dict:
+    """What an evaluation step's numbers depend on besides its checkpoint: held-out data and the
+    tasks' settings (``ev``, default ``job.eval``; not batch sizes, dtype or layout)."""
+    ev, data = ev or job.eval, job.data
+    return {"data": [str(data.prefix), data.seq_length, data.valid_fraction, job.parallel.seed],
+            "num_batches": ev.num_batches, "tasks": list(ev.tasks), "limit": ev.limit,
+            "num_fewshot": ev.num_fewshot, "fewshot_seed": ev.fewshot_seed}
