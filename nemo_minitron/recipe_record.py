@@ -6,10 +6,11 @@ settings. The first invocation writes ``recipe.json`` (every setting that decide
 flattened to dotted keys); a later one with other values stops before anything is loaded, naming
 the settings that differ and the fix.
 
-Left out, free to change between invocations: how the job runs (``parallel.*``, ``model.dtype``,
-which ``auto`` resolves per machine), what it logs and how often it saves (``train.log_interval``
-and the like), ``output`` itself, and ``eval.*``: an evaluation made with other settings is run
-again instead (:func:`eval_settings`).
+Left out, free to change between invocations: how the job runs (the parallel layout, micro-batch
+size, distributed optimizer, ``model.dtype``, which ``auto`` resolves per machine), what it logs
+and how often it saves (``train.log_interval`` and the like), whether it exports, ``output``
+itself, and ``eval.*``: an evaluation made with other settings is run again instead
+(:func:`eval_settings`).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ RECORD = "recipe.json"
 FORMAT = "nemo_minitron.recipe/1"
 
 FREE = ("parallel.tp", "parallel.pp", "parallel.ep", "parallel.timeout_s", "output", "model.dtype",
-        "eval.", "train.log_interval", "train.eval_interval", "train.eval_batches", "train.save_interval",
-        "train.keep_checkpoints", "train.sharded_save", "train.tensorboard", "train.wandb",
-        "train.skip_nonfinite_steps", "search.only", "search.plan_only")
+        "eval.", "train.log_interval", "train.eval_interval", "train.eval_batches",
+        "train.save_interval", "train.keep_checkpoints", "train.sharded_save", "train.tensorboard", "train.wandb",
+        "train.skip_nonfinite_steps", "train.micro_batch_size", "train.distributed_optimizer",
+        "search.only", "search.plan_only", "pipeline.export")
 
 
 def _flat(value, prefix: str, out: dict) -> dict:
@@ -81,6 +83,10 @@ def check(job, out: Path) -> None:
                 f"over, or resume with the old values")
         return
     if dist.is_rank0():
+        if out.is_dir() and any(out.iterdir()):
+            log.warning("%s holds a run without %s (made before runs recorded their settings): "
+                        "taking this command's settings as the ones it was made with", out,
+                        RECORD)
         out.mkdir(parents=True, exist_ok=True)
         write_json(path, {"format": FORMAT, "recipe": now})
     dist.barrier()

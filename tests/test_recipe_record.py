@@ -1,0 +1,46 @@
+"""recipe.json: a pipeline relaunch resumes the same recipe or stops with one line."""
+
+import dataclasses
+import logging
+
+import pytest
+
+from nemo_minitron import recipe_record
+from nemo_minitron.config.schema import DataConfig, ModelConfig, PipelineJob
+
+
+def job(tmp_path, **train):
+    j = PipelineJob(model=ModelConfig(checkpoint="/ck"), data=DataConfig(prefix="/data"),
+                    output=str(tmp_path / "run"))
+    return dataclasses.replace(j, train=dataclasses.replace(j.train, **train)) if train else j
+
+
+def test_recipe_keeps_what_decides_outputs(tmp_path):
+    r = recipe_record.recipe(job(tmp_path))
+    assert {"train.steps", "train.lr", "prune.target.hidden_size", "kd.temperature",
+            "data.prefix", "model.checkpoint", "parallel.seed"} <= set(r)
+    assert not {k for k in r if k.startswith(("eval.", "parallel.tp", "train.log_interval",
+                                               "train.micro_batch_size", "model.dtype"))}
+
+
+def test_relaunch_checks(tmp_path, caplog):
+    out = tmp_path / "run"
+    recipe_record.check(job(tmp_path), out)  # first invocation: records
+    assert (out / recipe_record.RECORD).is_file()
+    recipe_record.check(job(tmp_path), out)
+    recipe_record.check(job(tmp_path, log_interval=1, micro_batch_size=1), out)  # free to change
+    with pytest.raises(ValueError, match=r"train\.lr=0\.0001 \(now 0\.001\), train\.steps=100 "
+                                         r"\(now 70\);.*new output="):
+        recipe_record.check(job(tmp_path, steps=70, lr=1e-3), out)
+
+    (out / recipe_record.RECORD).write_text("{not json")
+    with pytest.raises(ValueError, match=r"recipe\.json: unreadable .*remove it"):
+        recipe_record.check(job(tmp_path), out)
+
+    (out / recipe_record.RECORD).unlink()  # a run made before the record existed
+    (out / "round1").mkdir()
+    caplog.set_level(logging.WARNING, logger="nemo_minitron.recipe_record")
+    recipe_record.check(job(tmp_path, steps=70), out)
+    assert "without recipe.json" in caplog.text
+    with pytest.raises(ValueError, match=r"train\.steps=70 \(now 100\)"):
+        recipe_record.check(job(tmp_path), out)
