@@ -52,6 +52,7 @@ LAYERS = [
     ("runtime",),  # megatron-core: parallel context, model shards, forward, collectives
     ("demo", "importance", "report", "import_export"),  # report: tables, plots, judging scores
     ("evaluate",),  # held-out loss and tasks; writes its report
+    ("recipe_record",),  # what a chained run directory was made with
     ("runs",),  # run-directory steps shared by search and pipeline
     ("pruning", "distill"),
     ("search",),
