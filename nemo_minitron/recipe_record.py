@@ -4,7 +4,9 @@
 ``train.steps`` or ``prune.target`` would silently report the old student under the new
 settings. The first invocation writes ``recipe.json`` (every setting that decides a step's output,
 flattened to dotted keys); a later one with other values stops before anything is loaded, naming
-the settings that differ and the fix.
+the settings that differ and the fix, unless no completed step depends on them: a distillation
+that diverged or was killed may be relaunched with another ``train.lr`` (``train.*``/``kd.*``
+decide distillations; everything else decides pruning and all that follows).
 
 Left out, free to change between invocations: how the job runs (the parallel layout, micro-batch
 size, distributed optimizer, ``model.dtype``, which ``auto`` resolves per machine), what it logs
@@ -51,6 +53,24 @@ def recipe(job) -> dict:
             if not any(k == f.rstrip(".") or k.startswith(f) for f in FREE)}
 
 
+def _kind(key: str) -> str:
+    """Which completed steps a setting decides: ``train`` (distillations, teacher correction,
+    search candidates' short runs) or ``prune`` (everything from the model on)."""
+    return "train" if key.startswith(("train.", "kd.")) else "prune"
+
+
+def _done_kinds(out: Path) -> set[str]:
+    """The kinds of step (:func:`_kind`) that have a complete output under ``out``."""
+    from .convert.checkpoint import META
+
+    kinds = set()
+    if any(out.rglob(f"final/{META}")):  # a distillation, a candidate's, or teacher correction
+        kinds |= {"train", "prune"}
+    if any(out.rglob(f"pruned/{META}")) or any(out.rglob("chosen.json")):
+        kinds.add("prune")
+    return kinds
+
+
 def _show(v) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
 
@@ -73,6 +93,16 @@ def check(job, out: Path) -> None:
             raise ValueError(f"{path}: unreadable ({e}); remove it to resume with this "
                              "command's settings, or pass a new output=") from None
         changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        done = _done_kinds(out)
+        if changed and not any(_kind(k) in done for k in changed):
+            # nothing that depends on them is complete (a diverged or killed distillation
+            # relaunched with a lower lr, say): resume with the new values
+            if dist.is_rank0():
+                log.info("%s: resuming with %s changed; no completed step depends on them", out,
+                         ", ".join(changed))
+                write_json(path, {"format": FORMAT, "recipe": now})
+            dist.barrier()
+            return
         if changed:
             shown = ", ".join(f"{k}={_show(was.get(k))} (now {_show(now.get(k))})"
                               for k in changed[:4])

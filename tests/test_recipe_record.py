@@ -6,13 +6,21 @@ import logging
 import pytest
 
 from nemo_minitron import recipe_record
-from nemo_minitron.config.schema import DataConfig, ModelConfig, PipelineJob
+from nemo_minitron.config.schema import DataConfig, ModelConfig, PipelineJob, Targets
+from nemo_minitron.convert.checkpoint import META
 
 
-def job(tmp_path, **train):
+def job(tmp_path, target=None, **train):
     j = PipelineJob(model=ModelConfig(checkpoint="/ck"), data=DataConfig(prefix="/data"),
                     output=str(tmp_path / "run"))
+    if target:
+        j = dataclasses.replace(j, prune=dataclasses.replace(j.prune, target=target))
     return dataclasses.replace(j, train=dataclasses.replace(j.train, **train)) if train else j
+
+
+def complete(out, step):
+    (out / "round1" / step).mkdir(parents=True, exist_ok=True)
+    (out / "round1" / step / META).write_text("{}")
 
 
 def test_recipe_keeps_what_decides_outputs(tmp_path):
@@ -27,9 +35,17 @@ def test_relaunch_checks(tmp_path, caplog):
     out = tmp_path / "run"
     recipe_record.check(job(tmp_path), out)  # first invocation: records
     assert (out / recipe_record.RECORD).is_file()
+    complete(out, "pruned")
     recipe_record.check(job(tmp_path), out)
     recipe_record.check(job(tmp_path, log_interval=1, micro_batch_size=1), out)  # free to change
-    with pytest.raises(ValueError, match=r"train\.lr=0\.0001 \(now 0\.001\), train\.steps=100 "
+    with pytest.raises(ValueError, match=r"prune\.target\.hidden_size=null \(now 64\);"
+                                         r".*new output="):
+        recipe_record.check(job(tmp_path, Targets(hidden_size=64)), out)
+    # the distillation is not complete (diverged, say): a lower lr resumes it, and is recorded
+    recipe_record.check(job(tmp_path, lr=5e-5), out)
+    complete(out, "distill/final")
+    recipe_record.check(job(tmp_path, lr=5e-5), out)
+    with pytest.raises(ValueError, match=r"train\.lr=5e-05 \(now 0\.001\), train\.steps=100 "
                                          r"\(now 70\);.*new output="):
         recipe_record.check(job(tmp_path, steps=70, lr=1e-3), out)
 
@@ -38,7 +54,6 @@ def test_relaunch_checks(tmp_path, caplog):
         recipe_record.check(job(tmp_path), out)
 
     (out / recipe_record.RECORD).unlink()  # a run made before the record existed
-    (out / "round1").mkdir()
     caplog.set_level(logging.WARNING, logger="nemo_minitron.recipe_record")
     recipe_record.check(job(tmp_path, steps=70), out)
     assert "without recipe.json" in caplog.text
