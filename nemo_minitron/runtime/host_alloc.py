@@ -11,9 +11,10 @@ arrives as untouched pages: the kernel faults and zeroes every 4 KiB page on fir
 :func:`keep_freed_memory` switches glibc to serve all blocks from its heap (``M_MMAP_MAX=0``)
 and trim it only when 2 GiB lie free at its top (``M_TRIM_THRESHOLD``), so a step reuses the
 pages the previous one freed, as the CUDA caching allocator does on GPUs. Peak memory stays that of the largest step; memory is
-returned when the process ends. Left alone: other C libraries, an allocator preloaded with
-``LD_PRELOAD`` (jemalloc, tcmalloc), a user's own ``MALLOC_*`` or ``GLIBC_TUNABLES`` settings,
-and ``NEMO_MINITRON_MALLOC=default``.
+returned when the process ends. Left alone: machines with a GPU (the steps' temporaries live on
+the device; host memory mostly carries weights on their way there, better handed back), other C
+libraries, an allocator preloaded with ``LD_PRELOAD`` (jemalloc, tcmalloc), a user's own
+``MALLOC_*`` or ``GLIBC_TUNABLES`` settings, and ``NEMO_MINITRON_MALLOC=default``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def _why_not() -> str | None:
         return "the environment sets malloc's own options"
     if os.environ.get("LD_PRELOAD", ""):
         return "another allocator is preloaded (LD_PRELOAD)"
+    import torch
+
+    if torch.cuda.is_available():  # the steps run on the GPU; host memory mostly holds weights
+        return "a GPU runs the steps"  # on their way there, better handed back once they are
     return None
 
 
