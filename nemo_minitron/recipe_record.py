@@ -12,7 +12,7 @@ Left out, free to change between invocations: how the job runs (the parallel lay
 size, distributed optimizer, ``model.dtype``, which ``auto`` resolves per machine), what it logs
 and how often it saves (``train.log_interval`` and the like), whether it exports, ``output``
 itself, and ``eval.*``: an evaluation made with other settings is run again instead
-(:func:`eval_settings`).
+(:meth:`.runs.Steps.evaluate`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ FORMAT = "nemo_minitron.recipe/1"
 
 FREE = ("parallel.tp", "parallel.pp", "parallel.ep", "parallel.timeout_s", "output", "model.dtype",
         "eval.", "train.log_interval", "train.eval_interval", "train.eval_batches",
-        "train.save_interval", "train.keep_checkpoints", "train.sharded_save", "train.tensorboard", "train.wandb",
-        "train.skip_nonfinite_steps", "train.micro_batch_size", "train.distributed_optimizer",
+        "train.save_interval", "train.keep_checkpoints", "train.sharded_save", "train.tensorboard",
+        "train.wandb", "train.skip_nonfinite_steps", "train.micro_batch_size",
+        "train.distributed_optimizer",
         "search.only", "search.plan_only", "pipeline.export")
 
 
@@ -75,57 +76,47 @@ def _show(v) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
 
 
+def _read(path: Path) -> dict:
+    try:
+        kept = read_json(path)
+        if kept.get("format") != FORMAT:
+            raise ValueError("not a recipe record")
+        return kept["recipe"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); remove it to resume with this "
+                         "command's settings, or pass a new output=") from None
+
+
 def check(job, out: Path) -> None:
     """Raise ``ValueError`` (one line) when ``out`` holds a run made with another recipe; write
-    the record when there is none yet (rank 0; every rank checks the same file)."""
+    the record when there is none yet or it changes (rank 0; every rank checks the same file)."""
     from .runtime import dist
 
     out = Path(out)
     path = out / RECORD
     now = recipe(job)
-    if path.is_file():
-        try:
-            kept = read_json(path)
-            if kept.get("format") != FORMAT:
-                raise ValueError("not a recipe record")
-            was = kept["recipe"]
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            raise ValueError(f"{path}: unreadable ({e}); remove it to resume with this "
-                             "command's settings, or pass a new output=") from None
-        changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-        done = _done_kinds(out)
-        if changed and not any(_kind(k) in done for k in changed):
-            # nothing that depends on them is complete (a diverged or killed distillation
-            # relaunched with a lower lr, say): resume with the new values
-            if dist.is_rank0():
-                log.info("%s: resuming with %s changed; no completed step depends on them", out,
-                         ", ".join(changed))
-                write_json(path, {"format": FORMAT, "recipe": now})
-            dist.barrier()
-            return
-        if changed:
-            shown = ", ".join(f"{k}={_show(was.get(k))} (now {_show(now.get(k))})"
-                              for k in changed[:4])
-            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-            raise ValueError(
-                f"output={out} holds a run made with {shown}{more}; its completed steps would be "
-                f"kept under the new settings. Pass a new output= (or remove {out}) to start "
-                f"over, or resume with the old values")
+    was = _read(path) if path.is_file() else None
+    changed = [] if was is None else sorted(k for k in set(was) | set(now)
+                                            if was.get(k) != now.get(k))
+    if changed and any(_kind(k) in _done_kinds(out) for k in changed):
+        shown = ", ".join(f"{k}={_show(was.get(k))} (now {_show(now.get(k))})"
+                          for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ValueError(
+            f"output={out} holds a run made with {shown}{more}; its completed steps would be "
+            f"kept under the new settings. Pass a new output= (or remove {out}) to start "
+            f"over, or resume with the old values")
+    if was is not None and not changed:
         return
     if dist.is_rank0():
-        if out.is_dir() and any(out.iterdir()):
+        if changed:  # nothing that depends on them is complete (a diverged or killed
+            # distillation relaunched with a lower lr, say): resume with the new values
+            log.info("%s: resuming with %s changed; no completed step depends on them", out,
+                     ", ".join(changed))
+        elif out.is_dir() and any(out.iterdir()):
             log.warning("%s holds a run without %s (made before runs recorded their settings): "
                         "taking this command's settings as the ones it was made with", out,
                         RECORD)
         out.mkdir(parents=True, exist_ok=True)
         write_json(path, {"format": FORMAT, "recipe": now})
     dist.barrier()
-
-
-def eval_settings(job, ev=None) -> dict:
-    """What an evaluation step's numbers depend on besides its checkpoint: held-out data and the
-    tasks' settings (``ev``, default ``job.eval``; not batch sizes, dtype or layout)."""
-    ev, data = ev or job.eval, job.data
-    return {"data": [str(data.prefix), data.seq_length, data.valid_fraction, job.parallel.seed],
-            "num_batches": ev.num_batches, "tasks": list(ev.tasks), "limit": ev.limit,
-            "num_fewshot": ev.num_fewshot, "fewshot_seed": ev.fewshot_seed}

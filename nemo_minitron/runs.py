@@ -15,8 +15,8 @@ from pathlib import Path
 from .artifacts.evaluation import read_eval, write_eval
 from .artifacts.pipeline_files import read_stage_seconds, write_stage_seconds
 from .convert import checkpoint as ckpt
+from .evaluate import reuse
 from .evaluate.run import evaluate_checkpoint
-from .recipe_record import eval_settings
 from .runtime import dist
 
 log = logging.getLogger(__name__)
@@ -65,24 +65,24 @@ class Steps:
         results file made with other evaluation settings (``eval.limit``, ``eval.tasks``...; kept
         in it as ``asked``) is made again."""
         path = Path(path)
-        asked = eval_settings(job, ev)
+        asked = reuse.settings(job.data, ev or job.eval, job.parallel.seed)
 
         def evaluate():
             result = evaluate_checkpoint(str(checkpoint), job.parallel, job.data, ev or job.eval,
                                          job.model.dtype)
             on_rank0(lambda: write_eval(path, {**result, "asked": asked}))
 
-        done = path.is_file()
-        if done:
-            was = _asked(read_eval(path).raw)
+        kept = read_eval(path).raw if path.is_file() else None
+        if kept is not None:
+            was = _asked(kept)
             diff = ", ".join(f"{k} {was[k]} -> {asked[k]}" for k in asked
                              if k in was and was[k] != asked[k])
             if diff:
-                done = False
+                kept = None
                 if dist.is_rank0():
                     log.info("[%s] made with other settings (%s): evaluating again", name, diff)
-        self.run(name, done, evaluate)
-        return read_eval(path).raw
+        self.run(name, kept is not None, evaluate)
+        return kept if kept is not None else read_eval(path).raw
 
 
 def _asked(result: dict) -> dict:

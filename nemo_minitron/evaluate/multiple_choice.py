@@ -11,13 +11,14 @@ the output layer itself runs on those positions alone, :mod:`..runtime.selected_
 Requests that feed the model the very same tokens (``" A"``..``" D"`` after one MMLU prompt) share
 one row; where the model allows it, so do all continuations of one context (the context read once,
 each continuation after it with its own positions and a mask that keeps the others out of sight:
-:mod:`.rows`, :mod:`..runtime.shared_context`). Rows are sorted longest first, each data-parallel rank forwards a strided slice of them
-in micro-batches padded on the right (causal attention: padding never reaches a scored position),
-and the per-request sums are all-reduced so every rank returns every score. Under expert
-parallelism the dispatcher gathers equal-shaped tokens from every expert-parallel rank, so every
-data-parallel rank then forwards as many micro-batches as the busiest one, each padded to the
-longest of that position over the ranks (extra micro-batches are padding alone, scoring nothing);
-each rank works the other ranks' shapes out from the same requests, without a collective.
+:mod:`.rows`, :mod:`..runtime.shared_context`). Rows are sorted longest first, each data-parallel
+rank forwards a strided slice of them in micro-batches padded on the right (causal attention:
+padding never reaches a scored position), and the per-request sums are all-reduced so every rank
+returns every score. Under expert parallelism the dispatcher gathers equal-shaped tokens from every
+expert-parallel rank, so every data-parallel rank then forwards as many micro-batches as the
+busiest one, each padded to the longest of that position over the ranks (extra micro-batches are
+padding alone, scoring nothing); each rank works the other ranks' shapes out from the same
+requests, without a collective.
 
 :func:`score_continuations` is the token-level core (also used by the lm-evaluation-harness
 adapter, :mod:`.lm_eval_adapter`): it takes ``(context_ids, continuation_ids)`` pairs and returns

@@ -63,19 +63,27 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
+def settings(data, ev, seed: int) -> dict:
+    """The settings an evaluation's numbers depend on besides the checkpoint and file contents:
+    held-out data and split (``seed`` chooses the held-out documents) and the tasks' settings (not
+    batch sizes, dtype or layout). A pipeline keeps them in its results files
+    (:meth:`..runs.Steps.evaluate`)."""
+    return {"data": [str(data.prefix), data.seq_length, data.valid_fraction, seed],
+            "num_batches": ev.num_batches, "tasks": list(ev.tasks), "limit": ev.limit,
+            "num_fewshot": ev.num_fewshot, "fewshot_seed": ev.fewshot_seed}
+
+
 def key(checkpoint, data, ev, dtype: str, layout, seed: int) -> str:
-    """The hex key of one evaluation: equal keys mean equal inputs, settings and code
-    (``seed`` chooses the held-out documents)."""
+    """The hex key of one evaluation: equal keys mean equal inputs, settings and code."""
     ck = Path(checkpoint)
-    tasks = [[t, sha([Path(t[6:]).read_bytes()])] if t.startswith("jsonl:") else t
-             for t in ev.tasks]
     what = {
         "format": FORMAT,
         "checkpoint": [str(ck.resolve()), (ck / META).read_text(), checkpoint_fingerprint(ck),
                        tokenizer_fingerprint(ck)],
-        "data": [data_fingerprint(data.prefix), data.seq_length, data.valid_fraction, seed],
-        "eval": [ev.micro_batch_size, ev.num_batches, tasks, ev.limit, ev.num_fewshot,
-                 ev.fewshot_seed, ev.task_batch_size],
+        "settings": settings(data, ev, seed),
+        "contents": [data_fingerprint(data.prefix)]
+        + [sha([Path(t[6:]).read_bytes()]) for t in ev.tasks if t.startswith("jsonl:")],
+        "batches": [ev.micro_batch_size, ev.task_batch_size],
         "dtype": dtype, "layout": layout,
         "code": [code_digest(), _version("torch"), _version("megatron-core")],
     }

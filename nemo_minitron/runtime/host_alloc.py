@@ -8,13 +8,13 @@ arrives as untouched pages: the kernel faults and zeroes every 4 KiB page on fir
 2-core machine that was about half of a bf16 distillation step's CPU time (``aten::copy_`` and
 ``aten::mm`` writing their outputs) and 14% of the main job's CPU time as system time.
 
-:func:`keep_freed_memory` switches glibc to serve all blocks from its heap (``M_MMAP_MAX=0``)
-and trim it only when 2 GiB lie free at its top (``M_TRIM_THRESHOLD``), so a step reuses the
-pages the previous one freed, as the CUDA caching allocator does on GPUs. Peak memory stays that of the largest step; memory is
-returned when the process ends. Left alone: machines with a GPU (the steps' temporaries live on
-the device; host memory mostly carries weights on their way there, better handed back), other C
-libraries, an allocator preloaded with ``LD_PRELOAD`` (jemalloc, tcmalloc), a user's own
-``MALLOC_*`` or ``GLIBC_TUNABLES`` settings, and ``NEMO_MINITRON_MALLOC=default``.
+:func:`keep_freed_memory` switches glibc to serve all blocks from its heap (``M_MMAP_MAX=0``) and
+trim it only when 2 GiB lie free at its top (``M_TRIM_THRESHOLD``), so a step reuses the pages the
+previous one freed, as the CUDA caching allocator does on GPUs. Peak memory stays that of the
+largest step; memory is returned when the process ends. Left alone: machines with a GPU (the steps'
+temporaries live on the device; host memory mostly carries weights on their way there, better
+handed back), other C libraries, an allocator preloaded with ``LD_PRELOAD`` (jemalloc, tcmalloc), a
+user's own ``MALLOC_*`` or ``GLIBC_TUNABLES`` settings, and ``NEMO_MINITRON_MALLOC=default``.
 """
 
 from __future__ import annotations
