@@ -45,3 +45,13 @@ def test_second_allocation_reuses_pages():
 def test_user_settings_win():
     said, _ = _probe(MALLOC_ARENA_MAX="2")
     assert said == "left as it is: the environment sets malloc's own options"
+
+
+def test_a_mistyped_choice_is_one_line_before_any_work():
+    env = dict(os.environ, NEMO_MINITRON_MALLOC="off")
+    run = subprocess.run([sys.executable, "-m", "nemo_minitron", "evaluate"], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "minitron evaluate: error: NEMO_MINITRON_MALLOC='off': use keep (freed memory reused, "
+        "the default) or default (glibc's own behaviour)"]

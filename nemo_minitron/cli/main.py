@@ -269,7 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_dependencies()
     from ..runtime.host_alloc import keep_freed_memory
 
-    keep_freed_memory()  # CPU steps reuse freed pages (see the module)
+    try:
+        keep_freed_memory()  # CPU steps reuse freed pages (see the module)
+    except ValueError as e:
+        print(f"minitron {stage}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if stage not in PLAIN_STAGES:
         check_overrides(stage, argv[1:])
     sys.argv = [f"minitron {stage}"] + argv[1:]

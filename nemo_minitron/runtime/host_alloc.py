@@ -34,7 +34,11 @@ _done: str | None = None
 def _why_not() -> str | None:
     if not sys.platform.startswith("linux"):
         return "not Linux"
-    if os.environ.get("NEMO_MINITRON_MALLOC", "") == "default":
+    choice = os.environ.get("NEMO_MINITRON_MALLOC", "keep")
+    if choice not in ("keep", "default"):
+        raise ValueError(f"NEMO_MINITRON_MALLOC={choice!r}: use keep (freed memory reused, the "
+                         "default) or default (glibc's own behaviour)")
+    if choice == "default":
         return "NEMO_MINITRON_MALLOC=default"
     if any(k.startswith("MALLOC_") for k in os.environ) or "GLIBC_TUNABLES" in os.environ:
         return "the environment sets malloc's own options"
@@ -48,7 +52,8 @@ def _why_not() -> str | None:
 
 
 def keep_freed_memory() -> str:
-    """Apply the settings above once per process; returns what was done, in words (for logs)."""
+    """Apply the settings above once per process; returns what was done, in words (for logs).
+    ``ValueError`` (one line) for a ``NEMO_MINITRON_MALLOC`` other than keep or default."""
     global _done
     if _done is not None:
         return _done
