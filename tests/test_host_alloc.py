@@ -13,11 +13,11 @@ print(keep_freed_memory())
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 late = 0
-for i in range(10):  # a step's temporaries: 64 MiB (above glibc's largest mmap threshold) and more
+for i in range(15):  # a step's temporaries: 64 MiB (above glibc's largest mmap threshold) and more
     before = faults()
     x = torch.ones(16 << 20)
     y = torch.ones((3 if i % 2 else 5) << 20)
-    if i >= 5:  # the heap has grown to the steps' size by now
+    if i >= 10:  # the heap has grown to the steps' size by now (it takes up to ~7 steps)
         late += faults() - before
     del x, y
 print(late)
