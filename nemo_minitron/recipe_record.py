@@ -87,6 +87,12 @@ def _read(path: Path) -> dict:
                          "command's settings, or pass a new output=") from None
 
 
+def _holds_steps(out: Path) -> bool:
+    """Whether ``out`` holds anything besides the log folder the stage opened before this
+    check (``hydra/<time>/``): a fresh run has that folder and nothing else."""
+    return out.is_dir() and any(p.name != "hydra" for p in out.iterdir())
+
+
 def check(job, out: Path) -> None:
     """Raise ``ValueError`` (one line) when ``out`` holds a run made with another recipe; write
     the record when there is none yet or it changes (rank 0; every rank checks the same file)."""
@@ -113,7 +119,7 @@ def check(job, out: Path) -> None:
             # distillation relaunched with a lower lr, say): resume with the new values
             log.info("%s: resuming with %s changed; no completed step depends on them", out,
                      ", ".join(changed))
-        elif out.is_dir() and any(out.iterdir()):
+        elif _holds_steps(out):
             log.warning("%s holds a run without %s (made before runs recorded their settings): "
                         "taking this command's settings as the ones it was made with", out,
                         RECORD)

@@ -33,7 +33,10 @@ def test_recipe_keeps_what_decides_outputs(tmp_path):
 
 def test_relaunch_checks(tmp_path, caplog):
     out = tmp_path / "run"
+    (out / "hydra" / "2026-12-02_05-45-56").mkdir(parents=True)  # the stage's log, made first
+    caplog.set_level(logging.WARNING, logger="nemo_minitron.recipe_record")
     recipe_record.check(job(tmp_path), out)  # first invocation: records
+    assert "without recipe.json" not in caplog.text  # a fresh run is not an old one
     assert (out / recipe_record.RECORD).is_file()
     complete(out, "pruned")
     recipe_record.check(job(tmp_path), out)
@@ -54,7 +57,6 @@ def test_relaunch_checks(tmp_path, caplog):
         recipe_record.check(job(tmp_path), out)
 
     (out / recipe_record.RECORD).unlink()  # a run made before the record existed
-    caplog.set_level(logging.WARNING, logger="nemo_minitron.recipe_record")
     recipe_record.check(job(tmp_path, steps=70), out)
     assert "without recipe.json" in caplog.text
     with pytest.raises(ValueError, match=r"train\.steps=70 \(now 100\)"):
