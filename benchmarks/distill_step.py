@@ -56,7 +56,10 @@ def interleaved(runners: dict, steps: int, clock=time.perf_counter) -> dict:
 
 
 def profile_table(fn, path: str) -> None:
-    """A torch.profiler table of one call of ``fn`` (after one warm-up call), by op and by shape."""
+    """A torch.profiler table of one call of ``fn`` (after one warm-up call), by op and by shape.
+    Read with care: under the profiler the copies and elementwise ops on large temporaries (the
+    logit chunks) run 10-20x slower than outside it, which inflates their share
+    (docs/benchmarks.md, "Back on an AVX512-BF16 EPYC")."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
