@@ -128,8 +128,9 @@ def _one_rank(keep: Optional[torch.Tensor], group) -> bool:
 
 def _fused_log_softmax(z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """A new fp32 ``log_softmax(z / T)`` of a [c, V] chunk through PyTorch's fused kernel, for
-    :func:`_one_rank` chunks: on a CPU about a third faster than :func:`_log_softmax_`'s separate
-    max, subtract, exp, sum and subtract passes over the chunk."""
+    :func:`_one_rank` chunks. On a CPU a forward-KL chunk (loss and gradient) runs a fifth to a
+    quarter faster this way than with :func:`_log_softmax_`'s separate max, subtract, exp, sum
+    and subtract passes."""
     if temperature != 1.0:
         z = z.to(torch.float32).div(temperature)
     return torch.log_softmax(z, -1, dtype=torch.float32)
