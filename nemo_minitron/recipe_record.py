@@ -27,6 +27,7 @@ from .artifacts.atomic import read_json, write_json
 log = logging.getLogger(__name__)
 
 RECORD = "recipe.json"
+LOG_DIR = "hydra"  # <output>/hydra/<time>/: each invocation's config and log (cli.record_run)
 FORMAT = "nemo_minitron.recipe/1"
 
 FREE = ("parallel.tp", "parallel.pp", "parallel.ep", "parallel.timeout_s", "output", "model.dtype",
@@ -90,7 +91,7 @@ def _read(path: Path) -> dict:
 def _holds_steps(out: Path) -> bool:
     """Whether ``out`` holds anything besides the log folder the stage opened before this
     check (``hydra/<time>/``): a fresh run has that folder and nothing else."""
-    return out.is_dir() and any(p.name != "hydra" for p in out.iterdir())
+    return out.is_dir() and any(p.name != LOG_DIR for p in out.iterdir())
 
 
 def check(job, out: Path) -> None:

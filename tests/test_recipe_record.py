@@ -33,7 +33,7 @@ def test_recipe_keeps_what_decides_outputs(tmp_path):
 
 def test_relaunch_checks(tmp_path, caplog):
     out = tmp_path / "run"
-    (out / "hydra" / "2026-12-02_05-45-56").mkdir(parents=True)  # the stage's log, made first
+    (out / recipe_record.LOG_DIR / "2026-12-02_05-45-56").mkdir(parents=True)  # the stage's log, made first
     caplog.set_level(logging.WARNING, logger="nemo_minitron.recipe_record")
     recipe_record.check(job(tmp_path), out)  # first invocation: records
     assert "without recipe.json" not in caplog.text  # a fresh run is not an old one

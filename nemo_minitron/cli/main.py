@@ -168,11 +168,12 @@ def record_run(stage: str, cfg, output: str) -> Path | None:
     """Resolved config, command line and a log file under <output>/hydra/<time>/ (rank 0)."""
     from omegaconf import OmegaConf
 
+    from ..recipe_record import LOG_DIR
     from ..runtime import dist
 
     if dist.read_env().rank != 0:
         return None
-    base = Path(output) / "hydra" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    base = Path(output) / LOG_DIR / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     d, n = base, 0
     while True:  # the jobs of a sweep may start within the same second
         try:
