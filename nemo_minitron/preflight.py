@@ -35,6 +35,7 @@ from .distill.trainer import check_aux_loss
 from .evaluate.run import check_evaluate
 from .evaluate.tasks import TASKS, load_task
 from .importance.reduce import Importance
+from . import recipe_record
 from .runtime import dist
 from .search import shared_cache
 from .search.run import plan_candidates
@@ -370,6 +371,7 @@ def pipeline(job) -> None:
     depth_task(job.prune)
     task_tokenizer(src, job)
     not_inside(job.output, job.model.checkpoint)
+    recipe_record.refuse(job, job.output)  # a relaunch with another recipe, before its log
     dp = data_parallel_size(job.parallel)
     train_sizes(job, dp)
     eval_inputs(job, dp, src)

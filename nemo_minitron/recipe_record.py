@@ -94,11 +94,10 @@ def _holds_steps(out: Path) -> bool:
     return out.is_dir() and any(p.name != LOG_DIR for p in out.iterdir())
 
 
-def check(job, out: Path) -> None:
-    """Raise ``ValueError`` (one line) when ``out`` holds a run made with another recipe; write
-    the record when there is none yet or it changes (rank 0; every rank checks the same file)."""
-    from .runtime import dist
-
+def refuse(job, out: Path) -> tuple[dict | None, list[str]]:
+    """Raise ``ValueError`` (one line) when ``out`` holds a run made with another recipe; writes
+    nothing, so preflight can call it before the stage opens its log folder. Returns the kept
+    recipe (None without one) and the settings that differ from it."""
     out = Path(out)
     path = out / RECORD
     now = recipe(job)
@@ -113,6 +112,18 @@ def check(job, out: Path) -> None:
             f"output={out} holds a run made with {shown}{more}; its completed steps would be "
             f"kept under the new settings. Pass a new output= (or remove {out}) to start "
             f"over, or resume with the old values")
+    return was, changed
+
+
+def check(job, out: Path) -> None:
+    """:func:`refuse`, then write the record when there is none yet or it changes (rank 0;
+    every rank checks the same file)."""
+    from .runtime import dist
+
+    out = Path(out)
+    path = out / RECORD
+    now = recipe(job)
+    was, changed = refuse(job, out)
     if was is not None and not changed:
         return
     if dist.is_rank0():

@@ -577,6 +577,43 @@ def test_a_passing_call_records_itself_under_output_only(assets, cwd, tmp_path, 
     assert (out / "candidates.json").is_file() and list(cwd.iterdir()) == []
 
 
+def test_a_refused_relaunch_leaves_its_run_as_it_was(assets, cwd, tmp_path, monkeypatch, capsys):
+    """A pipeline relaunch with another prune target over a run whose prune completed stops in
+    preflight: one line, no model built, and no new log folder under output/hydra/."""
+    from hydra import compose, initialize_config_dir
+
+    from nemo_minitron import recipe_record
+    from nemo_minitron.cli.main import STAGES, conf_dir
+    from nemo_minitron.config import schema
+    from nemo_minitron.convert.checkpoint import META
+
+    out = tmp_path / "run"
+    args = [a.replace("{ck}", str(assets["ck"])).replace("{ds}", str(assets["ds"]))
+            for a in COMMON] + [f"output={out}"]
+    schema.register()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose(STAGES["pipeline"].config, overrides=args + ["prune.target.num_layers=2"])
+    recipe_record.check(schema.to_job(cfg), out)  # the first invocation's record
+    (out / "round1" / "pruned").mkdir(parents=True)
+    (out / "round1" / "pruned" / META).write_text("{}")  # ... and its completed prune
+    (out / recipe_record.LOG_DIR / "2026-12-02_08-00-00").mkdir(parents=True)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    root_log = logging.getLogger()
+    monkeypatch.setattr(root_log, "handlers", list(root_log.handlers))
+    built = rmodel.models_built
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["pipeline"] + args + ["prune.target.num_layers=3"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert err.startswith("minitron pipeline: error: output=") and "\n" not in err, err
+    assert "prune.target.num_layers=2 (now 3)" in err
+    assert rmodel.models_built == built
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert list(cwd.iterdir()) == []
+
+
 @pytest.mark.parametrize("stage", ["import", "export", "evaluate", "prune", "finetune", "search",
                                    "pipeline"])
 @pytest.mark.real_model
