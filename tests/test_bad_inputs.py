@@ -265,6 +265,13 @@ CASES = [
     # evaluate's output is the results file: a directory there failed after the evaluation
     ("evaluate_output_is_a_directory", "evaluate", COMMON + ["output={empty_dir}"],
      ["output=", "is a directory", "eval_results.json"]),
+    # the message said the file "does not exist"
+    ("evaluate_checkpoint_is_a_file", "evaluate",
+     ["model.checkpoint={text}", "data.prefix={ds}", "output={out}"],
+     ["model.checkpoint", "corpus.txt is a file, not a checkpoint directory"]),
+    ("evaluate_checkpoint_is_hugging_face", "evaluate",
+     ["model.checkpoint={hf}", "data.prefix={ds}", "output={out}"],
+     ["Hugging Face model directory", "minitron import model.source="]),
     ("pipeline_jsonl_task_fields", "pipeline",
      TRAIN + ["prune=none", "eval.tasks=[jsonl:{bad_jsonl}]"], ["bad.jsonl:1", "missing field"]),
     ("prune_ep_on_dense", "prune", PRUNE + ["parallel.ep=2"],

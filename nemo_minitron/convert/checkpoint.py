@@ -85,6 +85,9 @@ def safetensors_header(path: Path) -> dict:
 def check_dir(path) -> Path:
     """Raise a :class:`CheckpointError` listing exactly what a checkpoint directory lacks."""
     p = Path(path)
+    if p.is_file():
+        raise CheckpointError(f"{p} is a file, not a checkpoint directory; give the directory "
+                              "that `minitron import` (or a later stage) wrote")
     if not p.is_dir():
         raise CheckpointError(f"checkpoint directory {p} does not exist; create one with "
                               "`minitron import model.source=...` or point model.checkpoint at it "
@@ -94,6 +97,10 @@ def check_dir(path) -> Path:
     missing = [n for n in (META, ARCH, index) if not (p / n).is_file()]
     if not missing:
         missing += [f for f in weight_files(p) if not (p / f).is_file()]
+    if missing and (p / "config.json").is_file() and not (p / ARCH).is_file():
+        raise CheckpointError(f"{p} is a Hugging Face model directory, not a nemo_minitron "
+                              f"checkpoint; convert it first: `minitron import model.source={p} "
+                              "output=<dir>`")
     if missing:
         raise CheckpointError(f"{p} is not a complete nemo_minitron checkpoint: missing "
                               f"{', '.join(missing)}")
