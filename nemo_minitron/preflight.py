@@ -199,6 +199,15 @@ def task_tokenizer(src: ckpt.Checkpoint, job) -> None:
                          "model.tokenizer=<Hugging Face tokenizer>) or drop the tasks")
 
 
+def not_replacing(output, source, overwrite: bool, field: str) -> None:
+    """overwrite=true replaces the whole output directory: one that holds the input (or is it)
+    would delete the input once the stage is done."""
+    out, src = Path(output).expanduser().resolve(), Path(source).expanduser().resolve()
+    if out == src or (overwrite and out in src.parents):
+        raise ValueError(f"output={output} would replace {field}={source}, which the stage "
+                         "reads; choose an output directory outside it")
+
+
 def calibration_sizes(job, dp: int) -> None:
     p = job.prune
     if p.scores is None and p.importance == "activation":
@@ -242,9 +251,12 @@ def hub_reachable(name: str, field: str = "model.source") -> None:
 
 # ------------------------------------------------------------------ one check per stage
 def import_(job) -> None:
-    atomic.check_new_dir(job.output or job.model.checkpoint, job.overwrite)
+    out = job.output or job.model.checkpoint
     where, gguf = resolve_source(job.model.source, job.model.gguf_file)
     local = Path(where)
+    if local.exists():
+        not_replacing(out, local, job.overwrite, "model.source")
+    atomic.check_new_dir(out, job.overwrite)
     megatron_only(job.model, local)
     if not local.is_dir():
         return hub_reachable(where)
@@ -278,6 +290,7 @@ def megatron_only(model, local: Path) -> None:
 def export(job) -> None:
     checkpoint(job.model.checkpoint)
     not_inside(job.output, job.model.checkpoint)
+    not_replacing(job.output, job.model.checkpoint, job.overwrite, "model.checkpoint")
     atomic.check_new_dir(job.output, job.overwrite)
 
 
@@ -313,6 +326,7 @@ def prune(job) -> None:
     depth_task(p)
     task_tokenizer(src, job)
     not_inside(job.output, job.model.checkpoint)
+    not_replacing(job.output, job.model.checkpoint, job.overwrite, "model.checkpoint")
     atomic.check_new_dir(job.output, job.overwrite)
     calibration_sizes(job, data_parallel_size(job.parallel))
     positions(src.arch, job.data)

@@ -113,6 +113,8 @@ def assets(tmp_path_factory):
     a["table_csv"].write_text("a,b\n1,2\n")
     a["empty_dir"] = root / "empty_dir"
     a["empty_dir"].mkdir()
+    a["hf_copy"] = root / "hf_copy"  # a source a bad import may replace: not the shared one
+    shutil.copytree(a["hf"], a["hf_copy"])
     gpt2 = root / "gpt2"  # a Hugging Face model of a family we do not handle
     from transformers import GPT2Config
 
@@ -165,6 +167,10 @@ CASES = [
      ["model.arch: only for a megatron checkpoint", "drop it"]),
     ("import_bad_dtype", "import", ["model.source={hf}", "output={out}", "dtype=fp16"],
      ["dtype='fp16'"]),
+    # the import replaced the Hugging Face directory it had just read with the checkpoint
+    ("import_output_is_its_source", "import",
+     ["model.source={hf_copy}", "output={hf_copy}", "overwrite=true"],
+     ["output=", "would replace model.source=", "outside it"]),
     # --- export
     ("export_no_output", "export", ["model.checkpoint={ck}"], ["output=<dir> is required"]),
     ("export_missing_checkpoint", "export", ["model.checkpoint=/nonexistent/ck", "output={out}"],
@@ -184,6 +190,10 @@ CASES = [
      ["missing model-00001-of-00001.safetensors"]),
     ("export_bad_dtype", "export", ["model.checkpoint={ck}", "output={out}", "dtype=fp8"],
      ["dtype='fp8'"]),
+    # overwrite=true replaces output= whole: the checkpoint inside it was deleted after the export
+    ("export_output_holds_its_checkpoint", "export",
+     ["model.checkpoint={ck}", "output={root}", "overwrite=true"],
+     ["output=", "would replace model.checkpoint="]),
     # --- data
     ("data_inputs_missing", "data", DATA + ["inputs=[/nonexistent/corpus.jsonl]"],
      ["inputs not found"]),
