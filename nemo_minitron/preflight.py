@@ -296,6 +296,9 @@ def export(job) -> None:
 
 def data(job) -> None:
     expand_paths(job.inputs)  # every file exists and has a suffix we read
+    if Path(job.tokenizer).expanduser().is_file():  # transformers reads it as a config: traceback
+        raise ValueError(f"tokenizer={job.tokenizer} is a file; give its directory, a checkpoint "
+                         "directory (with tokenizer/) or a Hugging Face tokenizer name")
     if not Path(job.tokenizer).exists() and not job.tokenizer.startswith((".", "/", "~")):
         hub_reachable(job.tokenizer, "tokenizer")
     if str(job.output).endswith((".bin", ".idx")):  # it would write <output>.bin.bin

@@ -113,6 +113,8 @@ def assets(tmp_path_factory):
     a["table_csv"].write_text("a,b\n1,2\n")
     a["empty_dir"] = root / "empty_dir"
     a["empty_dir"].mkdir()
+    a["not_parquet"] = root / "table.parquet"  # text saved under a parquet name
+    a["not_parquet"].write_text("a,b\n1,2\n")
     a["hf_copy"] = root / "hf_copy"  # a source a bad import may replace: not the shared one
     shutil.copytree(a["hf"], a["hf_copy"])
     gpt2 = root / "gpt2"  # a Hugging Face model of a family we do not handle
@@ -229,6 +231,13 @@ CASES = [
     ("data_output_under_a_file", "data", ["inputs=[{text}]", "tokenizer={ck}",
                                           "output={text}/ds", "eod_token=null"],
      ["output=", "corpus.txt is a file, not a directory"]),
+    # transformers read the file as a config.json: a traceback
+    ("data_tokenizer_is_a_file", "data", ["inputs=[{text}]", "tokenizer={text}",
+                                          "output={out}", "eod_token=null"],
+     ["tokenizer=", "corpus.txt is a file"]),
+    # pyarrow's message named neither the file nor the fix
+    ("data_parquet_not_parquet", "data", DATA + ["inputs=[{not_parquet}]"],
+     ["table.parquet cannot be read as parquet"]),
     # --- evaluate
     ("evaluate_micro_batch_0", "evaluate", COMMON + ["eval.micro_batch_size=0", "output={out}"],
      ["eval.micro_batch_size=0"]),

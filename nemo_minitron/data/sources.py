@@ -161,7 +161,11 @@ def check_columns(paths: Union[PathLike, Iterable[PathLike]], column: str) -> No
     for path in expand_paths(paths):
         if _kind(path) not in ("parquet", "arrow"):
             continue
-        schema = _schema(path)
+        try:
+            schema = _schema(path)
+        except (ValueError, OSError) as e:  # pyarrow's errors name neither the file nor the fix
+            raise ValueError(f"{path} cannot be read as {_kind(path)} ({str(e).strip()}); "
+                             "check the file, or give it the suffix of its format") from None
         if column not in schema.names:
             raise ValueError(f"{path}: no column {column!r} (found: {', '.join(schema.names)}); "
                              f"pass json_key=<the column holding the text>")
