@@ -238,6 +238,10 @@ CASES = [
     # pyarrow's message named neither the file nor the fix
     ("data_parquet_not_parquet", "data", DATA + ["inputs=[{not_parquet}]"],
      ["table.parquet cannot be read as parquet"]),
+    # a directory: it wrote the hidden files .bin/.idx/.json inside it
+    ("data_output_ends_in_slash", "data", ["inputs=[{text}]", "tokenizer={ck}",
+                                           "output={out}/", "eod_token=null"],
+     ["output=", "ends in '/'", "prefix of the files"]),
     # --- evaluate
     ("evaluate_micro_batch_0", "evaluate", COMMON + ["eval.micro_batch_size=0", "output={out}"],
      ["eval.micro_batch_size=0"]),
@@ -284,6 +288,9 @@ CASES = [
     # evaluate's output is the results file: a directory there failed after the evaluation
     ("evaluate_output_is_a_directory", "evaluate", COMMON + ["output={empty_dir}"],
      ["output=", "is a directory", "eval_results.json"]),
+    # a directory to be: the results went to a file of that name, after the evaluation
+    ("evaluate_output_ends_in_slash", "evaluate", COMMON + ["output={out}/"],
+     ["output=", "ends in '/'", "eval_results.json"]),
     # the message said the file "does not exist"
     ("evaluate_checkpoint_is_a_file", "evaluate",
      ["model.checkpoint={text}", "data.prefix={ds}", "output={out}"],

@@ -119,6 +119,11 @@ def check_output_place(output, kind: str = "dir", file_name: str = "eval_results
     dir (created whole), file (``file_name`` is the example the message gives) or prefix (of
     files written beside it: only the parents must be directories)."""
     path = Path(output).expanduser()
+    if kind != "dir" and str(output).endswith(("/", os.sep)):  # Path() drops the slash
+        example = path / (file_name if kind == "file" else "corpus")
+        raise IsADirectoryError(f"output={output} ends in '/', but names the "
+                                f"{'file to write' if kind == 'file' else 'prefix of the files'}"
+                                f"; e.g. output={example}")
     if kind == "dir" and path.is_file():
         raise NotADirectoryError(f"output={output} is a file; give a directory to create")
     if kind == "file" and path.is_dir():
