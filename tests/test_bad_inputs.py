@@ -242,6 +242,9 @@ CASES = [
     ("data_output_ends_in_slash", "data", ["inputs=[{text}]", "tokenizer={ck}",
                                            "output={out}/", "eod_token=null"],
      ["output=", "ends in '/'", "prefix of the files"]),
+    ("data_output_non_ascii_unquoted", "data", ["inputs=[{text}]", "tokenizer={ck}",
+                                                "output={out}/caf\u00e9", "eod_token=null"],
+     ["non-ASCII characters unquoted", "\"output='"]),
     # --- evaluate
     ("evaluate_micro_batch_0", "evaluate", COMMON + ["eval.micro_batch_size=0", "output={out}"],
      ["eval.micro_batch_size=0"]),

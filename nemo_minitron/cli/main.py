@@ -231,9 +231,12 @@ def check_overrides(stage: str, args: list[str]) -> None:
             parser.parse_override(a)
         except HydraException as e:
             hint = ""
-            if "<" in a or "|" in a:  # special tokens such as <|end_of_text|>
+            # special tokens such as <|end_of_text|>; paths such as /data/café
+            what = "'<' or '|'" if "<" in a or "|" in a else \
+                "non-ASCII characters" if not a.isascii() else None
+            if what:
                 key, _, value = a.partition("=")
-                hint = (f"; Hydra cannot read '<' or '|' unquoted: quote the value for Hydra "
+                hint = (f"; Hydra cannot read {what} unquoted: quote the value for Hydra "
                         f"inside the shell's quotes, e.g. \"{key}='{value.strip(chr(39))}'\"")
             _fail(stage, ValueError(f"cannot parse override {a!r}: {one_line(e)}{hint}"))
     if any(a.startswith("-") for a in args):
