@@ -166,7 +166,7 @@ def eval_inputs(job, dp: int, src: ckpt.Checkpoint | None = None) -> None:
         except (ValueError, OSError) as e:
             if name.startswith("jsonl:"):  # its messages name the file and line already
                 raise
-            raise type(e)(f"eval.tasks: {name}: {e}") from e
+            raise type(e)(f"eval.tasks: {name}: {e}") from None  # (the CLI prints a cause)
         if name.startswith("jsonl:") and src is not None and src.has_tokenizer:
             tok = tok or src.tokenizer()
             scorable(name, items, tok)

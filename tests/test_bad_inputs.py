@@ -301,6 +301,9 @@ CASES = [
     ("evaluate_checkpoint_is_hugging_face", "evaluate",
      ["model.checkpoint={hf}", "data.prefix={ds}", "output={out}"],
      ["Hugging Face model directory", "minitron import model.source="]),
+    # "mmlu_" named the MMLU directory itself: a message about a missing split, without the field
+    ("evaluate_mmlu_without_subject", "evaluate", COMMON + ["eval.tasks=[mmlu_]", "output={out}"],
+     ["eval.tasks: mmlu_: unknown MMLU subject ''"]),
     ("pipeline_jsonl_task_fields", "pipeline",
      TRAIN + ["prune=none", "eval.tasks=[jsonl:{bad_jsonl}]"], ["bad.jsonl:1", "missing field"]),
     ("prune_ep_on_dense", "prune", PRUNE + ["parallel.ep=2"],

@@ -229,7 +229,7 @@ def _spec(name: str, root: Path) -> tuple[TaskSpec, list[str]]:
         return spec, (mmlu_subjects(root) if name == "mmlu" else [""])
     if name.startswith("mmlu_"):
         subject = name[len("mmlu_"):]
-        if not (root / MMLU_DIR / subject).is_dir():
+        if not subject or not (root / MMLU_DIR / subject).is_dir():  # "mmlu_": the MMLU dir
             known = mmlu_subjects(root)
             near = difflib.get_close_matches(subject, known, n=1)
             hint = f" (did you mean mmlu_{near[0]}?)" if near else ""
