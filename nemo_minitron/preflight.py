@@ -219,10 +219,21 @@ def calibration_sizes(job, dp: int) -> None:
 
 
 def depth_task(prune) -> None:
+    """The items of prune.depth=accuracy's task load (an MMLU subject or a user's file is read
+    only after the calibration, with the model built)."""
     t = prune.depth_task
-    if prune.depth == "accuracy" and t not in TASKS and not t.startswith(("jsonl:", "mmlu_")):
+    if prune.depth != "accuracy":
+        return
+    if t not in TASKS and not t.startswith(("jsonl:", "mmlu_")):
         raise ValueError(f"prune.depth_task={t!r} is unknown; known: {sorted(TASKS)}, "
                          "mmlu_<subject> or jsonl:<path>")
+    if t.startswith("jsonl:") and not Path(t[6:]).is_file():
+        raise ValueError(f"prune.depth_task={t!r}: {t[6:]} not found; jsonl:<path> needs an "
+                         "existing JSONL file of multiple-choice items")
+    try:
+        load_task(t, limit=prune.depth_task_limit)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"prune.depth_task={t!r}: {e}") from None
 
 
 def hub_reachable(name: str, field: str = "model.source") -> None:
