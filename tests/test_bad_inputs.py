@@ -482,6 +482,12 @@ CASES = [
      ["search.hidden_size=[] allows no value", "unset"]),
     ("search_min_fraction", "search", SEARCH + ["search.min_fraction.hidden_size=0"],
      ["search.min_fraction"]),
+    # reported as an unreachable budget, with hints that could not help
+    ("search_no_axes", "search", SEARCH + ["search.axes=[]"],
+     ["search.axes=[] lets the search shrink nothing"]),
+    # it calibrated and built the teacher cache, then trained nothing
+    ("search_only_none", "search", SEARCH + ["search.only=[]"],
+     ["search.only=[] runs no candidate"]),
     # --- pipeline
     ("pipeline_round2_impossible", "pipeline",
      TRAIN + ["pipeline.teacher_correction_steps=8",

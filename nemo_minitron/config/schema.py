@@ -593,6 +593,9 @@ class SearchConfig:
                                    "ffn_multiple"), 1)
         if self.confirm_top < 0 or self.confirm_steps < 1:
             raise ValueError("search.confirm_top must be >= 0 and search.confirm_steps >= 1")
+        if not self.axes:  # no axis to shrink: "no candidate within the budget", for another cause
+            raise ValueError(f"search.axes=[] lets the search shrink nothing; list axes of "
+                             f"{list(AXES)}, or leave it unset for all")
         unknown = sorted(set(self.axes) - set(AXES))
         if unknown:
             raise ValueError(f"search.axes: unknown {unknown}; choose from {list(AXES)}")
@@ -608,6 +611,9 @@ class SearchConfig:
         if empty:  # an empty list allows no value at all (unset: values generated from the steps)
             raise ValueError(f"search.{empty[0]}=[] allows no value; list the values to try, or "
                              f"leave it unset (null) for the default steps")
+        if self.only == []:  # it calibrated and built the teacher cache, then trained none
+            raise ValueError("search.only=[] runs no candidate; list candidate numbers (e.g. "
+                             "search.only=[0]), or leave it unset for all")
         if self.only is not None and any(i < 0 for i in self.only):
             raise ValueError(f"search.only={list(self.only)}: candidate numbers are >= 0")
 
