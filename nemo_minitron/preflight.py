@@ -437,6 +437,11 @@ def pipeline(job) -> None:
                     f"({arch.num_layers} layers, hidden {arch.hidden_size}): " if i > 1 else "")
                 if job.prune.keep_layers is not None:  # explicit layers override the depth target
                     new = new.replace(num_layers=len(set(job.prune.keep_layers)))
+                elif new == arch:  # it would distill a copy of the teacher into itself
+                    raise ValueError(
+                        f"{field}.target={rnd.target.as_dict()} keeps every size of {name}'s "
+                        f"teacher, so the round prunes nothing; set a smaller size, e.g. "
+                        f"{field}.target.ffn_hidden_size={arch.ffn_hidden_size // 2}")
                 students.append(new)
             if not job.kd.auto_hidden_pairs:  # auto pairs come from the plan the round writes
                 for s in students[before:]:

@@ -523,6 +523,9 @@ CASES = [
      ["pipeline.rounds", "repeat"]),
     ("pipeline_round_without_target", "pipeline", TRAIN + ["pipeline.rounds=[{name:a}]"],
      ["pipeline.rounds[0] sets neither target nor budget", "prunes nothing"]),
+    # it distilled an unpruned copy of the teacher into itself, then evaluated it three times
+    ("pipeline_prunes_nothing", "pipeline", TRAIN + ["prune=none"],
+     ["prune.target={}", "prunes nothing", "prune.target.ffn_hidden_size=128"]),
     ("pipeline_prune_target_grows", "pipeline", TRAIN + ["prune=none",
                                                           "prune.target.ffn_hidden_size=1024"],
      ["prune.target.ffn_hidden_size=1024", "cannot grow"]),
