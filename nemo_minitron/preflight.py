@@ -11,6 +11,7 @@ verdict to the front. ``check(stage, job)`` dispatches; the CLI calls it for eve
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import urllib.error
@@ -149,6 +150,15 @@ def train_sizes(job, dp: int) -> None:
     need_samples(job.data, "train", tr.global_batch_size, "train.global_batch_size needs")
     need_samples(job.data, "valid", tr.micro_batch_size * dp,
                  "train.micro_batch_size x ranks needs")
+
+
+def loggers(train) -> None:
+    """train.wandb needs wandb: without it the run failed with a traceback once the model was
+    built, its metrics.jsonl begun."""
+    if train.wandb and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"train.wandb={train.wandb} needs wandb, which is not installed: "
+                         "pip install wandb, or unset train.wandb (metrics.jsonl and TensorBoard "
+                         "still log)")
 
 
 def eval_inputs(job, dp: int, src: ckpt.Checkpoint | None = None) -> None:
@@ -370,6 +380,7 @@ def train(job) -> None:
     not_inside(job.output, job.model.checkpoint)
     train_sizes(job, data_parallel_size(job.parallel))
     positions(student.arch, job.data)
+    loggers(job.train)
 
 
 def search(job) -> None:
@@ -387,6 +398,7 @@ def search(job) -> None:
     calibration_sizes(job, dp)
     positions(src.arch, job.data)
     shared_cache.check(job)
+    loggers(job.train)
 
 
 def pipeline(job) -> None:
@@ -406,6 +418,7 @@ def pipeline(job) -> None:
     calibration_sizes(job, dp)
     positions(src.arch, job.data)
     round_cache(job, src.arch)
+    loggers(job.train)
     rounds = job.pipeline.rounds or [RoundConfig(target=job.prune.target)]
     teachers = [src.arch]  # the architectures this round's teacher may have (several after a
     for i, rnd in enumerate(rounds, 1):  # search: any selected candidate may win)

@@ -585,6 +585,16 @@ def test_bad_input_is_refused_in_one_line(assets, stage, args, words, env, cwd, 
     assert before == {p: sorted(Path(p).iterdir()) if Path(p).is_dir() else None for p in before}
 
 
+def test_wandb_not_installed_is_refused_first(assets, cwd, tmp_path, monkeypatch, capsys):
+    """train.wandb without wandb: a traceback once the model was built and metrics.jsonl begun
+    (run as if wandb were not installed, whether or not it is)."""
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    test_bad_input_is_refused_in_one_line(
+        assets, "finetune", TRAIN + ["train.wandb=proj"],
+        ["train.wandb=proj needs wandb", "pip install wandb"], {}, cwd, tmp_path, monkeypatch,
+        capsys)
+
+
 def test_enough_distinct_cases_over_every_stage():
     from nemo_minitron.cli.main import STAGES
 
