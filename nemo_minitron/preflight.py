@@ -18,6 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+
 from .arch import Arch, check_layout
 from .artifacts import atomic
 from .artifacts.search_files import CHOSEN, read_chosen
@@ -26,6 +28,7 @@ from .convert import checkpoint as ckpt
 from .convert.hf import resolve_source
 from .convert.hf_config import arch_from_hf_config
 from .convert.megatron_dist import is_megatron_checkpoint
+from .data.indexed import load_metadata, open_indexed
 from .data.packed import PackedSequences
 from .data.sources import expand_paths
 from .distill.intermediate import check_pairs
@@ -138,6 +141,24 @@ def positions(arch: Arch, data, field: str = "model.checkpoint") -> None:
         raise ValueError(f"data.seq_length={data.seq_length} exceeds the context of {field} "
                          f"(max_position_embeddings={arch.max_position_embeddings}); lower "
                          "data.seq_length")
+
+
+def vocabulary(arch: Arch, data, field: str = "model.checkpoint", sample: int = 1 << 22) -> None:
+    """The dataset's tokens fit the model's vocabulary (its first 4M tokens are read): a dataset
+    made with another tokenizer ended in an IndexError in the embedding, the model built."""
+    try:
+        ds = open_indexed(data.prefix)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"data.prefix={data.prefix}: {e}") from None
+    dtype = np.dtype(ds.index.dtype)
+    n = min(sample, Path(f"{data.prefix}.bin").stat().st_size // dtype.itemsize)
+    top = int(np.memmap(f"{data.prefix}.bin", dtype=dtype, mode="r", shape=(n,)).max())
+    if top >= arch.vocab_size:
+        made = load_metadata(data.prefix).get("tokenizer")
+        raise ValueError(f"data.prefix={data.prefix} holds token id {top}, outside the "
+                         f"{arch.vocab_size}-token vocabulary of {field}: it was made with another "
+                         f"tokenizer{f' ({made})' if made else ''}; rebuild it with `minitron data "
+                         f"tokenizer=<{field}>`")
 
 
 def train_sizes(job, dp: int) -> None:
@@ -337,6 +358,7 @@ def evaluate(job) -> None:
     task_tokenizer(src, job)
     eval_inputs(job, data_parallel_size(job.parallel), src)
     positions(src.arch, job.data)
+    vocabulary(src.arch, job.data)
 
 
 def prune(job) -> None:
@@ -354,6 +376,8 @@ def prune(job) -> None:
     atomic.check_new_dir(job.output, job.overwrite)
     calibration_sizes(job, data_parallel_size(job.parallel))
     positions(src.arch, job.data)
+    if (p.scores is None and p.importance == "activation") or p.depth == "lm_loss":
+        vocabulary(src.arch, job.data)  # the tokens it runs the model on
 
 
 def train(job) -> None:
@@ -377,9 +401,11 @@ def train(job) -> None:
         kd_pairs(kd, job.model.checkpoint, kd.teacher, student.arch, teacher.arch)
         not_inside(job.output, kd.teacher)
         positions(teacher.arch, job.data, "kd.teacher")
+        vocabulary(teacher.arch, job.data, "kd.teacher")
     not_inside(job.output, job.model.checkpoint)
     train_sizes(job, data_parallel_size(job.parallel))
     positions(student.arch, job.data)
+    vocabulary(student.arch, job.data)
     loggers(job.train)
 
 
@@ -397,6 +423,7 @@ def search(job) -> None:
     eval_inputs(job, dp, src)
     calibration_sizes(job, dp)
     positions(src.arch, job.data)
+    vocabulary(src.arch, job.data)
     shared_cache.check(job)
     loggers(job.train)
 
@@ -417,6 +444,7 @@ def pipeline(job) -> None:
     eval_inputs(job, dp, src)
     calibration_sizes(job, dp)
     positions(src.arch, job.data)
+    vocabulary(src.arch, job.data)
     round_cache(job, src.arch)
     loggers(job.train)
     rounds = job.pipeline.rounds or [RoundConfig(target=job.prune.target)]
@@ -483,6 +511,7 @@ def teacher_cache(job) -> None:
     not_inside(job.output, job.kd.teacher)
     train_sizes(job, data_parallel_size(job.parallel))
     positions(teacher.arch, job.data, "kd.teacher")
+    vocabulary(teacher.arch, job.data, "kd.teacher")
 
 
 CHECKS = {"import": import_, "export": export, "data": data, "evaluate": evaluate,

@@ -18,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,8 +77,14 @@ def assets(tmp_path_factory):
     a["ds_empty"] = root / "ds_empty"  # a foreign (megatron-written) dataset with no documents
     builder = _indexed_module().IndexedDatasetBuilder(str(a["ds_empty"]) + ".bin")
     builder.finalize(str(a["ds_empty"]) + ".idx")
+    def other_tokenizer(p):  # the ids a tokenizer with a larger vocabulary gives
+        tokens = np.memmap(p + ".bin", dtype=np.uint16, mode="r+")
+        tokens += 3000
+        tokens.flush()
+
     for name, damage in (("ds_truncated", lambda p: os.truncate(p + ".bin", 100)),
-                         ("ds_bad_idx", lambda p: Path(p + ".idx").write_bytes(b"garbage" * 4))):
+                         ("ds_bad_idx", lambda p: Path(p + ".idx").write_bytes(b"garbage" * 4)),
+                         ("ds_other_tokenizer", other_tokenizer)):
         for suffix in (".bin", ".idx", ".json"):
             shutil.copy(str(a["ds"]) + suffix, str(root / name) + suffix)
         damage(str(root / name))
@@ -324,6 +331,14 @@ CASES = [
     ("evaluate_dataset_one_document", "evaluate", ["model.checkpoint={ck}", "data.prefix={ds_one}",
                                                    "output={out}"],
      ["ds_one has 1 document(s)", "one per JSONL line"]),
+    # a dataset of another tokenizer: an IndexError in the embedding, once the model was built
+    ("evaluate_dataset_of_another_tokenizer", "evaluate",
+     COMMON[:1] + ["data.prefix={ds_other_tokenizer}"] + COMMON[2:] + ["output={out}"],
+     ["data.prefix=", "holds token id", "outside the 1000-token vocabulary of model.checkpoint",
+      "minitron data tokenizer="]),
+    ("finetune_dataset_of_another_tokenizer", "finetune",
+     COMMON[:1] + ["data.prefix={ds_other_tokenizer}"] + COMMON[2:] + ["output={out}"],
+     ["data.prefix=", "holds token id", "1000-token vocabulary"]),
     ("evaluate_dataset_truncated", "evaluate", ["model.checkpoint={ck}",
                                                 "data.prefix={ds_truncated}", "output={out}"],
      ["ds_truncated.bin is truncated"]),
