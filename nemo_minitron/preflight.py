@@ -35,6 +35,7 @@ from .distill.intermediate import check_pairs
 from .distill.layer_map import auto_pairs
 from .distill.losses import check_vocab
 from .distill.teacher_cache import check_run
+from .distill import train_state
 from .distill.trainer import check_aux_loss
 from .evaluate.run import check_evaluate
 from .evaluate.tasks import TASKS, load_task
@@ -380,6 +381,28 @@ def prune(job) -> None:
         vocabulary(src.arch, job.data)  # the tokens it runs the model on
 
 
+def same_student(job, arch: Arch) -> None:
+    """A run directory continues (or reports as done) the run it holds: one of another
+    model.checkpoint was resumed silently, its model trained and saved in place of the one
+    given. The parent that its checkpoints record is another directory, or another shape."""
+    out = Path(job.output)
+    if job.overwrite or not out.is_dir():
+        return
+    want = Path(job.model.checkpoint).expanduser().resolve()
+    for p in [*train_state.saved(out), out / "final"]:
+        try:
+            parent = ckpt.read_json(p / ckpt.META).get("parent")
+            held = Arch.from_json(p / ckpt.ARCH)
+        except (ValueError, OSError, KeyError, TypeError):
+            continue  # unreadable or absent: the run directory's own checks report it
+        src = Path(parent or want).expanduser().resolve()
+        if src != want and (src.exists() or held != arch):
+            raise ValueError(f"output={job.output} holds a run of model.checkpoint={parent} "
+                             f"({p.relative_to(out)}), which would be continued in place of "
+                             f"{job.model.checkpoint}; choose another output, or pass "
+                             "overwrite=true to train from the start")
+
+
 def train(job) -> None:
     """finetune and distill."""
     student = checkpoint(job.model.checkpoint)
@@ -407,6 +430,7 @@ def train(job) -> None:
     positions(student.arch, job.data)
     vocabulary(student.arch, job.data)
     loggers(job.train)
+    same_student(job, student.arch)
 
 
 def search(job) -> None:

@@ -11,6 +11,7 @@ done to those files.
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import os
 import re
@@ -63,6 +64,11 @@ def assets(tmp_path_factory):
         ffn_hidden_size=192).to_json(d / ckpt.ARCH))
     damaged("no_meta", lambda d: (d / ckpt.META).unlink())
     damaged("shard_missing", lambda d: (d / shard).unlink())
+    a["run_of_ck"] = root / "run_of_ck"  # a finished finetune of ck, as its final/ records it
+    final = shutil.copytree(a["ck"], a["run_of_ck"] / "final")
+    meta = json.loads((final / ckpt.META).read_text())
+    (final / ckpt.META).write_text(json.dumps(meta | {"stage": "finetune", "step": 1000,
+                                                      "parent": str(a["ck"])}))
 
     words = [" ".join(f"w{(7 * i + j) % 997 + 2}" for j in range(60)) for i in range(40)]
     text = root / "corpus.txt"
@@ -437,6 +443,10 @@ CASES = [
     ("finetune_no_output", "finetune", COMMON, ["output=<dir> is required"]),
     ("finetune_output_is_checkpoint", "finetune", COMMON + ["output={ck}"],
      ["output=", "input checkpoint"]),
+    # the run there was reported as finished (or resumed), its model in place of the one given
+    ("finetune_output_holds_another_models_run", "finetune",
+     ["model.checkpoint={student}"] + COMMON[1:] + ["output={run_of_ck}"],
+     ["output=", "holds a run of model.checkpoint=", "(final)", "overwrite=true"]),
     # --- teacher_cache (kd.teacher is the model it runs; data/train/kd as the distillation's)
     ("teacher_cache_k_0", "teacher_cache", DISTILL + ["cache.k=0"], ["cache.k=0"]),
     ("teacher_cache_dtype", "teacher_cache", DISTILL + ["cache.dtype=int8"],
