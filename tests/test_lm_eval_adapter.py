@@ -281,6 +281,34 @@ def test_missing_checkpoint_is_named(tmp_path):
         MinitronLM(checkpoint=str(tmp_path / "nowhere"))
 
 
+@pytest.mark.parametrize("args,words", [
+    (["--model_args", "checkpoint={missing}", "--tasks", "piqa"],
+     ["--model_args checkpoint=", "nowhere does not exist"]),
+    (["--model_args", "checkpoint={file}", "--tasks", "piqa"], ["is a file"]),
+    (["--model_args", "checkpoint={ok}"], ["--tasks is required", "ls tasks"]),
+    (["--tasks", "piqa"], ["--model_args checkpoint=DIR is required"]),
+    (["--model_args", "checkpoint={ok}", "--tasks", "no_such_task_xyz"],
+     ["Tasks not found: no_such_task_xyz"]),
+], ids=["missing", "file", "no_tasks", "no_checkpoint", "unknown_task"])
+def test_bad_request_is_one_line_before_the_model(tiny, tmp_path, monkeypatch, capsys, args,
+                                                  words):
+    """A missing checkpoint or --tasks, and a task the harness does not know, were tracebacks
+    (the first two from inside the harness, after its task registry loaded)."""
+    from nemo_minitron.cli.main import main as cli_main
+    from nemo_minitron.runtime import model as rmodel
+
+    (tmp_path / "notes.txt").write_text("x")
+    paths = {"missing": tmp_path / "nowhere", "file": tmp_path / "notes.txt", "ok": tiny[1]}
+    monkeypatch.setattr("sys.argv", ["pytest"])
+    built = rmodel.models_built
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["lm_eval", *(a.format(**paths) for a in args)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err, err
+    assert err.startswith("minitron lm_eval: error: ") and all(w in err for w in words), err
+    assert rmodel.models_built == built
+
+
 # ------------------------------------------------------------------------------------------------
 # the real SmolLM2 teacher (BPE tokenizer) against transformers
 

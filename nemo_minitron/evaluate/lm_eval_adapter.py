@@ -34,6 +34,7 @@ eval.tasks=[...]`` tokenise and score a ``(context, continuation)`` pair identic
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import sys
 
@@ -228,6 +229,42 @@ Runs lm-evaluation-harness with our checkpoints as the model `nemo_minitron` (th
 """
 
 
+def _option(args: list[str], name: str) -> str | None:
+    """The value of ``name`` in ``args`` (``--name value`` or ``--name=value``)."""
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a[len(name) + 1:]
+    return None
+
+
+def check_args(args: list[str]) -> None:
+    """The tasks, and our model's checkpoint, before the harness loads its task registry: the
+    harness ends a missing --tasks and a missing or damaged checkpoint in a traceback."""
+    if args[0] in ("ls", "validate") or "-h" in args or "--help" in args:
+        return
+    if not _option(args, "--tasks"):
+        raise ValueError("--tasks is required, e.g. --tasks piqa,arc_easy (`minitron lm_eval ls "
+                         "tasks` lists them)")
+    if (_option(args, "--model") or MODEL_NAME) != MODEL_NAME:
+        return
+    given = _option(args, "--model_args") or ""
+    try:
+        model_args = json.loads(given) if given.lstrip().startswith("{") else dict(
+            kv.split("=", 1) for kv in given.split(",") if "=" in kv)
+    except ValueError:
+        return  # the harness reads it (or says what is wrong)
+    path = model_args.get("checkpoint")
+    if not path:
+        raise ValueError("--model_args checkpoint=DIR is required (a nemo_minitron checkpoint "
+                         "directory)")
+    try:
+        Checkpoint(path).verify()
+    except ValueError as e:
+        raise ValueError(f"--model_args checkpoint={path}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """The harness CLI with the ``nemo_minitron`` model registered (and chosen by default)."""
     from lm_eval.__main__ import cli_evaluate
@@ -239,11 +276,22 @@ def main(argv: list[str] | None = None) -> None:
     elif "--model" not in args and args[0] not in ("ls", "validate", "-h", "--help"):
         at = 1 if args[0] == "run" else 0
         args[at:at] = ["--model", MODEL_NAME]
+    try:
+        check_args(args)
+    except ValueError as e:
+        _fail(e)
     sys.argv = ["lm_eval"] + args
     try:
         cli_evaluate()
+    except ValueError as e:  # the harness' own refusals, e.g. "Tasks not found: pica"
+        _fail(e)
     finally:
         dist.shutdown()
+
+
+def _fail(err: Exception):
+    print(f"minitron lm_eval: error: {' '.join(str(err).split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
