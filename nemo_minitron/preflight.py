@@ -338,7 +338,11 @@ def export(job) -> None:
 
 
 def data(job) -> None:
-    expand_paths(job.inputs)  # every file exists and has a suffix we read
+    files = [f.resolve() for f in expand_paths(job.inputs)]  # exist, with a suffix we read
+    twice = sorted({str(f) for f in files if files.count(f) > 1})
+    if twice:  # the copies may land in both splits: the held-out loss would score training text
+        raise ValueError(f"inputs: {twice[0]} is read twice (listed twice, or also inside a "
+                         "listed directory); name each file once")
     if Path(job.tokenizer).expanduser().is_file():  # transformers reads it as a config: traceback
         raise ValueError(f"tokenizer={job.tokenizer} is a file; give its directory, a checkpoint "
                          "directory (with tokenizer/) or a Hugging Face tokenizer name")

@@ -244,6 +244,9 @@ CASES = [
     ("data_output_under_a_file", "data", ["inputs=[{text}]", "tokenizer={ck}",
                                           "output={text}/ds", "eod_token=null"],
      ["output=", "corpus.txt is a file, not a directory"]),
+    # every document twice, some copies held out: the validation loss scored training text
+    ("data_input_twice", "data", DATA + ["inputs=[{text},{text}]"],
+     ["inputs:", "corpus.txt is read twice"]),
     # transformers read the file as a config.json: a traceback
     ("data_tokenizer_is_a_file", "data", ["inputs=[{text}]", "tokenizer={text}",
                                           "output={out}", "eod_token=null"],
