@@ -498,3 +498,34 @@ def test_auto_dtype_follows_fp32(models, single_rank):
     got = [r["loss"] for r in metrics(t / "auto") if "loss" in r]
     assert got == pytest.approx(want, rel=2e-2)
     assert (got != want) == (j.model.dtype == "bf16")
+
+
+def test_validation_reads_the_held_out_split_at_most_once(models, single_rank, monkeypatch):
+    """train.eval_batches beyond the held-out split validates on one pass of it (more passes
+    score the same samples again: 10**9 ran for ever)."""
+    from nemo_minitron.config.schema import DataConfig, FinetuneJob, ModelConfig, TrainConfig
+    from nemo_minitron.data.packed import PackedSequences
+    from nemo_minitron.distill import trainer
+
+    t = models
+    data = DataConfig(prefix=str(t / "corpus"), seq_length=32, valid_fraction=0.1)
+    one_pass = len(PackedSequences(data.prefix, 32, split="valid", valid_fraction=0.1)) // 2
+    seen = []
+
+    def counted(model, batches, **kw):
+        batches = list(batches)
+        seen.append(len(batches))
+        return real(model, iter(batches), **kw)
+
+    real = trainer.validation_loss
+    monkeypatch.setattr(trainer, "validation_loss", counted)
+    job = FinetuneJob(model=ModelConfig(checkpoint=str(t / "student")), data=data,
+                      train=TrainConfig(steps=2, global_batch_size=2, micro_batch_size=2,
+                                        warmup_steps=0, eval_interval=1,
+                                        eval_batches=3 * one_pass + 1,
+                                        log_interval=1, tensorboard=False),
+                      output=str(t / "ft_capped"))
+    trainer.train(job, "finetune")
+    assert one_pass >= 1 and seen == [one_pass, one_pass]
+    vals = [r["val_loss"] for r in metrics(t / "ft_capped") if "val_loss" in r]
+    assert len(vals) == 2 and all(v == v for v in vals)

@@ -146,6 +146,7 @@ class Trainer:
         self.alpha = 0.0 if self.ispec is not None and self.ispec.dynamic else 1.0
         self.inter = None
         self.last_loss = None
+        self.said_eval_cap = False  # train.eval_batches beyond the held-out split: said once
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
@@ -343,9 +344,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluate, save
     def evaluate(self) -> float:
-        """Validation loss of the student over ``train.eval_batches`` micro-batches."""
+        """Validation loss of the student over ``train.eval_batches`` micro-batches, at most one
+        pass over the held-out split (more would score the same samples again, at their cost)."""
         tr, par = self.tr, self.par
-        vb = self.valid_data.batches(tr.micro_batch_size, num_batches=max(1, tr.eval_batches // par.dp),
+        one_pass = len(self.valid_data) // (tr.micro_batch_size * par.dp)
+        n = min(max(1, tr.eval_batches // par.dp), one_pass)
+        if n < tr.eval_batches // par.dp and not self.said_eval_cap:
+            self.said_eval_cap = True
+            if par.is_rank0:
+                log.info("train.eval_batches=%d: the held-out split holds %d micro-batches of %d "
+                         "per rank; validating on those", tr.eval_batches, one_pass,
+                         tr.micro_batch_size)
+        vb = self.valid_data.batches(tr.micro_batch_size, num_batches=n,
                                      dp_rank=par.dp_rank, dp_size=par.dp)
         return validation_loss(self.student, vb)["loss"]
 
