@@ -388,7 +388,8 @@ def prune(job) -> None:
 def same_student(job, arch: Arch) -> None:
     """A run directory continues (or reports as done) the run it holds: one of another
     model.checkpoint was resumed silently, its model trained and saved in place of the one
-    given. The parent that its checkpoints record is another directory, or another shape."""
+    given. The parent that its checkpoints record is another directory, or another shape; or,
+    for a distillation, the teacher they record is another existing directory."""
     out = Path(job.output)
     if job.overwrite or not out.is_dir():
         return
@@ -405,6 +406,16 @@ def same_student(job, arch: Arch) -> None:
                              f"({p.relative_to(out)}), which would be continued in place of "
                              f"{job.model.checkpoint}; choose another output, or pass "
                              "overwrite=true to train from the start")
+        kd = getattr(job, "kd", None)  # distill: the teacher (or its cache) it learns from
+        was = ckpt.read_json(p / ckpt.META).get("teacher")
+        now = kd and (kd.teacher or kd.teacher_cache)
+        if was and now and Path(was).expanduser().resolve() != Path(now).expanduser().resolve() \
+                and Path(was).exists():
+            field = "kd.teacher" if kd.teacher else "kd.teacher_cache"
+            raise ValueError(f"output={job.output} holds a run distilled from {was} "
+                             f"({p.relative_to(out)}), which would continue from {field}={now}; "
+                             "choose another output, or pass overwrite=true to train from the "
+                             "start")
 
 
 def train(job) -> None:

@@ -69,6 +69,12 @@ def assets(tmp_path_factory):
     meta = json.loads((final / ckpt.META).read_text())
     (final / ckpt.META).write_text(json.dumps(meta | {"stage": "finetune", "step": 1000,
                                                       "parent": str(a["ck"])}))
+    a["run_from_hf"] = root / "run_from_hf"  # a finished distillation of student from another
+    final = shutil.copytree(a["student"], a["run_from_hf"] / "final")  # teacher (the HF dir)
+    meta = json.loads((final / ckpt.META).read_text())
+    (final / ckpt.META).write_text(json.dumps(meta | {"stage": "distill", "step": 1000,
+                                                      "parent": str(a["student"]),
+                                                      "teacher": str(a["hf"])}))
 
     words = [" ".join(f"w{(7 * i + j) % 997 + 2}" for j in range(60)) for i in range(40)]
     text = root / "corpus.txt"
@@ -450,6 +456,9 @@ CASES = [
     ("finetune_output_holds_another_models_run", "finetune",
      ["model.checkpoint={student}"] + COMMON[1:] + ["output={run_of_ck}"],
      ["output=", "holds a run of model.checkpoint=", "(final)", "overwrite=true"]),
+    ("distill_output_holds_a_run_from_another_teacher", "distill",
+     DISTILL[:-1] + ["output={run_from_hf}"],
+     ["output=", "holds a run distilled from", "kd.teacher=", "overwrite=true"]),
     # --- teacher_cache (kd.teacher is the model it runs; data/train/kd as the distillation's)
     ("teacher_cache_k_0", "teacher_cache", DISTILL + ["cache.k=0"], ["cache.k=0"]),
     ("teacher_cache_dtype", "teacher_cache", DISTILL + ["cache.dtype=int8"],
