@@ -123,9 +123,13 @@ def resolve_targets(target, arch: Arch, tp: int, pp: int, field: str = "prune",
     """The architecture ``target`` (the fields of ``field``.target) makes of ``arch``."""
     try:
         new = target.resolve(arch)
-        new.check_parallel(tp, pp)
     except ValueError as e:
         raise ValueError(where + str(e).replace("prune.target.", f"{field}.target.")) from None
+    try:
+        new.check_parallel(tp, pp)
+    except ValueError as e:  # names the pruned model's field: say where its value comes from
+        raise ValueError(f"{where}{field}.target: the pruned model's {e}, or a target that it "
+                         "divides") from None
     return new
 
 

@@ -278,6 +278,11 @@ class PruneConfig:
                              "or leave it unset (null)")
         if self.keep_layers is not None and len(set(self.keep_layers)) != len(self.keep_layers):
             raise ValueError(f"prune.keep_layers={list(self.keep_layers)} lists a layer twice")
+        if self.scores and Path(self.scores).is_dir():  # a prune's output: its file is inside
+            inside = Path(self.scores) / "importance.safetensors"
+            raise ValueError(f"prune.scores={self.scores} is a directory; give the importance "
+                             f"file itself" + (f": prune.scores={inside}" if inside.is_file()
+                                               else ", which an earlier `minitron prune` wrote"))
         if self.scores and not Path(self.scores).is_file():
             raise ValueError(f"prune.scores={self.scores} not found: give the "
                              "importance.safetensors an earlier `minitron prune` wrote, or unset "
