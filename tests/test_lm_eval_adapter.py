@@ -290,8 +290,8 @@ def test_missing_checkpoint_is_named(tmp_path):
     (["--model_args", "checkpoint={ok}", "--tasks", "no_such_task_xyz"],
      ["Tasks not found: no_such_task_xyz"]),
 ], ids=["missing", "file", "no_tasks", "no_checkpoint", "unknown_task"])
-def test_bad_request_is_one_line_before_the_model(tiny, tmp_path, monkeypatch, capsys, args,
-                                                  words):
+def test_bad_request_is_one_line_before_the_model(tiny, single_rank, tmp_path, monkeypatch,
+                                                  capsys, args, words):
     """A missing checkpoint or --tasks, and a task the harness does not know, were tracebacks
     (the first two from inside the harness, after its task registry loaded)."""
     from nemo_minitron.cli.main import main as cli_main
@@ -301,8 +301,10 @@ def test_bad_request_is_one_line_before_the_model(tiny, tmp_path, monkeypatch, c
     paths = {"missing": tmp_path / "nowhere", "file": tmp_path / "notes.txt", "ok": tiny[1]}
     monkeypatch.setattr("sys.argv", ["pytest"])
     built = rmodel.models_built
+    assert torch.distributed.is_initialized()  # the suite's world: the call must leave it be
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["lm_eval", *(a.format(**paths) for a in args)])
+    assert torch.distributed.is_initialized()
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err, err
     assert err.startswith("minitron lm_eval: error: ") and all(w in err for w in words), err

@@ -281,12 +281,14 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         _fail(e)
     sys.argv = ["lm_eval"] + args
+    owned = not torch.distributed.is_initialized()  # a caller's process group is left to it
     try:
         cli_evaluate()
     except ValueError as e:  # the harness' own refusals, e.g. "Tasks not found: pica"
         _fail(e)
     finally:
-        dist.shutdown()
+        if owned:
+            dist.shutdown()
 
 
 def _fail(err: Exception):
