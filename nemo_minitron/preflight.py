@@ -412,10 +412,10 @@ def same_student(job, arch: Arch) -> None:
                              "overwrite=true to train from the start")
         kd = getattr(job, "kd", None)  # distill: the teacher (or its cache) it learns from
         was = ckpt.read_json(p / ckpt.META).get("teacher")
-        now = kd and (kd.teacher or kd.teacher_cache)
+        now = kd and (kd.teacher_cache or kd.teacher)  # a cache stands in for the teacher
         if was and now and Path(was).expanduser().resolve() != Path(now).expanduser().resolve() \
                 and Path(was).exists():
-            field = "kd.teacher" if kd.teacher else "kd.teacher_cache"
+            field = "kd.teacher_cache" if kd.teacher_cache else "kd.teacher"
             raise ValueError(f"output={job.output} holds a run distilled from {was} "
                              f"({p.relative_to(out)}), which would continue from {field}={now}; "
                              "choose another output, or pass overwrite=true to train from the "
