@@ -157,6 +157,8 @@ def vocabulary(arch: Arch, data, field: str = "model.checkpoint", sample: int = 
         raise ValueError(f"data.prefix={data.prefix}: {e}") from None
     dtype = np.dtype(ds.index.dtype)
     n = min(sample, Path(f"{data.prefix}.bin").stat().st_size // dtype.itemsize)
+    if n == 0:  # no tokens: the split-size checks say so
+        return
     top = int(np.memmap(f"{data.prefix}.bin", dtype=dtype, mode="r", shape=(n,)).max())
     if top >= arch.vocab_size:
         made = load_metadata(data.prefix).get("tokenizer")
