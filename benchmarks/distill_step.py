@@ -4,6 +4,7 @@ batch and threads.
 
     python benchmarks/distill_step.py [--student PATH] [--steps 3] [--mbs 4] [--seq 256]
                                       [--dtypes fp32,bf16] [--no-hf] [--profile DIR]
+                                      [--phases]
 
 Default student: SmolLM2-135M width-pruned to ~68M (made here with random importance if no
 --student is given; speed does not depend on the weights). One process.
@@ -53,6 +54,23 @@ def interleaved(runners: dict, steps: int, clock=time.perf_counter) -> dict:
         print(f"round {r + 1}/{steps} done (load {os.getloadavg()[0]:.2f})", flush=True)
     out = {key: {ph: min(times[(key, ph)]) for ph in fns} for key, fns in runners.items()}
     return out
+
+
+def phase_times(phased: dict, whole: dict, steps: int) -> dict:
+    """Best time of each phase over ``steps`` rounds (after a warm-up), configurations in turn,
+    each round also timing the whole step (``whole``: key -> the KD step) as a check on the
+    split: their sum should be close to it."""
+    for fn in phased.values():
+        fn()
+    best = {}
+    for _ in range(steps):
+        for key, fn in phased.items():
+            t = time.perf_counter()
+            whole[key]()
+            times = {**fn(), "whole step": time.perf_counter() - t}
+            for ph, t in times.items():
+                best.setdefault(key, {})[ph] = min(t, best.get(key, {}).get(ph, t))
+    return best
 
 
 def profile_table(fn, path: str) -> None:
@@ -126,7 +144,26 @@ def ours(teacher_path, student_path, batch, args, dtype: str, profile_dir=None,
     def distill_step():
         ddp.zero_grad_buffer(); opt.zero_grad(); run(kd_pair, kd_objective); opt.step()
 
-    out = {"teacher": teacher_forward, "student": student_step, "kd": distill_step}
+    def distill_phases() -> dict:
+        """One KD step by phase (the same work as ``distill_step``, called directly instead of
+        through megatron's schedule): both forwards and the loss, whose fused output-layer KL
+        also makes the logits' gradients; the backward through the student, which accumulates
+        into the fp32 gradient buffer; the optimizer step."""
+        t0 = time.perf_counter()
+        ddp.zero_grad_buffer(); opt.zero_grad()
+        t1 = time.perf_counter()
+        total = kd_objective.loss_func(batch, kd_pair(batch["tokens"], batch["position_ids"],
+                                                      None))[0]
+        t2 = time.perf_counter()
+        total.backward()
+        t3 = time.perf_counter()
+        opt.step()
+        t4 = time.perf_counter()
+        return {"zero grads": t1 - t0, "forward + loss": t2 - t1, "backward": t3 - t2,
+                "optimizer": t4 - t3}
+
+    out = {"teacher": teacher_forward, "student": student_step, "kd": distill_step,
+           "phases": distill_phases}
     if profile_dir:
         profile_table(distill_step, os.path.join(
             profile_dir, f"distill_step_{dtype}{'' if fused else '_logits'}.txt"))
@@ -187,6 +224,9 @@ def main() -> None:
                          "(kd.fused_output=true, the default), on materialised logits, or both "
                          "(the latter as 'logits' rows)")
     ap.add_argument("--profile", help="directory for torch.profiler tables of the KD steps")
+    ap.add_argument("--phases", action="store_true",
+                    help="also time our KD step by phase (forward + loss, backward, optimizer), "
+                         "each dtype in turn, best of --steps rounds")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU seconds, robust to load (with 1 thread: spinning "
                          "OpenMP threads count as busy)")
@@ -219,7 +259,7 @@ def main() -> None:
     tokens = args.mbs * args.seq
     dtypes = args.dtypes.split(",")
 
-    runners = {}
+    runners, phased, phases = {}, {}, {}
     dist.init(1, 1)
     try:
         archs = None
@@ -230,6 +270,7 @@ def main() -> None:
                 runners[(who, dt)] = r = ours(teacher_path, student_path, batch, args, dt,
                                               args.profile, fused)
                 archs = r.pop("arch")
+                phased[(who, dt)] = r.pop("phases")
         if not args.no_hf:
             export_hf(teacher_path, tmp + "/teacher_hf")
             export_hf(student_path, tmp + "/student_hf")
@@ -238,6 +279,8 @@ def main() -> None:
                                                args, dt, args.profile)
         results = interleaved(runners, args.steps,
                               time.process_time if args.clock == "cpu" else time.perf_counter)
+        if args.phases:
+            phases = phase_times(phased, {k: runners[k]["kd"] for k in phased}, args.steps)
     finally:
         dist.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)  # an exported teacher and student: ~0.8 GB
@@ -266,6 +309,10 @@ def main() -> None:
             print(f"{who}: bf16 speed-up  teacher {f['teacher'] / b['teacher']:.2f}x, student "
                   f"{f['student'] / b['student']:.2f}x, KD step {f['kd'] / b['kd']:.2f}x "
                   "(goal >= 2.5x)")
+    for (who, dt), ph in phases.items():
+        whole = ph.pop("whole step")
+        print(f"{who} {dt} KD step by phase: " + ", ".join(f"{k} {v:.3f}s" for k, v in ph.items())
+              + f" (sum {sum(ph.values()):.3f}s; the whole step in the same rounds {whole:.3f}s)")
     for dt in dtypes:
         if ("logits", dt) in results:
             print(f"{dt}: fused output layer vs materialised logits, KD step "
