@@ -53,3 +53,13 @@ def test_llama3_rope_scaling_is_applied(single_rank):
     scaled = rope_inv_freq(arch)
     assert not torch.allclose(plain, scaled)
     assert torch.allclose(scaled, hf.model.rotary_emb.inv_freq.float())
+
+
+def test_progress_bar_counts_every_micro_batch(single_rank, capsys):
+    """The bar ends at n/n: megatron draws exactly n micro-batches, so a bar over the iterator
+    stopped at n-1 (calibration and every evaluation ended reading 3/4 or 1/2)."""
+    _, arch, shard = loaded("gqa")
+    b = batch(arch.vocab_size)
+    run_forward(shard, [b, b, b], lambda _lg, _b: {}, progress="fwd")
+    err = capsys.readouterr().err
+    assert "fwd: 100%" in err and "3/3" in err, err

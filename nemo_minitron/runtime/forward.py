@@ -61,8 +61,10 @@ def run_forward(shard, batches: Iterable[dict], on_logits: Callable[[torch.Tenso
         return []
     b, s = batches[0]["tokens"].shape
     data = iter(batches)
-    if progress and is_rank0():
-        data = iter(tqdm(batches, desc=progress, unit="batch"))
+    # counted as each micro-batch's forward returns: a bar over the iterator would stop one short
+    # (megatron draws exactly len(batches) items and never asks for the end)
+    bar = tqdm(total=len(batches), desc=progress, unit="batch") if progress and is_rank0() \
+        else None
 
     def loss_func(batch, output):
         extra = on_logits(output, batch)
@@ -71,13 +73,19 @@ def run_forward(shard, batches: Iterable[dict], on_logits: Callable[[torch.Tenso
     def step(data_iterator, model):
         batch = next(data_iterator)
         out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        if bar is not None:
+            bar.update()
         return out, partial(loss_func, batch)
 
     shard.model.eval()
-    with torch.no_grad():
-        return get_forward_backward_func()(
-            forward_step_func=step, data_iterator=data, model=[shard.model],
-            num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=True)
+    try:
+        with torch.no_grad():
+            return get_forward_backward_func()(
+                forward_step_func=step, data_iterator=data, model=[shard.model],
+                num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=True)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def sum_from_last_stage(fill: Callable[[torch.Tensor], None], shape) -> torch.Tensor:
