@@ -377,7 +377,16 @@ CASES = [
     ("prune_target_not_dividing_tp", "prune",
      PRUNE + ["prune.target.ffn_hidden_size=129", "parallel.tp=2"],
      ["prune.target: the pruned model's ffn_hidden_size=129 is not divisible by parallel.tp=2"]),
-    ("evaluate_mistyped_key", "evaluate", COMMON + ["parallel.tpp=2"], ["parallel.tpp"]),
+    ("evaluate_mistyped_key", "evaluate", COMMON + ["parallel.tpp=2"],
+     ["parallel.tpp is not a setting", "did you mean parallel.tp?"]),
+    # Hydra's hint for a mistyped key was "use +prune.calib_sample=16", and the '+' form was
+    # taken: a stray attribute nothing read, and calibration ran on the default 1024 samples
+    ("prune_mistyped_key_appended", "prune", PRUNE + ["+prune.calib_sample=4"],
+     ["prune.calib_sample is not a setting", "did you mean prune.calib_samples?"]),
+    ("prune_mistyped_key_hint", "prune", PRUNE + ["prune.calib_sample=4"],
+     ["prune.calib_sample is not a setting", "did you mean prune.calib_samples?"]),
+    ("distill_appended_top_level_key", "distill", TRAIN + ["+steps=4"],
+     ["steps is not a setting of DistillJob", "did you mean train.steps?"]),
     ("evaluate_wrong_type", "evaluate", ["model.checkpoint={ck}", "data.seq_length=long"],
      ["data.seq_length", "long"]),
     ("evaluate_valid_fraction", "evaluate", COMMON + ["data.valid_fraction=1.5"],

@@ -244,9 +244,39 @@ def check_overrides(stage: str, args: list[str]) -> None:
     schema.register()
     try:
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            compose(STAGES[stage].config, overrides=args)
+            cfg = compose(STAGES[stage].config, overrides=args)
     except (HydraException, OmegaConfBaseException) as e:
-        _fail(stage, ValueError(one_line(f"{e}; {e.__cause__ or ''}")))
+        # Hydra's hint for a key the config lacks is "use +key=value", which a typed setting
+        # refuses as well: name the setting meant instead (a free-form model.arch key keeps it)
+        _fail(stage, unknown_key_error(stage, args, e)
+              or ValueError(one_line(f"{e}; {e.__cause__ or ''}")))
+    try:
+        schema.check_known_keys(cfg)
+    except ValueError as e:
+        _fail(stage, e)
+
+
+def unknown_key_error(stage: str, args: list[str], err: Exception) -> ValueError | None:
+    """Why ``key=value`` cannot be set, when ``+key=value`` (Hydra's hint) is no setting either."""
+    from hydra import compose, initialize_config_dir
+
+    from ..config import schema
+
+    hint = "To append to your config use +"
+    text = str(err)
+    if hint not in text:
+        return None
+    plus = text.split(hint, 1)[1].split()[0]
+    key = plus.split("=", 1)[0]
+    args = ["+" + a if a.split("=", 1)[0] == key else a for a in args]
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            schema.check_known_keys(compose(STAGES[stage].config, overrides=args))
+    except ValueError as e:
+        return e
+    except Exception:  # another reason the '+' form fails: Hydra's own message stands
+        return None
+    return None
 
 
 def _quiet_dependencies() -> None:

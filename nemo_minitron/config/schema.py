@@ -803,8 +803,48 @@ def register() -> None:
 
 def to_job(cfg):
     """Typed, validated job object from a composed config (runs every __post_init__ check)."""
+    check_known_keys(cfg)
     check_finite(OmegaConf.to_container(cfg, resolve=True))
     return OmegaConf.to_object(cfg)
+
+
+def check_known_keys(node, path: str = "") -> None:
+    """Every key is a field of its schema: Hydra lets ``+prune.calib_sample=16`` add a key to a
+    typed config, and ``OmegaConf.to_object`` would set it as a stray attribute that nothing reads,
+    running the job with the default instead. Free-form ``Dict`` fields (``model.arch``) take any
+    key."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(node, ListConfig):
+        for i in range(len(node)):
+            check_known_keys(node._get_node(i), f"{path}[{i}]")
+        return
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_missing():
+        return
+    names = _field_names(node)  # none: a free-form mapping
+    prefix = f"{path}." if path else ""
+    for key in node.keys():
+        if names and key not in names:
+            near = [prefix + n for n in difflib.get_close_matches(str(key), names, n=1)]
+            near = near or [f"{prefix}{n}.{key}" for n in names
+                            if key in _field_names(node._get_node(n))][:1]  # a level too high
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise ValueError(f"{prefix}{key} is not a setting of "
+                             f"{OmegaConf.get_type(node).__name__}: {hint}the settings are "
+                             f"{', '.join(names)}")
+        check_known_keys(node._get_node(key), f"{prefix}{key}")
+
+
+def _field_names(node) -> list[str]:
+    """The schema fields of a config node, or none if it is no dataclass-typed mapping."""
+    import dataclasses
+
+    from omegaconf import DictConfig
+
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_missing():
+        return []
+    kind = OmegaConf.get_type(node)
+    return [f.name for f in dataclasses.fields(kind)] if dataclasses.is_dataclass(kind) else []
 
 
 def check_finite(tree, path: str = "") -> None:
