@@ -176,3 +176,18 @@ def test_cli(tmp_path):
     assert "Traceback" not in p.stderr
     p = minitron("report", "--help", cwd=tmp_path)
     assert p.returncode == 0 and "RUN" in p.stdout and "output=" in p.stdout
+
+
+def test_help_example_reads_where_evaluate_writes():
+    """The --help example names a results JSON at the path `minitron evaluate` gives one."""
+    import re
+    from pathlib import Path
+
+    from nemo_minitron.cli.report import EPILOG
+    from nemo_minitron.evaluate.run import default_output
+
+    example = Path(re.search(r"outputs/\S+\.json", EPILOG)[0])
+    written = default_output()
+    assert example.parts[:2] == written.parts[:2] and example.name == written.name, EPILOG
+    stamp = r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d"
+    assert re.fullmatch(stamp, example.parts[2]) and re.fullmatch(stamp, written.parts[2])

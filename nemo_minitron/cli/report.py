@@ -20,7 +20,7 @@ written by `minitron evaluate` (or a directory holding eval_results.json)."""
 EPILOG = """examples:
   minitron report runs/pipeline runs/pipeline_depth
   minitron report runs/smol_half_kd runs/smol_half_random_kd output=compare/kd.md
-  minitron report runs/pipeline outputs/2025-01-01/12-00-00/eval_results.json -o cmp.md"""
+  minitron report runs/pipeline outputs/evaluate/2025-01-01_12-00-00/eval_results.json -o cmp.md"""
 
 
 def parser() -> argparse.ArgumentParser:
