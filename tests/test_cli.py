@@ -54,6 +54,9 @@ def test_help_lists_stages():
     p = minitron("--help")
     assert p.returncode == 0
     assert all(s in p.stdout for s in STAGES)
+    # the config each stage composes (data's is not conf/data.yaml)
+    assert all(c.config == s or f"conf/{c.config}.yaml" in p.stdout
+               for s, c in STAGES.items() if c.config)
     p = minitron("evaluate", "--help")
     assert p.returncode == 0 and "parallel" in p.stdout and "tp2" in p.stdout
 

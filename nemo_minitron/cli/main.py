@@ -36,9 +36,10 @@ class Command:
 
 STAGES = {
     "import": Command("import", "nemo_minitron.import_export:run_import",
-                      "Hugging Face model (dir, hub name, GGUF) -> checkpoint"),
+                      "Hugging Face model (dir, hub name, GGUF) or Megatron checkpoint "
+                      "-> checkpoint"),
     "export": Command("export", "nemo_minitron.import_export:run_export",
-                      "checkpoint -> Hugging Face directory"),
+                      "checkpoint -> Hugging Face directory (or Megatron checkpoint)"),
     "data": Command("data_prep", "nemo_minitron.data.run:run",
                     "text/JSONL/Wikipedia -> indexed dataset (.bin/.idx)"),
     "evaluate": Command("evaluate", "nemo_minitron.evaluate.run:run",
@@ -48,7 +49,7 @@ STAGES = {
     "search": Command("search", "nemo_minitron.search.run:run_search",
                       "rank architectures at a parameter budget by short distillation"),
     "distill": Command("distill", "nemo_minitron.distill.trainer:run_distill",
-                       "train a student from a co-located frozen teacher"),
+                       "train a student from a frozen teacher (co-located or cached)"),
     "teacher_cache": Command("teacher_cache", "nemo_minitron.distill.teacher_cache:build",
                              "teacher top-k log-probs of a run's tokens, once"),
     "finetune": Command("finetune", "nemo_minitron.distill.trainer:run_finetune",
@@ -73,8 +74,9 @@ Minitron compression toolkit: prune and distill LLMs on megatron-core.
 stages:
 {stages}
 
-Each stage is a Hydra app configured from conf/<stage>.yaml; `minitron <stage> --help` shows its
-config and groups, `minitron <stage> --cfg job` prints the resolved config without running.
+Each stage is a Hydra app configured from conf/<stage>.yaml (conf/data_prep.yaml for data);
+`minitron <stage> --help` shows its config and groups, `minitron <stage> --cfg job` prints the
+resolved config without running.
 `report` and `lm_eval` are not Hydra apps: they take plain arguments (run directories; the
 lm-evaluation-harness command line) and `--help` prints their own usage.
 Distributed: torchrun --nproc-per-node=N -m nemo_minitron <stage> parallel.tp=2 ...
