@@ -194,7 +194,7 @@ class EvalConfig:
     """Downstream multiple-choice tasks: arc_easy, arc_challenge, hellaswag, piqa, winogrande,
     boolq, mmlu, mmlu_<subject>, openbookqa, sciq, jsonl:<path>."""
     limit: Optional[int] = None
-    """Items per task (None: all)."""
+    """Items per task (None: all); for mmlu, items per subject (57 subjects)."""
     num_fewshot: int = 0
     fewshot_seed: int = 1234
     task_batch_size: int = 8
