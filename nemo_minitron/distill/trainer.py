@@ -424,7 +424,8 @@ class Trainer:
                             student_params=src.student.arch.num_params(),
                             teacher_params=src.teacher.arch.num_params() if src.teacher else None,
                             tokens=self.step_idx * self.tokens_per_step)
-            log.info("final validation loss %.4f; student saved to %s", final_val, out)
+            log.info("final validation loss %.4f; %s saved to %s", final_val,
+                     "model" if self.stage_name == "finetune" else "student", out)
         return result
 
     def close(self) -> None:
