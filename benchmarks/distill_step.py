@@ -67,7 +67,8 @@ def phase_times(phased: dict, whole: dict, steps: int) -> dict:
         for key, fn in phased.items():
             t = time.perf_counter()
             whole[key]()
-            times = {**fn(), "whole step": time.perf_counter() - t}
+            t = time.perf_counter() - t
+            times = {**fn(), "whole step": t}
             for ph, t in times.items():
                 best.setdefault(key, {})[ph] = min(t, best.get(key, {}).get(ph, t))
     return best
