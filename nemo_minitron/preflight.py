@@ -337,7 +337,10 @@ def megatron_only(model, local: Path) -> None:
 
 
 def export(job) -> None:
-    checkpoint(job.model.checkpoint)
+    src = checkpoint(job.model.checkpoint)
+    if job.format == "megatron":  # written at parallel.tp/pp: under torchrun this surfaced late
+        p = job.parallel
+        src.arch.check_parallel(p.tp, p.pp, p.ep)
     not_inside(job.output, job.model.checkpoint)
     not_replacing(job.output, job.model.checkpoint, job.overwrite, "model.checkpoint")
     atomic.check_new_dir(job.output, job.overwrite)

@@ -209,6 +209,9 @@ CASES = [
      ["not a complete nemo_minitron checkpoint", "minitron.json"]),
     ("export_shard_missing", "export", ["model.checkpoint={shard_missing}", "output={out}"],
      ["missing model-00001-of-00001.safetensors"]),
+    ("export_megatron_tp_not_dividing_heads", "export",
+     ["model.checkpoint={ck}", "output={out}", "format=megatron", "parallel.tp=3"],
+     ["num_attention_heads=4 is not divisible by parallel.tp=3"]),
     ("export_bad_dtype", "export", ["model.checkpoint={ck}", "output={out}", "dtype=fp8"],
      ["dtype='fp8'"]),
     # overwrite=true replaces output= whole: the checkpoint inside it was deleted after the export
