@@ -402,29 +402,29 @@ def same_student(job, arch: Arch) -> None:
     out = Path(job.output)
     if job.overwrite or not out.is_dir():
         return
-    want = Path(job.model.checkpoint).expanduser().resolve()
+    real = lambda x: Path(x).expanduser().resolve()  # noqa: E731
+    want = real(job.model.checkpoint)
+    kd = getattr(job, "kd", None)  # distill: the teacher (or its cache) it learns from
+    teacher = kd and (kd.teacher_cache or kd.teacher)  # a cache stands in for the teacher
     for p in [*train_state.saved(out), out / "final"]:
         try:
-            parent = ckpt.read_json(p / ckpt.META).get("parent")
+            meta = ckpt.read_json(p / ckpt.META)
             held = Arch.from_json(p / ckpt.ARCH)
         except (ValueError, OSError, KeyError, TypeError):
             continue  # unreadable or absent: the run directory's own checks report it
-        src = Path(parent or want).expanduser().resolve()
+        parent, was = meta.get("parent"), meta.get("teacher")
+        src = real(parent or want)
         if src != want and (src.exists() or held != arch):
             raise ValueError(f"output={job.output} holds a run of model.checkpoint={parent} "
                              f"({p.relative_to(out)}), which would be continued in place of "
                              f"{job.model.checkpoint}; choose another output, or pass "
                              "overwrite=true to train from the start")
-        kd = getattr(job, "kd", None)  # distill: the teacher (or its cache) it learns from
-        was = ckpt.read_json(p / ckpt.META).get("teacher")
-        now = kd and (kd.teacher_cache or kd.teacher)  # a cache stands in for the teacher
-        if was and now and Path(was).expanduser().resolve() != Path(now).expanduser().resolve() \
-                and Path(was).exists():
+        if was and teacher and real(was) != real(teacher) and Path(was).exists():
             field = "kd.teacher_cache" if kd.teacher_cache else "kd.teacher"
             raise ValueError(f"output={job.output} holds a run distilled from {was} "
-                             f"({p.relative_to(out)}), which would continue from {field}={now}; "
-                             "choose another output, or pass overwrite=true to train from the "
-                             "start")
+                             f"({p.relative_to(out)}), which would continue from "
+                             f"{field}={teacher}; choose another output, or pass overwrite=true "
+                             "to train from the start")
 
 
 def train(job) -> None:

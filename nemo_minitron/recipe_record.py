@@ -94,10 +94,10 @@ def _holds_steps(out: Path) -> bool:
     return out.is_dir() and any(p.name != LOG_DIR for p in out.iterdir())
 
 
-def refuse(job, out: Path) -> tuple[dict | None, list[str]]:
+def refuse(job, out: Path) -> tuple[dict | None, dict, list[str]]:
     """Raise ``ValueError`` (one line) when ``out`` holds a run made with another recipe; writes
     nothing, so preflight can call it before the stage opens its log folder. Returns the kept
-    recipe (None without one) and the settings that differ from it."""
+    recipe (None without one), this job's, and the settings that differ between them."""
     out = Path(out)
     path = out / RECORD
     now = recipe(job)
@@ -112,7 +112,7 @@ def refuse(job, out: Path) -> tuple[dict | None, list[str]]:
             f"output={out} holds a run made with {shown}{more}; its completed steps would be "
             f"kept under the new settings. Pass a new output= (or remove {out}) to start "
             f"over, or resume with the old values")
-    return was, changed
+    return was, now, changed
 
 
 def check(job, out: Path) -> None:
@@ -122,8 +122,7 @@ def check(job, out: Path) -> None:
 
     out = Path(out)
     path = out / RECORD
-    now = recipe(job)
-    was, changed = refuse(job, out)
+    was, now, changed = refuse(job, out)
     if was is not None and not changed:
         return
     if dist.is_rank0():
