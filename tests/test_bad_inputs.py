@@ -754,6 +754,23 @@ def test_shipped_defaults_pass_their_preflight(stage, teacher, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_prune_keeping_every_size_says_so(assets, cwd, tmp_path, monkeypatch, capfd):
+    """prune=none with no size set writes an unpruned copy with its importance scores (a way to
+    get scores alone); the log says that nothing was pruned and how to prune."""
+    from nemo_minitron.convert.checkpoint import Checkpoint
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    root_log = logging.getLogger()
+    monkeypatch.setattr(root_log, "handlers", list(root_log.handlers))
+    cli_main(["prune", f"model.checkpoint={assets['student']}", f"data.prefix={assets['ds']}",
+              f"data.seq_length={SEQ}", "data.valid_fraction=0.2", "prune=none",
+              "prune.calib_samples=4", f"output={tmp_path / 'copy'}"])
+    assert Checkpoint(tmp_path / "copy").arch == Checkpoint(assets["student"]).arch
+    out = "".join(capfd.readouterr())  # Hydra's console log is stdout
+    warned = [line for line in out.splitlines() if "keeps every size" in line]
+    assert len(warned) == 1 and "prune.target.ffn_hidden_size=" in warned[0], out
+
+
 def test_a_checkpoint_without_tokenizer_prunes_and_trains(assets, cwd, tmp_path, monkeypatch):
     """A checkpoint imported without a tokenizer (a megatron checkpoint, no model.tokenizer) is
     accepted where no text is scored: prune and finetune complete (they failed at their save,

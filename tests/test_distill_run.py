@@ -2,6 +2,7 @@
 follow the single-process trajectory, and a run killed mid-way resumes to the same weights."""
 
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -306,7 +307,7 @@ def test_kill_inside_a_sharded_save_resumes_to_identical_weights(models):
     assert not ckpt.partials(run / "checkpoints")
 
 
-def test_finished_run_is_left_alone_unless_overwrite(models, single_rank):
+def test_finished_run_is_left_alone_unless_overwrite(models, single_rank, caplog):
     """Re-running a finished run trains nothing and appends nothing; a larger train.steps
     continues from its last checkpoint; overwrite=true trains again from the start."""
     from tests.workers.distill_layouts import job
@@ -322,8 +323,11 @@ def test_finished_run_is_left_alone_unless_overwrite(models, single_rank):
     assert res["already_finished"] and res["steps"] == 4
     assert (run / "metrics.jsonl").read_text() == before
     assert ckpt.Checkpoint(run / "final").meta["created"] == final.meta["created"]
+    caplog.set_level(logging.WARNING)
     res = four_steps(t, run, steps=5)  # more steps: resumes from step 2, logs 3..5 once
     assert res["steps"] == 5
+    assert "final was trained for 4 steps; continuing to train.steps=5 from step_0000002" \
+        in caplog.text
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4, 5]
     j = job(t / "student", t / "teacher", t / "corpus", run, 1, 1, steps=2)
     j.train = TrainConfig(**{**vars(j.train), "save_interval": 1})

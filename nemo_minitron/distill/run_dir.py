@@ -101,6 +101,11 @@ def prepare(run_dir, steps: int, resume: bool, overwrite: bool, tp: int, pp: int
                          f"(model.checkpoint={run_dir}/final output=<new dir>)")
     state = None if resume_from is None else train_state.check_resume(
         resume_from, tp, pp, distributed_optimizer, ep)
+    if meta is not None and resume_from is not None and _rank0():
+        log.warning("%s/final was trained for %s steps; continuing to train.steps=%d from %s "
+                    "(final/ keeps no optimizer state, so the steps after that checkpoint are "
+                    "trained again, under the new schedule)", run_dir, meta.get("step", "?"),
+                    steps, resume_from.name)
     return Plan(resume_from=resume_from, state=state)
 
 

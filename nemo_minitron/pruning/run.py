@@ -29,7 +29,10 @@ def prune(job) -> dict:
     # Everything that can be wrong with the request is checked before any model is loaded.
     src = ckpt.Checkpoint(job.model.checkpoint)
     src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)
-    job.prune.target.resolve(src.arch)
+    if job.prune.target.resolve(src.arch) == src.arch and job.prune.keep_layers is None:
+        log.warning("prune.target keeps every size of %s: the output is an unpruned copy with its "
+                    "importance scores; set a smaller size to prune, e.g. "
+                    "prune.target.ffn_hidden_size=%d", src.path, src.arch.ffn_hidden_size // 2)
     atomic.check_new_dir(job.output, job.overwrite)
     data = calibration_data(job)
 
