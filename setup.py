@@ -16,6 +16,7 @@ install_requires = [
     "accelerate>=1.0",  # transformers needs it to load GGUF files
     "sentencepiece",
     "pyarrow>=14",
+    "zstandard>=0.22",  # .jsonl.zst corpora (SlimPajama, The Pile)
     "numpy",
     "tqdm",
     "matplotlib>=3.7",

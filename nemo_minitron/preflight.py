@@ -30,6 +30,7 @@ from .convert.hf_config import arch_from_hf_config
 from .convert.megatron_dist import is_megatron_checkpoint
 from .data.indexed import load_metadata, open_indexed
 from .data.packed import PackedSequences
+from .data.compressed import check_readable
 from .data.sources import expand_paths
 from .distill.intermediate import check_pairs
 from .distill.layer_map import auto_pairs
@@ -348,6 +349,8 @@ def export(job) -> None:
 
 def data(job) -> None:
     files = [f.resolve() for f in expand_paths(job.inputs)]  # exist, with a suffix we read
+    for f in files:
+        check_readable(f)  # a compression whose package is missing
     twice = sorted({str(f) for f in files if files.count(f) > 1})
     if twice:  # the copies may land in both splits: the held-out loss would score training text
         raise ValueError(f"inputs: {twice[0]} is read twice (listed twice, or also inside a "

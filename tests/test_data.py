@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from nemo_minitron.data.indexed import build_indexed, load_metadata, open_indexed, smallest_dtype
 from nemo_minitron.data.packed import PackedSequences
-from nemo_minitron.data.sources import iter_documents
+from nemo_minitron.data.sources import expand_paths, iter_documents
 from nemo_minitron.data.wiki import iter_articles, strip_markup
 
 WORDS = "the a cat dog sat on mat ran far away and then slept . , x".split()
@@ -182,10 +182,74 @@ def test_sources_errors(tmp_path):
         list(iter_documents(broken))
     other = tmp_path / "data.csv"
     other.write_text("a,b\n")
-    with pytest.raises(ValueError, match="supported suffixes"):
+    with pytest.raises(ValueError, match="supported are .txt"):
         list(iter_documents(other))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list(iter_documents(tmp_path / "missing.txt"))
+
+
+def test_sources_compressed_and_json(tmp_path):
+    """Every text format reads the same compressed (gzip, bzip2, xz, zstandard across frames) as
+    plain; .json is JSON lines or one array; a .jsonl.bz2 is JSON lines, not a Wikipedia dump."""
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    rows = [{"text": f"doc {i}", "id": i} for i in range(3)]
+    jsonl = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    want = ["doc 0", "doc 1", "doc 2"]
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(jsonl))
+    (tmp_path / "a.jsonl.bz2").write_bytes(bz2.compress(jsonl))
+    (tmp_path / "a.json.xz").write_bytes(lzma.compress(jsonl))
+    z = zstandard.ZstdCompressor()  # two frames, as pzstd writes them
+    (tmp_path / "a.jsonl.zst").write_bytes(z.compress(jsonl[:20]) + z.compress(jsonl[20:]))
+    for name in ("a.jsonl.gz", "a.jsonl.bz2", "a.json.xz", "a.jsonl.zst"):
+        assert list(iter_documents(tmp_path / name)) == want, name
+    (tmp_path / "b.txt.zst").write_bytes(z.compress("one text\n\nsecond paragraph\n".encode()))
+    assert list(iter_documents(tmp_path / "b.txt.zst")) == ["one text\n\nsecond paragraph"]
+    # a long first line (longer than the look-ahead that tells JSON lines from an array)
+    long = [{"text": "x" * 10000}, {"text": "short"}]
+    (tmp_path / "c.json").write_text("".join(json.dumps(r) + "\n" for r in long))
+    assert [len(d) for d in iter_documents(tmp_path / "c.json")] == [10000, 5]
+    (tmp_path / "d.json").write_text(json.dumps(rows, indent=2))
+    assert list(iter_documents(tmp_path / "d.json")) == want
+    (tmp_path / "e.json").write_text(json.dumps(["plain one", "plain two"]))
+    assert list(iter_documents(tmp_path / "e.json")) == ["plain one", "plain two"]
+    (tmp_path / "f.json").write_text(json.dumps({"data": rows}, indent=2))
+    with pytest.raises(ValueError, match=r"f.json, line 1: not valid JSON.*one object per line"):
+        list(iter_documents(tmp_path / "f.json"))
+    (tmp_path / "g.json").write_text(json.dumps([{"body": "x"}]))
+    with pytest.raises(ValueError, match=r"g.json, item 0: no field 'text'.*'body'"):
+        list(iter_documents(tmp_path / "g.json"))
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(z.compress(jsonl * 50)[:-10])
+    with pytest.raises(ValueError, match="cut.jsonl.zst cannot be read.*damaged or cut short"):
+        list(iter_documents(cut))
+    (tmp_path / "a.jsonl.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"supported are .txt, .jsonl, .json and .xml"):
+        list(iter_documents(tmp_path / "a.jsonl.tar"))
+    # a directory finds every compressed source and nothing else
+    found = sorted(p.name for p in expand_paths(tmp_path) if p.name.startswith("a."))
+    assert found == ["a.json.xz", "a.jsonl.bz2", "a.jsonl.gz", "a.jsonl.zst"]
+
+
+def test_zstandard_missing_is_named_before_reading(tmp_path, monkeypatch):
+    """Without the zstandard package a .zst source is refused by the data preflight, in one line
+    naming the file and the install command, before the tokenizer loads."""
+    import sys
+
+    from nemo_minitron import preflight
+    from nemo_minitron.config.schema import DataJob
+
+    (tmp_path / "a.jsonl.zst").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import zstandard -> ImportError
+    job = DataJob(inputs=[str(tmp_path)], tokenizer=str(tmp_path / "no_tokenizer"),
+                  output=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"a.jsonl.zst is zstandard-compressed.*pip install "
+                                         r"zstandard"):
+        preflight.data(job)
 
 
 def _table(rows: dict):

@@ -159,10 +159,11 @@ class ExportJob:
 @dataclass
 class DataJob:
     inputs: list[str] = field(default_factory=list)
-    """Text (.txt), JSONL (.jsonl), Wikipedia dump (.xml/.bz2), parquet or arrow (Hugging Face
-    datasets: hub parquet files, save_to_disk directories) files or directories."""
+    """Text (.txt), JSON lines (.jsonl, .json), Wikipedia dump (.xml/.bz2), each also compressed
+    (.gz/.bz2/.xz/.zst), parquet or arrow (Hugging Face datasets: hub parquet files,
+    save_to_disk directories) files or directories."""
     json_key: str = "text"
-    """The JSONL field, or the parquet/arrow column, holding the text."""
+    """The JSON field, or the parquet/arrow column, holding the text."""
     tokenizer: Optional[str] = None
     """Checkpoint directory (its tokenizer/) or Hugging Face tokenizer name/dir."""
     output: Optional[str] = None

@@ -1,15 +1,18 @@
 """Text sources for tokenisation: plain text, JSON lines and Wikipedia dumps, as a stream of documents.
 
 :func:`iter_documents` takes files (or directories, read in sorted order) and yields one string per
-document, by suffix:
+document, by suffix (text formats may be compressed: ``.gz``, ``.bz2``, ``.xz`` or ``.zst``, e.g.
+``.jsonl.zst``; see :mod:`.compressed`):
 
-- ``.txt`` (``.txt.gz``): **one document per file**, because a text file is usually one coherent
+- ``.txt``: **one document per file**, because a text file is usually one coherent
   text (a book, an article) and the packed loader holds out whole documents for validation. A file
   larger than ``txt_max_chars`` (a whole corpus in one file) is cut, at blank lines only, into
   consecutive documents of about that size, so that it streams in bounded memory and can still be
   split into train/valid by document. A single paragraph longer than that is never cut.
-- ``.jsonl`` (``.jsonl.gz``): one document per non-blank line, the string field ``json_key``.
-- ``.xml`` / ``.bz2`` (``.xml.gz``): a MediaWiki dump; each article becomes ``"Title\\n\\ntext"``
+- ``.jsonl``: one document per non-blank line, the string field ``json_key``.
+- ``.json``: JSON lines as well (what most corpora mean by ``.json``, e.g. Dolma's ``.json.gz``),
+  or one JSON array of such objects or of strings (read whole into memory).
+- ``.xml`` and a bare ``.bz2``: a MediaWiki dump; each article becomes ``"Title\\n\\ntext"``
   (see :mod:`nemo_minitron.data.wiki`).
 - ``.parquet`` and ``.arrow``: the formats Hugging Face datasets ship in (hub parquet files,
   ``save_to_disk`` directories of Arrow IPC streams, ``datasets`` cache files): one document per
@@ -20,40 +23,50 @@ Documents that are empty or whitespace-only are skipped.
 
 from __future__ import annotations
 
-import gzip
+import io
+import itertools
 import json
 from pathlib import Path
 from typing import Iterable, Iterator, List, Union
 
+from nemo_minitron.data.compressed import COMPRESSIONS, DAMAGED, open_text, split_suffix
 from nemo_minitron.data.wiki import iter_articles
 
 # pyarrow is imported where parquet/arrow inputs are read: optional and heavy; text and JSONL
 # inputs do not need it.
 
 PathLike = Union[str, Path]
-SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".xml", ".xml.gz", ".bz2", ".parquet",
-            ".arrow")
+_TEXT_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".xml": "wiki"}
+_TABLE_KINDS = {".parquet": "parquet", ".arrow": "arrow"}
+SUFFIXES = (tuple(t + c for t in _TEXT_KINDS for c in ("",) + COMPRESSIONS)
+            + (".bz2",) + tuple(_TABLE_KINDS))
 
 
 def _kind(path: Path) -> str:
-    name = path.name.lower()
-    for suffix, kind in (
-        (".txt", "txt"), (".txt.gz", "txt"), (".jsonl", "jsonl"), (".jsonl.gz", "jsonl"),
-        (".xml", "wiki"), (".xml.gz", "wiki"), (".bz2", "wiki"), (".parquet", "parquet"),
-        (".arrow", "arrow"),
-    ):
-        if name.endswith(suffix):
+    inner, comp = split_suffix(path)
+    for suffix, kind in _TEXT_KINDS.items():
+        if inner.endswith(suffix):
             return kind
+    if not comp:
+        for suffix, kind in _TABLE_KINDS.items():
+            if inner.endswith(suffix):
+                return kind
+    if comp == ".bz2":  # a Wikipedia dump named without .xml
+        return "wiki"
     raise ValueError(
-        f"don't know how to read {path}: supported suffixes are {', '.join(SUFFIXES)} "
+        f"don't know how to read {path}: supported are .txt, .jsonl, .json and .xml (each also "
+        f"compressed: {', '.join(COMPRESSIONS)}), .parquet and .arrow "
         "(rename the file or convert it to .jsonl with one {\"text\": ...} object per line)"
     )
 
 
-def _open_text(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+# JSON files a directory of data holds beside the data: Hugging Face datasets' save_to_disk
+# metadata, and the statistics our indexed datasets are written with (<prefix>.json)
+_METADATA = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _metadata(path: Path) -> bool:
+    return path.name in _METADATA or (path.suffix == ".json" and path.with_suffix(".idx").exists())
 
 
 def expand_paths(paths: Union[PathLike, Iterable[PathLike]]) -> List[Path]:
@@ -64,7 +77,8 @@ def expand_paths(paths: Union[PathLike, Iterable[PathLike]]) -> List[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(
-                f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SUFFIXES)
+                f for f in p.rglob("*")
+                if f.is_file() and f.name.lower().endswith(SUFFIXES) and not _metadata(f)
             )
             if not found:
                 raise ValueError(f"directory {p} holds no file ending in {', '.join(SUFFIXES)}")
@@ -82,7 +96,7 @@ def expand_paths(paths: Union[PathLike, Iterable[PathLike]]) -> List[Path]:
 def _iter_txt(path: Path, max_chars: int) -> Iterator[str]:
     buf: List[str] = []
     size = 0
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for line in f:
             if not line.strip() and size >= max_chars:
                 yield "".join(buf).strip("\n")
@@ -95,27 +109,50 @@ def _iter_txt(path: Path, max_chars: int) -> Iterator[str]:
 
 
 def _iter_jsonl(path: Path, json_key: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or json_key not in obj:
-                keys = ", ".join(map(repr, obj)) if isinstance(obj, dict) else type(obj).__name__
-                raise ValueError(
-                    f"{path}, line {lineno}: no field {json_key!r} (found: {keys}); "
-                    f"pass json_key=<the field holding the text>"
-                )
-            text = obj[json_key]
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"{path}, line {lineno}: field {json_key!r} is a {type(text).__name__}, "
-                    "expected a string"
-                )
-            yield text
+    with open_text(path) as f:
+        yield from _json_lines(path, json_key, f)
+
+
+def _json_lines(path: Path, json_key: str, lines: Iterable[str]) -> Iterator[str]:
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}); a JSON lines "
+                             "source holds one object per line") from None
+        yield _text_of(obj, json_key, f"{path}, line {lineno}")
+
+
+def _text_of(obj, json_key: str, where: str) -> str:
+    if not isinstance(obj, dict) or json_key not in obj:
+        keys = ", ".join(map(repr, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{where}: no field {json_key!r} (found: {keys}); "
+                         f"pass json_key=<the field holding the text>")
+    text = obj[json_key]
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: field {json_key!r} is a {type(text).__name__}, "
+                         "expected a string")
+    return text
+
+
+def _iter_json(path: Path, json_key: str) -> Iterator[str]:
+    """JSON lines, or one JSON array (of objects with ``json_key``, or of strings)."""
+    with open_text(path) as f:
+        head = f.read(4096)
+        first = head.lstrip()[:1]
+        if first != "[":  # JSON lines: the lines read so far, then the rest of the file
+            yield from _json_lines(path, json_key,
+                                   itertools.chain(io.StringIO(head + f.readline()), f))
+            return
+        try:
+            rows = json.loads(head + f.read())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); a .json source "
+                             "is JSON lines or one JSON array") from None
+    for i, row in enumerate(rows):
+        yield row if isinstance(row, str) else _text_of(row, json_key, f"{path}, item {i}")
 
 
 def _arrow_batches(path: Path, columns=None):
@@ -198,6 +235,8 @@ def iter_documents(
             docs: Iterable[str] = _iter_txt(path, txt_max_chars)
         elif kind == "jsonl":
             docs = _iter_jsonl(path, json_key)
+        elif kind == "json":
+            docs = _iter_json(path, json_key)
         elif kind in ("parquet", "arrow"):
             docs = _iter_table(path, json_key)
         else:
@@ -216,6 +255,6 @@ def _non_empty(docs: Iterable[str], path: Path) -> Iterator[str]:
         raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); convert it, "
                          f"e.g. `iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`"
                          ) from None
-    except (EOFError, OSError) as e:  # a damaged or cut .gz/.bz2 (BadGzipFile is an OSError)
+    except DAMAGED as e:  # a damaged or cut archive
         raise ValueError(f"{path} cannot be read ({e}); is it damaged or cut short? Recreate or "
                          "re-download it") from None

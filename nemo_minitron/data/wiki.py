@@ -10,13 +10,13 @@ bibliography-style trailing sections (References, External links, See also, ...)
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import html
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterator, Tuple, Union
+
+from nemo_minitron.data.compressed import open_binary
 
 # Link namespaces whose whole link is dropped (the image caption goes with the image).
 _DROP_LINK_NS = {"file", "image", "category", "media"}
@@ -213,15 +213,6 @@ def strip_markup(wikitext: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text)
 
 
-def _open(path: Path):
-    name = path.name.lower()
-    if name.endswith(".bz2"):
-        return bz2.open(path, "rb")
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
-
-
 def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
@@ -229,7 +220,7 @@ def _local(tag: str) -> str:
 def iter_articles(
     path: Union[str, Path], min_chars: int = 200
 ) -> Iterator[Tuple[str, str]]:
-    """Yield ``(title, text)`` for every article of a MediaWiki XML dump (``.xml``, ``.bz2``, ``.gz``).
+    """Yield ``(title, text)`` for every article of a MediaWiki XML dump (``.xml``, compressed or not).
 
     Skips redirects, pages outside the main namespace and articles whose cleaned text is shorter
     than ``min_chars`` characters (stubs, disambiguation pages, lists that were all templates).
@@ -237,7 +228,7 @@ def iter_articles(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Wikipedia dump {path} does not exist")
-    with _open(path) as f:
+    with open_binary(path) as f:
         context = ET.iterparse(f, events=("start", "end"))
         root = None
         for event, elem in context:
