@@ -76,6 +76,9 @@ class Family:
     shared_keys: tuple = ()
     """Per-layer names of the sigmoid-gated shared expert's (gate, up, down, gate-score)
     weights; empty: the family has no shared expert."""
+    fused: bool = False
+    """The hub holds q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (Phi-3;
+    :mod:`~nemo_minitron.convert.fused`)."""
 
     @property
     def shared_expert(self) -> bool:
@@ -103,6 +106,8 @@ _QWEN_EXPERTS = ("mlp.gate.weight", "mlp.experts.{}.gate_proj.weight",
 FAMILIES = {f.model_type: f for f in (
     Family("llama", "LlamaForCausalLM", explicit_head_dim=False, hf_fields=_NO_BIAS),
     Family("mistral", "MistralForCausalLM", sliding_window=True,
+           hf_fields=(("sliding_window", None),)),
+    Family("phi3", "Phi3ForCausalLM", partial_rotary=True, sliding_window=True, fused=True,
            hf_fields=(("sliding_window", None),)),
     Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, hf_fields=(("use_sliding_window", False),)),
     Family("qwen3", "Qwen3ForCausalLM", qk_norm=True,

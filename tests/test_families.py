@@ -20,7 +20,8 @@ from nemo_minitron.pruning.select import Targets, make_plan
 from nemo_minitron.runtime.forward import gather_logits, run_forward
 from nemo_minitron.runtime.shard import build_shard, gather_canonical, load_checkpoint, load_state
 
-from tests.helpers import batch, exported, tiny_corpus, tiny_hf, tiny_tokenizer, torchrun
+from tests.helpers import (batch, canonical_state, exported, tiny_corpus, tiny_hf, tiny_tokenizer,
+                           torchrun)
 
 TOL = 1e-4
 
@@ -33,7 +34,7 @@ def megatron_logits(arch, get, b):
 
 # family kind -> the model_type its pruned export (hidden != heads * head_dim) is written as
 EXPORTS = {"gqa": "mistral", "tied": "mistral", "head_dim": "mistral", "qwen2": "qwen2",
-           "qwen3": "qwen3", "nemotron": "nemotron"}
+           "qwen3": "qwen3", "nemotron": "nemotron", "phi3": "phi3"}
 
 
 @pytest.mark.parametrize("kind", list(EXPORTS))
@@ -51,7 +52,7 @@ def test_pruned_export_loads_with_the_pruned_logits(kind, single_rank, tmp_path)
     plan = Plan(arch, hidden, ffn, groups, heads, [0, 1, 3])
     tgt = plan.target
     assert tgt.hidden_size != tgt.num_attention_heads * tgt.head_dim
-    tensors = apply_plan(plan, hf.state_dict())
+    tensors = apply_plan(plan, canonical_state(hf, arch))
     b = batch(arch.vocab_size)
     ours = megatron_logits(tgt, tensors.__getitem__, b)
     out, back, theirs = exported(tmp_path / "pruned", tgt, tensors, b["tokens"])
@@ -82,6 +83,57 @@ def test_llama_dir_that_stock_transformers_rejects_imports(hf_dir, tmp_path, sin
     back = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         assert torch.equal(back(b["tokens"]).logits, ref)
+
+
+def test_phi3_imports_with_its_logits_and_exports_fused(hf_dir, tmp_path, single_rank):
+    """Phi-3's fused qkv_proj / gate_up_proj are split on import (our model gives the hub model's
+    logits, partial rotary included) and joined again on export, which stock transformers loads
+    as Phi-3 with the same logits; a fused tensor of the wrong size names itself."""
+    src, model = hf_dir("phi3")
+    c = ckpt.Checkpoint(import_hf(str(src), tmp_path / "ours"))
+    a = c.arch
+    assert (a.model_type, a.rotary_fraction, a.num_query_groups) == ("phi3", 0.75, 2)
+    assert "model.layers.0.self_attn.k_proj.weight" in c.weight_map
+    b = batch(a.vocab_size)
+    with torch.no_grad():
+        ref = model(b["tokens"]).logits
+    shard, _ = load_checkpoint(c.path)
+    ours = run_forward(shard, [b], lambda lg, _: {"logits": gather_logits(lg, a.vocab_size)})
+    assert (ours[0]["logits"] - ref).abs().max().item() <= TOL
+    out = export_hf(str(c.path), tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "phi3"
+    back = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert set(back.state_dict()) == set(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(back(b["tokens"]).logits, ref)
+    from nemo_minitron.convert.fused import unfuse
+
+    sd = model.state_dict()
+    qkv = "model.layers.1.self_attn.qkv_proj.weight"
+    sd[qkv] = sd[qkv][:-8]
+    with pytest.raises(ValueError, match=r"layers.1.self_attn.qkv_proj.weight has 248 rows; "
+                                         r"config.json's sizes need 128 \+ 64 \+ 64 = 256"):
+        unfuse(sd, a)
+
+
+def test_fused_export_keeps_each_projection_in_one_file():
+    """A fused tensor is written whole into the file of its first part, whichever files the
+    checkpoint spread its parts over; the other tensors stay where they were."""
+    from nemo_minitron.convert.hf import _export_shards
+    from nemo_minitron.convert.weights import canonical_keys
+
+    arch = arch_from_hf_config(tiny_hf("phi3").config)
+    where = {k: f"s{i % 3}" for i, k in enumerate(canonical_keys(arch))}  # parts scattered
+    shards = _export_shards(where, arch, fused=True)
+    assert sorted(k for names in shards.values() for k in names) == sorted(where)
+    p = "model.layers.2."
+    q_file = where[p + "self_attn.q_proj.weight"]
+    assert {p + f"self_attn.{x}_proj.weight" for x in "qkv"} <= set(shards[q_file])
+    assert where[p + "self_attn.k_proj.weight"] != q_file  # the case being tested
+    assert p + "self_attn.o_proj.weight" in shards[where[p + "self_attn.o_proj.weight"]]
+    unfused = _export_shards(where, arch, fused=False)
+    assert {f: sorted(v) for f, v in unfused.items()} == {
+        f: sorted(k for k in where if where[k] == f) for f in ("s0", "s1", "s2")}
 
 
 def test_nemotron_weights_round_trip_through_model(single_rank):

@@ -11,7 +11,6 @@ Export writes a directory that ``AutoModelForCausalLM.from_pretrained`` loads wi
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,7 +21,9 @@ from ..arch import Arch
 from ..artifacts import atomic
 from ..dtypes import torch_dtype
 from . import checkpoint as ckpt
+from ..families import export_family, family
 from .experts import per_expert
+from .fused import fuse, fused_names, unfuse
 from .hf_config import arch_from_hf_config, hf_config_from_arch
 from .weights import LM_HEAD, canonical_keys
 
@@ -102,6 +103,8 @@ def load_hf(source: str, *, gguf_file: str | None = None, dtype: str = "auto"):
         state.pop(LM_HEAD, None)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     state = per_expert(state, arch)  # transformers 5.x's fused experts (GGUF, in-memory)
+    if family(arch.model_type).fused:
+        state = unfuse(state, arch)  # Phi-3's qkv_proj / gate_up_proj
     want = set(canonical_keys(arch))
     missing, extra = want - set(state), set(state) - want
     if missing or extra:
@@ -137,24 +140,44 @@ def _special_tokens(meta: dict, tok, vocab_size: int) -> dict:
     return out
 
 
+def _export_shards(weight_map: dict[str, str], arch: Arch, fused: bool) -> dict[str, list[str]]:
+    """Output file -> the canonical tensors it gets: the checkpoint's own files, with the parts
+    of a fused projection moved into its first part's file when the export joins them."""
+    where = dict(weight_map)
+    if fused:
+        for parts in fused_names(arch).values():
+            for p in parts[1:]:
+                where[p] = where[parts[0]]
+    out: dict[str, list[str]] = {}
+    for k, f in sorted(where.items(), key=lambda kv: kv[1]):
+        out.setdefault(f, []).append(k)
+    return out
+
+
 def export_hf(checkpoint: str, output: str, *, dtype: str | None = None,
               overwrite: bool = False) -> Path:
     """Write checkpoint ``checkpoint`` as a Hugging Face model directory at ``output``."""
     src = ckpt.Checkpoint(checkpoint)
     arch: Arch = src.arch
+    fused = export_family(arch).fused
     with atomic.new_dir(output, overwrite) as tmp:
-        shards = sorted(set(src.weight_map.values()))
-        tdtype = None
-        for f in shards:
-            tensors = {k: src.get(k) for k, v in src.weight_map.items() if v == f}
+        shards = _export_shards(src.weight_map, arch, fused)
+        tdtype, weight_map, total = None, {}, 0
+        for f, names in shards.items():
+            tensors = {k: src.get(k) for k in names}
             if dtype:
                 tensors = {k: t.to(torch_dtype(dtype)) for k, t in tensors.items()}
+            if fused:
+                tensors = fuse(tensors, arch)
             tdtype = tdtype or next(iter(tensors.values())).dtype
             save_file(tensors, str(tmp / f), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, f))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
         if len(shards) == 1:
-            (tmp / shards[0]).rename(tmp / "model.safetensors")
+            (tmp / f).rename(tmp / "model.safetensors")
         else:
-            shutil.copy(src.path / ckpt.INDEX, tmp / ckpt.INDEX)
+            atomic.write_json(tmp / ckpt.INDEX, {"metadata": {"total_size": total},
+                                                 "weight_map": dict(sorted(weight_map.items()))})
         tok = src.tokenizer(required=False)
         if tok is not None:
             tok.save_pretrained(str(tmp))

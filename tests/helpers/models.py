@@ -7,7 +7,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, MixtralConfig, MixtralForCausalLM, NemotronConfig,
-                          NemotronForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                          NemotronForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
@@ -79,6 +80,12 @@ def tiny_hf(kind: str = "gqa", seed: int = 0):
         _moe_randomize(model)  # and biases and the shared gate away from zero: token-dependent
         _randomize([p for n, p in model.named_parameters()
                     if n.endswith(("proj.bias", "shared_expert_gate.weight"))], 0.0, 0.5)
+    elif kind == "phi3":  # fused qkv_proj and gate_up_proj, GQA, three quarters of a head rotated
+        model = Phi3ForCausalLM(Phi3Config(**base, pad_token_id=0, bos_token_id=1, eos_token_id=0,
+                                           rope_parameters={"rope_type": "default",
+                                                            "rope_theta": 10000.0,
+                                                            "partial_rotary_factor": 0.75}))
+        _randomize([p for n, p in model.named_parameters() if "norm" in n], 1.0, 0.3)
     elif kind == "llama_pruned":  # hidden 512 with 6 heads of 64, as ModelOpt/Bridge export it;
         # stock LlamaConfig rejects it, so it is written as Mistral (same weights and math) and
         # hf_dir() relabels config.json as llama
@@ -105,6 +112,16 @@ def batch(vocab, b=2, s=24, seed=1):
     ids = torch.randint(0, vocab, (b, s), generator=g)
     return {"tokens": ids, "position_ids": torch.arange(s).expand(b, s),
             "labels": torch.roll(ids, -1, 1), "loss_mask": torch.ones(b, s)}
+
+
+def canonical_state(model, arch) -> dict:
+    """A Hugging Face model's tensors under our canonical names (Phi-3's fused projections
+    split, as import does)."""
+    from nemo_minitron.convert.fused import unfuse
+    from nemo_minitron.families import family
+
+    sd = model.state_dict()
+    return unfuse(sd, arch) if family(arch.model_type).fused else sd
 
 
 def exported(path, arch, tensors, tokens):
