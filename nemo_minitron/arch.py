@@ -55,6 +55,9 @@ class Arch:
     moe_shared_expert_intermediate_size: int = 0
     """Width of the one shared expert every MoE layer adds for every token, its output scaled by
     a per-token sigmoid gate (Qwen2-MoE's shared_expert_intermediate_size); 0: none."""
+    sliding_window: Optional[int] = None
+    """Each token attends to itself and the ``sliding_window - 1`` tokens before it, in every
+    layer (Mistral-7B-v0.1, Phi-3-mini-4k); None: to every earlier token."""
 
     def __post_init__(self):
         self.validate()
@@ -93,6 +96,13 @@ class Arch:
                 "; set the fields as the family has them (nemo_minitron/families.py)")
         if self.is_moe:
             self._validate_moe(fam)
+        if self.sliding_window is not None and (
+                not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"arch.sliding_window={self.sliding_window!r} must be a positive "
+                             "number of tokens, or null for full attention")
+        if self.sliding_window is not None and not fam.sliding_window:
+            raise ValueError(f"arch.sliding_window={self.sliding_window}: {self.model_type} "
+                             "attends to every earlier token; set sliding_window=null")
         if self.rotary_fraction != 1.0 and not fam.partial_rotary:
             raise ValueError(f"arch.rotary_fraction={self.rotary_fraction}: {self.model_type} "
                              "rotates whole heads; set rotary_fraction=1.0")

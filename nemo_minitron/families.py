@@ -149,7 +149,8 @@ def export_family(arch) -> Family:
     square = arch.hidden_size == arch.num_attention_heads * arch.head_dim
     for f in (own, *FAMILIES.values()):
         if f.features() == want and (square or f.explicit_head_dim) and (
-                arch.rotary_fraction == 1.0 or f.partial_rotary):
+                arch.rotary_fraction == 1.0 or f.partial_rotary) and (
+                arch.sliding_window is None or f.sliding_window):
             return f
     raise ValueError(f"no Hugging Face family can express {arch.model_type} with "
                      f"norm={arch.norm}, mlp={arch.mlp}, qkv_bias={arch.qkv_bias}, "

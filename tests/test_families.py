@@ -34,7 +34,7 @@ def megatron_logits(arch, get, b):
 
 # family kind -> the model_type its pruned export (hidden != heads * head_dim) is written as
 EXPORTS = {"gqa": "mistral", "tied": "mistral", "head_dim": "mistral", "qwen2": "qwen2",
-           "qwen3": "qwen3", "nemotron": "nemotron", "phi3": "phi3"}
+           "qwen3": "qwen3", "nemotron": "nemotron", "phi3": "phi3", "mistral_swa": "mistral"}
 
 
 @pytest.mark.parametrize("kind", list(EXPORTS))
@@ -136,6 +136,28 @@ def test_fused_export_keeps_each_projection_in_one_file():
         f: sorted(k for k in where if where[k] == f) for f in ("s0", "s1", "s2")}
 
 
+def test_sliding_window_trains_as_transformers_does(single_rank):
+    """Mistral-7B-v0.1-style sliding-window attention imports as arch.sliding_window, and our
+    model's loss and gradients over sequences three windows long are Hugging Face's."""
+    import torch.nn.functional as F
+
+    hf = tiny_hf("mistral_swa")
+    arch = arch_from_hf_config(hf.config)
+    assert arch.sliding_window == 8
+    shard = build_shard(arch)
+    load_state(shard, hf.state_dict().__getitem__)
+    b = batch(arch.vocab_size)  # 24 tokens
+    logits = shard.model(b["tokens"], b["position_ids"], None)
+    ours = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten())
+    ours.backward()
+    ref = F.cross_entropy(hf(b["tokens"]).logits.flatten(0, 1), b["labels"].flatten())
+    ref.backward()
+    assert abs(ours.item() - ref.item()) < 1e-5
+    g_ours = shard.model.embedding.word_embeddings.weight.grad
+    g_ref = hf.model.embed_tokens.weight.grad
+    assert (g_ours - g_ref).abs().max().item() < 1e-5 * g_ref.abs().max().item() + 1e-7
+
+
 def test_nemotron_weights_round_trip_through_model(single_rank):
     """1p LayerNorm weights are folded (+1) into megatron and unfolded on the way back."""
     hf = tiny_hf("nemotron")
@@ -172,7 +194,10 @@ def test_nemotron_ffn_importance_is_the_down_projection_input(single_rank):
 
 @pytest.mark.parametrize("change, field", [
     ({"model_type": "gpt2"}, "model_type 'gpt2'"),
-    ({"sliding_window": 64}, "sliding_window=64"),
+    ({"model_type": "qwen2", "sliding_window": 64}, "sliding_window=64 attention is not "
+                                                    "supported for qwen2"),
+    ({"sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"] * 2},
+     "layers of different attention are not supported"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),

@@ -112,7 +112,7 @@ def tiny_checkpoint(kind, tmp):
 # (a) tiny random models against transformers
 
 
-@pytest.mark.parametrize("kind", ["gqa", "odd_vocab"])
+@pytest.mark.parametrize("kind", ["gqa", "odd_vocab", "mistral_swa"])
 def test_tiny_scores_match_transformers(kind, jsonl_task, tmp_path, single_rank):
     hf, path = tiny_checkpoint(kind, tmp_path)
     shard, c = load_checkpoint(path)

@@ -50,6 +50,15 @@ def _rope(d: dict) -> tuple[float, dict | None, float]:
     return float(theta), scaling, float(fraction)
 
 
+def _window(d: dict, fam) -> int | None:
+    """The sliding attention window of a config; None where it spans max_position_embeddings
+    (no token can see past it) or is off (Qwen's use_sliding_window=false)."""
+    window = d.get("sliding_window")
+    if not window or not d.get("use_sliding_window", fam.sliding_window):
+        return None
+    return int(window) if window < d.get("max_position_embeddings", 0) else None
+
+
 def _refuse_unsupported(d: dict, model_type: str) -> None:
     fam = family(model_type)
     if d.get("quantization_config"):
@@ -65,14 +74,16 @@ def _refuse_unsupported(d: dict, model_type: str) -> None:
     if act != fam.hidden_act:
         raise ValueError(f"config hidden_act={act!r} is not supported for {model_type}; "
                          f"expected {fam.hidden_act!r}")
-    sliding = d.get("sliding_window")
-    if sliding and d.get("use_sliding_window", fam.sliding_window):
-        if sliding < d.get("max_position_embeddings", 0):
-            raise ValueError(f"config sliding_window={sliding} attention is not supported; "
-                             "only full attention over max_position_embeddings")
-    if any(t != "full_attention" for t in d.get("layer_types") or []):
-        raise ValueError("config layer_types has non-full attention layers; only full attention "
-                         "is supported")
+    window = _window(d, fam)
+    if window is not None and not fam.sliding_window:
+        raise ValueError(f"config sliding_window={window} attention is not supported for "
+                         f"{model_type}; only full attention over max_position_embeddings")
+    kinds = set(d.get("layer_types") or [])
+    if kinds - {"full_attention", "sliding_attention"} or (
+            "sliding_attention" in kinds and (len(kinds) > 1 or window is None)):
+        raise ValueError(f"config layer_types={sorted(kinds)}: layers of different attention "
+                         "are not supported; every layer must attend alike (all full, or all "
+                         "over the same sliding_window)")
     if not fam.partial_rotary and d.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"config partial_rotary_factor is not supported for {model_type}")
     if fam.moe and (d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1):
@@ -150,6 +161,7 @@ def arch_from_hf_config(cfg) -> Arch:
         norm=fam.norm,
         mlp=fam.mlp,
         rotary_fraction=fraction,
+        sliding_window=_window(d, fam),
     )
     return Arch(**{**fields, **_moe_fields(d, fam)})
 
@@ -185,6 +197,8 @@ def hf_config_from_arch(arch: Arch, *, torch_dtype: str = "float32", bos_token_i
     if fam.partial_rotary:
         rope["partial_rotary_factor"] = arch.rotary_fraction
     extra = {**fam.config_fields(), **_moe_config(arch, fam)}
+    if arch.sliding_window is not None:
+        extra["sliding_window"] = arch.sliding_window
     eps = {"norm_eps" if fam.norm == "layernorm1p" else "rms_norm_eps": arch.norm_eps}
     config_class = getattr(transformers, fam.causal_lm.replace("ForCausalLM", "Config"))
     cfg = config_class(**{**common, **eps, **extra}, rope_parameters=rope)

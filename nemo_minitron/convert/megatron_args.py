@@ -31,7 +31,8 @@ def _unsupported(args: Namespace) -> str | None:
               ("add_bias_linear", False, "no linear biases (--disable-bias-linear)"),
               ("num_experts", None, "a dense MLP (no --num-experts)"),
               ("qk_layernorm", False, "no QK layernorm"),
-              ("multi_latent_attention", False, "standard attention")]
+              ("multi_latent_attention", False, "standard attention"),
+              ("window_size", None, "full attention (no --window-size)")]
     for name, want, what in checks:
         if hasattr(args, name) and getattr(args, name) != want:
             return f"args.{name}={getattr(args, name)!r} (this toolkit needs {what})"

@@ -123,12 +123,17 @@ def score_requests(shard, tokenizer, requests: Sequence[tuple[str, str]], *,
 
 
 def _my_batches(encoded, max_length: int, dp_rank: int, dp_size: int, micro_batch_size: int,
-                pp: int, same_shapes: bool = False, share: bool = False) -> list[dict]:
+                pp: int, same_shapes: bool = False, share: bool = False,
+                window: int | None = None) -> list[dict]:
     """This data-parallel rank's micro-batches: the rows longest first, dealt round-robin; under
     PP each padded to a bucketed length so that runs share a shape; with ``same_shapes`` (expert
     parallelism) as many and as shaped as every other rank's (see the module note). ``share``:
-    a context's continuations in one row (:mod:`.rows`)."""
+    a context's continuations in one row (:mod:`.rows`), unless a row would be longer than the
+    model's sliding attention ``window`` (its tokens would then be further apart in the row than
+    in their own request: each request gets its own row instead)."""
     rows = build_rows(encoded, max_length, share)
+    if share and window is not None and any(len(r.tokens) > window for r in rows):
+        rows = build_rows(encoded, max_length, False)
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), rows[i].tokens))
 
     def seq_len_of(ids):
@@ -221,7 +226,8 @@ def score_continuations(shard, encoded: Sequence[tuple[list[int], list[int]]], *
     if share_context is None:
         share_context = supported(shard.model)
     batches = _my_batches(encoded, max_length, dp_rank, dp_size, micro_batch_size, par.pp,
-                          same_shapes=par.ep > 1 and shard.arch.is_moe, share=share_context)
+                          same_shapes=par.ep > 1 and shard.arch.is_moe, share=share_context,
+                          window=shard.arch.sliding_window)
     groups = _pipeline_runs(batches, par.pp)
     label = (progress if isinstance(progress, str) else "multiple choice") if progress else None
     outs = []

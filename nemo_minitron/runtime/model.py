@@ -115,6 +115,9 @@ def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: s
         use_cpu_initialization=on_cpu,
         perform_initialization=init_weights,
         fp8=fp8,
+        # (left, right) tokens each query sees besides itself, as Transformer Engine takes it;
+        # the local spec's attention reads it too (runtime/sdpa.py)
+        window_size=None if arch.sliding_window is None else (arch.sliding_window - 1, 0),
         **moe_config(arch, ep, aux_loss_coeff),
     )
 

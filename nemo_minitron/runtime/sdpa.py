@@ -9,6 +9,9 @@ stage here runs, and for an explicit boolean mask (True = hidden, megatron's con
 stands in for the causal one, as in megatron's softmax: :mod:`.shared_context` builds such masks
 for scoring); anything else (a non-boolean mask, dropout, packed sequences,
 query-key layer scaling, a learnable softmax offset) goes to megatron's implementation.
+A sliding window (``config.window_size``, Mistral-7B-v0.1's and Phi-3-mini-4k's attention) is a
+banded causal mask here, made only when a sequence is longer than the window; megatron's own
+path cannot take one on CPU (its window mask is built on CUDA), so it is refused there.
 The Transformer Engine spec (GPUs with TE) has its own fused attention and does not use this.
 """
 
@@ -32,9 +35,21 @@ class SDPAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        window = self.config.window_size
+        if window is not None and query.size(0) <= window[0] + 1:
+            window = None  # every token sees all earlier ones anyway: plain causal attention
         if not self._fused_ok(attention_mask, attn_mask_type, attention_bias, packed_seq_params):
+            if window is not None and not torch.cuda.is_available():
+                raise NotImplementedError("sliding-window attention on CPU needs the fused path "
+                                          "(causal, no dropout, no packed sequences)")
             return super().forward(query, key, value, attention_mask, attn_mask_type,
                                    attention_bias, packed_seq_params)
+        if window is not None:
+            if attention_mask is not None:  # scoring masks are built for full attention
+                raise NotImplementedError(
+                    f"a {query.size(0)}-token row with its own attention mask is longer than the "
+                    f"sliding window ({window[0] + 1}); score such rows one request at a time")
+            attention_mask = _outside_window(query.size(0), window[0] + 1, query.device)
         # GQA in the kernel (enable_gqa): no repeated key/value heads to write, and no sum of
         # their gradients in the backward (which zero-filled and added [s, b, heads, d] buffers)
         gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
@@ -48,3 +63,11 @@ class SDPAttention(DotProductAttention):
                                                  scale=self.softmax_scale, enable_gqa=gqa)
         sq, b = query.size(0), query.size(1)
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+
+def _outside_window(s: int, window: int, device) -> torch.Tensor:
+    """[s, s] True where key j is hidden from query i: later (j > i), or ``window`` or more
+    tokens earlier (i - j >= window)."""
+    i = torch.arange(s, device=device)
+    d = i[:, None] - i[None, :]
+    return (d < 0) | (d >= window)

@@ -80,6 +80,9 @@ def tiny_hf(kind: str = "gqa", seed: int = 0):
         _moe_randomize(model)  # and biases and the shared gate away from zero: token-dependent
         _randomize([p for n, p in model.named_parameters()
                     if n.endswith(("proj.bias", "shared_expert_gate.weight"))], 0.0, 0.5)
+    elif kind == "mistral_swa":  # each token sees itself and the 7 before it (Mistral-7B-v0.1's
+        # sliding-window attention, at a window that the tests' sequences exceed)
+        model = MistralForCausalLM(MistralConfig(**dict(base, sliding_window=8)))
     elif kind == "phi3":  # fused qkv_proj and gate_up_proj, GQA, three quarters of a head rotated
         model = Phi3ForCausalLM(Phi3Config(**base, pad_token_id=0, bos_token_id=1, eos_token_id=0,
                                            rope_parameters={"rope_type": "default",
