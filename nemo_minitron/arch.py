@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -106,9 +107,44 @@ class Arch:
         if self.rotary_fraction != 1.0 and not fam.partial_rotary:
             raise ValueError(f"arch.rotary_fraction={self.rotary_fraction}: {self.model_type} "
                              "rotates whole heads; set rotary_fraction=1.0")
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ("llama3",):
+        kind = None if self.rope_scaling is None else self.rope_scaling.get("rope_type")
+        if kind not in (None, "llama3", "longrope"):
             raise ValueError(f"rope_scaling {self.rope_scaling} is not supported; only rope_type "
-                             "'llama3' (Llama 3.1) scaling is implemented")
+                             "'llama3' (Llama 3.1) and 'longrope' (Phi-3) scaling are implemented")
+        if kind == "longrope":
+            self._validate_longrope()
+
+    def _validate_longrope(self) -> None:
+        rs, half = self.rope_scaling, int(self.head_dim * self.rotary_fraction) // 2
+        for name in ("short_factor", "long_factor"):
+            if not isinstance(rs.get(name), list) or len(rs[name]) != half:
+                raise ValueError(f"rope_scaling.{name} must list one factor per rotated pair of "
+                                 f"dims ({half}), got {rs.get(name)!r:.80}")
+        if not isinstance(rs.get("original_max_position_embeddings"), int):
+            raise ValueError("rope_scaling (longrope) needs original_max_position_embeddings, the "
+                             "pretraining context its short factors are for")
+
+    @property
+    def longrope_context(self) -> int | None:
+        """The longest sequence LongRoPE's short factors apply to (Hugging Face switches to the
+        long ones beyond it, which this runtime does not); None without LongRoPE."""
+        rs = self.rope_scaling
+        if not rs or rs.get("rope_type") != "longrope":
+            return None
+        return int(rs["original_max_position_embeddings"])
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """What LongRoPE multiplies the rotated dims' cos/sin by (as Hugging Face computes it:
+        the config's attention_factor, else sqrt(1 + ln(factor) / ln(original context)) with
+        factor the context's growth); 1 otherwise."""
+        ctx = self.longrope_context
+        if ctx is None:
+            return 1.0
+        if self.rope_scaling.get("attention_factor") is not None:
+            return float(self.rope_scaling["attention_factor"])
+        factor = self.rope_scaling.get("factor") or self.max_position_embeddings / ctx
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(ctx))
 
     def _validate_moe(self, fam) -> None:
         if not 0 < self.moe_top_k <= self.num_experts:

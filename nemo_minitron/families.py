@@ -147,11 +147,20 @@ def export_family(arch) -> Family:
     own = family(arch.model_type)
     want = (arch.norm, arch.mlp, arch.qkv_bias, arch.qk_norm, arch.is_moe, arch.has_shared_expert)
     square = arch.hidden_size == arch.num_attention_heads * arch.head_dim
+    longrope = (arch.rope_scaling or {}).get("rope_type") == "longrope"
+    if longrope and not square:  # transformers checks the factors against hidden / heads
+        raise ValueError(
+            f"a LongRoPE model with hidden_size={arch.hidden_size} != num_attention_heads x "
+            f"head_dim = {arch.num_attention_heads * arch.head_dim} cannot be written as a "
+            "Hugging Face config (transformers sizes its rope factors by hidden_size / "
+            "num_attention_heads); prune heads and hidden size together, or keep hidden_size")
     for f in (own, *FAMILIES.values()):
         if f.features() == want and (square or f.explicit_head_dim) and (
                 arch.rotary_fraction == 1.0 or f.partial_rotary) and (
-                arch.sliding_window is None or f.sliding_window):
+                arch.sliding_window is None or f.sliding_window) and (
+                not longrope or f.model_type == "phi3"):
             return f
     raise ValueError(f"no Hugging Face family can express {arch.model_type} with "
                      f"norm={arch.norm}, mlp={arch.mlp}, qkv_bias={arch.qkv_bias}, "
-                     f"qk_norm={arch.qk_norm}, rotary_fraction={arch.rotary_fraction}")
+                     f"qk_norm={arch.qk_norm}, rotary_fraction={arch.rotary_fraction}, "
+                     f"sliding_window={arch.sliding_window}")

@@ -40,6 +40,7 @@ from .distill import train_state
 from .distill.trainer import check_aux_loss
 from .evaluate.run import check_evaluate
 from .evaluate.tasks import TASKS, load_task
+from .families import export_family
 from .importance.reduce import Importance
 from . import recipe_record
 from .runtime import dist
@@ -147,6 +148,11 @@ def positions(arch: Arch, data, field: str = "model.checkpoint") -> None:
         raise ValueError(f"data.seq_length={data.seq_length} exceeds the context of {field} "
                          f"(max_position_embeddings={arch.max_position_embeddings}); lower "
                          "data.seq_length")
+    if arch.longrope_context is not None and data.seq_length > arch.longrope_context:
+        raise ValueError(f"data.seq_length={data.seq_length}: {field} uses LongRoPE, whose short "
+                         f"factors this runtime implements for sequences of up to "
+                         f"original_max_position_embeddings={arch.longrope_context} tokens (the "
+                         "long ones are not); lower data.seq_length")
 
 
 def vocabulary(arch: Arch, data, field: str = "model.checkpoint", sample: int = 1 << 22) -> None:
@@ -342,6 +348,10 @@ def export(job) -> None:
     if job.format == "megatron":  # written at parallel.tp/pp: under torchrun this surfaced late
         p = job.parallel
         src.arch.check_parallel(p.tp, p.pp, p.ep)
+        if src.arch.longrope_context is not None:
+            raise ValueError(f"format=megatron: {job.model.checkpoint} uses LongRoPE, which "
+                             "megatron-core's rotary embedding cannot express; export it with "
+                             "format=hf")
     not_inside(job.output, job.model.checkpoint)
     not_replacing(job.output, job.model.checkpoint, job.overwrite, "model.checkpoint")
     atomic.check_new_dir(job.output, job.overwrite)
@@ -535,6 +545,13 @@ def pipeline(job) -> None:
                         f"teacher, so the round prunes nothing; set a smaller size, e.g. "
                         f"{field}.target.ffn_hidden_size={arch.ffn_hidden_size // 2}")
                 students.append(new)
+            if job.pipeline.export:  # the last stage of a round: refused now, not after training
+                for s in students[before:]:
+                    try:
+                        export_family(s)
+                    except ValueError as e:
+                        raise ValueError(f"{field} ({name}) ends in a Hugging Face export: {e} "
+                                         "(or set pipeline.export=false)") from None
             if not job.kd.auto_hidden_pairs:  # auto pairs come from the plan the round writes
                 for s in students[before:]:
                     kd_pairs(job.kd, None, None, s, arch)

@@ -45,6 +45,9 @@ def assets(tmp_path_factory):
     tiny_hf("gqa").save_pretrained(a["hf"])
     tiny_tokenizer().save_pretrained(a["hf"])
     a["ck"] = import_hf(str(a["hf"]), str(root / "ck"))
+    tiny_hf("phi3_longrope").save_pretrained(root / "hf_longrope")  # Phi-3-128k's rotary scaling
+    tiny_tokenizer().save_pretrained(root / "hf_longrope")
+    a["longrope"] = import_hf(str(root / "hf_longrope"), str(root / "longrope"))
     teacher = ckpt.Checkpoint(a["ck"])
     a["student"] = ckpt.save(root / "student", teacher.arch, teacher.tensors())
     odd = teacher.arch.replace(vocab_size=1001)  # another tokenizer's vocabulary
@@ -580,6 +583,16 @@ CASES = [
     # it distilled an unpruned copy of the teacher into itself, then evaluated it three times
     ("pipeline_prunes_nothing", "pipeline", TRAIN + ["prune=none"],
      ["prune.target={}", "prunes nothing", "prune.target.ffn_hidden_size=128"]),
+    # the export at the end of the round failed after the training: transformers cannot size a
+    # LongRoPE model's factors when hidden_size != heads x head_dim
+    ("pipeline_longrope_width_pruned", "pipeline",
+     ["model.checkpoint={longrope}"] + COMMON[1:] + ["output={out}", "prune=none",
+                                                     "prune.target.hidden_size=96"],
+     ["prune (round1) ends in a Hugging Face export", "LongRoPE", "hidden_size=96",
+      "pipeline.export=false"]),
+    ("export_megatron_longrope", "export", ["model.checkpoint={longrope}", "format=megatron",
+                                            "output={out}"],
+     ["format=megatron", "LongRoPE", "format=hf"]),
     ("pipeline_prune_target_grows", "pipeline", TRAIN + ["prune=none",
                                                           "prune.target.ffn_hidden_size=1024"],
      ["prune.target.ffn_hidden_size=1024", "cannot grow"]),

@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from nemo_minitron.convert import checkpoint as ckpt
 from nemo_minitron.convert.hf import export_hf, import_hf
-from nemo_minitron.convert.hf_config import arch_from_hf_config, hf_config_from_arch
+from nemo_minitron.convert.hf_config import (arch_from_hf_config, export_model_type,
+                                             hf_config_from_arch)
 from nemo_minitron.data.packed import PackedSequences
 from nemo_minitron.importance.calibrate import batches_forward_loop, calibrate
 from nemo_minitron.pruning.apply import apply_plan
@@ -134,6 +135,42 @@ def test_fused_export_keeps_each_projection_in_one_file():
     unfused = _export_shards(where, arch, fused=False)
     assert {f: sorted(v) for f, v in unfused.items()} == {
         f: sorted(k for k in where if where[k] == f) for f in ("s0", "s1", "s2")}
+
+
+def test_longrope_imports_with_its_logits_and_refuses_long_sequences(hf_dir, tmp_path,
+                                                                       single_rank):
+    """Phi-3-128k's LongRoPE: the short factors and the cos/sin factor give the hub model's logits
+    and round-trip through export; a sequence past the pretraining context (where transformers
+    switches to the long factors) is refused, in preflight and in the forward."""
+    from types import SimpleNamespace
+
+    from nemo_minitron import preflight
+
+    src, model = hf_dir("phi3_longrope")
+    c = ckpt.Checkpoint(import_hf(str(src), tmp_path / "ours"))
+    a = c.arch
+    assert a.longrope_context == 64 and abs(a.rope_attention_factor - (1 + 2 / 6) ** 0.5) < 1e-12
+    b = batch(a.vocab_size, s=64)
+    with torch.no_grad():
+        ref = model(b["tokens"]).logits
+    shard, _ = load_checkpoint(c.path)
+    ours = run_forward(shard, [b], lambda lg, _: {"logits": gather_logits(lg, a.vocab_size)})
+    assert (ours[0]["logits"] - ref).abs().max().item() <= TOL
+    out = export_hf(str(c.path), tmp_path / "hf")
+    back = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert back.config.rope_parameters["short_factor"] == model.config.rope_parameters["short_factor"]
+    with torch.no_grad():
+        assert torch.equal(back(b["tokens"]).logits, ref)
+    narrow = a.replace(hidden_size=96)  # width-pruned: transformers sizes the factors by it
+    with pytest.raises(ValueError, match=r"LongRoPE model with hidden_size=96 != "
+                                         r"num_attention_heads x head_dim = 128"):
+        export_model_type(narrow)
+    assert export_model_type(a.replace(num_attention_heads=2, num_query_groups=1,
+                                       hidden_size=64)) == "phi3"
+    with pytest.raises(ValueError, match="65-token sequence is longer than the 64 tokens"):
+        run_forward(shard, [batch(a.vocab_size, s=65)], lambda lg, _: {})
+    with pytest.raises(ValueError, match=r"data.seq_length=128: model.checkpoint uses LongRoPE"):
+        preflight.positions(a, SimpleNamespace(seq_length=128))
 
 
 def test_sliding_window_trains_as_transformers_does(single_rank):

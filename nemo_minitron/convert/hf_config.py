@@ -20,7 +20,7 @@ from ..families import export_family, family
 
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "vocab_size")
-_ROPE_TYPES = ("default", "llama3")
+_ROPE_TYPES = ("default", "llama3", "longrope")
 
 
 def _as_dict(cfg) -> dict:
@@ -41,7 +41,13 @@ def _rope(d: dict) -> tuple[float, dict | None, float]:
                    if k not in ("rope_theta", "partial_rotary_factor")}
         if "rope_type" not in scaling and "type" in scaling:
             scaling["rope_type"] = scaling.pop("type")
+        if scaling.get("rope_type") == "su":  # LongRoPE's first name (Phi-3 configs of 2024)
+            scaling["rope_type"] = "longrope"
         kind = scaling.get("rope_type", "default")
+        if kind == "longrope":  # Phi-3 keeps the pretraining context beside the scaling
+            scaling.setdefault("original_max_position_embeddings",
+                               d.get("original_max_position_embeddings"))
+            scaling = {k: v for k, v in scaling.items() if v is not None}
         if kind not in _ROPE_TYPES:
             raise ValueError(f"rope_scaling rope_type={kind!r} is not supported; supported: "
                              f"{', '.join(_ROPE_TYPES)}")
@@ -196,6 +202,8 @@ def hf_config_from_arch(arch: Arch, *, torch_dtype: str = "float32", bos_token_i
         rope = dict(arch.rope_scaling, rope_theta=arch.rope_theta)
     if fam.partial_rotary:
         rope["partial_rotary_factor"] = arch.rotary_fraction
+    if arch.longrope_context is not None:
+        common["original_max_position_embeddings"] = arch.longrope_context
     extra = {**fam.config_fields(), **_moe_config(arch, fam)}
     if arch.sliding_window is not None:
         extra["sliding_window"] = arch.sliding_window

@@ -82,7 +82,7 @@ def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: s
     dt = torch_dtype(dtype)
     gated = arch.mlp == "swiglu"
     on_cpu = not torch.cuda.is_available()
-    return TransformerConfig(
+    cfg = TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.ffn_hidden_size,
@@ -120,6 +120,11 @@ def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: s
         window_size=None if arch.sliding_window is None else (arch.sliding_window - 1, 0),
         **moe_config(arch, ep, aux_loss_coeff),
     )
+    # LongRoPE (runtime/rope.py reads these): its cos/sin factor, and the longest sequence its
+    # short factors are for
+    cfg.rope_attention_factor = arch.rope_attention_factor
+    cfg.rope_context_limit = arch.longrope_context
+    return cfg
 
 
 def layer_spec(arch: Arch, use_te: bool | None = None):
@@ -131,6 +136,9 @@ def layer_spec(arch: Arch, use_te: bool | None = None):
     # experts as a SequentialMLP of per-expert linears under both specs (one weight map);
     # TE's grouped GEMM would need its own
     experts = arch.num_experts or None
+    from . import rope
+
+    rope.install()  # rotary tables once per forward, and LongRoPE's factor (see runtime/rope.py)
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm)
@@ -141,23 +149,26 @@ def layer_spec(arch: Arch, use_te: bool | None = None):
     from .sdpa import SDPAttention  # subclasses megatron-core's attention: see the module note
 
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    # rotary tables once per forward instead of per layer (see runtime/rope.py)
-    from . import rope
-
-    rope.install()
     return spec
 
 
 def rope_inv_freq(arch: Arch) -> torch.Tensor:
-    """Rotary inverse frequencies exactly as Hugging Face computes them (incl. Llama-3 scaling).
+    """Rotary inverse frequencies exactly as Hugging Face computes them (incl. Llama-3 scaling and
+    LongRoPE's short factors).
 
     megatron-core hard-codes the Llama-3.1 scaling constants; computing them here lets any
     ``low_freq_factor``/``high_freq_factor``/``original_max_position_embeddings`` round-trip.
     With partial rotary only the first ``rotary_fraction * head_dim`` dims of a head rotate.
     """
     d = int(arch.head_dim * arch.rotary_fraction)
-    inv = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     rs = arch.rope_scaling
+    if arch.longrope_context is not None:  # the short factors: sequences within the context
+        ext = torch.tensor(rs["short_factor"], dtype=torch.float32)
+    else:
+        ext = 1.0
+    inv = 1.0 / (ext * arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if arch.longrope_context is not None:
+        return inv
     if rs:
         factor = rs["factor"]
         low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)

@@ -1,5 +1,8 @@
 """Rotary position embedding with its cos/sin tables made once per forward, not once per layer.
 
+Installed under both layer specs; it also applies LongRoPE's attention factor (Phi-3's 128k
+variants), which megatron-core has no setting for, as a scale of cos and sin.
+
 megatron-core's unfused RoPE (``apply_rotary_pos_emb``, what every attention layer of the local
 spec calls when Transformer Engine's fused kernel is absent) recomputes ``cos``/``sin`` of the
 frequencies and casts them to the activation dtype for the query *and* the key of *every* layer,
@@ -86,7 +89,14 @@ def _plain_case(t, freqs, config, cu_seqlens) -> bool:
 
 
 def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
-    """Drop-in for megatron-core's function of the same name (same arguments, same result)."""
+    """Drop-in for megatron-core's function of the same name (same arguments, same result), with
+    LongRoPE's factor on cos/sin (``config.rope_attention_factor``, as Hugging Face applies it)."""
+    limit = getattr(config, "rope_context_limit", None)
+    if limit is not None and freqs.shape[0] > limit:
+        raise ValueError(f"a {freqs.shape[0]}-token sequence is longer than the {limit} tokens "
+                         "LongRoPE's short factors are for (its long factors are not "
+                         f"implemented); use sequences of at most {limit} tokens")
+    mscale = mscale * getattr(config, "rope_attention_factor", 1.0)
     if _plain_case(t, freqs, config, cu_seqlens):
         tables = _tables(freqs, t.dtype, mscale)
         if tables is not None:

@@ -80,6 +80,17 @@ def tiny_hf(kind: str = "gqa", seed: int = 0):
         _moe_randomize(model)  # and biases and the shared gate away from zero: token-dependent
         _randomize([p for n, p in model.named_parameters()
                     if n.endswith(("proj.bias", "shared_expert_gate.weight"))], 0.0, 0.5)
+    elif kind == "phi3_longrope":  # Phi-3-mini-128k's LongRoPE: per-pair factors for contexts up
+        # to the 64 pretraining tokens, the context grown 4x (cos/sin scaled by ~1.155)
+        g = torch.Generator().manual_seed(3)
+        factors = lambda: (1 + 3 * torch.rand(12, generator=g)).tolist()  # noqa: E731
+        model = Phi3ForCausalLM(Phi3Config(
+            **dict(base, max_position_embeddings=256), original_max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=0,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                             "partial_rotary_factor": 0.75, "short_factor": factors(),
+                             "long_factor": factors()}))
+        _randomize([p for n, p in model.named_parameters() if "norm" in n], 1.0, 0.3)
     elif kind == "mistral_swa":  # each token sees itself and the 7 before it (Mistral-7B-v0.1's
         # sliding-window attention, at a window that the tests' sequences exceed)
         model = MistralForCausalLM(MistralConfig(**dict(base, sliding_window=8)))
