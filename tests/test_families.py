@@ -33,6 +33,18 @@ def megatron_logits(arch, get, b):
     return run_forward(shard, [b], lambda lg, _: {"logits": gather_logits(lg, arch.vocab_size)})[0]["logits"]
 
 
+def hub_logits_match(path, model, b):
+    """Our model of checkpoint ``path`` gives the Hugging Face ``model``'s logits on batch ``b``
+    (within TOL); returns the latter."""
+    with torch.no_grad():
+        ref = model(b["tokens"]).logits
+    shard, c = load_checkpoint(path)
+    vocab = c.arch.vocab_size
+    ours = run_forward(shard, [b], lambda lg, _: {"logits": gather_logits(lg, vocab)})
+    assert (ours[0]["logits"] - ref).abs().max().item() <= TOL
+    return ref
+
+
 # family kind -> the model_type its pruned export (hidden != heads * head_dim) is written as
 EXPORTS = {"gqa": "mistral", "tied": "mistral", "head_dim": "mistral", "qwen2": "qwen2",
            "qwen3": "qwen3", "nemotron": "nemotron", "phi3": "phi3", "mistral_swa": "mistral"}
@@ -96,11 +108,7 @@ def test_phi3_imports_with_its_logits_and_exports_fused(hf_dir, tmp_path, single
     assert (a.model_type, a.rotary_fraction, a.num_query_groups) == ("phi3", 0.75, 2)
     assert "model.layers.0.self_attn.k_proj.weight" in c.weight_map
     b = batch(a.vocab_size)
-    with torch.no_grad():
-        ref = model(b["tokens"]).logits
-    shard, _ = load_checkpoint(c.path)
-    ours = run_forward(shard, [b], lambda lg, _: {"logits": gather_logits(lg, a.vocab_size)})
-    assert (ours[0]["logits"] - ref).abs().max().item() <= TOL
+    ref = hub_logits_match(c.path, model, b)
     out = export_hf(str(c.path), tmp_path / "hf")
     assert json.loads((out / "config.json").read_text())["model_type"] == "phi3"
     back = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -151,11 +159,8 @@ def test_longrope_imports_with_its_logits_and_refuses_long_sequences(hf_dir, tmp
     a = c.arch
     assert a.longrope_context == 64 and abs(a.rope_attention_factor - (1 + 2 / 6) ** 0.5) < 1e-12
     b = batch(a.vocab_size, s=64)
-    with torch.no_grad():
-        ref = model(b["tokens"]).logits
+    ref = hub_logits_match(c.path, model, b)
     shard, _ = load_checkpoint(c.path)
-    ours = run_forward(shard, [b], lambda lg, _: {"logits": gather_logits(lg, a.vocab_size)})
-    assert (ours[0]["logits"] - ref).abs().max().item() <= TOL
     out = export_hf(str(c.path), tmp_path / "hf")
     back = AutoModelForCausalLM.from_pretrained(out).eval()
     factors = (back.config.rope_parameters["short_factor"],
