@@ -265,7 +265,7 @@ def test_qwen3_attention_bias_is_refused():
 # ------------------------------------------------------------------ multi-rank (one launch)
 def reference(hf, tmp, name):
     arch = arch_from_hf_config(hf.config)
-    ckpt.save(tmp / name, arch, hf.state_dict(), tokenizer=tiny_tokenizer())
+    ckpt.save(tmp / name, arch, canonical_state(hf, arch), tokenizer=tiny_tokenizer())
     b = batch(arch.vocab_size, s=32)
     with torch.no_grad():
         logits = hf(b["tokens"]).logits
@@ -275,7 +275,7 @@ def reference(hf, tmp, name):
 @pytest.fixture(scope="module")
 def multi_rank(tmp_path_factory, single_rank):
     tmp = tmp_path_factory.mktemp("families")
-    for fam in ("qwen3", "nemotron"):
+    for fam in ("qwen3", "nemotron", "phi3_longrope", "mistral_swa"):
         reference(tiny_hf(fam), tmp, fam)
     tiny_corpus(tmp / "corpus")
     rows = torchrun("families", 2, tmp, tmp / "corpus")
@@ -283,7 +283,7 @@ def multi_rank(tmp_path_factory, single_rank):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("fam", ["qwen3", "nemotron"])
+@pytest.mark.parametrize("fam", ["qwen3", "nemotron", "phi3_longrope", "mistral_swa"])
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_multi_rank_logit_parity(multi_rank, fam, layout):
     _, rows = multi_rank

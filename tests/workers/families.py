@@ -1,5 +1,6 @@
-"""Run under torchrun with 2 ranks: qwen3 and nemotron at TP=2 and PP=2 (logits against
-transformers' reference), then `prune` of each at TP=2 into <out>/<family>_tp2."""
+"""Run under torchrun with 2 ranks: qwen3, nemotron, Phi-3 with LongRoPE and Mistral with a
+sliding window at TP=2 and PP=2 (logits against transformers' reference), then `prune` of qwen3
+and nemotron at TP=2 into <out>/<family>_tp2."""
 
 import sys
 
@@ -15,12 +16,13 @@ from nemo_minitron.runtime.shard import load_checkpoint
 from tests.workers._emit import emit
 
 FAMILIES = ("qwen3", "nemotron")
+PARITY = FAMILIES + ("phi3_longrope", "mistral_swa")
 
 
 def main(root, data_prefix):
     for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2)):
         dist.init(tp, pp)
-        for fam in FAMILIES:
+        for fam in PARITY:
             ref = torch.load(f"{root}/{fam}.pt")
             shard, c = load_checkpoint(f"{root}/{fam}")
             outs = run_forward(shard, ref["batches"],
