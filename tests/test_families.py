@@ -180,6 +180,25 @@ def test_longrope_imports_with_its_logits_and_refuses_long_sequences(hf_dir, tmp
         preflight.positions(a, SimpleNamespace(seq_length=128))
 
 
+def test_longrope_config_faults_name_the_field():
+    """A Phi-3 LongRoPE config whose factors do not fit the rotated dims, or that lacks the
+    pretraining context, is refused at import naming the field."""
+    d = tiny_hf("phi3_longrope").config.to_dict()
+    rope = dict(d["rope_parameters"])
+    short = {**d, "rope_parameters": {**rope, "short_factor": rope["short_factor"][:-1]}}
+    with pytest.raises(ValueError, match=r"rope_scaling.short_factor must list one factor per "
+                                         r"rotated pair of dims \(12\)"):
+        arch_from_hf_config(short)
+    rope.pop("original_max_position_embeddings")
+    lost = {k: v for k, v in d.items() if k != "original_max_position_embeddings"}
+    with pytest.raises(ValueError, match="needs original_max_position_embeddings"):
+        arch_from_hf_config({**lost, "rope_parameters": rope})
+    old = {k: v for k, v in d.items() if k != "rope_parameters"}  # 2024 config.json fields
+    old.update(rope_theta=10000.0, partial_rotary_factor=0.75, rope_scaling={
+        "type": "su", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]})
+    assert arch_from_hf_config(old) == arch_from_hf_config(d)
+
+
 def test_sliding_window_trains_as_transformers_does(single_rank):
     """Mistral-7B-v0.1-style sliding-window attention imports as arch.sliding_window, and our
     model's loss and gradients over sequences three windows long are Hugging Face's."""
@@ -245,6 +264,8 @@ def test_nemotron_ffn_importance_is_the_down_projection_input(single_rank):
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
+    ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 24, "long_factor": [1.0] * 24},
+      "original_max_position_embeddings": 64}, "'longrope' is supported for phi3"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"quantization_config": {"quant_method": "awq"}}, "quantization_config (awq)"),
 ])

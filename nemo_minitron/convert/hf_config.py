@@ -148,6 +148,9 @@ def arch_from_hf_config(cfg) -> Arch:
         raise ValueError(f"config.json lacks {', '.join(missing)}; is this a decoder-only LM config?")
     heads = d["num_attention_heads"]
     theta, scaling, fraction = _rope(d)
+    if scaling and scaling["rope_type"] == "longrope" and model_type != "phi3":
+        raise ValueError(f"config rope_scaling rope_type='longrope' is supported for phi3 "
+                         f"(Phi-3, Phi-4-mini) only, not {model_type}")
     fields = dict(
         num_layers=d["num_hidden_layers"],
         hidden_size=d["hidden_size"],
