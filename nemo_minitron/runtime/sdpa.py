@@ -17,6 +17,8 @@ The Transformer Engine spec (GPUs with TE) has its own fused attention and does 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -65,6 +67,7 @@ class SDPAttention(DotProductAttention):
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
 
+@functools.lru_cache(maxsize=8)  # one per sequence length: every layer of a forward asks
 def _outside_window(s: int, window: int, device) -> torch.Tensor:
     """[s, s] True where key j is hidden from query i: later (j > i), or ``window`` or more
     tokens earlier (i - j >= window)."""
