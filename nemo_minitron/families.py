@@ -76,6 +76,9 @@ class Family:
     shared_keys: tuple = ()
     """Per-layer names of the sigmoid-gated shared expert's (gate, up, down, gate-score)
     weights; empty: the family has no shared expert."""
+    longrope: bool = False
+    """The config may scale RoPE the LongRoPE way (Phi-3's 128k variants); transformers sizes the
+    factors by hidden_size / num_attention_heads."""
     fused: bool = False
     """The hub holds q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (Phi-3;
     :mod:`~nemo_minitron.convert.fused`)."""
@@ -108,6 +111,7 @@ FAMILIES = {f.model_type: f for f in (
     Family("mistral", "MistralForCausalLM", sliding_window=True,
            hf_fields=(("sliding_window", None),)),
     Family("phi3", "Phi3ForCausalLM", partial_rotary=True, sliding_window=True, fused=True,
+           longrope=True,
            hf_fields=(("sliding_window", None),)),
     Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, hf_fields=(("use_sliding_window", False),)),
     Family("qwen3", "Qwen3ForCausalLM", qk_norm=True,
@@ -147,7 +151,7 @@ def export_family(arch) -> Family:
     own = family(arch.model_type)
     want = (arch.norm, arch.mlp, arch.qkv_bias, arch.qk_norm, arch.is_moe, arch.has_shared_expert)
     square = arch.hidden_size == arch.num_attention_heads * arch.head_dim
-    longrope = (arch.rope_scaling or {}).get("rope_type") == "longrope"
+    longrope = arch.longrope_context is not None
     if longrope and not square:  # transformers checks the factors against hidden / heads
         raise ValueError(
             f"a LongRoPE model with hidden_size={arch.hidden_size} != num_attention_heads x "
@@ -158,7 +162,7 @@ def export_family(arch) -> Family:
         if f.features() == want and (square or f.explicit_head_dim) and (
                 arch.rotary_fraction == 1.0 or f.partial_rotary) and (
                 arch.sliding_window is None or f.sliding_window) and (
-                not longrope or f.model_type == "phi3"):
+                not longrope or f.longrope):
             return f
     raise ValueError(f"no Hugging Face family can express {arch.model_type} with "
                      f"norm={arch.norm}, mlp={arch.mlp}, qkv_bias={arch.qkv_bias}, "

@@ -13,7 +13,7 @@ Mistral, since ``LlamaConfig`` rejects it in transformers 5.x).
 from __future__ import annotations
 
 from ..arch import Arch
-from ..families import export_family, family
+from ..families import FAMILIES, export_family, family
 
 # transformers is imported where a Hugging Face config is built: it is heavy, and the arch
 # mapping itself needs none of it.
@@ -148,9 +148,10 @@ def arch_from_hf_config(cfg) -> Arch:
         raise ValueError(f"config.json lacks {', '.join(missing)}; is this a decoder-only LM config?")
     heads = d["num_attention_heads"]
     theta, scaling, fraction = _rope(d)
-    if scaling and scaling["rope_type"] == "longrope" and model_type != "phi3":
-        raise ValueError(f"config rope_scaling rope_type='longrope' is supported for phi3 "
-                         f"(Phi-3, Phi-4-mini) only, not {model_type}")
+    if scaling and scaling["rope_type"] == "longrope" and not fam.longrope:
+        longrope = [f for f, x in FAMILIES.items() if x.longrope]
+        raise ValueError(f"config rope_scaling rope_type='longrope' is supported for "
+                         f"{', '.join(longrope)} (Phi-3, Phi-4-mini) only, not {model_type}")
     fields = dict(
         num_layers=d["num_hidden_layers"],
         hidden_size=d["hidden_size"],

@@ -162,14 +162,10 @@ def rope_inv_freq(arch: Arch) -> torch.Tensor:
     """
     d = int(arch.head_dim * arch.rotary_fraction)
     rs = arch.rope_scaling
-    if arch.longrope_context is not None:  # the short factors: sequences within the context
-        ext = torch.tensor(rs["short_factor"], dtype=torch.float32)
-    else:
-        ext = 1.0
+    longrope = arch.longrope_context is not None  # its short factors: sequences within context
+    ext = torch.tensor(rs["short_factor"], dtype=torch.float32) if longrope else 1.0
     inv = 1.0 / (ext * arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    if arch.longrope_context is not None:
-        return inv
-    if rs:
+    if rs and not longrope:  # Llama 3.1
         factor = rs["factor"]
         low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
         old = rs.get("original_max_position_embeddings", 8192)
