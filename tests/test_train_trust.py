@@ -170,3 +170,20 @@ def test_resume_never_unpickles(models, single_rank):  # noqa: F811
     assert outcomes["old_format"] == "refused" and outcomes["old_names"] == "resumed", outcomes
     spoiled = f"{step1.relative_to(base)}/train_state/optim-tp0-pp0.safetensors"
     assert outcomes[spoiled] == "fell back"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_check_sees_every_nonfinite_element_and_no_overflow(dtype):
+    """The guard's check: one NaN or infinity anywhere is caught; huge finite values, whose sum
+    overflows, are not taken for a divergence; empty tensors and missing gradients are skipped."""
+    from nemo_minitron.distill.guard import _all_finite
+
+    def grads():
+        return [torch.zeros(3, 5, dtype=dtype), None, torch.zeros(0, dtype=dtype),
+                torch.full((1000,), 3e38).to(dtype)]
+    assert _all_finite(grads()) and _all_finite([])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for which in (0, 3):
+            g = grads()
+            g[which].view(-1)[-1] = bad
+            assert not _all_finite(g), (bad, which)

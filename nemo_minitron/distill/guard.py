@@ -31,14 +31,16 @@ class TrainingDiverged(RuntimeError):
     same_on_all_ranks = True  # the CLI prints it once (rank 0)
 
 
-def _local_sum(tensors) -> float:
-    """Sum in fp64 (no overflow from fp32 values, no full-size temporary): NaN/inf propagate, so
-    the sum is finite exactly when every element is."""
-    total = 0.0
+def _all_finite(tensors) -> bool:
+    """Whether every element is finite, from each tensor's smallest and largest element (one
+    read, no temporary, NaN propagates, no overflow). A float64 sum did the same job ten times
+    slower: 0.36 s per step over a 89M-parameter gradient buffer on 2 cores, a tenth of a step."""
+    ends = []
     for t in tensors:
         if t is not None and t.numel():
-            total += float(t.sum(dtype=torch.float64))
-    return total
+            lo, hi = torch.aminmax(t.detach())
+            ends += [lo.float(), hi.float()]
+    return not ends or bool(torch.isfinite(torch.stack(ends)).all())
 
 
 def _bad_ranks(local_ok: bool) -> int:
@@ -60,7 +62,7 @@ class Guard:
 
     def step_ok(self, step: int, metrics: dict, ddp) -> bool:
         """Collective. True: apply step ``step``; False: skip it; raises when out of skips."""
-        bad = _bad_ranks(math.isfinite(_local_sum(grad_tensors(ddp))))
+        bad = _bad_ranks(_all_finite(grad_tensors(ddp)))
         losses = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
         if not bad and not losses:
             return True
@@ -81,7 +83,7 @@ class Guard:
 
     def check_weights(self, step: int, module) -> None:
         """Collective; before a save."""
-        if _bad_ranks(math.isfinite(_local_sum(p.detach() for p in module.parameters()))):
+        if _bad_ranks(_all_finite(module.parameters())):
             raise TrainingDiverged(self.message(step, "weights became non-finite"))
 
     def message(self, step: int, what: str) -> str:
