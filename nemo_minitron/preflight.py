@@ -242,6 +242,8 @@ def task_tokenizer(src: ckpt.Checkpoint, job) -> None:
         raise ValueError(f"{field} needs the tokenizer of model.checkpoint={src.path}, which has "
                          "no tokenizer/ directory; re-import it with one (a megatron checkpoint: "
                          "model.tokenizer=<Hugging Face tokenizer>) or drop the tasks")
+    if field:
+        src.tokenizer()  # a damaged one: named now, not after the model ran (under a second)
 
 
 def not_replacing(output, source, overwrite: bool, field: str) -> None:
@@ -381,6 +383,12 @@ def data(job) -> None:
 
 def evaluate(job) -> None:
     src = checkpoint(job.model.checkpoint)
+    if job.output:
+        not_inside(job.output, job.model.checkpoint)
+        if Path(job.output).suffix.lower() == ".md":  # the report is written beside the JSON
+            raise ValueError(f"output={job.output}: name the results JSON (e.g. "
+                             f"{Path(job.output).with_suffix('.json')}); its Markdown report is "
+                             "written beside it with the suffix .md")
     check_evaluate(src.arch, job.parallel, job.eval)
     task_tokenizer(src, job)
     eval_inputs(job, data_parallel_size(job.parallel), src)

@@ -1,6 +1,9 @@
 """The artifact layer: the atomic primitives leave whole outputs or none, and the typed readers
 read what the writers write."""
 
+import math
+import re
+
 import pytest
 
 from nemo_minitron.arch import Arch
@@ -90,3 +93,35 @@ def test_records_round_trip(tmp_path):
         append_metrics(f, 1, {"loss": 2.0})
         f.write('{"step": 2, "lo')  # a running job's half-written last line
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 2.0}]
+
+
+def test_metrics_skip_cut_lines_and_name_wrong_types(tmp_path):
+    """A killed run's cut line (also with a resume's line appended to it) and a stray non-object
+    are skipped; a row whose step or loss is not a number names its line (it was a TypeError or
+    an unnamed float() error in `minitron report`)."""
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo{"step": 2, "loss": 2.4}\n5\n'
+                 '{"step": 3, "loss": 2.3, "skipped": false}\n{"step": 4, "lo')
+    assert [r["step"] for r in read_metrics(f)] == [1, 3]
+    for bad, word in (('{"step": "a", "loss": 1.0}', "step='a'"),
+                      ('{"step": 5, "val_loss": "bad"}', "val_loss='bad'"),
+                      ('{"step": 5.5, "loss": 1.0}', "step=5.5")):
+        f.write_text('{"step": 1, "loss": 2.5}\n' + bad + "\n")
+        with pytest.raises(ValueError, match=f"metrics.jsonl:2: {re.escape(word)} is not a number"):
+            read_metrics(f)
+
+
+def test_damaged_results_file_is_named(tmp_path):
+    for i, bad in enumerate(({"loss": "abc"}, {"loss": 3.0, "tasks": "oops"},
+                             {"tasks": {"results": [1, 2]}},
+                             {"tasks": {"results": {"piqa": {"acc_norm": "x"}}}})):
+        f = write_eval(tmp_path / f"e{i}.json", bad)
+        with pytest.raises(ValueError, match=f"e{i}.json: a damaged results file"):
+            read_eval(f)
+
+
+def test_perplexity_is_never_capped():
+    from nemo_minitron.evaluate.loss import perplexity
+
+    assert perplexity(2.0) == math.exp(2.0) and perplexity(700.0) == math.exp(700.0)
+    assert perplexity(11029.0) == math.inf

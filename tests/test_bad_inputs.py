@@ -149,6 +149,15 @@ def assets(tmp_path_factory):
     a["eval_results"] = write_eval(root / "eval_results.json", {"loss": 3.0, "perplexity": 20.1})
     a["results_not_json"] = root / "results.json"
     a["results_not_json"].write_text("{loss: 1")
+    a["results_wrong_types"] = write_eval(root / "eval_types.json", {"loss": 3.0,
+                                                                     "tasks": "piqa"})
+    a["mc_not_utf8"] = root / "latin1_items.jsonl"
+    a["mc_not_utf8"].write_bytes('{"context": "caf\u00e9", "choices": [" a", " b"], '
+                                 '"label": 0}\n'.encode("latin-1"))
+    a["mc_null_context"] = root / "null_context.jsonl"  # scored the text "None" as the context
+    a["mc_null_context"].write_text('{"context": null, "choices": [" w4", " w5"], "label": 0}\n')
+    damaged("tokenizer_damaged", lambda d: (d / "tokenizer" / "tokenizer.json").write_text(
+        '{"broken": '))
     return a
 
 
@@ -332,6 +341,33 @@ CASES = [
     # "mmlu_" named the MMLU directory itself: a message about a missing split, without the field
     ("evaluate_mmlu_without_subject", "evaluate", COMMON + ["eval.tasks=[mmlu_]", "output={out}"],
      ["eval.tasks: mmlu_: unknown MMLU subject ''"]),
+    # the results replaced a file of the checkpoint being evaluated
+    ("evaluate_output_inside_checkpoint", "evaluate",
+     COMMON + ["output={ck}/model.safetensors.index.json"],
+     ["output=", "would write into the input checkpoint"]),
+    # the Markdown report, written beside the JSON with suffix .md, replaced the results
+    ("evaluate_output_markdown", "evaluate", COMMON + ["output={out}.md"],
+     ["output=", "result.md", "result.json"]),
+    # the tokenizer's JSON error came alone ("Expecting value"), after the held-out loss ran
+    ("evaluate_tokenizer_damaged", "evaluate",
+     ["model.checkpoint={tokenizer_damaged}"] + COMMON[1:] + ["eval.tasks=[piqa]",
+                                                              "output={out}"],
+     ["tokenizer_damaged/tokenizer", "does not load", "re-import"]),
+    ("evaluate_jsonl_task_not_utf8", "evaluate",
+     COMMON + ["eval.tasks=[jsonl:{mc_not_utf8}]", "output={out}"],
+     ["latin1_items.jsonl:1", "not UTF-8", "0xe9"]),
+    ("evaluate_jsonl_task_null_context", "evaluate",
+     COMMON + ["eval.tasks=[jsonl:{mc_null_context}]", "output={out}"],
+     ["null_context.jsonl:1", "context must be a string"]),
+    # the round's whole output went to /tmp/.../escaped, outside output=
+    ("pipeline_round_name_a_path", "pipeline",
+     TRAIN + ["pipeline.rounds=[{name:'../escaped',target:{ffn_hidden_size:128}}]"],
+     ["pipeline.rounds[].name='../escaped'", "one plain name"]),
+    # the search offered the unpruned model as its nearest candidate
+    ("search_budget_whole_model", "search", COMMON + ["output={out}", "search.budget=1.0"],
+     ["search.budget=1", "keeps the whole model", "nothing to prune"]),
+    ("report_results_wrong_types", "report", ["{results_wrong_types}", "output={out}"],
+     ["eval_types.json", "damaged results file"]),
     ("pipeline_jsonl_task_fields", "pipeline",
      TRAIN + ["prune=none", "eval.tasks=[jsonl:{bad_jsonl}]"], ["bad.jsonl:1", "missing field"]),
     ("prune_ep_on_dense", "prune", PRUNE + ["parallel.ep=2"],

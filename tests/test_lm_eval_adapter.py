@@ -289,7 +289,14 @@ def test_missing_checkpoint_is_named(tmp_path):
     (["--tasks", "piqa"], ["--model_args checkpoint=DIR is required"]),
     (["--model_args", "checkpoint={ok}", "--tasks", "no_such_task_xyz"],
      ["Tasks not found: no_such_task_xyz"]),
-], ids=["missing", "file", "no_tasks", "no_checkpoint", "unknown_task"])
+    (["--model_args", "checkpoint={ok},dtype=bf17", "--tasks", "piqa"],
+     ["--model_args dtype=bf17", "unknown dtype"]),
+    (["--model_args", "checkpoint={ok},max_length=-5", "--tasks", "piqa"],
+     ["--model_args max_length", "positive integer", "-5"]),
+    (["--model_args", "checkpoint={ok},batch_size=abc", "--tasks", "piqa"],
+     ["--model_args batch_size", "must be an integer"]),
+], ids=["missing", "file", "no_tasks", "no_checkpoint", "unknown_task", "dtype", "max_length",
+        "batch_size"])
 def test_bad_request_is_one_line_before_the_model(tiny, single_rank, tmp_path, monkeypatch,
                                                   capsys, args, words):
     """A missing checkpoint or --tasks, and a task the harness does not know, were tracebacks

@@ -205,3 +205,28 @@ def test_interrupted_cache_refused_then_finished(models, cache):
     assert torch.equal(load_file(str(part / tc.shard_name(1)))["logp"],
                        load_file(str(path / tc.shard_name(1)))["logp"])
     preflight.check("distill", d)
+
+
+def test_damaged_shard_refused_then_rewritten(models, cache):
+    """A shard cut after it was written (a copy, a full disk) reads as missing: the distillation
+    is refused naming it (it was a safetensors traceback once training began), the build
+    writes it again (it counted the file as done), and a manifest without a field is named."""
+    path, _, j = cache
+    part = models / "tcache_cut"
+    shutil.copytree(path, part)
+    f = part / tc.shard_name(2)
+    f.write_bytes(f.read_bytes()[:1000])
+    assert not tc.shard_ok(f) and tc.shard_ok(part / tc.shard_name(1))
+    assert not tc.complete(part, 3)
+    d = _job(models, "refused", teacher_cache=str(part))
+    with pytest.raises(ValueError, match=tc.shard_name(2) + ".*damaged"):
+        preflight.check("distill", d)
+    with one_thread():
+        tc.build(dataclasses.replace(j, output=str(part)))
+    assert torch.equal(load_file(str(f))["logp"], load_file(str(path / tc.shard_name(2)))["logp"])
+    preflight.check("distill", d)
+    m = json.loads((part / tc.MANIFEST).read_text())
+    del m["teacher_fingerprint"]
+    (part / tc.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="lacks teacher_fingerprint: a damaged manifest"):
+        preflight.check("distill", d)

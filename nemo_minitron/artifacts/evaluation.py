@@ -44,6 +44,15 @@ def write_eval(path, result: dict) -> Path:
 def read_eval(path) -> EvalResults:
     """An evaluation results file; ``ValueError`` when it is none."""
     data = read_json(path)
-    if "loss" not in data and "tasks" not in data:
+    if not isinstance(data, dict) or ("loss" not in data and "tasks" not in data):
         raise ValueError(f"{path}: not a `minitron evaluate` results file (no 'loss' or 'tasks')")
-    return EvalResults.from_dict(data)
+    try:
+        res = EvalResults.from_dict(data)
+        if not isinstance(res.tasks, dict) or not isinstance(res.tasks.get("results", {}), dict):
+            raise TypeError("'tasks' must map 'results' to {task: scores}")
+        for metric in ("acc", "acc_norm", "acc_norm_stderr", "chance"):
+            res.task_scores(metric)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: a damaged results file ({e}); evaluate the checkpoint again "
+                         "with `minitron evaluate`") from None
+    return res

@@ -683,9 +683,26 @@ class RoundConfig:
 
     def __post_init__(self):
         check_budget(self.budget, "pipeline.rounds[].budget")
+        if self.name is not None:
+            check_round_name(self.name)
         if self.budget is not None and self.target:
             raise ValueError("a round sets either target (explicit architecture) or budget "
                              "(architecture search), not both")
+
+
+# what the pipeline itself keeps in its output directory, beside the rounds
+PIPELINE_ENTRIES = ("teacher_correction", "hydra", "recipe.json", "summary.json", "report.md",
+                    "stage_seconds.json")
+
+
+def check_round_name(name) -> None:
+    """A round's name is its directory under output=: one plain path component."""
+    text = str(name)
+    if (not text.strip() or text in (".", "..") or any(c in text for c in "/\\:")
+            or text.startswith(("~", ".")) or text in PIPELINE_ENTRIES):
+        raise ValueError(f"pipeline.rounds[].name={text!r}: a round's name is its directory "
+                         "under output=, so one plain name (letters, digits, -, _; not "
+                         f"{', '.join(PIPELINE_ENTRIES[:2])}), e.g. name: r1_width")
 
 
 @dataclass

@@ -277,4 +277,9 @@ class Checkpoint:
                 return None
             raise CheckpointError(f"{self.path} has no tokenizer/ directory; re-import the model "
                                   "with its tokenizer")
-        return AutoTokenizer.from_pretrained(str(tdir))
+        try:
+            return AutoTokenizer.from_pretrained(str(tdir))
+        except (ValueError, OSError, TypeError, KeyError) as e:  # a damaged or foreign file
+            raise CheckpointError(f"{tdir}: the tokenizer does not load ({type(e).__name__}: "
+                                  f"{e}); copy it again from the model's Hugging Face directory "
+                                  "or re-import the model") from None

@@ -56,6 +56,11 @@ FORMAT = "nemo_minitron.teacher_cache/1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ID_DTYPES = {"uint16": torch.uint16, "int32": torch.int32}
 # fields a distillation must agree on with the cache (the data order and what the tokens are)
+SHARD_TENSORS = ("sample", "ids", "logp", "log_rest")
+# every manifest field but ids_dtype (older caches stored int32 ids without naming them)
+REQUIRED = ("teacher", "teacher_fingerprint", "tokenizer_fingerprint", "vocab_size", "data",
+            "seq_length", "valid_fraction", "seed", "global_batch_size", "steps", "temperature",
+            "k", "dtype")
 RUN_FIELDS = ("teacher_fingerprint", "data", "seq_length", "valid_fraction", "seed",
               "global_batch_size", "temperature")
 
@@ -95,9 +100,27 @@ def read_manifest(path) -> dict:
         raise ValueError(f"kd.teacher_cache={path}: no {MANIFEST}; build the cache with "
                          "`minitron teacher_cache` (same data, train and kd settings) first")
     m = ckpt.read_json(f)
-    if m.get("format") != FORMAT:
-        raise ValueError(f"{f} has format {m.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise ValueError(f"{f} has format {got!r}, expected {FORMAT!r}")
+    lost = [k for k in REQUIRED if k not in m]
+    if lost:
+        raise ValueError(f"{f} lacks {', '.join(lost)}: a damaged manifest; rebuild the cache "
+                         "with `minitron teacher_cache ... overwrite=true`")
     return m
+
+
+def shard_ok(f: Path) -> bool:
+    """The shard is there and whole: its header reads and covers the file (safetensors checks
+    the sizes), with the four tensors a step holds. Shards are written atomically, so a bad one
+    was damaged afterwards (a cut copy, a full disk)."""
+    if not f.is_file():
+        return False
+    try:
+        with safe_open(str(f), "pt") as h:
+            return set(SHARD_TENSORS) <= set(h.keys())
+    except Exception:  # safetensors' own error type, OSError: unreadable either way
+        return False
 
 
 def check_run(path, *, teacher: str | None, student: str, data, train, kd) -> dict:
@@ -144,10 +167,11 @@ def check_run(path, *, teacher: str | None, student: str, data, train, kd) -> di
     if train.steps > m["steps"]:
         raise ValueError(f"train.steps={train.steps} is more than the {m['steps']} steps {where} "
                          "covers; lower train.steps or rebuild the cache with more steps")
-    missing = [shard_name(s) for s in range(train.steps) if not (Path(path) / shard_name(s)).is_file()]
+    missing = [shard_name(s) for s in range(train.steps) if not shard_ok(Path(path) / shard_name(s))]
     if missing:
-        raise ValueError(f"{where} lacks {missing[0]} (and {len(missing) - 1} more shards): the "
-                         "build was interrupted; run `minitron teacher_cache` again to finish it")
+        raise ValueError(f"{where} lacks {missing[0]} (and {len(missing) - 1} more shards) or "
+                         "holds a damaged copy: the build was interrupted or a file was cut; run "
+                         "`minitron teacher_cache` again to write them")
     return m
 
 
@@ -205,7 +229,7 @@ def other_settings(have: dict, want: dict) -> str | None:
 def complete(path, steps: int) -> bool:
     """A manifest and the shards of steps 0..steps-1 are all in ``path``."""
     p = Path(path)
-    return (p / MANIFEST).is_file() and all((p / shard_name(s)).is_file() for s in range(steps))
+    return (p / MANIFEST).is_file() and all(shard_ok(p / shard_name(s)) for s in range(steps))
 
 
 def check_output(out: Path, manifest: dict, overwrite: bool, field: str = "output",
@@ -284,7 +308,7 @@ def build(job) -> dict:
         if par.is_rank0:
             _start_output(out, manifest, job.overwrite)
         todo = dist.broadcast_from_rank0(
-            [s for s in range(tr.steps) if not (out / shard_name(s)).is_file()])
+            [s for s in range(tr.steps) if not shard_ok(out / shard_name(s))])
         if len(todo) < tr.steps:
             log.info("resuming: %d of %d shards already written", tr.steps - len(todo), tr.steps)
         teacher, _ = load_checkpoint(kd.teacher, job.model.dtype)

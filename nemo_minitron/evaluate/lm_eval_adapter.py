@@ -44,6 +44,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from ..convert.checkpoint import Checkpoint
+from ..dtypes import torch_dtype
 from ..runtime import dist
 from ..runtime.forward import gather_logits, on_device, run_forward
 from ..runtime.shard import load_checkpoint
@@ -67,9 +68,25 @@ def _int_or_default(value, default: int, name: str) -> int:
             log.warning("%s=%s is not supported; using %d", name, value, default)
         return default
     try:
-        return int(value)
+        n = int(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return n
+
+
+def check_model_args(model_args: dict) -> None:
+    """The model arguments read as numbers and dtype, before any model or task loads."""
+    dtype = model_args.get("dtype")
+    if dtype is not None and dtype != "auto":
+        try:
+            torch_dtype(str(dtype))
+        except ValueError as e:
+            raise ValueError(f"--model_args dtype={dtype}: {e} (or auto)") from None
+    for name, default in (("batch_size", 8), ("max_length", 1), ("max_gen_toks", 256)):
+        if model_args.get(name) is not None:
+            _int_or_default(model_args[name], default, f"--model_args {name}")
 
 
 @register_model(MODEL_NAME)
@@ -89,6 +106,8 @@ class MinitronLM(LM):
         if dist.launched_world_size() > 1:
             raise ValueError("the lm_eval adapter runs in a single process (TP=PP=DP=1); launch it "
                              "without torchrun/srun")
+        check_model_args({"dtype": dtype, "batch_size": batch_size, "max_length": max_length,
+                          "max_gen_toks": max_gen_toks})
         Checkpoint(checkpoint)  # a clear error naming what is missing before process groups start
         dist.init(1, 1)
         self._released = False
@@ -255,6 +274,7 @@ def check_args(args: list[str]) -> None:
             kv.split("=", 1) for kv in given.split(",") if "=" in kv)
     except ValueError:
         return  # the harness reads it (or says what is wrong)
+    check_model_args(model_args)
     path = model_args.get("checkpoint")
     if not path:
         raise ValueError("--model_args checkpoint=DIR is required (a nemo_minitron checkpoint "
@@ -286,6 +306,11 @@ def main(argv: list[str] | None = None) -> None:
         cli_evaluate()
     except ValueError as e:  # the harness' own refusals, e.g. "Tasks not found: pica"
         _fail(e)
+    except OSError as e:  # its task data comes from the Hugging Face Hub (ConnectionError)
+        _fail(f"{e} (the harness downloads each task's data from the Hugging Face Hub; "
+              "offline, `minitron evaluate eval.tasks=[arc_easy,piqa,...]` scores the tasks "
+              "installed with the package, or fill the datasets cache where the Hub is "
+              "reachable)")
     finally:
         if owned:
             dist.shutdown()

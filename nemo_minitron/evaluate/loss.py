@@ -31,4 +31,9 @@ def validation_loss(shard, batches: Iterable[dict], progress: str | None = None)
     if tokens == 0:
         raise ValueError("validation saw no tokens; give more data or fewer batches")
     loss = loss_sum / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": int(tokens)}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss); past exp(709) a float overflows: inf, never a capped number."""
+    return math.exp(loss) if loss < 709 else math.inf

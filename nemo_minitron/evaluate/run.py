@@ -53,6 +53,10 @@ def evaluate_checkpoint(checkpoint: str, parallel, data, ev, dtype: str = "fp32"
             raise ValueError(f"held-out split has {len(valid)} samples of {data.seq_length} "
                              f"tokens, fewer than one global batch of {ev.micro_batch_size * dp}; "
                              "lower eval.micro_batch_size or data.seq_length")
+        if ev.num_batches is not None and n < ev.num_batches and par.is_rank0:
+            log.info("eval.num_batches=%d: the held-out split holds %d batches of %d; evaluating "
+                     "those (%d tokens)", ev.num_batches, n, ev.micro_batch_size * dp,
+                     n * ev.micro_batch_size * dp * data.seq_length)
         batches = valid.batches(ev.micro_batch_size, num_batches=n, dp_rank=par.dp_rank, dp_size=dp)
         result = validation_loss(shard, batches, progress="evaluate")
         if ev.tasks:

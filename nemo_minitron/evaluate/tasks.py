@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from ..config.constants import TASK_NAMES
 
 # pyarrow is imported where the arrow files are read: an optional, heavy dependency that the
 # schema's and the CLI's use of the task table does not need.
+
+log = logging.getLogger(__name__)
 
 FEWSHOT_DELIMITER = "\n\n"
 TARGET_DELIMITER = " "
@@ -296,9 +299,14 @@ def _label(value, n_choices: int, where: str) -> int:
 
 
 def _load_jsonl(path: str, limit, num_fewshot, seed) -> list[Item]:
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    rows, repeated = [], []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at "
+                                 f"column {e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -312,11 +320,21 @@ def _load_jsonl(path: str, limit, num_fewshot, seed) -> list[Item]:
             missing = {"context", "choices", "label"} - set(d)
             if missing:
                 raise ValueError(f"{path}:{lineno}: missing field(s) {sorted(missing)}")
-            if not isinstance(d["choices"], list):
+            if not isinstance(d["choices"], list) or not all(isinstance(c, str)
+                                                              for c in d["choices"]):
                 raise ValueError(f"{path}:{lineno}: choices must be a list of strings")
-            choices = [str(c) for c in d["choices"]]
+            if not isinstance(d["context"], str):
+                raise ValueError(f"{path}:{lineno}: context must be a string (\"\" for none), "
+                                 f"not {type(d['context']).__name__}")
+            choices = list(d["choices"])
             label = _label(d["label"], len(choices), f"{path}:{lineno}")
-            rows.append((str(d["context"]), choices, label))
+            if len(set(choices)) < len(choices):
+                repeated.append(lineno)
+            rows.append((d["context"], choices, label))
+    if repeated:  # equal scores: the first of them wins, so such an item is scored by position
+        log.warning("%s: %d item(s) list the same choice twice (line %s%s); equal choices score "
+                    "alike and the first counts as the answer", path, len(repeated), repeated[0],
+                    ", ..." if len(repeated) > 1 else "")
     if not rows:
         raise ValueError(f"{path} holds no items; one item per line: "
                          '{"context": ..., "choices": [...], "label": N}')

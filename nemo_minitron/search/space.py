@@ -157,6 +157,8 @@ def enumerate_candidates(src: Arch, space: Space, tp: int = 1, pp: int = 1,
     found = []
     for combo in itertools.product(*vals.values()):
         arch = _arch_at(src, dict(zip(vals, combo)))
+        if arch == src:  # keeps every size: not a compression (a budget near 1 would offer it)
+            continue
         try:
             arch.check_parallel(tp, pp, ep)
         except ValueError:
@@ -199,6 +201,10 @@ def describe_empty(src: Arch, space: Space, tp: int, pp: int) -> str:
     small = _arch_at(src, {k: min(v) for k, v in vals.items()})
     n_small = counted(small, space)
     budget = budget_params(src, space)
+    if budget * (1 + space.tolerance) >= counted(src, space):  # only the model itself fits
+        return (f"the budget ({budget / 1e6:.2f}M parameters, \u00b1{space.tolerance:.0%}) keeps "
+                f"the whole model ({counted(src, space) / 1e6:.2f}M): nothing to prune; give a "
+                "smaller budget (e.g. 0.6 of the model)")
     return (f"no candidate architecture within {space.tolerance:.0%} of {budget / 1e6:.2f}M "
             f"parameters at tp={tp}, pp={pp}: the axes reach down to {n_small / 1e6:.2f}M and up to "
             f"{counted(src, space) / 1e6:.2f}M; widen "
