@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 import urllib.error
 import urllib.request
@@ -25,8 +24,9 @@ from .artifacts import atomic
 from .artifacts.search_files import CHOSEN, read_chosen
 from .config.schema import RoundConfig
 from .convert import checkpoint as ckpt
+from .convert.fingerprint import tokenizer_fingerprint
 from .convert.hf import resolve_source
-from .convert.hf_config import arch_from_hf_config
+from .convert import hf_checks
 from .convert.megatron_dist import is_megatron_checkpoint
 from .data.indexed import load_metadata, open_indexed
 from .data.packed import PackedSequences
@@ -42,7 +42,7 @@ from .evaluate.run import check_evaluate
 from .evaluate.tasks import TASKS, load_task
 from .families import export_family
 from .importance.reduce import Importance
-from . import recipe_record
+from . import assets, demo, recipe_record
 from .runtime import dist
 from .search import shared_cache
 from .search.run import plan_candidates
@@ -309,6 +309,8 @@ def hub_reachable(name: str, field: str = "model.source") -> None:
 
 # ------------------------------------------------------------------ one check per stage
 def import_(job) -> None:
+    hf_checks.default_output(job, demo.checkpoint_dir(),
+                             assets.cache_dir() / assets.ASSETS["smollm2"].target)
     out = job.output or job.model.checkpoint
     where, gguf = resolve_source(job.model.source, job.model.gguf_file)
     local = Path(where)
@@ -329,10 +331,7 @@ def import_(job) -> None:
         hint = f"pass model.gguf_file= one of {ggufs}" if ggufs else \
             "give a Hugging Face model directory (config.json + weights)"
         raise FileNotFoundError(f"model.source={local} has no config.json; {hint}")
-    try:  # the plain JSON, as the importer reads it (stock config classes reject pruned shapes)
-        arch_from_hf_config(json.loads((local / "config.json").read_text()))
-    except (ValueError, KeyError, OSError) as e:
-        raise ValueError(f"model.source={local}/config.json: {e}") from None
+    hf_checks.hf_dir(local)  # config, weight headers and tokenizer, before the weights load
 
 
 def megatron_only(model, local: Path) -> None:
@@ -375,10 +374,18 @@ def data(job) -> None:
     if str(job.output).endswith((".bin", ".idx")):  # it would write <output>.bin.bin
         raise ValueError(f"output={job.output} is the prefix of the files to write, without "
                          f"their suffix; use output={str(job.output)[:-4]}")
-    out = [Path(f"{job.output}.{s}") for s in ("bin", "idx")]
-    if not job.overwrite and any(p.exists() for p in out):
+    out = [Path(f"{job.output}.{s}") for s in ("bin", "idx", "json")]  # .json: its metadata
+    read = [f for f in out if f.resolve() in files]
+    if read:  # the corpus itself would be replaced by the dataset's metadata
+        raise ValueError(f"output={job.output} would write {read[0].name}, which is one of the "
+                         "inputs; choose another output prefix")
+    if not job.overwrite and any(p.exists() for p in out[:2]):
         raise FileExistsError(f"output={job.output}: an indexed dataset is already there; "
                               "choose another output or pass overwrite=true")
+    if not job.overwrite and out[2].exists():
+        raise FileExistsError(f"output={job.output}: {out[2]} exists and would be replaced by the "
+                              "dataset's metadata; choose another output prefix or pass "
+                              "overwrite=true")
 
 
 def evaluate(job) -> None:
@@ -402,17 +409,39 @@ def prune(job) -> None:
     resolve_targets(p.target, src.arch, job.parallel.tp, job.parallel.pp)
     src.arch.check_parallel(job.parallel.tp, job.parallel.pp, job.parallel.ep)
     keep_layers(p.keep_layers, src.arch)
+    layers = p.target.num_layers
+    if p.keep_layers and layers is not None and layers != len(p.keep_layers):  # it kept 2 of 3
+        raise ValueError(f"prune.keep_layers lists {len(p.keep_layers)} layers but "
+                         f"prune.target.num_layers={layers}; give one of them "
+                         "(prune.target.num_layers=null to keep the listed layers)")
     if p.scores:
         scores(p.scores, src.arch)
     depth_task(p)
     task_tokenizer(src, job)
     not_inside(job.output, job.model.checkpoint)
     not_replacing(job.output, job.model.checkpoint, job.overwrite, "model.checkpoint")
+    # overwrite=true replaces the whole directory: the data and scores read must not be in it
+    not_replacing(job.output, f"{job.data.prefix}.bin", job.overwrite, "data.prefix")
+    if p.scores:
+        not_replacing(job.output, p.scores, job.overwrite, "prune.scores")
     atomic.check_new_dir(job.output, job.overwrite)
     calibration_sizes(job, data_parallel_size(job.parallel))
     positions(src.arch, job.data)
     if (p.scores is None and p.importance == "activation") or p.depth == "lm_loss":
         vocabulary(src.arch, job.data)  # the tokens it runs the model on
+
+
+def same_tokenizer(student, teacher) -> None:
+    """The logit loss compares the two models id by id: two tokenizers of one vocabulary size
+    (Llama-2 and Mistral, 32000 each) distill without an error into nonsense."""
+    try:
+        ours, theirs = tokenizer_fingerprint(student), tokenizer_fingerprint(teacher)
+    except (ValueError, OSError):
+        return  # unreadable: loading it names the file
+    if ours and theirs and ours != theirs:
+        raise ValueError(f"model.checkpoint={student} and kd.teacher={teacher} have tokenizers "
+                         "with different vocabularies (tokenizer/tokenizer.json): distillation "
+                         "matches token ids, so they need the same tokenizer")
 
 
 def same_student(job, arch: Arch) -> None:
@@ -427,12 +456,18 @@ def same_student(job, arch: Arch) -> None:
     want = real(job.model.checkpoint)
     kd = getattr(job, "kd", None)  # distill: the teacher (or its cache) it learns from
     teacher = kd and (kd.teacher_cache or kd.teacher)  # a cache stands in for the teacher
+    stage = "finetune" if kd is None else "distill"
     for p in [*train_state.saved(out), out / "final"]:
         try:
             meta = ckpt.read_json(p / ckpt.META)
             held = Arch.from_json(p / ckpt.ARCH)
         except (ValueError, OSError, KeyError, TypeError):
             continue  # unreadable or absent: the run directory's own checks report it
+        if meta.get("stage") in ("finetune", "distill") and meta["stage"] != stage:
+            raise ValueError(f"output={job.output} holds a `minitron {meta['stage']}` run "
+                             f"({p.relative_to(out)}), which `minitron {stage}` would continue as "
+                             "its own; choose another output, or pass overwrite=true to train "
+                             "from the start")
         parent, was = meta.get("parent"), meta.get("teacher")
         src = real(parent or want)
         if src != want and (src.exists() or held != arch):
@@ -466,6 +501,7 @@ def train(job) -> None:
             check_vocab(student.arch.vocab_size, teacher.arch.vocab_size)
         except ValueError as e:
             raise ValueError(f"kd.teacher={kd.teacher}: {e}") from None
+        same_tokenizer(job.model.checkpoint, kd.teacher)
         kd_pairs(kd, job.model.checkpoint, kd.teacher, student.arch, teacher.arch)
         not_inside(job.output, kd.teacher)
         positions(teacher.arch, job.data, "kd.teacher")

@@ -158,6 +158,27 @@ def assets(tmp_path_factory):
     a["mc_null_context"].write_text('{"context": null, "choices": [" w4", " w5"], "label": 0}\n')
     damaged("tokenizer_damaged", lambda d: (d / "tokenizer" / "tokenizer.json").write_text(
         '{"broken": '))
+
+    def other_vocab(d):  # the same vocabulary size, two ids swapped (Llama-2 vs Mistral)
+        f = d / "tokenizer" / "tokenizer.json"
+        tok = json.loads(f.read_text())
+        vocab = tok["model"]["vocab"]
+        (x, i), (y, j) = list(vocab.items())[10:12]
+        vocab[x], vocab[y] = j, i
+        f.write_text(json.dumps(tok))
+    damaged("other_tokenizer", other_vocab)
+    a["ds_dir"] = root / "ds_dir"  # a dataset in a directory of its own
+    a["ds_dir"].mkdir()
+    for suffix in (".bin", ".idx", ".json"):
+        shutil.copy(str(a["ds"]) + suffix, str(a["ds_dir"] / "corpus") + suffix)
+    a["ds_in_dir"] = a["ds_dir"] / "corpus"
+    a["scores_dir"] = root / "scores_dir"  # an earlier prune's scores, in their own directory
+    a["scores_dir"].mkdir()
+    a["scores_in_dir"] = shutil.copy(a["scores"], a["scores_dir"] / "importance.safetensors")
+    a["corpus_json"] = root / "json_corpus" / "corpus.json"  # JSON lines with a text field
+    a["corpus_json"].parent.mkdir()
+    a["corpus_json"].write_text("".join(json.dumps({"text": w}) + "\n" for w in words))
+    a["corpus_json_prefix"] = a["corpus_json"].with_suffix("")
     return a
 
 
@@ -266,6 +287,11 @@ CASES = [
                                           "output={text}/ds", "eod_token=null"],
      ["output=", "corpus.txt is a file, not a directory"]),
     # every document twice, some copies held out: the validation loss scored training text
+    # the corpus (corpus.json) was replaced by the dataset's metadata (corpus.json)
+    ("data_output_replaces_its_input", "data",
+     ["inputs=[{corpus_json}]", "tokenizer={ck}", "output={corpus_json_prefix}",
+      "eod_token=null"],
+     ["output=", "corpus.json, which is one of the inputs"]),
     ("data_input_twice", "data", DATA + ["inputs=[{text},{text}]"],
      ["inputs:", "corpus.txt is read twice"]),
     # transformers read the file as a config.json: a traceback
@@ -581,6 +607,40 @@ CASES = [
     # it calibrated and built the teacher cache, then trained nothing
     ("search_only_none", "search", SEARCH + ["search.only=[]"],
      ["search.only=[] runs no candidate"]),
+    # overwrite=true replaced the directory holding the dataset (and the scores) it had read
+    ("prune_overwrite_replaces_data", "prune",
+     ["model.checkpoint={ck}", "data.prefix={ds_in_dir}", f"data.seq_length={SEQ}",
+      "data.valid_fraction=0.2", "prune=none", "prune.target.ffn_hidden_size=128",
+      "output={ds_dir}", "overwrite=true"],
+     ["output=", "would replace data.prefix=", "corpus.bin"]),
+    ("prune_overwrite_replaces_scores", "prune",
+     COMMON + ["prune=none", "prune.target.ffn_hidden_size=128", "prune.scores={scores_in_dir}",
+               "output={scores_dir}", "overwrite=true"],
+     ["would replace prune.scores="]),
+    ("prune_keep_layers_against_num_layers", "prune",
+     PRUNE + ["prune.keep_layers=[0,1]", "prune.target.num_layers=3"],
+     ["prune.keep_layers lists 2 layers", "prune.target.num_layers=3"]),
+    ("prune_scores_and_random", "prune",
+     PRUNE + ["prune.scores={scores}", "prune.importance=random",
+              "prune.target.ffn_hidden_size=128"],
+     ["prune.scores", "prune.importance=random", "one of them"]),
+    # `true` built a teacher cache in ./True
+    ("search_teacher_cache_yes", "search", SEARCH + ["search.teacher_cache=true"],
+     ["search.teacher_cache=True", "auto", "off", "directory"]),
+    ("search_confirm_more_than_trained", "search",
+     SEARCH + ["search.confirm_top=10", "search.max_candidates=6"],
+     ["search.confirm_top=10", "search.max_candidates=6"]),
+    # every step logged loss 0 and a "distilled" copy of the student was saved
+    ("distill_no_loss_term", "distill", DISTILL + ["kd.logit_weight=0"],
+     ["kd.logit_weight=0", "nothing to train on"]),
+    ("distill_other_tokenizer", "distill",
+     ["model.checkpoint={other_tokenizer}", "kd.teacher={ck}"] + DISTILL[2:],
+     ["model.checkpoint=", "different vocabularies", "same tokenizer"]),
+    # finetune continued a distillation's checkpoints and saved them as its own
+    ("finetune_continues_a_distill_run", "finetune",
+     ["model.checkpoint={student}", "data.prefix={ds}", f"data.seq_length={SEQ}",
+      "output={run_from_hf}"],
+     ["holds a `minitron distill` run", "final", "overwrite=true"]),
     # --- pipeline
     ("pipeline_round2_impossible", "pipeline",
      TRAIN + ["pipeline.teacher_correction_steps=8",

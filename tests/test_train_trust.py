@@ -187,3 +187,46 @@ def test_finite_check_sees_every_nonfinite_element_and_no_overflow(dtype):
             g = grads()
             g[which].view(-1)[-1] = bad
             assert not _all_finite(g), (bad, which)
+
+
+def test_nonfinite_input_weights_named_before_a_step(models):  # noqa: F811
+    """A student saved with a NaN weight trained one step and stopped as "diverged at step 1:
+    lower train.lr"; now the input is named before any step, and no metrics are begun."""
+    t = models
+    c = ckpt.Checkpoint(t / "student")
+    tensors = {k: c.get(k).clone() for k in c.keys()}
+    name = next(k for k in tensors if "mlp" in k)
+    tensors[name].view(-1)[3] = float("nan")
+    from tests.helpers import tiny_tokenizer
+
+    bad = ckpt.save(t / "student_nan", c.arch, tensors, tokenizer=tiny_tokenizer())
+    out = t / "nan_run"
+    args = [a.replace(str(t / "student"), str(bad)) for a in distill_args(t, out)]
+    p = minitron(*args)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"minitron distill: error: model.checkpoint={bad} holds non-finite "
+                           "weights"), err[-3000:]
+    assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(models):  # noqa: F811
+    import signal
+    import time
+
+    t = models
+    out = t / "interrupted"
+    p = minitron(*distill_args(t, out))
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("step_*")) if (out / "checkpoints").is_dir() \
+            else True:
+        assert p.poll() is None and time.time() < deadline, p.communicate()[1][-3000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "minitron distill: interrupted; the same command resumes from the last checkpoint or "
+        "finished stage"), err[-3000:]
+    assert list((out / "checkpoints").glob("step_*")) and not (out / "final").exists()

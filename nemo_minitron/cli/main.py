@@ -135,6 +135,8 @@ def hydra_app(stage: str):
             if not getattr(e, "same_on_all_ranks", False):  # a bug: Hydra shows the traceback
                 raise
             _fail(stage, e)  # an expected stop, e.g. a diverged training run
+        except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback per rank
+            _interrupted(stage)
         finally:
             from ..runtime import dist
 
@@ -199,6 +201,19 @@ def one_line(err) -> str:
     lines = [x for x in lines if x and not x.startswith(("object_type", "Set the environment"))]
     return "".join(x + ("" if i == len(lines) - 1 else " " if x.endswith(".") else "; ")
                    for i, x in enumerate(lines))
+
+
+RESUMING_STAGES = frozenset({"finetune", "distill", "search", "pipeline", "teacher_cache"})
+
+
+def _interrupted(stage: str):
+    from ..runtime import dist
+
+    if dist.read_env().rank == 0:
+        again = ("resumes from the last checkpoint or finished stage" if stage in RESUMING_STAGES
+                 else "starts it again")
+        print(f"minitron {stage}: interrupted; the same command {again}", file=sys.stderr)
+    sys.exit(130)
 
 
 def _fail(stage: str, err: Exception):

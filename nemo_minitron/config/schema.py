@@ -118,7 +118,8 @@ class ModelJob:
 class ImportJob:
     model: ModelConfig = field(default_factory=ModelConfig)
     output: Optional[str] = None
-    """Checkpoint directory to create (default: model.checkpoint)."""
+    """Checkpoint directory to create (default: model.checkpoint, which a model config names;
+    required where that is the embedded default teacher and model.source is another model)."""
     dtype: str = "auto"
     """Storage dtype: auto (keep the source's), fp32, bf16."""
     overwrite: bool = False
@@ -279,6 +280,9 @@ class PruneConfig:
                              "or leave it unset (null)")
         if self.keep_layers is not None and len(set(self.keep_layers)) != len(self.keep_layers):
             raise ValueError(f"prune.keep_layers={list(self.keep_layers)} lists a layer twice")
+        if self.scores and self.importance == "random":  # the scores were used, silently
+            raise ValueError("prune.scores reuses saved importance and prune.importance=random "
+                             "ranks at random: set one of them")
         if self.scores and Path(self.scores).is_dir():  # a prune's output: its file is inside
             inside = Path(self.scores) / "importance.safetensors"
             raise ValueError(f"prune.scores={self.scores} is a directory; give the importance "
@@ -459,6 +463,12 @@ class KDConfig:
             if getattr(self, k) < 0:
                 raise ValueError(f"kd.{k}={getattr(self, k)} must be >= 0")
         intermediate = self.hidden_pairs or self.auto_hidden_pairs or self.embedding_weight
+        hidden = (self.hidden_pairs or self.auto_hidden_pairs) and self.hidden_weight > 0
+        if not (self.logit_weight or self.lm_weight or hidden or self.embedding_weight):
+            # every step logged loss 0 and a "distilled" copy of the student was saved
+            raise ValueError("kd.logit_weight=0 and kd.lm_weight=0 with no hidden-state or "
+                             "embedding loss: nothing to train on; give kd.logit_weight a "
+                             "positive weight (1.0, the default)")
         if self.hidden_dynamic and self.logit_weight == 0 and intermediate:
             raise ValueError("kd.hidden_dynamic=true sets alpha = L_logits / L_intermediate, but "
                              "the logit loss is off (kd.logit_weight=0): set kd.hidden_dynamic=false "
@@ -622,6 +632,15 @@ class SearchConfig:
                              "search.only=[0]), or leave it unset for all")
         if self.only is not None and any(i < 0 for i in self.only):
             raise ValueError(f"search.only={list(self.only)}: candidate numbers are >= 0")
+        if str(self.teacher_cache).strip().lower() in ("true", "false", "yes", "no", "on", "none",
+                                                       "0", "1", ""):
+            # a yes/no word is no directory: `true` built a cache in ./True
+            raise ValueError(f"search.teacher_cache={self.teacher_cache}: give auto (a cache when "
+                             "the kd settings allow one), off (the live teacher) or a directory")
+        if self.confirm_top > self.max_candidates:
+            raise ValueError(f"search.confirm_top={self.confirm_top} is more than the "
+                             f"search.max_candidates={self.max_candidates} candidates trained; "
+                             "lower it")
 
 
 @dataclass

@@ -11,6 +11,7 @@ Export writes a directory that ``AutoModelForCausalLM.from_pretrained`` loads wi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -48,24 +49,79 @@ def resolve_source(source: str, gguf_file: str | None) -> tuple[str, str | None]
     return source, gguf_file  # hub name
 
 
-def _read_tensors(where: Path, dtype: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a HF directory: sharded or single safetensors, else PyTorch .bin files."""
-    index = where / "model.safetensors.index.json"
-    if index.is_file():  # only the shards it names (hub repos may also hold consolidated copies)
-        files = [where / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+INDEX = "model.safetensors.index.json"
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The weight map (tensor name -> shard file name) of a sharded safetensors index."""
+    try:
+        wmap = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, not an object, no weight_map
+        why = str(e) if isinstance(e, json.JSONDecodeError) else "no weight_map object"
+        raise ValueError(f"{index} is not a safetensors index ({why}); re-download it") from None
+    if not isinstance(wmap, dict) or not all(isinstance(f, str) for f in wmap.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to shard file names; "
+                         "re-download it")
+    return wmap
+
+
+def weight_files(where: Path) -> list[Path]:
+    """The weight files of a HF directory that the import reads: the shards its safetensors
+    index names (hub repos may also hold consolidated copies), else ``model.safetensors``, else
+    every ``*.safetensors``, else the PyTorch ``pytorch_model*.bin`` files."""
+    index = where / INDEX
+    if index.is_file():
+        files = [where / f for f in sorted(set(read_index(index).values()))]
+        gone = [f.name for f in files if not f.is_file()]
+        if gone:
+            raise FileNotFoundError(f"{index} names shard {gone[0]}, which is not in {where} "
+                                    f"({len(gone)} of {len(files)} shards missing); re-download "
+                                    "the model")
     elif (where / "model.safetensors").is_file():
         files = [where / "model.safetensors"]
     else:
         files = sorted(where.glob("*.safetensors")) or sorted(where.glob("pytorch_model*.bin"))
     if not files:
         raise FileNotFoundError(f"{where} has no *.safetensors or pytorch_model*.bin weights")
+    return files
+
+
+def load_bin(f: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a PyTorch ``.bin`` file, loaded weights-only (a pickle may run code);
+    ``mmap``: mapped, not read (their shapes cost no read of the data)."""
+    import pickle
+
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # a class outside torch's allowlist: never allowlist it
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:
+            raise ValueError(f"{f} is not a weights-only PyTorch file (damaged, or a pickle of "
+                             "other objects); re-download it, or convert the weights to "
+                             "safetensors") from None
+        raise ValueError(f"{f} holds a {found[1]} object, which a weights-only load refuses "
+                         "(unpickling it could run code); convert the weights to safetensors "
+                         "(save_pretrained with safe_serialization=True where they were "
+                         "made)") from None
+    except (RuntimeError, EOFError, OSError) as e:  # a cut or foreign file
+        raise ValueError(f"{f} does not load as PyTorch weights ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); re-download it, or convert the "
+                         "weights to safetensors") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{f} holds a {type(state).__name__}, not a state dict of tensors; "
+                         "convert the weights to safetensors")
+    return state
+
+
+def _read_tensors(where: Path, dtype: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF directory: sharded or single safetensors, else PyTorch .bin files."""
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in weight_files(where):
         if f.suffix == ".safetensors":
             with safe_open(str(f), framework="pt") as sf:
                 state.update({k: sf.get_tensor(k) for k in sf.keys()})
         else:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
+            state.update(load_bin(f))
     if dtype != "auto":
         state = {k: v.to(torch_dtype(dtype)) for k, v in state.items()}
     return state
@@ -78,6 +134,28 @@ def _from_gguf(where: str, gguf: str, dtype: str):
     model = AutoModelForCausalLM.from_pretrained(
         where, gguf_file=gguf, dtype="auto" if dtype == "auto" else torch_dtype(dtype))
     return cfg.to_dict(), model.state_dict()
+
+
+def to_canonical(state: dict[str, torch.Tensor], arch: Arch) -> dict[str, torch.Tensor]:
+    """A Hugging Face model's tensors under our canonical names: a tied ``lm_head`` and rotary
+    buffers dropped, fused experts and Phi-3's fused projections split. Tensor by tensor, so
+    it maps shapes alone too (``meta`` tensors, :mod:`.hf_checks`)."""
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")
+             and not (arch.tie_embeddings and k == LM_HEAD)}
+    state = per_expert(state, arch)  # transformers 5.x's fused experts (GGUF, in-memory)
+    if family(arch.model_type).fused:
+        state = unfuse(state, arch)  # Phi-3's qkv_proj / gate_up_proj
+    return state
+
+
+def check_names(names, arch: Arch, source) -> None:
+    """``names`` (canonical) are exactly the tensors ``arch`` has."""
+    want = set(canonical_keys(arch))
+    missing, extra = want - set(names), set(names) - want
+    if missing or extra:
+        raise ValueError(f"unexpected weights in {source}: missing {sorted(missing)[:4]}, "
+                         f"unexpected {sorted(extra)[:4]}: do config.json's model_type and "
+                         "layer and expert counts belong to these weights?")
 
 
 def load_hf(source: str, *, gguf_file: str | None = None, dtype: str = "auto"):
@@ -99,17 +177,8 @@ def load_hf(source: str, *, gguf_file: str | None = None, dtype: str = "auto"):
     arch = arch_from_hf_config(cfg)  # refuses unsupported configs before reading any weight
     if state is None:
         state = _read_tensors(Path(where), dtype)
-    if arch.tie_embeddings:
-        state.pop(LM_HEAD, None)
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    state = per_expert(state, arch)  # transformers 5.x's fused experts (GGUF, in-memory)
-    if family(arch.model_type).fused:
-        state = unfuse(state, arch)  # Phi-3's qkv_proj / gate_up_proj
-    want = set(canonical_keys(arch))
-    missing, extra = want - set(state), set(state) - want
-    if missing or extra:
-        raise ValueError(f"unexpected weights in {source}: missing {sorted(missing)[:4]}, "
-                         f"unexpected {sorted(extra)[:4]} (is config.json's model_type right?)")
+    state = to_canonical(state, arch)
+    check_names(state, arch, source)
     # our config object, not transformers' reading of config.json, which may reject the shape
     kw = {"gguf_file": gguf} if gguf else {"config": hf_config_from_arch(arch)}
     tokenizer = AutoTokenizer.from_pretrained(where, **kw)

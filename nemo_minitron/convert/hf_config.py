@@ -24,7 +24,12 @@ _ROPE_TYPES = ("default", "llama3", "longrope")
 
 
 def _as_dict(cfg) -> dict:
-    return dict(cfg) if isinstance(cfg, dict) else cfg.to_dict()
+    if isinstance(cfg, dict):
+        return dict(cfg)
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    raise ValueError(f"config.json holds a JSON {type(cfg).__name__}, not an object of settings; "
+                     "give the model's own config.json")
 
 
 def _rope(d: dict) -> tuple[float, dict | None, float]:
@@ -163,7 +168,7 @@ def arch_from_hf_config(cfg) -> Arch:
         max_position_embeddings=d.get("max_position_embeddings", 4096),
         rope_theta=theta,
         rope_scaling=scaling,
-        norm_eps=d.get("norm_eps", d.get("rms_norm_eps", 1e-6)),
+        norm_eps=float(d.get("norm_eps", d.get("rms_norm_eps", 1e-6))),  # export needs a float
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         qkv_bias=fam.qkv_bias,
         model_type=model_type,
@@ -211,7 +216,7 @@ def hf_config_from_arch(arch: Arch, *, torch_dtype: str = "float32", bos_token_i
     extra = {**fam.config_fields(), **_moe_config(arch, fam)}
     if arch.sliding_window is not None:
         extra["sliding_window"] = arch.sliding_window
-    eps = {"norm_eps" if fam.norm == "layernorm1p" else "rms_norm_eps": arch.norm_eps}
+    eps = {"norm_eps" if fam.norm == "layernorm1p" else "rms_norm_eps": float(arch.norm_eps)}
     config_class = getattr(transformers, fam.causal_lm.replace("ForCausalLM", "Config"))
     cfg = config_class(**{**common, **eps, **extra}, rope_parameters=rope)
     cfg.architectures = [fam.causal_lm]

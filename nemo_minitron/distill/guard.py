@@ -43,6 +43,18 @@ def _all_finite(tensors) -> bool:
     return not ends or bool(torch.isfinite(torch.stack(ends)).all())
 
 
+def require_finite(field: str, path, module) -> None:
+    """Collective; after loading. A checkpoint with NaN or inf weights trained one step and
+    ended as "diverged at step 1, lower train.lr": the advice of a run that went bad, not of an
+    input that was."""
+    bad = next((n for n, p in module.named_parameters() if not _all_finite([p])), None)
+    if _bad_ranks(bad is None):
+        where = f" (first: {bad})" if bad else " on another rank"
+        raise ValueError(f"{field}={path} holds non-finite weights (NaN or inf){where}; it "
+                         "cannot be trained: use the checkpoint it came from, or the last good "
+                         "checkpoint of the run that wrote it")
+
+
 def _bad_ranks(local_ok: bool) -> int:
     return int(all_reduce_sum(torch.tensor([0.0 if local_ok else 1.0], dtype=torch.float64))[0])
 

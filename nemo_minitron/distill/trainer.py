@@ -39,7 +39,7 @@ from ..runtime.forward import on_device
 from ..runtime.routing import RoutingMonitor
 from ..runtime.shard import load_checkpoint, save_checkpoint
 from . import intermediate as inter_mod, optim_state, run_dir as run_dir_mod, train_state
-from .guard import Guard
+from .guard import Guard, require_finite
 from .layer_map import auto_pairs
 from .logger import Logger, progress_line
 from .losses import check_vocab
@@ -188,6 +188,10 @@ class Trainer:
         self.routing = RoutingMonitor(self.student, aux)
         self.teacher = load_checkpoint(self.src.teacher_path, dtype)[0] \
             if self.src.teacher_path else None
+        if self.resume_from is None:  # a resumed run's weights were checked before its save
+            require_finite("model.checkpoint", job.model.checkpoint, self.student.model)
+        if self.teacher is not None:
+            require_finite("kd.teacher", self.src.teacher_path, self.teacher.model)
         self.projections = torch.nn.ModuleDict()
         if self.ispec is not None:
             if self.student.config.sequence_parallel:
