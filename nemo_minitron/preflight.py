@@ -468,6 +468,13 @@ def same_student(job, arch: Arch) -> None:
                              f"({p.relative_to(out)}), which `minitron {stage}` would continue as "
                              "its own; choose another output, or pass overwrite=true to train "
                              "from the start")
+        moved = train_state.other_data_order(p, train_state.data_order(job.data, job.train))
+        if moved:
+            field, saved, now = moved
+            raise ValueError(f"output={job.output} holds a run trained with {field}={saved} "
+                             f"({p.relative_to(out)}); resuming it with {field}={now} would "
+                             "train on another sample order from there: give the same value, "
+                             "another output, or overwrite=true to train from the start")
         parent, was = meta.get("parent"), meta.get("teacher")
         src = real(parent or want)
         if src != want and (src.exists() or held != arch):
@@ -502,6 +509,10 @@ def train(job) -> None:
         except ValueError as e:
             raise ValueError(f"kd.teacher={kd.teacher}: {e}") from None
         same_tokenizer(job.model.checkpoint, kd.teacher)
+        if kd.top_k is not None and kd.top_k > teacher.arch.vocab_size:
+            raise ValueError(f"kd.top_k={kd.top_k} is more than the teacher's vocabulary "
+                             f"({teacher.arch.vocab_size}); lower it, or unset it for the full "
+                             "distribution")
         kd_pairs(kd, job.model.checkpoint, kd.teacher, student.arch, teacher.arch)
         not_inside(job.output, kd.teacher)
         positions(teacher.arch, job.data, "kd.teacher")

@@ -179,6 +179,12 @@ def assets(tmp_path_factory):
     a["corpus_json"].parent.mkdir()
     a["corpus_json"].write_text("".join(json.dumps({"text": w}) + "\n" for w in words))
     a["corpus_json_prefix"] = a["corpus_json"].with_suffix("")
+    import bz2
+
+    a["plain_bz2"] = root / "corpus.bz2"  # compressed text, named as a bare dump would be
+    a["plain_bz2"].write_bytes(bz2.compress(text.read_bytes()))
+    a["other_xml"] = root / "items.xml"  # XML that is no MediaWiki dump: dropped in silence
+    a["other_xml"].write_text("<items><item>w2 w3 w4</item><item>w5 w6</item></items>")
     return a
 
 
@@ -292,6 +298,10 @@ CASES = [
      ["inputs=[{corpus_json}]", "tokenizer={ck}", "output={corpus_json_prefix}",
       "eod_token=null"],
      ["output=", "corpus.json, which is one of the inputs"]),
+    ("data_bz2_not_a_dump", "data", DATA + ["inputs=[{plain_bz2}]"],
+     ["corpus.bz2: not a MediaWiki XML dump", "corpus.txt.bz2"]),
+    ("data_xml_without_pages", "data", DATA + ["inputs=[{other_xml},{text}]"],
+     ["items.xml holds no <page> elements"]),
     ("data_input_twice", "data", DATA + ["inputs=[{text},{text}]"],
      ["inputs:", "corpus.txt is read twice"]),
     # transformers read the file as a config.json: a traceback
@@ -641,6 +651,12 @@ CASES = [
      ["model.checkpoint={student}", "data.prefix={ds}", f"data.seq_length={SEQ}",
       "output={run_from_hf}"],
      ["holds a `minitron distill` run", "final", "overwrite=true"]),
+    ("distill_top_k_above_vocab", "distill", DISTILL + ["kd.top_k=5000"],
+     ["kd.top_k=5000", "vocabulary"]),
+    # "not a complete checkpoint: missing minitron.json, ..." without the way out
+    ("evaluate_run_directory", "evaluate",
+     ["model.checkpoint={run_of_ck}", "data.prefix={ds}", "output={out}"],
+     ["run_of_ck is not a complete", "it is a run directory: its model is", "run_of_ck/final"]),
     # --- pipeline
     ("pipeline_round2_impossible", "pipeline",
      TRAIN + ["pipeline.teacher_correction_steps=8",

@@ -178,6 +178,9 @@ CASES = [
     ("config_list", "gqa", write("config.json", "[1, 2]"),
      ["config.json holds a JSON list, not an object"]),
     ("config_null", "gqa", write("config.json", "null"), ["config.json holds a JSON null"]),
+    # read as a Llama without a word: a family told by nothing
+    ("no_model_type", "gqa", config(model_type=None, architectures=None),
+     ["names no model_type", "\"model_type\": \"llama\""]),
     ("hidden_size_string", "gqa", config(hidden_size="128"),
      ["config.json", 'hidden_size="128" is a string', "must be an integer", '"hidden_size": 128']),
     ("eps_negative", "gqa", config(rms_norm_eps=-1), ["rms_norm_eps=-1 must be positive"]),

@@ -230,3 +230,15 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(models):  # noqa: F811
         "minitron distill: interrupted; the same command resumes from the last checkpoint or "
         "finished stage"), err[-3000:]
     assert list((out / "checkpoints").glob("step_*")) and not (out / "final").exists()
+    # a resume under another sample order was silent; the same command resumes
+    other = [a if not a.startswith("data.seq_length=") else "data.seq_length=16"
+             for a in distill_args(t, out)]
+    p = minitron(*other)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and err.strip().splitlines()[-1].startswith(
+        f"minitron distill: error: output={out} holds a run trained with data.seq_length=32 "
+        "(checkpoints/step_"), err[-3000:]
+    p = minitron(*distill_args(t, out))
+    log, err = p.communicate(timeout=600)
+    assert p.returncode == 0 and "resumed from" in log + err, err[-3000:]
+    assert (out / "final").is_dir()

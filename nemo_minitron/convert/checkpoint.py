@@ -82,6 +82,14 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
+def run_models(path) -> list[Path]:
+    """The finished models of a run directory given where a checkpoint was meant: a training
+    run's final/, a prune's output or a pipeline's last distilled student (newest first)."""
+    p = Path(path)
+    found = [p / "final"] + sorted(p.glob("*/distill/final"), reverse=True)
+    return [f for f in found if (f / META).is_file()]
+
+
 def check_dir(path) -> Path:
     """Raise a :class:`CheckpointError` listing exactly what a checkpoint directory lacks."""
     p = Path(path)
@@ -102,8 +110,10 @@ def check_dir(path) -> Path:
                               f"checkpoint; convert it first: `minitron import model.source={p} "
                               "output=<dir>`")
     if missing:
+        inside = run_models(p)
+        hint = f"; it is a run directory: its model is {inside[0]}" if inside else ""
         raise CheckpointError(f"{p} is not a complete nemo_minitron checkpoint: missing "
-                              f"{', '.join(missing)}")
+                              f"{', '.join(missing)}{hint}")
     meta = read_json(p / META)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{p}/{META} has format {meta.get('format')!r}, expected {FORMAT!r}")

@@ -106,6 +106,10 @@ def config(local: Path) -> dict:
         raise ValueError(f"model.source={path} holds a JSON {_kind(d).split()[-1]}, not an "
                          "object of settings; give the model's own config.json")
     where = f"model.source={path}"
+    if not d.get("model_type") and not d.get("architectures"):  # it was read as llama
+        raise ValueError(f"{where} names no model_type (nor architectures): the family cannot "
+                         "be told; add it as the model's config has it, e.g. \"model_type\": "
+                         "\"llama\"")
     _typed(d, where)
     for sub in ("rope_parameters", "rope_scaling"):
         if isinstance(d.get(sub), dict):

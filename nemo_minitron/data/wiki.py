@@ -14,7 +14,7 @@ import html
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Iterator, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 from nemo_minitron.data.compressed import open_binary
 
@@ -229,6 +229,26 @@ def iter_articles(
     if not path.exists():
         raise FileNotFoundError(f"Wikipedia dump {path} does not exist")
     with open_binary(path) as f:
+        pages = 0
+        for title, ns, redirect, wikitext in _pages(path, f):
+            pages += 1
+            if redirect or wikitext.lstrip()[:9].upper() == "#REDIRECT":
+                continue
+            if ns is not None and ns != "0":
+                continue
+            if ns is None and title.lower().startswith(_NON_ARTICLE_PREFIXES):
+                continue
+            text = strip_markup(wikitext)
+            if len(text) >= min_chars:
+                yield title, text
+        if not pages:  # other XML: its text would be dropped in silence
+            raise ValueError(f"{path} holds no <page> elements: not a MediaWiki XML dump "
+                             "(give other text as .txt, .jsonl or .json)")
+
+
+def _pages(path: Path, f) -> Iterator[Tuple[str, Optional[str], bool, str]]:
+    """(title, namespace, redirect, wikitext) of every ``<page>`` of an open dump."""
+    try:
         context = ET.iterparse(f, events=("start", "end"))
         root = None
         for event, elem in context:
@@ -249,12 +269,8 @@ def iter_articles(
                     wikitext = child.text or ""
             elem.clear()
             root.clear()  # drop the processed pages from the tree
-            if redirect or wikitext.lstrip()[:9].upper() == "#REDIRECT":
-                continue
-            if ns is not None and ns != "0":
-                continue
-            if ns is None and title.lower().startswith(_NON_ARTICLE_PREFIXES):
-                continue
-            text = strip_markup(wikitext)
-            if len(text) >= min_chars:
-                yield title, text
+            yield title, ns, redirect, wikitext
+    except ET.ParseError as e:
+        raise ValueError(f"{path}: not a MediaWiki XML dump ({e}); a Wikipedia dump is "
+                         "*.xml or *.xml.bz2, other compressed text is read by its inner suffix "
+                         "(corpus.txt.bz2, corpus.jsonl.bz2)") from None

@@ -83,6 +83,23 @@ def writer(par, optimizer, scheduler, step: int, samples: int, layout: dict,
     return write
 
 
+def data_order(data, train) -> dict:
+    """The settings that decide which samples each step reads: a run resumed under others
+    would train on another sample order from its checkpoint on (recorded in state.json)."""
+    return {"data.seq_length": data.seq_length, "data.valid_fraction": data.valid_fraction,
+            "train.global_batch_size": train.global_batch_size, "train.seed": train.seed}
+
+
+def other_data_order(path: Path, want: dict) -> tuple[str, object, object] | None:
+    """(field, saved, now) of the first setting in which checkpoint ``path`` was trained
+    differently from ``want``; None when alike or unrecorded (older checkpoints)."""
+    try:
+        saved = json.loads((Path(path) / STATE / "state.json").read_text())["extra"]["data_order"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return next(((k, saved[k], v) for k, v in want.items() if k in saved and saved[k] != v), None)
+
+
 def check_resume(path: Path, tp: int, pp: int, distributed_optimizer: bool, ep: int = 1) -> dict:
     """state.json of checkpoint ``path``, checked against this run's layout and optimizer before
     any model is loaded (the weights alone load at any layout; the training state does not)."""

@@ -372,7 +372,8 @@ class Trainer:
             par, self.opt, self.sched, at_step, at_step * tr.global_batch_size,
             {"tp": par.tp, "pp": par.pp, "dp": par.dp, "ep": par.ep,
              "distributed_optimizer": tr.distributed_optimizer},
-            extra={"alpha": self.alpha, "skipped_steps": self.guard.skipped},
+            extra={"alpha": self.alpha, "skipped_steps": self.guard.skipped,
+                   "data_order": train_state.data_order(self.job.data, tr)},
             modules={"projections": self.projections} if len(self.projections) else None,
             named_params=self.named_params)
         return save_checkpoint(
