@@ -183,6 +183,8 @@ def assets(tmp_path_factory):
 
     a["plain_bz2"] = root / "corpus.bz2"  # compressed text, named as a bare dump would be
     a["plain_bz2"].write_bytes(bz2.compress(text.read_bytes()))
+    a["utf16"] = root / "utf16.txt"  # Windows' "Unicode": the fix said iconv -f latin1
+    a["utf16"].write_bytes("w2 w3 w4\n".encode("utf-16"))
     a["other_xml"] = root / "items.xml"  # XML that is no MediaWiki dump: dropped in silence
     a["other_xml"].write_text("<items><item>w2 w3 w4</item><item>w5 w6</item></items>")
     return a
@@ -298,6 +300,8 @@ CASES = [
      ["inputs=[{corpus_json}]", "tokenizer={ck}", "output={corpus_json_prefix}",
       "eod_token=null"],
      ["output=", "corpus.json, which is one of the inputs"]),
+    ("data_utf16", "data", DATA + ["inputs=[{utf16}]"],
+     ["utf16.txt is not UTF-8 text (byte 0xff)", "iconv -f utf-16 -t utf-8"]),
     ("data_bz2_not_a_dump", "data", DATA + ["inputs=[{plain_bz2}]"],
      ["corpus.bz2: not a MediaWiki XML dump", "corpus.txt.bz2"]),
     ("data_xml_without_pages", "data", DATA + ["inputs=[{other_xml},{text}]"],

@@ -105,6 +105,20 @@ def tensor(name, cut):
     return damage
 
 
+def retype(name, change):
+    """Rewrite model.safetensors with tensor ``name`` replaced by ``change(tensor)``."""
+    def damage(d):
+        state = load_file(d / "model.safetensors")
+        state[name] = change(state[name].clone())
+        save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    return damage
+
+
+def _nan_at_3(t):
+    t.view(-1)[3] = float("nan")
+    return t
+
+
 def truncate(name, keep):
     def damage(d):
         f = d / name
@@ -177,6 +191,10 @@ CASES = [
     # 3. config.json valid JSON but of the wrong kind or types
     ("config_list", "gqa", write("config.json", "[1, 2]"),
      ["config.json holds a JSON list, not an object"]),
+    # imported and exported as I8; NaN weights were imported and exported
+    ("int8_tensor", "gqa", retype(Q, lambda t: t.to(torch.int8)),
+     [Q, "stored as I8", "not as floats"]),
+    ("nan_weight", "gqa", retype(Q, _nan_at_3), [Q, "NaN or infinite values"]),
     ("config_null", "gqa", write("config.json", "null"), ["config.json holds a JSON null"]),
     # read as a Llama without a word: a family told by nothing
     ("no_model_type", "gqa", config(model_type=None, architectures=None),

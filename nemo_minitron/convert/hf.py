@@ -179,6 +179,11 @@ def load_hf(source: str, *, gguf_file: str | None = None, dtype: str = "auto"):
         state = _read_tensors(Path(where), dtype)
     state = to_canonical(state, arch)
     check_names(state, arch, source)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and v.numel()
+                and not torch.isfinite(torch.stack(torch.aminmax(v))).all()), None)
+    if bad:  # every later stage would compute NaN from it
+        raise ValueError(f"{source}: {bad} holds NaN or infinite values; re-download the model "
+                         "(or use the checkpoint it came from)")
     # our config object, not transformers' reading of config.json, which may reject the shape
     kw = {"gguf_file": gguf} if gguf else {"config": hf_config_from_arch(arch)}
     tokenizer = AutoTokenizer.from_pretrained(where, **kw)

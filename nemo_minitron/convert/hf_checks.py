@@ -117,16 +117,27 @@ def config(local: Path) -> dict:
     return d
 
 
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
 def _shapes_of(f: Path) -> dict[str, tuple[int, ...]] | None:
     """Tensor name -> shape of weight file ``f``, from its header (a ``.bin``: mapped); None for
     an old (non-zip) ``.bin``, which cannot be mapped (the import reads it whole)."""
     if f.suffix == ".safetensors":
         try:
             with safe_open(str(f), framework="pt") as sf:
-                return {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
+                slices = {k: sf.get_slice(k) for k in sf.keys()}
+                shapes = {k: tuple(v.get_shape()) for k, v in slices.items()}
+                types = {k: v.get_dtype() for k, v in slices.items()}
         except Exception as e:  # SafetensorError: cut header or data region, not safetensors
             raise ValueError(f"model.source={f.parent}: {f.name} is damaged or not a "
                              f"safetensors file ({e}); re-download it") from None
+        odd = next(((k, t) for k, t in types.items() if t not in _FLOAT_TYPES), None)
+        if odd:  # an I8 tensor was imported, and exported, as I8
+            raise ValueError(f"model.source={f.parent}: {f.name}: {odd[0]} is stored as {odd[1]}, "
+                             "not as floats: quantized or damaged weights cannot be pruned; give "
+                             "the model's bf16/fp16/fp32 weights")
+        return shapes
     if not zipfile.is_zipfile(f):
         with open(f, "rb") as fh:
             head = fh.read(2)

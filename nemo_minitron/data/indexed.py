@@ -182,8 +182,8 @@ def build_indexed(
                                 desc=f"tokenising -> {Path(out_prefix).name}")
         if counts.documents == 0:
             raise ValueError(
-                f"no non-empty documents to write to {out_prefix} ({counts.skipped_empty} empty); "
-                "check the data sources"
+                f"no text to write to {out_prefix}: the inputs hold no non-empty documents "
+                f"({counts.skipped_empty} empty ones skipped); check the data sources"
             )
         builder.finalize(str(tmp["idx"]))
         builder = None

@@ -252,9 +252,11 @@ def _non_empty(docs: Iterable[str], path: Path) -> Iterator[str]:
             if doc.strip():
                 yield doc
     except UnicodeDecodeError as e:
+        head = bytes(e.object[:2])
+        source = "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "latin1"  # UTF-16's mark
         raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); convert it, "
-                         f"e.g. `iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`"
-                         ) from None
+                         f"e.g. `iconv -f {source} -t utf-8 {path} > "
+                         f"{path.stem}.utf8{path.suffix}`") from None
     except DAMAGED as e:  # a damaged or cut archive
         raise ValueError(f"{path} cannot be read ({e}); is it damaged or cut short? Recreate or "
                          "re-download it") from None
