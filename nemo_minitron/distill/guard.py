@@ -33,8 +33,10 @@ class TrainingDiverged(RuntimeError):
 
 def _all_finite(tensors) -> bool:
     """Whether every element is finite, from each tensor's smallest and largest element (one
-    read, no temporary, NaN propagates, no overflow). A float64 sum did the same job ten times
-    slower: 0.36 s per step over a 89M-parameter gradient buffer on 2 cores, a tenth of a step."""
+    read, no temporary, NaN propagates, no overflow). The float64 sum used before cast the whole
+    buffer to a float64 temporary on the CPU first: 684 MB more peak memory per step for the
+    pipeline's 89.4M-parameter student, and 0.04 s against 0.01 s (0.22 s where freed memory
+    is not kept; benchmarks/finite_check.py)."""
     ends = []
     for t in tensors:
         if t is not None and t.numel():
