@@ -126,8 +126,8 @@ class Arch:
 
     @property
     def longrope_context(self) -> int | None:
-        """The longest sequence LongRoPE's short factors apply to (Hugging Face switches to the
-        long ones beyond it, which this runtime does not); None without LongRoPE."""
+        """The longest sequence LongRoPE's short factors apply to (beyond it the long ones, as
+        Hugging Face switches per forward); None without LongRoPE."""
         rs = self.rope_scaling
         if not rs or rs.get("rope_type") != "longrope":
             return None

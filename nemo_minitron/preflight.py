@@ -148,11 +148,6 @@ def positions(arch: Arch, data, field: str = "model.checkpoint") -> None:
         raise ValueError(f"data.seq_length={data.seq_length} exceeds the context of {field} "
                          f"(max_position_embeddings={arch.max_position_embeddings}); lower "
                          "data.seq_length")
-    if arch.longrope_context is not None and data.seq_length > arch.longrope_context:
-        raise ValueError(f"data.seq_length={data.seq_length}: {field} uses LongRoPE, whose short "
-                         f"factors this runtime implements for sequences of up to "
-                         f"original_max_position_embeddings={arch.longrope_context} tokens (the "
-                         "long ones are not); lower data.seq_length")
 
 
 def vocabulary(arch: Arch, data, field: str = "model.checkpoint", sample: int = 1 << 22) -> None:

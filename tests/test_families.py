@@ -145,11 +145,10 @@ def test_fused_export_keeps_each_projection_in_one_file():
         f: sorted(k for k in where if where[k] == f) for f in ("s0", "s1", "s2")}
 
 
-def test_longrope_imports_with_its_logits_and_refuses_long_sequences(hf_dir, tmp_path,
-                                                                       single_rank):
+def test_longrope_short_and_long_factors_give_the_hub_logits(hf_dir, tmp_path, single_rank):
     """Phi-3-128k's LongRoPE: the short factors and the cos/sin factor give the hub model's logits
-    and round-trip through export; a sequence past the pretraining context (where transformers
-    switches to the long factors) is refused, in preflight and in the forward."""
+    and round-trip through export; past the pretraining context transformers switches to the
+    long factors for the whole sequence, and so do we (this was refused)."""
     from types import SimpleNamespace
 
     from nemo_minitron import preflight
@@ -160,7 +159,6 @@ def test_longrope_imports_with_its_logits_and_refuses_long_sequences(hf_dir, tmp
     assert a.longrope_context == 64 and abs(a.rope_attention_factor - (1 + 2 / 6) ** 0.5) < 1e-12
     b = batch(a.vocab_size, s=64)
     ref = hub_logits_match(c.path, model, b)
-    shard, _ = load_checkpoint(c.path)
     out = export_hf(str(c.path), tmp_path / "hf")
     back = AutoModelForCausalLM.from_pretrained(out).eval()
     factors = (back.config.rope_parameters["short_factor"],
@@ -174,10 +172,16 @@ def test_longrope_imports_with_its_logits_and_refuses_long_sequences(hf_dir, tmp
         export_model_type(narrow)
     assert export_model_type(a.replace(num_attention_heads=2, num_query_groups=1,
                                        hidden_size=64)) == "phi3"
-    with pytest.raises(ValueError, match="65-token sequence is longer than the 64 tokens"):
-        run_forward(shard, [batch(a.vocab_size, s=65)], lambda lg, _: {})
-    with pytest.raises(ValueError, match=r"data.seq_length=128: model.checkpoint uses LongRoPE"):
-        preflight.positions(a, SimpleNamespace(seq_length=128))
+    for s in (65, 128):  # just past the 64 pretraining positions, and twice them
+        long = batch(a.vocab_size, s=s)
+        ref_long = hub_logits_match(c.path, model, long)
+        with torch.no_grad():  # the long factors are in play: a 64-token forward (short
+            # factors) gives other logits at the same positions
+            assert not torch.allclose(model(long["tokens"][:, :64]).logits, ref_long[:, :64],
+                                      atol=1e-3)
+    preflight.positions(a, SimpleNamespace(seq_length=128))  # was refused
+    with pytest.raises(ValueError, match="data.seq_length=257 exceeds the context"):
+        preflight.positions(a, SimpleNamespace(seq_length=257))
 
 
 def test_longrope_config_faults_name_the_field():
@@ -287,7 +291,8 @@ def test_qwen3_attention_bias_is_refused():
 def reference(hf, tmp, name):
     arch = arch_from_hf_config(hf.config)
     ckpt.save(tmp / name, arch, canonical_state(hf, arch), tokenizer=tiny_tokenizer())
-    b = batch(arch.vocab_size, s=32)
+    # LongRoPE past its 64 pretraining positions: the long factors at TP=2 and PP=2
+    b = batch(arch.vocab_size, s=96 if name == "phi3_longrope" else 32)
     with torch.no_grad():
         logits = hf(b["tokens"]).logits
     torch.save({"batches": [b], "logits": logits}, tmp / f"{name}.pt")

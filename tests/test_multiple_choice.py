@@ -131,6 +131,36 @@ def test_tiny_scores_match_transformers(kind, jsonl_task, tmp_path, single_rank)
         assert acc["n"] == len(items)
 
 
+def test_longrope_scores_past_its_context_match_transformers(jsonl_task, tmp_path, single_rank):
+    """Phi-3-128k's LongRoPE over items longer than its (here 64) pretraining positions: those
+    rows take the long factors, as transformers does for any forward that long; a shared row
+    that would cross the limit is split into one row per request. Each request alone on both
+    sides (a padded batch picks the factors by its padded length, in transformers too)."""
+    from tests.helpers.models import canonical_state
+
+    hf = tiny_hf("phi3_longrope")
+    arch = arch_from_hf_config(hf.config)  # Phi-3's fused projections, split as import does
+    path = ckpt.save(tmp_path / "longrope", arch, canonical_state(hf, arch),
+                     tokenizer=tiny_tokenizer())
+    shard, c = load_checkpoint(path)
+    tok = c.tokenizer()
+    items = load_task(f"jsonl:{jsonl_task}")
+    ours = score_items(shard, tok, items, micro_batch_size=1, progress=False)
+    ref, lengths = [], []
+    for it in items:
+        row = []
+        for ctx, cont in zip(it.contexts or [it.context] * len(it.choices), it.choices):
+            inp, cont_ids = hf_request_ids(tok, ctx, cont, hf.config.max_position_embeddings)
+            lengths.append(len(inp))
+            with torch.no_grad():
+                logp = hf(torch.tensor([inp])).logits[0, -len(cont_ids):].float().log_softmax(-1)
+            row.append(logp.gather(1, torch.tensor(cont_ids)[:, None]).sum().item())
+        ref.append(row)
+    assert max(lengths) > 64 >= min(lengths)  # both sides of the switch are scored
+    delta = max(abs(a - b) for x, y in zip(ours, ref) for a, b in zip(x, y))
+    assert delta <= 1e-4, f"max |dlogprob| = {delta}"
+
+
 def test_micro_batch_size_does_not_change_scores(jsonl_task, tmp_path, single_rank):
     _, path = tiny_checkpoint("gqa", tmp_path)
     shard, c = load_checkpoint(path)

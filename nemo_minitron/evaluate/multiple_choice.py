@@ -225,6 +225,10 @@ def score_continuations(shard, encoded: Sequence[tuple[list[int], list[int]]], *
         return []
     if share_context is None:
         share_context = supported(shard.model)
+    limit = shard.arch.longrope_context  # LongRoPE's tables past it are one per forward, not
+    if share_context and limit is not None and any(  # per request: one request per row there
+            len(r.tokens) > limit for r in build_rows(encoded, max_length, True)):
+        share_context = False
     batches = _my_batches(encoded, max_length, dp_rank, dp_size, micro_batch_size, par.pp,
                           same_shapes=par.ep > 1 and shard.arch.is_moe, share=share_context,
                           window=shard.arch.sliding_window)

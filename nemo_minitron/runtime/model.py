@@ -120,10 +120,12 @@ def transformer_config(arch: Arch, tp: int, pp: int, dtype: str = "fp32", fp8: s
         window_size=None if arch.sliding_window is None else (arch.sliding_window - 1, 0),
         **moe_config(arch, ep, aux_loss_coeff),
     )
-    # LongRoPE (runtime/rope.py reads these): its cos/sin factor, and the longest sequence its
-    # short factors are for
+    # LongRoPE (runtime/rope.py reads these): its cos/sin factor, the longest sequence its
+    # short factors are for, and the inverse frequencies of its long factors beyond that
     cfg.rope_attention_factor = arch.rope_attention_factor
     cfg.rope_context_limit = arch.longrope_context
+    cfg.rope_long_inv_freq = rope_inv_freq(arch, long=True) \
+        if arch.longrope_context is not None else None
     return cfg
 
 
@@ -152,9 +154,10 @@ def layer_spec(arch: Arch, use_te: bool | None = None):
     return spec
 
 
-def rope_inv_freq(arch: Arch) -> torch.Tensor:
+def rope_inv_freq(arch: Arch, long: bool = False) -> torch.Tensor:
     """Rotary inverse frequencies exactly as Hugging Face computes them (incl. Llama-3 scaling and
-    LongRoPE's short factors).
+    LongRoPE's short factors, or with ``long`` its long ones, for sequences past the pretraining
+    context).
 
     megatron-core hard-codes the Llama-3.1 scaling constants; computing them here lets any
     ``low_freq_factor``/``high_freq_factor``/``original_max_position_embeddings`` round-trip.
@@ -163,7 +166,8 @@ def rope_inv_freq(arch: Arch) -> torch.Tensor:
     d = int(arch.head_dim * arch.rotary_fraction)
     rs = arch.rope_scaling
     longrope = arch.longrope_context is not None  # its short factors: sequences within context
-    ext = torch.tensor(rs["short_factor"], dtype=torch.float32) if longrope else 1.0
+    ext = torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float32) \
+        if longrope else 1.0
     inv = 1.0 / (ext * arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     if rs and not longrope:  # Llama 3.1
         factor = rs["factor"]

@@ -1,7 +1,8 @@
 """Rotary position embedding with its cos/sin tables made once per forward, not once per layer.
 
-Installed under both layer specs; it also applies LongRoPE's attention factor (Phi-3's 128k
-variants), which megatron-core has no setting for, as a scale of cos and sin.
+Installed under both layer specs; it also applies LongRoPE (Phi-3's 128k variants), which
+megatron-core has no setting for: its attention factor as a scale of cos and sin, and its long
+factors for sequences past the pretraining context (:func:`long_freqs`).
 
 megatron-core's unfused RoPE (``apply_rotary_pos_emb``, what every attention layer of the local
 spec calls when Transformer Engine's fused kernel is absent) recomputes ``cos``/``sin`` of the
@@ -49,6 +50,36 @@ def _tables(freqs: torch.Tensor, dtype: torch.dtype, mscale: float):
     return tables
 
 
+_LONG: dict = {}
+
+
+def long_freqs(freqs: torch.Tensor, long_inv_freq: torch.Tensor) -> torch.Tensor:
+    """LongRoPE's table for a sequence past the pretraining context: the positions of ``freqs``
+    (``[s, b or 1, 1, r]``, made by megatron from the short factors) times the long factors'
+    inverse frequencies, as Hugging Face switches to them for any forward longer than that
+    context (one table for the whole sequence, its first positions included). Cached per
+    length: the rotary module caches its tables per length, so the same tensor comes back."""
+    if freqs.dim() != 4 or freqs.shape[1] != 1:  # per-row positions (shared-context scoring)
+        raise ValueError(f"a {freqs.shape[0]}-token row of several requests is longer than the "
+                         "pretraining context of LongRoPE's short factors; score its requests "
+                         "one per row")
+    key = (freqs.shape, freqs.device, freqs.dtype)
+    hit = _LONG.get(key)
+    if hit is not None:
+        return hit
+    s, r = freqs.shape[0], freqs.shape[-1]
+    inv = long_inv_freq.to(device=freqs.device, dtype=torch.float32)
+    if r != 2 * inv.numel():
+        raise ValueError(f"LongRoPE: {inv.numel()} long factors for {r} rotary dims")
+    pos = torch.arange(s, device=freqs.device, dtype=torch.float32)
+    half = torch.outer(pos, inv)
+    out = torch.cat((half, half), dim=-1)[:, None, None, :].expand(freqs.shape).to(freqs.dtype)
+    if len(_LONG) >= _MAX_TABLES:
+        _LONG.pop(next(iter(_LONG)))
+    _LONG[key] = out
+    return out
+
+
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     """[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] (the inverse flips the sign of sin); dims
     past the rotary ones are copied."""
@@ -92,10 +123,8 @@ def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group
     """Drop-in for megatron-core's function of the same name (same arguments, same result), with
     LongRoPE's factor on cos/sin (``config.rope_attention_factor``, as Hugging Face applies it)."""
     limit = getattr(config, "rope_context_limit", None)
-    if limit is not None and freqs.shape[0] > limit:
-        raise ValueError(f"a {freqs.shape[0]}-token sequence is longer than the {limit} tokens "
-                         "LongRoPE's short factors are for (its long factors are not "
-                         f"implemented); use sequences of at most {limit} tokens")
+    if limit is not None and freqs.shape[0] > limit:  # past the pretraining context
+        freqs = long_freqs(freqs, config.rope_long_inv_freq)
     mscale = mscale * getattr(config, "rope_attention_factor", 1.0)
     if _plain_case(t, freqs, config, cu_seqlens):
         tables = _tables(freqs, t.dtype, mscale)

@@ -1,5 +1,5 @@
-"""Run under torchrun with 2 ranks: qwen3, nemotron, Phi-3 with LongRoPE and Mistral with a
-sliding window at TP=2 and PP=2 (logits against transformers' reference), then `prune` of qwen3
+"""Run under torchrun with 2 ranks: qwen3, nemotron, Phi-3 with LongRoPE (past its pretraining
+context: the long factors) and Mistral with a sliding window at TP=2 and PP=2 (logits against transformers' reference), then `prune` of qwen3
 and nemotron at TP=2 into <out>/<family>_tp2."""
 
 import sys
