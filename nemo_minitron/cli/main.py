@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,11 +113,11 @@ def hydra_app(stage: str):
         try:
             job = schema.to_job(cfg)
         except Exception as e:  # validation: one clear line, no traceback
-            _fail(stage, e)
+            _fail(stage, e, same_on_all_ranks=True)
         try:  # the small files the job will read, before any model or output exists
             preflight.check(stage, job)
         except (ValueError, OSError) as e:
-            _fail(stage, e)
+            _fail(stage, e, same_on_all_ranks=True)
         run_fn = STAGES[stage].function()
         say_auto_dtype(cfg, job)
         if stage in RUN_DIR_STAGES:
@@ -132,6 +133,9 @@ def hydra_app(stage: str):
         except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors, not bugs
             _fail(stage, e)
         except RuntimeError as e:
+            lost = _lost_peer(e)
+            if lost:  # another rank died or hung: this one only saw its collective fail
+                _fail(stage, ValueError(lost))
             if not getattr(e, "same_on_all_ranks", False):  # a bug: Hydra shows the traceback
                 raise
             _fail(stage, e)  # an expected stop, e.g. a diverged training run
@@ -206,27 +210,61 @@ def one_line(err) -> str:
 RESUMING_STAGES = frozenset({"finetune", "distill", "search", "pipeline", "teacher_cache"})
 
 
-def _interrupted(stage: str):
-    from ..runtime import dist
+def _rank() -> int:
+    env = os.environ
+    return int(env.get("RANK", env.get("SLURM_PROCID", 0)) or 0)
 
-    if dist.read_env().rank == 0:
+
+def _say(line: str) -> None:
+    """One write per line: under torchrun (``python -u``) print's text and newline are two
+    writes, and two ranks' lines ran together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _interrupted(stage: str):
+    if _rank() == 0:
         again = ("resumes from the last checkpoint or finished stage" if stage in RESUMING_STAGES
                  else "starts it again")
-        print(f"minitron {stage}: interrupted; the same command {again}", file=sys.stderr)
+        _say(f"minitron {stage}: interrupted; the same command {again}")
     sys.exit(130)
 
 
-def _fail(stage: str, err: Exception):
+def _fail(stage: str, err: Exception, same_on_all_ranks: bool = False):
+    """One line and exit status 2. An error every rank meets alike (the config, the files
+    preflight reads, ``same_on_all_ranks`` errors) is said by rank 0; another rank says it only
+    if rank 0 has not ended the job within a few seconds (a file only its node lacks)."""
     cause = err
     while getattr(cause, "__cause__", None) is not None and not isinstance(cause, ValueError):
         cause = cause.__cause__
     msg = str(cause).split("\n    full_key")[0]
     from ..runtime import dist
 
-    # raised alike on every rank (same_on_all_ranks): said once, by rank 0
-    if not getattr(err, "same_on_all_ranks", False) or dist.read_env().rank == 0:
-        print(f"minitron {stage}: error: {one_line(msg)}", file=sys.stderr)
+    same = same_on_all_ranks or getattr(err, "same_on_all_ranks", False)
+    rank = _rank()
+    if same and rank != 0 and dist.launched_world_size() > 1:
+        time.sleep(5)  # the launcher stops this rank when rank 0 exits with the error
+        _say(f"minitron {stage}: error (rank {rank}): {one_line(msg)}")
+    else:
+        _say(f"minitron {stage}: error: {one_line(msg)}")
     sys.exit(2)
+
+
+def _lost_peer(err: BaseException) -> str | None:
+    """The one-line cause of a collective that failed because another rank died or hung."""
+    from ..runtime import dist
+
+    text = str(err)
+    signs = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+             "Broken pipe", "NCCL communicator was aborted")
+    dist_error = getattr(getattr(sys.modules.get("torch"), "distributed", None),
+                         "DistBackendError", ())
+    if dist.launched_world_size() > 1 and (isinstance(err, dist_error) or
+                                           any(s in text for s in signs)):
+        return ("lost contact with another rank in a collective (it died, was killed, or hung "
+                "past parallel.timeout_s); see that rank's output for why; rerunning the same "
+                f"command resumes where it can ({one_line(text)[:200]})")
+    return None
 
 
 def check_overrides(stage: str, args: list[str]) -> None:
@@ -255,7 +293,8 @@ def check_overrides(stage: str, args: list[str]) -> None:
                 key, _, value = a.partition("=")
                 hint = (f"; Hydra cannot read {what} unquoted: quote the value for Hydra "
                         f"inside the shell's quotes, e.g. \"{key}='{value.strip(chr(39))}'\"")
-            _fail(stage, ValueError(f"cannot parse override {a!r}: {one_line(e)}{hint}"))
+            _fail(stage, ValueError(f"cannot parse override {a!r}: {one_line(e)}{hint}"),
+                  same_on_all_ranks=True)
     if any(a.startswith("-") for a in args):
         return
     schema.register()
@@ -266,11 +305,11 @@ def check_overrides(stage: str, args: list[str]) -> None:
         # Hydra's hint for a key the config lacks is "use +key=value", which a typed setting
         # refuses as well: name the setting meant instead (a free-form model.arch key keeps it)
         _fail(stage, unknown_key_error(stage, args, e)
-              or ValueError(one_line(f"{e}; {e.__cause__ or ''}")))
+              or ValueError(one_line(f"{e}; {e.__cause__ or ''}")), same_on_all_ranks=True)
     try:
         schema.check_known_keys(cfg)
     except ValueError as e:
-        _fail(stage, e)
+        _fail(stage, e, same_on_all_ranks=True)
 
 
 def unknown_key_error(stage: str, args: list[str], err: Exception) -> ValueError | None:
@@ -315,7 +354,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     stage = argv[0]
     if stage not in STAGES:
-        print(f"minitron: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        if _rank() == 0:  # every rank has the same command line: one usage text, not one each
+            print(f"minitron: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        else:
+            time.sleep(5)  # for rank 0 to say it before the launcher stops the job
         sys.exit(2)
     _quiet_dependencies()
     from ..runtime.host_alloc import keep_freed_memory
@@ -342,6 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         from ..runtime import dist
 
         if dist.launched_world_size() > 1:  # a failing rank exits at once, for the launcher to
+            dist.end_with_launcher()  # (and a killed launcher takes its ranks with it)
             return dist.exit_on_failure(entry)  # stop the others (no hang in teardown)
     entry()
 

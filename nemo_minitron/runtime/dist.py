@@ -132,6 +132,25 @@ def launched_world_size(environ=None) -> int:
     return 1
 
 
+def end_with_launcher() -> None:
+    """Have the kernel send this rank SIGTERM when its parent (torchrun's agent, slurmstepd)
+    dies. torchrun starts each rank in a session of its own, so a launcher killed with SIGKILL
+    left its ranks training on, orphaned, and a relaunch on the same output ran beside them,
+    both writing the same checkpoints. Linux only (elsewhere: nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def exit_on_failure(main_fn):
     """Run one rank's ``main_fn``; if it fails, end the process at once with ``os._exit``.
 
