@@ -242,3 +242,32 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(models):  # noqa: F811
     log, err = p.communicate(timeout=600)
     assert p.returncode == 0 and "resumed from" in log + err, err[-3000:]
     assert (out / "final").is_dir()
+
+
+def test_second_job_on_a_live_output_is_refused(models):  # noqa: F811
+    """Two jobs on one output both resumed from the same checkpoint and wrote the same files
+    (the second one failed later on a checkpoint directory the first had written)."""
+    import time
+
+    t = models
+    out = t / "locked"
+    args = [a for a in distill_args(t, out) if not a.startswith("train.steps=")]
+    first = minitron(*args, "train.steps=100000")
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").is_file():
+            assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.05)
+        second = minitron(*args, "train.steps=100000")
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 2, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            f"minitron distill: error: output={out} is in use by another running minitron job "
+            f"(pid {first.pid}); wait for it to end, stop it, or choose another output")
+        assert first.poll() is None  # the first one trains on
+    finally:
+        first.kill()
+        first.communicate()
+    from nemo_minitron.artifacts import output_lock
+
+    output_lock.release(output_lock.acquire(out))  # the lock went with the killed process

@@ -109,6 +109,7 @@ def hydra_app(stage: str):
     @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
     def _main(cfg):
         from .. import preflight
+        from ..artifacts import output_lock
 
         try:
             job = schema.to_job(cfg)
@@ -119,6 +120,18 @@ def hydra_app(stage: str):
         except (ValueError, OSError) as e:
             _fail(stage, e, same_on_all_ranks=True)
         run_fn = STAGES[stage].function()
+        out, held = getattr(job, "output", None), None
+        if out and _rank() == 0:  # one live job per output (rank 0 speaks for its job)
+            try:
+                held = output_lock.acquire(out)
+            except ValueError as e:
+                _fail(stage, e)
+        try:
+            return _run_stage(stage, cfg, job, run_fn)
+        finally:
+            output_lock.release(held)
+
+    def _run_stage(stage, cfg, job, run_fn):
         say_auto_dtype(cfg, job)
         if stage in RUN_DIR_STAGES:
             record_run(stage, cfg, job.output)
