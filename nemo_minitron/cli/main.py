@@ -224,6 +224,8 @@ RESUMING_STAGES = frozenset({"finetune", "distill", "search", "pipeline", "teach
 
 
 def _rank() -> int:
+    """The launcher's rank variable, as runtime.dist.read_env reads it, without importing
+    torch (1.8 s): a mistyped stage or a refused config answers at once."""
     env = os.environ
     return int(env.get("RANK", env.get("SLURM_PROCID", 0)) or 0)
 

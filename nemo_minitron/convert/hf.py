@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ..arch import Arch
 from ..artifacts import atomic
-from ..dtypes import torch_dtype
+from ..dtypes import all_finite, torch_dtype
 from . import checkpoint as ckpt
 from ..families import export_family, family
 from .experts import per_expert
@@ -179,8 +179,8 @@ def load_hf(source: str, *, gguf_file: str | None = None, dtype: str = "auto"):
         state = _read_tensors(Path(where), dtype)
     state = to_canonical(state, arch)
     check_names(state, arch, source)
-    bad = next((k for k, v in state.items() if v.is_floating_point() and v.numel()
-                and not torch.isfinite(torch.stack(torch.aminmax(v))).all()), None)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not all_finite([v])),
+               None)
     if bad:  # every later stage would compute NaN from it
         raise ValueError(f"{source}: {bad} holds NaN or infinite values; re-download the model "
                          "(or use the checkpoint it came from)")
